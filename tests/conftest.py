@@ -1,0 +1,43 @@
+"""Shared fixtures. Tests run under pytest-xdist with 2 workers: keep torch to one thread each."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+try:  # torch is installed for the whole suite, but keep conftest importable without it
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture(scope="session")
+def shakespeare_files() -> list[Path]:
+    """The default corpus (downloaded once per machine into gpt2kit's cache)."""
+    from gpt2kit.corpus import shakespeare
+
+    return shakespeare()
+
+
+def run_cli(*args: str, input: str | bytes | None = None, cwd: str | os.PathLike | None = None,
+            env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `gpt2kit ARGS...` in a real subprocess, as a user would."""
+    text = not isinstance(input, bytes)
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gpt2kit", *args], input=input, capture_output=True,
+                          text=text, cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

