@@ -1,0 +1,146 @@
+"""Turning next-token logits into a token: pure functions, applied in a fixed order.
+
+    logits (B, V) -> repetition penalty -> temperature -> top-k -> top-p -> sample | argmax
+
+Each filter takes and returns a (B, V) float tensor and never modifies its input; filtered-out
+tokens get -inf. The model knows nothing of them (STYLE.md, principle 6). The order is the one
+of OpenAI's released sampler (temperature, then top-k) and of `transformers` (penalty first).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GPT2KitError
+
+__all__ = [
+    "SamplingError", "SamplingParams", "PRESETS", "apply_repetition_penalty", "apply_temperature",
+    "top_k_filter", "top_p_filter", "process_logits", "sample", "select_tokens",
+]
+
+
+class SamplingError(GPT2KitError):
+    """A sampling option is out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose each next token. `do_sample=False` or `temperature=0` means greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise SamplingError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise SamplingError(f"top_k: expected an integer >= 1 (or None), got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p: expected a number in (0, 1] (or None), got {self.top_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
+                and self.repetition_penalty > 0):
+            raise SamplingError(f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SamplingParams":
+        """A named preset with some fields replaced, e.g. `from_preset("paper", temperature=0.7)`."""
+        if name not in PRESETS:
+            raise SamplingError(f"sampling preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, SamplingParams] = {
+    # The paper's samples (and its memorization analysis, §4) were drawn with top-k 40, T = 1.
+    "paper": SamplingParams(top_k=40),
+    "greedy": SamplingParams(do_sample=False),
+    # Plain ancestral sampling: what the OpenAI API does with its defaults.
+    "pure": SamplingParams(),
+    # Nucleus sampling (Holtzman et al., 2019) with its recommended p.
+    "nucleus": SamplingParams(top_p=0.95),
+}
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float,
+                             previous_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Make every token that already occurs in `previous` (B, L) less likely (CTRL, Keskar et al.
+    2019): a positive logit is divided by `penalty`, a negative one multiplied, so `penalty > 1`
+    always lowers it. `previous_mask` (B, L), 1 = real token, excludes padding."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    real = torch.ones_like(previous, dtype=torch.int32) if previous_mask is None else previous_mask.to(torch.int32)
+    # a token counts as seen if any of its occurrences is a real (non-pad) one
+    counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(1, previous, real)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by the temperature (> 0): below 1 sharpens the distribution, above 1 flattens it."""
+    if temperature <= 0:
+        raise SamplingError(f"temperature: expected > 0 for sampling, got {temperature!r}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept too), -inf elsewhere."""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Keep the nucleus: the fewest most probable tokens whose probabilities sum to >= p
+    (always at least the most probable one), -inf elsewhere."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    # mass strictly before each token: a token is needed while that mass is still below p
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor | None = None,
+                   previous_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """All filters of `params`, in order, on float32 logits (B, V). Greedy skips temperature and the
+    truncation filters (they cannot change the argmax) but keeps the repetition penalty."""
+    logits = logits.float()
+    if previous is not None:
+        logits = apply_repetition_penalty(logits, previous, params.repetition_penalty, previous_mask)
+    if params.greedy:
+        return logits
+    logits = apply_temperature(logits, params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    return top_p_filter(logits, params.top_p)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits) (B, V) -> (B,)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def select_tokens(logits: torch.Tensor, params: SamplingParams, *, previous: torch.Tensor | None = None,
+                  previous_mask: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row (B,): argmax when greedy, else a draw after the filters."""
+    processed = process_logits(logits, params, previous, previous_mask)
+    if params.greedy:
+        return processed.argmax(dim=-1)
+    return sample(processed, generator)

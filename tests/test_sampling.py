@@ -1,0 +1,178 @@
+"""Sampling filters: properties (hypothesis), parity with transformers' logits processors, and
+statistics of many seeded draws."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gpt2kit.sampling import (
+    PRESETS,
+    SamplingError,
+    SamplingParams,
+    apply_repetition_penalty,
+    process_logits,
+    sample,
+    select_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def logit_rows(draw, max_batch=4, max_vocab=64):
+    """(B, V) logits with distinct values (ties make 'the k most probable' ambiguous)."""
+    b = draw(st.integers(1, max_batch))
+    v = draw(st.integers(2, max_vocab))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.1, 1.0, 5.0, 20.0]))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, v, generator=g) * scale
+
+
+@SETTINGS
+@given(logits=logit_rows(), k=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_top_k_never_emits_outside_the_k_most_probable(logits, k, seed):
+    filtered = top_k_filter(logits, k)
+    assert torch.equal(torch.isfinite(filtered).sum(-1), torch.full((logits.shape[0],), min(k, logits.shape[1])))
+    allowed = torch.topk(logits, min(k, logits.shape[1]), dim=-1).indices
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        tok = sample(filtered, g)
+        assert (allowed == tok[:, None]).any(-1).all()
+    # the logits that survive are untouched
+    keep = torch.isfinite(filtered)
+    assert torch.equal(filtered[keep], logits[keep])
+
+
+@SETTINGS
+@given(logits=logit_rows(), p=st.floats(0.01, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_top_p_keeps_exactly_the_smallest_nucleus(logits, p, seed):
+    filtered = top_p_filter(logits, p)
+    probs = torch.softmax(logits.double(), -1)
+    for row in range(logits.shape[0]):
+        kept = torch.isfinite(filtered[row])
+        kept_mass = probs[row][kept].sum().item()
+        # enough mass (up to float32 rounding of the cumulative sum) ...
+        assert kept_mass >= p - 1e-5 or kept.all()
+        # ... and minimal: without its least probable member the nucleus falls short of p
+        least = probs[row][kept].min().item()
+        assert kept_mass - least < p + 1e-5
+        # the nucleus is a prefix of the tokens sorted by probability
+        assert probs[row][kept].min() >= probs[row][~kept].max() if (~kept).any() else True
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        tok = sample(filtered, g)
+        assert torch.isfinite(filtered.gather(1, tok[:, None])).all()
+
+
+@SETTINGS
+@given(logits=logit_rows(), k=st.integers(1, 70), p=st.floats(0.05, 1.0))
+def test_filters_match_transformers_warpers(logits, k, p):
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    ours = top_k_filter(logits, k)
+    theirs = TopKLogitsWarper(top_k=k)(ids, logits.clone())
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    ours = top_p_filter(logits, p)
+    theirs = TopPLogitsWarper(top_p=p)(ids, logits.clone())
+    # transformers thresholds on 1 - p with the opposite sort; only rounding at the exact edge differs
+    mismatch = torch.isfinite(ours) != torch.isfinite(theirs)
+    if mismatch.any():
+        probs = torch.softmax(logits.double(), -1)
+        sorted_probs = probs.sort(-1, descending=True).values
+        edge = (sorted_probs.cumsum(-1) - p).abs().min().item()
+        assert edge < 1e-5
+
+
+@SETTINGS
+@given(logits=logit_rows(), penalty=st.floats(0.5, 3.0), seed=st.integers(0, 1000))
+def test_repetition_penalty_matches_transformers(logits, penalty, seed):
+    g = torch.Generator().manual_seed(seed)
+    previous = torch.randint(0, logits.shape[1], (logits.shape[0], 7), generator=g)
+    ours = apply_repetition_penalty(logits, previous, penalty)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty=penalty)(previous, logits.clone())
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_repetition_penalty_ignores_padding():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    previous = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[0, 1, 1]])  # token 0 sits in a pad position only
+    out = apply_repetition_penalty(logits, previous, 2.0, mask)
+    assert out.tolist() == [[2.0, -4.0, 0.5]]
+    assert apply_repetition_penalty(logits, previous, 1.0) is logits
+
+
+def test_temperature_to_zero_equals_greedy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 500, generator=g) * 3
+    greedy = select_tokens(logits, SamplingParams(do_sample=False))
+    assert torch.equal(greedy, logits.argmax(-1))
+    assert torch.equal(select_tokens(logits, SamplingParams(temperature=0.0)), greedy)
+    cold = SamplingParams(temperature=1e-4)
+    for seed in range(5):
+        assert torch.equal(select_tokens(logits, cold, generator=torch.Generator().manual_seed(seed)), greedy)
+    # a warm temperature really samples: some rows differ from the argmax
+    warm = select_tokens(logits, SamplingParams(temperature=5.0), generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(warm, greedy)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    n = 20000
+    rows = logits.expand(n, -1)
+    g = torch.Generator().manual_seed(1234)
+    counts = torch.bincount(select_tokens(rows, SamplingParams(top_k=3), generator=g), minlength=5).double()
+    expected = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9 * n
+    assert counts[3:].sum() == 0
+    # chi-square with 2 degrees of freedom: 13.8 is the 0.1% critical value
+    chi2 = (((counts[:3] - expected[:3]) ** 2) / expected[:3]).sum().item()
+    assert chi2 < 13.8
+    counts = torch.bincount(select_tokens(rows, SamplingParams(top_p=0.8), generator=g), minlength=5).double()
+    assert counts[3:].sum() == 0 and counts[2] > 0  # nucleus {0.5, 0.25, 0.15}: 0.75 < 0.8
+    counts = torch.bincount(select_tokens(rows, SamplingParams(temperature=2.0), generator=g), minlength=5)
+    p = torch.softmax(logits[0] / 2.0, -1) * n
+    assert ((counts.double() - p).abs() < 5 * p.sqrt() + 5).all()
+
+
+def test_same_seed_same_draws():
+    logits = torch.randn(4, 1000)
+    a = select_tokens(logits, PRESETS["paper"], generator=torch.Generator().manual_seed(7))
+    b = select_tokens(logits, PRESETS["paper"], generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_presets_and_validation():
+    assert PRESETS["paper"].top_k == 40 and PRESETS["paper"].temperature == 1.0
+    assert PRESETS["greedy"].greedy
+    assert SamplingParams.from_preset("paper", temperature=0.7) == SamplingParams(temperature=0.7, top_k=40)
+    with pytest.raises(SamplingError, match="sampling preset: expected one of paper"):
+        SamplingParams.from_preset("papr")
+    with pytest.raises(SamplingError, match="top_k: expected an integer >= 1"):
+        SamplingParams(top_k=0)
+    with pytest.raises(SamplingError, match=r"top_p: expected a number in \(0, 1\]"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(SamplingError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(SamplingError, match="temperature"):
+        SamplingParams(temperature=math.nan)
+    with pytest.raises(SamplingError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)
+
+
+def test_process_logits_does_not_modify_its_input():
+    logits = torch.randn(2, 50)
+    before = logits.clone()
+    process_logits(logits, SamplingParams(temperature=0.5, top_k=5, top_p=0.5, repetition_penalty=1.3),
+                   previous=torch.tensor([[1, 2], [3, 4]]))
+    assert torch.equal(logits, before)
