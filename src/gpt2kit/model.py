@@ -1,0 +1,331 @@
+"""The GPT-2 Transformer (Radford et al., 2019, §2.3), exact to the released weights.
+
+Read top to bottom: config and presets -> KV cache -> attention -> MLP -> block -> GPT2.
+
+The architecture is GPT-1's decoder-only Transformer with the changes of §2.3: LayerNorm moved to
+the input of each sub-block, one more LayerNorm after the last block, residual projections
+initialized with std 0.02/sqrt(2*n_layer), context 1024, vocabulary 50257. GELU is the tanh
+approximation and the output layer is the token embedding (tied), as in OpenAI's code.
+
+Parameter names are OpenAI's/Hugging Face's (`transformer.h.0.attn.c_attn.weight`, ...), so loading
+released weights is a copy. One difference: our projections are `nn.Linear`, whose weight is
+(out, in); OpenAI's and HF's `Conv1D` store (in, out). `gpt2kit.weights` transposes on the way
+in and out.
+
+Shape legend: B batch, T new tokens, P tokens already in the KV cache, S = P + T keys,
+C n_embd, nh n_head, hs head size (C // nh), V vocab_size, Vp padded vocab rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    n_ctx: int = 1024
+    dropout: float = 0.0  # embeddings, attention probabilities and residuals; training only
+    layer_norm_epsilon: float = 1e-5
+    # The embedding gets this many rows rounded up (50257 -> 50304 with 64): matmuls with a
+    # multiple of 64 columns are faster on GPUs. Logits are cut back to vocab_size, so the
+    # extra rows never change an output; 1 turns it off.
+    padded_vocab_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx", "padded_vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"GPT2Config.{name}: expected a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"GPT2Config.n_embd: {self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPT2Config.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"GPT2Config.layer_norm_epsilon: expected > 0, got {self.layer_norm_epsilon!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.padded_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GPT2Config":
+        """A named preset (see `PRESETS`), with fields replaced by `overrides`."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ConfigError(f"unknown GPT2Config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(valid))}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# Parameter counts are with the tied embedding counted once (`GPT2.num_params()`).
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),  # 124,439,808
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),  # 354,823,168
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
+    # Small models for CPU work (GPT-2 vocabulary, shorter context).
+    "tiny": GPT2Config(n_layer=2, n_head=2, n_embd=64, n_ctx=128),  # 3,324,736
+    "mini": GPT2Config(n_layer=4, n_head=4, n_embd=256, n_ctx=256),  # 16,090,880
+    "small-cpu": GPT2Config(n_layer=6, n_head=6, n_embd=384, n_ctx=512),  # 30,142,848
+}
+
+
+class KVCache:
+    """Keys and values of past tokens for every layer, preallocated for `max_len` positions.
+
+    `GPT2.forward(..., kv_cache=cache)` appends the new tokens' keys and values and advances
+    `length`; attention then covers all `length` positions. Rows of a batch share the length:
+    left-padded prompts are handled by the attention mask, not by per-row lengths.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, nh, T, hs) keys/values of `layer` after the first `length`
+        positions; return all (B, nh, S, hs). `GPT2` advances `length` once every layer is done."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (e.g. to re-run a rejected draft)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.crop: length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep/duplicate batch rows: row i becomes the old row rows[i] (beam search, pruning)."""
+        rows = rows.to(self.k.device)
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One fused kernel for OpenAI's gelu 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TiedLMHead(nn.Module):
+    """The output layer: logits = h @ wte^T, cut to the real vocabulary when wte is padded."""
+
+    def __init__(self, wte: nn.Embedding, vocab_size: int):
+        super().__init__()
+        self.weight = wte.weight  # tied: one Parameter under two names, as in HF
+        self.vocab_size = vocab_size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.weight)  # (B, T, Vp)
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[..., : self.vocab_size].contiguous()  # (B, T, V)
+        return logits
+
+
+def attention_mask_for(attention_mask: torch.Tensor | None, past: int, T: int,
+                       device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for scaled_dot_product_attention; mask is boolean (B|1, 1, T, S), True =
+    may attend. Without padding or cache, `is_causal` lets SDPA use its fused causal kernel."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding anywhere: the cheaper paths below apply
+    if attention_mask is None:
+        if past == 0:
+            return None, True
+        if T == 1:
+            return None, False  # one new token sees every cached one
+    q = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) absolute query positions
+    k = torch.arange(past + T, device=device)[None, :]  # (1, S)
+    allowed = k <= q  # (T, S)
+    if attention_mask is not None:
+        # A pad query would see no key at all (softmax of nothing = NaN, which later leaks into
+        # real rows through its value vector): let every position see itself.
+        allowed = allowed & (attention_mask[:, None, :].bool() | (k == q))  # (B, T, S)
+    return allowed.unsqueeze(-3), False  # (B|1, 1, T, S)
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_ctx, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = TiedLMHead(self.transformer.wte, config.vocab_size)
+        self.apply(self._init_weights)
+        # §2.3: "scale the weights of residual layers at initialization by 1/sqrt(N)", N = the
+        # number of residual layers (two per block: attention and MLP).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C) after the final LayerNorm; `forward` is `lm_head` of this."""
+        B, T = input_ids.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        self._check_lengths(B, T, past, attention_mask, position_ids, kv_cache)
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+            else:
+                # What transformers' GPT-2 generate does: real tokens count from 0 after the left
+                # padding; pads get position 1 (their outputs are never used).
+                position_ids = attention_mask.long().cumsum(-1) - 1  # (B, S)
+                position_ids = position_ids.masked_fill(attention_mask == 0, 1)[:, past:]  # (B, T)
+        mask, is_causal = attention_mask_for(attention_mask, past, T, input_ids.device)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, is_causal, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length = past + T
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) in the model's dtype.
+
+        input_ids (B, T); attention_mask (B, P+T), 1 = real token, 0 = (left) padding;
+        position_ids (B, T), by default derived from attention_mask (or P..P+T-1 without one);
+        kv_cache: appends this step's keys/values, and attention covers P+T positions.
+        """
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               kv_cache=kv_cache)
+        return self.lm_head(h)
+
+    def _check_lengths(self, B: int, T: int, past: int, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor | None, kv_cache: KVCache | None) -> None:
+        if T == 0:
+            raise ValueError("input_ids has no tokens (shape (B, 0))")
+        if kv_cache is not None:
+            if kv_cache.batch_size != B:
+                raise ValueError(f"kv_cache holds {kv_cache.batch_size} rows but input_ids has {B}")
+            if past + T > kv_cache.max_len:
+                raise ValueError(f"kv_cache is full: {past} + {T} tokens exceed its max_len={kv_cache.max_len}")
+        if position_ids is None and past + T > self.config.n_ctx:
+            raise ValueError(f"sequence of {past + T} positions exceeds the model's context n_ctx={self.config.n_ctx}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = {(B, past + T)}")
+        if position_ids is not None and position_ids.shape[-1] != T:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({B}, {T})")
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows and up to `max_len` (default n_ctx) positions,
+        in the model's dtype and device unless told otherwise."""
+        c = self.config
+        ref = self.transformer.wte.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.n_ctx, c.head_size,
+                       dtype=dtype or ref.dtype, device=device or ref.device)
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        """Parameters with the tied token embedding counted once (without its padding rows);
+        `include_embedding=False` leaves the token embedding out (position embeddings stay)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied one once
+        c = self.config
+        n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd
+        if not include_embedding:
+            n -= c.vocab_size * c.n_embd
+        return n
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, **config_overrides: Any) -> "GPT2":
+        """Load an HF GPT-2 folder, an OpenAI release folder (TF checkpoint), a folder written by
+        `save_pretrained`, an HF cache entry or a hub name ("gpt2", "openai-community/gpt2-xl", ...)."""
+        from .weights import load_pretrained
+
+        return load_pretrained(name_or_path, dtype=dtype, device=device, **config_overrides)
+
+    def save_pretrained(self, folder: str, tokenizer: Any = None) -> None:
+        """Write model.safetensors + config.json (a valid HF GPT-2 folder) and the tokenizer's files."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, folder, tokenizer=tokenizer)

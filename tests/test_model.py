@@ -1,0 +1,185 @@
+"""The model against its oracle, transformers.GPT2LMHeadModel, with the same random weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from gpt2kit.errors import ConfigError
+from gpt2kit.model import GPT2, PRESETS, GPT2Config, KVCache
+from gpt2kit.weights import hf_config_dict, to_hf_state_dict
+
+torch.manual_seed(0)
+
+
+def hf_twin(model: GPT2) -> transformers.GPT2LMHeadModel:
+    """A transformers GPT-2 holding exactly our weights."""
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(model.config)))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # tied to wte
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    return hf.eval()
+
+
+def small(preset: str, **kw) -> GPT2Config:
+    """A preset's width and heads with few layers, short context and vocabulary (fast on CPU)."""
+    return GPT2Config.from_preset(preset, **{"n_layer": 2, "n_ctx": 64, "vocab_size": 503, **kw})
+
+
+def left_padded_batch(vocab: int, lengths: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (len(lengths), T))
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, T - n:] = 1
+    ids = ids.masked_fill(mask == 0, vocab - 1)  # pad token: any id works
+    return ids, mask
+
+
+def hf_position_ids(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def test_presets_and_param_counts():
+    # The released models' true sizes (PAPER.md, Table 2 "true count").
+    expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                "gpt2-xl": 1_557_611_200}
+    for name, n in expected.items():
+        with torch.device("meta"):
+            m = GPT2(PRESETS[name])
+        assert m.num_params() == n
+        assert m.num_params(include_embedding=False) == n - 50257 * PRESETS[name].n_embd
+    assert {"tiny", "mini", "small-cpu"} <= set(PRESETS)
+    assert GPT2Config.from_preset("gpt2", n_ctx=256).n_ctx == 256
+    with pytest.raises(ConfigError, match=r"unknown model preset 'gpt3'; valid presets: gpt2, gpt2-medium"):
+        GPT2Config.from_preset("gpt3")
+    with pytest.raises(ConfigError, match=r"unknown GPT2Config field\(s\) n_layers; valid fields:"):
+        GPT2Config.from_preset("gpt2", n_layers=3)
+    with pytest.raises(ConfigError, match="n_embd: 100 is not divisible by n_head=3"):
+        GPT2Config(n_embd=100, n_head=3)
+    with pytest.raises(ConfigError, match="dropout"):
+        GPT2Config(dropout=1.5)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_logits_match_transformers_on_padded_batch(preset):
+    cfg = small(preset, n_layer=1 if preset == "gpt2-xl" else 2)
+    model = GPT2(cfg).eval()
+    hf = hf_twin(model)
+    ids, mask = left_padded_batch(cfg.vocab_size, [12, 7, 1], 12)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+        theirs = hf(ids, attention_mask=mask, position_ids=hf_position_ids(mask)).logits
+        real = mask.bool()
+        assert ours.shape == (3, 12, cfg.vocab_size) and ours.dtype == torch.float32
+        assert (ours - theirs)[real].abs().max() <= 1e-4
+        assert torch.isfinite(ours).all()  # pad positions too: no NaN leaks from all-masked rows
+        # Without padding (the fused causal path) every position matches.
+        full = ids[:1]
+        assert (model(full) - hf(full).logits).abs().max() <= 1e-4
+
+
+def test_hidden_states_then_lm_head_is_forward():
+    model = GPT2(small("gpt2")).eval()
+    ids, mask = left_padded_batch(503, [5, 9], 9)
+    with torch.no_grad():
+        h = model.hidden_states(ids, attention_mask=mask)
+        assert h.shape == (2, 9, 768)
+        torch.testing.assert_close(model.lm_head(h), model(ids, attention_mask=mask), rtol=0, atol=0)
+
+
+def test_cached_decoding_matches_full_forward_and_transformers():
+    cfg = small("gpt2")
+    model = GPT2(cfg).eval()
+    hf = hf_twin(model)
+    prompt, prompt_mask = left_padded_batch(cfg.vocab_size, [6, 3, 1], 6)
+    new = torch.randint(0, cfg.vocab_size, (3, 7))
+    ids = torch.cat([prompt, new], 1)
+    mask = torch.cat([prompt_mask, torch.ones_like(new)], 1)
+    real = mask.bool()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = model.new_kv_cache(3, max_len=20)
+        assert isinstance(cache, KVCache) and cache.length == 0
+        steps = [model(prompt, attention_mask=prompt_mask, kv_cache=cache)]
+        # Two tokens at once (a causal block over the cache), then one at a time.
+        steps.append(model(new[:, :2], attention_mask=mask[:, :8], kv_cache=cache))
+        for t in range(2, 7):
+            steps.append(model(new[:, t:t + 1], attention_mask=mask[:, :7 + t], kv_cache=cache))
+        assert cache.length == 13
+        cached = torch.cat(steps, 1)
+        assert (cached - full)[real].abs().max() <= 1e-5
+        theirs = hf(ids, attention_mask=mask, position_ids=hf_position_ids(mask)).logits
+        assert (cached - theirs)[real].abs().max() <= 1e-4
+
+
+def test_cache_without_padding_and_its_limits():
+    model = GPT2(small("gpt2", n_ctx=16)).eval()
+    ids = torch.randint(0, 503, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(2)
+        assert cache.max_len == 16 and cache.k.dtype == torch.float32
+        out = torch.cat([model(ids[:, :4], kv_cache=cache), model(ids[:, 4:7], kv_cache=cache),
+                         *(model(ids[:, t:t + 1], kv_cache=cache) for t in range(7, 10))], 1)
+        torch.testing.assert_close(out, full, rtol=0, atol=1e-5)
+        cache.crop(7)  # roll back three tokens and redo them
+        torch.testing.assert_close(model(ids[:, 7:], kv_cache=cache), full[:, 7:], rtol=0, atol=1e-5)
+        beams = model.new_kv_cache(2)
+        model(ids[:, :5], kv_cache=beams)
+        beams.reorder(torch.tensor([1, 1]))  # both rows continue row 1
+        step = model(ids[1:, 5:6].expand(2, 1), kv_cache=beams)
+        torch.testing.assert_close(step[:, 0], full[1, 5].expand(2, -1), rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"kv_cache is full: 10 \+ 7 tokens exceed its max_len=16"):
+            model(ids[:, :7], kv_cache=cache)
+        with pytest.raises(ValueError, match="exceeds the model's context n_ctx=16"):
+            model(torch.zeros(1, 17, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), expected"):
+            model(ids, attention_mask=torch.ones(2, 3))
+        with pytest.raises(ValueError, match="kv_cache holds 2 rows but input_ids has 1"):
+            model(ids[:1, :1], kv_cache=model.new_kv_cache(2))
+
+
+def test_padded_vocabulary_never_changes_outputs():
+    cfg = small("gpt2", vocab_size=50257)
+    padded_cfg = GPT2Config.from_preset("gpt2", **{**vars(cfg), "padded_vocab_multiple": 64})
+    plain, padded = GPT2(cfg).eval(), GPT2(padded_cfg).eval()
+    assert padded.transformer.wte.weight.shape[0] == 50304 and padded.lm_head.weight is padded.transformer.wte.weight
+    with torch.no_grad():
+        sd = {k: v for k, v in plain.state_dict().items()}
+        wte = padded.transformer.wte.weight
+        wte.normal_()  # the padding rows hold anything at all
+        wte[:50257] = sd.pop("transformer.wte.weight")
+        sd.pop("lm_head.weight")
+        padded.load_state_dict(sd, strict=False)
+        ids, mask = left_padded_batch(50257, [4, 2], 4)
+        a, b = plain(ids, attention_mask=mask), padded(ids, attention_mask=mask)
+    assert b.shape == a.shape == (2, 4, 50257) and b.is_contiguous()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert padded.num_params() == plain.num_params()
+
+
+def test_init_scales_residual_projections():
+    model = GPT2(GPT2Config(n_layer=8, n_head=4, n_embd=256, vocab_size=1000, n_ctx=32))
+    h0 = model.transformer.h[0]
+    assert abs(model.transformer.wte.weight.std().item() - 0.02) < 1e-3
+    assert abs(h0.attn.c_attn.weight.std().item() - 0.02) < 1e-3
+    for w in (h0.attn.c_proj.weight, h0.mlp.c_proj.weight):
+        assert abs(w.std().item() - 0.02 / math.sqrt(16)) < 3e-4
+    assert h0.attn.c_attn.bias.abs().max() == 0 and h0.ln_1.weight.eq(1).all()
+    names = [n for n, _ in model.named_parameters()]
+    assert names[:4] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                         "transformer.h.0.ln_1.bias"]
+    assert "transformer.h.7.mlp.c_fc.weight" in names and "transformer.ln_f.bias" in names
+    assert "lm_head.weight" in model.state_dict()
+
+
+def test_dropout_only_in_training():
+    model = GPT2(small("gpt2", dropout=0.5))
+    ids = torch.randint(0, 503, (2, 8))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(ids), model(ids))
+        model.eval()
+        torch.testing.assert_close(model(ids), model(ids), rtol=0, atol=0)
