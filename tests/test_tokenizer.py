@@ -1,0 +1,312 @@
+"""The GPT-2 tokenizer: exact parity with tiktoken and HF `tokenizers`, both engines, round trips,
+errors, and vocabulary files. The oracles are built offline from the same two files we load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from gpt2kit.errors import GPT2KitError, InputFileError
+from gpt2kit.tokenizer import (
+    ENDOFTEXT,
+    GPT2_SPLIT_PATTERN,
+    InvalidTextError,
+    Tokenizer,
+    TokenizerError,
+    UnknownTokenError,
+    bpe_merge,
+    gpt2_vocab_folder,
+)
+
+# A diverse corpus: every kind of text the issue names, each a separate document.
+DIVERSE = [
+    "Hello world! It's a test; we'll see what they've done, I'm sure he'd agree. DON'T SHOUT.",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\tif x:\r\n\t\tpass\n",
+    "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", 42); return 0; }\n",
+    "3.14159 2,718,281 1e-10 0x1F 1234567890123 -42 +7 ½ ² ٣٤٥ १२३ 〇",
+    "trailing spaces   \nand tabs\t\t\nand CRLF\r\n\r\nNBSP\u00a0here\u00a0\u00a0 and   many      spaces",
+    "   leading and trailing   ",
+    "\n\n\n\n",
+    " ",
+    "",
+    "日本語のテキスト、中文文本，한국어 텍스트。",
+    "النص العربي مع التشكيل: مُحَمَّد",
+    "हिन्दी पाठ देवनागरी में: क्षत्रिय",
+    "emoji 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️ 🇩🇪 😀😀😀",
+    "combining: e\u0301 a\u0308 n\u0303 Z\u0351\u0352\u0353\u0354 ǅ",
+    "zero\u200bwidth\u200cjoin\u200dnon\u2060joiner\ufeffBOM",
+    "controls \x00\x01\x07\x1b[31mred\x1b[0m\x7f\x85\u2028\u2029",
+    "special text <|endoftext|> inside, and <|endoftext|><|endoftext|> twice",
+    "<|endoftext|>",
+    "Unicode 17 letters: \u0558\u058b \U000323b0\U000323b1 mixed a\u0558b 1\U00011de0 2",
+    "apostrophes: 's 't 're 've 'm 'll 'd 'S 'LL ’s ''",
+    "Ω≈ç√∫˜µ≤≥÷ åß∂ƒ©˙∆˚¬…æ œ∑´®†¥¨ˆøπ“‘",
+    "\U0001d400\U0001d401 mathematical bold, \U00010330 gothic, \U0002a6d6 CJK ext B",
+]
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return Tokenizer.gpt2(engine="reference")
+
+
+@pytest.fixture(scope="module")
+def tik():
+    folder = gpt2_vocab_folder()
+    ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
+    return tiktoken.Encoding("gpt2-oracle", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    folder = gpt2_vocab_folder()
+    tok = HFTokenizer(models.BPE.from_file(str(folder / "encoder.json"), str(folder / "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([ENDOFTEXT])
+    return tok
+
+
+def test_gpt2_vocabulary_shape(fast):
+    assert fast.n_vocab == 50257
+    assert fast.eot_token == 50256
+    assert fast.encode("Hello world") == [15496, 995]
+    assert fast.token_bytes(220) == b" "
+    assert len(fast.merges) == 50000
+
+
+@pytest.mark.parametrize("text", DIVERSE)
+def test_diverse_corpus_matches_tiktoken_and_hf(text, fast, ref, tik, hf):
+    expected = tik.encode_ordinary(text)
+    assert fast.encode_ordinary(text) == expected
+    assert ref.encode_ordinary(text) == expected
+    # HF always splits out added tokens: compare with specials allowed.
+    with_specials = tik.encode(text, allowed_special="all")
+    assert hf.encode(text).ids == with_specials
+    assert fast.encode(text, allowed_special="all") == with_specials
+    assert ref.encode(text, allowed_special={ENDOFTEXT}) == with_specials
+    assert fast.decode(expected) == text
+
+
+def test_shakespeare_matches_tiktoken_and_hf(shakespeare_files, fast, ref, tik, hf):
+    texts = [p.read_text(encoding="utf-8") for p in shakespeare_files]
+    ours = fast.encode_batch(texts, num_threads=2)
+    assert ours == tik.encode_ordinary_batch(texts)
+    assert ours == [e.ids for e in hf.encode_batch(texts)]
+    assert sum(map(len, ours)) > 1_000_000
+    # the reference engine on a slice of each play (it is ~50x slower)
+    sl = [t[:8000] for t in texts]
+    assert ref.encode_batch(sl) == tik.encode_ordinary_batch(sl)
+
+
+def test_every_code_point_splits_as_in_tiktoken(fast, ref, tik):
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    for text in (every, " ".join(every[::7]), "a".join(every[3::11]), "1".join(every[5::13])):
+        expected = tik.encode_ordinary(text)
+        assert fast.encode_ordinary(text) == expected
+        assert ref.encode_ordinary(text) == expected
+
+
+@pytest.mark.parametrize("cp", [0x0558, 0x323B0, 0x11DE0, 0x3D000, 0x0041, 0x4E00])
+def test_recent_code_points(cp, fast, ref, tik):
+    for text in (f"ab{chr(cp)}cd", f" {chr(cp)}{chr(cp)} 12{chr(cp)}", f"!{chr(cp)}?"):
+        assert ref.encode_ordinary(text) == fast.encode_ordinary(text) == tik.encode_ordinary(text)
+
+
+def test_unicode_tables_are_those_of_tiktoken():
+    """Re-derive the letter/number exclusions by probing tiktoken with one-character patterns."""
+    import regex
+
+    from gpt2kit import tokenizer as mod
+
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    byte_ranks = {bytes([b]): b for b in range(256)}
+    for cls, table in (("L", mod._NOT_LETTER_IN_RUST), ("N", mod._NOT_NUMBER_IN_RUST)):
+        probe = tiktoken.Encoding(f"probe-{cls}", pat_str=rf"\p{{{cls}}}", mergeable_ranks=byte_ranks, special_tokens={})
+        rust = set(probe.decode_bytes(probe.encode_ordinary(every)).decode())
+        ours = set(regex.findall(rf"\p{{{cls}}}", every))
+        assert rust <= ours
+        assert ours - rust == {chr(c) for lo, hi in table for c in range(lo, hi + 1)}
+
+
+def test_special_token_text_is_ordinary_unless_allowed(fast, ref):
+    text = f"a{ENDOFTEXT}b"
+    for tok in (fast, ref):
+        assert tok.encode(text) == tok.encode_ordinary(text)
+        assert 50256 not in tok.encode(text)
+        assert tok.encode(text, allowed_special={ENDOFTEXT}) == [64, 50256, 65]
+        assert tok.encode(text, allowed_special="all") == [64, 50256, 65]
+        assert tok.decode(tok.encode(text)) == text
+        with pytest.raises(TokenizerError, match="not a special token"):
+            tok.encode(text, allowed_special={"<|fim|>"})
+
+
+def test_decode_split_character(fast, ref):
+    for tok in (fast, ref):
+        ids = tok.encode("\U0001d54f")  # four bytes, three tokens
+        assert len(ids) > 1
+        assert tok.decode(ids[:-1]).endswith("\ufffd")
+        assert tok.decode_bytes(ids[:-1]) == "\U0001d54f".encode()[:3]
+        assert tok.decode_bytes(ids) == "\U0001d54f".encode()
+
+
+@pytest.mark.parametrize("bad", [50257, -1, 10**12, "7", 1.0])
+def test_unknown_ids_are_clear_errors(bad, fast, ref):
+    for tok in (fast, ref):
+        with pytest.raises(UnknownTokenError, match=r"outside the vocabulary \(expected 0\.\.50256\)"):
+            tok.decode([15496, bad])
+        with pytest.raises(UnknownTokenError):
+            tok.token_bytes(bad)
+
+
+def test_lone_surrogate_is_a_clear_error(fast, ref):
+    for tok in (fast, ref):
+        with pytest.raises(InvalidTextError, match=r"lone surrogate U\+D800 at character 3"):
+            tok.encode_ordinary("abc\ud800def")
+        with pytest.raises(InvalidTextError, match="U\\+DFFF"):
+            tok.encode("x\udfff", allowed_special="all")
+        with pytest.raises(InvalidTextError):
+            tok.encode_batch(["ok", "\udc80"])
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, "^" * 1_000_000, " " * 100_000 + "x",
+                                  "1" * 200_000, "\u0558" * 50_000])
+def test_pathological_inputs(text, fast, ref, tik):
+    expected = tik.encode_ordinary(text)
+    assert fast.encode_ordinary(text) == expected
+    assert ref.encode_ordinary(text) == expected
+    assert fast.decode(expected) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_round_trip_and_engines_agree(text):
+    fast, ref = _engines()
+    ids = fast.encode(text)
+    assert fast.decode(ids) == text
+    assert ref.encode(text) == ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", " ", "\n", "'s", "1", "!", "é", "日", "👍", "\u0558", "<|endoftext|>", "\t"]), max_size=40))
+def test_engines_agree_on_dense_boundaries(parts):
+    fast, ref = _engines()
+    text = "".join(parts)
+    assert ref.encode(text, allowed_special="all") == fast.encode(text, allowed_special="all")
+    assert fast.decode(fast.encode(text)) == text
+
+
+_ENGINES: list[Tokenizer] = []
+
+
+def _engines() -> list[Tokenizer]:
+    if not _ENGINES:  # hypothesis does not mix with function-scoped fixtures
+        _ENGINES.extend([Tokenizer.gpt2(), Tokenizer.gpt2(engine="reference")])
+    return _ENGINES
+
+
+def test_bpe_merge_leftmost_lowest_rank():
+    ranks = {bytes([b]): b for b in range(256)} | {b"aa": 256, b"aaa": 257, b"bc": 258, b"abc": 259}
+    assert bpe_merge(b"aaa", ranks) == [257]
+    assert bpe_merge(b"aaaa", ranks) == [256, 256]
+    assert bpe_merge(b"abc", ranks) == [259]  # tiktoken's rule: the result's rank, not the pair's
+    assert bpe_merge(b"x", ranks) == [ord("x")]
+
+
+def test_save_and_load_all_formats(tmp_path, fast):
+    fast.save(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["encoder.json", "merges.txt", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer_config.json", "vocab.bpe", "vocab.json"]
+    folder = gpt2_vocab_folder()
+    assert json.loads((tmp_path / "encoder.json").read_text()) == json.loads((folder / "encoder.json").read_text())
+    for loaded in (Tokenizer.from_pretrained(tmp_path), Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json"),
+                   Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt", engine="reference")):
+        assert loaded.fingerprint == fast.fingerprint
+        assert loaded.encode(DIVERSE[0]) == fast.encode(DIVERSE[0])
+    text = " ".join(DIVERSE)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode(text).ids == fast.encode(text, allowed_special="all")
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    assert auto(text)["input_ids"] == fast.encode(text, allowed_special="all")
+    assert auto.eos_token_id == fast.eot_token
+
+
+def test_from_pretrained_names_and_errors(tmp_path, fast):
+    assert Tokenizer.from_pretrained("gpt2-xl").fingerprint == fast.fingerprint
+    with pytest.raises(InputFileError, match="no such tokenizer folder"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(InputFileError, match="holds no encoder.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(TokenizerError, match="engine must be"):
+        Tokenizer.gpt2(engine="turbo")
+
+
+def _vocab_files(tmp_path, encoder, merges_text):
+    enc, bpe = tmp_path / "encoder.json", tmp_path / "vocab.bpe"
+    enc.write_text(encoder if isinstance(encoder, str) else json.dumps(encoder))
+    bpe.write_text(merges_text)
+    return enc, bpe
+
+
+def test_bad_vocab_files(tmp_path):
+    from gpt2kit.tokenizer import bytes_to_unicode
+
+    base = {c: b for b, c in bytes_to_unicode().items()}
+    good = dict(base) | {"ab": 256, ENDOFTEXT: 257}
+    enc, bpe = _vocab_files(tmp_path, good, "#version: 0.2\na b\n")
+    assert Tokenizer.from_files(enc, bpe).encode("abab") == [256, 256]
+    cases = [
+        ("{not json", "#version: 0.2\na b\n", r"encoder.json: not valid JSON \(line 1"),
+        ([1, 2], "#version: 0.2\na b\n", "expected a JSON object"),
+        (good, "#version: 0.2\na b c\n", r"vocab.bpe.*line 2: expected a merge"),
+        (good, "#version: 0.2\na x\n", "merge 1 .* the result 'ax' is not in the vocabulary"),
+        (good | {"ab": "256"}, "#version: 0.2\na b\n", "has id '256'; expected a non-negative integer"),
+        ({k: v for k, v in good.items() if k != "a"}, "#version: 0.2\na b\n", "lacks 1 of the 256 byte tokens"),
+        (good | {"ab": 300}, "#version: 0.2\na b\n", "ids must be 0..257"),
+        (good, "#version: 0.2\na b\na \u4e00\n", "merge part '\u4e00' holds .* not a byte of GPT-2's byte-to-character map"),
+    ]
+    for encoder, merges, message in cases:
+        enc, bpe = _vocab_files(tmp_path, encoder, merges)
+        with pytest.raises(InputFileError, match=message):
+            Tokenizer.from_files(enc, bpe)
+    with pytest.raises(InputFileError, match="no such file"):
+        Tokenizer.from_files(tmp_path / "missing.json", bpe)
+    (tmp_path / "vocab.bpe").write_bytes(b"#version: 0.2\n\xff\xfe b\n")
+    with pytest.raises(InputFileError, match="vocab.bpe: not valid UTF-8 at byte offset 14"):
+        Tokenizer.from_files(enc, tmp_path / "vocab.bpe")
+    assert issubclass(InputFileError, GPT2KitError)
+
+
+def test_encode_batch_threads_and_order(fast, ref):
+    texts = [f"document {i}: " + "word " * i for i in range(50)]
+    expected = [fast.encode(t) for t in texts]
+    assert fast.encode_batch(texts) == expected
+    assert fast.encode_batch(texts, num_threads=1) == expected
+    assert ref.encode_batch(texts) == expected
+    assert fast.encode_batch([f"x{ENDOFTEXT}"], allowed_special="all") == [[87, 50256]]
+    with pytest.raises(TokenizerError, match="expects a list of texts"):
+        fast.encode_batch("one text")
+
+
+def test_fingerprint_identifies_vocabulary(fast, ref):
+    assert fast.fingerprint == ref.fingerprint
+    assert len(fast.fingerprint) == 64
+    other = Tokenizer(fast.mergeable_ranks, fast.merges, {ENDOFTEXT: 50256, "<|pad|>": 50257})
+    assert other.fingerprint != fast.fingerprint
+    assert other.n_vocab == 50258
+    assert other.encode("<|pad|>", allowed_special="all") == [50257]
