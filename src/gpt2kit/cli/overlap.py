@@ -1,0 +1,116 @@
+"""`gpt2kit overlap build|merge|query|fpr|info`: 8-gram overlap analysis (the paper's Table 6)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("overlap", help="train/test 8-gram overlap with Bloom filters (paper Section 4)",
+                              description="Bloom filters of normalized word 8-grams: build them from a training "
+                                          "corpus, merge shards, and report how much of each test set they hold.")
+    sub = p.add_subparsers(dest="overlap_command", metavar="SUBCOMMAND", required=True)
+
+    b = sub.add_parser("build", help="insert every 8-gram of the inputs into a new filter file")
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help="text/JSONL files or folders (.gz/.zst too)")
+    b.add_argument("--out", required=True, help="filter file to write (e.g. train.bloom)")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--capacity", type=int, help="distinct 8-grams the filter must hold at --fpr")
+    size.add_argument("--auto", action="store_true", help="size from a first pass that counts the 8-grams")
+    b.add_argument("--fpr", type=float, default=1e-8, help="target false-positive rate at capacity (default 1e-8)")
+    b.add_argument("--exact", action="store_true", help="store the 8-grams themselves (exact; small corpora)")
+    b.add_argument("--workers", type=int, default=1, help="processes: shard filters built in parallel, then OR-ed")
+    b.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    b.add_argument("--allow-overfill", action="store_true",
+                   help="keep going past the capacity and report the false-positive rate reached")
+    b.set_defaults(func=_build)
+
+    m = sub.add_parser("merge", help="OR filters with equal parameters into one")
+    m.add_argument("filters", nargs="+", metavar="FILTER")
+    m.add_argument("--out", required=True)
+    m.add_argument("--allow-overfill", action="store_true")
+    m.add_argument("--no-verify", action="store_true", help="skip the payload checksums of the inputs")
+    m.set_defaults(func=_merge)
+
+    q = sub.add_parser("query", help="percent of each test set's 8-grams found in each filter",
+                       description="Arguments that are filter files (by their magic bytes) are filters; "
+                                   "the others are test sets (files or folders). Prints a Table 6-style table.")
+    q.add_argument("paths", nargs="+", metavar="FILTER_OR_TEST")
+    q.add_argument("--out-dir", help="write report.md, report.json and overlap.png here")
+    q.add_argument("--top", type=int, default=10, help="longest overlapping passages to keep per pair (default 10)")
+    q.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    q.add_argument("--json", action="store_true", help="print the JSON report instead of markdown")
+    q.add_argument("--no-verify", action="store_true", help="skip the filters' payload checksums")
+    q.set_defaults(func=_query)
+
+    f = sub.add_parser("fpr", help="measure the false-positive rate with random 8-grams (the paper's check)")
+    f.add_argument("filter")
+    f.add_argument("--samples", type=int, default=1_000_000)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-verify", action="store_true")
+    f.set_defaults(func=_fpr)
+
+    i = sub.add_parser("info", help="print a filter's header and fill statistics as JSON")
+    i.add_argument("filter")
+    i.set_defaults(func=_info)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..overlap import OverlapError, build_filter
+
+    if not args.exact and args.capacity is None and not args.auto:
+        raise OverlapError("build: give --capacity N or --auto (or --exact)")
+    s = build_filter(args.inputs, args.out, capacity=args.capacity, fpr=args.fpr, exact=args.exact,
+                     workers=args.workers, field=args.field, allow_overfill=args.allow_overfill, progress=True)
+    print(s.line())
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from ..overlap import merge_filters
+
+    s = merge_filters(args.filters, args.out, allow_overfill=args.allow_overfill, verify=not args.no_verify)
+    print(f"merged {len(args.filters)} filters -> {s.line()}")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from ..overlap import OverlapError, is_filter_file, query
+
+    filters = [p for p in args.paths if is_filter_file(p)]
+    tests = [p for p in args.paths if p not in filters]
+    if not filters:
+        raise OverlapError("query: none of the arguments is a filter file (build one with `gpt2kit overlap build`)")
+    if not tests:
+        raise OverlapError("query: no test sets given (text/JSONL files or folders after the filters)")
+    report = query(filters, tests, top=args.top, field=args.field, verify=not args.no_verify, progress=True)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(report.to_markdown(), end="")
+    if args.out_dir:
+        written = report.write(args.out_dir)
+        print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _fpr(args: argparse.Namespace) -> int:
+    from ..overlap import BloomFilter, OverlapError, measure_fpr, open_filter
+
+    flt = open_filter(args.filter, verify=not args.no_verify)
+    if not isinstance(flt, BloomFilter):
+        raise OverlapError(f"{args.filter}: an exact set has no false positives; fpr needs a Bloom filter")
+    r = measure_fpr(flt, args.samples, seed=args.seed)
+    print(f"{r['hits']} of {r['samples']:,} random 8-grams reported present: measured false-positive rate "
+          f"{r['measured_fpr']:.3g} (95% upper bound {r['upper_95']:.3g}); expected at this fill "
+          f"{r['expected_fpr']:.3g}; configured bound {r['fpr_target']:.3g}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..overlap import open_filter, read_header
+
+    header = read_header(args.filter)
+    stats = open_filter(args.filter, verify=True).stats()
+    print(json.dumps({"header": header, "stats": stats}, indent=2))
+    return 0

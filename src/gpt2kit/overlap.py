@@ -1,0 +1,1060 @@
+"""Train/test overlap analysis with Bloom filters of word 8-grams (the paper's Section 4, Table 6).
+
+GPT-2's authors asked how much of each test set a model may have memorized: they stored every
+8-gram of WebText's training set in Bloom filters with a false-positive rate below 1e-8, after
+normalizing text to lower-cased alphanumeric words separated by single spaces, and reported the
+percentage of each test set's 8-grams found. This module does the same at any scale:
+
+    normalize     NFKC, lower-case, then words = maximal runs of Unicode letters/digits (with their
+                  combining marks); everything else separates words.  "Don't STOP-me!" -> "don t stop me"
+    fingerprint   each word -> blake2b-128 (two uint64 lanes); each 8-gram -> per lane
+                  fmix64(sum_i word[j+i] * C^(7-i) mod 2^64): a 128-bit fingerprint computed with a
+                  few numpy passes per document instead of one hash call per 8-gram
+    Bloom filter  m bits and k hashes from (capacity n, target rate p): m = -n ln p / ln(2)^2,
+                  k = round(m/n ln 2); bit i of an 8-gram is (h1 + i*h2) mod m (Kirsch-Mitzenmacher
+                  double hashing with h2 in [1, m-1])
+    ExactSet      the normalized 8-gram strings themselves: exact, for small corpora and for checking
+                  the Bloom answers
+
+Filter file format (`.bloom`; exact sets use the same container):
+
+    bytes 0-7     magic b"GPT2KOVL"
+    8-11          container version (uint32 little-endian)
+    12-15         length L of the JSON header; 16-19  CRC-32 of it
+    20..20+L      JSON header: kind, ngram, normalization, hash_scheme, capacity, fpr_target, m_bits,
+                  k_hashes, n_added, payload_bytes, checksum (blake2b-256 of the payload)
+    4096..        payload: the bit array (bit i = byte i>>3, bit i&7), or the sorted 8-grams
+
+The payload starts on a page boundary, so queries memory-map it and filters larger than RAM work.
+Files are written to a temporary name and renamed when complete. Nothing in the header depends on
+time or input names: building a corpus in shards and merging them (bitwise OR) gives a file that is
+byte-identical to building it in one go.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import struct
+import tempfile
+import unicodedata
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import regex
+
+from .corpus import expand_inputs, iter_documents, iter_file_documents
+from .errors import GPT2KitError, InputFileError
+from .io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+NGRAM = 8
+NORMALIZATION = "nfkc-lower-alnum-words-v1"
+HASH_SCHEME = "blake2b128-words/poly-fmix64-lanes/double-hashing-mod-m-v1"
+MAGIC = b"GPT2KOVL"
+CONTAINER_VERSION = 1
+HEADER_BYTES = 4096
+_PREFIX = struct.Struct("<8sIII")  # magic, version, json length, json crc32
+_CHUNK = 1 << 26  # bytes per step when hashing, OR-ing or counting a payload
+_BATCH_NGRAMS = 1 << 17  # 8-grams per vectorized insert/query step
+_MAX_M_BITS = 1 << 58  # keeps k*h2 + h1 below 2^64 (k <= 64)
+_MAX_WORD_CACHE = 1 << 20
+
+
+class OverlapError(GPT2KitError):
+    """Invalid overlap-analysis input: an empty corpus, bad parameters, incompatible filters."""
+
+
+class FilterFileError(InputFileError):
+    """A filter file is not a gpt2kit filter, or it is damaged."""
+
+
+class OverfullError(OverlapError):
+    """More distinct 8-grams were inserted than the filter was sized for."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization (Section 4: "lower-cased alphanumeric words separated by single spaces")
+
+_WORD = regex.compile(r"[\p{L}\p{N}][\p{L}\p{N}\p{M}]*")
+
+
+def words(text: str) -> list[str]:
+    """The normalized words of `text`.
+
+    >>> words("Don't STOP-me now,  2 Cafés!")
+    ['don', 't', 'stop', 'me', 'now', '2', 'cafés']
+    """
+    # NFKC first so that compatibility forms (ligatures, full-width letters, composed accents)
+    # become the same word however the source typed them.
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def normalize(text: str) -> str:
+    """Lower-cased alphanumeric words separated by single spaces.
+
+    >>> normalize("  Hello,\\tWORLD -- 42!  ")
+    'hello world 42'
+    """
+    return " ".join(words(text))
+
+
+def ngrams(text_or_words: str | Sequence[str], n: int = NGRAM) -> list[str]:
+    """The normalized word n-grams, in order (the reference that the fingerprints stand for)."""
+    ws = words(text_or_words) if isinstance(text_or_words, str) else list(text_or_words)
+    return [" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+_M64 = (1 << 64) - 1
+_LANE_MULT = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)  # odd: multiplication is a bijection mod 2^64
+# coefficient of word i (0-based) of an 8-gram in lane l: C_l^(7-i) mod 2^64
+_COEF = np.array([[pow(c, NGRAM - 1 - i, 1 << 64) for i in range(NGRAM)] for c in _LANE_MULT], dtype=np.uint64)
+_PERSON = b"gpt2kit-ovl-v1"
+
+
+def word_hash(word: str) -> tuple[int, int]:
+    """The two 64-bit lanes of a word's blake2b-128 digest (little-endian)."""
+    d = hashlib.blake2b(word.encode("utf-8"), digest_size=16, person=_PERSON).digest()
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+
+def _fmix64(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _M64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _M64
+    return h ^ (h >> 33)
+
+
+def fingerprint(ngram: str) -> tuple[int, int]:
+    """The 128-bit fingerprint (h1, h2) of one normalized 8-gram: the readable reference that
+    `NgramHasher` computes in bulk."""
+    ws = ngram.split(" ")
+    if len(ws) != NGRAM:
+        raise OverlapError(f"expected a normalized {NGRAM}-gram, got {len(ws)} words: {ngram!r}")
+    lanes = []
+    for lane in range(2):
+        acc = 0
+        for i, w in enumerate(ws):
+            acc = (acc + word_hash(w)[lane] * int(_COEF[lane, i])) & _M64
+        lanes.append(_fmix64(acc))
+    return lanes[0], lanes[1]
+
+
+def _fmix64_np(h: np.ndarray) -> np.ndarray:
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+class NgramHasher:
+    """Fingerprints of every 8-gram of a word list, vectorized; word digests are cached (word
+    frequencies are Zipfian, so almost every word of a large corpus is a cache hit)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, bytes] = {}
+
+    def word_lanes(self, ws: Sequence[str]) -> np.ndarray:
+        """(len(ws), 2) uint64: the blake2b-128 lanes of each word."""
+        cache = self._cache
+        missing = set(ws).difference(cache)
+        if missing:
+            if len(cache) + len(missing) > _MAX_WORD_CACHE:
+                cache.clear()
+                missing = set(ws)
+            for w in missing:
+                cache[w] = hashlib.blake2b(w.encode("utf-8"), digest_size=16, person=_PERSON).digest()
+        buf = b"".join(map(cache.__getitem__, ws))
+        return np.frombuffer(buf, dtype="<u8").reshape(-1, 2).astype(np.uint64, copy=False)
+
+    def hashes(self, ws: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(h1, h2): uint64 arrays with one entry per 8-gram (len(ws) - 7, or 0)."""
+        n = len(ws) - NGRAM + 1
+        if n <= 0:
+            empty = np.zeros(0, dtype=np.uint64)
+            return empty, empty.copy()
+        lanes = self.word_lanes(ws)
+        out = []
+        for lane in range(2):
+            w = lanes[:, lane]
+            acc = w[0:n] * _COEF[lane, 0]
+            for i in range(1, NGRAM):
+                acc += w[i:i + n] * _COEF[lane, i]
+            out.append(_fmix64_np(acc))
+        return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bloom filter sizing
+
+
+def optimal_parameters(capacity: int, fpr: float) -> tuple[int, int]:
+    """(m bits, k hashes) for `capacity` distinct items at false-positive rate `fpr`.
+
+    m is rounded up to a multiple of 64 so the bit array can be read as uint64 words.
+
+    >>> optimal_parameters(1_000_000, 1e-8)
+    (38340288, 27)
+    """
+    if capacity < 1:
+        raise OverlapError(f"capacity must be at least 1, got {capacity}")
+    if not (1e-15 <= fpr < 1):
+        raise OverlapError(f"false-positive rate must be in [1e-15, 1), got {fpr}")
+    m = math.ceil(-capacity * math.log(fpr) / math.log(2) ** 2)
+    m = max(64, -(-m // 64) * 64)
+    if m > _MAX_M_BITS:
+        raise OverlapError(f"a filter for {capacity} items at rate {fpr} needs {m} bits, more than 2^58")
+    k = max(1, min(64, round(m / capacity * math.log(2))))
+    return m, k
+
+
+def expected_fpr(n: float, m: int, k: int) -> float:
+    """False-positive rate of an m-bit, k-hash filter holding n distinct items."""
+    return (1.0 - math.exp(-k * n / m)) ** k
+
+
+# ---------------------------------------------------------------------------------------------
+# File container
+
+
+def _payload_checksum(payload: np.ndarray | bytes) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    mv = memoryview(payload).cast("B") if not isinstance(payload, bytes) else memoryview(payload)
+    for i in range(0, len(mv), _CHUNK):
+        h.update(mv[i:i + _CHUNK])
+    return "blake2b-256:" + h.hexdigest()
+
+
+def _header_bytes(header: dict) -> bytes:
+    js = json.dumps(header, sort_keys=True).encode("utf-8")
+    prefix = _PREFIX.pack(MAGIC, CONTAINER_VERSION, len(js), zlib.crc32(js))
+    out = prefix + js
+    if len(out) > HEADER_BYTES:
+        raise OverlapError("filter header too large")  # cannot happen with the fixed field set
+    return out + b"\0" * (HEADER_BYTES - len(out))
+
+
+def is_filter_file(path: str | os.PathLike) -> bool:
+    """True if `path` is a file that starts with the filter magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except (IsADirectoryError, FileNotFoundError, PermissionError, NotADirectoryError):
+        return False
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a filter file, checked for magic, version, CRC, fields and file size."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise FilterFileError(path, "no such file") from None
+    except IsADirectoryError:
+        raise FilterFileError(path, "is a folder, expected a filter file") from None
+    if len(head) < _PREFIX.size or head[:8] != MAGIC:
+        raise FilterFileError(path, f"not a gpt2kit overlap filter (expected magic {MAGIC!r})")
+    _, version, n, crc = _PREFIX.unpack_from(head)
+    if version != CONTAINER_VERSION:
+        raise FilterFileError(path, f"unsupported filter container version {version} (expected {CONTAINER_VERSION})")
+    js = head[_PREFIX.size:_PREFIX.size + n]
+    if len(js) != n or zlib.crc32(js) != crc:
+        raise FilterFileError(path, "header checksum mismatch: the header is damaged")
+    try:
+        header = json.loads(js)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FilterFileError(path, "header is not valid JSON") from None
+    need = {"kind", "ngram", "normalization", "hash_scheme", "n_added", "payload_bytes", "checksum"}
+    if header.get("kind") == "bloom":
+        need |= {"capacity", "fpr_target", "m_bits", "k_hashes"}
+    missing = sorted(need - set(header))
+    if missing or header["kind"] not in ("bloom", "exact"):
+        raise FilterFileError(path, f"header lacks fields {missing} or has unknown kind {header.get('kind')!r}")
+    if header["ngram"] != NGRAM or header["normalization"] != NORMALIZATION:
+        raise FilterFileError(path, f"built with ngram={header['ngram']}, normalization {header['normalization']!r}; "
+                                    f"this gpt2kit uses ngram={NGRAM}, {NORMALIZATION!r}")
+    if header["kind"] == "bloom" and header["hash_scheme"] != HASH_SCHEME:
+        raise FilterFileError(path, f"hash scheme {header['hash_scheme']!r} is not {HASH_SCHEME!r}")
+    size = path.stat().st_size
+    if size != HEADER_BYTES + header["payload_bytes"]:
+        raise FilterFileError(path, f"file is {size} bytes, header promises {HEADER_BYTES + header['payload_bytes']} "
+                                    "(truncated or appended to)")
+    return header
+
+
+@contextlib.contextmanager
+def _temp_file_for(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path`, renamed over it after a clean exit (fsync'd first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Bloom filter
+
+_BIT = (1 << np.arange(8)).astype(np.uint8)
+
+
+class BloomFilter:
+    """A Bloom filter over 8-gram fingerprints, held in memory or memory-mapped from a file.
+
+    >>> bf = BloomFilter.new(capacity=1000, fpr=1e-6)
+    >>> bf.add_text("one two three four five six seven eight nine")
+    2
+    >>> bf.contains_text("ONE two three four five six seven eight!").tolist()
+    [True]
+    """
+
+    kind = "bloom"
+
+    def __init__(self, bits: np.ndarray, *, capacity: int, fpr_target: float, m_bits: int, k_hashes: int,
+                 n_added: int = 0, path: Path | None = None):
+        self.bits = bits  # uint8, m_bits / 8 bytes (np.memmap for file-backed filters)
+        self.capacity = int(capacity)
+        self.fpr_target = float(fpr_target)
+        self.m = int(m_bits)
+        self.k = int(k_hashes)
+        self.n_added = int(n_added)  # 8-grams inserted, repeats included
+        self.path = path
+        self._hasher = NgramHasher()
+        self._ks = np.arange(self.k, dtype=np.uint64)[:, None]
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def new(cls, *, capacity: int, fpr: float = 1e-8) -> "BloomFilter":
+        """An empty in-memory filter sized for `capacity` distinct 8-grams at rate `fpr`."""
+        m, k = optimal_parameters(capacity, fpr)
+        return cls(np.zeros(m // 8, dtype=np.uint8), capacity=capacity, fpr_target=fpr, m_bits=m, k_hashes=k)
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, path: str | os.PathLike, *, capacity: int, fpr: float = 1e-8,
+               like: "BloomFilter | None" = None) -> Iterator["BloomFilter"]:
+        """An empty filter memory-mapped onto a temporary file beside `path`; when the block exits
+        cleanly the header (with checksum) is written and the file renamed to `path`.
+
+        `like` copies the parameters of another filter (merging)."""
+        if like is not None:
+            m, k, capacity, fpr = like.m, like.k, like.capacity, like.fpr_target
+        else:
+            m, k = optimal_parameters(capacity, fpr)
+        path = Path(path)
+        with _temp_file_for(path) as tmp:
+            with open(tmp, "r+b") as f:
+                f.truncate(HEADER_BYTES + m // 8)  # sparse: untouched pages cost no disk
+            bits = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES, shape=(m // 8,))
+            bf = cls(bits, capacity=capacity, fpr_target=fpr, m_bits=m, k_hashes=k, path=path)
+            yield bf
+            bits.flush()
+            header = bf.header()
+            with open(tmp, "r+b") as f:
+                f.write(_header_bytes(header))
+            bf.bits = np.asarray(bits)  # keep the object usable; the memmap goes with `bits`
+            del bits
+
+    @classmethod
+    def from_header(cls, path: Path, header: dict, *, verify: bool = True) -> "BloomFilter":
+        m = header["m_bits"]
+        if header["payload_bytes"] != m // 8 or m % 64 or not 1 <= header["k_hashes"] <= 64:
+            raise FilterFileError(path, f"inconsistent header: m_bits={m}, k_hashes={header['k_hashes']}, "
+                                        f"payload_bytes={header['payload_bytes']}")
+        bits = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(m // 8,))
+        if verify and _payload_checksum(bits) != header["checksum"]:
+            raise FilterFileError(path, "payload checksum mismatch: the bit array is damaged")
+        return cls(bits, capacity=header["capacity"], fpr_target=header["fpr_target"], m_bits=m,
+                   k_hashes=header["k_hashes"], n_added=header["n_added"], path=path)
+
+    def header(self) -> dict:
+        return {
+            "kind": "bloom", "ngram": NGRAM, "normalization": NORMALIZATION, "hash_scheme": HASH_SCHEME,
+            "capacity": self.capacity, "fpr_target": self.fpr_target, "m_bits": self.m, "k_hashes": self.k,
+            "n_added": self.n_added, "payload_bytes": self.m // 8, "checksum": _payload_checksum(self.bits),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the filter to `path` atomically."""
+        with _temp_file_for(Path(path)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(_header_bytes(self.header()))
+                mv = memoryview(self.bits)
+                for i in range(0, len(mv), _CHUNK):
+                    f.write(mv[i:i + _CHUNK])
+
+    # -- hashing ------------------------------------------------------------------------------------
+    def _positions(self, h1: np.ndarray, h2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(byte index, bit mask) of the k bits of each fingerprint, shape (k, n)."""
+        m = np.uint64(self.m)
+        a = h1 % m
+        b = h2 % (m - np.uint64(1)) + np.uint64(1)  # never 0: all k bits would coincide
+        pos = self._ks * b  # (k, n); < 64 * 2^58: no wrap-around
+        pos += a
+        pos %= m
+        return (pos >> np.uint64(3)).view(np.int64), _BIT[pos & np.uint64(7)]
+
+    def add_hashes(self, h1: np.ndarray, h2: np.ndarray) -> None:
+        for s in range(0, len(h1), _BATCH_NGRAMS):
+            byte, mask = self._positions(h1[s:s + _BATCH_NGRAMS], h2[s:s + _BATCH_NGRAMS])
+            byte, mask = byte.ravel(), mask.ravel()
+            bits = self.bits
+            # A fancy-indexed |= loses one of two different bits aimed at the same byte in the same
+            # call; re-apply the lost ones until none is left (usually 1-3 rounds).
+            while byte.size:
+                bits[byte] |= mask
+                lost = (bits[byte] & mask) == 0
+                byte, mask = byte[lost], mask[lost]
+        self.n_added += len(h1)
+
+    def contains_hashes(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        out = np.empty(len(h1), dtype=bool)
+        for s in range(0, len(h1), _BATCH_NGRAMS):
+            byte, mask = self._positions(h1[s:s + _BATCH_NGRAMS], h2[s:s + _BATCH_NGRAMS])
+            out[s:s + _BATCH_NGRAMS] = ((self.bits[byte] & mask) != 0).all(axis=0)
+        return out
+
+    def add_words(self, ws: Sequence[str]) -> int:
+        h1, h2 = self._hasher.hashes(ws)
+        self.add_hashes(h1, h2)
+        return len(h1)
+
+    def add_text(self, text: str) -> int:
+        """Insert every 8-gram of `text`; return how many there were."""
+        return self.add_words(words(text))
+
+    def contains_words(self, ws: Sequence[str]) -> np.ndarray:
+        return self.contains_hashes(*self._hasher.hashes(ws))
+
+    def contains_text(self, text: str) -> np.ndarray:
+        """One bool per 8-gram of `text`: possibly in the filter (True) or certainly not (False)."""
+        return self.contains_words(words(text))
+
+    # -- statistics -----------------------------------------------------------------------------------
+    def bits_set(self) -> int:
+        words64 = self.bits.view(np.uint64)  # m is a multiple of 64
+        total = 0
+        step = _CHUNK // 8
+        for i in range(0, words64.size, step):
+            total += int(np.bitwise_count(words64[i:i + step]).sum(dtype=np.int64))
+        return total
+
+    def stats(self) -> dict:
+        """Fill ratio, estimated distinct 8-grams (Swamidass & Baldi 2007) and the false-positive
+        rate the filter has now, (set bits / m)^k."""
+        x = self.bits_set()
+        fill = x / self.m
+        est = math.inf if x >= self.m else -self.m / self.k * math.log1p(-fill)
+        return {"m_bits": self.m, "k_hashes": self.k, "capacity": self.capacity, "fpr_target": self.fpr_target,
+                "n_added": self.n_added, "bits_set": x, "fill_ratio": fill, "estimated_distinct": est,
+                "achieved_fpr": fill ** self.k, "bytes": self.m // 8}
+
+    def overfull(self, stats: dict | None = None) -> bool:
+        """True once the estimated distinct count exceeds the capacity by more than the estimate's
+        own noise (1%)."""
+        s = stats or self.stats()
+        return s["estimated_distinct"] > 1.01 * self.capacity
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact set
+
+
+class ExactSet:
+    """The set of normalized 8-gram strings: exact answers for corpora that fit in memory."""
+
+    kind = "exact"
+
+    def __init__(self, grams: Iterable[str] = (), *, n_added: int = 0, path: Path | None = None):
+        self.grams: set[str] = set(grams)
+        self.n_added = n_added
+        self.path = path
+
+    def add_words(self, ws: Sequence[str]) -> int:
+        g = ngrams(ws)
+        self.grams.update(g)
+        self.n_added += len(g)
+        return len(g)
+
+    def add_text(self, text: str) -> int:
+        return self.add_words(words(text))
+
+    def contains_words(self, ws: Sequence[str]) -> np.ndarray:
+        s = self.grams
+        g = ngrams(ws)
+        return np.fromiter((x in s for x in g), dtype=bool, count=len(g))
+
+    def contains_text(self, text: str) -> np.ndarray:
+        return self.contains_words(words(text))
+
+    def _payload(self) -> bytes:
+        return "\n".join(sorted(self.grams)).encode("utf-8")
+
+    def header(self, payload: bytes | None = None) -> dict:
+        payload = self._payload() if payload is None else payload
+        return {"kind": "exact", "ngram": NGRAM, "normalization": NORMALIZATION, "hash_scheme": "none (exact strings)",
+                "n_added": self.n_added, "n_distinct": len(self.grams), "payload_bytes": len(payload),
+                "checksum": _payload_checksum(payload)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        payload = self._payload()
+        with _temp_file_for(Path(path)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(_header_bytes(self.header(payload)))
+                f.write(payload)
+
+    @classmethod
+    def from_header(cls, path: Path, header: dict, *, verify: bool = True) -> "ExactSet":
+        with open(path, "rb") as f:
+            f.seek(HEADER_BYTES)
+            payload = f.read()
+        if verify and _payload_checksum(payload) != header["checksum"]:
+            raise FilterFileError(path, "payload checksum mismatch: the 8-gram list is damaged")
+        grams = payload.decode("utf-8").split("\n") if payload else []
+        return cls(grams, n_added=header["n_added"], path=path)
+
+    def stats(self) -> dict:
+        return {"n_added": self.n_added, "n_distinct": len(self.grams), "achieved_fpr": 0.0}
+
+
+Filter = BloomFilter | ExactSet
+
+
+def open_filter(path: str | os.PathLike, *, verify: bool = True) -> Filter:
+    """Open a `.bloom` file (memory-mapped) or an exact set; `verify` checks the payload checksum."""
+    path = Path(path)
+    header = read_header(path)
+    cls = BloomFilter if header["kind"] == "bloom" else ExactSet
+    return cls.from_header(path, header, verify=verify)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    path: str
+    kind: str
+    documents: int
+    ngrams: int  # 8-grams inserted, repeats included
+    stats: dict
+
+    def line(self) -> str:
+        s = self.stats
+        if self.kind == "exact":
+            return (f"{self.path}: exact set of {s['n_distinct']:,} distinct 8-grams "
+                    f"({self.ngrams:,} inserted from {self.documents:,} documents)")
+        return (f"{self.path}: {self.ngrams:,} 8-grams from {self.documents:,} documents, ~{s['estimated_distinct']:,.0f} "
+                f"distinct (capacity {s['capacity']:,}); {s['m_bits']:,} bits, k={s['k_hashes']}, "
+                f"{s['bytes'] / 2**20:,.1f} MiB; false-positive rate now {s['achieved_fpr']:.3g} "
+                f"(target {s['fpr_target']:.3g})")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One worker's share of the inputs: whole files, or every `stride`-th document of them."""
+
+    files: tuple[str, ...]
+    stride: int = 1
+    offset: int = 0
+    field: str = "text"
+
+    def documents(self) -> Iterator[str]:
+        i = 0
+        for path in self.files:
+            for doc in iter_file_documents(Path(path), field=self.field):
+                if i % self.stride == self.offset:
+                    yield doc
+                i += 1
+
+
+def _plan(files: list[Path], workers: int, field: str) -> list[_Job]:
+    """Split the inputs among workers: by file (balancing bytes) when there are enough files,
+    else by striping documents (every worker reads everything, hashes its share)."""
+    if workers <= 1:
+        return [_Job(tuple(map(str, files)), field=field)]
+    if len(files) >= 2 * workers:
+        loads = [(0, w, []) for w in range(workers)]
+        heapq.heapify(loads)
+        for p in sorted(files, key=lambda q: -q.stat().st_size):
+            size, w, group = heapq.heappop(loads)
+            group.append(p)
+            heapq.heappush(loads, (size + p.stat().st_size, w, group))
+        # keep the input order inside each worker, so a shard's contents do not depend on sizes
+        order = {p: i for i, p in enumerate(files)}
+        groups = sorted((sorted(g, key=order.__getitem__) for _, _, g in loads if g), key=lambda g: order[g[0]])
+        return [_Job(tuple(map(str, g)), field=field) for g in groups]
+    return [_Job(tuple(map(str, files)), stride=workers, offset=w, field=field) for w in range(workers)]
+
+
+def _count_job(job: _Job) -> tuple[int, int]:
+    docs = grams = 0
+    for doc in job.documents():
+        docs += 1
+        grams += max(0, len(words(doc)) - NGRAM + 1)
+    return docs, grams
+
+
+def _fill(target: Filter, docs: Iterable[str], *, allow_overfill: bool, progress=None) -> tuple[int, int]:
+    """Insert the 8-grams of `docs`; for a Bloom filter, check the fill whenever enough 8-grams have
+    arrived that the capacity could have been reached. Returns (documents, 8-grams)."""
+    n_docs = n_grams = 0
+    bloom = isinstance(target, BloomFilter)
+    next_check = target.capacity if bloom else math.inf
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    pending_n = 0
+    hasher = NgramHasher()
+
+    def flush() -> None:
+        nonlocal pending, pending_n
+        if pending:
+            target.add_hashes(np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]))
+        pending, pending_n = [], 0
+
+    for doc in docs:
+        n_docs += 1
+        ws = words(doc)
+        if bloom:
+            h1, h2 = hasher.hashes(ws)
+            if len(h1):
+                pending.append((h1, h2))
+                pending_n += len(h1)
+                n_grams += len(h1)
+            if pending_n >= _BATCH_NGRAMS:
+                flush()
+            if n_grams > next_check:
+                flush()
+                s = target.stats()
+                if target.overfull(s) and not allow_overfill:
+                    raise OverfullError(
+                        f"the filter holds ~{s['estimated_distinct']:,.0f} distinct 8-grams, more than its capacity "
+                        f"{target.capacity:,}; rebuild with a larger --capacity (or --auto), or pass --allow-overfill "
+                        f"to accept a false-positive rate above {target.fpr_target:g}")
+                # at most one new distinct 8-gram per inserted 8-gram: no need to look again sooner
+                next_check = n_grams + max(target.capacity - s["estimated_distinct"], target.capacity / 100)
+        else:
+            n_grams += target.add_words(ws)
+        if progress is not None:
+            progress.update(1)
+    flush()
+    return n_docs, n_grams
+
+
+def _build_shard(job: _Job, path: str, capacity: int, fpr: float, allow_overfill: bool) -> tuple[int, int]:
+    with BloomFilter.create(path, capacity=capacity, fpr=fpr) as bf:
+        return _fill(bf, job.documents(), allow_overfill=allow_overfill)
+
+
+def build_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
+                 fpr: float = 1e-8, exact: bool = False, workers: int = 1, field: str = "text",
+                 allow_overfill: bool = False, progress: bool = False) -> BuildSummary:
+    """Insert every normalized 8-gram of `inputs` into a new filter file `out`.
+
+    `capacity=None` sizes the filter from a first pass that counts the 8-grams (an upper bound on
+    the distinct ones). With `workers > 1`, shard filters are built in separate processes and
+    OR-ed together (`merge_filters`)."""
+    from tqdm import tqdm
+
+    files = expand_inputs(inputs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if workers < 1:
+        raise OverlapError(f"--workers must be at least 1, got {workers}")
+    jobs = _plan(files, 1 if exact else workers, field)
+    if exact:
+        es = ExactSet()
+        with tqdm(desc="8-grams", unit=" doc", disable=not progress) as bar:
+            n_docs, n_grams = _fill(es, jobs[0].documents(), allow_overfill=True, progress=bar)
+        _require_ngrams(n_grams, inputs)
+        es.save(out)
+        return BuildSummary(str(out), "exact", n_docs, n_grams, es.stats())
+
+    if capacity is None:
+        counts = _map(_count_job, [(j,) for j in jobs], len(jobs))
+        capacity = sum(g for _, g in counts)
+        _require_ngrams(capacity, inputs)
+        log.info("sized for the %s 8-grams counted in the inputs (an upper bound on the distinct ones)", f"{capacity:,}")
+    optimal_parameters(capacity, fpr)  # validate before any work
+
+    if len(jobs) == 1:
+        with BloomFilter.create(out, capacity=capacity, fpr=fpr) as bf:
+            with tqdm(desc="8-grams", unit=" doc", disable=not progress) as bar:
+                n_docs, n_grams = _fill(bf, jobs[0].documents(), allow_overfill=allow_overfill, progress=bar)
+            _require_ngrams(n_grams, inputs)
+            stats = _final_check(bf, allow_overfill)
+        return BuildSummary(str(out), "bloom", n_docs, n_grams, stats)
+
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        shards = [str(Path(tmp) / f"shard{i}.bloom") for i in range(len(jobs))]
+        results = _map(_build_shard, [(j, s, capacity, fpr, allow_overfill) for j, s in zip(jobs, shards)],
+                       len(jobs), progress=progress)
+        n_docs, n_grams = sum(r[0] for r in results), sum(r[1] for r in results)
+        _require_ngrams(n_grams, inputs)
+        summary = merge_filters(shards, out, allow_overfill=allow_overfill, verify=False)
+    return BuildSummary(str(out), "bloom", n_docs, n_grams, summary.stats)
+
+
+def _map(fn, arglists: list[tuple], workers: int, progress: bool = False) -> list:
+    """fn(*args) for each args, in `workers` processes when there is more than one."""
+    if workers <= 1:
+        return [fn(*a) for a in arglists]
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    # spawn: workers must not inherit a parent's threads or locks (torch, tqdm)
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *a) for a in arglists]
+        for f in tqdm(cf.as_completed(futures), total=len(futures), desc="shards", disable=not progress):
+            f.result()  # re-raise a worker's error here
+        return [f.result() for f in futures]
+
+
+def _require_ngrams(n: int, inputs: Sequence) -> None:
+    if n == 0:
+        names = ", ".join(map(str, inputs))
+        raise OverlapError(f"{names}: no 8-grams in the inputs (documents need at least {NGRAM} words)")
+
+
+def _final_check(bf: BloomFilter, allow_overfill: bool) -> dict:
+    s = bf.stats()
+    if bf.overfull(s):
+        msg = (f"the filter holds ~{s['estimated_distinct']:,.0f} distinct 8-grams, more than its capacity "
+               f"{bf.capacity:,}: false-positive rate {s['achieved_fpr']:.3g}, target {bf.fpr_target:g}")
+        if not allow_overfill:
+            raise OverfullError(msg + "; use a larger --capacity (or --auto), or --allow-overfill")
+        log.warning("warning: %s", msg)
+    return s
+
+
+def merge_filters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_overfill: bool = False,
+                  verify: bool = True) -> BuildSummary:
+    """The union of filters with equal parameters: bitwise OR of Bloom filters, union of exact sets."""
+    if len(paths) < 1:
+        raise OverlapError("merge needs at least one filter")
+    headers = [read_header(p) for p in paths]
+    first = headers[0]
+    keys = ("kind", "m_bits", "k_hashes", "capacity", "fpr_target", "hash_scheme", "normalization", "ngram")
+    for p, h in zip(paths[1:], headers[1:]):
+        diff = [k for k in keys if h.get(k) != first.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: {first.get(k)!r} vs {h.get(k)!r}" for k in diff)
+            raise OverlapError(f"cannot merge {paths[0]} and {p}: different parameters ({detail})")
+    filters = [open_filter(p, verify=verify) for p in paths]
+    out = Path(out)
+    if first["kind"] == "exact":
+        es = ExactSet(n_added=sum(f.n_added for f in filters))
+        for f in filters:
+            es.grams |= f.grams
+        es.save(out)
+        return BuildSummary(str(out), "exact", 0, es.n_added, es.stats())
+    with BloomFilter.create(out, capacity=0, like=filters[0]) as bf:
+        for i in range(0, bf.bits.size, _CHUNK):
+            chunk = np.array(filters[0].bits[i:i + _CHUNK])
+            for f in filters[1:]:
+                chunk |= f.bits[i:i + _CHUNK]
+            bf.bits[i:i + _CHUNK] = chunk
+        bf.n_added = sum(f.n_added for f in filters)
+        stats = _final_check(bf, allow_overfill)
+    return BuildSummary(str(out), "bloom", 0, bf.n_added, stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's false-positive check
+
+
+def measure_fpr(bf: BloomFilter, samples: int = 1_000_000, *, seed: int = 0, vocab: int = 50_000) -> dict:
+    """Query `samples` random 8-grams of random 6-12 letter strings (none of which is in any real
+    corpus) and count hits: the paper's check of its filters (1M random strings, zero hits)."""
+    if samples < 1:
+        raise OverlapError(f"--samples must be at least 1, got {samples}")
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, 13, size=vocab)
+    letters = rng.integers(ord("a"), ord("z") + 1, size=int(lengths.sum()), dtype=np.uint8).tobytes().decode("ascii")
+    ends = np.cumsum(lengths)
+    vocab_words = [letters[e - n:e] for e, n in zip(ends.tolist(), lengths.tolist())]
+    lanes = NgramHasher().word_lanes(vocab_words)  # through the same word hashing as real text
+    hits = 0
+    done = 0
+    step = 1 << 18
+    while done < samples:
+        n = min(step, samples - done)
+        pick = rng.integers(0, vocab, size=(NGRAM, n))
+        hs = []
+        for lane in range(2):
+            acc = np.zeros(n, dtype=np.uint64)
+            for i in range(NGRAM):
+                acc += lanes[pick[i], lane] * _COEF[lane, i]
+            hs.append(_fmix64_np(acc))
+        hits += int(bf.contains_hashes(hs[0], hs[1]).sum())
+        done += n
+    s = bf.stats()
+    rate = hits / samples
+    return {"samples": samples, "hits": hits, "measured_fpr": rate,
+            "upper_95": _upper95(hits, samples), "fpr_target": bf.fpr_target, "expected_fpr": s["achieved_fpr"],
+            "seed": seed}
+
+
+def _upper95(hits: int, n: int) -> float:
+    """One-sided 95% upper confidence bound on a rate (Wilson score; 3/n, the rule of three, at 0)."""
+    if hits == 0:
+        return 3.0 / n
+    z = 1.6449
+    p = hits / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre + half) / (1 + z * z / n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Querying: Table 6
+
+
+@dataclass
+class Passage:
+    words: int  # length of the overlapping run, in words
+    file: str
+    document: int  # index of the document within the file
+    start_word: int
+    text: str  # normalized words (the first 80 when longer)
+
+
+@dataclass
+class SetResult:
+    """One test set against one filter."""
+
+    filter: str
+    test_set: str
+    ngrams: int = 0
+    hits: int = 0
+    documents: int = 0
+    short_documents: int = 0  # fewer than 8 words: no 8-grams
+    files: list[dict] = field(default_factory=list)
+    median_doc_percent: float = 0.0
+    mean_doc_percent: float = 0.0
+    share_docs_above_50: float = 0.0
+    doc_percent_deciles: list[float] = field(default_factory=list)
+    top_passages: list[Passage] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.hits / self.ngrams if self.ngrams else 0.0
+
+
+@dataclass
+class OverlapReport:
+    filters: list[dict]  # name, path, kind, header statistics
+    test_sets: list[str]
+    results: list[SetResult]
+
+    def percent_table(self) -> dict[str, dict[str, float]]:
+        return {f["name"]: {r.test_set: r.percent for r in self.results if r.filter == f["name"]} for f in self.filters}
+
+    def to_json(self) -> dict:
+        rs = []
+        for r in self.results:
+            d = asdict(r)
+            d["percent"] = r.percent
+            rs.append(d)
+        return {"ngram": NGRAM, "normalization": NORMALIZATION, "filters": self.filters, "test_sets": self.test_sets,
+                "table": self.percent_table(), "results": rs}
+
+    def to_markdown(self) -> str:
+        lines = ["# 8-gram overlap (GPT-2 paper, Section 4, Table 6)", "",
+                 f"Percent of each test set's {NGRAM}-grams found in each filter "
+                 f"(text normalized to lower-cased alphanumeric words separated by single spaces).", "",
+                 "| filter | " + " | ".join(self.test_sets) + " |",
+                 "|---|" + "---|" * len(self.test_sets)]
+        table = self.percent_table()
+        for f in self.filters:
+            lines.append(f"| {f['name']} | " + " | ".join(f"{table[f['name']][t]:.2f}" for t in self.test_sets) + " |")
+        lines += ["", "## Filters", "", "| filter | kind | 8-grams inserted | false-positive rate |", "|---|---|---|---|"]
+        for f in self.filters:
+            rate = "0 (exact)" if f["kind"] == "exact" else f"{f['achieved_fpr']:.2g} (target {f['fpr_target']:g})"
+            lines.append(f"| {f['name']} | {f['kind']} | {f['n_added']:,} | {rate} |")
+        lines += ["", "## Documents", "",
+                  "| filter | test set | documents | 8-grams | overlap % | median doc % | docs > 50% |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in self.results:
+            lines.append(f"| {r.filter} | {r.test_set} | {r.documents:,} | {r.ngrams:,} | {r.percent:.2f} | "
+                         f"{r.median_doc_percent:.2f} | {100 * r.share_docs_above_50:.1f}% |")
+        lines += ["", "## Files", "", "| filter | file | 8-grams | overlap % |", "|---|---|---|---|"]
+        for r in self.results:
+            for fr in r.files:
+                lines.append(f"| {r.filter} | {fr['file']} | {fr['ngrams']:,} | {fr['percent']:.2f} |")
+        lines += ["", "## Longest overlapping passages", ""]
+        for r in self.results:
+            if not r.top_passages:
+                continue
+            lines.append(f"### {r.test_set} in {r.filter}")
+            lines.append("")
+            for p in r.top_passages:
+                lines.append(f"- {p.words} words, {p.file} document {p.document}, word {p.start_word}: \"{p.text}\"")
+            lines.append("")
+        return "\n".join(lines).rstrip() + "\n"
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """A grouped bar chart of the table (PNG, matplotlib's Agg backend)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        table = self.percent_table()
+        n_f = len(self.filters)
+        x = np.arange(len(self.test_sets))
+        width = 0.8 / n_f
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(self.test_sets) + 2), 3.8), dpi=120)
+        for i, f in enumerate(self.filters):
+            vals = [table[f["name"]][t] for t in self.test_sets]
+            bars = ax.bar(x + (i - (n_f - 1) / 2) * width, vals, width, label=f["name"])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(x, self.test_sets, rotation=20 if len(self.test_sets) > 3 else 0)
+        ax.set_ylabel(f"% of test {NGRAM}-grams in filter")
+        ax.set_title(f"{NGRAM}-gram overlap (Table 6 style)")
+        ax.legend(fontsize=8)
+        ax.margins(y=0.15)
+        fig.tight_layout()
+        with _temp_file_for(Path(path)) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+
+    def write(self, out_dir: str | os.PathLike) -> list[Path]:
+        """report.md, report.json and overlap.png in `out_dir`."""
+        out_dir = Path(out_dir)
+        md, js, png = out_dir / "report.md", out_dir / "report.json", out_dir / "overlap.png"
+        write_text(md, self.to_markdown())
+        write_json(js, self.to_json())
+        self.plot(png)
+        return [md, js, png]
+
+
+def _runs(hits: np.ndarray) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of True."""
+    if not hits.any():
+        return []
+    d = np.diff(np.concatenate(([0], hits.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
+def _label(path: str | os.PathLike) -> str:
+    p = Path(path)
+    name = p.name
+    for suffix in (".gz", ".zst"):
+        name = name.removesuffix(suffix)
+    return name if p.is_dir() else Path(name).stem or name
+
+
+def query(filters: Sequence[str | os.PathLike] | dict, test_sets: Sequence[str | os.PathLike], *, top: int = 10,
+          field: str = "text", verify: bool = True, progress: bool = False) -> OverlapReport:
+    """Percent of each test set's 8-grams in each filter, per file and per document, with the
+    longest overlapping passages. `filters` are paths, or {name: path or opened filter}."""
+    from tqdm import tqdm
+
+    if not isinstance(filters, dict):
+        filters = {_unique_label(p, filters): p for p in filters}
+    if not filters or not test_sets:
+        raise OverlapError("query needs at least one filter and one test set")
+    opened = {name: (open_filter(f, verify=verify) if isinstance(f, (str, os.PathLike)) else f)
+              for name, f in filters.items()}
+    finfo = []
+    for name, f in opened.items():
+        s = f.stats()
+        finfo.append({"name": name, "path": str(f.path) if f.path else None, "kind": f.kind, **s})
+    labels = [_unique_label(t, test_sets) for t in test_sets]
+    hasher = NgramHasher()
+    results: list[SetResult] = []
+    for label, ts in zip(labels, test_sets):
+        per = {name: SetResult(filter=name, test_set=label) for name in opened}
+        doc_pct: dict[str, list[float]] = {name: [] for name in opened}
+        heaps: dict[str, list] = {name: [] for name in opened}
+        file_rows: dict[str, dict[str, dict]] = {name: {} for name in opened}
+        doc_index: dict[Path, int] = {}
+        counter = itertools.count()
+        any_doc = False
+        for path, doc in tqdm(iter_documents([ts], field=field), desc=label, unit=" doc", disable=not progress):
+            any_doc = True
+            di = doc_index.get(path, 0)
+            doc_index[path] = di + 1
+            ws = words(doc)
+            n = max(0, len(ws) - NGRAM + 1)
+            hashes = hasher.hashes(ws) if n else None
+            for name, flt in opened.items():
+                r = per[name]
+                r.documents += 1
+                row = file_rows[name].setdefault(str(path), {"file": str(path), "documents": 0, "ngrams": 0, "hits": 0})
+                row["documents"] += 1
+                if n == 0:
+                    r.short_documents += 1
+                    continue
+                hits = flt.contains_hashes(*hashes) if isinstance(flt, BloomFilter) else flt.contains_words(ws)
+                h = int(hits.sum())
+                r.ngrams += n
+                r.hits += h
+                row["ngrams"] += n
+                row["hits"] += h
+                doc_pct[name].append(100.0 * h / n)
+                for start, length in _runs(hits):
+                    heap = heaps[name]
+                    if len(heap) >= top and not (top and length > heap[0][0]):
+                        continue
+                    # keep the text now: the document will not be in memory later
+                    span = ws[start:start + length + NGRAM - 1]
+                    text = " ".join(span[:80]) + (" …" if len(span) > 80 else "")
+                    item = (length, -next(counter), str(path), di, start, text)
+                    if len(heap) < top:
+                        heapq.heappush(heap, item)
+                    else:
+                        heapq.heapreplace(heap, item)
+        if not any_doc:
+            raise OverlapError(f"{ts}: test set holds no documents")
+        for name in opened:
+            r = per[name]
+            if r.ngrams == 0:
+                raise OverlapError(f"{ts}: no 8-grams in the test set (documents need at least {NGRAM} words)")
+            pct = np.array(doc_pct[name])
+            r.median_doc_percent = float(np.median(pct))
+            r.mean_doc_percent = float(pct.mean())
+            r.share_docs_above_50 = float((pct > 50).mean())
+            r.doc_percent_deciles = [float(v) for v in np.percentile(pct, np.arange(0, 101, 10))]
+            for row in file_rows[name].values():
+                row["percent"] = 100.0 * row["hits"] / row["ngrams"] if row["ngrams"] else 0.0
+            r.files = list(file_rows[name].values())
+            r.top_passages = [Passage(words=length + NGRAM - 1, file=f, document=d, start_word=s, text=text)
+                              for length, _, f, d, s, text in sorted(heaps[name], key=lambda t: (-t[0], -t[1]))]
+            results.append(r)
+    return OverlapReport(filters=finfo, test_sets=labels, results=results)
+
+
+def _unique_label(p, all_paths) -> str:
+    """A short name for a path: its stem, or the full path when two stems collide."""
+    label = _label(p)
+    if sum(_label(q) == label for q in all_paths) > 1:
+        return str(p)
+    return label
