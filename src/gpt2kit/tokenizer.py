@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 
+from .corpus import decode_utf8
 from .errors import GPT2KitError, InputFileError
 from .io import write_json, write_text
 
@@ -590,17 +591,19 @@ def gpt2_vocab_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _read_json(path: str | os.PathLike):
+def _read_utf8(path: str | os.PathLike) -> str:
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise InputFileError(path, "no such file") from None
     except OSError as e:
         raise InputFileError(path, f"cannot read: {e.strerror}") from None
+    return decode_utf8(raw, path)
+
+
+def _read_json(path: str | os.PathLike):
     try:
-        return json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise InputFileError(path, f"not valid UTF-8 at byte offset {e.start}") from None
+        return json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         raise InputFileError(path, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
@@ -613,16 +616,7 @@ def _read_encoder(path: str | os.PathLike) -> dict[str, int]:
 
 
 def _read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputFileError(path, "no such file") from None
-    except OSError as e:
-        raise InputFileError(path, f"cannot read: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputFileError(path, f"not valid UTF-8 at byte offset {e.start}") from None
+    text = _read_utf8(path)
     merges = []
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line or (lineno == 1 and line.startswith("#version")):
