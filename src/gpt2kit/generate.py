@@ -1,0 +1,412 @@
+"""Text generation: batches of prompts, a KV cache, sampling filters, stop strings, streaming.
+
+The decoding loop works on token ids (`generate_tokens`); text handling sits on top of it
+(`iter_generate` yields one event per token, `generate` collects them, `stream_generate` yields
+the text of one sample as it grows). Prompts of different lengths share a batch by left padding:
+each row's real tokens sit at the right end, so every row's next token is the last column.
+
+Past the context (n_ctx) the window slides: when the cache is full, the last 3/4 n_ctx tokens of
+each row are re-encoded from scratch (GPT-2's positions are absolute, so cached keys cannot be
+shifted) and decoding goes on from there. A prompt longer than the context keeps its most recent
+n_ctx tokens, with a warning.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import GPT2KitError
+from .sampling import SamplingParams, select_tokens
+
+if TYPE_CHECKING:
+    from .model import GPT2
+    from .tokenizer import Tokenizer
+
+__all__ = ["GenerationError", "Completion", "TokenEvent", "StepOutput", "generate", "stream_generate",
+           "iter_generate", "generate_tokens", "sampling_params", "prompt_logprobs", "load_for_inference",
+           "quantize_int8"]
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(GPT2KitError):
+    """A generation option is invalid (e.g. max_new_tokens < 0, n < 1, a bad stop string)."""
+
+
+@dataclass
+class Completion:
+    """One generated sample. `text` ends before any stop string; `token_ids` are the sampled
+    tokens (without a final <|endoftext|>); `logprobs[i]` is log p(token_ids[i]) under the model
+    (before temperature and filters); `top_logprobs[i]` the most probable alternatives when asked."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop string or <|endoftext|>), "length" (max_new_tokens)
+    prompt_index: int
+    prompt_token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class TokenEvent:
+    """One step of one sample: the text it makes printable (possibly ""), the token behind it,
+    and on its last event the finish reason. `index` is prompt_index * n + sample number."""
+
+    index: int
+    text: str
+    token_id: int | None
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
+    finish_reason: str | None
+
+
+@dataclass
+class StepOutput:
+    """The tokens chosen at one decoding step for every row, with their model log-probabilities."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    top: list[dict[int, float]] | None
+
+
+def sampling_params(*, preset: str | None = None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, repetition_penalty: float | None = None,
+                    do_sample: bool | None = None) -> SamplingParams:
+    """A preset (default: plain sampling at T=1) with the options that are not None replaced."""
+    base = SamplingParams.from_preset(preset) if preset else SamplingParams()
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, do_sample=do_sample)
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------- the decoding loop
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _Window:
+    """The model's view of a batch: the KV cache, the attention mask and each row's next position."""
+
+    def __init__(self, model: "GPT2", rows: Sequence[Sequence[int]], pad_id: int):
+        self.model = model
+        self.device = model.transformer.wte.weight.device
+        self.n_ctx = model.config.n_ctx
+        ids, self.mask = _left_pad(rows, pad_id, self.device)  # (B, L)
+        self.cache = model.new_kv_cache(len(rows), self.n_ctx)
+        # as in transformers' generate: real tokens count from 0, pads sit at position 1
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)  # (B, L)
+        self.next_pos = self.mask.sum(-1, keepdim=True)  # (B, 1)
+        h = model.hidden_states(ids, attention_mask=self.mask, position_ids=pos, kv_cache=self.cache)
+        self.logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed
+
+    @property
+    def full(self) -> bool:
+        return self.cache.length >= self.n_ctx
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Feed one new token per row (B,)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # (B, P+1)
+        h = self.model.hidden_states(tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                                     kv_cache=self.cache)  # (B, 1, C)
+        self.next_pos = self.next_pos + 1
+        self.logits = self.model.lm_head(h[:, -1])  # (B, V)
+
+
+def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                    max_new_tokens: int, generator: torch.Generator | None = None, pad_id: int = 0,
+                    top_logprobs: int | None = None, finished: Sequence[bool] | None = None,
+                    cancel: threading.Event | None = None) -> Iterator[StepOutput]:
+    """Decode up to `max_new_tokens` tokens for each prompt (token id lists, all non-empty and at
+    most n_ctx long), yielding every step's tokens. The caller may set `finished[i]` (a mutable
+    list) to say row i is done: the loop stops once every row is, or when `cancel` is set.
+    `top_logprobs=k` also reports each step's log-probabilities (k > 0: and the k best tokens)."""
+    n_ctx = model.config.n_ctx
+    if any(len(p) == 0 or len(p) > n_ctx for p in prompts):
+        raise GenerationError(f"generate_tokens: every prompt needs 1 to n_ctx={n_ctx} tokens")
+    history = [list(p) for p in prompts]
+    keep = n_ctx - max(1, n_ctx // 4)  # tokens per row kept when the window slides
+    done = finished if finished is not None else [False] * len(prompts)
+    with torch.inference_mode():
+        window = _Window(model, history, pad_id)
+        penalize = params.repetition_penalty != 1.0
+        for step in range(max_new_tokens):
+            previous = previous_mask = None
+            if penalize:  # the repetition penalty looks at every row's real tokens so far
+                previous, previous_mask = _left_pad(history, pad_id, window.device)
+            tokens = select_tokens(window.logits, params, previous=previous, previous_mask=previous_mask,
+                                   generator=generator)  # (B,)
+            out = StepOutput(tokens.tolist(), None, None)
+            if top_logprobs is not None:
+                logp = torch.log_softmax(window.logits.float(), dim=-1)  # (B, V)
+                out.logprobs = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+                if top_logprobs > 0:
+                    vals, idx = logp.topk(top_logprobs, dim=-1)
+                    out.top = [dict(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            for row, t in zip(history, out.tokens):
+                row.append(t)
+            yield out
+            if all(done) or step == max_new_tokens - 1 or (cancel is not None and cancel.is_set()):
+                return
+            if window.full:
+                window = _Window(model, [row[-keep:] for row in history], pad_id)
+            else:
+                window.advance(tokens)
+
+
+def prompt_logprobs(model: "GPT2", token_ids: Sequence[int], top_logprobs: int = 0
+                    ) -> tuple[list[float | None], list[dict[int, float] | None]]:
+    """log p(token_i | tokens before it) for every prompt token (None for the first, which has no
+    context), and the `top_logprobs` best alternatives at each position: what the OpenAI API
+    returns for an echoed prompt."""
+    ids = torch.tensor([list(token_ids)], device=model.transformer.wte.weight.device)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
+        chosen = logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+        top: list[dict[int, float] | None] = [None]
+        if top_logprobs > 0:
+            vals, idx = logp.topk(top_logprobs, dim=-1)
+            top += [dict(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        else:
+            top += [None] * len(chosen)
+    return [None, *chosen], top
+
+
+# ----------------------------------------------------------------------------- text on top
+
+class _TextTracker:
+    """The text of one sample as tokens arrive: bytes are decoded incrementally so that a
+    character split across tokens comes out whole, and text that might be the start of a stop
+    string is held back until it is known not to be one."""
+
+    def __init__(self, tokenizer: "Tokenizer", stop: Sequence[str]):
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = stop
+        self.text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.text += self._decoder.decode(self._tokenizer.token_bytes(token_id))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)  # a dangling partial char -> U+FFFD
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        # a stop string can only start in the held-back tail or later
+        start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
+        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:
+            end = len(self.text) - self._held_back()
+        piece = self.text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return piece
+
+    def _held_back(self) -> int:
+        # the longest tail of the text that is a proper prefix of some stop string
+        for k in range(min(len(self.text), max((len(s) for s in self._stop), default=1) - 1), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self._stop):
+                return k
+        return 0
+
+
+def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int]) -> list[int]:
+    ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else list(prompt)
+    if not ids:  # GPT-2 was trained with <|endoftext|> between documents: it begins a new one
+        ids = [tokenizer.eot_token]
+    n_ctx = model.config.n_ctx
+    if len(ids) > n_ctx:
+        log.warning("prompt of %d tokens is longer than the context (%d): keeping its last %d tokens",
+                    len(ids), n_ctx, n_ctx)
+        ids = ids[-n_ctx:]
+    return ids
+
+
+def _check_options(max_new_tokens: int, n: int, stop) -> list[str]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GenerationError(f"n: expected an integer >= 1, got {n!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise GenerationError(f"stop: expected non-empty strings, got {stop!r}")
+    return stops
+
+
+def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str | Sequence[int]], *,
+                  max_new_tokens: int = 64, params: SamplingParams | None = None,
+                  stop: str | Iterable[str] | None = None, seed: int | None = None, n: int = 1,
+                  stop_at_eot: bool = True, top_logprobs: int | None = None,
+                  cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+    """One `TokenEvent` per sampled token of every sample, in decoding order; each sample's last
+    event carries its finish_reason. Prompts are strings or token id lists."""
+    params = params or SamplingParams()
+    stops = _check_options(max_new_tokens, n, stop)
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    rows = [_prompt_ids(model, tokenizer, p) for p in prompt_list for _ in range(n)]
+    if model.config.vocab_size > tokenizer.n_vocab:
+        raise GenerationError(f"the model has {model.config.vocab_size} output tokens but the tokenizer only "
+                              f"{tokenizer.n_vocab}: they do not belong together")
+    if not rows:
+        return
+    if max_new_tokens == 0:
+        for i in range(len(rows)):
+            yield TokenEvent(i, "", None, None, None, "length")
+        return
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
+    trackers = [_TextTracker(tokenizer, stops) for _ in rows]
+    finished = [False] * len(rows)
+    steps = generate_tokens(model, rows, params, max_new_tokens=max_new_tokens, generator=generator,
+                            pad_id=tokenizer.eot_token, top_logprobs=top_logprobs, finished=finished,
+                            cancel=cancel)
+    for step, out in enumerate(steps, start=1):
+        for i, token in enumerate(out.tokens):
+            if finished[i]:
+                continue
+            lp = out.logprobs[i] if out.logprobs is not None else None
+            top = out.top[i] if out.top is not None else None
+            if stop_at_eot and token == tokenizer.eot_token:
+                finished[i] = True
+                yield TokenEvent(i, trackers[i].finish(), None, None, None, "stop")
+                continue
+            piece = trackers[i].push(token)
+            reason = "stop" if trackers[i].stopped else "length" if step == max_new_tokens else None
+            if reason:
+                finished[i] = True
+                piece += trackers[i].finish()
+            yield TokenEvent(i, piece, token, lp, top, reason)
+
+
+def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str | Sequence[int]], *,
+             max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None,
+             do_sample: bool | None = None, preset: str | None = None,
+             stop: str | Iterable[str] | None = None, seed: int | None = None, n: int = 1,
+             stop_at_eot: bool = True, top_logprobs: int | None = None) -> list[Completion]:
+    """Complete each prompt `n` times; returns len(prompts) * n `Completion`s, prompt by prompt.
+
+    Sampling starts from `preset` ("paper" = top-k 40 as in the paper's samples, "greedy",
+    "nucleus", "pure"; default: plain sampling at temperature 1) and the options given replace its
+    fields; `do_sample=False` or `temperature=0` is greedy. The same `seed` gives the same text.
+
+    >>> generate(model, tok, "The meaning of life is", preset="paper", seed=0)[0].text  # doctest: +SKIP
+    """
+    params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, do_sample=do_sample)
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    results = [Completion("", [], "length", i // n, []) for i in range(len(prompt_list) * n)]
+    for i, c in enumerate(results):
+        c.prompt_token_ids = _prompt_ids(model, tokenizer, prompt_list[c.prompt_index])
+        if top_logprobs:
+            c.top_logprobs = []
+    for ev in iter_generate(model, tokenizer, prompt_list, max_new_tokens=max_new_tokens, params=params,
+                            stop=stop, seed=seed, n=n, stop_at_eot=stop_at_eot, top_logprobs=top_logprobs):
+        c = results[ev.index]
+        c.text += ev.text
+        if ev.token_id is not None:
+            c.token_ids.append(ev.token_id)
+            if ev.logprob is not None:
+                c.logprobs.append(ev.logprob)
+            if c.top_logprobs is not None and ev.top_logprobs is not None:
+                c.top_logprobs.append(ev.top_logprobs)
+        if ev.finish_reason:
+            c.finish_reason = ev.finish_reason
+    return results
+
+
+def stream_generate(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int], *,
+                    max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, repetition_penalty: float | None = None,
+                    do_sample: bool | None = None, preset: str | None = None,
+                    stop: str | Iterable[str] | None = None, seed: int | None = None,
+                    stop_at_eot: bool = True) -> Iterator[str]:
+    """Yield the text of one completion of `prompt` piece by piece as it is generated; the pieces
+    join to exactly `generate(...)[0].text` with the same options, and never split a character."""
+    if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
+        raise GenerationError("stream_generate: expected one prompt (a string or a list of token ids)")
+    params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, do_sample=do_sample)
+    for ev in iter_generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, params=params,
+                            stop=stop, seed=seed, stop_at_eot=stop_at_eot):
+        if ev.text:
+            yield ev.text
+
+
+# ----------------------------------------------------------------------------- loading
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantize_int8(model: "GPT2") -> "GPT2":
+    """A copy of `model` whose Linear layers, the output layer included, hold int8 weights
+    (dynamic quantization: activations are quantized on the fly per batch). On CPU, batch-1
+    decoding reads a quarter of the fp32 bytes per token; logits move by ~1e-2, not exactly
+    the fp32 model's. Inference only."""
+    import copy
+
+    from torch import nn
+
+    qmodel = copy.deepcopy(model).float().eval()
+    # the tied head is a plain matmul with the embedding: give it its own Linear to quantize
+    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+    head.weight = nn.Parameter(qmodel.transformer.wte.weight[: model.config.vocab_size].detach().clone())
+    qmodel.lm_head = head
+    return torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)
+
+
+def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: str | None = None,
+                       quantize: str | None = None) -> tuple["GPT2", "Tokenizer"]:
+    """The model and tokenizer of a checkpoint (any folder or name `GPT2.from_pretrained` reads),
+    in eval mode; `dtype` "float32" | "bfloat16" | "float16", `quantize` None | "int8" (CPU)."""
+    from .model import GPT2
+    from .tokenizer import Tokenizer
+
+    if dtype is not None and dtype not in _DTYPES:
+        raise GenerationError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if quantize not in (None, "int8"):
+        raise GenerationError(f"quantize: expected 'int8' (or nothing), got {quantize!r}")
+    model = GPT2.from_pretrained(name_or_path, dtype=_DTYPES[dtype] if dtype else None, device=device).eval()
+    try:
+        tokenizer = Tokenizer.from_pretrained(name_or_path)
+    except GPT2KitError:
+        if model.config.vocab_size != 50257:
+            raise
+        log.warning("%s holds no tokenizer files: using GPT-2's released vocabulary", name_or_path)
+        tokenizer = Tokenizer.gpt2()
+    if quantize == "int8":
+        model = quantize_int8(model)
+    return model, tokenizer

@@ -1,0 +1,232 @@
+"""Generation: greedy parity with transformers' generate, the KV cache and sliding window against a
+cache-free reference, stop strings, seeds, n samples, and streaming that never splits a character."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2kit.generate import (
+    GenerationError,
+    _TextTracker,
+    generate,
+    generate_tokens,
+    iter_generate,
+    prompt_logprobs,
+    stream_generate,
+)
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.sampling import SamplingParams
+from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.weights import hf_config_dict, to_hf_state_dict
+
+GREEDY = SamplingParams(do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.gpt2()
+
+
+def peaked(config: GPT2Config, seed: int = 0) -> GPT2:
+    """A random model with large weights: its next-token distributions are sharp, so greedy choices
+    are not decided by float rounding (std 0.02 weights give nearly uniform logits)."""
+    torch.manual_seed(seed)
+    model = GPT2(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    return peaked(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=64))
+
+
+def hf_copy(model: GPT2) -> transformers.GPT2LMHeadModel:
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(model.config)))
+    hf.load_state_dict(to_hf_state_dict(model), strict=False)  # lm_head is tied to wte
+    return hf.eval()
+
+
+def hf_greedy(hf, tok: Tokenizer, prompts: list[str], max_new_tokens: int, **kw) -> list[list[int]]:
+    rows = [tok.encode(p) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.eot_token)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                      pad_token_id=tok.eot_token, eos_token_id=tok.eot_token, **kw)[:, width:].tolist()
+    return [r[: r.index(tok.eot_token)] if tok.eot_token in r else r for r in out]
+
+
+@pytest.mark.parametrize("prompts", [
+    ["The quick brown fox"],
+    ["Hello", "A longer prompt with quite a few more tokens in it", "Three words here"],
+])
+def test_greedy_matches_transformers_generate(model, tok, prompts):
+    ours = generate(model, tok, prompts, max_new_tokens=24, do_sample=False)
+    theirs = hf_greedy(hf_copy(model), tok, prompts, 24)
+    assert [c.token_ids for c in ours] == theirs
+    assert all(len(t) > 0 for t in theirs)
+    for c, p in zip(ours, prompts):
+        assert c.prompt_token_ids == tok.encode(p)
+        assert c.text == tok.decode(c.token_ids)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(model, tok):
+    ours = generate(model, tok, "Repeat after me", max_new_tokens=24, do_sample=False, repetition_penalty=1.5)
+    theirs = hf_greedy(hf_copy(model), tok, ["Repeat after me"], 24, repetition_penalty=1.5)
+    assert ours[0].token_ids == theirs[0]
+    plain = generate(model, tok, "Repeat after me", max_new_tokens=24, do_sample=False)
+    assert plain[0].token_ids != ours[0].token_ids  # the penalty did something
+
+
+def test_cache_and_sliding_window_match_a_cache_free_reference(tok):
+    m = peaked(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=16), seed=1)
+    prompt = list(range(100, 111))  # 11 tokens, then 30 new ones: the window slides twice
+    got = [out.tokens[0] for out in generate_tokens(m, [prompt], GREEDY, max_new_tokens=30)]
+    # reference: a full forward over the window each step; the window is the last 12 tokens
+    # (3/4 of n_ctx) from the moment the sequence no longer fits
+    history, start = list(prompt), 0
+    want = []
+    with torch.no_grad():
+        for _ in range(30):
+            if len(history) - start > 16:
+                start = len(history) - 12
+            logits = m(torch.tensor([history[start:]]))[0, -1]
+            history.append(int(logits.argmax()))
+            want.append(history[-1])
+    assert got == want
+
+
+def test_prompt_longer_than_context_keeps_its_end(tok, caplog):
+    m = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=16), seed=2)
+    long_prompt = " ".join(f"w{i}" for i in range(40))
+    ids = tok.encode(long_prompt)
+    assert len(ids) > 16
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.generate"):
+        out = generate(m, tok, long_prompt, max_new_tokens=20, do_sample=False)[0]
+    assert "longer than the context (16): keeping its last 16 tokens" in caplog.text
+    assert out.prompt_token_ids == ids[-16:]
+    assert len(out.token_ids) == 20
+    same = generate(m, tok, [ids[-16:]], max_new_tokens=20, do_sample=False)[0]
+    assert same.token_ids == out.token_ids
+
+
+def test_stop_strings_cut_the_text(model, tok):
+    full = generate(model, tok, "Once upon a time", max_new_tokens=30, do_sample=False)[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 30
+    stop = full.text[10:13]
+    cut = generate(model, tok, "Once upon a time", max_new_tokens=30, do_sample=False, stop=[stop, "\x00never"])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+    assert len(cut.token_ids) < 30  # decoding ended at the stop string
+    pieces = list(stream_generate(model, tok, "Once upon a time", max_new_tokens=30, do_sample=False, stop=stop))
+    assert "".join(pieces) == cut.text
+
+
+def test_seed_n_and_batches(model, tok):
+    a = generate(model, tok, ["Hi", "Hello there"], max_new_tokens=12, seed=3, n=3)
+    b = generate(model, tok, ["Hi", "Hello there"], max_new_tokens=12, seed=3, n=3)
+    assert [c.text for c in a] == [c.text for c in b]
+    assert [c.prompt_index for c in a] == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(c.token_ids) for c in a}) == 6  # independent samples
+    other = generate(model, tok, ["Hi", "Hello there"], max_new_tokens=12, seed=4, n=3)
+    assert [c.text for c in other] != [c.text for c in a]
+    paper = generate(model, tok, "Hi", max_new_tokens=12, seed=3, preset="paper")[0]
+    assert paper.token_ids == generate(model, tok, "Hi", max_new_tokens=12, seed=3, top_k=40)[0].token_ids
+
+
+def test_logprobs_are_the_models(model, tok):
+    c = generate(model, tok, "Scores", max_new_tokens=5, do_sample=False, top_logprobs=3)[0]
+    ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0].float(), -1)
+    n = len(c.prompt_token_ids)
+    want = [logp[n - 1 + i, t].item() for i, t in enumerate(c.token_ids)]
+    assert c.logprobs == pytest.approx(want, abs=1e-4)
+    assert all(next(iter(top)) == t for top, t in zip(c.top_logprobs, c.token_ids))  # greedy = the best
+    scored, tops = prompt_logprobs(model, ids[0].tolist(), 2)
+    assert scored[0] is None and tops[0] is None
+    assert scored[n:] == pytest.approx(want, abs=1e-4)
+    assert all(len(t) == 2 for t in tops[1:])
+
+
+def test_streaming_equals_non_streaming(model, tok):
+    for seed in range(4):
+        pieces = list(stream_generate(model, tok, "Stream me", max_new_tokens=40, seed=seed, temperature=1.5))
+        whole = generate(model, tok, "Stream me", max_new_tokens=40, seed=seed, temperature=1.5)[0]
+        assert "".join(pieces) == whole.text == tok.decode(whole.token_ids)
+        assert all(pieces)
+
+
+def test_edge_cases_and_errors(model, tok):
+    empty = generate(model, tok, "", max_new_tokens=3, do_sample=False)[0]
+    assert empty.prompt_token_ids == [tok.eot_token] and len(empty.token_ids) == 3
+    none = generate(model, tok, ["a", "b"], max_new_tokens=0)
+    assert [(c.text, c.finish_reason) for c in none] == [("", "length"), ("", "length")]
+    with pytest.raises(GenerationError, match="n: expected an integer >= 1"):
+        generate(model, tok, "x", n=0)
+    with pytest.raises(GenerationError, match="max_new_tokens: expected an integer >= 0"):
+        generate(model, tok, "x", max_new_tokens=-1)
+    with pytest.raises(GenerationError, match="stop: expected non-empty strings"):
+        generate(model, tok, "x", stop=[""])
+    events = list(iter_generate(model, tok, "x", max_new_tokens=4, params=GREEDY))
+    assert [e.finish_reason for e in events] == [None, None, None, "length"]
+
+
+# --- the text tracker: whole characters, stop strings held back --------------------------------
+
+def feed(tok: Tokenizer, ids: list[int], stop=()) -> tuple[list[str], str]:
+    tracker = _TextTracker(tok, list(stop))
+    pieces = [tracker.push(t) for t in ids]
+    if not tracker.stopped:
+        pieces.append(tracker.finish())
+    return pieces, tracker.text
+
+
+def test_multibyte_characters_arrive_whole(tok):
+    text = "naïve café – 日本語 😀👍🏽 ok"
+    ids = tok.encode(text)
+    assert any(tok.decode([t]) != tok.token_bytes(t).decode("utf-8", "ignore") for t in ids)  # split chars
+    pieces, whole = feed(tok, ids)
+    assert "".join(pieces) == whole == text
+    assert all("\ufffd" not in p for p in pieces)
+    pieces, whole = feed(tok, ids, stop=["👍"])
+    assert "".join(pieces) == whole == "naïve café – 日本語 😀"
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.text(max_size=40), stop=st.lists(st.text(min_size=1, max_size=4), max_size=2))
+def test_tracker_pieces_join_to_the_cut_text(tok, text, stop):
+    ids = tok.encode(text)
+    pieces, whole = feed(tok, ids, stop)
+    assert "".join(pieces) == whole
+    assert text.startswith(whole) and not any(s in whole for s in stop)
+    if any(s in text for s in stop):
+        # cut where the first stop string to be completed begins
+        assert any(text.startswith(s, len(whole)) for s in stop)
+    else:
+        assert whole == text
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.binary(max_size=30))
+def test_tracker_on_arbitrary_bytes_matches_decode(tok, data):
+    # one single-byte token per byte: any byte string, valid UTF-8 or not
+    by_byte = {tok.token_bytes(t)[0]: t for t in range(256)}
+    assert len(by_byte) == 256
+    seq = [by_byte[b] for b in data]
+    pieces, whole = feed(tok, seq)
+    assert "".join(pieces) == whole == tok.decode(seq) == data.decode("utf-8", errors="replace")
