@@ -1,0 +1,529 @@
+"""Stage 2: fetch every link, politely and safely, into WARC files.
+
+Politeness: a global limit on concurrent requests, a per-host limit and a minimum delay between
+two requests to one host (raised to the host's robots.txt Crawl-delay, up to a cap), robots.txt
+obeyed (RFC 9309: a 4xx robots.txt allows everything, an unreachable one or a 5xx forbids
+everything), timeouts (connect, read, and a total deadline per request so that a slowly dripping
+server cannot hold a slot), a maximum body size counted after decompression (a gzip bomb stops at
+the limit), retries with exponential back-off on timeouts, connection errors, 429 and 5xx, and a
+user agent that says who we are.
+
+Security: the crawler resolves every host itself, before connecting and again for every redirect
+target, and refuses private, loopback, link-local, multicast and reserved addresses unless
+`allow_private` says otherwise. It then connects to the address it checked (the URL carries the
+IP; the Host header and TLS SNI carry the name), so a DNS answer cannot change between the check
+and the connection. Connections are not kept alive: a TLS connection verified for one name is
+never reused for another name on the same address. Proxies and .netrc from the environment are
+ignored.
+
+Output per shard: `fetch-K.warc.gz` with a warcinfo record and one response record per HTML page
+(the body decoded from its Content-Encoding, which is therefore removed from the stored headers),
+and `fetch-K.manifest.jsonl.zst` with the status of every URL.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+import zlib
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from io import BytesIO
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.robotparser import RobotFileParser
+
+from .. import __version__
+from ..io import atomic_path
+from .work import Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, write_jsonl_zst
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"gpt2kit-webtext/{__version__} (research corpus builder; obeys robots.txt)"
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+STATUSES = ("ok", "not_html", "http_error", "too_large", "timeout", "connection_error", "dns_error",
+            "blocked_address", "robots_disallowed", "too_many_redirects", "bad_url", "bad_encoding")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    concurrency: int = 64                 # requests in flight, over all processes
+    per_host: int = 2                     # requests in flight to one host
+    host_delay: float = 1.0               # seconds between two request starts to one host
+    max_crawl_delay: float = 30.0         # cap on a robots.txt Crawl-delay
+    connect_timeout: float = 10.0
+    read_timeout: float = 20.0
+    total_timeout: float = 60.0           # one request, headers and body
+    max_bytes: int = 5_000_000            # body limit after decompression
+    retries: int = 2
+    backoff: float = 1.0                  # first retry after this many seconds, then doubling
+    max_redirects: int = 5
+    robots: bool = True
+    user_agent: str = USER_AGENT
+    # None: refuse every non-public address. (): allow them all. Else allow only these networks.
+    allow_private: tuple[str, ...] | None = None
+    resolve: tuple[tuple[str, str], ...] = ()   # (host, address) overrides, like curl --resolve
+
+    def networks(self):
+        try:
+            return [ipaddress.ip_network(n, strict=False) for n in self.allow_private or ()]
+        except ValueError as e:
+            raise WebTextError(f"--allow-private: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses
+
+
+class Refused(Exception):
+    """The host resolves to an address we may not connect to."""
+
+
+def address_allowed(address: str, allow_private: tuple[str, ...] | None, networks=()) -> bool:
+    """Whether the crawler may connect to `address`.
+
+    >>> address_allowed("93.184.216.34", None), address_allowed("127.0.0.1", None), address_allowed("127.0.0.1", ())
+    (True, False, True)
+    """
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_multicast or ip.is_unspecified:
+        return False                      # never a web server, whatever the options
+    public = ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved)
+    if public:
+        return True
+    if allow_private is None:
+        return False
+    return not networks or any(ip in n for n in networks)
+
+
+class Resolver:
+    """Host -> one checked address. Every address of the answer must be allowed (an answer that
+    mixes public and private addresses is refused)."""
+
+    def __init__(self, cfg: FetchConfig):
+        self.cfg = cfg
+        self.networks = cfg.networks()
+        self.overrides = {h.lower().rstrip("."): a for h, a in cfg.resolve}
+        self.cache: dict[str, str | Exception] = {}
+
+    async def resolve(self, host: str) -> str:
+        host = host.lower().rstrip(".")
+        if host not in self.cache:
+            self.cache[host] = await self._lookup(host)
+        hit = self.cache[host]
+        if isinstance(hit, Exception):
+            raise hit
+        return hit
+
+    async def _lookup(self, host: str) -> str | Exception:
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            addresses = [host.strip("[]")]
+        except ValueError:
+            if host in self.overrides:
+                addresses = [self.overrides[host]]
+            else:
+                try:
+                    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+                except (socket.gaierror, UnicodeError) as e:
+                    return socket.gaierror(f"cannot resolve {host}: {e}")
+                addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        refused = [a for a in addresses if not address_allowed(a, self.cfg.allow_private, self.networks)]
+        if refused or not addresses:
+            return Refused(f"{host} resolves to {', '.join(refused) or 'nothing'}, which is not allowed"
+                           " (see --allow-private)")
+        return addresses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies
+
+
+class TooLarge(Exception):
+    pass
+
+
+class BadEncoding(Exception):
+    pass
+
+
+class BoundedDecoder:
+    """Undo a gzip/deflate Content-Encoding without ever producing more than `limit` bytes."""
+
+    def __init__(self, encoding: str, limit: int):
+        self.limit = limit
+        self.size = 0
+        enc = encoding.strip().lower()
+        if enc in ("", "identity"):
+            self.z = None
+        elif enc in ("gzip", "x-gzip"):
+            self.z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == "deflate":
+            self.z = zlib.decompressobj(zlib.MAX_WBITS)
+            self.deflate_probe = True
+        else:
+            raise BadEncoding(f"unsupported Content-Encoding {encoding!r}")
+
+    def _count(self, data: bytes) -> bytes:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise TooLarge(f"body larger than {self.limit} bytes")
+        return data
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.z is None:
+            return self._count(chunk)
+        out = []
+        data = chunk
+        try:
+            while data:
+                piece = self.z.decompress(data, self.limit - self.size + 1)
+                out.append(self._count(piece))
+                data = self.z.unconsumed_tail
+        except zlib.error as e:
+            if getattr(self, "deflate_probe", False) and self.size == 0:
+                # "deflate" is often sent without its zlib header
+                self.z, self.deflate_probe = zlib.decompressobj(-zlib.MAX_WBITS), False
+                return self.feed(chunk)
+            raise BadEncoding(f"corrupt compressed body: {e}") from None
+        self.deflate_probe = False
+        return b"".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fetcher
+
+
+@dataclass
+class Result:
+    status: str
+    url: str
+    final_url: str | None = None
+    http_status: int | None = None
+    reason: str = ""
+    headers: list | None = None
+    body: bytes | None = None
+    address: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    redirects: int = 0
+
+
+class Retryable(Exception):
+    def __init__(self, status: str, message: str, retry_after: float | None = None, result: Result | None = None):
+        super().__init__(message)
+        self.status, self.retry_after, self.result = status, retry_after, result
+
+
+class HostGate:
+    """At most `per_host` requests in flight to a host, starts at least `delay` seconds apart."""
+
+    def __init__(self, per_host: int, delay: float):
+        self.slots = asyncio.Semaphore(per_host)
+        self.delay = delay
+        self.lock = asyncio.Lock()
+        self.next_start = 0.0
+
+    async def wait_turn(self) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.delay
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class Fetcher:
+    def __init__(self, cfg: FetchConfig, client, concurrency: int):
+        self.cfg = cfg
+        self.client = client
+        self.resolver = Resolver(cfg)
+        self.global_slots = asyncio.Semaphore(concurrency)
+        self.gates: dict[str, HostGate] = {}
+        self.robots: dict[str, tuple[RobotFileParser, Result]] = {}
+        self.robots_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.requests = 0
+
+    def gate(self, host: str) -> HostGate:
+        if host not in self.gates:
+            self.gates[host] = HostGate(self.cfg.per_host, self.cfg.host_delay)
+        return self.gates[host]
+
+    async def get(self, url: str, *, check_robots: bool = True, html_only: bool = True,
+                  max_bytes: int | None = None) -> Result:
+        """GET `url`, following redirects; every hop is resolved, checked and (optionally) robots-checked."""
+        current, attempts = url, 0
+        for hop in range(self.cfg.max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                return Result("bad_url", url, current, error=f"cannot fetch {current!r}", attempts=attempts, redirects=hop)
+            if check_robots and self.cfg.robots:
+                verdict, error = await self.robots_allow(current)
+                if verdict != "ok":
+                    return Result(verdict, url, current, error=error, attempts=attempts, redirects=hop)
+            res = await self._with_retries(current, html_only, max_bytes or self.cfg.max_bytes)
+            attempts += res.attempts
+            res.url, res.attempts, res.redirects = url, attempts, hop
+            location = dict((k.lower(), v) for k, v in res.headers or []).get("location")
+            if res.status == "http_error" and res.http_status in (301, 302, 303, 307, 308) and location:
+                current = urljoin(current, location.strip())
+                continue
+            return res
+        return Result("too_many_redirects", url, current, attempts=attempts, redirects=self.cfg.max_redirects)
+
+    async def _with_retries(self, url: str, html_only: bool, max_bytes: int) -> Result:
+        host = urlsplit(url).hostname or ""
+        gate = self.gate(host)
+        last: Retryable | None = None
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                pause = self.cfg.backoff * 2 ** (attempt - 1)
+                if last is not None and last.retry_after is not None:
+                    pause = max(pause, min(last.retry_after, self.cfg.max_crawl_delay))
+                await asyncio.sleep(pause)
+            try:
+                async with gate.slots:
+                    await gate.wait_turn()
+                    async with self.global_slots:
+                        res = await self._request(url, html_only, max_bytes)
+                res.attempts = attempt + 1
+                return res
+            except Retryable as e:
+                last = e
+                log.debug("%s: attempt %d: %s", url, attempt + 1, e)
+        assert last is not None
+        res = last.result or Result(last.status, url, url, error=str(last))
+        res.attempts = self.cfg.retries + 1
+        return res
+
+    async def _request(self, url: str, html_only: bool, max_bytes: int) -> Result:
+        import httpx
+
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            address = await self.resolver.resolve(host)
+        except Refused as e:
+            return Result("blocked_address", url, url, error=str(e))
+        except socket.gaierror as e:
+            return Result("dns_error", url, url, error=str(e))
+        try:
+            port = parts.port
+        except ValueError:
+            return Result("bad_url", url, url, error="bad port")
+        ip_host = f"[{address}]" if ":" in address else address
+        netloc = ip_host if port is None else f"{ip_host}:{port}"
+        host_header = host if port is None else f"{host}:{port}"
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        headers = {"Host": host_header, "User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate",
+                   "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"}
+        request = self.client.build_request("GET", target, headers=headers, extensions={"sni_hostname": host})
+        self.requests += 1
+        async def exchange() -> Result:
+            response = await self.client.send(request, stream=True)
+            try:
+                return await self._read(url, address, response, html_only, max_bytes)
+            finally:
+                await response.aclose()
+
+        try:
+            return await asyncio.wait_for(exchange(), self.cfg.total_timeout)
+        except asyncio.TimeoutError:
+            raise Retryable("timeout", f"no complete answer within {self.cfg.total_timeout} s") from None
+        except httpx.TimeoutException as e:
+            raise Retryable("timeout", f"{type(e).__name__}") from None
+        except (httpx.TransportError, ssl.SSLError, OSError) as e:
+            raise Retryable("connection_error", f"{type(e).__name__}: {e}") from None
+        except httpx.HTTPError as e:
+            return Result("connection_error", url, url, error=f"{type(e).__name__}: {e}")
+
+    async def _read(self, url: str, address: str, response, html_only: bool, max_bytes: int) -> Result:
+        code = response.status_code
+        raw_headers = response.headers.multi_items()
+        res = Result("ok", url, url, http_status=code, reason=response.reason_phrase, address=address,
+                     headers=[(k, v) for k, v in raw_headers if k.lower() not in ("content-encoding", "transfer-encoding",
+                                                                                   "content-length")])
+        if code == 429 or code >= 500:
+            res.status = "http_error"
+            raise Retryable("http_error", f"HTTP {code}", _retry_after(response.headers.get("retry-after")), res)
+        if code != 200:
+            res.status = "http_error"
+            res.headers = raw_headers
+            return res
+        ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if html_only and ctype and ctype not in HTML_TYPES:
+            res.status, res.error = "not_html", ctype
+            return res
+        try:
+            length = int(response.headers.get("content-length", "0"))
+        except ValueError:
+            length = 0
+        if length > max_bytes:
+            res.status, res.error = "too_large", f"Content-Length {length}"
+            return res
+        try:
+            decoder = BoundedDecoder(response.headers.get("content-encoding", ""), max_bytes)
+            chunks, raw = [], 0
+            async for chunk in response.aiter_raw():
+                raw += len(chunk)
+                if raw > max_bytes:
+                    raise TooLarge(f"more than {max_bytes} bytes on the wire")
+                chunks.append(decoder.feed(chunk))
+        except TooLarge as e:
+            res.status, res.error = "too_large", str(e)
+            return res
+        except BadEncoding as e:
+            res.status, res.error = "bad_encoding", str(e)
+            return res
+        res.body = b"".join(chunks)
+        res.headers.append(("Content-Length", str(len(res.body))))
+        return res
+
+    async def robots_allow(self, url: str) -> tuple[str, str | None]:
+        """("ok", None) when robots.txt lets us fetch `url`, else (status, error) saying why not."""
+        parts = urlsplit(url)
+        key = f"{parts.scheme}://{parts.netloc.lower()}"
+        async with self.robots_locks[key]:
+            if key not in self.robots:
+                self.robots[key] = await self._load_robots(key)
+        rp, res = self.robots[key]
+        if res.status in ("blocked_address", "dns_error") and res.final_url == key + "/robots.txt":
+            return res.status, res.error     # the host itself is unreachable: say so, not "robots"
+        return ("ok", None) if rp.can_fetch(self.cfg.user_agent, url) else ("robots_disallowed", None)
+
+    async def _load_robots(self, origin: str) -> tuple[RobotFileParser, Result]:
+        rp = RobotFileParser(origin + "/robots.txt")
+        res = await self.get(origin + "/robots.txt", check_robots=False, html_only=False, max_bytes=500_000)
+        if res.status == "ok":
+            rp.parse((res.body or b"").decode("utf-8", "replace").splitlines())
+            delay = rp.crawl_delay(self.cfg.user_agent)
+            if delay:
+                gate = self.gate(urlsplit(origin).hostname or "")
+                gate.delay = max(gate.delay, min(float(delay), self.cfg.max_crawl_delay))
+        elif res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500:
+            rp.allow_all = True           # RFC 9309 §2.3.1.3: "unavailable" means no restrictions
+        else:
+            rp.disallow_all = True        # unreachable (5xx, network, refused address): crawl nothing
+        res.body = None
+        return rp, res
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer, warc_name: str) -> list[dict]:
+    import httpx
+
+    ssl_ctx = ssl.create_default_context()
+    timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout, write=cfg.read_timeout,
+                            pool=cfg.total_timeout)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    manifest: list[dict] = []
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout, limits=limits,
+                                 verify=ssl_ctx) as client:
+        fetcher = Fetcher(cfg, client, concurrency)
+        by_host: dict[str, list[dict]] = defaultdict(list)
+        for link in links:
+            by_host[urlsplit(link["url"]).hostname or ""].append(link)
+
+        async def one(link: dict) -> None:
+            try:
+                res = await fetcher.get(link["url"])
+            except Exception as e:  # one odd server must not stop the shard
+                log.warning("%s: unexpected %s: %s", link["url"], type(e).__name__, e)
+                res = Result("connection_error", link["url"], error=f"{type(e).__name__}: {e}")
+            entry = {"url": link["url"], "status": res.status, "http_status": res.http_status,
+                     "final_url": res.final_url, "redirects": res.redirects, "attempts": res.attempts,
+                     "bytes": len(res.body) if res.body is not None else 0, "error": res.error,
+                     "fetched_at": _now(), "record_id": None,
+                     **{k: link.get(k) for k in ("score", "created_utc", "subreddit")}}
+            if res.status == "ok":
+                entry["record_id"] = _write_response(writer, res, entry["fetched_at"])
+            manifest.append(entry)
+
+        async def host_worker(queue: deque) -> None:
+            while queue:
+                await one(queue.popleft())
+
+        jobs = []
+        for host_links in by_host.values():
+            queue = deque(host_links)
+            jobs.extend(host_worker(queue) for _ in range(min(cfg.per_host, len(host_links))))
+        await asyncio.gather(*jobs)
+    return manifest
+
+
+def _write_response(writer, res: Result, fetched_at: str) -> str:
+    from warcio.statusandheaders import StatusAndHeaders
+
+    http_headers = StatusAndHeaders(f"{res.http_status} {res.reason}".strip(), res.headers or [], protocol="HTTP/1.1")
+    warc_headers = {"WARC-Date": fetched_at}
+    if res.address:
+        warc_headers["WARC-IP-Address"] = res.address
+    record = writer.create_warc_record(res.final_url, "response", payload=BytesIO(res.body or b""),
+                                       http_headers=http_headers, warc_headers_dict=warc_headers)
+    writer.write_record(record)
+    return record.rec_headers.get_header("WARC-Record-ID")
+
+
+def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchConfig, concurrency: int) -> dict:
+    """Fetch the links of one shard; write its WARC file and manifest (both atomically)."""
+    from warcio.warcwriter import WARCWriter
+
+    links = list(read_jsonl_zst(links_path))
+    with atomic_path(warc_path) as tmp, open(tmp, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        writer.write_record(writer.create_warcinfo_record(
+            Path(warc_path).name, {"software": f"gpt2kit/{__version__}", "format": "WARC File Format 1.0",
+                                   "http-header-user-agent": cfg.user_agent, "robots": "obey" if cfg.robots else "ignore"}))
+        manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, Path(warc_path).name))
+    manifest.sort(key=lambda e: e["url"])
+    write_jsonl_zst(manifest_path, manifest)
+    counts = Counter(e["status"] for e in manifest)
+    return {"urls": len(manifest), "bytes": sum(e["bytes"] for e in manifest),
+            "status": {s: counts.get(s, 0) for s in STATUSES}}
+
+
+def fetch(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner()) -> dict:
+    """Run the fetch stage over all links shards; returns its totals."""
+    wf = WorkFolder(work)
+    ids = wf.shard_ids("links")
+    for name, value in (("concurrency", cfg.concurrency), ("per_host", cfg.per_host), ("max_bytes", cfg.max_bytes)):
+        if value < 1:
+            raise WebTextError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    cfg.networks()
+    wf.check_config("fetch", {**config_dict(cfg), "upstream": wf.fingerprint("links")})
+    per_process = max(1, -(-cfg.concurrency // runner.workers))
+    out = wf.stage_dir("fetch")
+    tasks = []
+    for k in ids:
+        name = shard_name("fetch", k)
+        tasks.append((name, (str(wf.stage_dir("links") / f"{shard_name('links', k)}.jsonl.zst"),
+                             str(out / f"{name}.warc.gz"), str(out / f"{name}.manifest.jsonl.zst"), cfg, per_process)))
+    totals, skipped = run_tasks(wf, "fetch", fetch_shard, tasks, runner, desc="fetch")
+    wf.finish("fetch", ids, totals)
+    return {**totals, "skipped_tasks": skipped}

@@ -1,0 +1,317 @@
+"""Stage 1: the outbound links of Reddit submission dumps (paper §2.1).
+
+Reads monthly submission dumps (NDJSON, plain or compressed with zstd using a long window as the
+public dumps are, or gzip/bz2/xz), keeps link posts with at least `min_score` karma created before
+the cutoff, drops self posts, blocked subreddits and domains, non-HTML targets and every Wikipedia
+domain, canonicalizes the URLs and keeps each once, with its highest karma.
+
+Two steps, both resumable: each dump is filtered into one part file per output shard (the shard
+of a link is a hash of its host, so all the links of one host land in one shard and the fetch
+stage's per-host politeness holds across processes); then each shard merges its parts.
+A corrupt line or a truncated dump is counted and reported, never fatal.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import logging
+import lzma
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Iterator
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+from .work import (Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, stable_hash,
+                   write_jsonl_zst)
+
+log = logging.getLogger(__name__)
+
+# The paper: links "created before Dec 2017".
+DEFAULT_CUTOFF = "2017-12-01"
+
+WIKIPEDIA_DOMAINS = ("wikipedia.org", "wikipedia.com", "wikiwand.com")
+
+# Hosts whose links are media, not articles (images, video, audio, social posts without text).
+DEFAULT_BLOCKED_DOMAINS = (
+    "reddit.com", "redd.it", "redditmedia.com", "imgur.com", "gfycat.com", "giphy.com", "youtube.com",
+    "youtu.be", "vimeo.com", "twitch.tv", "streamable.com", "instagram.com", "flickr.com",
+    "soundcloud.com", "spotify.com", "vine.co", "tinypic.com", "photobucket.com",
+)
+
+NON_HTML_EXTENSIONS = frozenset(
+    "jpg jpeg png gif gifv webp bmp svg tif tiff ico heic mp4 webm mov avi mkv flv wmv m4v mpg mpeg "
+    "mp3 wav ogg oga flac m4a aac pdf ps eps djvu epub mobi zip gz tgz bz2 xz 7z rar tar exe msi dmg "
+    "apk iso bin deb rpm doc docx ppt pptx xls xlsx odt ods odp csv json xml rss swf torrent".split()
+)
+
+# Query parameters that only track who clicked; they never change the page.
+TRACKING_PARAMS = frozenset(
+    "fbclid gclid dclid gbraid wbraid msclkid yclid mc_cid mc_eid igshid _ga _gl ref ref_src ref_url "
+    "cmpid ncid ocid sr_share share mkt_tok spm smid".split()
+)
+
+
+@dataclass(frozen=True)
+class LinksConfig:
+    min_score: int = 3
+    cutoff: str = DEFAULT_CUTOFF          # ISO date or time (UTC): links created before it are kept
+    shards: int = 16
+    blocked_subreddits: tuple[str, ...] = ()
+    blocked_domains: tuple[str, ...] = DEFAULT_BLOCKED_DOMAINS
+    drop_over_18: bool = False
+
+    def cutoff_timestamp(self) -> float:
+        try:
+            dt = datetime.fromisoformat(self.cutoff)
+        except ValueError:
+            raise WebTextError(f"--cutoff: expected an ISO date like 2017-12-01, got {self.cutoff!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs
+
+
+class BadURL(ValueError):
+    pass
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+def domain_matches(host: str, domains) -> bool:
+    """True when `host` is one of `domains` or a subdomain of one.
+
+    >>> domain_matches("en.m.wikipedia.org", ["wikipedia.org"]), domain_matches("notwikipedia.org", ["wikipedia.org"])
+    (True, False)
+    """
+    return any(host == d or host.endswith("." + d) for d in domains)
+
+
+def canonicalize_url(url: str) -> str:
+    """One spelling per page: lower-case scheme and host, IDNA host, no default port, no user info,
+    no fragment, no tracking parameters, the other parameters sorted; raises `BadURL`.
+
+    >>> canonicalize_url("HTTP://Example.COM:80/a b?utm_source=x&b=2&a=1#top")
+    'http://example.com/a%20b?a=1&b=2'
+    """
+    url = url.strip().replace("&amp;", "&")  # Reddit's API HTML-escapes '&' in link URLs
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise BadURL(str(e)) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise BadURL(f"scheme {scheme!r}")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise BadURL("no host")
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        if not host.isascii():
+            raise BadURL(f"host {host!r}") from None
+    if not re.fullmatch(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+", host):
+        raise BadURL(f"host {host!r}")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if not (k.lower().startswith("utm_") or k.lower() in TRACKING_PARAMS)]
+    return urlunsplit((scheme, netloc, path, urlencode(sorted(query), quote_via=quote), ""))
+
+
+def is_non_html(url: str) -> bool:
+    ext = posixpath.splitext(urlsplit(url).path)[1].lower().lstrip(".")
+    return ext in NON_HTML_EXTENSIONS
+
+
+def shard_of(url: str, shards: int) -> int:
+    return stable_hash(host_of(url)) % shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Dumps
+
+
+def open_dump(path: Path) -> BinaryIO:
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        import zstandard
+
+        # The public monthly dumps are compressed with --long=31: allow that window.
+        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        return io.BufferedReader(dctx.stream_reader(open(path, "rb"), closefd=True))  # type: ignore[arg-type]
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")  # type: ignore[return-value]
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def iter_dump(path: Path, counts: dict) -> Iterator[dict]:
+    """The JSON objects of a dump; bad lines and a truncated end are counted in `counts`."""
+    try:
+        with open_dump(path) as f:
+            for raw in f:
+                counts["lines"] += 1
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    counts["bad_lines"] += 1
+                    continue
+                if not isinstance(obj, dict):
+                    counts["bad_lines"] += 1
+                    continue
+                yield obj
+    except FileNotFoundError:
+        raise WebTextError(f"{path}: no such dump file") from None
+    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:  # zstd/gzip/bz2/xz damage
+        counts["truncated_files"] += 1
+        log.warning("%s: stopped reading at line %d: %s", path, counts["lines"], e)
+    except Exception as e:
+        if type(e).__name__ != "ZstdError":
+            raise
+        counts["truncated_files"] += 1
+        log.warning("%s: stopped reading at line %d: %s", path, counts["lines"], e)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozenset) -> tuple[str, dict | None]:
+    """(reason, link record): reason is "kept" or why the post was dropped."""
+    url = obj.get("url")
+    score = _number(obj.get("score"))
+    created = _number(obj.get("created_utc"))
+    if not isinstance(url, str) or score is None or created is None:
+        return "bad_lines", None
+    if obj.get("is_self"):
+        return "self_post", None
+    if score < cfg.min_score:
+        return "low_score", None
+    if created >= cutoff:
+        return "after_cutoff", None
+    sub = obj.get("subreddit") if isinstance(obj.get("subreddit"), str) else ""
+    if sub.lower() in blocked_subs:
+        return "blocked_subreddit", None
+    if cfg.drop_over_18 and obj.get("over_18"):
+        return "over_18", None
+    try:
+        canon = canonicalize_url(url)
+    except BadURL:
+        return "bad_url", None
+    host = host_of(canon)
+    if domain_matches(host, WIKIPEDIA_DOMAINS):
+        return "wikipedia", None
+    domain = obj.get("domain") if isinstance(obj.get("domain"), str) else ""
+    if domain_matches(host, cfg.blocked_domains) or domain_matches(domain.lower(), cfg.blocked_domains):
+        return "blocked_domain", None
+    if is_non_html(canon):
+        return "not_html", None
+    return "kept", {"url": canon, "score": int(score), "created_utc": int(created), "subreddit": sub, "posts": 1}
+
+
+def better(a: dict, b: dict) -> dict:
+    """Of two posts of one URL, the one to keep: highest karma, then the earliest, then by name."""
+    return min(a, b, key=lambda r: (-r["score"], r["created_utc"], r["subreddit"]))
+
+
+def merge_into(best: dict[str, dict], rec: dict) -> None:
+    old = best.get(rec["url"])
+    if old is None:
+        best[rec["url"]] = rec
+    else:
+        keep = dict(better(old, rec))
+        keep["posts"] = old["posts"] + rec["posts"]
+        best[rec["url"]] = keep
+
+
+_REASONS = ("lines", "bad_lines", "truncated_files", "self_post", "low_score", "after_cutoff", "blocked_subreddit",
+            "over_18", "bad_url", "wikipedia", "blocked_domain", "not_html", "kept")
+
+
+def dump_task_name(path: Path) -> str:
+    return "dump-" + format(stable_hash(str(path.resolve())), "016x")
+
+
+def split_dump(path: str, parts_dir: str, task: str, cfg: LinksConfig) -> dict:
+    """Filter one dump into one part file per shard (links de-duplicated within the dump)."""
+    counts = dict.fromkeys(_REASONS, 0)
+    cutoff = cfg.cutoff_timestamp()
+    blocked_subs = frozenset(s.lower() for s in cfg.blocked_subreddits)
+    buckets: list[dict[str, dict]] = [{} for _ in range(cfg.shards)]
+    for obj in iter_dump(Path(path), counts):
+        reason, rec = filter_post(obj, cfg, cutoff, blocked_subs)
+        counts[reason] += 1
+        if rec is not None:
+            merge_into(buckets[shard_of(rec["url"], cfg.shards)], rec)
+    for k, bucket in enumerate(buckets):
+        write_jsonl_zst(Path(parts_dir) / f"{task}.{k:05d}.jsonl.zst", sorted(bucket.values(), key=lambda r: r["url"]))
+    counts["dump_files"] = 1
+    return counts
+
+
+def merge_shard(k: int, part_files: list[str], out: str) -> dict:
+    best: dict[str, dict] = {}
+    for p in part_files:
+        for rec in read_jsonl_zst(p):
+            merge_into(best, rec)
+    n = write_jsonl_zst(out, sorted(best.values(), key=lambda r: r["url"]))
+    return {"links": n}
+
+
+def links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: LinksConfig = LinksConfig(),
+          runner: Runner = Runner()) -> dict:
+    """Run the links stage; returns the stage's totals (also in WORK/links/_COMPLETE.json)."""
+    wf = WorkFolder(work)
+    if cfg.shards < 1:
+        raise WebTextError(f"--shards: expected a positive number, got {cfg.shards}")
+    cfg.cutoff_timestamp()
+    paths = []
+    for d in map(Path, dumps):
+        if d.is_dir():
+            paths.extend(sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")))
+        elif d.is_file():
+            paths.append(d)
+        else:
+            raise WebTextError(f"{d}: no such dump file or folder")
+    if not paths:
+        raise WebTextError("links: no dump files given")
+    paths = sorted(set(p.resolve() for p in paths))
+    wf.check_config("links", {**config_dict(cfg), "dumps": [str(p) for p in paths]})
+    parts_dir = wf.stage_dir("links") / "_parts"
+    tasks = [(dump_task_name(p), (str(p), str(parts_dir), dump_task_name(p), cfg)) for p in paths]
+    counts, skipped = run_tasks(wf, "links", split_dump, tasks, runner, desc="links: dumps")
+    merges = []
+    for k in range(cfg.shards):
+        parts = [str(parts_dir / f"{name}.{k:05d}.jsonl.zst") for name, _ in tasks]
+        name = shard_name("links", k)
+        merges.append((name, (k, parts, str(wf.stage_dir("links") / f"{name}.jsonl.zst"))))
+    merged, skipped2 = run_tasks(wf, "links", merge_shard, merges, runner, desc="links: shards")
+    totals = {**counts, **merged}
+    wf.finish("links", range(cfg.shards), totals)
+    return {**totals, "skipped_tasks": skipped + skipped2}

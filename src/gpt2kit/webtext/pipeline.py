@@ -1,0 +1,30 @@
+"""`webtext run`: every stage in order over one work folder; each resumes where it stopped."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .dedup import DedupConfig, dedup
+from .extract import ExtractConfig, extract
+from .fetch import FetchConfig, fetch
+from .links import LinksConfig, links
+from .shards import ShardConfig, shard
+from .work import Runner
+
+
+def run(work: str | os.PathLike, dumps: list[str | os.PathLike], *, links_cfg: LinksConfig = LinksConfig(),
+        fetch_cfg: FetchConfig = FetchConfig(), extract_cfg: ExtractConfig = ExtractConfig(),
+        dedup_cfg: DedupConfig = DedupConfig(), shard_cfg: ShardConfig = ShardConfig(), runner: Runner = Runner(),
+        on_stage: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Build a WebText-style corpus from Reddit dumps into `work`; returns each stage's totals."""
+    results: dict[str, dict] = {}
+    steps = [("links", lambda: links(work, dumps, links_cfg, runner)),
+             ("fetch", lambda: fetch(work, fetch_cfg, runner)),
+             ("extract", lambda: extract(work, extract_cfg, runner)),
+             ("dedup", lambda: dedup(work, dedup_cfg, runner)),
+             ("shard", lambda: shard(work, shard_cfg, runner))]
+    for name, step in steps:
+        results[name] = step()
+        if on_stage is not None:
+            on_stage(name, results[name])
+    return results

@@ -1,0 +1,340 @@
+"""WebText fetch stage against a real HTTP server on 127.0.0.1 (the only network these tests use).
+
+Host names (`*.test`) reach the server through the crawler's resolver hook (`resolve=`); every
+test that connects passes `allow_private` for loopback only.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from gpt2kit.webtext import FetchConfig, Runner, WorkFolder
+from gpt2kit.webtext.fetch import Fetcher, Resolver, address_allowed, fetch
+from gpt2kit.webtext.work import read_jsonl_zst
+
+HOSTS = ("news.test", "blog.test", "slow.test", "mirror.test", "stall.test", "other.test")
+
+_SENTENCES = [
+    "The city council met on Tuesday to discuss the new budget for public schools and roads.",
+    "Researchers at the university published a study about sleep and memory in young adults.",
+    "Local farmers said the dry summer had cut their harvest by nearly a third this year.",
+    "The museum will open a new exhibition of early photographs from the nineteenth century.",
+    "Engineers are testing a bridge design that should survive much stronger earthquakes.",
+    "Doctors recommend walking at least thirty minutes a day to keep the heart healthy.",
+    "The company announced that it would hire two hundred workers for its new factory.",
+    "Volunteers cleaned the river banks and collected more than a ton of plastic waste.",
+    "A new library branch opened downtown with a large room for children and families.",
+    "Scientists observed a rare comet that passes close to the sun only once a century.",
+    "The team won the championship after a dramatic final game that went into overtime.",
+    "Teachers say that reading aloud to children improves their vocabulary and attention.",
+]
+
+
+def article(seed: int, sentences: int = 30) -> str:
+    rng = random.Random(seed)
+    paras = []
+    for _ in range(sentences // 5):
+        paras.append(" ".join(f"{rng.choice(_SENTENCES)[:-1]} number {rng.randrange(10**6)}." for _ in range(5)))
+    return "\n\n".join(paras)
+
+
+def page(text: str, title: str = "News", head: str = "") -> bytes:
+    body = "".join(f"<p>{p}</p>\n" for p in text.split("\n\n"))
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>{head}</head><body>"
+            f"<nav><a href='/'>Home</a> | <a href='/about'>About</a></nav><article><h1>{title}</h1>\n{body}"
+            "<p>Share this article</p></article><footer>All rights reserved 2017</footer></body></html>").encode()
+
+
+FRENCH = ("Le conseil municipal s'est réuni mardi pour discuter du nouveau budget des écoles publiques et des routes. "
+          "Les chercheurs de l'université ont publié une étude sur le sommeil et la mémoire chez les jeunes adultes. "
+          "Les agriculteurs ont déclaré que l'été sec avait réduit leur récolte de près d'un tiers cette année. ") * 8
+
+
+class Site:
+    """Pages by (host, path): (status, headers, body) or a callable for special behaviour."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.flaky_calls = 0
+        a1, a2, a3 = article(1), article(2), article(3)
+        words = a2.split(" ")
+        for i in range(7, len(words), 60):   # a near duplicate: a few words changed
+            words[i] = "changed"
+        near = " ".join(words)
+        wiki_head = "<link rel='canonical' href='https://en.wikipedia.org/wiki/Bridge'>"
+        html = {"Content-Type": "text/html; charset=utf-8"}
+        self.routes = {
+            ("news.test", "/robots.txt"): (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private/\n"),
+            ("news.test", "/a1"): (200, html, page(a1, "First")),
+            ("news.test", "/a2"): (200, html, page(a2, "Second")),
+            ("news.test", "/private/secret"): (200, html, page(article(9), "Secret")),
+            ("news.test", "/missing"): (404, html, b"<html>not found</html>"),
+            ("news.test", "/moved"): (301, {"Location": "/a3"}, b""),
+            ("news.test", "/a3"): (200, html, page(a3, "Third")),
+            ("news.test", "/to-private"): (302, {"Location": "http://10.1.2.3/admin"}, b""),
+            ("news.test", "/to-metadata"): (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+            ("news.test", "/french"): (200, html, page(FRENCH, "Nouvelles")),
+            ("news.test", "/binary"): (200, html, bytes(random.Random(5).randrange(256) for _ in range(20000))),
+            ("news.test", "/big"): (200, html, b"<html><body><p>" + b"x " * 400_000 + b"</p></body></html>"),
+            ("news.test", "/bomb"): (200, {**html, "Content-Encoding": "gzip"},
+                                     gzip.compress(b"<html><body>" + b" " * 20_000_000, compresslevel=9)),
+            ("news.test", "/paper.html"): (200, {"Content-Type": "application/pdf"}, b"%PDF-1.4 fake"),
+            ("news.test", "/gz"): (200, {**html, "Content-Encoding": "gzip"}, gzip.compress(page(article(4), "Zipped"))),
+            ("blog.test", "/copy-of-a1"): (200, html, page(a1, "Copy")),
+            ("blog.test", "/near-a2"): (200, html, page(near, "Near")),
+            ("blog.test", "/flaky"): self.flaky,
+            ("mirror.test", "/wiki/Bridge"): (200, html, page(article(6), "Bridge - Wikipedia", wiki_head)),
+            ("slow.test", "/slow"): self.slow,
+            ("stall.test", "/stall"): self.stall,
+            ("other.test", "/robots.txt"): (503, {}, b""),
+            ("other.test", "/page"): (200, html, page(article(7), "Other")),
+        }
+        self.flaky_text = article(8)
+
+    def flaky(self, handler):
+        with self.lock:
+            self.flaky_calls += 1
+            first = self.flaky_calls == 1
+        if first:
+            return 503, {"Retry-After": "0"}, b"busy"
+        return 200, {"Content-Type": "text/html"}, page(self.flaky_text, "Flaky")
+
+    def slow(self, handler):
+        time.sleep(3)
+        return 200, {"Content-Type": "text/html"}, page(article(10), "Slow")
+
+    def stall(self, handler):
+        self.release.wait(60)
+        return 200, {"Content-Type": "text/html"}, page(article(11), "Stalled")
+
+    def hits(self, host=None, path=None):
+        with self.lock:
+            return [(h, p) for h, p in self.requests if (host is None or h == host) and (path is None or p == path)]
+
+
+def start_server(site: Site):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            host = (self.headers.get("Host") or "").split(":")[0]
+            with site.lock:
+                site.requests.append((host, self.path))
+            route = site.routes.get((host, self.path))
+            if route is None:
+                status, headers, body = 404, {"Content-Type": "text/html"}, b"<html>no</html>"
+            elif callable(route):
+                status, headers, body = route(self)
+            else:
+                status, headers, body = route
+            try:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def site():
+    s = Site()
+    server = start_server(s)
+    s.port = server.server_address[1]
+    yield s
+    s.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def url(site, host, path):
+    return f"http://{host}:{site.port}{path}"
+
+
+def local_cfg(**kw) -> FetchConfig:
+    base = dict(allow_private=("127.0.0.0/8",), resolve=tuple((h, "127.0.0.1") for h in HOSTS), host_delay=0.0,
+                connect_timeout=1.0, read_timeout=0.5, total_timeout=2.0, retries=1, backoff=0.01, max_bytes=300_000)
+    base.update(kw)
+    return FetchConfig(**base)
+
+
+def make_links(work: Path, urls: list[str]) -> None:
+    """A links stage with one shard holding `urls` (as the links stage would leave it)."""
+    from gpt2kit.webtext.work import write_jsonl_zst
+
+    wf = WorkFolder(work)
+    write_jsonl_zst(work / "links" / "links-00000.jsonl.zst",
+                    [{"url": u, "score": 5, "created_utc": 1500000000, "subreddit": "news", "posts": 1} for u in sorted(urls)])
+    wf.finish("links", [0], {"links": len(urls)})
+
+
+def manifest(work: Path) -> dict[str, dict]:
+    return {e["url"]: e for e in read_jsonl_zst(work / "fetch" / "fetch-00000.manifest.jsonl.zst")}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_address_policy():
+    for bad in ("127.0.0.1", "10.0.0.5", "192.168.1.1", "172.16.0.1", "169.254.169.254", "::1", "fe80::1",
+                "fc00::1", "::ffff:127.0.0.1", "100.64.0.1", "240.0.0.1", "0.0.0.0", "224.0.0.1"):
+        assert not address_allowed(bad, None), bad
+    assert address_allowed("93.184.216.34", None) and address_allowed("2606:4700::1111", None)
+    nets = FetchConfig(allow_private=("127.0.0.0/8",)).networks()
+    assert address_allowed("127.0.0.1", ("127.0.0.0/8",), nets)
+    assert not address_allowed("10.1.2.3", ("127.0.0.0/8",), nets)
+    assert address_allowed("10.1.2.3", ())                      # --allow-private with no network: all
+    assert not address_allowed("224.0.0.1", ()) and not address_allowed("0.0.0.0", ())
+
+
+def test_resolver_refuses_mixed_and_private_answers():
+    import asyncio
+
+    r = Resolver(FetchConfig(resolve=(("evil.test", "127.0.0.1"), ("ok.test", "93.184.216.34"))))
+
+    async def go():
+        assert await r.resolve("ok.test") == "93.184.216.34"
+        with pytest.raises(Exception, match="not allowed"):
+            await r.resolve("evil.test")
+        with pytest.raises(Exception, match="not allowed"):
+            await r.resolve("169.254.169.254")
+
+    asyncio.run(go())
+
+
+def test_private_addresses_refused_without_any_connection(site, tmp_path):
+    """Without allow_private, a loopback URL (by address or by a name that resolves to it) never connects."""
+    make_links(tmp_path, [f"http://127.0.0.1:{site.port}/a1", url(site, "news.test", "/a1")])
+    fetch(tmp_path, local_cfg(allow_private=None))
+    m = manifest(tmp_path)
+    assert [e["status"] for e in m.values()] == ["blocked_address", "blocked_address"]
+    assert "not allowed" in m[url(site, "news.test", "/a1")]["error"]
+    assert site.hits() == []   # not one request reached the server (robots.txt included)
+
+
+def test_redirect_to_private_address_refused_without_allow_private():
+    """A public page that redirects to a private address: the second hop is never connected.
+    The 'public' server is an in-memory transport, so no traffic leaves this process."""
+    import asyncio
+
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers["host"]))
+        return httpx.Response(302, headers={"Location": "http://internal.test/admin"})
+
+    cfg = FetchConfig(resolve=(("public.test", "93.184.216.34"), ("internal.test", "10.1.2.3")), robots=False,
+                      host_delay=0.0)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await Fetcher(cfg, client, 4).get("http://public.test/start")
+
+    res = asyncio.run(go())
+    assert (res.status, res.final_url, res.redirects) == ("blocked_address", "http://internal.test/admin", 1)
+    assert seen == [("http://93.184.216.34/start", "public.test")]   # connected by checked address, named by Host
+
+
+def test_redirect_to_private_address_refused_before_connecting(site, tmp_path):
+    make_links(tmp_path, [url(site, "news.test", p) for p in ("/to-private", "/to-metadata", "/moved")])
+    fetch(tmp_path, local_cfg())
+    m = manifest(tmp_path)
+    for p in ("/to-private", "/to-metadata"):
+        e = m[url(site, "news.test", p)]
+        assert (e["status"], e["redirects"]) == ("blocked_address", 1), e
+    moved = m[url(site, "news.test", "/moved")]
+    assert (moved["status"], moved["final_url"], moved["redirects"]) == ("ok", url(site, "news.test", "/a3"), 1)
+    assert {h for h, _ in site.hits()} == {"news.test"}
+
+
+def test_fetch_statuses_robots_limits_and_warc(site, tmp_path):
+    from warcio.archiveiterator import ArchiveIterator
+
+    paths = {"news.test": ["/a1", "/private/secret", "/missing", "/big", "/bomb", "/paper.html", "/gz"],
+             "blog.test": ["/flaky"], "slow.test": ["/slow"], "other.test": ["/page"]}
+    make_links(tmp_path, [url(site, h, p) for h, ps in paths.items() for p in ps])
+    totals = fetch(tmp_path, local_cfg(), Runner())
+    m = manifest(tmp_path)
+    status = {u.split(str(site.port))[1] if "news" in u else u.split("//")[1].split(":")[0]: e["status"] for u, e in m.items()}
+    assert status == {"/a1": "ok", "/private/secret": "robots_disallowed", "/missing": "http_error", "/big": "too_large",
+                      "/bomb": "too_large", "/paper.html": "not_html", "/gz": "ok", "blog.test": "ok",
+                      "slow.test": "timeout", "other.test": "robots_disallowed"}
+    assert m[url(site, "blog.test", "/flaky")]["attempts"] == 2          # one 503, then success
+    assert m[url(site, "slow.test", "/slow")]["attempts"] == 2           # timed out twice (retries=1)
+    assert m[url(site, "news.test", "/missing")]["http_status"] == 404
+    assert ("news.test", "/private/secret") not in site.hits()           # robots.txt obeyed
+    assert len(site.hits("news.test", "/robots.txt")) == 1               # fetched once per host
+    assert site.hits("other.test", "/page") == []                        # 5xx robots.txt: crawl nothing
+    assert totals["status"]["ok"] == 3 and totals["urls"] == 10
+    # the WARC file holds exactly the three good pages, decoded, with our user agent in warcinfo
+    with open(tmp_path / "fetch" / "fetch-00000.warc.gz", "rb") as f:
+        records = [(r.rec_type, r.rec_headers.get_header("WARC-Target-URI"), r.http_headers, r.content_stream().read())
+                   for r in ArchiveIterator(f)]
+    assert records[0][0] == "warcinfo"
+    responses = {uri: (h, body) for t, uri, h, body in records if t == "response"}
+    assert set(responses) == {url(site, "news.test", "/a1"), url(site, "news.test", "/gz"), url(site, "blog.test", "/flaky")}
+    headers, body = responses[url(site, "news.test", "/gz")]
+    assert headers.get_statuscode() == "200" and headers.get_header("Content-Encoding") is None
+    assert body == page(article(4), "Zipped")
+    ids = {e["record_id"] for e in m.values() if e["status"] == "ok"}
+    assert len(ids) == 3 and None not in ids
+
+
+def test_user_agent_and_per_host_delay(site, tmp_path):
+    seen = []
+    site.routes[("news.test", "/ua")] = lambda h: (seen.append((h.headers["User-Agent"], time.monotonic())) or
+                                                   (200, {"Content-Type": "text/html"}, b"<html>ok</html>"))
+    site.routes[("news.test", "/ua2")] = site.routes[("news.test", "/ua")]
+    site.routes[("news.test", "/ua3")] = site.routes[("news.test", "/ua")]
+    make_links(tmp_path, [url(site, "news.test", p) for p in ("/ua", "/ua2", "/ua3")])
+    fetch(tmp_path, local_cfg(host_delay=0.3, robots=False, per_host=3))
+    assert len(seen) == 3 and all(ua.startswith("gpt2kit-webtext/") for ua, _ in seen)
+    times = sorted(t for _, t in seen)
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.25
+
+
+def test_fetch_resumes_without_refetching_finished_shards(site, tmp_path):
+    wf = WorkFolder(tmp_path)
+    from gpt2kit.webtext.work import write_jsonl_zst
+
+    for k, path in enumerate(["/a1", "/a2"]):
+        write_jsonl_zst(tmp_path / "links" / f"links-{k:05d}.jsonl.zst",
+                        [{"url": url(site, "news.test", path), "score": 5, "created_utc": 1, "subreddit": "x", "posts": 1}])
+    wf.finish("links", [0, 1], {"links": 2})
+    wf.mark_done("fetch", "fetch-00000", {"urls": 1, "bytes": 0, "status": {"ok": 1}})   # as if a run had done it
+    fetch(tmp_path, local_cfg(robots=False))
+    assert site.hits() == [("news.test", "/a2")]
+    assert wf.complete("fetch")["totals"]["urls"] == 2
+    # a rerun with other options is refused instead of mixing two configurations
+    with pytest.raises(Exception, match="other options"):
+        fetch(tmp_path, local_cfg(robots=False, max_bytes=10))
+
+
+def write_dump(path: Path, rows: list, *, extra_lines: list[bytes] = ()) -> None:
+    """A Reddit-style dump compressed with a long zstd window (as the public dumps are)."""
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"".join(extra_lines)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27, enable_ldm=True)
+    path.write_bytes(zstandard.ZstdCompressor(compression_params=params).compress(data))
