@@ -1053,8 +1053,10 @@ def query(filters: Sequence[str | os.PathLike] | dict, test_sets: Sequence[str |
 
 
 def _unique_label(p, all_paths) -> str:
-    """A short name for a path: its stem, or the full path when two stems collide."""
-    label = _label(p)
-    if sum(_label(q) == label for q in all_paths) > 1:
-        return str(p)
-    return label
+    """A short name for a path: its stem, else its file name, else the whole path, whichever is
+    the first that no other path shares."""
+    for name in (_label, lambda q: Path(q).name, str):
+        label = name(p)
+        if sum(name(q) == label for q in all_paths) == 1:
+            return label
+    return str(p)

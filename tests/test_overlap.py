@@ -1,0 +1,317 @@
+"""8-gram overlap analysis: normalization, fingerprints, Bloom filters vs exact sets, file format."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2kit.overlap import (
+    HEADER_BYTES,
+    BloomFilter,
+    ExactSet,
+    FilterFileError,
+    NgramHasher,
+    OverfullError,
+    OverlapError,
+    build_filter,
+    expected_fpr,
+    fingerprint,
+    measure_fpr,
+    merge_filters,
+    ngrams,
+    normalize,
+    open_filter,
+    optimal_parameters,
+    query,
+    read_header,
+    words,
+)
+
+
+# -- normalization -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Hello WORLD", "hello world"),                                   # case
+    ("don't stop--me, now!!! (ok?)", "don t stop me now ok"),          # punctuation separates words
+    ("In 1984, 3.14 and x2", "in 1984 3 14 and x2"),                  # digits are word characters
+    ("Ünïcödé ΣΊΣΥΦΟΣ Москва 東京タワー", "ünïcödé σίσυφος москва 東京タワー"),  # any script (final sigma)
+    ("  a\t\tb\n\n c\u00a0\u2003d  ", "a b c d"),                      # whitespace runs, NBSP, em space
+    ("snake_case_name", "snake case name"),                           # underscore is not alphanumeric
+    ("Cafe\u0301 = Café", "café café"),                               # decomposed == composed (NFKC)
+    ("ﬁne ＡＢＣ １２", "fine abc 12"),                                  # compatibility forms fold
+    ("...!?", ""),
+    ("", ""),
+])
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+def test_ngrams_are_consecutive_word_windows():
+    assert ngrams("a b c d e f g") == []
+    assert ngrams("A b c d e f g h, I!") == ["a b c d e f g h", "b c d e f g h i"]
+
+
+# -- fingerprints --------------------------------------------------------------------------------
+
+_word = st.text(alphabet=st.characters(categories=("Ll", "Lu", "Lo", "Nd")), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_word, min_size=0, max_size=30))
+def test_vectorized_fingerprints_match_the_reference(raw):
+    ws = words(" ".join(raw))
+    h1, h2 = NgramHasher().hashes(ws)
+    ref = [fingerprint(g) for g in ngrams(ws)]
+    assert list(zip(h1.tolist(), h2.tolist())) == ref
+
+
+def test_fingerprints_are_stable_across_versions():
+    # Filters built by one gpt2kit version must answer for the next one: pin the scheme.
+    assert fingerprint("the quick brown fox jumps over the lazy") == (13787704452109143653, 9755111065888719741)
+
+
+def test_fingerprints_depend_on_word_order_and_position():
+    g = "a b c d e f g h"
+    swapped = "b a c d e f g h"
+    assert fingerprint(g) != fingerprint(swapped)
+    assert len({fingerprint(" ".join(f"w{(i + j) % 9}" for i in range(8))) for j in range(9)}) == 9
+
+
+# -- Bloom filter --------------------------------------------------------------------------------
+
+
+def test_optimal_parameters_match_the_formulas():
+    m, k = optimal_parameters(100_000, 1e-3)
+    assert m % 64 == 0 and abs(m - 1_437_759) < 64 and k == 10
+    assert expected_fpr(100_000, m, k) == pytest.approx(1e-3, rel=0.03)
+    for bad in [(0, 1e-3), (10, 0.0), (10, 1.5)]:
+        with pytest.raises(OverlapError):
+            optimal_parameters(*bad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(_word, min_size=0, max_size=40), min_size=1, max_size=6),
+       st.sampled_from([1e-2, 1e-8]))
+def test_no_false_negatives_ever(docs, fpr):
+    texts = [" ".join(d) for d in docs]
+    n = sum(max(0, len(words(t)) - 7) for t in texts)
+    bf = BloomFilter.new(capacity=max(n, 1), fpr=fpr)
+    for t in texts:
+        bf.add_text(t)
+    for t in texts:
+        assert bf.contains_text(t).all()
+
+
+def test_no_false_negatives_in_a_crowded_batch():
+    # Many fingerprints in one vectorized call aimed at a tiny bit array: every bit that two of
+    # them want in the same byte must still be set.
+    rng = np.random.default_rng(0)
+    h1, h2 = rng.integers(0, 2**64, (2, 50_000), dtype=np.uint64)
+    bf = BloomFilter.new(capacity=2_000, fpr=0.2)
+    bf.add_hashes(h1, h2)
+    assert bf.contains_hashes(h1, h2).all()
+
+
+def _filled(capacity: int, fpr: float, seed: int = 0) -> BloomFilter:
+    rng = np.random.default_rng(seed)
+    bf = BloomFilter.new(capacity=capacity, fpr=fpr)
+    h1, h2 = rng.integers(0, 2**64, (2, capacity), dtype=np.uint64)
+    bf.add_hashes(h1, h2)
+    return bf
+
+
+def test_measured_fpr_at_capacity_is_within_twice_the_bound():
+    bf = _filled(100_000, 1e-3)
+    r = measure_fpr(bf, 1_000_000, seed=1)
+    assert r["samples"] == 1_000_000
+    assert 0.5e-3 <= r["measured_fpr"] <= 2e-3  # not zero either: the check can see false positives
+    assert r["expected_fpr"] == pytest.approx(1e-3, rel=0.1)
+    s = bf.stats()
+    assert s["estimated_distinct"] == pytest.approx(100_000, rel=0.01)
+    assert not bf.overfull(s)
+
+
+def test_zero_hits_at_1e_8():
+    r = measure_fpr(_filled(100_000, 1e-8), 1_000_000, seed=2)
+    assert r["hits"] == 0 and r["upper_95"] == pytest.approx(3e-6)
+
+
+# -- corpora with planted overlaps ---------------------------------------------------------------
+
+
+def _vocab(rng: random.Random, n: int, prefix: str) -> list[str]:
+    return [prefix + "".join(rng.choices("abcdefghij", k=5)) for _ in range(n)]
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """Training docs of random words; test docs of other words with known passages planted from
+    the training docs. Returns (train files, test file, expected hits, expected 8-grams)."""
+    rng = random.Random(7)
+    train_vocab, test_vocab = _vocab(rng, 300, "t"), _vocab(rng, 300, "q")
+    train_docs = [[rng.choice(train_vocab) for _ in range(rng.randint(50, 400))] for _ in range(20)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    a.write_text("".join(json.dumps({"text": " ".join(d).upper()}) + "\n" for d in train_docs[:15]))
+    b.write_text("\n\n".join(" ".join(d) + "." for d in train_docs[15:]))  # one document: the file
+    test_docs, hits, total = [], 0, 0
+    for i in range(12):
+        doc = [rng.choice(test_vocab) for _ in range(rng.randint(20, 80))]
+        if i % 3:  # two of every three documents get a passage of 8..40 training words
+            src = rng.choice(train_docs[:15])  # from a.jsonl only: b.txt joins its docs across a "."
+            length = rng.randint(8, 40)
+            start = rng.randint(0, len(src) - length)
+            at = rng.randint(0, len(doc))
+            doc[at:at] = src[start:start + length]
+            hits += length - 7  # 8-grams touching a test-only word cannot be in the training set
+        total += len(doc) - 7
+        test_docs.append(doc)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": ", ".join(d)}) + "\n" for d in test_docs))
+    return [a, b], test, hits, total
+
+
+def test_bloom_and_exact_agree_on_planted_overlaps(planted, tmp_path):
+    train, test, hits, total = planted
+    build_filter(train, tmp_path / "f.bloom", capacity=20_000, fpr=1e-8)
+    build_filter(train, tmp_path / "f.exact", exact=True)
+    rep = query({"bloom": tmp_path / "f.bloom", "exact": tmp_path / "f.exact"}, [test], top=3)
+    by = {r.filter: r for r in rep.results}
+    for r in by.values():
+        assert (r.hits, r.ngrams) == (hits, total)
+        assert r.documents == 12
+    assert by["bloom"].files == by["exact"].files
+    assert by["bloom"].median_doc_percent == by["exact"].median_doc_percent
+    assert by["bloom"].share_docs_above_50 == by["exact"].share_docs_above_50
+    assert [p.text for p in by["bloom"].top_passages] == [p.text for p in by["exact"].top_passages]
+    top = by["exact"].top_passages
+    assert len(top) == 3 and top[0].words >= top[1].words >= top[2].words >= 8
+    # the longest passage is a real run of training text
+    assert top[0].text in " ".join(normalize(t) for t in train[0].read_text().splitlines()).replace('"', "")
+
+
+def test_distribution_statistics(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("one two three four five six seven eight nine ten eleven twelve")
+    test = tmp_path / "test.jsonl"
+    docs = ["one two three four five six seven eight nine ten",  # 3/3 hits
+            "one two three four five six seven eight zz yy",       # 1/3
+            "aa bb cc dd ee ff gg hh ii jj",                        # 0/3
+            "too short"]                                            # no 8-grams
+    test.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    build_filter([train], tmp_path / "f.exact", exact=True)
+    (r,) = query([tmp_path / "f.exact"], [test]).results
+    assert (r.hits, r.ngrams, r.documents, r.short_documents) == (4, 9, 4, 1)
+    assert r.percent == pytest.approx(400 / 9)
+    assert r.median_doc_percent == pytest.approx(100 / 3)
+    assert r.share_docs_above_50 == pytest.approx(1 / 3)
+    assert r.top_passages[0].words == 10 and r.top_passages[0].document == 0
+
+
+def test_merge_of_shards_is_byte_identical_to_one_build(planted, tmp_path):
+    (a, b), _, _, _ = planted
+    build_filter([a, b], tmp_path / "ab.bloom", capacity=20_000, fpr=1e-6)
+    build_filter([a], tmp_path / "a.bloom", capacity=20_000, fpr=1e-6)
+    build_filter([b], tmp_path / "b.bloom", capacity=20_000, fpr=1e-6)
+    merge_filters([tmp_path / "a.bloom", tmp_path / "b.bloom"], tmp_path / "m.bloom")
+    assert (tmp_path / "m.bloom").read_bytes() == (tmp_path / "ab.bloom").read_bytes()
+    assert read_header(tmp_path / "m.bloom")["n_added"] == open_filter(tmp_path / "ab.bloom").n_added > 0
+    # exact sets merge too
+    build_filter([a], tmp_path / "a.exact", exact=True)
+    build_filter([b], tmp_path / "b.exact", exact=True)
+    build_filter([a, b], tmp_path / "ab.exact", exact=True)
+    merge_filters([tmp_path / "a.exact", tmp_path / "b.exact"], tmp_path / "m.exact")
+    assert (tmp_path / "m.exact").read_bytes() == (tmp_path / "ab.exact").read_bytes()
+
+
+def test_workers_build_the_same_filter(planted, tmp_path):
+    train, _, _, _ = planted
+    build_filter(train, tmp_path / "w1.bloom", capacity=20_000, fpr=1e-6)
+    build_filter(train, tmp_path / "w2.bloom", capacity=20_000, fpr=1e-6, workers=2)
+    assert (tmp_path / "w1.bloom").read_bytes() == (tmp_path / "w2.bloom").read_bytes()
+
+
+def test_file_round_trip_and_memory_map(tmp_path):
+    bf = _filled(5_000, 1e-4)
+    bf.save(tmp_path / "x.bloom")
+    back = open_filter(tmp_path / "x.bloom")
+    assert isinstance(back.bits, np.memmap)
+    assert np.array_equal(np.asarray(back.bits), bf.bits)
+    assert (back.m, back.k, back.capacity, back.fpr_target, back.n_added) == (bf.m, bf.k, 5_000, 1e-4, 5_000)
+    assert (tmp_path / "x.bloom").stat().st_size == HEADER_BYTES + bf.m // 8
+
+
+# -- capacity and bad input ----------------------------------------------------------------------
+
+
+def test_overfill_is_refused_or_reported(planted, tmp_path):
+    train, _, _, _ = planted
+    with pytest.raises(OverfullError, match="capacity 500"):
+        build_filter(train, tmp_path / "small.bloom", capacity=500, fpr=1e-6)
+    assert not (tmp_path / "small.bloom").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    s = build_filter(train, tmp_path / "small.bloom", capacity=500, fpr=1e-6, allow_overfill=True)
+    assert s.stats["achieved_fpr"] > 1e-4  # far above the target, and said so
+
+
+def test_auto_capacity_counts_the_ngrams(planted, tmp_path):
+    train, _, _, _ = planted
+    s = build_filter(train, tmp_path / "auto.bloom", fpr=1e-6)
+    assert s.stats["capacity"] == s.ngrams > 0
+    # all 8-grams here are distinct, so the filter is exactly at capacity: the rate its fill gives
+    # sits at the target, up to the noise of a ~100k-bit array
+    assert 0.8e-6 <= s.stats["achieved_fpr"] <= 1.2e-6
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    _filled(1_000, 1e-3).save(tmp_path / "ok.bloom")
+    data = bytearray((tmp_path / "ok.bloom").read_bytes())
+
+    (tmp_path / "text.bloom").write_text("hello")
+    with pytest.raises(FilterFileError, match="text.bloom: not a gpt2kit overlap filter"):
+        open_filter(tmp_path / "text.bloom")
+
+    bad = bytearray(data)
+    bad[HEADER_BYTES + 3] ^= 0x10  # flip one bit of the payload
+    (tmp_path / "flip.bloom").write_bytes(bad)
+    with pytest.raises(FilterFileError, match="flip.bloom: payload checksum mismatch"):
+        open_filter(tmp_path / "flip.bloom")
+    assert open_filter(tmp_path / "flip.bloom", verify=False).m > 0
+
+    hdr = bytearray(data)
+    hdr[30] ^= 0x01  # inside the JSON header
+    (tmp_path / "hdr.bloom").write_bytes(hdr)
+    with pytest.raises(FilterFileError, match="header checksum mismatch"):
+        open_filter(tmp_path / "hdr.bloom")
+
+    (tmp_path / "short.bloom").write_bytes(data[:-8])
+    with pytest.raises(FilterFileError, match="truncated"):
+        open_filter(tmp_path / "short.bloom")
+
+    _filled(1_000, 1e-4).save(tmp_path / "other.bloom")
+    with pytest.raises(OverlapError, match=r"cannot merge .*different parameters \(m_bits"):
+        merge_filters([tmp_path / "ok.bloom", tmp_path / "other.bloom"], tmp_path / "m.bloom")
+    ExactSet(["a b c d e f g h"]).save(tmp_path / "e.exact")
+    with pytest.raises(OverlapError, match="kind: 'bloom' vs 'exact'"):
+        merge_filters([tmp_path / "ok.bloom", tmp_path / "e.exact"], tmp_path / "m.bloom")
+    assert not (tmp_path / "m.bloom").exists()
+
+
+def test_empty_inputs_are_errors(tmp_path):
+    (tmp_path / "short.txt").write_text("only seven words in this short text")
+    with pytest.raises(OverlapError, match="short.txt: no 8-grams in the inputs"):
+        build_filter([tmp_path / "short.txt"], tmp_path / "f.bloom", capacity=10)
+    with pytest.raises(OverlapError, match="no 8-grams"):
+        build_filter([tmp_path / "short.txt"], tmp_path / "f.bloom")  # --auto counts zero
+    with pytest.raises(OverlapError, match="no 8-grams"):
+        build_filter([tmp_path / "short.txt"], tmp_path / "f.exact", exact=True)
+    ExactSet(["a b c d e f g h"]).save(tmp_path / "e.exact")
+    with pytest.raises(OverlapError, match="short.txt: no 8-grams in the test set"):
+        query([tmp_path / "e.exact"], [tmp_path / "short.txt"])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(OverlapError, match="empty.jsonl: test set holds no documents"):
+        query([tmp_path / "e.exact"], [tmp_path / "empty.jsonl"])

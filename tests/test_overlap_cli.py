@@ -1,0 +1,108 @@
+"""`gpt2kit overlap ...` end to end, as a user runs it."""
+from __future__ import annotations
+
+import json
+import random
+
+from gpt2kit.overlap import HEADER_BYTES
+
+
+def _corpus(tmp_path):
+    rng = random.Random(3)
+    vocab = ["".join(rng.choices("klmnoprstu", k=6)) for _ in range(400)]
+    train = tmp_path / "train"
+    train.mkdir()
+    docs = [[rng.choice(vocab) for _ in range(300)] for _ in range(6)]
+    for i, d in enumerate(docs):
+        (train / f"doc{i}.txt").write_text(" ".join(d))
+    # test set A copies half of a training document; test set B shares nothing
+    a = tmp_path / "setA.txt"
+    a.write_text(" ".join(docs[2][:150]) + " " + " ".join(f"x{i}" for i in range(150)))
+    b = tmp_path / "setB.jsonl"
+    b.write_text("".join(json.dumps({"text": " ".join(f"y{i}_{j}" for i in range(40))}) + "\n" for j in range(3)))
+    return train, a, b
+
+
+def test_build_merge_query_fpr(cli, tmp_path):
+    train, a, b = _corpus(tmp_path)
+    r = cli("overlap", "build", "--out", str(tmp_path / "all.bloom"), "--capacity", "5000", "--fpr", "1e-6",
+            "--workers", "2", str(train))
+    assert r.returncode == 0, r.stderr
+    assert "1,758 8-grams from 6 documents" in r.stdout and "k=20" in r.stdout
+
+    files = sorted(train.iterdir())
+    for name, part in (("p1", files[:3]), ("p2", files[3:])):
+        r = cli("overlap", "build", "--out", str(tmp_path / f"{name}.bloom"), "--capacity", "5000", "--fpr", "1e-6",
+                *map(str, part))
+        assert r.returncode == 0, r.stderr
+    r = cli("overlap", "merge", str(tmp_path / "p1.bloom"), str(tmp_path / "p2.bloom"), "--out",
+            str(tmp_path / "merged.bloom"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "merged.bloom").read_bytes() == (tmp_path / "all.bloom").read_bytes()
+
+    r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "all.exact"), str(train))
+    assert r.returncode == 0 and "exact set of 1,758 distinct 8-grams" in r.stdout, r.stderr
+
+    out = tmp_path / "report"
+    r = cli("overlap", "query", str(tmp_path / "all.bloom"), str(tmp_path / "all.exact"), str(a), str(b),
+            "--out-dir", str(out), "--top", "2")
+    assert r.returncode == 0, r.stderr
+    # setA: 300 words -> 293 8-grams; the 143 inside the copied half are in the training set
+    assert "| all.bloom | 48.81 | 0.00 |" in r.stdout and "| all.exact | 48.81 | 0.00 |" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["table"]["all.bloom"] == report["table"]["all.exact"] == {"setA": 143 / 293 * 100, "setB": 0.0}
+    (ra,) = [x for x in report["results"] if x["test_set"] == "setA" and x["filter"] == "all.bloom"]
+    assert ra["top_passages"][0]["words"] == 150 and ra["hits"] == 143
+    md = (out / "report.md").read_text()
+    assert md.startswith("# 8-gram overlap") and "| filter | setA | setB |" in md
+    assert (out / "overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = cli("overlap", "fpr", str(tmp_path / "all.bloom"), "--samples", "200000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("0 of 200,000 random 8-grams reported present") and "configured bound 1e-06" in r.stdout
+
+    r = cli("overlap", "info", str(tmp_path / "all.bloom"))
+    info = json.loads(r.stdout)
+    assert info["header"]["k_hashes"] == 20 and info["stats"]["estimated_distinct"] > 1700
+
+
+def test_query_labels_exact_and_bloom_alike(cli, tmp_path):
+    train, a, _ = _corpus(tmp_path)
+    for flag, name in (([], "f.bloom"), (["--exact"], "g.exact")):
+        extra = [] if flag else ["--auto"]
+        r = cli("overlap", "build", *flag, *extra, "--out", str(tmp_path / name), str(train))
+        assert r.returncode == 0, r.stderr
+    r = cli("overlap", "query", str(tmp_path / "f.bloom"), str(tmp_path / "g.exact"), str(a), "--json")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(r.stdout)["table"]
+    assert table["f"] == table["g"] == {"setA": 143 / 293 * 100}
+
+
+def test_cli_errors_exit_2(cli, tmp_path):
+    train, a, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--out", str(tmp_path / "x.bloom"), str(train))
+    assert r.returncode == 2 and "give --capacity N or --auto" in r.stderr
+
+    (tmp_path / "short.txt").write_text("seven words are not enough for one")
+    r = cli("overlap", "build", "--auto", "--out", str(tmp_path / "x.bloom"), str(tmp_path / "short.txt"))
+    assert r.returncode == 2 and "no 8-grams in the inputs" in r.stderr and "Traceback" not in r.stderr
+
+    r = cli("overlap", "build", "--capacity", "100", "--out", str(tmp_path / "x.bloom"), str(train))
+    assert r.returncode == 2 and "more than its capacity 100" in r.stderr
+    assert not (tmp_path / "x.bloom").exists()
+
+    cli("overlap", "build", "--capacity", "5000", "--out", str(tmp_path / "p.bloom"), str(train))
+    cli("overlap", "build", "--capacity", "6000", "--out", str(tmp_path / "q.bloom"), str(train))
+    r = cli("overlap", "merge", str(tmp_path / "p.bloom"), str(tmp_path / "q.bloom"), "--out", str(tmp_path / "m.bloom"))
+    assert r.returncode == 2 and "different parameters" in r.stderr
+
+    data = bytearray((tmp_path / "p.bloom").read_bytes())
+    data[HEADER_BYTES + 100] ^= 0xFF
+    (tmp_path / "bad.bloom").write_bytes(data)
+    r = cli("overlap", "query", str(tmp_path / "bad.bloom"), str(a))
+    assert r.returncode == 2 and "bad.bloom: payload checksum mismatch" in r.stderr
+
+    r = cli("overlap", "query", str(a))
+    assert r.returncode == 2 and "none of the arguments is a filter file" in r.stderr
+    r = cli("overlap", "fpr", str(a))
+    assert r.returncode == 2 and "setA.txt: not a gpt2kit overlap filter" in r.stderr
