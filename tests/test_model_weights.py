@@ -1,0 +1,305 @@
+"""Weights in and out: HF folders both ways, OpenAI's TF checkpoint, resolution, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.weights import WeightsError, crc32c, read_tf_checkpoint, resolve
+
+FIXTURE = Path(__file__).parent / "fixtures" / "openai-tiny"
+CFG = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_ctx=16)
+
+
+def hf_model(cfg: GPT2Config = CFG, seed: int = 0) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                     vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx)
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # HF zero-inits biases; random ones test the layout better
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def ids(vocab: int = 50) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_logits(ours: GPT2, hf: transformers.GPT2LMHeadModel, vocab: int = 50) -> None:
+    x = ids(vocab)
+    with torch.no_grad():
+        diff = (ours.eval()(x).float() - hf(x).logits).abs().max()
+    assert diff <= 1e-5
+
+
+def test_hf_save_then_our_load_safetensors_and_bin(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "st")
+    assert (tmp_path / "st" / "model.safetensors").exists()
+    assert_same_logits(GPT2.from_pretrained(str(tmp_path / "st")), hf)
+    # pytorch_model.bin as older transformers wrote it (hub layout: no prefix, mask buffers)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
+    torch.save(sd, folder / "pytorch_model.bin")
+    model = GPT2.from_pretrained(str(folder))
+    assert_same_logits(model, hf)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+def test_our_save_then_transformers_load(tmp_path):
+    from gpt2kit.tokenizer import Tokenizer
+
+    torch.manual_seed(3)
+    ours = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50257, n_ctx=16,
+                           padded_vocab_multiple=64)).eval()
+    tok = Tokenizer.gpt2()
+    ours.save_pretrained(str(tmp_path), tokenizer=tok)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.transformer.wte.weight.shape == (50257, 16)  # padding rows are not saved
+    assert_same_logits(ours, hf, vocab=50257)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, it's GPT-2!"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    # and back: our load of our save is exact
+    again = GPT2.from_pretrained(str(tmp_path))
+    x = ids(50257)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours(x), rtol=0, atol=0)
+
+
+def test_dtypes_and_padded_vocab_on_load(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path)
+    ref = GPT2.from_pretrained(str(tmp_path)).eval()
+    padded = GPT2.from_pretrained(str(tmp_path), padded_vocab_multiple=64).eval()
+    assert padded.transformer.wte.weight.shape == (64, 16)
+    bf16 = GPT2.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), ref(x), rtol=0, atol=1e-6)
+        out = bf16(x)
+        assert out.dtype == torch.bfloat16
+        cache = bf16.new_kv_cache(2)
+        assert cache.k.dtype == torch.bfloat16
+        assert (out.float() - ref(x)).abs().max() < 0.05
+        step = torch.cat([bf16(x[:, :5], kv_cache=cache), bf16(x[:, 5:], kv_cache=cache)], 1)
+        assert (step.float() - ref(x)).abs().max() < 0.05
+
+
+def test_openai_tf_checkpoint_fixture():
+    # Our TensorFlow-free reader returns exactly what TensorFlow stored (scripts/make_tf_fixture.py).
+    tensors = read_tf_checkpoint(FIXTURE / "model.ckpt")
+    ref = np.load(FIXTURE / "reference.npz")
+    assert sorted(k.replace("/", ".") for k in tensors) == sorted(ref.files)
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(array, ref[name.replace("/", ".")])
+    # The same weights in transformers, built from the reference values independently of gpt2kit.
+    h = json.loads((FIXTURE / "hparams.json").read_text())
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"], vocab_size=h["n_vocab"],
+        n_positions=h["n_ctx"])).eval()
+    sd = {}
+    for key in ref.files:
+        parts = key.split(".")[1:]  # model.h0.attn.c_attn.w -> [h0, attn, c_attn, w]
+        if parts[0].startswith("h") and parts[0][1:].isdigit():
+            parts = ["h", parts[0][1:]] + parts[1:]
+        leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(parts[-1])
+        name = "transformer." + ".".join(parts[:-1] + [leaf] if leaf else parts + ["weight"])
+        value = torch.from_numpy(ref[key])
+        sd[name] = value[0] if value.ndim == 3 else value
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected
+    ours = GPT2.from_pretrained(str(FIXTURE))
+    assert ours.config == GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=37, n_ctx=16)
+    assert_same_logits(ours, hf, vocab=37)
+
+
+def test_crc32c_matches_reference():
+    def reference(data: bytes) -> int:
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        return crc ^ 0xFFFFFFFF
+
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 5, 64, 1000, 4099):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert crc32c(data) == reference(data)
+        assert crc32c(data) != zlib.crc32(data) or n == 0
+
+
+def test_resolution_hf_cache_and_offline_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError) as e:
+        GPT2.from_pretrained("gpt2-medium")
+    msg = str(e.value)
+    assert "config.json and model.safetensors" in msg and "https://huggingface.co/openai-community/gpt2-medium" in msg
+    assert str(tmp_path / "hub" / "models--openai-community--gpt2-medium" / "snapshots") in msg
+    assert "hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001" in msg
+    hf = hf_model()
+    # the legacy cache name (models--gpt2), with refs/main naming the snapshot
+    base = tmp_path / "hub" / "models--gpt2"
+    hf.save_pretrained(base / "snapshots" / "abc123")
+    (base / "snapshots" / "old").mkdir()
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("abc123")
+    assert resolve("gpt2") == base / "snapshots" / "abc123"
+    assert_same_logits(GPT2.from_pretrained("gpt2"), hf)
+    # the current name wins when both are there
+    hf.save_pretrained(tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "def")
+    assert resolve("openai-community/gpt2").parent.parent.name == "models--openai-community--gpt2"
+    with pytest.raises(WeightsError, match="no such folder"):
+        GPT2.from_pretrained(str(tmp_path / "nowhere" / "x"))
+    with pytest.raises(WeightsError, match="no model here: expected config.json"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+@pytest.fixture
+def hf_folder(tmp_path) -> Path:
+    folder = tmp_path / "m"
+    hf_model().save_pretrained(folder)
+    return folder
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    sd = load_file(folder / "model.safetensors")
+    change(sd)
+    save_file(sd, folder / "model.safetensors")
+
+
+def test_bad_hf_weights_name_file_and_tensor(hf_folder):
+    st = hf_folder / "model.safetensors"
+    data = st.read_bytes()
+
+    def load():
+        return GPT2.from_pretrained(str(hf_folder))
+
+    st.write_bytes(data[:-200])
+    with pytest.raises(WeightsError, match=r"model.safetensors: not a valid safetensors file \(truncated"):
+        load()
+    st.write_bytes(data)
+    rewrite_tensors(hf_folder, lambda sd: sd.update({"transformer.h.1.mlp.c_fc.weight": torch.zeros(16, 63)}))
+    with pytest.raises(WeightsError, match=r"model.safetensors: tensor 'transformer.h.1.mlp.c_fc.weight' has "
+                                           r"shape \(16, 63\), expected \(16, 64\) from .*config.json"):
+        load()
+    st.write_bytes(data)
+    rewrite_tensors(hf_folder, lambda sd: sd.pop("transformer.h.0.ln_2.bias"))
+    with pytest.raises(WeightsError, match=r"model.safetensors: missing tensor 'transformer.h.0.ln_2.bias' \(shape \(16,\)\)"):
+        load()
+    st.write_bytes(data)
+    rewrite_tensors(hf_folder, lambda sd: sd.update({"transformer.h.0.attn.q_proj.weight": torch.zeros(2)}))
+    with pytest.raises(WeightsError, match=r"model.safetensors: unexpected tensor 'transformer.h.0.attn.q_proj.weight'"):
+        load()
+    st.write_bytes(data)
+    rewrite_tensors(hf_folder, lambda sd: sd.update({"lm_head.weight": torch.zeros(50, 16)}))
+    with pytest.raises(WeightsError, match=r"model.safetensors: tensor 'lm_head.weight' differs from 'transformer.wte.weight'"):
+        load()
+    st.write_bytes(data)
+    cfg_path = hf_folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(WeightsError, match=r"model.safetensors: missing tensor 'transformer.h.2.ln_1.weight'"):
+        load()
+    cfg_path.write_text(json.dumps({**cfg, "n_layer": 1}))
+    with pytest.raises(WeightsError, match=r"unexpected tensor 'transformer.h.1\.\S+' for the model described by .*config.json \(n_layer=1\)"):
+        load()
+    cfg_path.write_text(json.dumps({**cfg, "n_embd": 32}))
+    with pytest.raises(WeightsError, match=r"tensor 'transformer.wte.weight' has shape \(50, 16\), expected \(50, 32\)"):
+        load()
+    cfg_path.write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(WeightsError, match=r"config.json: activation_function='relu' is not supported"):
+        load()
+    cfg_path.write_text(json.dumps({**cfg, "n_head": 3}))
+    with pytest.raises(WeightsError, match=r"config.json: GPT2Config.n_embd: 16 is not divisible by n_head=3"):
+        load()
+    cfg_path.write_text("{not json")
+    with pytest.raises(WeightsError, match=r"config.json: not valid JSON"):
+        load()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bad_pytorch_bin_is_never_unpickled(hf_folder):
+    (hf_folder / "model.safetensors").unlink()
+    binf = hf_folder / "pytorch_model.bin"
+    torch.save({"transformer.wte.weight": torch.zeros(1), "evil": Evil()}, binf)
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin: refused: holds objects other than tensors.*weights_only=True"):
+        GPT2.from_pretrained(str(hf_folder))
+    binf.write_bytes(b"neither a zip archive nor a pickle")
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin: "):
+        GPT2.from_pretrained(str(hf_folder))
+    torch.save({"transformer.wte.weight": torch.zeros(3)}, binf)
+    data = binf.read_bytes()
+    binf.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin: not a readable PyTorch weights file \(truncated or corrupt"):
+        GPT2.from_pretrained(str(hf_folder))
+
+
+def test_bad_tf_checkpoint_names_file_and_tensor(tmp_path):
+    folder = tmp_path / "openai"
+    folder.mkdir()
+    for f in FIXTURE.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    data_file = folder / "model.ckpt.data-00000-of-00001"
+    index = folder / "model.ckpt.index"
+    data, idx = data_file.read_bytes(), index.read_bytes()
+    entries = read_tf_checkpoint(folder / "model.ckpt")
+    assert GPT2.from_pretrained(str(folder)).config.n_embd == 8
+
+    data_file.write_bytes(data[:-100])
+    with pytest.raises(WeightsError, match=r"model.ckpt.data-00000-of-00001: tensor 'model/\S+' needs bytes \d+\.\.\d+ but the file has \d+ \(truncated\)"):
+        GPT2.from_pretrained(str(folder))
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40
+    data_file.write_bytes(bytes(flipped))
+    with pytest.raises(WeightsError, match=r"model.ckpt.data-00000-of-00001: tensor 'model/\S+' fails its CRC32C check \(corrupt\)"):
+        GPT2.from_pretrained(str(folder))
+    data_file.unlink()
+    with pytest.raises(WeightsError, match=r"model.ckpt.data-00000-of-00001: no such file \(named by .*model.ckpt.index\)"):
+        GPT2.from_pretrained(str(folder))
+    data_file.write_bytes(data)
+
+    index.write_bytes(idx[:-10])
+    with pytest.raises(WeightsError, match=r"model.ckpt.index: not a valid TensorFlow checkpoint index: no SSTable magic"):
+        GPT2.from_pretrained(str(folder))
+    broken = bytearray(idx)
+    broken[30] ^= 0xFF  # inside the first data block
+    index.write_bytes(bytes(broken))
+    with pytest.raises(WeightsError, match=r"model.ckpt.index: not a valid TensorFlow checkpoint index: block at offset 0 fails its CRC32C"):
+        GPT2.from_pretrained(str(folder))
+    index.write_bytes(idx)
+
+    hp = folder / "hparams.json"
+    h = json.loads(hp.read_text())
+    hp.write_text(json.dumps({**h, "n_embd": 12}))
+    with pytest.raises(WeightsError, match=r"model.ckpt.index \(model/wte\): tensor 'transformer.wte.weight' has shape \(37, 8\), expected \(37, 12\) from .*hparams.json"):
+        GPT2.from_pretrained(str(folder))
+    hp.write_text(json.dumps({**h, "n_layer": 3}))
+    with pytest.raises(WeightsError, match=r"model.ckpt.index \(model/h2/ln_1/g\): missing tensor 'transformer.h.2.ln_1.weight'"):
+        GPT2.from_pretrained(str(folder))
+    hp.write_text(json.dumps({k: v for k, v in h.items() if k != "n_ctx"}))
+    with pytest.raises(WeightsError, match=r"hparams.json: missing key 'n_ctx'"):
+        GPT2.from_pretrained(str(folder))
+    assert len(entries) == 28
