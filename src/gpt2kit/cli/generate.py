@@ -1,0 +1,116 @@
+"""`gpt2kit generate`: sample text from a prompt, streamed to the terminal."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and how to load it (shared with `gpt2kit serve`)."""
+    p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="a checkpoint folder (ours, Hugging Face or OpenAI's release) or a released name")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="dynamic int8 quantization of the linear layers (CPU; faster, slightly inexact)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="sample text from a prompt",
+        description="Continue PROMPT (or stdin with '-', or an empty document by default) with a GPT-2 "
+                    "model. Sampling defaults to the paper's preset (top-k 40, temperature 1); options "
+                    "given override the preset's fields.")
+    add_model_options(p)
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT",
+                   help="the text to continue; '-' reads it from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens per sample (default 100)")
+    p.add_argument("--preset", default="paper", help="sampling preset: paper (top-k 40), greedy, nucleus, pure")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="always take the most probable token")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a sample where TEXT appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per sample (prompt, text, token ids, finish reason)")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts in a loop (one per line) until end of input (Ctrl-D)")
+    p.set_defaults(func=run)
+
+
+def _options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, preset=args.preset, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                do_sample=False if args.greedy else None, stop=args.stop, seed=args.seed)
+
+
+def _sample_header(i: int, total: int) -> str:
+    return f"{'=' * 20} SAMPLE {i + 1} of {total} {'=' * 20}\n" if total > 1 else ""
+
+
+def _respond(model, tokenizer, prompt: str, args, out) -> None:
+    from ..generate import generate, iter_generate, sampling_params
+
+    opts = _options(args)
+    if args.json:
+        for c in generate(model, tokenizer, prompt, n=args.num_samples, **opts):
+            out.write(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
+                                  "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
+        out.flush()
+        return
+    if args.no_stream:
+        for i, c in enumerate(generate(model, tokenizer, prompt, n=args.num_samples, **opts)):
+            out.write(_sample_header(i, args.num_samples) + c.text + "\n")
+        out.flush()
+        return
+    # All samples decode together; the first is shown as it grows, the others (finished at about
+    # the same time) follow. The same seed gives the same samples as --no-stream and --json.
+    out.write(_sample_header(0, args.num_samples))
+    rest = [""] * args.num_samples
+    params = sampling_params(preset=opts.pop("preset"), temperature=opts.pop("temperature"),
+                             top_k=opts.pop("top_k"), top_p=opts.pop("top_p"),
+                             repetition_penalty=opts.pop("repetition_penalty"), do_sample=opts.pop("do_sample"))
+    for ev in iter_generate(model, tokenizer, [prompt], n=args.num_samples, params=params, **opts):
+        if ev.index == 0:
+            out.write(ev.text)
+            out.flush()
+        else:
+            rest[ev.index] += ev.text
+    out.write("\n")
+    for i in range(1, args.num_samples):
+        out.write(_sample_header(i, args.num_samples) + rest[i] + "\n")
+    out.flush()
+
+
+def run(args) -> int:
+    from ..errors import GPT2KitError
+    from ..generate import load_for_inference
+
+    if args.num_samples < 1:
+        raise GPT2KitError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
+    if args.interactive and args.prompt is not None:
+        raise GPT2KitError("--interactive reads its prompts from stdin: give no PROMPT argument")
+    model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    out = sys.stdout
+    if args.interactive:
+        tty = sys.stdin.isatty()
+        while True:
+            if tty:
+                sys.stderr.write("prompt> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:  # end of input (Ctrl-D)
+                if tty:
+                    sys.stderr.write("\n")
+                return 0
+            _respond(model, tokenizer, line.rstrip("\n"), args, out)
+    prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
+    _respond(model, tokenizer, prompt, args, out)
+    return 0

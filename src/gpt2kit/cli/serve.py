@@ -1,0 +1,50 @@
+"""`gpt2kit serve`: an OpenAI-compatible completions server for a GPT-2 checkpoint."""
+from __future__ import annotations
+
+import os
+
+from .generate import add_model_options
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over the OpenAI completions API",
+        description="Serve POST /v1/completions (streaming included), GET /v1/models and GET /health. "
+                    "Binds 127.0.0.1 unless --host says otherwise.")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None,
+                   help="the name clients pass as `model` (default: the --model argument's last path part)")
+    p.add_argument("--api-key", default=os.environ.get("GPT2KIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GPT2KIT_API_KEY, else none)")
+    p.add_argument("--max-concurrency", type=int, default=4, metavar="N",
+                   help="requests generating at once; the others wait (default 4)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import logging
+    from pathlib import Path
+
+    from ..errors import GPT2KitError
+    from ..generate import load_for_inference
+
+    try:
+        import uvicorn
+
+        from ..server import create_app
+    except ImportError as e:  # the server is an extra
+        raise GPT2KitError(f"serve needs the 'serve' extra (pip install 'gpt2kit[serve]'): {e}") from None
+    if args.max_concurrency < 1:
+        raise GPT2KitError(f"--max-concurrency: expected an integer >= 1, got {args.max_concurrency}")
+    if not 0 <= args.port < 65536:
+        raise GPT2KitError(f"--port: expected 0..65535, got {args.port}")
+    model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
+                     max_concurrency=args.max_concurrency)
+    logging.getLogger(__name__).info("serving %s as %r on http://%s:%d/v1%s", args.model, name, args.host,
+                                     args.port, " (API key required)" if args.api_key else "")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

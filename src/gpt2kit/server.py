@@ -1,0 +1,459 @@
+"""An OpenAI-compatible completions server (FastAPI + uvicorn).
+
+Endpoints: `POST /v1/completions` (the legacy completions API: prompt as string, list of strings,
+token ids or lists of token ids; max_tokens, temperature, top_p, n, stop, seed, logprobs, echo,
+stream as server-sent events ending in `data: [DONE]`; `top_k` and `repetition_penalty` as
+extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+
+Concurrency: each request runs in a worker thread (torch releases the GIL in its kernels), at most
+`max_concurrency` at once; the rest wait in line, and past `max_waiting` the server answers 429.
+The event loop only moves events between the worker and the client, so it never blocks. A
+streaming client that goes away sets the request's cancel flag: its worker stops at the next
+token and frees the slot.
+
+Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for a
+bad request (wrong type, out of range, prompt or max_tokens past the context), 401 for a missing
+or wrong API key, 404 for an unknown model.
+"""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .generate import TokenEvent, iter_generate, prompt_logprobs, sampling_params
+
+if TYPE_CHECKING:
+    from .model import GPT2
+    from .tokenizer import Tokenizer
+
+__all__ = ["create_app", "CompletionRequest", "APIError"]
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered to the client as OpenAI-style JSON."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions. Unknown fields are refused rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    n: int = Field(1, ge=1, le=64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+# ----------------------------------------------------------------------------- one request's work
+
+def _token_str(tokenizer: "Tokenizer", token_id: int) -> str:
+    """A token as text; a token holding part of a UTF-8 character is shown as OpenAI does."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@dataclass
+class _Choice:
+    """One choice being assembled: its text and, when asked, OpenAI's logprobs object."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+
+    def logprobs_json(self, start: int = 0) -> dict[str, Any]:
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+
+
+@dataclass
+class _Job:
+    """A validated request: token ids per prompt and everything `iter_generate` needs."""
+
+    request: CompletionRequest
+    prompts: list[list[int]]
+    max_tokens: int
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.prompts) * self.request.n
+
+
+class _Offsets:
+    """Character offsets of successive tokens in a text, decoding bytes incrementally."""
+
+    def __init__(self, start: int = 0):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.position = start
+
+    def next(self, raw: bytes) -> int:
+        here = self.position
+        self.position += len(self._decoder.decode(raw))
+        return here
+
+
+class _Engine:
+    """The model, the tokenizer, and the slots that bound how many requests run at once."""
+
+    def __init__(self, model: "GPT2", tokenizer: "Tokenizer", name: str, max_concurrency: int, max_waiting: int):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.n_ctx = model.config.n_ctx
+        self.max_concurrency, self.max_waiting = max_concurrency, max_waiting
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="gpt2kit-gen")
+        self.active = 0
+        self.waiting = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    # -- validation
+
+    def plan(self, req: CompletionRequest) -> _Job:
+        if req.model != self.name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.name}'",
+                           param="model", code="model_not_found")
+        prompts = self._prompt_ids(req.prompt)
+        longest = max(len(p) for p in prompts)
+        max_tokens = self.n_ctx - longest if req.max_tokens is None else req.max_tokens
+        if longest + max_tokens > self.n_ctx:
+            raise APIError(400, f"This model's maximum context length is {self.n_ctx} tokens, however you "
+                                f"requested {longest + max_tokens} tokens ({longest} in your prompt; "
+                                f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
+                           param="max_tokens" if longest < self.n_ctx else "prompt",
+                           code="context_length_exceeded")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
+        return _Job(req, prompts, max_tokens)
+
+    def _prompt_ids(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt: expected a non-empty string, list of strings or list of token ids",
+                           param="prompt")
+        rows = []
+        for p in prompt:
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p, allowed_special="all")
+            else:
+                bad = [t for t in p if not 0 <= t < self.tokenizer.n_vocab]
+                if bad:
+                    raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                                        f"[0, {self.tokenizer.n_vocab})", param="prompt")
+                ids = list(p)
+            rows.append(ids or [self.tokenizer.eot_token])  # an empty prompt starts a new document
+        return rows
+
+    # -- running
+
+    def _work(self, job: _Job, cancel: threading.Event) -> Iterator[tuple[str, Any]]:
+        """Runs in a worker thread: ("echo", (index, prompt tokens, logprobs, tops)) items, then
+        ("token", TokenEvent) items."""
+        req = job.request
+        if req.echo:
+            for p, ids in enumerate(job.prompts):
+                scored = prompt_logprobs(self.model, ids, req.logprobs or 0) if req.logprobs is not None else None
+                for j in range(req.n):
+                    yield "echo", (p * req.n + j, ids, scored)
+        if job.max_tokens == 0:
+            for i in range(job.n_choices):
+                yield "token", TokenEvent(i, "", None, None, None, "length")
+            return
+        params = sampling_params(temperature=req.temperature, top_k=req.top_k,
+                                 top_p=req.top_p if req.top_p < 1 else None,
+                                 repetition_penalty=req.repetition_penalty, do_sample=req.temperature > 0)
+        for ev in iter_generate(self.model, self.tokenizer, job.prompts, max_new_tokens=job.max_tokens,
+                                params=params, stop=req.stop, seed=req.seed, n=req.n,
+                                top_logprobs=req.logprobs, cancel=cancel):
+            yield "token", ev
+            if cancel.is_set():
+                return
+
+    async def run(self, job: _Job) -> AsyncIterator[tuple[str, Any]]:
+        """Wait for a slot, run the job in a worker thread, and relay its items."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        if self.waiting >= self.max_waiting:
+            raise APIError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
+                           type="server_busy", code="rate_limit_exceeded")
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def release() -> None:
+            self.active -= 1
+            self._slots.release()
+
+        def work() -> None:
+            def send(item: Any) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+            try:
+                for item in self._work(job, cancel):
+                    send(item)
+            except BaseException as e:  # reported to the client, the server goes on
+                send(("error", e))
+            finally:
+                try:
+                    loop.call_soon_threadsafe(release)
+                    send(("done", done))
+                except RuntimeError:  # the event loop is gone: the server is shutting down
+                    pass
+
+        loop.run_in_executor(self.pool, work)
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    if isinstance(item, APIError):
+                        raise item
+                    log.error("generation failed: %r", item, exc_info=item)
+                    raise APIError(500, f"generation failed: {item}", type="server_error")
+                yield kind, item
+        finally:
+            cancel.set()  # the client went away (or we are done): stop at the next token
+
+    # -- assembling OpenAI's response objects
+
+    def _echo(self, choice: _Choice, ids: list[int], scored, want_logprobs: bool) -> str:
+        text = self.tokenizer.decode(ids)
+        choice.text += text
+        if want_logprobs and scored is not None:
+            lps, tops = scored
+            offsets = _Offsets()
+            for t, lp, top in zip(ids, lps, tops):
+                choice.tokens.append(_token_str(self.tokenizer, t))
+                choice.token_logprobs.append(lp)
+                choice.top_logprobs.append(None if top is None else self._top(top))
+                choice.text_offset.append(offsets.next(self.tokenizer.token_bytes(t)))
+        return text
+
+    def _top(self, top: dict[int, float]) -> dict[str, float]:
+        return {_token_str(self.tokenizer, t): lp for t, lp in top.items()}
+
+    def _add_token(self, choice: _Choice, offsets: _Offsets, ev: TokenEvent, want_logprobs: bool) -> None:
+        choice.text += ev.text
+        if ev.token_id is None:
+            return
+        choice.completion_tokens += 1
+        if want_logprobs:
+            choice.tokens.append(_token_str(self.tokenizer, ev.token_id))
+            choice.token_logprobs.append(ev.logprob)
+            choice.top_logprobs.append(None if ev.top_logprobs is None else self._top(ev.top_logprobs))
+            choice.text_offset.append(offsets.next(self.tokenizer.token_bytes(ev.token_id)))
+
+    def _usage(self, job: _Job, choices: list[_Choice]) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in job.prompts)
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def complete(self, job: _Job) -> dict[str, Any]:
+        want = job.request.logprobs is not None
+        choices = [_Choice() for _ in range(job.n_choices)]
+        offsets = [_Offsets() for _ in choices]
+        async for kind, item in self.run(job):
+            if kind == "echo":
+                index, ids, scored = item
+                offsets[index].position += len(self._echo(choices[index], ids, scored, want))
+            else:
+                self._add_token(choices[item.index], offsets[item.index], item, want)
+                if item.finish_reason:
+                    choices[item.index].finish_reason = item.finish_reason
+        return {
+            "id": job.id, "object": "text_completion", "created": job.created, "model": self.name,
+            "choices": [{"text": c.text, "index": i, "logprobs": c.logprobs_json() if want else None,
+                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "usage": self._usage(job, choices),
+        }
+
+    async def stream(self, job: _Job) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per piece of text, then `data: [DONE]`."""
+        want = job.request.logprobs is not None
+        choices = [_Choice() for _ in range(job.n_choices)]
+        offsets = [_Offsets() for _ in choices]
+
+        def chunk(index: int, text: str, finish_reason: str | None, start: int) -> str:
+            c = choices[index]
+            body = {"id": job.id, "object": "text_completion", "created": job.created, "model": self.name,
+                    "choices": [{"text": text, "index": index,
+                                 "logprobs": c.logprobs_json(start) if want else None,
+                                 "finish_reason": finish_reason}]}
+            return _sse(body)
+
+        try:
+            async with contextlib.aclosing(self.run(job)) as items:
+                async for kind, item in items:
+                    if kind == "echo":
+                        index, ids, scored = item
+                        start = len(choices[index].tokens)
+                        text = self._echo(choices[index], ids, scored, want)
+                        offsets[index].position += len(text)
+                        yield chunk(index, text, None, start)
+                        continue
+                    c = choices[item.index]
+                    start = len(c.tokens)
+                    self._add_token(c, offsets[item.index], item, want)
+                    if item.text or item.finish_reason or len(c.tokens) > start:
+                        yield chunk(item.index, item.text, item.finish_reason, start)
+            opts = job.request.stream_options
+            if opts is not None and opts.include_usage:
+                yield _sse({"id": job.id, "object": "text_completion", "created": job.created,
+                            "model": self.name, "choices": [], "usage": self._usage(job, choices)})
+        except APIError as e:
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its event generator as soon as the response ends, also
+    when the client went away mid-stream: that stops the worker and frees the slot now rather
+    than whenever the abandoned generator gets garbage-collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if e.get("type") == "extra_forbidden":
+        return f"{'.'.join(loc)}: unknown or unsupported field", loc[0] if loc else None
+    # a union (prompt) reports one error per member: name the field and what it accepts
+    if loc and loc[0] == "prompt":
+        return ("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
+                "token ids"), "prompt"
+    field_name = ".".join(loc) or "body"
+    return f"{field_name}: {e.get('msg', 'invalid value')}", (loc[0] if loc else None)
+
+
+# ----------------------------------------------------------------------------- the app
+
+def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2", api_key: str | None = None,
+               max_concurrency: int = 4, max_waiting: int = 256) -> FastAPI:
+    """The FastAPI app serving `model` under the name `model_name`. With `api_key`, every /v1
+    request needs `Authorization: Bearer <api_key>`."""
+    model.eval()
+    engine = _Engine(model, tokenizer, model_name, max_concurrency, max_waiting)
+    app = FastAPI(title="gpt2kit", description="OpenAI-compatible completions for GPT-2 models")
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "gpt2kit",
+                "context_length": engine.n_ctx}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "active": engine.active, "waiting": engine.waiting,
+                "max_concurrency": engine.max_concurrency}
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest):
+        job = engine.plan(req)
+        if req.stream:
+            return _ClosingStream(engine.stream(job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await engine.complete(job)
+
+    app.include_router(v1)
+    return app

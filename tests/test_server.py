@@ -1,0 +1,200 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, spoken to by the real `openai` client."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from gpt2kit.generate import generate, prompt_logprobs
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.server import create_app
+from gpt2kit.tokenizer import Tokenizer
+
+KEY = "test-key-123"
+NAME = "tiny-gpt2"
+
+
+@contextlib.contextmanager
+def live(app):
+    """Run `app` under uvicorn in a thread, on a free port of 127.0.0.1."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+class SlowGPT2(GPT2):
+    """Takes 50 ms per forward step: long enough to see a request still running."""
+
+    def hidden_states(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super().hidden_states(*args, **kwargs)
+
+
+def tiny_model(cls=GPT2) -> GPT2:
+    torch.manual_seed(0)
+    model = cls(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)  # sharp distributions: greedy is not decided by rounding
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def url(model, tok):
+    with live(create_app(model, tok, model_name=NAME, api_key=KEY, max_concurrency=4)) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_completion(client, model, tok):
+    r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=8, temperature=0)
+    want = generate(model, tok, "Hello world", max_new_tokens=8, do_sample=False)[0]
+    assert r.object == "text_completion" and r.model == NAME
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == 2 and r.usage.completion_tokens == 8 and r.usage.total_tokens == 10
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_streamed_completion(client, url):
+    stream = client.completions.create(model=NAME, prompt="Stream this", max_tokens=20, temperature=0, stream=True)
+    chunks = list(stream)
+    plain = client.completions.create(model=NAME, prompt="Stream this", max_tokens=20, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    body = {"model": NAME, "prompt": "x", "max_tokens": 3, "stream": True}
+    raw = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = raw.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_n_samples_seed_and_stop(client, model, tok):
+    r = client.completions.create(model=NAME, prompt="Two", max_tokens=10, n=2, seed=7)
+    again = client.completions.create(model=NAME, prompt="Two", max_tokens=10, n=2, seed=7)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    assert r.choices[0].text != r.choices[1].text
+    full = client.completions.create(model=NAME, prompt="Stop", max_tokens=20, temperature=0).choices[0].text
+    stop = full[5:8]
+    cut = client.completions.create(model=NAME, prompt="Stop", max_tokens=20, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_logprobs_and_echo(client, model, tok):
+    r = client.completions.create(model=NAME, prompt="Score every token", max_tokens=0, echo=True, logprobs=2)
+    c = r.choices[0]
+    ids = tok.encode("Score every token")
+    want, _ = prompt_logprobs(model, ids)
+    assert c.text == "Score every token"
+    assert c.logprobs.tokens == [tok.decode([t]) for t in ids]
+    assert c.logprobs.token_logprobs[0] is None
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
+    assert c.logprobs.text_offset == [0, 5, 11]
+    g = client.completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0, logprobs=1).choices[0]
+    assert len(g.logprobs.tokens) == 4 and "".join(g.logprobs.tokens) == g.text
+    # greedy: each chosen token is its step's most probable one
+    assert all(lp == pytest.approx(max(top.values())) for lp, top in zip(g.logprobs.token_logprobs, g.logprobs.top_logprobs))
+
+
+def test_bad_requests_get_clear_errors(client, url):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 64 tokens"):
+        client.completions.create(model=NAME, prompt="Hello", max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as e:
+        client.completions.create(model=NAME, prompt="word " * 70, max_tokens=1)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError, match="temperature: Input should be less than or equal to 2"):
+        client.completions.create(model=NAME, prompt="Hello", temperature=5)
+    with pytest.raises(openai.NotFoundError, match="The model 'gpt-4' does not exist"):
+        client.completions.create(model="gpt-4", prompt="Hello")
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty: unknown or unsupported field"):
+        client.completions.create(model=NAME, prompt="Hello", frequency_penalty=1.0)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": "many"}, headers=headers)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_tokens" and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": [[1, 99999]]}, headers=headers)
+    assert r.status_code == 400 and "token id 99999 is outside the vocabulary" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={**headers, "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
+
+
+def test_wrong_api_key_is_401(url):
+    bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+        bad.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
+
+
+def test_32_concurrent_requests(url, model, tok):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        prompts = [f"Request number {i}" for i in range(32)]
+        calls = [aclient.completions.create(model=NAME, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+        rs = await asyncio.gather(*calls)
+        await aclient.close()
+        return prompts, rs
+
+    prompts, rs = asyncio.run(main())
+    want = generate(model, tok, prompts, max_new_tokens=6, do_sample=False)
+    assert [r.choices[0].text for r in rs] == [w.text for w in want]
+
+
+def test_disconnected_stream_frees_its_slot(tok):
+    app = create_app(tiny_model(SlowGPT2), tok, model_name=NAME, max_concurrency=1)
+    with live(app) as url:
+        body = {"model": NAME, "prompt": "slow", "max_tokens": 60, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ") and json.loads(first[6:])["choices"]
+            assert httpx.get(f"{url}/health").json()["active"] == 1
+            r.close()  # hang up mid-stream
+        # 60 tokens take ~3 s; the slot must come back long before
+        start = time.time()
+        while httpx.get(f"{url}/health").json()["active"] != 0:
+            assert time.time() - start < 1.5, "the disconnected stream still holds its slot"
+            time.sleep(0.05)
+        # and the single slot serves the next request
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "next", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
