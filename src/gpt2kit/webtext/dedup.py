@@ -77,7 +77,8 @@ def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
     """The MinHash signature (num_perm values < 2**32) of a text's shingle set."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=_permutations(cfg.num_perm, cfg.seed))
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=_permutations(cfg.num_perm, cfg.seed),
+                scheme="affine32")
     m.update_batch(list(shingles(text, cfg.ngram)))
     return m.hashvalues.astype(np.uint32)
 

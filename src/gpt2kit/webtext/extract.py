@@ -58,15 +58,15 @@ _WIKI_HTML = re.compile(
 
 
 def looks_binary(body: bytes) -> bool:
-    """A body served as HTML that is not text (NUL bytes, or many control characters).
+    """A body served as HTML that is not markup (NUL bytes, many control characters, no tag).
 
-    >>> looks_binary(b"<html>hi</html>"), looks_binary(bytes(range(256)))
-    (False, True)
+    >>> looks_binary(b"<html>hi</html>"), looks_binary(bytes(range(256))), looks_binary(b"\x82" * 100)
+    (False, True, True)
     """
     head = body[:4096]
     if not head:
         return False
-    if b"\x00" in head:
+    if b"\x00" in head or b"<" not in head:
         return True
     controls = sum(1 for b in head if b < 9 or 13 < b < 32)
     return controls > 0.05 * len(head)

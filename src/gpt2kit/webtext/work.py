@@ -150,7 +150,10 @@ class WorkFolder:
         return list(self.complete(stage)["shards"])
 
     def check_config(self, stage: str, options: dict) -> None:
-        """Record the options of a stage on its first run; refuse a rerun with other options."""
+        """Record the options of a stage on its first run; refuse a rerun with other options.
+        Called when a stage starts: also removes the temporary files of a killed earlier run."""
+        for tmp in self.stage_dir(stage).rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         path = self.root / stage / "_config.json"
         if path.exists():
             old = json.loads(path.read_text(encoding="utf-8"))
