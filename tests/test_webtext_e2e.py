@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_webtext_fetch import FRENCH, HOSTS, article, site, write_dump  # noqa: F401  (site is a fixture)
+from test_webtext_fetch import HOSTS, article, site, write_dump  # noqa: F401  (site is a fixture)
 
 from gpt2kit.webtext import WorkFolder, read_corpus
 from gpt2kit.webtext.work import read_jsonl_zst

@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import zstandard
 
 from gpt2kit.webtext import FetchConfig, Runner, WorkFolder
 from gpt2kit.webtext.fetch import Fetcher, Resolver, address_allowed, fetch
@@ -336,5 +335,6 @@ def test_fetch_resumes_without_refetching_finished_shards(site, tmp_path):
 def write_dump(path: Path, rows: list, *, extra_lines: list[bytes] = ()) -> None:
     """A Reddit-style dump compressed with a long zstd window (as the public dumps are)."""
     data = b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"".join(extra_lines)
-    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27, enable_ldm=True)
-    path.write_bytes(zstandard.ZstdCompressor(compression_params=params).compress(data))
+    from test_webtext import long_window_zst
+
+    path.write_bytes(long_window_zst(data))

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import json
 import logging
 import lzma
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .work import (Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, stable_hash,
@@ -145,48 +144,70 @@ def shard_of(url: str, shards: int) -> int:
 # Dumps
 
 
-def open_dump(path: Path) -> BinaryIO:
+class TruncatedDump(Exception):
+    pass
+
+
+def _zst_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a zstd file (any number of frames). The stream reader of `zstandard` ends quietly
+    at a cut-off frame; a decompression object tells a complete frame from a truncated one."""
+    import zstandard
+
+    # The public monthly dumps are compressed with --long=31: allow that window.
+    dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+    obj, pending, rest = dctx.decompressobj(), False, b""
+    with open(path, "rb") as f:
+        while raw := f.read(1 << 20):
+            while raw:
+                pending = True
+                data = rest + obj.decompress(raw)
+                raw = b""
+                if obj.eof:
+                    raw, obj, pending = obj.unused_data, dctx.decompressobj(), False
+                *lines, rest = data.split(b"\n")
+                yield from lines
+    if pending:
+        raise TruncatedDump("the last zstd frame is cut off")
+    if rest:
+        yield rest
+
+
+def _stream_lines(path: Path) -> Iterator[bytes]:
     name = path.name.lower()
     if name.endswith(".zst"):
-        import zstandard
-
-        # The public monthly dumps are compressed with --long=31: allow that window.
-        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-        return io.BufferedReader(dctx.stream_reader(open(path, "rb"), closefd=True))  # type: ignore[arg-type]
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".xz"):
-        return lzma.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
+        yield from _zst_lines(path)
+        return
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(name).suffix, open)
+    with opener(path, "rb") as f:
+        yield from f
 
 
 def iter_dump(path: Path, counts: dict) -> Iterator[dict]:
     """The JSON objects of a dump; bad lines and a truncated end are counted in `counts`."""
     try:
-        with open_dump(path) as f:
-            for raw in f:
-                counts["lines"] += 1
-                try:
-                    obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    counts["bad_lines"] += 1
-                    continue
-                if not isinstance(obj, dict):
-                    counts["bad_lines"] += 1
-                    continue
-                yield obj
+        for raw in _stream_lines(path):
+            if not raw.strip():
+                continue
+            counts["lines"] += 1
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                counts["bad_lines"] += 1
+                continue
+            if not isinstance(obj, dict):
+                counts["bad_lines"] += 1
+                continue
+            yield obj
     except FileNotFoundError:
         raise WebTextError(f"{path}: no such dump file") from None
-    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:  # zstd/gzip/bz2/xz damage
+    except (TruncatedDump, OSError, EOFError, lzma.LZMAError, ValueError) as e:
         counts["truncated_files"] += 1
-        log.warning("%s: stopped reading at line %d: %s", path, counts["lines"], e)
+        log.warning("%s: stopped reading after line %d: %s", path, counts["lines"], e)
     except Exception as e:
         if type(e).__name__ != "ZstdError":
             raise
         counts["truncated_files"] += 1
-        log.warning("%s: stopped reading at line %d: %s", path, counts["lines"], e)
+        log.warning("%s: stopped reading after line %d: %s", path, counts["lines"], e)
 
 
 def _number(value) -> float | None:

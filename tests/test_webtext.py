@@ -1,0 +1,308 @@
+"""WebText stages without the network: links, extraction, de-duplication, shards, parallel runners."""
+from __future__ import annotations
+
+import bz2
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2kit.webtext import (DedupConfig, ExtractConfig, LinksConfig, Runner, WebTextError, WorkFolder, canonicalize_url,
+                             dedup, extract, links, read_corpus, shard)
+from gpt2kit.webtext.dedup import (band_keys, candidate_pairs, lsh_params, minhash_signature, near_duplicates, shingles,
+                                   text_hash)
+from gpt2kit.webtext.extract import clean_text, extract_page, identify_language, is_wikipedia_copy
+from gpt2kit.webtext.links import BadURL, shard_of
+from gpt2kit.webtext.work import read_jsonl_zst, write_jsonl_zst
+
+JULY_2017 = 1_500_000_000
+
+
+def post(url, score=10, **kw):
+    return {"url": url, "score": score, "created_utc": JULY_2017, "subreddit": "news", "is_self": False,
+            "over_18": False, "domain": "x", **kw}
+
+
+def zst_dump(path: Path, rows, extra: bytes = b"") -> Path:
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows) + extra
+    path.write_bytes(long_window_zst(data))
+    return path
+
+
+def long_window_zst(data: bytes) -> bytes:
+    """zstd as the public dumps are made (`zstd --long=28`): streamed, so the frame keeps a 256 MiB
+    window that a default decompressor refuses."""
+    import io
+
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28, enable_ldm=True)
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(buf, closefd=False) as w:
+        w.write(data)
+    out = buf.getvalue()
+    assert zstandard.get_frame_parameters(out).window_size == 2**28
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# links
+
+
+@pytest.mark.parametrize("raw, canon", [
+    ("HTTPS://WWW.Example.com:443/Path?b=2&a=1#frag", "https://www.example.com/Path?a=1&b=2"),
+    ("http://example.com", "http://example.com/"),
+    ("http://example.com:8080/x?utm_source=r&utm_medium=s&id=7&fbclid=z", "http://example.com:8080/x?id=7"),
+    ("http://user:pw@example.com./a b", "http://example.com/a%20b"),
+    ("http://example.com/?q=a&amp;r=b", "http://example.com/?q=a&r=b"),
+    ("http://BÜCHER.de/ü", "http://xn--bcher-kva.de/%C3%BC"),
+])
+def test_canonicalize_url(raw, canon):
+    assert canonicalize_url(raw) == canon
+
+
+@pytest.mark.parametrize("bad", ["ftp://example.com/x", "javascript:alert(1)", "http://", "http://exa mple.com/",
+                                 "http://example.com:99999/"])
+def test_canonicalize_url_rejects(bad):
+    with pytest.raises(BadURL):
+        canonicalize_url(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["http", "HTTP", "https"]), st.sampled_from(["example.com", "Example.COM", "a.b.org"]),
+       st.text(alphabet="abc/-_.~%20", max_size=12), st.lists(st.tuples(st.sampled_from(["a", "b", "utm_x", "ref"]),
+                                                                         st.text(alphabet="xyz", max_size=3)), max_size=4))
+def test_canonicalize_url_is_idempotent(scheme, host, path, query):
+    url = f"{scheme}://{host}/{path}?" + "&".join(f"{k}={v}" for k, v in query)
+    once = canonicalize_url(url)
+    assert canonicalize_url(once) == once
+    assert "utm_" not in once and "#" not in once
+
+
+def test_links_filters_dedups_and_keeps_highest_karma(tmp_path):
+    rows = [
+        post("http://news.example/a", 5, subreddit="a"),
+        post("http://NEWS.example/a?utm_source=x#c", 50, subreddit="b"),      # same page, more karma
+        post("http://news.example/a", 50, subreddit="c", created_utc=JULY_2017 - 10),   # same karma, earlier: kept
+        post("http://news.example/b", 2),                                     # low karma
+        post("http://news.example/c", 3, created_utc="1512086400"),           # 2017-12-01: not before the cutoff
+        post("http://news.example/d", 3, created_utc="1512086399"),           # string timestamps (old dumps)
+        post("https://www.reddit.com/r/x/comments/1/", 99, is_self=True),     # self post
+        post("https://en.m.wikipedia.org/wiki/X", 99),                       # Wikipedia
+        post("https://i.imgur.com/x.jpg", 99),                               # blocked media domain
+        post("http://news.example/pic.PNG", 99),                             # image by extension
+        post("http://news.example/doc.pdf?dl=1", 99),                        # PDF
+        post("http://news.example/e", 99, subreddit="Spam"),                 # blocked subreddit
+        post("http://news.example/f", 99, over_18=True),                     # kept: NSFW is not dropped by default
+        post("mailto:someone@example.com", 99),                              # bad URL
+        {"url": "http://news.example/g", "score": 9},                        # no created_utc: a bad line
+    ]
+    plain = tmp_path / "RS_2017-07.ndjson"
+    plain.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n\n", encoding="utf-8")
+    zst = zst_dump(tmp_path / "RS_2017-08.zst", [post("http://news.example/a", 70, subreddit="z"),
+                                                 post("http://other.example/x", 4)])
+    totals = links(tmp_path / "w", [plain, zst], LinksConfig(shards=3, blocked_subreddits=("spam",)))
+    got = {r["url"]: r for k in range(3) for r in read_jsonl_zst(tmp_path / "w" / "links" / f"links-{k:05d}.jsonl.zst")}
+    assert sorted(got) == ["http://news.example/a", "http://news.example/d", "http://news.example/f",
+                           "http://other.example/x"]
+    a = got["http://news.example/a"]
+    assert (a["score"], a["subreddit"], a["posts"]) == (70, "z", 4)
+    assert got["http://news.example/d"]["created_utc"] == 1512086399
+    expect = {"lines": 18, "bad_lines": 2, "dump_files": 2, "kept": 7, "links": 4, "low_score": 1, "after_cutoff": 1,
+              "self_post": 1, "wikipedia": 1, "blocked_domain": 1, "not_html": 2, "blocked_subreddit": 1, "bad_url": 1}
+    assert {k: totals[k] for k in expect} == expect
+    # every host's links sit in one shard, the one its hash names
+    for k in range(3):
+        for r in read_jsonl_zst(tmp_path / "w" / "links" / f"links-{k:05d}.jsonl.zst"):
+            assert shard_of(r["url"], 3) == k
+
+
+def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
+    rows = [post(f"http://site{i}.example/p") for i in range(300)]
+    full = zst_dump(tmp_path / "full.zst", rows)
+    cut = tmp_path / "cut.zst"
+    cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])   # a download that stopped half-way
+    bz = tmp_path / "old.bz2"
+    bz.write_bytes(bz2.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows[:5]) + b"\xff\xfe garbage\n"))
+    totals = links(tmp_path / "w", [cut, bz], LinksConfig(shards=2))
+    assert totals["truncated_files"] == 1 and totals["bad_lines"] == 1
+    assert 5 <= totals["links"] < 300     # whatever came before the damage is kept
+
+
+def test_links_rerun_is_resumable_and_guards_options(tmp_path):
+    dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1"), post("http://b.example/2")])
+    links(tmp_path / "w", [dump], LinksConfig(shards=2))
+    done = sorted(p.name for p in (tmp_path / "w" / "links" / "_done").iterdir())
+    assert len(done) == 3   # one dump task and two shard tasks
+    again = links(tmp_path / "w", [dump], LinksConfig(shards=2))
+    assert again["skipped_tasks"] == 3 and again["links"] == 2
+    with pytest.raises(WebTextError, match="other options .*min_score"):
+        links(tmp_path / "w", [dump], LinksConfig(shards=2, min_score=10))
+    with pytest.raises(WebTextError, match="no such dump"):
+        links(tmp_path / "w2", [tmp_path / "nope.zst"])
+    with pytest.raises(WebTextError, match="stage 'fetch' has not finished; run `gpt2kit webtext fetch"):
+        extract(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# extract
+
+
+ENGLISH = ("The river flooded the old town after three days of heavy rain, and the people who lived near the water "
+           "moved their furniture to the upper floors. ") * 12
+
+
+def html(body: str, head: str = "") -> bytes:
+    return (f"<html><head><title>T</title>{head}</head><body><nav>Home</nav><article>"
+            f"{body}<p>Share this article</p></article></body></html>").encode()
+
+
+def test_extract_page_verdicts():
+    cfg = ExtractConfig(min_words=40)
+    verdict, text, lang = extract_page(html(f"<p>{ENGLISH}</p>"), "http://n.example/a", cfg)
+    assert (verdict, lang) == ("kept", "en") and "The river flooded" in text and "Share this" not in text
+    assert extract_page(html("<p>Too short to keep.</p>"), "http://n.example/a", cfg)[0] == "too_short"
+    german = "Der Fluss trat nach drei Tagen starken Regens über die Ufer, und die Menschen brachten ihre Möbel nach oben. " * 10
+    assert extract_page(html(f"<p>{german}</p>"), "http://n.example/a", cfg)[:3:2] == ("not_language", "de")
+    assert extract_page(html(f"<p>{german}</p>"), "http://n.example/a", ExtractConfig(min_words=40, languages=()))[0] == "kept"
+    assert extract_page(b"\x00\x01binary" * 500, "http://n.example/a", cfg)[0] == "binary"
+    assert extract_page(html(f"<p>{ENGLISH}</p>"), "https://en.wikipedia.org/wiki/X", cfg)[0] == "wikipedia"
+    canon = "<link rel='canonical' href='https://en.wikipedia.org/wiki/Flood'>"
+    assert extract_page(html(f"<p>{ENGLISH}</p>", canon), "http://mirror.example/Flood", cfg)[0] == "wikipedia_mirror"
+    copy = f"<p>From Wikipedia, the free encyclopedia</p><p>{ENGLISH}</p>"
+    assert extract_page(html(copy), "http://mirror.example/Flood", cfg)[0] == "wikipedia_mirror"
+    assert extract_page(b"<html><body><div><p>unclosed <b>tags <<>> &bogus;", "http://n.example/a", cfg)[0] in (
+        "no_text", "too_short")
+    assert not is_wikipedia_copy(html(f"<p>{ENGLISH} See the Wikipedia article for more.</p>"), ENGLISH)
+
+
+def test_clean_text_and_language_model_is_packaged():
+    assert clean_text("Advertisement\nA real line of text.\n\n\n\nCookie policy\nFollow us on Twitter\nEnd.") == \
+        "A real line of text.\n\nEnd."
+    long_line = "Click here " + "to read the whole long story about the flood that we wrote " * 3
+    assert clean_text(long_line) == long_line.strip()   # only short lines can be boilerplate
+    import py3langid
+
+    assert (Path(py3langid.__file__).parent / "data").is_dir()   # the model ships inside the package
+    assert identify_language(ENGLISH) == "en"
+
+
+# ---------------------------------------------------------------------------------------------
+# dedup
+
+
+def test_exact_hash_normalizes_case_space_punctuation():
+    assert text_hash("Hello,   World!") == text_hash("hello world") != text_hash("hello there world")
+
+
+def _words(rng, n):
+    vocab = [f"w{i}" for i in range(3000)]
+    return [rng.choice(vocab) for _ in range(n)]
+
+
+def test_minhash_estimates_jaccard_and_lsh_matches_datasketch():
+    from datasketch import MinHash, MinHashLSH
+
+    cfg = DedupConfig()
+    rng = random.Random(0)
+    base = [_words(rng, 200) for _ in range(30)]
+    texts = []
+    for w in base:
+        texts.append(" ".join(w))
+        v = list(w)
+        for i in rng.sample(range(200), rng.choice([2, 8, 20, 60])):
+            v[i] = "x"
+        texts.append(" ".join(v))
+    sigs = np.stack([minhash_signature(t, cfg) for t in texts])
+    # the signature agrees with the true Jaccard similarity of the shingle sets
+    for i in range(0, 20, 2):
+        a, b = shingles(texts[i]), shingles(texts[i + 1])
+        assert abs((sigs[i] == sigs[i + 1]).mean() - len(a & b) / len(a | b)) < 0.15
+    # the banded candidates are exactly the pairs datasketch's MinHashLSH returns
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    assert (bands, rows) == (25, 5)
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+    hashes = []
+    for i, t in enumerate(texts):
+        m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
+        m.update_batch(list(shingles(t)))
+        assert np.array_equal(m.hashvalues.astype(np.uint32), sigs[i])
+        lsh.insert(i, m)
+        hashes.append(m)
+    theirs = {tuple(sorted((i, j))) for i, m in enumerate(hashes) for j in lsh.query(m) if j != i}
+    ours = {tuple(p) for p in candidate_pairs(band_keys(sigs, bands, rows)).tolist()}
+    assert ours == theirs and len(ours) >= 20
+
+
+def test_near_duplicates_greedy_keeps_first_of_each_group():
+    cfg = DedupConfig()
+    rng = random.Random(1)
+    a, b = _words(rng, 300), _words(rng, 300)
+    a2 = list(a)
+    a2[150] = "changed"
+    far = list(a)
+    for i in range(0, 300, 3):
+        far[i] = "zz"
+    texts = [" ".join(x) for x in (a, b, a2, far)]
+    sigs = np.stack([minhash_signature(t, cfg) for t in texts])
+    bands, rows = lsh_params(0.5, 128)
+    assert near_duplicates(sigs, 0.5, bands, rows).tolist() == [-1, -1, 0, -1]
+
+
+def _extract_stage(work: Path, shards: list[list[dict]]) -> None:
+    wf = WorkFolder(work)
+    for k, docs in enumerate(shards):
+        write_jsonl_zst(work / "extract" / f"extract-{k:05d}.jsonl.zst", docs)
+    wf.finish("extract", range(len(shards)), {"docs": sum(map(len, shards))})
+    for stage in ("links", "fetch"):   # the report reads the upstream totals
+        wf.finish(stage, range(len(shards)), {})
+
+
+def doc(url, text, score):
+    return {"text": text, "url": url, "final_url": url, "subreddit": "s", "score": score, "created_utc": JULY_2017,
+            "fetched_at": "2026-01-01T00:00:00Z", "lang": "en"}
+
+
+@pytest.mark.parametrize("runner", [Runner(), Runner(workers=2), Runner(engine="dask")], ids=["inline", "processes", "dask"])
+def test_dedup_and_shard_stages(tmp_path, runner):
+    rng = random.Random(2)
+    t1, t2, t3 = (" ".join(_words(rng, 120)) for _ in range(3))
+    near = t2.replace(t2.split()[60], "different", 1)
+    shards = [[doc("http://a.example/1", t1, 5), doc("http://a.example/2", t2, 9)],
+              [doc("http://b.example/1", t1.upper() + " !", 7),      # exact duplicate after normalization
+               doc("http://b.example/2", near, 20),                 # near duplicate, more karma: it stays
+               doc("http://b.example/3", t3, 1)], []]
+    _extract_stage(tmp_path, shards)
+    totals = dedup(tmp_path, DedupConfig(), runner)
+    assert (totals["docs_in"], totals["exact_duplicates"], totals["near_duplicates"], totals["docs"]) == (5, 1, 1, 3)
+    dups = {d["url"]: (d["kind"], d["duplicate_of"]) for d in read_jsonl_zst(tmp_path / "dedup" / "duplicates.jsonl.zst")}
+    assert dups == {"http://a.example/1": ("exact", "http://b.example/1"), "http://a.example/2": ("near", "http://b.example/2")}
+    out = shard(tmp_path, runner=runner)
+    assert out["docs"] == 3
+    docs = read_corpus(tmp_path)
+    assert [d["url"] for d in docs] == ["http://b.example/1", "http://b.example/2", "http://b.example/3"]
+    assert all(list(d) == ["text", "url", "subreddit", "score", "created_utc", "fetched_at"] for d in docs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["top_domains"] == [["b.example", 3]]
+    assert (tmp_path / "funnel.png").stat().st_size > 1000
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path, cli):
+    r = cli("webtext", "fetch", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("gpt2kit: error:") and "webtext links" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1")])
+    r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--cutoff", "last tuesday")
+    assert r.returncode == 2 and "--cutoff" in r.stderr
+    r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--shards", "2")
+    assert r.returncode == 0 and "1 unique links" in r.stdout, r.stderr
+
+
+def test_long_window_dumps_need_the_long_window(tmp_path):
+    dump = zst_dump(tmp_path / "RS.zst", [post("http://a.example/1")])
+    with pytest.raises(zstandard.ZstdError, match="too much memory"):
+        zstandard.ZstdDecompressor().decompressobj().decompress(dump.read_bytes())
+    assert links(tmp_path / "w", [dump], LinksConfig(shards=1))["links"] == 1
