@@ -1,6 +1,7 @@
 """The model against its oracle, transformers.GPT2LMHeadModel, with the same random weights."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -48,9 +49,14 @@ def test_presets_and_param_counts():
     for name, n in expected.items():
         with torch.device("meta"):
             m = GPT2(PRESETS[name])
-        assert m.num_params() == n
+        assert m.num_params() == n == PRESETS[name].num_params()
         assert m.num_params(include_embedding=False) == n - 50257 * PRESETS[name].n_embd
     assert {"tiny", "mini", "small-cpu"} <= set(PRESETS)
+    for cfg in PRESETS.values():
+        with torch.device("meta"):
+            m = GPT2(dataclasses.replace(cfg, padded_vocab_multiple=64))
+        assert m.num_params() == cfg.num_params()
+        assert m.num_params(include_embedding=False) == cfg.num_params(include_embedding=False)
     assert GPT2Config.from_preset("gpt2", n_ctx=256).n_ctx == 256
     with pytest.raises(ConfigError, match=r"unknown model preset 'gpt3'; valid presets: gpt2, gpt2-medium"):
         GPT2Config.from_preset("gpt3")

@@ -64,6 +64,13 @@ class GPT2Config:
         m = self.padded_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        """What `GPT2(config).num_params()` returns, from the shapes alone."""
+        C = self.n_embd
+        per_block = 12 * C * C + 13 * C  # c_attn, c_proj, c_fc, c_proj + biases, two LayerNorms
+        n = self.n_ctx * C + self.n_layer * per_block + 2 * C
+        return n + self.vocab_size * C if include_embedding else n
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPT2Config":
         """A named preset (see `PRESETS`), with fields replaced by `overrides`."""
@@ -231,6 +238,8 @@ class GPT2(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = TiedLMHead(self.transformer.wte, config.vocab_size)
+        if self.transformer.wte.weight.is_meta:
+            return  # shapes only (model info, or weights about to be assigned): nothing to init
         self.apply(self._init_weights)
         # §2.3: "scale the weights of residual layers at initialization by 1/sqrt(N)", N = the
         # number of residual layers (two per block: attention and MLP).

@@ -657,7 +657,7 @@ def _download(name: str) -> Path | None:
         try:
             return Path(snapshot_download(repo, allow_patterns=patterns))
         except Exception as e:  # network down, repo missing, hub refusing: fall back to the message
-            log.info("download of %s from the Hugging Face hub failed: %s", repo, e)
+            log.debug("download of %s from the Hugging Face hub failed: %s", repo, e)
     return None
 
 
@@ -719,7 +719,10 @@ def config_of(name_or_path: str | os.PathLike) -> GPT2Config:
 
     if str(name_or_path) in PRESETS and not Path(name_or_path).exists():
         return PRESETS[str(name_or_path)]
-    folder = resolve(name_or_path)
+    try:
+        folder = resolve(name_or_path)
+    except WeightsError as e:
+        raise WeightsError(f"not a preset ({', '.join(PRESETS)}) nor a readable model: {e}") from None
     if (folder / "config.json").exists():
         return config_from_hf(folder / "config.json")
     h = _read_json(folder / "hparams.json")
