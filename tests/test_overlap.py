@@ -117,6 +117,20 @@ def test_no_false_negatives_in_a_crowded_batch():
     assert bf.contains_hashes(h1, h2).all()
 
 
+@pytest.mark.parametrize("capacity, fpr", [(2_000, 0.2), (20_000, 1e-8)])
+def test_numba_and_numpy_engines_agree_bit_for_bit(capacity, fpr):
+    rng = np.random.default_rng(1)
+    h1, h2, q1, q2 = rng.integers(0, 2**64, (4, 3 * capacity), dtype=np.uint64)
+    fast, ref = (BloomFilter.new(capacity=capacity, fpr=fpr, engine=e) for e in ("numba", "numpy"))
+    fast.add_hashes(h1, h2)
+    ref.add_hashes(h1, h2)
+    assert np.array_equal(fast.bits, ref.bits) and fast.bits.any()
+    assert np.array_equal(fast.contains_hashes(q1, q2), ref.contains_hashes(q1, q2))
+    assert fast.contains_hashes(h1, h2).all()
+    with pytest.raises(OverlapError, match="engine must be one of"):
+        BloomFilter.new(capacity=10, engine="rust")
+
+
 def _filled(capacity: int, fpr: float, seed: int = 0) -> BloomFilter:
     rng = np.random.default_rng(seed)
     bf = BloomFilter.new(capacity=capacity, fpr=fpr)
