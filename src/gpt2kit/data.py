@@ -1,0 +1,458 @@
+"""Token shards: corpus -> uint16 memmaps on disk -> training batches.
+
+`prepare` turns text inputs (anything `gpt2kit.corpus.iter_documents` reads) into a folder:
+
+    meta.json                 tokenizer fingerprint, token/char counts, sources, shard list
+    tokenizer/                the tokenizer that made the shards (so the folder is self-contained)
+    train_000000.bin ...      raw little-endian uint16 token ids, `shard_tokens` per shard
+    val_000000.bin ...        (the last shard of a split may be shorter)
+
+Documents are cut at paragraph boundaries into segments of about `segment_chars` characters;
+every k-th segment (k = round(1 / val_fraction)) goes to the validation split, so the held-out text
+is spread evenly over the corpus and the split never depends on worker count or timing. Each run of
+consecutive segments of one document is preceded by `<|endoftext|>`, so the model always sees a
+document boundary where the text is discontinuous (GPT-2 separates documents the same way).
+
+Rerunning `prepare` with the same arguments skips finished shards: after each shard, a progress
+file records how far each split's stream got, and a resumed run only reads (not tokenizes) the
+segments before that point.
+
+The batch functions at the bottom are pure: offsets for an optimizer step depend only on
+(seed, step), so a resumed or distributed run reads exactly the windows an uninterrupted
+single-process run would.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .corpus import expand_inputs, iter_file_documents
+from .errors import GPT2KitError, InputFileError
+from .io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gpt2kit-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+DTYPE = np.uint16
+
+
+class DataError(GPT2KitError):
+    """A shard folder is missing, incomplete, or does not match what it is used with."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmenting documents and assigning them to splits (pure)
+
+
+def split_segments(text: str, segment_chars: int) -> list[str]:
+    """Cut `text` into pieces of at least `segment_chars` characters, each ending at a paragraph
+    break (a blank line) where possible, else at a line break, else at the end of the text.
+    The pieces concatenate back to `text`.
+
+    >>> split_segments("aa\\n\\nbb\\n\\ncc", 3)
+    ['aa\\n\\nbb\\n\\n', 'cc']
+    """
+    out: list[str] = []
+    start = 0
+    n = len(text)
+    while start < n:
+        if n - start <= segment_chars:
+            out.append(text[start:])
+            break
+        cut = text.find("\n\n", start + segment_chars)
+        if cut >= 0:
+            cut += 2
+        else:
+            cut = text.find("\n", start + segment_chars)
+            cut = n if cut < 0 else cut + 1
+        out.append(text[start:cut])
+        start = cut
+    return out
+
+
+def val_period(val_fraction: float) -> int:
+    """Every how many segments one goes to the validation split (0: no validation split)."""
+    if val_fraction <= 0:
+        return 0
+    if val_fraction > 0.5:
+        raise DataError(f"val_fraction must be in [0, 0.5], got {val_fraction}")
+    return max(2, round(1 / val_fraction))
+
+
+def split_of(index: int, period: int) -> str:
+    """The split of the segment with this global index: the middle one of every `period`."""
+    return "val" if period and index % period == period // 2 else "train"
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int          # global position in the corpus's segment stream
+    split: str
+    boundary: bool      # preceded by <|endoftext|> in its split's stream
+    text: str
+
+
+def iter_segments(paths: Sequence[Path], *, field: str, segment_chars: int, period: int) -> Iterator[Segment]:
+    """All segments of the inputs, in order, each with its split and whether a document boundary
+    (an <|endoftext|>) precedes it in that split's stream."""
+    index = 0
+    last = {s: -2 for s in SPLITS}  # global index of the last segment appended to each split
+    for path in paths:
+        for doc in iter_file_documents(path, field=field):
+            if not doc:
+                continue
+            for i, text in enumerate(split_segments(doc, segment_chars)):
+                split = split_of(index, period)
+                # A new document, or a gap inside this one (the other split took the segment before).
+                boundary = i == 0 or last[split] != index - 1
+                last[split] = index
+                yield Segment(index, split, boundary, text)
+                index += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing in worker processes
+
+_worker_tokenizer = None
+
+
+def _load_tokenizer(spec: str):
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(spec)
+
+
+def _worker_init(spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = _load_tokenizer(spec)
+
+
+def _worker_encode(text: str) -> np.ndarray:
+    return np.asarray(_worker_tokenizer.encode_ordinary(text), dtype=DTYPE)  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}_{i:06d}.bin"
+
+
+class _ShardWriter:
+    """One split's token stream, cut into fixed-size shards written atomically.
+
+    `disk` describes what is on disk: the shards, their token count, the characters and segments
+    wholly inside them, and the resume point (the first segment not wholly on disk, and how many
+    of its tokens are).
+    """
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, disk: dict | None):
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.disk = disk or {"shards": [], "tokens": 0, "chars": 0, "segments": 0, "next_segment": 0, "skip": 0}
+        self.shards: list[str] = list(self.disk["shards"])
+        self.chars, self.segments = self.disk["chars"], self.disk["segments"]
+        self.skip = self.disk["skip"]
+        self.pending: list[list] = []  # [segment index, tokens not yet on disk, chars, tokens already on disk]
+        self.buffered = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.disk["tokens"] + self.buffered
+
+    def add(self, seg_index: int, ids: np.ndarray, n_chars: int) -> bool:
+        """Append one segment's tokens; True when a shard was written."""
+        done = 0
+        if self.skip:
+            ids, done, self.skip = ids[self.skip:], self.skip, 0
+        self.pending.append([seg_index, ids, n_chars, done])
+        self.buffered += len(ids)
+        wrote = False
+        while self.buffered >= self.shard_tokens:
+            self._write(self._take(self.shard_tokens))
+            wrote = True
+        return wrote
+
+    def finish(self) -> None:
+        if self.buffered:
+            self._write(self._take(self.buffered))
+
+    def _take(self, n: int) -> np.ndarray:
+        parts = []
+        while n:
+            entry = self.pending[0]
+            k = min(n, len(entry[1]))
+            parts.append(entry[1][:k])
+            entry[1], entry[3] = entry[1][k:], entry[3] + k
+            n -= k
+            self.buffered -= k
+            if not len(entry[1]):
+                self.pending.pop(0)
+                self.chars += entry[2]
+                self.segments += 1
+                self.disk["next_segment"] = entry[0] + 1
+        return np.concatenate(parts)
+
+    def _write(self, arr: np.ndarray) -> None:
+        name = shard_name(self.split, len(self.shards))
+        with atomic_path(self.out / name) as tmp:
+            arr.astype(DTYPE, copy=False).tofile(tmp)
+        self.shards.append(name)
+        head = self.pending[0] if self.pending else None
+        self.disk = {"shards": list(self.shards), "tokens": self.disk["tokens"] + len(arr),
+                     "chars": self.chars, "segments": self.segments,
+                     "next_segment": head[0] if head else self.disk["next_segment"],
+                     "skip": head[3] if head else 0}
+
+
+def _sources(paths: Sequence[Path]) -> list[dict]:
+    return [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths]
+
+
+def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, tokenizer: str = "gpt2",
+            field: str = "text", val_fraction: float = 0.005, shard_tokens: int = 100_000_000,
+            segment_chars: int = 10_000, workers: int = 1, progress: bool = False) -> dict:
+    """Tokenize `inputs` into shards under `out` and return the metadata (also `out/meta.json`).
+
+    `tokenizer` is anything `Tokenizer.from_pretrained` accepts (a released name or a folder).
+    """
+    from .tokenizer import Tokenizer
+
+    out = Path(out)
+    paths = expand_inputs(inputs)
+    tok = Tokenizer.from_pretrained(tokenizer)
+    if tok.n_vocab > np.iinfo(DTYPE).max + 1:
+        raise DataError(f"tokenizer {tokenizer}: {tok.n_vocab} tokens do not fit uint16 shards (at most 65536)")
+    if shard_tokens < 1 or segment_chars < 1:
+        raise DataError("shard_tokens and segment_chars must be positive")
+    period = val_period(val_fraction)
+    settings = {
+        "tokenizer_fingerprint": tok.fingerprint, "field": field, "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens, "segment_chars": segment_chars, "sources": _sources(paths),
+    }
+    meta_path, progress_path = out / "meta.json", out / "progress.json"
+    if meta_path.exists():
+        meta = read_meta(out)
+        if meta.get("settings") == settings:
+            log.info("%s: already prepared (%d train, %d val tokens)", out,
+                     meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
+            return meta
+        raise DataError(f"{out}: holds shards prepared with other inputs or settings; choose another --out")
+    state = None
+    if progress_path.exists():
+        state = _read_json(progress_path)
+        if state.get("settings") != settings:
+            raise DataError(f"{progress_path}: an unfinished run with other inputs or settings; choose another --out")
+        log.info("%s: resuming after %s", out, ", ".join(f"{len(state[s]['shards'])} {s} shards" for s in SPLITS))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tokenizer")
+    writers = {s: _ShardWriter(out, s, shard_tokens, state and state[s]) for s in SPLITS}
+
+    def todo() -> Iterator[Segment]:
+        for seg in iter_segments(paths, field=field, segment_chars=segment_chars, period=period):
+            if seg.index >= writers[seg.split].disk["next_segment"]:
+                yield seg
+
+    def save_progress() -> None:
+        write_json(progress_path, {"settings": settings, **{s: w.disk for s, w in writers.items()}})
+
+    eot = tok.eot_token
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="prepare")
+    segs = todo()
+    if workers > 1:
+        import multiprocessing as mp
+
+        # spawn, not fork: the tokenizer may hold threads (Rust) that do not survive a fork.
+        pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(str(tokenizer),))
+        pending: list[Segment] = []
+
+        def texts() -> Iterator[str]:
+            for seg in segs:
+                pending.append(seg)
+                yield seg.text
+
+        encoded = pool.imap(_worker_encode, texts(), chunksize=8)
+    else:
+        pool = None
+        pending = []
+
+        def _enc() -> Iterator[np.ndarray]:
+            for seg in segs:
+                pending.append(seg)
+                yield np.asarray(tok.encode_ordinary(seg.text), dtype=DTYPE)
+
+        encoded = _enc()
+    try:
+        for ids in encoded:
+            seg = pending.pop(0)
+            if seg.boundary:
+                ids = np.concatenate([np.array([eot], dtype=DTYPE), ids])
+            if writers[seg.split].add(seg.index, ids, len(seg.text)):
+                save_progress()
+            if bar is not None:
+                bar.update(len(seg.text.encode("utf-8")))
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    for w in writers.values():
+        w.finish()
+    if writers["train"].tokens == 0:
+        raise InputFileError(paths[0] if len(paths) == 1 else out, "the corpus holds no text")
+    if period and writers["val"].tokens == 0:
+        raise DataError(f"{out}: too little text for a validation split with val_fraction={val_fraction} "
+                        f"({writers['train'].segments} segments); lower --segment-chars or set --val-fraction 0")
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "dtype": "uint16",
+        "tokenizer": {"fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab, "eot_token": eot,
+                      "source": str(tokenizer), "folder": "tokenizer"},
+        "settings": settings,
+        "splits": {s: {"shards": w.shards, "tokens": w.tokens, "chars": w.chars, "segments": w.segments}
+                   for s, w in writers.items()},
+    }
+    write_json(meta_path, meta)
+    progress_path.unlink(missing_ok=True)
+    return meta
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputFileError(path, f"cannot read JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / "meta.json"
+    if not path.exists():
+        hint = " (an unfinished `gpt2kit prepare`: rerun it)" if (folder / "progress.json").exists() else ""
+        raise DataError(f"{folder}: not a prepared shard folder, no meta.json{hint}")
+    meta = _read_json(path)
+    if meta.get("format") != FORMAT:
+        raise InputFileError(path, f"expected format {FORMAT!r}, got {meta.get('format')!r}")
+    return meta
+
+
+class TokenStream:
+    """The shards of one split, read through memmaps as one long token sequence."""
+
+    def __init__(self, folder: str | os.PathLike, split: str):
+        folder = Path(folder)
+        meta = read_meta(folder)
+        if split not in meta["splits"]:
+            raise DataError(f"{folder}: no split {split!r}")
+        self.shards = []
+        for name in meta["splits"][split]["shards"]:
+            path = folder / name
+            if not path.exists():
+                raise InputFileError(path, "shard listed in meta.json is missing")
+            self.shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        if self.starts[-1] != meta["splits"][split]["tokens"]:
+            raise DataError(f"{folder}: {split} shards hold {self.starts[-1]} tokens, meta.json says "
+                            f"{meta['splits'][split]['tokens']}")
+        self.meta = meta
+        self.chars = int(meta["splits"][split]["chars"])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as int64, across shard boundaries if need be."""
+        parts = []
+        pos, end = start, start + length
+        i = int(np.searchsorted(self.starts, pos, side="right") - 1)
+        while pos < end:
+            lo = pos - self.starts[i]
+            take = min(end - pos, len(self.shards[i]) - lo)
+            parts.append(self.shards[i][lo:lo + take])
+            pos += take
+            i += 1
+        return np.concatenate(parts).astype(np.int64) if len(parts) > 1 else parts[0].astype(np.int64)
+
+
+def fingerprint_of(folder: str | os.PathLike) -> str:
+    return read_meta(folder)["tokenizer"]["fingerprint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches (pure functions)
+
+
+def step_offsets(seed: int, step: int, n_tokens: int, block_size: int, batch_size: int, *,
+                 stream: int = 0) -> np.ndarray:
+    """Start offsets of the `batch_size` windows (of block_size+1 tokens) of optimizer step `step`
+    (`stream` tells independent uses apart: 0 training, 1 the fixed validation batches).
+
+    A pure function of its arguments: resuming at step s or splitting the batch across ranks reads
+    exactly the windows an uninterrupted single-process run reads.
+    """
+    if n_tokens < block_size + 1:
+        raise DataError(f"{n_tokens} tokens are fewer than one training window of {block_size + 1}")
+    rng = np.random.default_rng([seed, stream, step])
+    return rng.integers(0, n_tokens - block_size, size=batch_size, dtype=np.int64)
+
+
+def micro_offsets(offsets: np.ndarray, *, rank: int, world_size: int, grad_accum: int) -> list[np.ndarray]:
+    """This rank's micro-batches of a step's offsets: rank r takes the r-th contiguous part, cut into
+    `grad_accum` equal micro-batches.
+
+    >>> [m.tolist() for m in micro_offsets(np.arange(8), rank=1, world_size=2, grad_accum=2)]
+    [[4, 5], [6, 7]]
+    """
+    per_rank, rem = divmod(len(offsets), world_size * grad_accum)
+    if rem or per_rank == 0:
+        raise DataError(f"a batch of {len(offsets)} sequences does not divide into {world_size} ranks x "
+                        f"{grad_accum} micro-batches")
+    mine = offsets[rank * per_rank * grad_accum:(rank + 1) * per_rank * grad_accum]
+    return [mine[i * per_rank:(i + 1) * per_rank] for i in range(grad_accum)]
+
+
+def get_batch(stream: TokenStream | np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-token targets, both (len(offsets), block_size) int64."""
+    if isinstance(stream, np.ndarray):
+        rows = np.stack([stream[o:o + block_size + 1].astype(np.int64) for o in offsets])
+    else:
+        rows = np.stack([stream.window(int(o), block_size + 1) for o in offsets])
+    return rows[:, :-1], rows[:, 1:]
+
+
+def sequential_windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """(start, length) windows that together predict every token but the first exactly once:
+    each window has `length` inputs starting at `start` and targets from `start + 1`.
+
+    >>> sequential_windows(10, 4)
+    [(0, 4), (4, 4), (8, 1)]
+    """
+    out = []
+    start = 0
+    while start < n_tokens - 1:
+        length = min(block_size, n_tokens - 1 - start)
+        out.append((start, length))
+        start += length
+    return out
+
+
+def data_hash(folder: str | os.PathLike) -> str:
+    """A short identity of a prepared folder (its meta.json), recorded in checkpoints."""
+    return hashlib.sha256((Path(folder) / "meta.json").read_bytes()).hexdigest()[:16]

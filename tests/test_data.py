@@ -1,0 +1,154 @@
+"""Token shards: segmenting, the validation split, prepare (formats, workers, resume, errors),
+and the pure batch functions."""
+from __future__ import annotations
+
+import filecmp
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from gpt2kit import data as D
+from gpt2kit.corpus import iter_documents
+from gpt2kit.errors import GPT2KitError
+from gpt2kit.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three small documents in three formats."""
+    root = tmp_path_factory.mktemp("corpus")
+    paras = [f"Paragraph {i} of the first play.\nA line, and another line {i * 7}.\n\n" for i in range(120)]
+    (root / "a.txt").write_text("".join(paras))
+    with gzip.open(root / "b.txt.gz", "wt") as f:
+        f.write("The second document, short.\n")
+    (root / "c.jsonl").write_text("\n".join(json.dumps({"body": f"JSON doc {i}: words words."}) for i in range(3)) + "\n")
+    return root
+
+
+def test_split_segments_concatenate_back_and_cut_at_paragraphs():
+    text = "".join(f"para {i}\nline\n\n" for i in range(50))
+    segs = D.split_segments(text, 40)
+    assert "".join(segs) == text
+    assert all(s.endswith("\n\n") for s in segs[:-1])
+    assert all(len(s) >= 40 for s in segs[:-1])
+    assert D.split_segments("x" * 10, 100) == ["x" * 10]
+    assert D.split_segments("a\nb\nc\n", 1) == ["a\n", "b\n", "c\n"]  # no blank line: cut at newlines
+
+
+def test_val_split_is_every_kth_segment():
+    assert D.val_period(0.05) == 20 and D.val_period(0) == 0
+    splits = [D.split_of(i, 20) for i in range(100)]
+    assert splits.count("val") == 5 and splits[10] == "val" and splits[11] == "train"
+    with pytest.raises(D.DataError):
+        D.val_period(0.9)
+
+
+def test_prepare_formats_eot_between_documents_and_metadata(corpus, tmp_path):
+    tok = Tokenizer.gpt2()
+    meta = D.prepare([corpus], tmp_path / "s", field="body", val_fraction=0.25, segment_chars=500, shard_tokens=700)
+    train, val = D.TokenStream(tmp_path / "s", "train"), D.TokenStream(tmp_path / "s", "val")
+    assert meta["tokenizer"]["fingerprint"] == tok.fingerprint and meta["dtype"] == "uint16"
+    assert [len(s) for s in train.shards[:-1]] == [700] * (len(train.shards) - 1)  # fixed shard size
+    all_train = train.window(0, len(train))
+    assert all_train.dtype == np.int64 and all_train[0] == tok.eot_token
+    text = tok.decode(all_train.tolist())
+    # Every document is preceded by <|endoftext|> in its split; the jsonl field was read.
+    assert "<|endoftext|>The second document, short.\n<|endoftext|>JSON doc 0: words words." in text
+    # Held-out text: whole segments, each preceded by <|endoftext|> (a discontinuity), none in train.
+    val_text = tok.decode(val.window(0, len(val)).tolist())
+    pieces = [p for p in val_text.split("<|endoftext|>") if p]
+    assert pieces and all(p not in text for p in pieces)
+    segs = D.split_segments((corpus / "a.txt").read_text(), 500)
+    assert pieces[0] == segs[2]  # period 4: the segment with index 2 is the first held out
+    assert meta["splits"]["val"]["chars"] == sum(len(p) for p in pieces)
+    total_chars = sum(len(d) for _, d in iter_documents([corpus], field="body"))
+    assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == total_chars
+    assert {s["path"].rsplit("/", 1)[1] for s in meta["settings"]["sources"]} == {"a.txt", "b.txt.gz", "c.jsonl"}
+    # A rerun finds the finished folder and does nothing.
+    assert D.prepare([corpus], tmp_path / "s", field="body", val_fraction=0.25, segment_chars=500, shard_tokens=700) == meta
+
+
+def test_prepare_resume_after_interruption_and_workers_give_identical_shards(corpus, tmp_path, monkeypatch):
+    kw = dict(field="body", val_fraction=0.25, segment_chars=300, shard_tokens=256)
+    ref = D.prepare([corpus], tmp_path / "ref", **kw)
+    real_write = D._ShardWriter._write
+    calls = []
+
+    def crash_on_fourth(self, arr):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_write(self, arr)
+
+    monkeypatch.setattr(D._ShardWriter, "_write", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare([corpus], tmp_path / "cut", **kw)
+    monkeypatch.setattr(D._ShardWriter, "_write", lambda self, arr: (calls.append(1), real_write(self, arr)))
+    progress = json.loads((tmp_path / "cut" / "progress.json").read_text())
+    assert len(progress["train"]["shards"]) + len(progress["val"]["shards"]) == 3
+    with pytest.raises(D.DataError, match="unfinished"):
+        D.TokenStream(tmp_path / "cut", "train")
+    calls.clear()
+    resumed = D.prepare([corpus], tmp_path / "cut", **kw)
+    assert len(calls) == len(ref["splits"]["train"]["shards"]) + len(ref["splits"]["val"]["shards"]) - 3
+    assert resumed["splits"] == ref["splits"]
+    parallel = D.prepare([corpus], tmp_path / "par", workers=2, **kw)
+    assert parallel["splits"] == ref["splits"]
+    for name in ref["splits"]["train"]["shards"] + ref["splits"]["val"]["shards"]:
+        assert filecmp.cmp(tmp_path / "ref" / name, tmp_path / "cut" / name, shallow=False)
+        assert filecmp.cmp(tmp_path / "ref" / name, tmp_path / "par" / name, shallow=False)
+
+
+def test_prepare_bad_inputs(tmp_path, corpus):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(GPT2KitError, match="no text"):
+        D.prepare([tmp_path / "empty.txt"], tmp_path / "out")
+    (tmp_path / "small.txt").write_text("too small for a split")
+    with pytest.raises(D.DataError, match="too little text for a validation split"):
+        D.prepare([tmp_path / "small.txt"], tmp_path / "out2", val_fraction=0.1)
+    D.prepare([corpus], tmp_path / "out3", field="body", val_fraction=0)
+    with pytest.raises(D.DataError, match="other inputs or settings"):
+        D.prepare([corpus], tmp_path / "out3", field="body", val_fraction=0.1)
+    with pytest.raises(D.DataError, match="not a prepared shard folder"):
+        D.read_meta(tmp_path)
+
+
+def test_step_offsets_are_pure_and_micro_batches_partition_them():
+    a = D.step_offsets(7, 3, 1000, 16, 12)
+    assert np.array_equal(a, D.step_offsets(7, 3, 1000, 16, 12))
+    assert not np.array_equal(a, D.step_offsets(7, 4, 1000, 16, 12))
+    assert not np.array_equal(a, D.step_offsets(7, 3, 1000, 16, 12, stream=1))
+    assert a.min() >= 0 and a.max() <= 1000 - 17
+    one = np.concatenate(D.micro_offsets(a, rank=0, world_size=1, grad_accum=3))
+    two = np.concatenate([m for r in range(2) for m in D.micro_offsets(a, rank=r, world_size=2, grad_accum=2)])
+    assert np.array_equal(one, a) and np.array_equal(two, a)
+    with pytest.raises(D.DataError, match="does not divide"):
+        D.micro_offsets(a, rank=0, world_size=5, grad_accum=1)
+    with pytest.raises(D.DataError, match="fewer than one training window"):
+        D.step_offsets(0, 0, 10, 16, 1)
+
+
+def test_get_batch_targets_are_inputs_shifted_and_windows_cross_shards(tmp_path):
+    tokens = np.arange(100, dtype=np.int64)
+    x, y = D.get_batch(tokens, np.array([0, 50]), 8)
+    assert x.shape == y.shape == (2, 8)
+    assert np.array_equal(y[:, :-1], x[:, 1:]) and x[1, 0] == 50 and y[1, -1] == 58
+    # The same through shards of 30 tokens.
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "format": D.FORMAT, "splits": {"train": {"shards": [D.shard_name("train", i) for i in range(4)],
+                                                 "tokens": 100, "chars": 0}}}))
+    for i in range(4):
+        tokens[i * 30:(i + 1) * 30].astype(np.uint16).tofile(tmp_path / D.shard_name("train", i))
+    stream = D.TokenStream(tmp_path, "train")
+    xs, ys = D.get_batch(stream, np.array([0, 25, 91]), 8)
+    xr, yr = D.get_batch(tokens, np.array([0, 25, 91]), 8)
+    assert np.array_equal(xs, xr) and np.array_equal(ys, yr)
+
+
+def test_sequential_windows_predict_every_token_once():
+    for n, T in [(10, 4), (9, 4), (2, 4), (100, 7)]:
+        wins = D.sequential_windows(n, T)
+        targets = [t for s, length in wins for t in range(s + 1, s + 1 + length)]
+        assert targets == list(range(1, n)) and all(length <= T for _, length in wins)
