@@ -306,3 +306,15 @@ def test_long_window_dumps_need_the_long_window(tmp_path):
     with pytest.raises(zstandard.ZstdError, match="too much memory"):
         zstandard.ZstdDecompressor().decompressobj().decompress(dump.read_bytes())
     assert links(tmp_path / "w", [dump], LinksConfig(shards=1))["links"] == 1
+
+
+def test_one_run_per_work_folder(tmp_path):
+    import subprocess
+    import sys
+
+    dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1")])
+    links(tmp_path / "w", [dump], LinksConfig(shards=1))      # this process now holds the folder's lock
+    code = ("import sys; from gpt2kit.webtext import links, LinksConfig; "
+            "links(sys.argv[1], [sys.argv[2]], LinksConfig(shards=1))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w"), str(dump)], capture_output=True, text=True)
+    assert r.returncode != 0 and "another `gpt2kit webtext` run is using this work folder" in r.stderr

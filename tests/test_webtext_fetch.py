@@ -95,6 +95,8 @@ class Site:
             ("mirror.test", "/wiki/Bridge"): (200, html, page(article(6), "Bridge - Wikipedia", wiki_head)),
             ("slow.test", "/slow"): self.slow,
             ("stall.test", "/stall"): self.stall,
+            ("slow.test", "/endless"): "endless",
+            ("slow.test", "/drip"): "drip",
             ("other.test", "/robots.txt"): (503, {}, b""),
             ("other.test", "/page"): (200, html, page(article(7), "Other")),
         }
@@ -130,6 +132,8 @@ def start_server(site: Site):
             with site.lock:
                 site.requests.append((host, self.path))
             route = site.routes.get((host, self.path))
+            if route in ("endless", "drip"):
+                return self.stream(route)
             if route is None:
                 status, headers, body = 404, {"Content-Type": "text/html"}, b"<html>no</html>"
             elif callable(route):
@@ -146,6 +150,23 @@ def start_server(site: Site):
                 self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):
                 pass
+
+        def stream(self, kind):
+            """A body without a length that never ends: fast (endless) or one byte at a time (drip)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            deadline = time.monotonic() + 15
+            try:
+                while time.monotonic() < deadline and not site.release.is_set():
+                    self.wfile.write(b"<p>" + b"y" * 65536 if kind == "endless" else b"z")
+                    self.wfile.flush()
+                    if kind == "drip":
+                        time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
 
         def log_message(self, *args):
             pass
@@ -273,21 +294,21 @@ def test_fetch_statuses_robots_limits_and_warc(site, tmp_path):
     from warcio.archiveiterator import ArchiveIterator
 
     paths = {"news.test": ["/a1", "/private/secret", "/missing", "/big", "/bomb", "/paper.html", "/gz"],
-             "blog.test": ["/flaky"], "slow.test": ["/slow"], "other.test": ["/page"]}
+             "blog.test": ["/flaky"], "slow.test": ["/slow", "/endless", "/drip"], "other.test": ["/page"]}
     make_links(tmp_path, [url(site, h, p) for h, ps in paths.items() for p in ps])
     totals = fetch(tmp_path, local_cfg(), Runner())
     m = manifest(tmp_path)
-    status = {u.split(str(site.port))[1] if "news" in u else u.split("//")[1].split(":")[0]: e["status"] for u, e in m.items()}
+    status = {u.split(f":{site.port}")[1]: e["status"] for u, e in m.items()}
     assert status == {"/a1": "ok", "/private/secret": "robots_disallowed", "/missing": "http_error", "/big": "too_large",
-                      "/bomb": "too_large", "/paper.html": "not_html", "/gz": "ok", "blog.test": "ok",
-                      "slow.test": "timeout", "other.test": "robots_disallowed"}
+                      "/bomb": "too_large", "/paper.html": "not_html", "/gz": "ok", "/flaky": "ok",
+                      "/slow": "timeout", "/endless": "too_large", "/drip": "timeout", "/page": "robots_disallowed"}
     assert m[url(site, "blog.test", "/flaky")]["attempts"] == 2          # one 503, then success
     assert m[url(site, "slow.test", "/slow")]["attempts"] == 2           # timed out twice (retries=1)
     assert m[url(site, "news.test", "/missing")]["http_status"] == 404
     assert ("news.test", "/private/secret") not in site.hits()           # robots.txt obeyed
     assert len(site.hits("news.test", "/robots.txt")) == 1               # fetched once per host
     assert site.hits("other.test", "/page") == []                        # 5xx robots.txt: crawl nothing
-    assert totals["status"]["ok"] == 3 and totals["urls"] == 10
+    assert totals["status"]["ok"] == 3 and totals["urls"] == 12
     # the WARC file holds exactly the three good pages, decoded, with our user agent in warcinfo
     with open(tmp_path / "fetch" / "fetch-00000.warc.gz", "rb") as f:
         records = [(r.rec_type, r.rec_headers.get_header("WARC-Target-URI"), r.http_headers, r.content_stream().read())

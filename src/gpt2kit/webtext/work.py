@@ -151,7 +151,9 @@ class WorkFolder:
 
     def check_config(self, stage: str, options: dict) -> None:
         """Record the options of a stage on its first run; refuse a rerun with other options.
-        Called when a stage starts: also removes the temporary files of a killed earlier run."""
+        Called when a stage starts: takes the work folder's lock (one run per folder at a time)
+        and removes the temporary files of a killed earlier run."""
+        self.lock()
         for tmp in self.stage_dir(stage).rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         path = self.root / stage / "_config.json"
@@ -165,6 +167,22 @@ class WorkFolder:
         else:
             write_json(path, options)
 
+    def lock(self) -> None:
+        """Hold an exclusive lock on WORK/.lock until this process ends."""
+        import fcntl
+
+        key = str(self.root.resolve())
+        if key in _LOCKS:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.root / ".lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise WebTextError(f"{self.root}: another `gpt2kit webtext` run is using this work folder") from None
+        _LOCKS[key] = f
+
     def finish(self, stage: str, shards: Sequence[int], totals: dict, extra: dict | None = None) -> dict:
         record = {"stage": stage, "shards": list(shards), "totals": totals, **(extra or {})}
         write_json(self.complete_path(stage), record)
@@ -175,6 +193,7 @@ class WorkFolder:
 
 
 _CLI_NAME = {"shards": "shard"}
+_LOCKS: dict[str, Any] = {}   # work folder -> open lock file, held for the life of the process
 
 
 def sum_counts(stats: Iterable[dict]) -> dict:
