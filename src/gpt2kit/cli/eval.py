@@ -1,0 +1,98 @@
+"""`gpt2kit eval`: zero-shot evaluation on the paper's benchmarks, printed like Table 3."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TABLE3_TASKS = "lambada,cbt-cn,cbt-ne,wikitext2,ptb,enwik8,text8,wikitext103,1bw"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="zero-shot evaluation (LAMBADA, CBT, WikiText, PTB, enwik8, text8, 1BW, ...)",
+        description="Evaluate a model zero-shot on benchmark files in DIR with the paper's protocols and "
+                    "print a table laid out like the paper's Table 3 (with the paper's numbers when the "
+                    "model has a released size). Runs on several processes under torchrun. "
+                    "See docs/eval.md for where each dataset file is obtained.")
+    p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="a checkpoint folder (ours, Hugging Face or OpenAI's release) or a released name")
+    p.add_argument("--tasks", default=TABLE3_TASKS, metavar="T1,T2,...",
+                   help=f"comma-separated task names, or 'list' to list them (default: {TABLE3_TASKS})")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="folder holding the datasets' files")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward pass (default 8)")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="sliding-window stride for long texts (default: half the context)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (default float32; bfloat16 is faster on recent CPUs, slightly inexact)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu, or cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--no-detokenize", action="store_true", help="score the datasets' tokenized text as is")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval import evaluate, format_table3, released_size, results_document, task_names
+    from ..eval.registry import TaskError
+
+    if args.tasks == "list":
+        print("\n".join(task_names()))
+        return 0
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise TaskError("--tasks: expected at least one task name")
+    known = task_names()
+    for t in tasks:
+        if t not in known:
+            raise TaskError(f"--tasks: unknown task {t!r}; known tasks: {', '.join(known)}")
+
+    from ..eval import get_task
+
+    for t in tasks:  # a missing file fails before the model loads
+        get_task(t)(args.data_dir).path  # noqa: B018
+
+    import time
+
+    import torch
+
+    from ..model import GPT2
+    from ..tokenizer import Tokenizer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if world > 1:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{local}"
+        dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        dtype = getattr(torch, args.dtype)
+        model = GPT2.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        tokenizer = Tokenizer.from_pretrained(args.model)
+        start = time.perf_counter()
+        results = evaluate(model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size,
+                           stride=args.stride, detokenize=not args.no_detokenize, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - start
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
+    size = released_size(model.config)
+    print(format_table3(results, model_name=os.path.basename(os.path.normpath(args.model)), model_size=size))
+    if args.out:
+        from ..io import write_json
+
+        options = {"tasks": tasks, "data_dir": os.path.abspath(args.data_dir), "limit": args.limit,
+                   "batch_size": args.batch_size, "stride": args.stride, "dtype": args.dtype,
+                   "detokenize": not args.no_detokenize, "world_size": world}
+        write_json(args.out, results_document(results, model=args.model, model_size=size, options=options,
+                                              seconds=seconds))
+    n_docs = sum(r["counts"]["documents"] for r in results.values())
+    print(f"evaluated {len(tasks)} task(s), {n_docs} documents in {seconds:.1f}s"
+          + (f"; results in {args.out}" if args.out else ""))
+    return 0

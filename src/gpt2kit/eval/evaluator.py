@@ -1,0 +1,66 @@
+"""Run tasks on a model: build every task's requests, answer them all in one batched pass, score."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .registry import get_task
+from .scoring import Scorer
+
+__all__ = ["evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | Path, *, limit: int | None = None,
+             batch_size: int = 8, stride: int | None = None, detokenize: bool = True,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate `model` on the named tasks; returns {task: {"metrics", "counts", "protocol"}}.
+
+    All tasks' files are read (and checked) before the model runs, so a missing file fails fast.
+    Requests of all tasks go to the scorer together: batches mix documents and tasks."""
+    if limit is not None and limit < 1:
+        from .registry import TaskError
+
+        raise TaskError(f"--limit must be at least 1, got {limit}")
+    instances = [get_task(name)(data_dir, detokenize=detokenize) for name in tasks]
+    for t in instances:
+        t.path  # noqa: B018 -- raises MissingDataError naming the file and its source
+    scorer = Scorer(model, tokenizer, batch_size=batch_size, stride=stride, progress=progress)
+    plan = []  # (task, docs, per-doc request counts)
+    requests = []
+    for t in instances:
+        docs = t.documents(limit)
+        per_doc = [t.requests(d, tokenizer) for d in docs]
+        plan.append((t, docs, [len(r) for r in per_doc]))
+        for r in per_doc:
+            requests.extend(r)
+    log.debug("%d tasks, %d requests", len(instances), len(requests))
+    start = time.perf_counter()
+    results = scorer.score(requests)
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {}
+    pos = 0
+    for t, docs, counts in plan:
+        scores = []
+        for doc, n in zip(docs, counts):
+            scores.append(t.score(doc, results[pos:pos + n]))
+            pos += n
+        n_tokens = _count_tokens(requests[pos - sum(counts):pos])
+        out[t.name] = {
+            "metrics": t.aggregate(scores),
+            "counts": {"documents": len(docs), "requests": sum(counts), "tokens": n_tokens},
+            "protocol": {**t.protocol(), "limit": limit, "stride": scorer.stride, "n_ctx": scorer.n_ctx},
+        }
+    log.debug("scored %d requests in %.1fs", len(requests), seconds)
+    return out
+
+
+def _count_tokens(requests: Sequence[Any]) -> int:
+    """Tokens the task's requests put in front of the model (contexts + continuations)."""
+    n = 0
+    for r in requests:
+        n += len(getattr(r, "tokens", ())) + len(getattr(r, "context", ())) + len(getattr(r, "continuation", ()))
+    return n

@@ -1,0 +1,329 @@
+"""One batched scorer per request type (see `requests.py`).
+
+Work is cut into items (a unique token sequence, a sliding-window span, a unique generation
+context), sorted by length so that a batch wastes little padding, and spread round-robin over
+the ranks of a `torch.distributed` group; the answers are gathered on every rank. Only the
+positions a request needs go through the output layer (`lm_head` is a (C x 50257) matmul per
+position: for short continuations most of a full forward's cost), and log-softmax runs in
+float32 whatever the model's dtype.
+
+Shape legend: B rows in a batch, L padded length, C n_embd, P selected positions, V vocab.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+
+from ..errors import GPT2KitError
+from .requests import (GenerationResult, GreedyGeneration, Loglikelihood, LoglikelihoodResult, Request, Result,
+                       RollingLoglikelihood, RollingResult)
+
+__all__ = ["Scorer", "rolling_windows", "ScoringError"]
+
+log = logging.getLogger(__name__)
+I = TypeVar("I")
+LOGIT_CHUNK = 2048  # positions per lm_head call: bounds the (P, V) float32 logits to ~400 MB
+
+
+class ScoringError(GPT2KitError):
+    """A request the model cannot answer (e.g. a continuation longer than the context)."""
+
+
+def rolling_windows(n_tokens: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over x = [<|endoftext|>] + tokens (n_tokens targets x[1..n_tokens]).
+
+    Each window (begin, end, n_new) feeds x[begin:end] (at most `max_len` tokens), which predicts
+    x[begin+1 .. end]; its last `n_new` predictions are the targets no earlier window scored.
+    Windows start every `stride` tokens, so after the first window every target sees at least
+    max_len - stride tokens of context, and every target is scored exactly once.
+
+    >>> rolling_windows(10, 4, 2)
+    [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    """
+    if not 1 <= stride <= max_len:
+        raise ScoringError(f"--stride must be between 1 and the context length {max_len}, got {stride}")
+    windows, scored, begin = [], 0, 0
+    while scored < n_tokens:
+        end = min(begin + max_len, n_tokens)
+        windows.append((begin, end, end - scored))
+        scored = end
+        begin += stride
+    return windows
+
+
+@dataclass
+class _Sequence:
+    """A unique input sequence for loglikelihood requests and the positions they read."""
+
+    ids: tuple[int, ...]
+    users: list[tuple[int, int, tuple[int, ...], frozenset[int]]] = field(default_factory=list)
+    # (request index, first position, target ids, excluded ids)
+
+
+@dataclass
+class _Path:
+    """A greedy decoding path shared by the generation requests it serves."""
+
+    requests: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    done: dict[int, GenerationResult] = field(default_factory=dict)
+
+
+class Scorer:
+    """Answers requests with `model` (a `gpt2kit.model.GPT2`) and `tokenizer`.
+
+    `batch_size` rows per forward; `stride` for sliding windows (default half the context);
+    `progress` shows tqdm bars (only on rank 0)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, stride: int | None = None,
+                 progress: bool = True):
+        if batch_size < 1:
+            raise ScoringError(f"--batch-size must be at least 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eot = tokenizer.eot_token
+        self.n_ctx = model.config.n_ctx
+        self.batch_size = batch_size
+        self.stride = stride if stride is not None else max(1, self.n_ctx // 2)
+        rolling_windows(0, self.n_ctx, self.stride)  # validates the stride
+        self.device = model.transformer.wte.weight.device
+        dist = torch.distributed
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.progress = progress and self.rank == 0
+
+    # ------------------------------------------------------------------------- dispatch
+
+    def score(self, requests: Sequence[Request]) -> list[Result]:
+        """Answers in request order, each kind batched by its own scorer."""
+        kinds: dict[type, list[int]] = {}
+        for i, r in enumerate(requests):
+            kinds.setdefault(type(r), []).append(i)
+        scorers: dict[type, Callable[[list[Any]], list[Any]]] = {
+            Loglikelihood: self.loglikelihood, RollingLoglikelihood: self.rolling, GreedyGeneration: self.greedy}
+        out: list[Any] = [None] * len(requests)
+        for kind, idx in kinds.items():
+            for i, res in zip(idx, scorers[kind]([requests[i] for i in idx])):
+                out[i] = res
+        return out
+
+    def _map(self, items: Sequence[I], length: Callable[[I], int], run: Callable[[list[I]], list[Any]],
+             desc: str) -> list[Any]:
+        """run() over length-sorted batches of this rank's share of the items; answers gathered."""
+        order = sorted(range(len(items)), key=lambda i: -length(items[i]))
+        mine = order[self.rank::self.world]
+        batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        answers: dict[int, Any] = {}
+        from tqdm.auto import tqdm
+
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches,
+                              leave=False):
+                answers.update(zip(batch, run([items[i] for i in batch])))
+        if self.distributed:
+            parts: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(parts, answers)
+            answers = {k: v for part in parts for k, v in part.items()}
+        return [answers[i] for i in range(len(items))]
+
+    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """(P, C) hidden states -> (P, V) float32 log-probabilities."""
+        return torch.log_softmax(self.model.lm_head(h).float(), dim=-1)
+
+    def _right_padded(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        # Right padding needs no attention mask: causal attention never lets a real position see
+        # a later pad, and pad positions are never read.
+        ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)  # (B, L)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids.to(self.device)
+
+    # ------------------------------------------------------------------------- loglikelihood
+
+    def loglikelihood(self, requests: Sequence[Loglikelihood]) -> list[LoglikelihoodResult]:
+        seqs: dict[tuple[int, ...], _Sequence] = {}
+        for i, r in enumerate(requests):
+            cont = tuple(r.continuation)
+            if not cont:
+                raise ScoringError("a loglikelihood request has an empty continuation")
+            if len(cont) > self.n_ctx:
+                raise ScoringError(f"a continuation of {len(cont)} tokens does not fit the context of {self.n_ctx}")
+            full = (tuple(r.context) or (self.eot,)) + cont
+            full = full[-(self.n_ctx + 1):]  # keep the most recent context that fits
+            ids = full[:-1]
+            seq = seqs.setdefault(ids, _Sequence(ids))
+            seq.users.append((i, len(ids) - len(cont), cont, frozenset(r.exclude)))
+        items = list(seqs.values())
+        answers = self._map(items, lambda s: len(s.ids), self._loglikelihood_batch, "loglikelihood")
+        out: list[Any] = [None] * len(requests)
+        for ans in answers:
+            for i, res in ans:
+                out[i] = res
+        return out
+
+    def _loglikelihood_batch(self, batch: list[_Sequence]) -> list[list[tuple[int, LoglikelihoodResult]]]:
+        h = self.model.hidden_states(self._right_padded([s.ids for s in batch]))  # (B, L, C)
+        rows, cols, spans = [], [], []
+        for b, s in enumerate(batch):
+            first = min(u[1] for u in s.users)
+            spans.append((len(rows), first))
+            rows += [b] * (len(s.ids) - first)
+            cols += range(first, len(s.ids))
+        logp = self._logprobs(h[rows, cols])  # (P, V)
+        out = []
+        for s, (offset, first) in zip(batch, spans):
+            answers = []
+            for i, pos, target, exclude in s.users:
+                lp = logp[offset + pos - first: offset + pos - first + len(target)]  # (n, V)
+                tgt = torch.tensor(target, device=lp.device)
+                if exclude:
+                    lp_pick = lp.clone()
+                    lp_pick[:, sorted(exclude)] = -math.inf
+                else:
+                    lp_pick = lp
+                greedy = bool((lp_pick.argmax(-1) == tgt).all())
+                total = float(lp.gather(1, tgt[:, None]).double().sum())
+                answers.append((i, LoglikelihoodResult(total, greedy, len(target))))
+            out.append(answers)
+        return out
+
+    # ------------------------------------------------------------------------- rolling
+
+    def rolling(self, requests: Sequence[RollingLoglikelihood]) -> list[RollingResult]:
+        items = []  # (request index, input ids, targets of the last n_new positions)
+        for i, r in enumerate(requests):
+            x = (self.eot, *r.tokens)
+            for begin, end, n_new in rolling_windows(len(r.tokens), self.n_ctx, self.stride):
+                items.append((i, x[begin:end], x[end - n_new + 1:end + 1]))
+        answers = self._map(items, lambda it: len(it[1]), self._rolling_batch, "rolling loglikelihood")
+        totals = [0.0] * len(requests)
+        for (i, _, _), lp in zip(items, answers):
+            totals[i] += lp
+        return [RollingResult(t, len(r.tokens)) for t, r in zip(totals, requests)]
+
+    def _rolling_batch(self, batch: list[tuple[int, tuple[int, ...], tuple[int, ...]]]) -> list[float]:
+        h = self.model.hidden_states(self._right_padded([ids for _, ids, _ in batch]))  # (B, L, C)
+        rows, cols, targets = [], [], []
+        for b, (_, ids, tgt) in enumerate(batch):
+            rows += [b] * len(tgt)
+            cols += range(len(ids) - len(tgt), len(ids))
+            targets += tgt
+        sel = h[rows, cols]  # (P, C)
+        tgt_t = torch.tensor(targets, device=sel.device)
+        picked = torch.cat([self._logprobs(sel[j:j + LOGIT_CHUNK]).gather(1, tgt_t[j:j + LOGIT_CHUNK, None])[:, 0]
+                            for j in range(0, len(targets), LOGIT_CHUNK)]).double()  # (P,)
+        sums, j = [], 0
+        for _, _, tgt in batch:
+            sums.append(float(picked[j:j + len(tgt)].sum()))
+            j += len(tgt)
+        return sums
+
+    # ------------------------------------------------------------------------- greedy generation
+
+    def greedy(self, requests: Sequence[GreedyGeneration]) -> list[GenerationResult]:
+        contexts: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            if r.max_new_tokens < 1 or r.max_new_tokens >= self.n_ctx:
+                raise ScoringError(f"max_new_tokens must be in [1, {self.n_ctx}), got {r.max_new_tokens}")
+            contexts.setdefault(tuple(r.context) or (self.eot,), []).append(i)
+        items = list(contexts.items())
+        answers = self._map(items, lambda it: len(it[0]),
+                            lambda batch: self._greedy_batch(batch, requests), "greedy generation")
+        out: list[Any] = [None] * len(requests)
+        for ans in answers:
+            for i, res in ans.items():
+                out[i] = res
+        return out
+
+    def _greedy_batch(self, batch: list[tuple[tuple[int, ...], list[int]]],
+                      requests: Sequence[GreedyGeneration]) -> list[dict[int, GenerationResult]]:
+        model = self.model
+        max_new = max(requests[i].max_new_tokens for _, users in batch for i in users)
+        rows = [ctx[-(self.n_ctx - max_new):] for ctx, _ in batch]
+        width = max(map(len, rows))
+        ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L), left padded
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):] = torch.tensor(r)
+            mask[b, width - len(r):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = model.new_kv_cache(len(rows), width + max_new)
+        h = model.hidden_states(ids, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, C)
+        logp = self._logprobs(h)  # (B, V)
+
+        # The first token may differ between requests on one context (`suppress_first`); from
+        # then on decoding is plain greedy, so requests that agree on it share one path.
+        paths: list[_Path] = []
+        path_rows: list[int] = []
+        first_tokens: list[int] = []
+        for b, (_, users) in enumerate(batch):
+            by_token: dict[int, _Path] = {}
+            for i in users:
+                row = logp[b]
+                if requests[i].suppress_first:
+                    row = row.clone()
+                    row[sorted(requests[i].suppress_first)] = -math.inf
+                tok = int(row.argmax())
+                if tok not in by_token:
+                    by_token[tok] = _Path([], [tok], [float(logp[b, tok])])
+                    paths.append(by_token[tok])
+                    path_rows.append(b)
+                    first_tokens.append(tok)
+                by_token[tok].requests.append(i)
+        if len(paths) != len(rows):
+            cache.reorder(torch.tensor(path_rows))
+            mask = mask[path_rows]
+        for p in paths:
+            self._check_finished(p, requests)
+        tokens = torch.tensor(first_tokens, device=self.device)  # (B',)
+        while not all(len(p.done) == len(p.requests) for p in paths):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B', P+1)
+            h = model.hidden_states(tokens[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # (B', C)
+            logp = self._logprobs(h)  # (B', V)
+            tokens = logp.argmax(-1)
+            for b, p in enumerate(paths):
+                if len(p.done) < len(p.requests):
+                    tok = int(tokens[b])
+                    p.tokens.append(tok)
+                    p.logprobs.append(float(logp[b, tok]))
+                    self._check_finished(p, requests)
+        out: list[dict[int, GenerationResult]] = [{} for _ in batch]
+        owner = {i: b for b, (_, users) in enumerate(batch) for i in users}
+        for p in paths:
+            for i, res in p.done.items():
+                out[owner[i]][i] = res
+        return out
+
+    def _check_finished(self, path: _Path, requests: Sequence[GreedyGeneration]) -> None:
+        """Record the answer of every request on `path` that its newest token finished."""
+        ended = path.tokens[-1] == self.eot
+        tokens = path.tokens[:-1] if ended else path.tokens
+        text = self.tokenizer.decode(tokens)
+        for i in path.requests:
+            if i in path.done:
+                continue
+            r = requests[i]
+            cut = min([k for k in (text.find(s) for s in r.stop) if k >= 0], default=-1)
+            if r.stop_regex is not None:
+                m = re.search(r.stop_regex, text)
+                if m and (cut < 0 or m.start() < cut):
+                    cut = m.start()
+            if cut < 0 and not ended and len(path.tokens) < r.max_new_tokens:
+                continue
+            n = len(tokens[:r.max_new_tokens])
+            if cut >= 0:
+                text_i = text[:cut]
+                # the tokens whose text starts before the cut
+                n = next((k for k in range(1, len(tokens) + 1)
+                          if len(self.tokenizer.decode(tokens[:k])) >= cut), len(tokens))
+                n = n if cut > 0 else 0
+            else:
+                text_i = self.tokenizer.decode(tokens[:n])
+            path.done[i] = GenerationResult(text_i, tuple(tokens[:n]), float(sum(path.logprobs[:n])))

@@ -1,0 +1,512 @@
+"""Zero-shot evaluation: tasks on fixture files in the real formats, metrics vs transformers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2kit.eval import (GreedyGeneration, Loglikelihood, MissingDataError, RollingLoglikelihood, Scorer, Task,
+                          TaskError, evaluate, format_table3, get_task, register_task, rolling_windows, task_names)
+from gpt2kit.eval import detokenizers as dt
+from gpt2kit.eval.tasks.enwik8 import decode_cut
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")  # a test dependency (the oracle)
+
+# ----------------------------------------------------------------------------- fixture files
+
+LAMBADA = [
+    "He stepped out of the car and looked up at the old house. It was exactly as he remembered it, the paint "
+    "peeling from the shutters and the porch sagging under the weight of years. \u201cHome,\u201d he said to the house",
+    "The recipe called for two cups of flour, a pinch of salt and three eggs. She mixed them slowly, then "
+    "poured the batter into the pan and slid it into the oven",
+    "Marcus had never seen the ocean before. When the bus finally crested the hill, he pressed his face to the "
+    "window and stared at the endless blue water",
+]
+LAMBADA_PLAIN = ["`` i 'm not going back there , '' she said . `` not ever . '' he nodded and took her hand",
+                 "the dog barked at the mailman every morning , and every morning the mailman threw him a biscuit"]
+
+WIKITEXT = """ 
+ = Valkyria Chronicles III = 
+ 
+ Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 , lit . Valkyria of the Battlefield 3 ) , commonly referred to as " Valkyria Chronicles III " outside Japan , is a tactical role @-@ playing video game . 
+ It sold 1 @,@ 000 copies at 3 @.@ 5 dollars in the game 's first week . 
+ 
+ = = Gameplay = = 
+ 
+ As with previous <unk> Chronicles games , Valkyria Chronicles III is a tactical role @-@ playing game . 
+ 
+ = Tower Building of the Little Rock Arsenal = 
+ 
+ The Tower Building of the Little Rock Arsenal , also known as U.S. Arsenal Building , is a building located in MacArthur Park . 
+"""
+
+PTB = """ no it was n't black monday 
+ but while the new york stock exchange did n't fall apart friday as the dow jones industrial average plunged N points 
+ some circuit breakers installed after the october N crash failed their first test traders say unable to cool the selling panic in both stocks and futures 
+ the N stock specialist firms on the big board floor the buyers and sellers of last resort who were criticized after the N crash once again could n't handle the selling pressure 
+ big investment banks refused to step up to the plate to support the beleaguered floor traders by buying big blocks of stock traders say 
+ heavy selling of standard & poor 's 500-stock index futures in chicago <unk> beat stocks downward 
+ seven big board stocks ual amr bankamerica walt disney capital cities\\/abc philip morris and pacific telesis group stopped trading and never resumed 
+ the <unk> has already begun 
+"""
+
+ONE_BW = """The U.S. Centers for Disease Control and Prevention initially advised school districts to close if flu had spread to a student , but they later said that was unnecessary .
+He said : " It 's not a $ 100 deal . "
+Bush does n't care about ( most ) of it .
+"""
+
+ENWIK8 = ("<mediawiki>\n  <page>\n    <title>Anarchism</title>\n    <text xml:space=\"preserve\">'''Anarchism''' "
+          "originated as a term of abuse first used against early [[working class]] [[radical]]s including the "
+          "[[Diggers]] of the [[English Revolution]] and the ''sans-culottes'' of the [[French Revolution]]. "
+          "Müller, Zürich, café.</text>\n  </page>\n</mediawiki>\n")
+TEXT8 = " anarchism originated as a term of abuse first used against early working class radicals including the diggers"
+
+
+def _cbt_block(story: list[str], query: str, answer: str, candidates: list[str]) -> str:
+    lines = [f"{i} {s}" for i, s in enumerate(story, 1)]
+    lines.append(f"21 {query}\t{answer}\t\t{'|'.join(candidates)}")
+    return "\n".join(lines) + "\n\n"
+
+
+def _cbt_file() -> str:
+    story = [f"Sentence {i} of the tale , where the king spoke to the `` old miller '' about the mill ." for i in range(1, 21)]
+    cands = ["king", "mill", "miller", "queen", "river", "tale", "bread", "horse", "road", "castle"]
+    return (_cbt_block(story, "Then the XXXXX went home to his wife .", "miller", cands)
+            + _cbt_block(story, "`` Who owns the XXXXX ? '' asked the queen .", "mill", cands))
+
+
+def write_datasets(root: Path) -> Path:
+    """Every task's files, in the real distribution formats and folder layouts."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
+    for sub in ("wikitext-2", "wikitext-103"):
+        (root / sub).mkdir(exist_ok=True)
+        (root / sub / "wiki.test.tokens").write_text(WIKITEXT)
+    (root / "simple-examples" / "data").mkdir(parents=True, exist_ok=True)
+    (root / "simple-examples" / "data" / "ptb.test.txt").write_text(PTB)
+    (root / "news.en.heldout-00000-of-00050").write_text(ONE_BW)
+    (root / "enwik8").write_bytes(ENWIK8.encode())
+    (root / "text8").write_bytes(TEXT8.encode())
+    (root / "CBTest" / "data").mkdir(parents=True, exist_ok=True)
+    for kind in ("CN", "NE"):
+        (root / "CBTest" / "data" / f"cbtest_{kind}_valid_2000ex.txt").write_text(_cbt_file())
+    return root
+
+
+# ----------------------------------------------------------------------------- models
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(1234)
+    model = GPT2(GPT2Config.from_preset("tiny", n_ctx=64))
+    # larger than N(0, 0.02) init so that predictions differ sharply between tokens
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(str(folder), tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return GPT2.from_pretrained(str(model_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    return transformers.GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_datasets(tmp_path_factory.mktemp("data"))
+
+
+def hf_rolling_logprob(hf, ids: list[int], eot: int, max_len: int, stride: int) -> float:
+    """The straightforward sliding-window recipe: each window's new targets via labels=-100."""
+    x = torch.tensor([eot] + ids)
+    total, prev_end, begin = 0.0, 0, 0
+    while prev_end < len(ids):
+        end = min(begin + max_len, len(ids))
+        inp = x[begin:end]
+        labels = x[begin + 1:end + 1].clone()
+        labels[: len(labels) - (end - prev_end)] = -100
+        with torch.no_grad():
+            logits = hf(inp[None]).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        keep = labels != -100
+        total += float(lp[keep].gather(1, labels[keep][:, None]).sum())
+        prev_end, begin = end, begin + stride
+    return total
+
+
+def hf_continuation(hf, ctx: list[int], cont: list[int]) -> tuple[float, list[int]]:
+    """log p(cont | ctx) and the argmax tokens at the continuation's positions."""
+    ids = torch.tensor([(ctx + cont)[:-1]])  # the last token is only a target
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+    pos = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    return sum(float(lp[p, t]) for p, t in zip(pos, cont)), [int(lp[p].argmax()) for p in pos]
+
+
+# ----------------------------------------------------------------------------- scorers vs transformers
+
+def test_rolling_windows_score_every_token_once_with_enough_context():
+    for n, L, s in [(1, 4, 2), (10, 4, 2), (11, 4, 4), (100, 16, 5), (7, 16, 8), (33, 8, 1)]:
+        seen = []
+        for begin, end, n_new in rolling_windows(n, L, s):
+            assert end - begin <= L
+            targets = list(range(end - n_new + 1, end + 1))
+            seen += targets
+            if begin > 0:  # every new target has at least L - s tokens of context
+                assert min(t - begin for t in targets) >= L - s
+        assert seen == list(range(1, n + 1))
+    with pytest.raises(TaskError.__mro__[1]):  # GPT2KitError
+        rolling_windows(10, 4, 5)
+
+
+@pytest.mark.parametrize("stride", [32, 7])
+def test_rolling_loglikelihood_matches_transformers(model, hf, tokenizer, stride):
+    texts = [PTB, WIKITEXT[:300], "short"]
+    ids = [tokenizer.encode_ordinary(t) for t in texts]
+    assert len(ids[0]) > 3 * model.config.n_ctx  # exercises the sliding window
+    ours = Scorer(model, tokenizer, batch_size=3, stride=stride, progress=False).rolling(
+        [RollingLoglikelihood(tuple(i)) for i in ids])
+    for r, i in zip(ours, ids):
+        ref = hf_rolling_logprob(hf, i, tokenizer.eot_token, model.config.n_ctx, stride)
+        assert r.n_tokens == len(i)
+        assert r.logprob == pytest.approx(ref, rel=1e-4)
+
+
+def test_word_perplexity_matches_transformers(model, hf, tokenizer, data_dir):
+    res = evaluate(model, tokenizer, ["ptb"], data_dir, batch_size=4, progress=False)["ptb"]
+    text = dt.ptb(PTB)
+    ref = hf_rolling_logprob(hf, tokenizer.encode_ordinary(text), tokenizer.eot_token, 64, 32)
+    words = len(PTB.split()) + PTB.count("\n")  # + one end-of-line per sentence
+    assert res["metrics"]["units"] == words == 160
+    assert res["metrics"]["ppl"] == pytest.approx(math.exp(-ref / words), rel=1e-4)
+    assert res["protocol"]["stride"] == 32 and res["counts"]["documents"] == 1
+
+
+def test_loglikelihood_and_greedy_check_match_transformers(model, hf, tokenizer):
+    ctx = tokenizer.encode_ordinary("The quick brown fox jumps over the")
+    conts = [tokenizer.encode_ordinary(" lazy dog"), tokenizer.encode_ordinary(" fence")]
+    _, greedy = hf_continuation(hf, ctx, conts[0])
+    reqs = [Loglikelihood(tuple(ctx), tuple(c)) for c in conts]
+    reqs.append(Loglikelihood(tuple(ctx), (greedy[0],)))  # the argmax itself: greedy
+    reqs.append(Loglikelihood(tuple(ctx), (greedy[0],), exclude=frozenset({greedy[0]})))  # filtered out
+    reqs.append(Loglikelihood((), tuple(conts[1])))  # empty context: conditioned on <|endoftext|>
+    res = Scorer(model, tokenizer, batch_size=2, progress=False).loglikelihood(reqs)
+    for r, c in zip(res[:2], conts):
+        assert r.logprob == pytest.approx(hf_continuation(hf, ctx, c)[0], rel=1e-4)
+        assert r.n_tokens == len(c)
+    assert res[2].is_greedy and not res[3].is_greedy
+    assert res[2].logprob == res[3].logprob
+    assert res[4].logprob == pytest.approx(hf_continuation(hf, [tokenizer.eot_token], conts[1])[0], rel=1e-4)
+
+
+def test_greedy_generation_matches_transformers_generate(model, hf, tokenizer):
+    prompts = ["Once upon a time", "The results of the experiment were", "A"]
+    suppress = frozenset(tokenizer.encode_ordinary(" the") + tokenizer.encode_ordinary(" a"))
+    reqs = []
+    for p in prompts:
+        ids = tuple(tokenizer.encode_ordinary(p))
+        reqs += [GreedyGeneration(ids, 6), GreedyGeneration(ids, 6, suppress_first=frozenset())]
+        hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        reqs.append(GreedyGeneration(ids, 6, suppress_first=frozenset({int(hf_out[0, -1])}) | suppress))
+    res = Scorer(model, tokenizer, batch_size=4, progress=False).greedy(reqs)
+    for k, p in enumerate(prompts):
+        ids = torch.tensor([tokenizer.encode_ordinary(p)])
+        plain = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert list(res[3 * k].tokens) == plain == list(res[3 * k + 1].tokens)
+        assert res[3 * k].text == tokenizer.decode(plain)
+        first_banned = sorted(reqs[3 * k + 2].suppress_first)
+        filtered = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               begin_suppress_tokens=first_banned)[0, ids.shape[1]:].tolist()
+        assert list(res[3 * k + 2].tokens) == filtered != plain
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([ids[0].tolist() + plain])).logits[0].double(), -1)
+        ref = sum(float(lp[ids.shape[1] - 1 + j, t]) for j, t in enumerate(plain))
+        assert res[3 * k].logprob == pytest.approx(ref, rel=1e-4)
+
+
+def test_greedy_generation_stops_and_cuts(model, tokenizer):
+    ids = tuple(tokenizer.encode_ordinary("Hello"))
+    free = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(ids, 10)])[0]
+    assert len(free.tokens) == 10
+    piece = free.text[3:6]
+    cut = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(ids, 10, stop=(piece,))])[0]
+    assert cut.text == free.text[:free.text.find(piece)]
+    assert tokenizer.decode(list(cut.tokens)).startswith(cut.text) and len(cut.tokens) < 10
+
+
+# ----------------------------------------------------------------------------- tasks on fixtures
+
+def test_every_table3_task_runs_on_its_real_format(model, tokenizer, data_dir):
+    tasks = ["lambada", "cbt-cn", "cbt-ne", "wikitext2", "ptb", "enwik8", "text8", "wikitext103", "1bw"]
+    res = evaluate(model, tokenizer, tasks, data_dir, batch_size=5, progress=False)
+    assert list(res) == tasks
+    counts = {t: r["counts"]["documents"] for t, r in res.items()}
+    assert counts == {"lambada": 3, "cbt-cn": 2, "cbt-ne": 2, "wikitext2": 2, "ptb": 1, "enwik8": 1, "text8": 1,
+                      "wikitext103": 2, "1bw": 3}
+    assert res["wikitext2"]["metrics"]["units"] == len(WIKITEXT.split()) + WIKITEXT.count("\n")
+    assert res["enwik8"]["metrics"]["units"] == len(ENWIK8.encode()) > len(ENWIK8)
+    assert res["text8"]["metrics"]["units"] == len(TEXT8)
+    assert res["1bw"]["metrics"]["units"] == len(ONE_BW.split()) + 3
+    for t, r in res.items():
+        assert all(math.isfinite(v) for v in r["metrics"].values()), t
+    for key in ("acc_word", "acc_word_stopfilter", "acc_token", "acc_token_stopfilter"):
+        assert res["lambada"]["metrics"][key] in (0.0, 100 / 3, 200 / 3, 100.0)
+    table = format_table3(res, model_name="tiny", model_size="117M")
+    assert "| paper 117M | 35.13 | 45.99 | 87.65 | 83.40 | 29.41 | 65.85 | 1.16 | 1.17 | 37.50 | 75.20 |" in table
+    # bits per byte and per character are the same log-probability in other units
+    m = res["text8"]["metrics"]
+    assert m["bpc"] == pytest.approx(-m["logprob"] / math.log(2) / len(TEXT8))
+
+
+def test_lambada_metrics_match_a_straightforward_computation(model, hf, tokenizer, data_dir):
+    res = evaluate(model, tokenizer, ["lambada"], data_dir, batch_size=2, progress=False)["lambada"]["metrics"]
+    total, token_hits, word_hits = 0.0, 0, 0
+    for text in LAMBADA:
+        context, word = text.rsplit(" ", 1)
+        ctx = tokenizer.encode_ordinary(context)
+        lp, _ = hf_continuation(hf, ctx, tokenizer.encode_ordinary(" " + word))
+        total += lp
+        ids = tokenizer.encode_ordinary(text)
+        token_hits += hf_continuation(hf, ids[:-1], ids[-1:])[1] == ids[-1:]
+        out = hf.generate(torch.tensor([ctx]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ctx):]
+        generated = tokenizer.decode(out.tolist())
+        word_hits += generated.split()[0].rstrip(".,;:!?\"") == word if generated.strip() else False
+    assert res["ppl"] == pytest.approx(math.exp(-total / len(LAMBADA)), rel=1e-4)
+    assert res["acc_token"] == pytest.approx(100 * token_hits / len(LAMBADA))
+    assert res["acc_word"] == pytest.approx(100 * word_hits / len(LAMBADA))
+
+
+def test_lambada_whole_word_accuracy_counts_a_right_prediction(model, tokenizer, tmp_path):
+    """Passages whose last word IS the model's greedy continuation score 100% on the word protocols."""
+    passages = []
+    for ctx in ["It was a dark and stormy night and", "In the beginning there was"]:
+        ids = tuple(tokenizer.encode_ordinary(ctx))
+        gen = Scorer(model, tokenizer, progress=False).greedy(
+            [GreedyGeneration(ids, 8, stop_regex=r"(?<=\w)[^\w']")])[0].text
+        if gen.strip() and gen.startswith(" ") and gen.strip().isalpha():
+            passages.append(ctx + gen)
+    assert passages, "the tiny model produced no word to build a passage from"
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    m = evaluate(model, tokenizer, ["lambada"], tmp_path, progress=False)["lambada"]["metrics"]
+    assert m["acc_word"] == 100.0
+
+
+def test_lambada_plain_text_is_detokenized(tmp_path, tokenizer):
+    (tmp_path / "lambada_test_plain_text.txt").write_text("\n".join(LAMBADA_PLAIN) + "\n")
+    docs = get_task("lambada")(tmp_path).documents()
+    assert docs[0] == ('"i\'m not going back there," she said. "not ever." he nodded and took her', " hand", "hand")
+    raw = get_task("lambada")(tmp_path, detokenize=False).documents()
+    assert raw[0][0].startswith("`` i 'm")
+
+
+def test_cbt_substitutes_each_candidate_and_scores_the_rest_of_the_sentence(model, hf, tokenizer, data_dir):
+    task = get_task("cbt-cn")(data_dir)
+    q1, q2 = task.documents()
+    assert len(q1.story) == 20 and q1.answer == "miller" and len(q1.candidates) == 10
+    reqs = task.requests(q2, tokenizer)
+    ctx_text = tokenizer.decode(list(reqs[0].context))
+    assert ctx_text.endswith('spoke to the "old miller" about the mill. "Who owns the')
+    assert [tokenizer.decode(list(r.continuation)) for r in reqs[:2]] == [' king?" asked the queen.',
+                                                                         ' mill?" asked the queen.']
+    # the prediction is the candidate a straightforward transformers scoring ranks first
+    acc = evaluate(model, tokenizer, ["cbt-cn"], data_dir, progress=False)["cbt-cn"]["metrics"]["acc"]
+    hits = 0
+    for q in (q1, q2):
+        rs = task.requests(q, tokenizer)
+        # the context is longer than the tiny model's 64 positions: keep its most recent part
+        scores = [hf_continuation(hf, list(r.context)[-(65 - len(r.continuation)):], list(r.continuation))[0]
+                  for r in rs]
+        hits += q.candidates[max(range(10), key=scores.__getitem__)] == q.answer
+    assert acc == pytest.approx(100 * hits / 2)
+
+
+def test_cbt_format_errors_name_the_line(tmp_path):
+    bad = _cbt_file().replace("21 Then the XXXXX", "21 Then the")
+    (tmp_path / "cbtest_NE_valid_2000ex.txt").write_text(bad)
+    with pytest.raises(TaskError, match=r"cbtest_NE_valid_2000ex.txt: line 21: expected"):
+        get_task("cbt-ne")(tmp_path).documents()
+    (tmp_path / "cbtest_NE_valid_2000ex.txt").write_text("1 only one line\n\n")
+    with pytest.raises(TaskError, match="line 1: expected a block of 21"):
+        get_task("cbt-ne")(tmp_path).documents()
+
+
+def test_enwik8_and_text8_standard_split(tmp_path):
+    from gpt2kit.eval.tasks.enwik8 import FULL, TEST, standard_test_split
+
+    data = bytes(range(256)) * (FULL // 256) + b"x" * (FULL % 256)
+    assert standard_test_split(data) == data[-TEST:] and standard_test_split(b"abc") == b"abc"
+    cut = "é€x".encode()
+    assert decode_cut(cut[1:]) == "€x" and decode_cut(cut[:-2]) == "é"
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "text8.zip", "w") as z:
+        z.writestr("text8", "a" * 25_000)
+    docs = get_task("text8")(tmp_path).documents(limit=2)
+    assert docs == ["a" * 20_000]  # two 10,000-character documents, streamed as one text
+
+
+def test_wikitext_articles_and_limit(data_dir):
+    task = get_task("wikitext103")(data_dir)
+    docs = task.documents()
+    assert len(docs) == 2 and docs[1].startswith(" = Tower Building")
+    assert "".join(docs) == WIKITEXT
+    assert task.documents(limit=1) == docs[:1]
+
+
+# ----------------------------------------------------------------------------- detokenizers
+
+@pytest.mark.parametrize("name, original, expected", [
+    ("wikitext", " = Valkyria Chronicles III = ", "= Valkyria Chronicles III ="),
+    ("wikitext", " = = Gameplay = = ", "== Gameplay =="),
+    ("wikitext", " a role @-@ playing game , sold 1 @,@ 000 copies at 3 @.@ 5 dollars . ",
+     "a role-playing game, sold 1,000 copies at 3.5 dollars."),
+    ("wikitext", ' known as " Valkyria Chronicles III " outside Japan ( the game \'s name ) ',
+     'known as "Valkyria Chronicles III" outside Japan (the game\'s name)'),
+    ("wikitext", " <unk> Chronicles ; lit . Valkyria : 3 ", "<unk> Chronicles; lit. Valkyria: 3"),
+    ("ptb", " it was n't black monday as the dow fell N points to $ N <unk> ",
+     "it wasn't black monday as the dow fell 1 points to $1 <unk>"),
+    ("ptb", " we 're sure they 've paid N N ", "we're sure they've paid 1 1"),
+    ("lm1b", 'He said : " It \'s not a $ 100 deal . " And does n\'t care ( much ) .',
+     'He said: "It\'s not a $100 deal." And doesn\'t care (much).'),
+    ("ptb_quotes", "`` i 'm sorry , '' he said . `` did n't you know ? ''",
+     '"i\'m sorry," he said. "didn\'t you know?"'),
+])
+def test_detokenizer_known_pairs(name, original, expected):
+    assert dt.detokenize(name, original) == expected
+
+
+@pytest.mark.parametrize("task, detok", [("wikitext2", "wikitext"), ("ptb", "ptb"), ("1bw", "lm1b")])
+def test_detokenizing_never_changes_the_word_count(task, detok, data_dir, tokenizer):
+    on, off = get_task(task)(data_dir), get_task(task)(data_dir, detokenize=False)
+    assert on.documents() == off.documents()  # the original text is what gets counted
+    for doc in on.documents():
+        s_on = on.score(doc, on_results := [_fake_rolling()])
+        s_off = off.score(doc, on_results)
+        assert s_on["units"] == s_off["units"] == dt.count_words(doc)
+        assert on.requests(doc, tokenizer) != off.requests(doc, tokenizer)  # it did change the text
+    # and the de-tokenizer keeps every line: end-of-line units are unchanged too
+    text = {"wikitext": WIKITEXT, "ptb": PTB, "lm1b": ONE_BW}[detok]
+    assert dt.detokenize(detok, text).count("\n") == text.count("\n")
+
+
+def _fake_rolling():
+    from gpt2kit.eval import RollingResult
+
+    return RollingResult(-10.0, 5)
+
+
+# ----------------------------------------------------------------------------- errors, registry
+
+def test_missing_file_names_the_file_and_its_source(tmp_path, model, tokenizer):
+    for name, expect in [("lambada", "lambada_test.jsonl"), ("ptb", "ptb.test.txt"),
+                         ("cbt-cn", "cbtest_CN_valid_2000ex.txt"), ("1bw", "news.en.heldout-00000-of-00050"),
+                         ("wikitext2", "wikitext-2/wiki.test.tokens"), ("enwik8", "enwik8.zip")]:
+        with pytest.raises(MissingDataError, match=f"task '{name}'.*{expect}.*normally obtained from") as e:
+            evaluate(model, tokenizer, [name], tmp_path, progress=False)
+        assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+    assert {"lambada", "cbt-cn", "cbt-ne", "wikitext2", "wikitext103", "ptb", "enwik8", "text8", "1bw"} <= set(task_names())
+    with pytest.raises(TaskError, match="already registered"):
+        @register_task("lambada")
+        class Again(Task):
+            pass
+    with pytest.raises(TaskError, match="unknown task 'nope'; known tasks: .*lambada"):
+        get_task("nope")
+
+
+def test_a_new_task_is_one_class(model, tokenizer, tmp_path):
+    from gpt2kit.eval.registry import _REGISTRY
+
+    @register_task("test-echo")
+    class Echo(Task):
+        data_files = ("echo.txt",)
+        source = "nowhere"
+
+        def documents(self, limit=None):
+            return self.path.read_text().split()[:limit]
+
+        def requests(self, doc, tokenizer):
+            return [Loglikelihood((), tuple(tokenizer.encode_ordinary(doc)))]
+
+        def score(self, doc, results):
+            return {"lp": results[0].logprob}
+
+        def aggregate(self, scores):
+            return {"mean_lp": sum(s["lp"] for s in scores) / len(scores)}
+
+    try:
+        (tmp_path / "echo.txt").write_text("hello world")
+        out = evaluate(model, tokenizer, ["test-echo"], tmp_path, progress=False)["test-echo"]
+        assert out["counts"]["documents"] == 2 and out["metrics"]["mean_lp"] < 0
+    finally:
+        del _REGISTRY["test-echo"]
+
+
+# ----------------------------------------------------------------------------- CLI, torchrun
+
+def test_cli_end_to_end(cli, model_dir, data_dir, tmp_path):
+    out = tmp_path / "results.json"
+    r = cli("eval", "--model", str(model_dir), "--tasks", "lambada,cbt-cn,ptb,text8", "--data-dir", str(data_dir),
+            "--limit", "2", "--batch-size", "4", "--stride", "16", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| model | LAMBADA (PPL) | LAMBADA (ACC) | CBT-CN (ACC) | PTB (PPL) | text8 (BPC) |" in r.stdout
+    assert "LAMBADA ACC by protocol" in r.stdout and "paper" not in r.stdout  # not a released size
+    doc = json.loads(out.read_text())
+    assert doc["options"]["stride"] == 16 and doc["options"]["limit"] == 2
+    assert doc["tasks"]["lambada"]["counts"]["documents"] == 2
+    assert doc["tasks"]["ptb"]["protocol"]["stride"] == 16 and doc["tasks"]["ptb"]["protocol"]["detokenizer"] == "ptb"
+    assert set(doc["tasks"]["lambada"]["metrics"]) == {"ppl", "acc_word", "acc_word_stopfilter", "acc_token",
+                                                       "acc_token_stopfilter"}
+
+
+
+def test_cli_errors_are_one_line(model_dir, data_dir, tmp_path, capsys):
+    from gpt2kit.cli import main
+
+    assert main(["eval", "--model", str(model_dir), "--tasks", "ptb,1bw", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2kit: error: task 'ptb': none of 'ptb.test.txt'") and err.count("\n") == 1
+    assert main(["eval", "--model", str(model_dir), "--tasks", "ptb,nope", "--data-dir", str(data_dir)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--tasks", "list", "--data-dir", str(data_dir)]) == 0
+    assert "cbt-ne" in capsys.readouterr().out.split()
+
+
+def test_torchrun_two_processes_gather_the_same_results(model_dir, data_dir, tmp_path):
+    out = tmp_path / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gpt2kit", "eval", "--model", str(model_dir), "--tasks", "lambada,cbt-ne,1bw",
+           "--data-dir", str(data_dir), "--batch-size", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("| model |") == 1  # only rank 0 reports
+    dist = json.loads(out.read_text())
+    assert dist["options"]["world_size"] == 2
+    model = GPT2.from_pretrained(str(model_dir)).eval()
+    single = evaluate(model, Tokenizer.gpt2(), ["lambada", "cbt-ne", "1bw"], data_dir, batch_size=2, progress=False)
+    for t in single:
+        for k, v in single[t]["metrics"].items():
+            assert dist["tasks"][t]["metrics"][k] == pytest.approx(v, rel=1e-5), (t, k)
