@@ -209,8 +209,9 @@ def attention_mask_for(attention_mask: torch.Tensor | None, past: int, T: int,
                        device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for scaled_dot_product_attention; mask is boolean (B|1, 1, T, S), True =
     may attend. Without padding or cache, `is_causal` lets SDPA use its fused causal kernel."""
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding anywhere: the cheaper paths below apply
+    if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        attention_mask = None  # no padding anywhere: the cheaper paths below apply (a data-dependent
+        # branch, which torch.compile would have to break its graph for: compiled code keeps the mask)
     if attention_mask is None:
         if past == 0:
             return None, True
