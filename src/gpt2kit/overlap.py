@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import regex
 
-from .corpus import expand_inputs, iter_documents, iter_file_documents
+from .corpus import expand_inputs, iter_file_documents
 from .errors import GPT2KitError, InputFileError
 from .io import write_json, write_text
 
@@ -625,6 +625,64 @@ def open_filter(path: str | os.PathLike, *, verify: bool = True) -> Filter:
 
 
 # ---------------------------------------------------------------------------------------------
+# Inputs: text files (gpt2kit.corpus) and `gpt2kit prepare` token shard folders
+
+SHARD_FORMAT = "gpt2kit-shards"  # the "format" field of a prepared folder's meta.json
+
+
+def _is_shard_folder(p: Path) -> bool:
+    meta = p / "meta.json"
+    if not (p.is_dir() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == SHARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def expand_sources(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Text files (folders expanded as `gpt2kit.corpus.expand_inputs` does) and prepared shard
+    folders (kept as folders)."""
+    out: list[Path] = []
+    for p in map(Path, inputs):
+        out.extend([p] if _is_shard_folder(p) else expand_inputs([p]))
+    return out
+
+
+def iter_shard_documents(folder: str | os.PathLike, split: str = "train") -> Iterator[str]:
+    """The texts of a prepared shard folder's split, decoded with the folder's own tokenizer and cut
+    at <|endoftext|>: 8-grams never span a place where `prepare` joined discontinuous text."""
+    from .data import TokenStream, read_meta
+    from .tokenizer import Tokenizer
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    tok = Tokenizer.from_pretrained(folder / meta["tokenizer"].get("folder", "tokenizer"))
+    if tok.fingerprint != meta["tokenizer"]["fingerprint"]:
+        raise InputFileError(folder / "meta.json", "tokenizer fingerprint does not match the folder's tokenizer/")
+    stream = TokenStream(folder, split)
+    eot = tok.eot_token
+    carry = np.zeros(0, dtype=np.int64)  # a document may continue into the next shard
+    for shard in stream.shards:
+        tokens = np.concatenate([carry, np.asarray(shard, dtype=np.int64)])
+        cuts = np.flatnonzero(tokens == eot)
+        start = 0
+        for c in cuts.tolist():
+            if c > start:
+                yield tok.decode(tokens[start:c].tolist())
+            start = c + 1
+        carry = tokens[start:]
+    if len(carry):
+        yield tok.decode(carry.tolist())
+
+
+def iter_source_documents(path: Path, *, field: str = "text", split: str = "train") -> Iterator[str]:
+    if path.is_dir():
+        return iter_shard_documents(path, split)
+    return iter_file_documents(path, field=field)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building
 
 
@@ -651,37 +709,41 @@ class BuildSummary:
 class _Job:
     """One worker's share of the inputs: whole files, or every `stride`-th document of them."""
 
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # text files and shard folders
     stride: int = 1
     offset: int = 0
     field: str = "text"
+    split: str = "train"
 
     def documents(self) -> Iterator[str]:
         i = 0
         for path in self.files:
-            for doc in iter_file_documents(Path(path), field=self.field):
+            for doc in iter_source_documents(Path(path), field=self.field, split=self.split):
                 if i % self.stride == self.offset:
                     yield doc
                 i += 1
 
 
-def _plan(files: list[Path], workers: int, field: str) -> list[_Job]:
+def _size(p: Path) -> int:
+    return sum(q.stat().st_size for q in p.glob("*.bin")) if p.is_dir() else p.stat().st_size
+
+
+def _plan(files: list[Path], workers: int, field: str, split: str) -> list[_Job]:
     """Split the inputs among workers: by file (balancing bytes) when there are enough files,
     else by striping documents (every worker reads everything, hashes its share)."""
     if workers <= 1:
-        return [_Job(tuple(map(str, files)), field=field)]
+        return [_Job(tuple(map(str, files)), field=field, split=split)]
     if len(files) >= 2 * workers:
-        loads = [(0, w, []) for w in range(workers)]
+        loads: list[tuple[int, int, list[int]]] = [(0, w, []) for w in range(workers)]
         heapq.heapify(loads)
-        for p in sorted(files, key=lambda q: -q.stat().st_size):
+        for i in sorted(range(len(files)), key=lambda j: -_size(files[j])):
             size, w, group = heapq.heappop(loads)
-            group.append(p)
-            heapq.heappush(loads, (size + p.stat().st_size, w, group))
+            group.append(i)
+            heapq.heappush(loads, (size + _size(files[i]), w, group))
         # keep the input order inside each worker, so a shard's contents do not depend on sizes
-        order = {p: i for i, p in enumerate(files)}
-        groups = sorted((sorted(g, key=order.__getitem__) for _, _, g in loads if g), key=lambda g: order[g[0]])
-        return [_Job(tuple(map(str, g)), field=field) for g in groups]
-    return [_Job(tuple(map(str, files)), stride=workers, offset=w, field=field) for w in range(workers)]
+        groups = sorted(sorted(g) for _, _, g in loads if g)
+        return [_Job(tuple(str(files[i]) for i in g), field=field, split=split) for g in groups]
+    return [_Job(tuple(map(str, files)), stride=workers, offset=w, field=field, split=split) for w in range(workers)]
 
 
 def _count_job(job: _Job) -> tuple[int, int]:
@@ -744,20 +806,21 @@ def _build_shard(job: _Job, path: str, capacity: int, fpr: float, allow_overfill
 
 def build_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
                  fpr: float = 1e-8, exact: bool = False, workers: int = 1, field: str = "text",
-                 allow_overfill: bool = False, progress: bool = False) -> BuildSummary:
+                 split: str = "train", allow_overfill: bool = False, progress: bool = False) -> BuildSummary:
     """Insert every normalized 8-gram of `inputs` into a new filter file `out`.
 
     `capacity=None` sizes the filter from a first pass that counts the 8-grams (an upper bound on
     the distinct ones). With `workers > 1`, shard filters are built in separate processes and
-    OR-ed together (`merge_filters`)."""
+    OR-ed together (`merge_filters`). Inputs are text files/folders or `gpt2kit prepare` shard
+    folders (their `split`, decoded with their tokenizer)."""
     from tqdm import tqdm
 
-    files = expand_inputs(inputs)
+    files = expand_sources(inputs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if workers < 1:
         raise OverlapError(f"--workers must be at least 1, got {workers}")
-    jobs = _plan(files, 1 if exact else workers, field)
+    jobs = _plan(files, 1 if exact else workers, field, split)
     if exact:
         es = ExactSet()
         with tqdm(desc="8-grams", unit=" doc", disable=not progress) as bar:
@@ -1045,7 +1108,7 @@ def _label(path: str | os.PathLike) -> str:
 
 
 def query(filters: Sequence[str | os.PathLike] | dict, test_sets: Sequence[str | os.PathLike], *, top: int = 10,
-          field: str = "text", verify: bool = True, progress: bool = False) -> OverlapReport:
+          field: str = "text", split: str = "train", verify: bool = True, progress: bool = False) -> OverlapReport:
     """Percent of each test set's 8-grams in each filter, per file and per document, with the
     longest overlapping passages. `filters` are paths, or {name: path or opened filter}."""
     from tqdm import tqdm
@@ -1071,7 +1134,9 @@ def query(filters: Sequence[str | os.PathLike] | dict, test_sets: Sequence[str |
         doc_index: dict[Path, int] = {}
         counter = itertools.count()
         any_doc = False
-        for path, doc in tqdm(iter_documents([ts], field=field), desc=label, unit=" doc", disable=not progress):
+        docs = ((path, doc) for path in expand_sources([ts])
+                for doc in iter_source_documents(path, field=field, split=split))
+        for path, doc in tqdm(docs, desc=label, unit=" doc", disable=not progress):
             any_doc = True
             di = doc_index.get(path, 0)
             doc_index[path] = di + 1

@@ -12,7 +12,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="overlap_command", metavar="SUBCOMMAND", required=True)
 
     b = sub.add_parser("build", help="insert every 8-gram of the inputs into a new filter file")
-    b.add_argument("inputs", nargs="+", metavar="INPUT", help="text/JSONL files or folders (.gz/.zst too)")
+    b.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text/JSONL files or folders (.gz/.zst too), or `gpt2kit prepare` shard folders")
     b.add_argument("--out", required=True, help="filter file to write (e.g. train.bloom)")
     size = b.add_mutually_exclusive_group()
     size.add_argument("--capacity", type=int, help="distinct 8-grams the filter must hold at --fpr")
@@ -21,6 +22,8 @@ def register(subparsers) -> None:
     b.add_argument("--exact", action="store_true", help="store the 8-grams themselves (exact; small corpora)")
     b.add_argument("--workers", type=int, default=1, help="processes: shard filters built in parallel, then OR-ed")
     b.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    b.add_argument("--split", default="train", choices=("train", "val"),
+                   help="split of prepared shard folders to read (default: train)")
     b.add_argument("--allow-overfill", action="store_true",
                    help="keep going past the capacity and report the false-positive rate reached")
     b.set_defaults(func=_build)
@@ -39,6 +42,8 @@ def register(subparsers) -> None:
     q.add_argument("--out-dir", help="write report.md, report.json and overlap.png here")
     q.add_argument("--top", type=int, default=10, help="longest overlapping passages to keep per pair (default 10)")
     q.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    q.add_argument("--split", default="train", choices=("train", "val"),
+                   help="split of prepared shard folders given as test sets (default: train)")
     q.add_argument("--json", action="store_true", help="print the JSON report instead of markdown")
     q.add_argument("--no-verify", action="store_true", help="skip the filters' payload checksums")
     q.set_defaults(func=_query)
@@ -61,7 +66,8 @@ def _build(args: argparse.Namespace) -> int:
     if not args.exact and args.capacity is None and not args.auto:
         raise OverlapError("build: give --capacity N or --auto (or --exact)")
     s = build_filter(args.inputs, args.out, capacity=args.capacity, fpr=args.fpr, exact=args.exact,
-                     workers=args.workers, field=args.field, allow_overfill=args.allow_overfill, progress=True)
+                     workers=args.workers, field=args.field, split=args.split,
+                     allow_overfill=args.allow_overfill, progress=True)
     print(s.line())
     return 0
 
@@ -83,7 +89,8 @@ def _query(args: argparse.Namespace) -> int:
         raise OverlapError("query: none of the arguments is a filter file (build one with `gpt2kit overlap build`)")
     if not tests:
         raise OverlapError("query: no test sets given (text/JSONL files or folders after the filters)")
-    report = query(filters, tests, top=args.top, field=args.field, verify=not args.no_verify, progress=True)
+    report = query(filters, tests, top=args.top, field=args.field, split=args.split, verify=not args.no_verify,
+                   progress=True)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
