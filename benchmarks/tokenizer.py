@@ -5,7 +5,7 @@
 Encoding: the default corpus (42 Shakespeare texts, ~5 MB), one document per call, single-threaded
 and as a 2-thread batch. Every engine is checked to produce the same ids as tiktoken. Training:
 vocab 8192 on all but the last 4 texts; bytes per token measured on those 4 held-out texts.
-Prints a markdown table of medians and the ratios to the peers.
+Prints a markdown table of medians (contenders run round-robin) and the ratios to the peers.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, run round-robin so that load changes hit all alike."""
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     check("ours reference", Tokenizer.gpt2(engine="reference").encode_batch(texts))
     check("HF tokenizers", [e.ids for e in hf.encode_batch(texts)])
 
-    def ref_cold():  # a fresh tokenizer each run: its pre-token cache starts empty
-        ref = Tokenizer.gpt2(engine="reference")
+    ref = Tokenizer.gpt2(engine="reference")
+
+    def ref_cold():  # each run starts with an empty pre-token cache
+        ref._engine.cache.clear()
         for t in texts:
             ref.encode_ordinary(t)
 
@@ -76,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         ("tiktoken", lambda: [tik.encode_ordinary(t) for t in texts], lambda: tik.encode_ordinary_batch(texts, num_threads=n)),
         ("HF tokenizers", lambda: [hf.encode(t) for t in texts], lambda: hf.encode_batch(texts)),
     ]
-    speeds = {}
-    for name, single, batch in rows:
-        s1 = mb / median_time(single, args.repeats if name != "ours reference" else max(1, args.repeats // 2))
-        s2 = mb / median_time(batch, args.repeats) if batch else None
-        speeds[name] = (s1, s2)
+    fns = {(name, 1): single for name, single, _ in rows}
+    fns.update({(name, n): batch for name, _, batch in rows if batch})
+    secs = median_times(fns, args.repeats)
+    speeds = {name: (mb / secs[name, 1], mb / secs[name, n] if (name, n) in secs else None) for name, _, _ in rows}
 
     print(f"## Encoding {mb:.2f} MB ({len(texts)} documents), median of {args.repeats} runs\n")
     print(f"| tokenizer | MB/s, 1 thread | MB/s, {n}-thread batch | batch scaling | 1 thread vs tiktoken |")

@@ -271,6 +271,7 @@ def test_save_and_load_all_formats(tmp_path, fast):
 
 def test_from_pretrained_names_and_errors(tmp_path, fast):
     assert Tokenizer.from_pretrained("gpt2-xl").fingerprint == fast.fingerprint
+    assert Tokenizer.from_pretrained("openai-community/gpt2-medium").fingerprint == fast.fingerprint
     with pytest.raises(InputFileError, match="no such tokenizer folder"):
         Tokenizer.from_pretrained(tmp_path / "nope")
     with pytest.raises(InputFileError, match="holds no encoder.json"):
@@ -324,6 +325,15 @@ def test_encode_batch_threads_and_order(fast, ref):
     assert fast.encode_batch([f"x{ENDOFTEXT}"], allowed_special="all") == [[87, 50256]]
     with pytest.raises(TokenizerError, match="expects a list of texts"):
         fast.encode_batch("one text")
+
+
+def test_pickle_for_worker_processes(fast, ref):
+    import pickle
+
+    for tok in (fast, ref):
+        copy = pickle.loads(pickle.dumps(tok))
+        assert copy.engine == tok.engine and copy.fingerprint == tok.fingerprint
+        assert copy.encode(DIVERSE[3]) == tok.encode(DIVERSE[3])
 
 
 def test_fingerprint_identifies_vocabulary(fast, ref):

@@ -42,6 +42,7 @@ from .errors import GPT2KitError, InputFileError
 from .io import write_json, write_text
 
 ENDOFTEXT = "<|endoftext|>"
+# All four released models share one vocabulary; the hub also knows them as openai-community/<name>.
 RELEASED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # OpenAI's pattern (gpt-2/src/encoder.py), contractions folded into one group as tiktoken does.
@@ -421,7 +422,7 @@ class Tokenizer:
             raise InputFileError(path, "folder holds no encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json")
         if path.is_file() and path.name.endswith(".json"):
             return cls.from_tokenizer_json(path, engine=engine)
-        if str(name_or_path) in RELEASED_NAMES:
+        if str(name_or_path).removeprefix("openai-community/") in RELEASED_NAMES:
             return cls.gpt2(engine=engine)
         raise InputFileError(
             path, f"no such tokenizer folder (or released name: {', '.join(RELEASED_NAMES)})")
@@ -598,6 +599,10 @@ class Tokenizer:
     def with_engine(self, engine: Literal["fast", "reference"]) -> "Tokenizer":
         """The same vocabulary with the other engine."""
         return Tokenizer(self._ranks, self._merges, self._specials, engine=engine)
+
+    def __reduce__(self):
+        # The fast engine's Rust core cannot be pickled: rebuild it (for worker processes).
+        return (functools.partial(Tokenizer, engine=self.engine), (self._ranks, self._merges, self._specials))
 
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, engine={self.engine!r}, fingerprint={self.fingerprint[:12]!r})"
