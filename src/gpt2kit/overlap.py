@@ -367,16 +367,17 @@ def _numba_kernels():
     return add, contains
 
 
-def _kernels_for(engine: str):
-    """numba kernels when `engine` allows and numba is installed; None means the numpy path."""
+def _check_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise OverlapError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "numpy":
-        return None
-    kernels = _numba_kernels()
-    if kernels is None and engine == "numba":
+    if engine == "numba" and _numba_kernels() is None:
         raise OverlapError("engine 'numba' needs the numba package: pip install 'gpt2kit[overlap]'")
-    return kernels
+    return engine
+
+
+# Loading the compiled kernels costs about a second per process; "auto" pays it only once a filter
+# has seen this many 8-grams, so small jobs (tests, one-file queries) stay quick.
+_NUMBA_AFTER = 1 << 20
 
 
 class BloomFilter:
@@ -404,7 +405,15 @@ class BloomFilter:
         self._ks = np.arange(self.k, dtype=np.uint64)[:, None]
         # numba when installed (4-6x faster inserts); $GPT2KIT_OVERLAP_ENGINE=numpy forces the
         # pure-numpy path, which gives the same bits
-        self._kernels = _kernels_for(engine or os.environ.get("GPT2KIT_OVERLAP_ENGINE", "auto"))
+        self.engine = _check_engine(engine or os.environ.get("GPT2KIT_OVERLAP_ENGINE", "auto"))
+        self._work = 0
+
+    def _kernels(self, n: int):
+        """The numba (add, contains) pair, or None for the numpy path."""
+        self._work += n
+        if self.engine == "numba" or (self.engine == "auto" and self._work >= _NUMBA_AFTER):
+            return _numba_kernels()
+        return None
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -482,8 +491,9 @@ class BloomFilter:
     def add_hashes(self, h1: np.ndarray, h2: np.ndarray) -> None:
         """Insert fingerprints (two uint64 arrays of equal length)."""
         h1, h2 = np.ascontiguousarray(h1, dtype=np.uint64), np.ascontiguousarray(h2, dtype=np.uint64)
-        if self._kernels is not None:
-            self._kernels[0](np.asarray(self.bits), h1, h2, np.uint64(self.m), self.k)
+        kernels = self._kernels(len(h1))
+        if kernels is not None:
+            kernels[0](np.asarray(self.bits), h1, h2, np.uint64(self.m), self.k)
             self.n_added += len(h1)
             return
         for s in range(0, len(h1), _BATCH_NGRAMS):
@@ -502,8 +512,9 @@ class BloomFilter:
         """One bool per fingerprint: all k bits set."""
         out = np.empty(len(h1), dtype=bool)
         h1, h2 = np.ascontiguousarray(h1, dtype=np.uint64), np.ascontiguousarray(h2, dtype=np.uint64)
-        if self._kernels is not None:
-            self._kernels[1](np.asarray(self.bits), h1, h2, np.uint64(self.m), self.k, out)
+        kernels = self._kernels(len(h1))
+        if kernels is not None:
+            kernels[1](np.asarray(self.bits), h1, h2, np.uint64(self.m), self.k, out)
             return out
         for s in range(0, len(h1), _BATCH_NGRAMS):
             byte, mask = self._positions(h1[s:s + _BATCH_NGRAMS], h2[s:s + _BATCH_NGRAMS])
