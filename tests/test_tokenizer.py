@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 
+import numpy as np
 import pytest
+import torch
 import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -163,6 +165,7 @@ def test_decode_split_character(fast, ref):
         assert tok.decode(ids[:-1]).endswith("\ufffd")
         assert tok.decode_bytes(ids[:-1]) == "\U0001d54f".encode()[:3]
         assert tok.decode_bytes(ids) == "\U0001d54f".encode()
+        assert tok.decode(np.array(ids, dtype=np.uint16)) == tok.decode(torch.tensor(ids)) == "\U0001d54f"
 
 
 @pytest.mark.parametrize("bad", [50257, -1, 10**12, "7", 1.0])

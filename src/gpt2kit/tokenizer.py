@@ -242,6 +242,14 @@ def _bpe_merge_long(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=64)
+def _special_splitter(allowed: frozenset[str]):
+    """A pattern whose split() alternates text and allowed special tokens (longest first)."""
+    import regex
+
+    return regex.compile("(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")")
+
+
 class _ReferenceEngine:
     _CACHE_LIMIT = 200_000  # distinct pre-tokens remembered; cleared when full
     _CACHE_MAX_LEN = 64  # longer pre-tokens are rare and would bloat the cache
@@ -267,11 +275,8 @@ class _ReferenceEngine:
         return ids
 
     def encode(self, text: str, allowed: AbstractSet[str]) -> list[int]:
-        import regex
-
-        splitter = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")")
         ids: list[int] = []
-        for k, chunk in enumerate(splitter.split(text)):
+        for k, chunk in enumerate(_special_splitter(frozenset(allowed)).split(text)):
             if k % 2:
                 ids.append(self.specials[chunk])
             elif chunk:
@@ -539,7 +544,7 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of the tokens (possibly ending inside a UTF-8 character)."""
-        ids = list(ids)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
         if isinstance(self._engine, _FastEngine):
             try:
                 return self._engine.decode_bytes(ids)
