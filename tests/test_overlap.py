@@ -257,6 +257,10 @@ def test_file_round_trip_and_memory_map(tmp_path):
     assert np.array_equal(np.asarray(back.bits), bf.bits)
     assert (back.m, back.k, back.capacity, back.fpr_target, back.n_added) == (bf.m, bf.k, 5_000, 1e-4, 5_000)
     assert (tmp_path / "x.bloom").stat().st_size == HEADER_BYTES + bf.m // 8
+    with pytest.raises(OverlapError, match="x.bloom: opened read-only"):
+        back.add_text("one two three four five six seven eight")
+    with pytest.raises(OverlapError, match="equal length"):
+        bf.add_hashes(np.zeros(3, np.uint64), np.zeros(2, np.uint64))
 
 
 # -- capacity and bad input ----------------------------------------------------------------------

@@ -375,6 +375,13 @@ def _check_engine(engine: str) -> str:
     return engine
 
 
+def _lanes(h1: np.ndarray, h2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h1, h2 = np.ascontiguousarray(h1, dtype=np.uint64), np.ascontiguousarray(h2, dtype=np.uint64)
+    if h1.shape != h2.shape or h1.ndim != 1:
+        raise OverlapError(f"fingerprint lanes must be two 1-D arrays of equal length, got {h1.shape} and {h2.shape}")
+    return h1, h2
+
+
 # Loading the compiled kernels costs about a second per process; "auto" pays it only once a filter
 # has seen this many 8-grams, so small jobs (tests, one-file queries) stay quick.
 _NUMBA_AFTER = 1 << 20
@@ -490,7 +497,9 @@ class BloomFilter:
 
     def add_hashes(self, h1: np.ndarray, h2: np.ndarray) -> None:
         """Insert fingerprints (two uint64 arrays of equal length)."""
-        h1, h2 = np.ascontiguousarray(h1, dtype=np.uint64), np.ascontiguousarray(h2, dtype=np.uint64)
+        if not self.bits.flags.writeable:
+            raise OverlapError(f"{self.path}: opened read-only; merge it with a new filter instead of adding to it")
+        h1, h2 = _lanes(h1, h2)
         kernels = self._kernels(len(h1))
         if kernels is not None:
             kernels[0](np.asarray(self.bits), h1, h2, np.uint64(self.m), self.k)
@@ -510,8 +519,8 @@ class BloomFilter:
 
     def contains_hashes(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
         """One bool per fingerprint: all k bits set."""
+        h1, h2 = _lanes(h1, h2)
         out = np.empty(len(h1), dtype=bool)
-        h1, h2 = np.ascontiguousarray(h1, dtype=np.uint64), np.ascontiguousarray(h2, dtype=np.uint64)
         kernels = self._kernels(len(h1))
         if kernels is not None:
             kernels[1](np.asarray(self.bits), h1, h2, np.uint64(self.m), self.k, out)
