@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpt2kit.errors import GPT2KitError
 from gpt2kit.overlap import (
     HEADER_BYTES,
     BloomFilter,
@@ -333,3 +334,13 @@ def test_empty_inputs_are_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(OverlapError, match="empty.jsonl: test set holds no documents"):
         query([tmp_path / "e.exact"], [tmp_path / "empty.jsonl"])
+
+
+def test_worker_errors_reach_the_caller(tmp_path):
+    for i in range(4):
+        (tmp_path / f"f{i}.txt").write_text(f"one two three four five six seven eight {i}")
+    (tmp_path / "f4.txt").write_bytes(b"bad \xff byte")
+    with pytest.raises(GPT2KitError, match=r"f4.txt: not valid UTF-8 at byte offset 4"):
+        build_filter([tmp_path], tmp_path / "out.bloom", capacity=100, workers=2)
+    assert not (tmp_path / "out.bloom").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # shard temp files removed

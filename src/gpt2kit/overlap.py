@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import struct
 import tempfile
 import unicodedata
@@ -885,10 +886,23 @@ def _map(fn, arglists: list[tuple], workers: int, progress: bool = False) -> lis
 
     # spawn: workers must not inherit a parent's threads or locks (torch, tqdm)
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *a) for a in arglists]
+        futures = [pool.submit(_in_worker, fn, *a) for a in arglists]
         for f in tqdm(cf.as_completed(futures), total=len(futures), desc="shards", disable=not progress):
             f.result()  # re-raise a worker's error here
         return [f.result() for f in futures]
+
+
+def _in_worker(fn, *args):
+    """fn(*args), with a user-facing error turned into one that survives the trip back to the parent
+    (an exception whose __init__ takes other arguments than its message cannot be unpickled)."""
+    try:
+        return fn(*args)
+    except GPT2KitError as e:
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:
+            raise OverlapError(str(e)) from None
+        raise
 
 
 def _require_ngrams(n: int, inputs: Sequence) -> None:
