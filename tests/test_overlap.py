@@ -13,6 +13,7 @@ from gpt2kit.errors import GPT2KitError
 from gpt2kit.overlap import (
     HEADER_BYTES,
     BloomFilter,
+    _unicode_words,
     ExactSet,
     FilterFileError,
     NgramHasher,
@@ -50,6 +51,12 @@ from gpt2kit.overlap import (
 ])
 def test_normalize(text, expected):
     assert normalize(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_ascii_fast_path_matches_the_unicode_rules(text):
+    assert words(text) == _unicode_words(text)
 
 
 def test_ngrams_are_consecutive_word_windows():
