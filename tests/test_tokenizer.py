@@ -346,3 +346,13 @@ def test_fingerprint_identifies_vocabulary(fast, ref):
     assert other.fingerprint != fast.fingerprint
     assert other.n_vocab == 50258
     assert other.encode("<|pad|>", allowed_special="all") == [50257]
+
+
+def test_docstring_examples():
+    import doctest
+
+    from gpt2kit import bpe_train, tokenizer
+
+    for module in (tokenizer, bpe_train):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted >= 3
