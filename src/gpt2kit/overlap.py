@@ -658,6 +658,7 @@ def open_filter(path: str | os.PathLike, *, verify: bool = True) -> Filter:
 # Inputs: text files (gpt2kit.corpus) and `gpt2kit prepare` token shard folders
 
 SHARD_FORMAT = "gpt2kit-shards"  # the "format" field of a prepared folder's meta.json
+_SHARD_CHUNK = 1 << 22  # tokens decoded per step: a 100M-token shard is not loaded as a whole
 
 
 def _is_shard_folder(p: Path) -> bool:
@@ -692,16 +693,17 @@ def iter_shard_documents(folder: str | os.PathLike, split: str = "train") -> Ite
         raise InputFileError(folder / "meta.json", "tokenizer fingerprint does not match the folder's tokenizer/")
     stream = TokenStream(folder, split)
     eot = tok.eot_token
-    carry = np.zeros(0, dtype=np.int64)  # a document may continue into the next shard
+    carry = np.zeros(0, dtype=np.int64)  # a document may continue into the next chunk or shard
+    step = _SHARD_CHUNK
     for shard in stream.shards:
-        tokens = np.concatenate([carry, np.asarray(shard, dtype=np.int64)])
-        cuts = np.flatnonzero(tokens == eot)
-        start = 0
-        for c in cuts.tolist():
-            if c > start:
-                yield tok.decode(tokens[start:c].tolist())
-            start = c + 1
-        carry = tokens[start:]
+        for lo in range(0, len(shard), step):
+            tokens = np.concatenate([carry, np.asarray(shard[lo:lo + step], dtype=np.int64)])
+            start = 0
+            for c in np.flatnonzero(tokens == eot).tolist():
+                if c > start:
+                    yield tok.decode(tokens[start:c].tolist())
+                start = c + 1
+            carry = tokens[start:]
     if len(carry):
         yield tok.decode(carry.tolist())
 
