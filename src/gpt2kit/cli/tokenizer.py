@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--field", default="text", help="JSON field holding the text in .jsonl inputs (default: text)")
     t.add_argument("--special", action="append", metavar="TOKEN",
                    help="a special token, repeatable (default: <|endoftext|>)")
-    t.add_argument("--workers", type=int, default=1, help="processes counting pre-tokens (default: 1)")
+    t.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes counting pre-tokens (default: all cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
