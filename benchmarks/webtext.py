@@ -1,4 +1,5 @@
-"""WebText throughput: pages/s through `extract` and documents/s through `dedup`, 1 vs 2 workers.
+"""WebText throughput: dump lines/s through `links`, pages/s through `extract`, documents/s
+through `dedup`, 1 vs 2 workers.
 
 A synthetic fetch stage (WARC files + manifests, no network) of N English news-like pages, 5% exact
 and 10% near duplicates, is built in a temporary folder; then each stage runs from scratch with
@@ -6,7 +7,7 @@ and 10% near duplicates, is built in a temporary folder; then each stage runs fr
 datasketch `MinHash` per document and a `MinHashLSH` index queried before each insert, on the
 same documents in the same process run.
 
-    .venv/bin/python benchmarks/webtext.py [--pages 20000] [--shards 8]
+    .venv/bin/python benchmarks/webtext.py [--pages 20000] [--shards 8] [--dump-lines 200000]
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-from gpt2kit.webtext import DedupConfig, ExtractConfig, Runner, WorkFolder, dedup, extract
+from gpt2kit.webtext import (DedupConfig, ExtractConfig, LinksConfig, Runner, WorkFolder, collect_links, dedup_documents,
+                             extract_texts)
 from gpt2kit.webtext.work import read_jsonl_zst, write_jsonl_zst
 
 def english_words() -> list[str]:
@@ -82,6 +84,28 @@ def build_fetch_stage(work: Path, pages: int, shards: int, seed: int = 0) -> Non
     wf.finish("fetch", range(shards), {"pages": pages})
 
 
+def build_dumps(folder: Path, lines: int, files: int = 2, seed: int = 0) -> list[Path]:
+    """Reddit-like submission dumps (.zst): a mix of self posts, low karma and link posts."""
+    import json
+
+    import zstandard
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(files):
+        rows = []
+        for i in range(lines // files):
+            rows.append({"url": f"https://www.site{rng.randrange(20000)}.com/2017/{rng.randrange(10**6)}/a-story?utm_source=reddit",
+                         "score": rng.randrange(0, 50), "created_utc": 1_490_000_000 + i, "is_self": rng.random() < 0.3,
+                         "subreddit": f"sub{rng.randrange(500)}", "over_18": False, "domain": "x", "author": "someone",
+                         "title": "A title of a post about something " * 2, "num_comments": rng.randrange(100)})
+        path = folder / f"RS_2017-{f + 1:02d}.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows)))
+        paths.append(path)
+    return paths
+
+
 def reset(work: Path, *stages: str) -> None:
     for s in stages:
         shutil.rmtree(work / s, ignore_errors=True)
@@ -115,9 +139,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=20_000)
     ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--dump-lines", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (the median is reported)")
     args = ap.parse_args()
     rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dumps = build_dumps(Path(tmp) / "dumps", args.dump_lines)
+        lt = {}
+        for workers in (1, 2):
+            ts = []
+            for r in range(args.repeats):
+                t0 = time.perf_counter()
+                collect_links(Path(tmp) / f"links-{workers}-{r}", dumps, LinksConfig(shards=16), Runner(workers=workers))
+                ts.append(time.perf_counter() - t0)
+            lt[workers] = statistics.median(ts)
+        rows.append(("links (dump lines)", f"{args.dump_lines / lt[1]:,.0f}", f"{args.dump_lines / lt[2]:,.0f}",
+                     f"{lt[1] / lt[2]:.2f}x", "-", "-"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build_fetch_stage(work, args.pages, args.shards)
@@ -128,7 +165,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 reset(work, "extract", "dedup")
                 t0 = time.perf_counter()
-                ext = extract(work, ecfg, Runner(workers=workers))
+                ext = extract_texts(work, ecfg, Runner(workers=workers))
                 ts.append(time.perf_counter() - t0)
             times[f"extract{workers}"] = statistics.median(ts)
             docs = ext["docs"]
@@ -136,7 +173,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 reset(work, "dedup")
                 t0 = time.perf_counter()
-                dd = dedup(work, dcfg, Runner(workers=workers))
+                dd = dedup_documents(work, dcfg, Runner(workers=workers))
                 ts.append(time.perf_counter() - t0)
             times[f"dedup{workers}"] = statistics.median(ts)
         peer_s, peer_kept = datasketch_peer(work, args.shards, dcfg)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2kit.webtext import (DedupConfig, ExtractConfig, LinksConfig, Runner, WebTextError, WorkFolder, canonicalize_url,
-                             dedup, extract, links, read_corpus, shard)
+                             collect_links, dedup_documents, extract_texts, read_corpus, write_shards)
 from gpt2kit.webtext.dedup import (band_keys, candidate_pairs, lsh_params, minhash_signature, near_duplicates, shingles,
                                    text_hash)
 from gpt2kit.webtext.extract import clean_text, extract_page, identify_language, is_wikipedia_copy
@@ -104,7 +104,7 @@ def test_links_filters_dedups_and_keeps_highest_karma(tmp_path):
     plain.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n\n", encoding="utf-8")
     zst = zst_dump(tmp_path / "RS_2017-08.zst", [post("http://news.example/a", 70, subreddit="z"),
                                                  post("http://other.example/x", 4)])
-    totals = links(tmp_path / "w", [plain, zst], LinksConfig(shards=3, blocked_subreddits=("spam",)))
+    totals = collect_links(tmp_path / "w", [plain, zst], LinksConfig(shards=3, blocked_subreddits=("spam",)))
     got = {r["url"]: r for k in range(3) for r in read_jsonl_zst(tmp_path / "w" / "links" / f"links-{k:05d}.jsonl.zst")}
     assert sorted(got) == ["http://news.example/a", "http://news.example/d", "http://news.example/f",
                            "http://other.example/x"]
@@ -127,24 +127,24 @@ def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
     cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])   # a download that stopped half-way
     bz = tmp_path / "old.bz2"
     bz.write_bytes(bz2.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows[:5]) + b"\xff\xfe garbage\n"))
-    totals = links(tmp_path / "w", [cut, bz], LinksConfig(shards=2))
+    totals = collect_links(tmp_path / "w", [cut, bz], LinksConfig(shards=2))
     assert totals["truncated_files"] == 1 and totals["bad_lines"] == 1
     assert 5 <= totals["links"] < 300     # whatever came before the damage is kept
 
 
 def test_links_rerun_is_resumable_and_guards_options(tmp_path):
     dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1"), post("http://b.example/2")])
-    links(tmp_path / "w", [dump], LinksConfig(shards=2))
+    collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
     done = sorted(p.name for p in (tmp_path / "w" / "links" / "_done").iterdir())
     assert len(done) == 3   # one dump task and two shard tasks
-    again = links(tmp_path / "w", [dump], LinksConfig(shards=2))
+    again = collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
     assert again["skipped_tasks"] == 3 and again["links"] == 2
     with pytest.raises(WebTextError, match="other options .*min_score"):
-        links(tmp_path / "w", [dump], LinksConfig(shards=2, min_score=10))
+        collect_links(tmp_path / "w", [dump], LinksConfig(shards=2, min_score=10))
     with pytest.raises(WebTextError, match="no such dump"):
-        links(tmp_path / "w2", [tmp_path / "nope.zst"])
+        collect_links(tmp_path / "w2", [tmp_path / "nope.zst"])
     with pytest.raises(WebTextError, match="stage 'fetch' has not finished; run `gpt2kit webtext fetch"):
-        extract(tmp_path / "empty")
+        extract_texts(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +276,11 @@ def test_dedup_and_shard_stages(tmp_path, runner):
                doc("http://b.example/2", near, 20),                 # near duplicate, more karma: it stays
                doc("http://b.example/3", t3, 1)], []]
     _extract_stage(tmp_path, shards)
-    totals = dedup(tmp_path, DedupConfig(), runner)
+    totals = dedup_documents(tmp_path, DedupConfig(), runner)
     assert (totals["docs_in"], totals["exact_duplicates"], totals["near_duplicates"], totals["docs"]) == (5, 1, 1, 3)
     dups = {d["url"]: (d["kind"], d["duplicate_of"]) for d in read_jsonl_zst(tmp_path / "dedup" / "duplicates.jsonl.zst")}
     assert dups == {"http://a.example/1": ("exact", "http://b.example/1"), "http://a.example/2": ("near", "http://b.example/2")}
-    out = shard(tmp_path, runner=runner)
+    out = write_shards(tmp_path, runner=runner)
     assert out["docs"] == 3
     docs = read_corpus(tmp_path)
     assert [d["url"] for d in docs] == ["http://b.example/1", "http://b.example/2", "http://b.example/3"]
@@ -305,7 +305,7 @@ def test_long_window_dumps_need_the_long_window(tmp_path):
     dump = zst_dump(tmp_path / "RS.zst", [post("http://a.example/1")])
     with pytest.raises(zstandard.ZstdError, match="too much memory"):
         zstandard.ZstdDecompressor().decompressobj().decompress(dump.read_bytes())
-    assert links(tmp_path / "w", [dump], LinksConfig(shards=1))["links"] == 1
+    assert collect_links(tmp_path / "w", [dump], LinksConfig(shards=1))["links"] == 1
 
 
 def test_one_run_per_work_folder(tmp_path):
@@ -313,8 +313,8 @@ def test_one_run_per_work_folder(tmp_path):
     import sys
 
     dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1")])
-    links(tmp_path / "w", [dump], LinksConfig(shards=1))      # this process now holds the folder's lock
-    code = ("import sys; from gpt2kit.webtext import links, LinksConfig; "
-            "links(sys.argv[1], [sys.argv[2]], LinksConfig(shards=1))")
+    collect_links(tmp_path / "w", [dump], LinksConfig(shards=1))      # this process now holds the folder's lock
+    code = ("import sys; from gpt2kit.webtext import collect_links, LinksConfig; "
+            "collect_links(sys.argv[1], [sys.argv[2]], LinksConfig(shards=1))")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w"), str(dump)], capture_output=True, text=True)
     assert r.returncode != 0 and "another `gpt2kit webtext` run is using this work folder" in r.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpt2kit.webtext import FetchConfig, Runner, WorkFolder
-from gpt2kit.webtext.fetch import Fetcher, Resolver, address_allowed, fetch
+from gpt2kit.webtext.fetch import Fetcher, Resolver, address_allowed, fetch_pages
 from gpt2kit.webtext.work import read_jsonl_zst
 
 HOSTS = ("news.test", "blog.test", "slow.test", "mirror.test", "stall.test", "other.test")
@@ -246,7 +246,7 @@ def test_resolver_refuses_mixed_and_private_answers():
 def test_private_addresses_refused_without_any_connection(site, tmp_path):
     """Without allow_private, a loopback URL (by address or by a name that resolves to it) never connects."""
     make_links(tmp_path, [f"http://127.0.0.1:{site.port}/a1", url(site, "news.test", "/a1")])
-    fetch(tmp_path, local_cfg(allow_private=None))
+    fetch_pages(tmp_path, local_cfg(allow_private=None))
     m = manifest(tmp_path)
     assert [e["status"] for e in m.values()] == ["blocked_address", "blocked_address"]
     assert "not allowed" in m[url(site, "news.test", "/a1")]["error"]
@@ -280,7 +280,7 @@ def test_redirect_to_private_address_refused_without_allow_private():
 
 def test_redirect_to_private_address_refused_before_connecting(site, tmp_path):
     make_links(tmp_path, [url(site, "news.test", p) for p in ("/to-private", "/to-metadata", "/moved")])
-    fetch(tmp_path, local_cfg())
+    fetch_pages(tmp_path, local_cfg())
     m = manifest(tmp_path)
     for p in ("/to-private", "/to-metadata"):
         e = m[url(site, "news.test", p)]
@@ -296,7 +296,7 @@ def test_fetch_statuses_robots_limits_and_warc(site, tmp_path):
     paths = {"news.test": ["/a1", "/private/secret", "/missing", "/big", "/bomb", "/paper.html", "/gz"],
              "blog.test": ["/flaky"], "slow.test": ["/slow", "/endless", "/drip"], "other.test": ["/page"]}
     make_links(tmp_path, [url(site, h, p) for h, ps in paths.items() for p in ps])
-    totals = fetch(tmp_path, local_cfg(), Runner())
+    totals = fetch_pages(tmp_path, local_cfg(), Runner())
     m = manifest(tmp_path)
     status = {u.split(f":{site.port}")[1]: e["status"] for u, e in m.items()}
     assert status == {"/a1": "ok", "/private/secret": "robots_disallowed", "/missing": "http_error", "/big": "too_large",
@@ -330,7 +330,7 @@ def test_user_agent_and_per_host_delay(site, tmp_path):
     site.routes[("news.test", "/ua2")] = site.routes[("news.test", "/ua")]
     site.routes[("news.test", "/ua3")] = site.routes[("news.test", "/ua")]
     make_links(tmp_path, [url(site, "news.test", p) for p in ("/ua", "/ua2", "/ua3")])
-    fetch(tmp_path, local_cfg(host_delay=0.3, robots=False, per_host=3))
+    fetch_pages(tmp_path, local_cfg(host_delay=0.3, robots=False, per_host=3))
     assert len(seen) == 3 and all(ua.startswith("gpt2kit-webtext/") for ua, _ in seen)
     times = sorted(t for _, t in seen)
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.25
@@ -345,12 +345,12 @@ def test_fetch_resumes_without_refetching_finished_shards(site, tmp_path):
                         [{"url": url(site, "news.test", path), "score": 5, "created_utc": 1, "subreddit": "x", "posts": 1}])
     wf.finish("links", [0, 1], {"links": 2})
     wf.mark_done("fetch", "fetch-00000", {"urls": 1, "bytes": 0, "status": {"ok": 1}})   # as if a run had done it
-    fetch(tmp_path, local_cfg(robots=False))
+    fetch_pages(tmp_path, local_cfg(robots=False))
     assert site.hits() == [("news.test", "/a2")]
     assert wf.complete("fetch")["totals"]["urls"] == 2
     # a rerun with other options is refused instead of mixing two configurations
     with pytest.raises(Exception, match="other options"):
-        fetch(tmp_path, local_cfg(robots=False, max_bytes=10))
+        fetch_pages(tmp_path, local_cfg(robots=False, max_bytes=10))
 
 
 def write_dump(path: Path, rows: list, *, extra_lines: list[bytes] = ()) -> None:

@@ -187,40 +187,40 @@ def _finish(stage: str, totals: dict, a, t0: float) -> int:
 
 
 def _cmd_links(a) -> int:
-    from ..webtext import links
+    from ..webtext import collect_links
 
     t0 = time.perf_counter()
-    return _finish("links", links(a.work, a.dumps, _links_cfg(a), _runner(a)), a, t0)
+    return _finish("links", collect_links(a.work, a.dumps, _links_cfg(a), _runner(a)), a, t0)
 
 
 def _cmd_fetch(a) -> int:
-    from ..webtext import fetch
+    from ..webtext import fetch_pages
 
     _quiet_libraries()
     t0 = time.perf_counter()
-    return _finish("fetch", fetch(a.work, _fetch_cfg(a), _runner(a)), a, t0)
+    return _finish("fetch", fetch_pages(a.work, _fetch_cfg(a), _runner(a)), a, t0)
 
 
 def _cmd_extract(a) -> int:
-    from ..webtext import extract
+    from ..webtext import extract_texts
 
     _quiet_libraries()
     t0 = time.perf_counter()
-    return _finish("extract", extract(a.work, _extract_cfg(a), _runner(a)), a, t0)
+    return _finish("extract", extract_texts(a.work, _extract_cfg(a), _runner(a)), a, t0)
 
 
 def _cmd_dedup(a) -> int:
-    from ..webtext import dedup
+    from ..webtext import dedup_documents
 
     t0 = time.perf_counter()
-    return _finish("dedup", dedup(a.work, _dedup_cfg(a), _runner(a)), a, t0)
+    return _finish("dedup", dedup_documents(a.work, _dedup_cfg(a), _runner(a)), a, t0)
 
 
 def _cmd_shard(a) -> int:
-    from ..webtext import shard
+    from ..webtext import write_shards
 
     t0 = time.perf_counter()
-    return _finish("shard", shard(a.work, runner=_runner(a)), a, t0)
+    return _finish("shard", write_shards(a.work, runner=_runner(a)), a, t0)
 
 
 def _cmd_run(a) -> int:

@@ -7,13 +7,14 @@ Stages, each a function over the shard files of a work folder (see `work.py` for
 """
 from __future__ import annotations
 
-from .dedup import DedupConfig, dedup
-from .extract import ExtractConfig, extract
-from .fetch import FetchConfig, fetch
-from .links import LinksConfig, canonicalize_url, links
+from .dedup import DedupConfig, dedup_documents
+from .extract import ExtractConfig, extract_texts
+from .fetch import FetchConfig, fetch_pages
+from .links import LinksConfig, canonicalize_url, collect_links
 from .pipeline import run
-from .shards import ShardConfig, read_corpus, shard
+from .shards import ShardConfig, read_corpus, write_shards
 from .work import Runner, WebTextError, WorkFolder
 
 __all__ = ["DedupConfig", "ExtractConfig", "FetchConfig", "LinksConfig", "Runner", "ShardConfig", "WebTextError",
-           "WorkFolder", "canonicalize_url", "dedup", "extract", "fetch", "links", "read_corpus", "run", "shard"]
+           "WorkFolder", "canonicalize_url", "collect_links", "dedup_documents", "extract_texts", "fetch_pages",
+           "read_corpus", "run", "write_shards"]

@@ -202,7 +202,7 @@ def filter_shard(in_path: str, out_path: str, keep: np.ndarray) -> dict:
     return {"docs": n, "bytes": sum(len(d["text"].encode()) for d in docs)}
 
 
-def dedup(work, cfg: DedupConfig = DedupConfig(), runner: Runner = Runner()) -> dict:
+def dedup_documents(work, cfg: DedupConfig = DedupConfig(), runner: Runner = Runner()) -> dict:
     """Run the dedup stage over all extracted shards; returns its totals."""
     wf = WorkFolder(work)
     ids = wf.shard_ids("extract")

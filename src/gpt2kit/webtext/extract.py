@@ -158,7 +158,7 @@ def extract_shard(warc_path: str, manifest_path: str, out_path: str, cfg: Extrac
             "dropped": {r: counts[r] for r in REASONS}}
 
 
-def extract(work, cfg: ExtractConfig = ExtractConfig(), runner: Runner = Runner()) -> dict:
+def extract_texts(work, cfg: ExtractConfig = ExtractConfig(), runner: Runner = Runner()) -> dict:
     """Run the extract stage over all fetched shards; returns its totals."""
     wf = WorkFolder(work)
     ids = wf.shard_ids("fetch")

@@ -508,7 +508,7 @@ def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchC
             "status": {s: counts.get(s, 0) for s in STATUSES}}
 
 
-def fetch(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner()) -> dict:
+def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner()) -> dict:
     """Run the fetch stage over all links shards; returns its totals."""
     wf = WorkFolder(work)
     ids = wf.shard_ids("links")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from .work import (Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, stable_hash,
+from .work import (Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, stable_hash, 
                    write_jsonl_zst)
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,18 @@ def host_of(url: str) -> str:
 def domain_matches(host: str, domains) -> bool:
     """True when `host` is one of `domains` or a subdomain of one.
 
-    >>> domain_matches("en.m.wikipedia.org", ["wikipedia.org"]), domain_matches("notwikipedia.org", ["wikipedia.org"])
+    >>> domain_matches("en.m.wikipedia.org", {"wikipedia.org"}), domain_matches("notwikipedia.org", {"wikipedia.org"})
     (True, False)
     """
-    return any(host == d or host.endswith("." + d) for d in domains)
+    if not isinstance(domains, (set, frozenset)):
+        domains = frozenset(domains)
+    while True:
+        if host in domains:
+            return True
+        dot = host.find(".")
+        if dot < 0:
+            return False
+        host = host[dot + 1:]
 
 
 def canonicalize_url(url: str) -> str:
@@ -103,6 +111,11 @@ def canonicalize_url(url: str) -> str:
     >>> canonicalize_url("HTTP://Example.COM:80/a b?utm_source=x&b=2&a=1#top")
     'http://example.com/a%20b?a=1&b=2'
     """
+    return _canonical(url)[0]
+
+
+def _canonical(url: str) -> tuple[str, str, str]:
+    """(canonical URL, host, path)."""
     url = url.strip().replace("&amp;", "&")  # Reddit's API HTML-escapes '&' in link URLs
     try:
         parts = urlsplit(url)
@@ -115,29 +128,40 @@ def canonicalize_url(url: str) -> str:
     host = (parts.hostname or "").rstrip(".")
     if not host:
         raise BadURL("no host")
-    try:
-        host = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        if not host.isascii():
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
             raise BadURL(f"host {host!r}") from None
-    if not re.fullmatch(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+", host):
+    if not _HOST.fullmatch(host):
         raise BadURL(f"host {host!r}")
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
     path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if not (k.lower().startswith("utm_") or k.lower() in TRACKING_PARAMS)]
-    return urlunsplit((scheme, netloc, path, urlencode(sorted(query), quote_via=quote), ""))
+    query = ""
+    if parts.query:
+        kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                if not (k.lower().startswith("utm_") or k.lower() in TRACKING_PARAMS)]
+        query = urlencode(sorted(kept), quote_via=quote)
+    return urlunsplit((scheme, netloc, path, query, "")), host, path
 
 
-def is_non_html(url: str) -> bool:
-    ext = posixpath.splitext(urlsplit(url).path)[1].lower().lstrip(".")
+_HOST = re.compile(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+")
+
+
+def is_non_html(path: str) -> bool:
+    """Whether a URL path names a file that is not a web page, by its extension."""
+    ext = posixpath.splitext(path)[1].lower().lstrip(".")
     return ext in NON_HTML_EXTENSIONS
 
 
 def shard_of(url: str, shards: int) -> int:
-    return stable_hash(host_of(url)) % shards
+    return host_shard(host_of(url), shards)
+
+
+def host_shard(host: str, shards: int) -> int:
+    return stable_hash(host.strip("[]")) % shards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,37 +247,40 @@ def _number(value) -> float | None:
     return None
 
 
-def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozenset) -> tuple[str, dict | None]:
-    """(reason, link record): reason is "kept" or why the post was dropped."""
+def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozenset,
+                blocked_domains: frozenset) -> tuple[str, dict | None, str]:
+    """(reason, link record, host): reason is "kept" or why the post was dropped."""
     url = obj.get("url")
     score = _number(obj.get("score"))
     created = _number(obj.get("created_utc"))
     if not isinstance(url, str) or score is None or created is None:
-        return "bad_lines", None
+        return "bad_lines", None, ""
     if obj.get("is_self"):
-        return "self_post", None
+        return "self_post", None, ""
     if score < cfg.min_score:
-        return "low_score", None
+        return "low_score", None, ""
     if created >= cutoff:
-        return "after_cutoff", None
+        return "after_cutoff", None, ""
     sub = obj.get("subreddit") if isinstance(obj.get("subreddit"), str) else ""
     if sub.lower() in blocked_subs:
-        return "blocked_subreddit", None
+        return "blocked_subreddit", None, ""
     if cfg.drop_over_18 and obj.get("over_18"):
-        return "over_18", None
+        return "over_18", None, ""
     try:
-        canon = canonicalize_url(url)
+        canon, host, path = _canonical(url)
     except BadURL:
-        return "bad_url", None
-    host = host_of(canon)
-    if domain_matches(host, WIKIPEDIA_DOMAINS):
-        return "wikipedia", None
+        return "bad_url", None, ""
+    if domain_matches(host, _WIKIPEDIA):
+        return "wikipedia", None, host
     domain = obj.get("domain") if isinstance(obj.get("domain"), str) else ""
-    if domain_matches(host, cfg.blocked_domains) or domain_matches(domain.lower(), cfg.blocked_domains):
-        return "blocked_domain", None
-    if is_non_html(canon):
-        return "not_html", None
-    return "kept", {"url": canon, "score": int(score), "created_utc": int(created), "subreddit": sub, "posts": 1}
+    if domain_matches(host, blocked_domains) or domain_matches(domain.lower(), blocked_domains):
+        return "blocked_domain", None, host
+    if is_non_html(path):
+        return "not_html", None, host
+    return "kept", {"url": canon, "score": int(score), "created_utc": int(created), "subreddit": sub, "posts": 1}, host
+
+
+_WIKIPEDIA = frozenset(WIKIPEDIA_DOMAINS)
 
 
 def better(a: dict, b: dict) -> dict:
@@ -284,12 +311,13 @@ def split_dump(path: str, parts_dir: str, task: str, cfg: LinksConfig) -> dict:
     counts = dict.fromkeys(_REASONS, 0)
     cutoff = cfg.cutoff_timestamp()
     blocked_subs = frozenset(s.lower() for s in cfg.blocked_subreddits)
+    blocked_domains = frozenset(cfg.blocked_domains)
     buckets: list[dict[str, dict]] = [{} for _ in range(cfg.shards)]
     for obj in iter_dump(Path(path), counts):
-        reason, rec = filter_post(obj, cfg, cutoff, blocked_subs)
+        reason, rec, host = filter_post(obj, cfg, cutoff, blocked_subs, blocked_domains)
         counts[reason] += 1
         if rec is not None:
-            merge_into(buckets[shard_of(rec["url"], cfg.shards)], rec)
+            merge_into(buckets[host_shard(host, cfg.shards)], rec)
     for k, bucket in enumerate(buckets):
         write_jsonl_zst(Path(parts_dir) / f"{task}.{k:05d}.jsonl.zst", sorted(bucket.values(), key=lambda r: r["url"]))
     counts["dump_files"] = 1
@@ -305,7 +333,7 @@ def merge_shard(k: int, part_files: list[str], out: str) -> dict:
     return {"links": n}
 
 
-def links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: LinksConfig = LinksConfig(),
+def collect_links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: LinksConfig = LinksConfig(),
           runner: Runner = Runner()) -> dict:
     """Run the links stage; returns the stage's totals (also in WORK/links/_COMPLETE.json)."""
     wf = WorkFolder(work)

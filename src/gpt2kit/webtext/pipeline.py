@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .dedup import DedupConfig, dedup
-from .extract import ExtractConfig, extract
-from .fetch import FetchConfig, fetch
-from .links import LinksConfig, links
-from .shards import ShardConfig, shard
+from .dedup import DedupConfig, dedup_documents
+from .extract import ExtractConfig, extract_texts
+from .fetch import FetchConfig, fetch_pages
+from .links import LinksConfig, collect_links
+from .shards import ShardConfig, write_shards
 from .work import Runner
 
 
@@ -18,11 +18,11 @@ def run(work: str | os.PathLike, dumps: list[str | os.PathLike], *, links_cfg: L
         on_stage: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Build a WebText-style corpus from Reddit dumps into `work`; returns each stage's totals."""
     results: dict[str, dict] = {}
-    steps = [("links", lambda: links(work, dumps, links_cfg, runner)),
-             ("fetch", lambda: fetch(work, fetch_cfg, runner)),
-             ("extract", lambda: extract(work, extract_cfg, runner)),
-             ("dedup", lambda: dedup(work, dedup_cfg, runner)),
-             ("shard", lambda: shard(work, shard_cfg, runner))]
+    steps = [("links", lambda: collect_links(work, dumps, links_cfg, runner)),
+             ("fetch", lambda: fetch_pages(work, fetch_cfg, runner)),
+             ("extract", lambda: extract_texts(work, extract_cfg, runner)),
+             ("dedup", lambda: dedup_documents(work, dedup_cfg, runner)),
+             ("shard", lambda: write_shards(work, shard_cfg, runner))]
     for name, step in steps:
         results[name] = step()
         if on_stage is not None:

@@ -100,7 +100,7 @@ def plot_funnel(steps: list[tuple[str, int]], path) -> None:
     plt.close(fig)
 
 
-def shard(work, cfg: ShardConfig = ShardConfig(), runner: Runner = Runner()) -> dict:
+def write_shards(work, cfg: ShardConfig = ShardConfig(), runner: Runner = Runner()) -> dict:
     """Write the final corpus shards and the report; returns the stage's totals."""
     wf = WorkFolder(work)
     ids = wf.shard_ids("dedup")
