@@ -10,6 +10,7 @@ import pytest
 import regex
 import tiktoken
 import zstandard
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
@@ -84,7 +85,10 @@ def test_trained_vocabulary_matches_tiktoken_and_hf(trained, corpus, tmp_path):
     assert trained.n_vocab == 1200
     assert trained.eot_token == 1199
     trained.save(tmp_path)
-    tik = tiktoken.Encoding("trained", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=trained.mergeable_ranks,
+    # tiktoken's own loader for OpenAI's file pair (it checks ids against its byte order)
+    ranks = data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
+    assert ranks == trained.mergeable_ranks
+    tik = tiktoken.Encoding("trained", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
                             special_tokens=trained.special_tokens)
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     hf_files = HFTokenizer(models.BPE.from_file(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))

@@ -15,7 +15,8 @@ with the same count, the pair whose (left token bytes, right token bytes) is lex
 smallest wins. Within a pre-token, occurrences are merged left to right without overlap, which
 is what tiktoken's and HF's encoders do for the same merge.
 
-Ids: bytes 0..255 by byte value, then merges in order, then the special tokens.
+Ids: the 256 bytes in GPT-2's order (printable bytes first, as in OpenAI's encoder.json, which
+tiktoken's loader checks), then the merges in order, then the special tokens.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .corpus import expand_inputs, iter_file_documents
 from .errors import GPT2KitError
-from .tokenizer import ENDOFTEXT, Tokenizer, split_pretokens
+from .tokenizer import ENDOFTEXT, Tokenizer, bytes_to_unicode, split_pretokens
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,18 @@ def learn_merges(counts: dict[str, int], n_merges: int, *, progress: bool = Fals
     """
     from tqdm import tqdm
 
-    token_bytes: list[bytes] = [bytes([b]) for b in range(256)]
+    # Byte tokens in GPT-2's order (printable bytes first), as OpenAI's encoder.json has them:
+    # tiktoken's loader for encoder.json + vocab.bpe insists on it.
+    order = list(bytes_to_unicode())
+    token_bytes: list[bytes] = [bytes([b]) for b in order]
+    to_id = bytes.maketrans(bytes(order), bytes(range(256)))
     # Distinct pre-tokens as lists of token ids, sorted so that everything below is deterministic.
     words: list[list[int]] = []
     freqs: list[int] = []
     for piece, n in sorted(counts.items()):
         data = piece.encode("utf-8")
         if len(data) > 1:  # a single byte never takes part in a pair
-            words.append(list(data))
+            words.append(list(data.translate(to_id)))
             freqs.append(n)
 
     pair_counts: dict[int, int] = {}
