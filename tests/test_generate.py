@@ -16,7 +16,9 @@ from gpt2kit.generate import (
     generate,
     generate_tokens,
     iter_generate,
+    optimize_for_cpu,
     prompt_logprobs,
+    quantize_int8,
     stream_generate,
 )
 from gpt2kit.model import GPT2, GPT2Config
@@ -68,12 +70,13 @@ def hf_greedy(hf, tok: Tokenizer, prompts: list[str], max_new_tokens: int, **kw)
     return [r[: r.index(tok.eot_token)] if tok.eot_token in r else r for r in out]
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["model", "optimize_for_cpu"])
 @pytest.mark.parametrize("prompts", [
     ["The quick brown fox"],
     ["Hello", "A longer prompt with quite a few more tokens in it", "Three words here"],
 ])
-def test_greedy_matches_transformers_generate(model, tok, prompts):
-    ours = generate(model, tok, prompts, max_new_tokens=24, do_sample=False)
+def test_greedy_matches_transformers_generate(model, tok, prompts, fast):
+    ours = generate(optimize_for_cpu(model) if fast else model, tok, prompts, max_new_tokens=24, do_sample=False)
     theirs = hf_greedy(hf_copy(model), tok, prompts, 24)
     assert [c.token_ids for c in ours] == theirs
     assert all(len(t) > 0 for t in theirs)
@@ -88,6 +91,19 @@ def test_greedy_with_repetition_penalty_matches_transformers(model, tok):
     assert ours[0].token_ids == theirs[0]
     plain = generate(model, tok, "Repeat after me", max_new_tokens=24, do_sample=False)
     assert plain[0].token_ids != ours[0].token_ids  # the penalty did something
+
+
+def test_fast_paths_keep_the_logits(model, tok):
+    ids = torch.tensor([tok.encode("fast paths"), tok.encode("same length")])
+    with torch.no_grad():
+        ref = model(ids)
+        torch.testing.assert_close(optimize_for_cpu(model)(ids), ref, atol=1e-5, rtol=1e-5)
+        q = quantize_int8(model)(ids)
+    assert q.shape == ref.shape and not torch.equal(q, ref)
+    assert (q - ref).abs().max() < 0.05 * ref.abs().max()  # int8 rounding, not a different model
+    assert type(model.transformer.h[0].mlp.c_fc) is torch.nn.Linear  # the original is untouched
+    a = generate(optimize_for_cpu(model), tok, "x", max_new_tokens=10, seed=1)[0].token_ids
+    assert a == generate(model, tok, "x", max_new_tokens=10, seed=1)[0].token_ids
 
 
 def test_cache_and_sliding_window_match_a_cache_free_reference(tok):

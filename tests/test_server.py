@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -198,3 +200,33 @@ def test_disconnected_stream_frees_its_slot(tok):
         # and the single slot serves the next request
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "next", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_serve_command(tmp_path, model, tok):
+    """`gpt2kit serve` on a saved checkpoint, as a user starts it."""
+    folder = tmp_path / "tiny"
+    model.save_pretrained(str(folder), tok)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(folder), "--port", str(port),
+                             "--api-key", KEY, "--max-concurrency", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            assert time.time() < deadline, "gpt2kit serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]  # named after the folder
+        r = client.completions.create(model="tiny", prompt="Served", max_tokens=6, temperature=0)
+        assert r.choices[0].text == generate(model, tok, "Served", max_new_tokens=6, do_sample=False)[0].text
+    finally:
+        proc.terminate()
+        proc.wait(10)

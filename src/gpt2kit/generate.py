@@ -16,6 +16,7 @@ import codecs
 import dataclasses
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GenerationError", "Completion", "TokenEvent", "StepOutput", "generate", "stream_generate",
            "iter_generate", "generate_tokens", "sampling_params", "prompt_logprobs", "load_for_inference",
-           "quantize_int8"]
+           "quantize_int8", "optimize_for_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,66 @@ def stream_generate(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequenc
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _InputMajorLinear(torch.nn.Module):
+    """`nn.Linear` with its weight stored transposed, (in, out) and contiguous: on CPU a one-row
+    matmul (batch-1 decoding) streams this layout ~1.7x faster in fp32 (OpenAI's and HF's Conv1D
+    layout). Same results up to float rounding."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight_t = torch.nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+class _InputMajorEmbedding(torch.nn.Module):
+    """The tied token embedding stored transposed, (C, V): rows are looked up as columns, and the
+    output layer multiplies by it directly (see `_InputMajorLinear`)."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.weight_t = torch.nn.Parameter(weight.detach()[:vocab_size].t().contiguous(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # (V, C) view: for code that asks the embedding's dtype/device
+        return self.weight_t.t()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_t.t()[ids]  # (..., C)
+
+
+class _InputMajorHead(torch.nn.Module):
+    def __init__(self, embedding: _InputMajorEmbedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])  # (N, C)
+        return (flat @ self.embedding.weight_t).view(*h.shape[:-1], -1)  # (..., V)
+
+
+def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
+    """The model with every projection and the tied output layer stored input-major (the layout
+    batch-1 decoding reads fastest on CPU in fp32; bf16 and int8 kernels gain nothing from it).
+    Inference only: the parameters no longer train. Logits equal the original's to float rounding."""
+    import copy
+
+    fast = model if inplace else copy.deepcopy(model)
+    fast.eval()
+    for module in list(fast.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, _InputMajorLinear(child))
+    embedding = _InputMajorEmbedding(fast.transformer.wte.weight, fast.config.vocab_size)
+    fast.transformer.wte = embedding
+    fast.lm_head = _InputMajorHead(embedding)
+    return fast
+
+
 def quantize_int8(model: "GPT2") -> "GPT2":
     """A copy of `model` whose Linear layers, the output layer included, hold int8 weights
     (dynamic quantization: activations are quantized on the fly per batch). On CPU, batch-1
@@ -385,7 +446,9 @@ def quantize_int8(model: "GPT2") -> "GPT2":
     head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
     head.weight = nn.Parameter(qmodel.transformer.wte.weight[: model.config.vocab_size].detach().clone())
     qmodel.lm_head = head
-    return torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao announces its move to torchao; the API still works
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)
 
 
 def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: str | None = None,
@@ -409,4 +472,6 @@ def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: s
         tokenizer = Tokenizer.gpt2()
     if quantize == "int8":
         model = quantize_int8(model)
+    elif model.transformer.wte.weight.dtype == torch.float32 and model.transformer.wte.weight.device.type == "cpu":
+        model = optimize_for_cpu(model, inplace=True)
     return model, tokenizer

@@ -91,12 +91,17 @@ def _respond(model, tokenizer, prompt: str, args, out) -> None:
 
 def run(args) -> int:
     from ..errors import GPT2KitError
-    from ..generate import load_for_inference
+    from ..generate import load_for_inference, sampling_params
 
     if args.num_samples < 1:
         raise GPT2KitError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
     if args.interactive and args.prompt is not None:
         raise GPT2KitError("--interactive reads its prompts from stdin: give no PROMPT argument")
+    if args.max_new_tokens < 0:
+        raise GPT2KitError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
+    opts = _options(args)
+    sampling_params(**{k: opts[k] for k in ("preset", "temperature", "top_k", "top_p", "repetition_penalty",
+                                            "do_sample")})  # bad options fail before the model loads
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     out = sys.stdout
     if args.interactive:
