@@ -115,11 +115,19 @@ class Scorer:
         return out
 
     def _map(self, items: Sequence[I], length: Callable[[I], int], run: Callable[[list[I]], list[Any]],
-             desc: str) -> list[Any]:
-        """run() over length-sorted batches of this rank's share of the items; answers gathered."""
+             desc: str, rows: Callable[[I], int] = lambda _: 1) -> list[Any]:
+        """run() over length-sorted batches of this rank's share of the items; answers gathered.
+        A batch holds items until their `rows` reach the batch size."""
         order = sorted(range(len(items)), key=lambda i: -length(items[i]))
         mine = order[self.rank::self.world]
-        batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        batches: list[list[int]] = []
+        filled = self.batch_size
+        for i in mine:
+            if filled >= self.batch_size:
+                batches.append([])
+                filled = 0
+            batches[-1].append(i)
+            filled += rows(items[i])
         answers: dict[int, Any] = {}
         from tqdm.auto import tqdm
 
@@ -160,15 +168,25 @@ class Scorer:
             ids = full[:-1]
             seq = seqs.setdefault(ids, _Sequence(ids))
             seq.users.append((i, len(ids) - len(cont), cont, frozenset(r.exclude)))
-        items = list(seqs.values())
-        answers = self._map(items, lambda s: len(s.ids), self._loglikelihood_batch, "loglikelihood")
+        # Sequences that differ only after a common context (CBT's 10 candidates after one story)
+        # share it: the context runs once, its KV cache is copied to one row per continuation.
+        groups: dict[tuple[int, ...], list[_Sequence]] = {}
+        for seq in seqs.values():
+            groups.setdefault(seq.ids[:min(u[1] for u in seq.users)], []).append(seq)
+        single = [g[0] for p, g in groups.items() if len(g) == 1 or not p]
+        single += [seq for p, g in groups.items() if not p and len(g) > 1 for seq in g[1:]]
+        shared = [(p, g) for p, g in groups.items() if p and len(g) > 1]
+        answers = self._map(single, lambda s: len(s.ids), self._loglikelihood_batch, "loglikelihood")
+        answers += self._map(shared, lambda it: len(it[1][0].ids), self._shared_context_batch, "loglikelihood",
+                             rows=lambda it: len(it[1]))
         out: list[Any] = [None] * len(requests)
         for ans in answers:
-            for i, res in ans:
-                out[i] = res
+            for group in ans:
+                for i, res in group:
+                    out[i] = res
         return out
 
-    def _loglikelihood_batch(self, batch: list[_Sequence]) -> list[list[tuple[int, LoglikelihoodResult]]]:
+    def _loglikelihood_batch(self, batch: list[_Sequence]) -> list[list[list[tuple[int, LoglikelihoodResult]]]]:
         h = self.model.hidden_states(self._right_padded([s.ids for s in batch]))  # (B, L, C)
         rows, cols, spans = [], [], []
         for b, s in enumerate(batch):
@@ -177,22 +195,53 @@ class Scorer:
             rows += [b] * (len(s.ids) - first)
             cols += range(first, len(s.ids))
         logp = self._logprobs(h[rows, cols])  # (P, V)
-        out = []
-        for s, (offset, first) in zip(batch, spans):
-            answers = []
-            for i, pos, target, exclude in s.users:
-                lp = logp[offset + pos - first: offset + pos - first + len(target)]  # (n, V)
-                tgt = torch.tensor(target, device=lp.device)
-                if exclude:
-                    lp_pick = lp.clone()
-                    lp_pick[:, sorted(exclude)] = -math.inf
-                else:
-                    lp_pick = lp
-                greedy = bool((lp_pick.argmax(-1) == tgt).all())
-                total = float(lp.gather(1, tgt[:, None]).double().sum())
-                answers.append((i, LoglikelihoodResult(total, greedy, len(target))))
-            out.append(answers)
+        return [[self._answers(s, logp[offset:offset + len(s.ids) - first], first)] for s, (offset, first) in zip(batch, spans)]
+
+    def _shared_context_batch(self, batch: list[tuple[tuple[int, ...], list[_Sequence]]]
+                              ) -> list[list[list[tuple[int, LoglikelihoodResult]]]]:
+        model = self.model
+        prefixes = [p for p, _ in batch]
+        width = max(map(len, prefixes))
+        ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W), left padded
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, p in enumerate(prefixes):
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        tails = [(b, s.ids[len(p):]) for b, (p, seqs) in enumerate(batch) for s in seqs]
+        cache = model.new_kv_cache(len(batch), width + max(len(t) for _, t in tails))
+        model.hidden_states(ids.to(self.device), attention_mask=mask.to(self.device), kv_cache=cache)
+        rows = [b for b, _ in tails]
+        cache.reorder(torch.tensor(rows))  # one row per continuation
+        tail_ids = self._right_padded([t for _, t in tails])  # (R, T)
+        tail_mask = (self._right_padded([[1] * len(t) for _, t in tails]) > 0).long()
+        full_mask = torch.cat([mask.to(self.device)[rows], tail_mask], dim=1)  # (R, W+T)
+        h = model.hidden_states(tail_ids, attention_mask=full_mask, kv_cache=cache)  # (R, T, C)
+        out: list[list[list[tuple[int, LoglikelihoodResult]]]] = [[] for _ in batch]
+        r = 0
+        for b, (p, seqs) in enumerate(batch):
+            for s in seqs:
+                first = min(u[1] for u in s.users)
+                logp = self._logprobs(h[r, first - len(p):len(s.ids) - len(p)])  # (n, V)
+                out[b].append(self._answers(s, logp, first))
+                r += 1
         return out
+
+    @staticmethod
+    def _answers(s: _Sequence, logp: torch.Tensor, first: int) -> list[tuple[int, LoglikelihoodResult]]:
+        """The results of the requests reading sequence `s`, from the log-probs of its positions
+        first, first+1, ..., end."""
+        answers = []
+        for i, pos, target, exclude in s.users:
+            lp = logp[pos - first: pos - first + len(target)]  # (n, V)
+            tgt = torch.tensor(target, device=lp.device)
+            pick = lp
+            if exclude:
+                pick = lp.clone()
+                pick[:, sorted(exclude)] = -math.inf
+            greedy = bool((pick.argmax(-1) == tgt).all())
+            total = float(lp.gather(1, tgt[:, None]).double().sum())
+            answers.append((i, LoglikelihoodResult(total, greedy, len(target))))
+        return answers
 
     # ------------------------------------------------------------------------- rolling
 

@@ -1,0 +1,105 @@
+"""`gpt2kit prepare`, `gpt2kit train`, `gpt2kit demo`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus into uint16 token shards",
+                       description="Tokenize .txt/.jsonl files (optionally .gz/.zst) or folders into token shards "
+                                   "with <|endoftext|> between documents and a held-out validation split. "
+                                   "Rerunning skips finished shards.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", default="gpt2", help="a released name (gpt2) or a tokenizer folder (default: gpt2)")
+    p.add_argument("--field", default="text", help="JSON field holding the text in .jsonl inputs (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of text held out (default: 0.005)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
+    p.add_argument("--segment-chars", type=int, default=10_000,
+                   help="documents are split into segments of about this many characters for the split (default: 10000)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare)
+
+    from ..train import config_fields
+
+    t = sub.add_parser("train", help="train or fine-tune a GPT-2 on prepared shards", allow_abbrev=False,
+                       description="Train from a TOML run config (see configs/); every key can be overridden "
+                                   "on the command line as --key value. Under torchrun the same command runs "
+                                   "data-parallel.")
+    t.add_argument("config", nargs="?", help="a TOML run config")
+    for name, typ in config_fields().items():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        t.add_argument(*flags, dest=f"cfg.{name}", default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
+                       **({"nargs": "?", "const": "true"} if typ is bool else {}))
+    _collect_unknown(t)
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("demo", help="the main job: Shakespeare -> BPE -> shards -> a trained GPT-2 in N minutes",
+                       description="Train a BPE tokenizer and a small GPT-2 on the default corpus (or yours) "
+                                   "for a time budget; report held-out loss, perplexity and bits per character "
+                                   "against a unigram baseline; save the model, the loss plot, and print samples.")
+    d.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default: 10)")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--corpus", nargs="+", metavar="INPUT", help="text files/folders instead of Shakespeare")
+    d.add_argument("--preset", default=None, help="override the demo's model preset (see gpt2kit.demo)")
+    d.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    d.add_argument("--seed", type=int, default=1337)
+    d.set_defaults(func=_demo)
+
+
+def _collect_unknown(parser: argparse.ArgumentParser) -> None:
+    """Keep unknown `--key` arguments for the handler, which names the valid keys in its error
+    (argparse would only say "unrecognized arguments")."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, rest = parse(args, namespace)
+        ns.unknown_overrides = rest
+        return ns, []
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ..data import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, field=args.field,
+                   val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                   segment_chars=args.segment_chars, workers=args.workers, progress=not args.no_progress)
+    s = meta["splits"]
+    print(f"prepared {args.out}: train {s['train']['tokens']:,} tokens in {len(s['train']['shards'])} shard(s), "
+          f"val {s['val']['tokens']:,} tokens in {len(s['val']['shards'])} shard(s); "
+          f"vocabulary {meta['tokenizer']['n_vocab']} ({meta['tokenizer']['fingerprint'][:12]})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..train import config_fields, load_config, train
+
+    from ..errors import ConfigError
+
+    if args.unknown_overrides:
+        bad = next((a for a in args.unknown_overrides if a.startswith("--")), args.unknown_overrides[0])
+        raise ConfigError(f"command line: unknown key {bad!r}; valid keys: {', '.join(config_fields())}")
+    overrides = {k.removeprefix("cfg."): v for k, v in vars(args).items() if k.startswith("cfg.")}
+    config = args.config
+    cfg = load_config(config, overrides)
+    s = train(cfg)
+    if s["world_size"] > 1 and s["checkpoint"] is None:
+        return 0  # not rank 0: rank 0 prints the summary
+    val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
+    print(f"trained {s['step'] - s['start_step']} steps to step {s['step']} in {s['elapsed_s']:.1f} s "
+          f"({s['tokens_per_s']:,.0f} tok/s): loss {s['loss']:.4f}{val}; checkpoint {s['checkpoint']}"
+          + (f"; stopped by {s['stopped']}" if s["stopped"] and s["stopped"] != "time" else ""))
+    return 130 if s["stopped"] in ("SIGINT",) else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..demo import demo, format_report
+
+    report = demo(minutes=args.minutes, out_dir=args.out, corpus=args.corpus, preset=args.preset,
+                  threads=args.threads, seed=args.seed, progress=True)
+    print(format_report(report))
+    return 0

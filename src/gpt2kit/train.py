@@ -1,0 +1,996 @@
+"""Training: a typed run config, a schedule, a loop, checkpoints that resume bit for bit.
+
+    cfg = load_config("configs/demo.toml", ["--max_steps", "200"])
+    summary = train(cfg)
+
+The pieces are small functions: `lr_at` (warm-up then cosine), `linear_cross_entropy` (the loss
+without materializing all logits), `Checkpoints` (atomic folders, last K and the best), `train`.
+Batches come from `gpt2kit.data`: the windows of step s are a pure function of (seed, s), so the
+data position of a run is its step.
+
+One process or many: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on GPU) or, with `fsdp = true`, sharded with
+`fully_shard`. Every rank reads its own part of each global batch; only rank 0 logs and writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import ConfigError, GPT2KitError
+from .io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(GPT2KitError):
+    """A checkpoint is missing, unreadable, or does not match the run it is loaded into."""
+
+
+class TrainError(GPT2KitError):
+    """The run cannot start as configured (data, model and settings disagree)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data and output
+    data: str = ""                  # a folder written by `gpt2kit prepare`
+    out_dir: str = "out"
+    # model: a preset, optionally resized, or a pretrained checkpoint to fine-tune
+    model: str = "tiny"
+    init_from: str = ""             # "" = from scratch; else a folder or released name
+    n_layer: int = 0                # 0 = the preset's value (same for the next three)
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 0             # training context; 0 = the model's n_ctx
+    dropout: float = 0.0
+    # batch: `batch_size` sequences per optimizer step over all ranks; each forward takes
+    # `micro_batch_size` (0 = batch_size / ranks); the rest is gradient accumulation.
+    batch_size: int = 32
+    micro_batch_size: int = 0
+    # optimization: AdamW, linear warm-up then cosine decay to min_lr at lr_decay_steps
+    max_steps: int = 1000
+    max_minutes: float = 0.0        # stop (with a checkpoint) after this wall time; 0 = no limit
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    lr_decay_steps: int = 0         # 0 = max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0          # 0 = off
+    # execution
+    dtype: str = "float32"          # float32 | bfloat16 (autocast; weights stay float32)
+    compile: bool = False
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # torch CPU threads; 0 = torch's default
+    fsdp: bool = False
+    seed: int = 1337
+    # watching
+    log_interval: int = 1
+    eval_interval: int = 100
+    eval_batches: int = 8
+    sample_interval: int = 0        # 0 = no samples during training
+    sample_tokens: int = 64
+    sample_prompt: str = ""
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    peak_tflops: float = 0.0        # for MFU; 0 = measure this device's matmul peak
+    # checkpoints
+    checkpoint_interval: int = 0    # 0 = at every evaluation
+    keep_last: int = 2
+    resume: bool = False
+
+
+def config_fields() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, typ: type, source: str, parse: bool) -> Any:
+    """`value` as `typ`: with `parse` (command-line text) strings are parsed, else type-checked."""
+    if parse and isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() in ("true", "1", "yes"):
+                    return True
+                if text.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return typ(text)
+        except ValueError:
+            raise ConfigError(f"{source}: {key} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool) \
+            or not isinstance(value, typ):
+        raise ConfigError(f"{source}: {key} expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def make_config(values: Mapping[str, Any], *, source: str = "config", base: TrainConfig | None = None,
+                parse_strings: bool = False) -> TrainConfig:
+    """A TrainConfig from `base` (default: the defaults) with `values` replaced, type-checked
+    (`parse_strings`: values may also be command-line text such as "3e-4" or "true")."""
+    fields = config_fields()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}")
+    typed = {k: _coerce(k, v, fields[k], source, parse_strings) for k, v in values.items()}
+    cfg = dataclasses.replace(base or TrainConfig(), **typed)
+    _validate(cfg, source)
+    return cfg
+
+
+def _validate(cfg: TrainConfig, source: str) -> None:
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"{source}: dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    for k in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches", "keep_last"):
+        if getattr(cfg, k) < 1:
+            raise ConfigError(f"{source}: {k} must be at least 1, got {getattr(cfg, k)}")
+    for k in ("micro_batch_size", "warmup_steps", "lr_decay_steps", "n_layer", "n_head", "n_embd",
+              "block_size", "sample_interval", "checkpoint_interval", "threads"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{source}: {k} must not be negative, got {getattr(cfg, k)}")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ConfigError(f"{source}: expected 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+
+
+def parse_overrides(args: Iterable[str]) -> dict[str, str]:
+    """`--key value`, `--key=value` and bare `--flag` (true) into a dict; dashes become underscores."""
+    out: dict[str, str] = {}
+    args = list(args)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or a == "--":
+            raise ConfigError(f"expected --key value, got {a!r}")
+        key, eq, value = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> TrainConfig:
+    """A TOML file's values (a flat table of TrainConfig keys), then command-line overrides."""
+    cfg = TrainConfig()
+    if path is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        p = Path(path)
+        try:
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e})") from None
+        nested = [k for k, v in values.items() if isinstance(v, dict)]
+        if nested:
+            raise ConfigError(f"{p}: expected a flat table of keys, found section [{nested[0]}]; valid keys: {', '.join(config_fields())}")
+        cfg = make_config(values, source=str(p))
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    return make_config(overrides, source="command line", base=cfg, parse_strings=True) if overrides else cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and loss (pure)
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up over `warmup_steps` to `lr`,
+    then cosine decay to `min_lr` at `decay_steps`, then `min_lr`.
+
+    >>> lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=4, decay_steps=10)
+    0.25
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def _lr_for(cfg: TrainConfig, step: int) -> float:
+    return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                 decay_steps=cfg.lr_decay_steps or cfg.max_steps)
+
+
+def _import_torch():
+    import torch
+
+    return torch
+
+
+class _LinearCrossEntropy:
+    """Namespace for the autograd Function, built lazily so that importing this module stays light."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            torch = _import_torch()
+
+            class LinearCrossEntropy(torch.autograd.Function):
+                # Mean cross-entropy of softmax(h @ W^T) against targets, computed chunk by chunk:
+                # each chunk's logits live only while its loss and its gradients (softmax - onehot)
+                # are computed, so neither the (N, V) logits nor their softmax are kept for
+                # backward, and the log-softmax backward pass disappears.
+                @staticmethod
+                def forward(ctx, h, weight, targets, chunk):  # h (N, C), weight (V, C), targets (N,)
+                    N = h.shape[0]
+                    need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+                    grad_h = torch.empty_like(h) if need else None
+                    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need else None
+                    total = torch.zeros((), dtype=torch.float32, device=h.device)
+                    for s in range(0, N, chunk):
+                        hc, tc = h[s:s + chunk], targets[s:s + chunk]
+                        logits = (hc @ weight.t()).float()  # (n, V)
+                        logp = torch.log_softmax(logits, dim=-1)  # (n, V)
+                        del logits
+                        total -= logp.gather(1, tc[:, None]).sum()
+                        if need:
+                            p = logp.exp_()  # softmax, in place, (n, V)
+                            p[torch.arange(len(tc), device=p.device), tc] -= 1.0
+                            p.mul_(1.0 / N)
+                            p = p.to(hc.dtype if not torch.is_autocast_enabled(h.device.type) else p.dtype)
+                            grad_h[s:s + chunk] = p @ weight  # (n, C)
+                            grad_w += p.t() @ hc  # (V, C)
+                    ctx.save_for_backward(grad_h, grad_w)
+                    ctx.weight_dtype = weight.dtype
+                    return total / N
+
+                @staticmethod
+                def backward(ctx, g):
+                    grad_h, grad_w = ctx.saved_tensors
+                    return grad_h * g, (grad_w * g).to(ctx.weight_dtype), None, None
+
+            cls.fn = LinearCrossEntropy
+        return cls.fn
+
+
+def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None):
+    """Mean next-token loss of hidden states `h` (..., C) under output matrix `weight` (V, C):
+    equal to `F.cross_entropy(h @ weight.T, targets)` up to float rounding."""
+    C = h.shape[-1]
+    if chunk is None:  # about 32 MB of float32 logits per chunk: cache-friendly, few matmuls
+        chunk = min(8192, max(256, (1 << 23) // weight.shape[0]))
+    return _LinearCrossEntropy.get().apply(h.reshape(-1, C), weight, targets.reshape(-1), chunk)
+
+
+def _loss_module(model):
+    """An nn.Module whose forward is the training loss, so that DDP/FSDP see a plain forward."""
+    torch = _import_torch()
+
+    class LMLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            h = self.model.hidden_states(x)  # (B, T, C)
+            V = self.model.config.vocab_size
+            return linear_cross_entropy(h, self.model.transformer.wte.weight[:V], y)
+
+    return LMLoss(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput accounting
+
+
+def flops_per_token(config, block_size: int) -> float:
+    """Training FLOPs per token: 6 per parameter-token (forward + backward matmuls, the tied
+    embedding counted once as the output layer) plus attention's 12 * L * C * T (PaLM, App. B)."""
+    c = config
+    n = 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd
+    return 6 * n + 12 * c.n_layer * c.n_embd * block_size
+
+
+_PEAKS: dict[tuple[str, str], float] = {}
+
+
+def measure_matmul_peak(device: str = "cpu", dtype: str = "float32") -> float:
+    """This machine's best measured matmul FLOP/s (square matrices), the denominator of MFU."""
+    key = (device, dtype)
+    if key not in _PEAKS:
+        torch = _import_torch()
+        dt = getattr(torch, dtype)
+        n = 1024 if device == "cpu" else 8192
+        g = torch.Generator(device=device).manual_seed(0)  # leaves the run's random streams alone
+        a = torch.randn(n, n, device=device, generator=g).to(dt)
+        b = torch.randn(n, n, device=device, generator=g).to(dt)
+        best = 0.0
+        for _ in range(5):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        _PEAKS[key] = best
+    return _PEAKS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+CHECKPOINT_DIR = "checkpoints"
+INDEX = "checkpoints.json"
+TRAINER_STATE = "trainer.pt"
+
+
+class Checkpoints:
+    """Checkpoint folders under `out_dir/checkpoints/step_NNNNNNN`, each a complete model folder
+    (loadable by `gpt2kit generate` and transformers) plus `trainer.pt` (optimizer, schedule,
+    RNG). A folder is written under a temporary name and renamed when complete, then the index
+    (`checkpoints.json`) and the `latest`/`best` links are replaced atomically, and only then are
+    old folders deleted: a crash or a full disk at any point leaves the last good one in place."""
+
+    def __init__(self, out_dir: str | os.PathLike, keep_last: int = 2):
+        self.out = Path(out_dir)
+        self.root = self.out / CHECKPOINT_DIR
+        self.keep_last = keep_last
+
+    def index(self) -> dict:
+        path = self.out / INDEX
+        if not path.exists():
+            return {"checkpoints": [], "latest": None, "best": None}
+        return json.loads(path.read_text())
+
+    def latest(self) -> Path | None:
+        name = self.index()["latest"]
+        return self.root / name if name else None
+
+    def save(self, step: int, write_model, trainer_state: dict, val_loss: float | None) -> Path:
+        torch = _import_torch()
+        name = f"step_{step:07d}"
+        final = self.root / name
+        tmp = self.root / f".{name}.tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            write_model(tmp)
+            with atomic_path(tmp / TRAINER_STATE) as p:
+                torch.save(trainer_state, p)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                last = self.index()["latest"]
+                raise CheckpointError(f"{final}: cannot write the checkpoint ({e.strerror or e}); "
+                                      f"the last good one is {self.root / last if last else 'none'}") from e
+            raise
+        idx = self.index()
+        entries = [e for e in idx["checkpoints"] if e["name"] != name]
+        entries.append({"name": name, "step": step, "val_loss": val_loss})
+        scored = [e for e in entries if e["val_loss"] is not None]
+        best = min(scored, key=lambda e: (e["val_loss"], -e["step"]))["name"] if scored else None
+        keep = {e["name"] for e in sorted(entries, key=lambda e: e["step"])[-self.keep_last:]} | {best}
+        idx = {"checkpoints": [e for e in entries if e["name"] in keep], "latest": name, "best": best}
+        write_json(self.out / INDEX, idx)
+        self._link("latest", name)
+        if best:
+            self._link("best", best)
+        for e in entries:
+            if e["name"] not in keep:
+                shutil.rmtree(self.root / e["name"], ignore_errors=True)
+        return final
+
+    def _link(self, link: str, name: str) -> None:
+        tmp = self.out / f".{link}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(Path(CHECKPOINT_DIR) / name, tmp)
+        os.replace(tmp, self.out / link)
+
+
+def load_trainer_state(folder: Path) -> dict:
+    torch = _import_torch()
+    path = folder / TRAINER_STATE
+    if not path.exists():
+        raise CheckpointError(f"{folder}: not a training checkpoint (no {TRAINER_STATE})")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching: metrics JSONL, TensorBoard, the loss plot
+
+
+class Monitor:
+    """Rank 0's outputs: metrics.jsonl, TensorBoard events, loss.png."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, resume_step: int | None):
+        self.out = out_dir
+        self.path = out_dir / "metrics.jsonl"
+        self.records: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            # Drop what the interrupted run logged after its checkpoint: those steps run again.
+            for line in self.path.read_text().splitlines():
+                r = json.loads(line)
+                if r["step"] <= resume_step:  # a step's records are all written before its checkpoint
+                    self.records.append(r)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.file = open(self.path, "a")
+        self.tb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
+            except ImportError:
+                log.debug("tensorboard is not installed: no event files")
+        self.plot = cfg.plot
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def refresh_plot(self) -> Path | None:
+        if not self.plot:
+            return None
+        return plot_losses(self.records, self.out / "loss.png")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(records: list[dict], path: str | os.PathLike) -> Path | None:
+    """Train and validation loss against step, as a PNG (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'gpt2kit[plot]'): no loss plot")
+        return None
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.8, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
+
+
+def _all_mean(value, dist_: _Dist):
+    if dist_.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist_.world
+    return value
+
+
+def _any(flag: bool, dist_: _Dist, device) -> bool:
+    if not dist_.enabled:
+        return flag
+    torch = _import_torch()
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run
+
+
+def _resolve_device(cfg: TrainConfig, dist_local_rank: int):
+    torch = _import_torch()
+    if cfg.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = cfg.device.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"device {cfg.device!r}: CUDA is not available")
+        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else dist_local_rank
+        return torch.device("cuda", index)
+    if kind != "cpu":
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    return torch.device("cpu")
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int):
+    from .model import GPT2Config
+
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+    base = GPT2Config.from_preset(cfg.model, **overrides)
+    n_ctx = max(base.n_ctx, cfg.block_size)
+    return dataclasses.replace(base, vocab_size=vocab_size, n_ctx=n_ctx, dropout=cfg.dropout)
+
+
+def _tokenizer_fingerprint_of(source: str) -> str | None:
+    from .tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_pretrained(source).fingerprint
+    except GPT2KitError:
+        return None
+
+
+def _build_model(cfg: TrainConfig, meta: dict):
+    """(model, tokenizer) for a fresh run: from scratch or from a pretrained checkpoint."""
+    from .model import GPT2
+    from .tokenizer import Tokenizer
+
+    n_vocab = meta["tokenizer"]["n_vocab"]
+    tokenizer = Tokenizer.from_pretrained(str(Path(cfg.data) / meta["tokenizer"]["folder"]))
+    if tokenizer.fingerprint != meta["tokenizer"]["fingerprint"]:
+        raise TrainError(f"{cfg.data}/tokenizer: does not match the fingerprint in meta.json")
+    if cfg.init_from:
+        model = GPT2.from_pretrained(cfg.init_from)
+        fp = _tokenizer_fingerprint_of(cfg.init_from)
+        if fp is not None and fp != meta["tokenizer"]["fingerprint"]:
+            raise TrainError(f"init_from {cfg.init_from}: its tokenizer differs from the one that made the "
+                             f"shards in {cfg.data} (vocabulary mismatch); prepare the data with --tokenizer {cfg.init_from}")
+        if model.config.vocab_size < n_vocab:
+            raise TrainError(f"init_from {cfg.init_from}: vocab_size {model.config.vocab_size} < the shards' {n_vocab} tokens")
+        if cfg.dropout != model.config.dropout:
+            model.config = dataclasses.replace(model.config, dropout=cfg.dropout)
+            for m in model.modules():
+                if isinstance(m, _import_torch().nn.Dropout):
+                    m.p = cfg.dropout
+                if hasattr(m, "dropout") and isinstance(m.dropout, float):
+                    m.dropout = cfg.dropout
+    else:
+        model = GPT2(_model_config(cfg, n_vocab))
+    return model, tokenizer
+
+
+def _decay_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear weights, embeddings), not on biases or LayerNorm gains."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied parameter appears once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(cfg: TrainConfig, model, device, fsdp: bool):
+    torch = _import_torch()
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if not fsdp:
+        # One fused kernel over all parameters (CPU and CUDA); ~10% faster steps on CPU here.
+        kwargs["fused"] = True
+    try:
+        return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), **kwargs)
+    except (RuntimeError, TypeError):
+        kwargs.pop("fused", None)
+        return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), foreach=True, **kwargs)
+
+
+def _rng_state(device) -> dict:
+    torch = _import_torch()
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch = _import_torch()
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+_COMPARED = ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; return a summary (steps, losses, checkpoint paths, timing)."""
+    torch = _import_torch()
+    from . import data as D
+
+    if not cfg.data:
+        raise ConfigError("data: no prepared shard folder given (set data = \"DIR\" or --data DIR)")
+    meta = D.read_meta(cfg.data)
+    train_data = D.TokenStream(cfg.data, "train")
+    val_data = D.TokenStream(cfg.data, "val") if meta["splits"]["val"]["tokens"] > 1 else None
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device_kind = "cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") else "cpu"
+    dist_ = _init_distributed(device_kind)
+    device = _resolve_device(cfg, dist_.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.fsdp and not dist_.enabled:
+        log.info("fsdp = true with one process: nothing to shard, training unsharded")
+    world = dist_.world
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro < 1 or cfg.batch_size % (micro * world):
+        raise TrainError(f"batch_size {cfg.batch_size} does not divide across {world} rank(s) x "
+                         f"micro_batch_size {micro}: it must be a multiple of {max(1, micro) * world}")
+    accum = cfg.batch_size // (micro * world)
+
+    out = Path(cfg.out_dir)
+    ckpts = Checkpoints(out, cfg.keep_last)
+    resume_from = ckpts.latest() if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log.info("%s: no checkpoint to resume from; starting from scratch", out)
+    elif not cfg.resume and ckpts.latest() is not None and dist_.main:
+        raise TrainError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another out_dir")
+
+    torch.manual_seed(cfg.seed)
+    if resume_from is not None:
+        from .model import GPT2
+        from .tokenizer import Tokenizer
+
+        state = load_trainer_state(resume_from)
+        model = GPT2.from_pretrained(str(resume_from))
+        tokenizer = Tokenizer.from_pretrained(str(Path(cfg.data) / meta["tokenizer"]["folder"]))
+        if state["data_fingerprint"] != meta["tokenizer"]["fingerprint"]:
+            raise CheckpointError(f"{resume_from}: trained on shards of another tokenizer than {cfg.data} (vocabulary mismatch)")
+        expected = _model_config(cfg, meta["tokenizer"]["n_vocab"]) if not cfg.init_from else None
+        saved = state["model_config"]
+        if expected is not None:
+            diff = [k for k in _COMPARED if getattr(expected, k) != saved[k]]
+            if diff:
+                raise CheckpointError(f"{resume_from}: checkpoint of another model config ("
+                                      + ", ".join(f"{k}={saved[k]} vs {getattr(expected, k)} configured" for k in diff) + ")")
+        if model.config.dropout != cfg.dropout:
+            raise CheckpointError(f"{resume_from}: trained with dropout {model.config.dropout}, configured {cfg.dropout}")
+    else:
+        state = None
+        model, tokenizer = _build_model(cfg, meta)
+    mc = model.config
+    block = cfg.block_size or mc.n_ctx
+    if block > mc.n_ctx:
+        raise TrainError(f"block_size {block} exceeds the model's context n_ctx={mc.n_ctx}")
+    if meta["tokenizer"]["n_vocab"] > mc.vocab_size:
+        raise TrainError(f"{cfg.data}: shards hold token ids up to {meta['tokenizer']['n_vocab'] - 1}, "
+                         f"the model's vocab_size is {mc.vocab_size} (vocabulary mismatch)")
+    model.to(device)
+    raw_model = model
+
+    loss_mod = _loss_module(model)
+    if dist_.enabled and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in model.transformer.h:
+            fully_shard(blk)
+        fully_shard(loss_mod)
+        wrapped = loss_mod
+    elif dist_.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(loss_mod, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        wrapped = loss_mod
+    step_fn = torch.compile(wrapped) if cfg.compile else wrapped
+
+    optimizer = _make_optimizer(cfg, loss_mod, device, cfg.fsdp and dist_.enabled)
+    start_step = 0
+    best_val = math.inf
+    tokens_seen = 0
+    if state is not None:
+        _load_optimizer(optimizer, loss_mod, state["optimizer"], cfg.fsdp and dist_.enabled)
+        start_step = state["step"]
+        best_val = state.get("best_val_loss", math.inf)
+        tokens_seen = state.get("tokens_seen", 0)
+        rngs = state["rng"]
+        if len(rngs) == world:
+            _set_rng_state(rngs[dist_.rank], device)
+        else:
+            log.warning("%s: saved with %d rank(s), resuming with %d: RNG streams re-seeded", resume_from, len(rngs), world)
+            torch.manual_seed(cfg.seed + start_step + dist_.rank)
+        if dist_.main:
+            log.info("resuming from %s (step %d)", resume_from, start_step)
+    else:
+        torch.manual_seed(cfg.seed + dist_.rank)  # dropout streams differ per rank
+
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (
+        measure_matmul_peak(device.type, cfg.dtype) if dist_.main else 1.0)
+    fpt = flops_per_token(mc, block)
+    monitor = Monitor(out, cfg, start_step if state is not None else None) if dist_.main else None
+    eval_offsets = None
+    if val_data is not None:
+        eb = cfg.eval_batches * micro * world
+        eval_offsets = D.step_offsets(cfg.seed, 0, len(val_data), min(block, len(val_data) - 1), eb, stream=1)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def evaluate() -> float | None:
+        if val_data is None:
+            return None
+        vb = min(block, len(val_data) - 1)
+        model.eval()
+        total = torch.zeros((), device=device)
+        parts = D.micro_offsets(eval_offsets, rank=dist_.rank, world_size=world, grad_accum=cfg.eval_batches)
+        with torch.no_grad():
+            for offs in parts:
+                x, y = D.get_batch(val_data, offs, vb)
+                with autocast():
+                    total += step_fn(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)).float()
+        model.train()
+        return float(_all_mean(total / len(parts), dist_))
+
+    def save(step: int, val_loss: float | None) -> Path | None:
+        model_sd, optim_sd = _gather_states(loss_mod, optimizer, cfg.fsdp and dist_.enabled)
+        rngs = _gather_rng(device, dist_)
+        path = None
+        if dist_.main:
+            trainer_state = {
+                "step": step, "optimizer": optim_sd, "rng": rngs, "best_val_loss": best_val,
+                "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                "model_config": dataclasses.asdict(mc), "data_fingerprint": meta["tokenizer"]["fingerprint"],
+            }
+
+            def write_model(folder: Path) -> None:
+                if model_sd is not None:
+                    from .model import GPT2
+
+                    full = GPT2(mc)
+                    full.load_state_dict(model_sd)
+                    full.save_pretrained(str(folder), tokenizer=tokenizer)
+                else:
+                    raw_model.save_pretrained(str(folder), tokenizer=tokenizer)
+
+            path = ckpts.save(step, write_model, trainer_state, val_loss)
+        if dist_.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return path
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread
+            old_handlers[sig] = signal.signal(sig, on_signal)
+
+    bar = None
+    if dist_.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    if dist_.main:
+        log.info("model %s: %.2fM parameters, block %d, batch %d x %d tokens (%d rank(s) x %d micro x %d accumulation), %s",
+                 cfg.init_from or cfg.model, raw_model.num_params() / 1e6, block, cfg.batch_size, block,
+                 world, micro, accum, cfg.dtype)
+
+    t_start = time.perf_counter()
+    t_last = t_start
+    tokens_per_step = cfg.batch_size * block
+    ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+    step = start_step
+    last_loss = math.nan
+    last_val: float | None = None
+    saved_at = -1
+    stopped = None
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            lr = _lr_for(cfg, step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            offs = D.step_offsets(cfg.seed, step, len(train_data), block, cfg.batch_size)
+            parts = D.micro_offsets(offs, rank=dist_.rank, world_size=world, grad_accum=accum)
+            loss_sum = torch.zeros((), device=device)
+            for i, m in enumerate(parts):
+                x, y = D.get_batch(train_data, m, block)
+                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+                sync = contextlib.nullcontext()
+                if dist_.enabled and not cfg.fsdp and i < accum - 1:
+                    sync = wrapped.no_sync()  # all-reduce gradients once, after the last micro-batch
+                with sync:
+                    with autocast():
+                        loss = step_fn(x, y)
+                    (loss / accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = None
+            if cfg.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(loss_mod.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                last_loss = float(_all_mean(loss_sum / accum, dist_))
+                if dist_.main:
+                    now = time.perf_counter()
+                    n_steps = cfg.log_interval if step % cfg.log_interval == 0 else step % cfg.log_interval
+                    tps = tokens_per_step * n_steps / max(now - t_last, 1e-9)
+                    t_last = now
+                    rec = {"step": step, "loss": last_loss, "lr": lr, "tok_per_s": round(tps, 1),
+                           "mfu": round(tps * fpt / peak, 4), "tokens": tokens_seen,
+                           "time_s": round(now - t_start, 3)}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = float(grad_norm)
+                    monitor.log(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                        mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) > 60 * cfg.max_minutes
+            if _any(stop["signal"] is not None or out_of_time, dist_, device):  # all ranks stop together
+                stopped = stop["signal"] or ("time" if out_of_time else "signal")
+            val_loss = None
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopped:
+                val_loss = evaluate()
+                if val_loss is not None:
+                    last_val = val_loss
+                    best_val = min(best_val, val_loss)
+                    if dist_.main:
+                        monitor.log({"step": step, "val_loss": val_loss})
+                        monitor.refresh_plot()
+            if cfg.sample_interval and step % cfg.sample_interval == 0 and dist_.main:
+                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed + step)
+                monitor.log({"step": step, "sample": text})
+                (bar.write if bar is not None else log.info)(f"--- sample at step {step} ---\n{text}")
+            if step % ckpt_every == 0 or step == cfg.max_steps or stopped:
+                save(step, val_loss)
+                saved_at = step
+            if stopped:
+                break
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        if bar is not None:
+            bar.close()
+    plot = None
+    if dist_.main:
+        plot = monitor.refresh_plot()
+        monitor.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "step": step, "start_step": start_step, "loss": last_loss, "val_loss": last_val,
+        "best_val_loss": best_val if best_val < math.inf else None, "stopped": stopped,
+        "elapsed_s": elapsed, "tokens_per_s": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+        "checkpoint": str(ckpts.latest()) if dist_.main and saved_at >= 0 else None,
+        "best_checkpoint": str(out / "best") if dist_.main and (out / "best").exists() else None,
+        "plot": str(plot) if plot else None, "out_dir": str(out), "world_size": world,
+    }
+    if dist_.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _gather_states(loss_mod, optimizer, fsdp: bool):
+    """(full model state dict or None, full optimizer state dict); collective under FSDP."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(loss_mod, options=opts)
+    osd = get_optimizer_state_dict(loss_mod, optimizer, options=opts)
+    msd = {k.removeprefix("model."): v for k, v in msd.items()}
+    return msd, osd
+
+
+def _load_optimizer(optimizer, loss_mod, sd, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(loss_mod, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def _gather_rng(device, dist_: _Dist) -> list:
+    state = _rng_state(device)
+    if not dist_.enabled:
+        return [state]
+    import torch.distributed as dist
+
+    out: list = [None] * dist_.world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, seed: int, temperature: float = 1.0,
+                top_k: int | None = 40) -> str:
+    """`prompt` and one sampled continuation (an empty prompt starts after <|endoftext|>), without
+    touching the training run's random state. Top-k 40 is the paper's sampling setting (§3.7)."""
+    torch = _import_torch()
+    from .generate import generate
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            done = generate(model, tokenizer, [prompt if prompt else [tokenizer.eot_token]],
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            do_sample=True, seed=seed)
+    finally:
+        model.train(was_training)
+    return prompt + done[0].text

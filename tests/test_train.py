@@ -1,0 +1,263 @@
+"""Training: the run config, the schedule, the loss, a run that learns, exact resume after a real
+kill, SIGTERM, torchrun (gloo) against one process, bad inputs, and prepare -> train -> generate."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit import train as T
+from gpt2kit.data import prepare
+from gpt2kit.errors import ConfigError
+
+TINY = dict(model="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4,
+            warmup_steps=2, eval_interval=10, eval_batches=2, progress=False, threads=1, plot=False)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory, shakespeare_files):
+    root = tmp_path_factory.mktemp("text")
+    for p in shakespeare_files[:2]:
+        (root / p.name).write_text(p.read_text()[:60_000])
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, text_dir):
+    """A 384-token BPE vocabulary and shards of ~120 KB of Shakespeare."""
+    from gpt2kit.bpe_train import train_bpe
+
+    root = tmp_path_factory.mktemp("shards")
+    train_bpe([text_dir], vocab_size=384).save(root / "tok")
+    prepare([text_dir], root / "data", tokenizer=str(root / "tok"), val_fraction=0.1, segment_chars=2000)
+    return root / "data"
+
+
+def cfg_for(shards, out, **kw) -> T.TrainConfig:
+    return T.make_config({**TINY, "data": str(shards), "out_dir": str(out), **kw})
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, schedule, loss
+
+
+def test_config_from_toml_and_overrides(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text('data = "d"\nmax_steps = 50\nlr = 1\ndtype = "bfloat16"\ncompile = false\n')
+    cfg = T.load_config(p, ["--max_steps", "7", "--resume", "--min-lr=0.5", "--out_dir", "o"])
+    assert (cfg.data, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.resume, cfg.out_dir) == ("d", 7, 1.0, 0.5, True, "o")
+    assert isinstance(cfg.lr, float) and cfg.dtype == "bfloat16"
+    p.write_text("max_step = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'max_step'; valid keys: data, out_dir, .*max_steps"):
+        T.load_config(p)
+    p.write_text('max_steps = "many"\n')
+    with pytest.raises(ConfigError, match="max_steps expects int, got str 'many'"):
+        T.load_config(p)
+    p.write_text("[train]\nlr = 1\n")
+    with pytest.raises(ConfigError, match="flat table"):
+        T.load_config(p)
+    with pytest.raises(ConfigError, match="command line: lr expects float, got 'fast'"):
+        T.load_config(None, ["--lr", "fast"])
+    with pytest.raises(ConfigError, match="dtype must be"):
+        T.load_config(None, {"dtype": "fp8"})
+
+
+def test_shipped_configs_are_valid():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    found = sorted(root.glob("*.toml"))
+    assert {p.name for p in found} >= {"demo.toml", "gpt2-124m.toml"}
+    for p in found:
+        T.load_config(p)
+    paper = T.load_config(root / "gpt2-124m.toml")
+    assert paper.batch_size * paper.block_size == 512 * 1024  # the paper's batch (§2.3)
+
+
+def test_lr_at_warmup_cosine_floor():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110)
+    assert [T.lr_at(s, **kw) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert T.lr_at(10, **kw) == 1.0
+    assert math.isclose(T.lr_at(60, **kw), 0.55)  # half way down the cosine
+    assert math.isclose(T.lr_at(109, **kw), 0.1, abs_tol=1e-3)
+    assert T.lr_at(110, **kw) == T.lr_at(10_000, **kw) == 0.1
+    assert all(T.lr_at(s, **kw) >= T.lr_at(s + 1, **kw) for s in range(10, 200))
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_linear_cross_entropy_matches_cross_entropy(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (3, 7), generator=g)
+    ours = T.linear_cross_entropy(h, w, y, chunk=chunk)
+    (2 * ours).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy((h @ w.T).view(-1, 50), y.view(-1))
+    (2 * ref).backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_loss_falls_outputs_checkpoints_and_finetune(shards, tmp_path):
+    out = tmp_path / "run"
+    s = T.train(cfg_for(shards, out, max_steps=40, keep_last=2, plot=True, sample_interval=40, sample_tokens=8))
+    lo = losses(out)
+    assert len(lo) == 40 and lo[40] < lo[1] - 1.0, lo
+    assert s["val_loss"] is not None and s["val_loss"] < math.log(384)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_loss" in r] == [10, 20, 30, 40]
+    assert all(r["tok_per_s"] > 0 and 0 < r["mfu"] for r in recs if "loss" in r)
+    assert any("sample" in r for r in recs)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    index = json.loads((out / "checkpoints.json").read_text())
+    best = min((r for r in recs if "val_loss" in r), key=lambda r: r["val_loss"])["step"]
+    kept = sorted({30, 40, best})
+    assert [e["step"] for e in index["checkpoints"]] == kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{k:07d}" for k in kept]
+    assert os.readlink(out / "latest") == "checkpoints/step_0000040"
+    assert os.readlink(out / "best") == f"checkpoints/step_{best:07d}"
+    # Fine-tuning starts from the trained weights: its first loss is the trained model's.
+    ft = tmp_path / "ft"
+    T.train(cfg_for(shards, ft, init_from=str(out / "latest"), max_steps=2, lr=1e-5, min_lr=1e-6, warmup_steps=0))
+    assert losses(ft)[1] < lo[1] - 1.0
+
+
+def _cli_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(shards, out, *extra):
+    args = [sys.executable, "-m", "gpt2kit", "train"]
+    for k, v in {**TINY, "data": shards, "out_dir": out}.items():
+        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return args + list(extra)
+
+
+def test_resume_after_a_killed_process_is_bit_exact(shards, tmp_path):
+    ref = tmp_path / "ref"
+    T.train(cfg_for(shards, ref, max_steps=60, dropout=0.1, checkpoint_interval=4))
+    out = tmp_path / "cut"
+    cmd = _train_cmd(shards, out, "--max_steps", "60", "--dropout", "0.1", "--checkpoint_interval", "4")
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    index = out / "checkpoints.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if index.exists() and json.loads(index.read_text())["latest"] >= "step_0000008":
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no chance to save: a crash
+    proc.wait()
+    killed_at = json.loads(index.read_text())["latest"]
+    assert proc.returncode == -signal.SIGKILL and killed_at < "step_0000060", killed_at
+    r = subprocess.run(_train_cmd(shards, out, "--max_steps", "60", "--dropout", "0.1", "--checkpoint_interval", "4",
+                                  "--resume"), env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {out / 'checkpoints' / killed_at} (step {int(killed_at[5:])})" in r.stderr
+    assert losses(out) == losses(ref)  # every step, bit for bit
+
+
+def test_torchrun_two_ranks_equal_one_process(shards, tmp_path):
+    one = tmp_path / "one"
+    T.train(cfg_for(shards, one, max_steps=6, micro_batch_size=2))  # 1 rank x 2 x 4 accumulation
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gpt2kit", *_train_cmd(shards, two, "--max_steps", "6", "--micro_batch_size", "2")[3:]]
+    r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000006"]
+    assert r.stdout.count("trained 6 steps") == 1  # only rank 0 reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs(shards, tmp_path, text_dir):
+    with pytest.raises(T.TrainError, match="batch_size 6 does not divide across 1 rank"):
+        T.train(cfg_for(shards, tmp_path / "a", batch_size=6, micro_batch_size=4))
+    with pytest.raises(ConfigError, match="no prepared shard folder"):
+        T.train(T.make_config({}))
+    run = tmp_path / "run"
+    T.train(cfg_for(shards, run, max_steps=2))
+    with pytest.raises(T.TrainError, match="already holds checkpoints; pass --resume"):
+        T.train(cfg_for(shards, run, max_steps=4))
+    with pytest.raises(T.CheckpointError, match=r"checkpoint of another model config \(n_embd=32 vs 64 configured\)"):
+        T.train(cfg_for(shards, run, max_steps=4, n_embd=64, resume=True))
+    # Shards of the GPT-2 vocabulary against a model trained on the 384-token one.
+    gpt2_shards = tmp_path / "gpt2"
+    prepare([text_dir], gpt2_shards, val_fraction=0.1, segment_chars=2000)
+    with pytest.raises(T.TrainError, match="vocabulary mismatch"):
+        T.train(cfg_for(gpt2_shards, tmp_path / "b", init_from=str(run / "latest"), max_steps=1))
+    with pytest.raises(T.CheckpointError, match="shards of another tokenizer"):
+        T.train(cfg_for(gpt2_shards, run, max_steps=4, resume=True))
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=2))
+    good = (out / "latest" / "model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(T.CheckpointError, match=r"No space left on device.*last good one is .*step_0000002"):
+        T.train(cfg_for(shards, out, max_steps=4, resume=True))
+    assert (out / "latest" / "model.safetensors").read_bytes() == good
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]  # no temp folder left
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole path through the CLI
+
+
+def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir, shards):
+    r = cli("prepare", "--tokenizer", str(shards.parent / "tok"), "--out", str(tmp_path / "data"),
+            "--val-fraction", "0.1", "--segment-chars", "2000", "--workers", "1", str(text_dir))
+    assert r.returncode == 0, r.stderr
+    assert "prepared" in r.stdout and "vocabulary 384" in r.stdout
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**TINY, "data": str(tmp_path / "data")}.items()))
+    r = cli("train", str(cfg), "--out_dir", str(tmp_path / "o2"), "--max_stepz", "3")
+    assert r.returncode == 2 and "unknown key '--max_stepz'; valid keys:" in r.stderr
+    # A run that would go on for ages: SIGTERM makes it save a checkpoint and exit.
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "train", str(cfg), "--out_dir", str(out),
+                             "--max_steps", "100000", "--eval_interval", "100000"],
+                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout
+    last = max(losses(out))
+    assert json.loads((out / "checkpoints.json").read_text())["latest"] == f"step_{last:07d}"
+    r = cli("generate", "--model", str(out / "latest"), "--max-new-tokens", "12", "--seed", "1", "--no-stream", "KING")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
