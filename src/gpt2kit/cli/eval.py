@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                    help="compute dtype (default float32; bfloat16 is faster on recent CPUs, slightly inexact)")
     p.add_argument("--device", default=None, help="torch device (default: cpu, or cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--no-detokenize", action="store_true", help="score the datasets' tokenized text as is")
+    p.add_argument("--shots", type=int, default=None, metavar="K",
+                   help="example pairs in the prompt of the few-shot tasks (wmt14-*, nq; default 5)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of sampled generations (cnndm; default 0)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=run)
 
@@ -47,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
         if t not in known:
             raise TaskError(f"--tasks: unknown task {t!r}; known tasks: {', '.join(known)}")
 
-    from ..eval import get_task
+    from ..eval.evaluator import make_task
 
-    for t in tasks:  # a missing file fails before the model loads
-        get_task(t)(args.data_dir).path  # noqa: B018
+    for t in tasks:  # a missing file (or a bad option) fails before the model loads
+        make_task(t, args.data_dir, shots=args.shots, seed=args.seed).path  # noqa: B018
 
     import time
 
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = Tokenizer.from_pretrained(args.model)
         start = time.perf_counter()
         results = evaluate(model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size,
-                           stride=args.stride, detokenize=not args.no_detokenize, progress=sys.stderr.isatty())
+                           stride=args.stride, detokenize=not args.no_detokenize, progress=sys.stderr.isatty(),
+                           task_options={"shots": args.shots, "seed": args.seed})
         seconds = time.perf_counter() - start
     finally:
         if world > 1:
@@ -83,13 +87,20 @@ def run(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     size = released_size(model.config)
-    print(format_table3(results, model_name=os.path.basename(os.path.normpath(args.model)), model_size=size))
+    name = os.path.basename(os.path.normpath(args.model))
+    print(format_table3(results, model_name=name, model_size=size))
+    from ..eval.transfer_metrics import format_transfer
+
+    transfer = format_transfer(results, model_name=name, paper_size=size)
+    if transfer:
+        print("\n" + transfer)
     if args.out:
         from ..io import write_json
 
         options = {"tasks": tasks, "data_dir": os.path.abspath(args.data_dir), "limit": args.limit,
                    "batch_size": args.batch_size, "stride": args.stride, "dtype": args.dtype,
-                   "detokenize": not args.no_detokenize, "world_size": world}
+                   "detokenize": not args.no_detokenize, "world_size": world, "shots": args.shots,
+                   "seed": args.seed}
         write_json(args.out, results_document(results, model=args.model, model_size=size, options=options,
                                               seconds=seconds))
     n_docs = sum(r["counts"]["documents"] for r in results.values())

@@ -10,11 +10,11 @@ from __future__ import annotations
 from .evaluator import evaluate
 from .registry import MissingDataError, Task, TaskError, get_task, register_task, task_names
 from .report import PAPER_TABLE3, format_table3, released_size, results_document
-from .requests import (GenerationResult, GreedyGeneration, Loglikelihood, LoglikelihoodResult,
+from .requests import (Generation, GenerationResult, GreedyGeneration, Loglikelihood, LoglikelihoodResult,
                        RollingLoglikelihood, RollingResult)
 from .scoring import Scorer, rolling_windows
 
 __all__ = ["evaluate", "Task", "register_task", "get_task", "task_names", "TaskError", "MissingDataError",
            "Scorer", "rolling_windows", "Loglikelihood", "LoglikelihoodResult", "RollingLoglikelihood",
-           "RollingResult", "GreedyGeneration", "GenerationResult", "PAPER_TABLE3", "format_table3",
+           "RollingResult", "GreedyGeneration", "Generation", "GenerationResult", "PAPER_TABLE3", "format_table3",
            "released_size", "results_document"]

@@ -4,20 +4,22 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .registry import get_task
 from .scoring import Scorer
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "make_task"]
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | Path, *, limit: int | None = None,
              batch_size: int = 8, stride: int | None = None, detokenize: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, task_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate `model` on the named tasks; returns {task: {"metrics", "counts", "protocol"}}.
+
+    `task_options` (e.g. {"shots": 10, "seed": 1}) go to the tasks whose constructor takes them.
 
     All tasks' files are read (and checked) before the model runs, so a missing file fails fast.
     Requests of all tasks go to the scorer together: batches mix documents and tasks."""
@@ -25,7 +27,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         from .registry import TaskError
 
         raise TaskError(f"--limit must be at least 1, got {limit}")
-    instances = [get_task(name)(data_dir, detokenize=detokenize) for name in tasks]
+    instances = [make_task(name, data_dir, detokenize=detokenize, **(task_options or {})) for name in tasks]
     for t in instances:
         t.path  # noqa: B018 -- raises MissingDataError naming the file and its source
     scorer = Scorer(model, tokenizer, batch_size=batch_size, stride=stride, progress=progress)
@@ -56,6 +58,15 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         }
     log.debug("scored %d requests in %.1fs", len(requests), seconds)
     return out
+
+
+def make_task(name: str, data_dir: str | Path, **options: Any) -> Any:
+    """The task `name` on `data_dir`, given those of `options` its constructor accepts."""
+    import inspect
+
+    cls = get_task(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(data_dir, **{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
 def _count_tokens(requests: Sequence[Any]) -> int:

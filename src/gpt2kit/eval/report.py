@@ -46,9 +46,11 @@ def format_table3(results: Mapping[str, Any], *, model_name: str = "ours", model
         for column, metric in get_task(name).table3:
             ours[column] = res["metrics"][metric]
     columns = [c for c in TABLE3_COLUMNS if c in ours]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
-             f"| {model_name} | " + " | ".join(_fmt(ours[c]) for c in columns) + " |"]
-    if model_size in PAPER_TABLE3:
+    lines = []
+    if columns:  # tasks outside Table 3 have their own report (eval.transfer_metrics.format_transfer)
+        lines += ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+                  f"| {model_name} | " + " | ".join(_fmt(ours[c]) for c in columns) + " |"]
+    if columns and model_size in PAPER_TABLE3:
         paper = dict(zip(TABLE3_COLUMNS, PAPER_TABLE3[model_size]))
         lines.append(f"| paper {model_size} | " + " | ".join(_fmt(paper[c]) for c in columns) + " |")
     if "lambada" in results:

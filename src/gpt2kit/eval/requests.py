@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Loglikelihood", "LoglikelihoodResult", "RollingLoglikelihood", "RollingResult",
-           "GreedyGeneration", "GenerationResult", "Request", "Result"]
+           "GreedyGeneration", "Generation", "GenerationResult", "Request", "Result"]
 
 
 @dataclass(frozen=True)
@@ -68,5 +68,28 @@ class GenerationResult:
     logprob: float
 
 
-Request = Loglikelihood | RollingLoglikelihood | GreedyGeneration
+@dataclass(frozen=True)
+class Generation:
+    """Decoding through `gpt2kit.generate.generate` (greedy or sampled), batched across documents.
+
+    The prompt is `context + suffix`; when it leaves fewer than `max_new_tokens` free positions
+    in the model's context, `context` loses tokens from its start (`truncate="left"`) or its end
+    (`"right"`, e.g. an article before a fixed hint); `suffix` is always kept whole. The text ends
+    before the first of `stop`. Requests with equal decoding options and `seed` share batches, and
+    a batch draws from one generator seeded with `seed`, so sampled text is reproducible for the
+    same requests and batch size. The answer's `tokens` are every generated token (the one that
+    completed a stop string included) and `logprob` their summed log-probability."""
+
+    context: tuple[int, ...]
+    max_new_tokens: int
+    suffix: tuple[int, ...] = ()
+    truncate: str = "left"
+    stop: tuple[str, ...] = ()
+    do_sample: bool = False
+    top_k: int | None = None
+    temperature: float = 1.0
+    seed: int | None = None
+
+
+Request = Loglikelihood | RollingLoglikelihood | GreedyGeneration | Generation
 Result = LoglikelihoodResult | RollingResult | GenerationResult

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 
 from ..errors import GPT2KitError
-from .requests import (GenerationResult, GreedyGeneration, Loglikelihood, LoglikelihoodResult, Request, Result,
-                       RollingLoglikelihood, RollingResult)
+from .requests import (Generation, GenerationResult, GreedyGeneration, Loglikelihood, LoglikelihoodResult, Request,
+                       Result, RollingLoglikelihood, RollingResult)
 
 __all__ = ["Scorer", "rolling_windows", "ScoringError"]
 
@@ -107,7 +107,8 @@ class Scorer:
         for i, r in enumerate(requests):
             kinds.setdefault(type(r), []).append(i)
         scorers: dict[type, Callable[[list[Any]], list[Any]]] = {
-            Loglikelihood: self.loglikelihood, RollingLoglikelihood: self.rolling, GreedyGeneration: self.greedy}
+            Loglikelihood: self.loglikelihood, RollingLoglikelihood: self.rolling, GreedyGeneration: self.greedy,
+            Generation: self.generation}
         out: list[Any] = [None] * len(requests)
         for kind, idx in kinds.items():
             for i, res in zip(idx, scorers[kind]([requests[i] for i in idx])):
@@ -173,8 +174,7 @@ class Scorer:
         groups: dict[tuple[int, ...], list[_Sequence]] = {}
         for seq in seqs.values():
             groups.setdefault(seq.ids[:min(u[1] for u in seq.users)], []).append(seq)
-        single = [g[0] for p, g in groups.items() if len(g) == 1 or not p]
-        single += [seq for p, g in groups.items() if not p and len(g) > 1 for seq in g[1:]]
+        single = [seq for p, g in groups.items() if len(g) == 1 or not p for seq in g]
         shared = [(p, g) for p, g in groups.items() if p and len(g) > 1]
         answers = self._map(single, lambda s: len(s.ids), self._loglikelihood_batch, "loglikelihood")
         answers += self._map(shared, lambda it: len(it[1][0].ids), self._shared_context_batch, "loglikelihood",
@@ -376,3 +376,39 @@ class Scorer:
             else:
                 text_i = self.tokenizer.decode(tokens[:n])
             path.done[i] = GenerationResult(text_i, tuple(tokens[:n]), float(sum(path.logprobs[:n])))
+
+    # ------------------------------------------------------------------------- generation (generate.py)
+
+    def generation(self, requests: Sequence[Generation]) -> list[GenerationResult]:
+        groups: dict[tuple[Any, ...], list[tuple[int, tuple[int, ...]]]] = {}
+        for i, r in enumerate(requests):
+            if not 1 <= r.max_new_tokens < self.n_ctx:
+                raise ScoringError(f"max_new_tokens must be in [1, {self.n_ctx}), got {r.max_new_tokens}")
+            if r.truncate not in ("left", "right"):
+                raise ScoringError(f"truncate: expected 'left' or 'right', got {r.truncate!r}")
+            room = self.n_ctx - r.max_new_tokens - len(r.suffix)
+            if room < 0 or (room == 0 and not r.suffix):
+                raise ScoringError(f"a generation prompt suffix of {len(r.suffix)} tokens leaves no room in the "
+                                   f"context of {self.n_ctx} for {r.max_new_tokens} new tokens")
+            context = tuple(r.context)
+            if len(context) > room:
+                context = context[len(context) - room:] if r.truncate == "left" else context[:room]
+            prompt = (context + tuple(r.suffix)) or (self.eot,)
+            key = (r.max_new_tokens, r.stop, r.do_sample, r.top_k, r.temperature, r.seed)
+            groups.setdefault(key, []).append((i, prompt))
+        out: list[Any] = [None] * len(requests)
+        for items in groups.values():
+            first = requests[items[0][0]]
+            answers = self._map(items, lambda it: len(it[1]),
+                                lambda batch: self._generation_batch([p for _, p in batch], first), "generation")
+            for (i, _), res in zip(items, answers):
+                out[i] = res
+        return out
+
+    def _generation_batch(self, prompts: list[tuple[int, ...]], r: Generation) -> list[GenerationResult]:
+        from ..generate import generate
+
+        completions = generate(self.model, self.tokenizer, [list(p) for p in prompts], max_new_tokens=r.max_new_tokens,
+                               do_sample=r.do_sample, top_k=r.top_k, temperature=r.temperature,
+                               stop=list(r.stop) or None, seed=r.seed, top_logprobs=0)
+        return [GenerationResult(c.text, tuple(c.token_ids), float(sum(c.logprobs))) for c in completions]
