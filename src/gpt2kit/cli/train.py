@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default: 10)")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument("--corpus", nargs="+", metavar="INPUT", help="text files/folders instead of Shakespeare")
-    d.add_argument("--preset", default=None, help="override the demo's model preset (see gpt2kit.demo)")
+    d.add_argument("--preset", default=None, help="another model preset instead of the demo's (see gpt2kit.demo)")
+    d.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the demo's, 4096)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     d.add_argument("--seed", type=int, default=1337)
     d.set_defaults(func=_demo)
@@ -99,7 +100,9 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ..demo import demo, format_report
 
+    from ..demo import DEMO_VOCAB
+
     report = demo(minutes=args.minutes, out_dir=args.out, corpus=args.corpus, preset=args.preset,
-                  threads=args.threads, seed=args.seed, progress=True)
+                  vocab_size=args.vocab_size or DEMO_VOCAB, threads=args.threads, seed=args.seed, progress=True)
     print(format_report(report))
     return 0

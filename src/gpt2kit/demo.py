@@ -1,0 +1,242 @@
+"""The main job: a corpus -> a BPE vocabulary -> token shards -> a small GPT-2, in N minutes.
+
+`demo()` does what `make demo` shows: it learns a byte-level BPE vocabulary on the corpus (by
+default Shakespeare, `gpt2kit.corpus.shakespeare()`), prepares shards with a held-out split,
+trains the demo model for the time budget, and measures the held-out text:
+
+- loss and perplexity per token of the demo's vocabulary,
+- bits per character: total negative log-likelihood of the held-out text in bits divided by its
+  number of characters. It does not depend on the tokenizer, so it compares with character-level
+  models (nanoGPT's Shakespeare quickstart reports nats per character: divide by ln 2),
+- the same numbers for a unigram model of the training tokens (add-one smoothed): the baseline a
+  model must beat to have learned anything about context.
+
+It saves the model as a Hugging Face GPT-2 folder with the tokenizer (`gpt2kit generate --model
+OUT/model`, `transformers.GPT2LMHeadModel.from_pretrained`), the loss plot and a JSON report.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+from .train import TrainConfig, make_config
+
+log = logging.getLogger(__name__)
+
+# The demo's settings, chosen for the best held-out bits/char after ~10 minutes on 2 CPU cores
+# (docs/benchmarks.md has the measurements). A 4096-token BPE vocabulary makes a token about
+# 3.2 characters of Shakespeare, so a small model sees ~3x more text per FLOP than a
+# character-level one; bf16 autocast uses the CPU's bf16 matrix instructions.
+DEMO_VOCAB = 4096
+DEMO_VAL_FRACTION = 0.05
+DEMO_TRAIN: dict[str, Any] = dict(
+    model="mini", n_layer=4, n_head=4, n_embd=256, block_size=128,
+    batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.1,
+    beta2=0.99, grad_clip=1.0, dropout=0.0, dtype="bfloat16",
+)
+SAMPLE_TOKENS = 120
+
+
+def _measure_step_time(cfg: TrainConfig, n_vocab: int, steps: int = 3) -> float:
+    """Seconds per optimizer step of this config on this machine (random tokens)."""
+    import torch
+
+    from .model import GPT2
+    from .train import _loss_module, _make_optimizer, _model_config
+
+    mc = _model_config(cfg, n_vocab)
+    with torch.random.fork_rng(devices=[]):
+        model = GPT2(mc)
+        loss_mod = _loss_module(model)
+        opt = _make_optimizer(cfg, loss_mod, torch.device("cpu"), False)
+        block = cfg.block_size or mc.n_ctx
+        micro = cfg.micro_batch_size or cfg.batch_size
+        x = torch.randint(0, n_vocab, (micro, block))
+        times = []
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            for _ in range(cfg.batch_size // micro):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                    loss = loss_mod(x, x)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def heldout_nll(model, stream, *, block_size: int, batch_size: int = 16, dtype: str = "float32") -> tuple[float, int]:
+    """(total negative log-likelihood in nats, number of predicted tokens) of a whole token stream:
+    consecutive windows predict every token but the first exactly once."""
+    import torch
+
+    from .data import sequential_windows
+    from .train import linear_cross_entropy
+
+    windows = sequential_windows(len(stream), block_size)
+    total, count = 0.0, 0
+    model.eval()
+    V = model.config.vocab_size
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            by_len: dict[int, list[int]] = {}
+            for start, length in group:
+                by_len.setdefault(length, []).append(start)
+            for length, starts in by_len.items():
+                rows = np.stack([stream.window(s, length + 1) for s in starts])
+                x = torch.from_numpy(rows[:, :-1])
+                y = torch.from_numpy(rows[:, 1:])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                    h = model.hidden_states(x)
+                    loss = linear_cross_entropy(h, model.transformer.wte.weight[:V], y)
+                total += float(loss) * y.numel()
+                count += y.numel()
+    return total, count
+
+
+def unigram_nll(train_stream, val_stream, n_vocab: int) -> tuple[float, int]:
+    """(total NLL in nats, tokens) of the validation tokens after the first under the training
+    tokens' unigram distribution with add-one smoothing."""
+    counts = np.zeros(n_vocab, dtype=np.float64)
+    for shard in train_stream.shards:
+        counts += np.bincount(shard, minlength=n_vocab)[:n_vocab]
+    logp = np.log(counts + 1.0) - math.log(counts.sum() + n_vocab)
+    val = np.concatenate([np.asarray(s) for s in val_stream.shards]).astype(np.int64)[1:]
+    return float(-logp[val].sum()), len(val)
+
+
+def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "demo_out", corpus: Sequence[str | os.PathLike] | None = None,
+         preset: str | None = None, vocab_size: int = DEMO_VOCAB, threads: int = 0, seed: int = 1337,
+         progress: bool = False, samples: int = 3, overrides: dict[str, Any] | None = None) -> dict:
+    """Run the demo; return its report (also written to OUT/report.json)."""
+    import torch
+
+    from .bpe_train import train_bpe
+    from .corpus import shakespeare
+    from .data import TokenStream, prepare
+    from .model import GPT2
+    from .train import sample_text, train
+
+    if minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {minutes}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    inputs = [Path(p) for p in corpus] if corpus else shakespeare()
+    if threads:
+        torch.set_num_threads(threads)
+    workers = max(1, min(os.cpu_count() or 1, 4))
+
+    log.info("1/5 learning a %d-token BPE vocabulary on %d file(s)", vocab_size, len(inputs))
+    tok_dir = out / "tokenizer"
+    tokenizer = train_bpe(inputs, vocab_size=vocab_size, workers=workers)
+    tokenizer.save(tok_dir)
+
+    log.info("2/5 tokenizing into shards")
+    data_dir = out / "data"
+    if (data_dir / "meta.json").exists():
+        from .data import read_meta
+
+        if read_meta(data_dir)["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+            shutil.rmtree(data_dir)
+    meta = prepare(inputs, data_dir, tokenizer=str(tok_dir), val_fraction=DEMO_VAL_FRACTION,
+                   workers=workers, progress=progress)
+    n_vocab = meta["tokenizer"]["n_vocab"]
+
+    run_dir = out / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a demo run starts fresh: its schedule is fitted to its budget
+    values = dict(DEMO_TRAIN)
+    if preset:
+        values.update(model=preset, n_layer=0, n_head=0, n_embd=0)
+    values.update(overrides or {})
+    values.update(data=str(data_dir), out_dir=str(run_dir), seed=seed, progress=progress,
+                  threads=threads, keep_last=1)
+    cfg = make_config(values, source="demo")
+    log.info("3/5 measuring the step time to fit the schedule into %.1f minutes", minutes)
+    step_s = _measure_step_time(cfg, n_vocab)
+    budget_s = 60.0 * minutes
+    # Evaluations (10 per run, each a few batches) cost about 3% of the steps' time.
+    max_steps = max(10, int(budget_s / step_s * 0.95))
+    cfg = make_config({"max_steps": max_steps, "max_minutes": minutes,
+                       "eval_interval": max(1, max_steps // 10), "warmup_steps": min(cfg.warmup_steps, max_steps // 10),
+                       "eval_batches": 4}, source="demo", base=cfg)
+    log.info("4/5 training %s for ~%d steps (%.2f s/step measured)", _describe(cfg), max_steps, step_s)
+    summary = train(cfg)
+
+    log.info("5/5 measuring the held-out text")
+    ckpt = Path(summary["checkpoint"])
+    model = GPT2.from_pretrained(str(ckpt))
+    train_stream, val_stream = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
+    block = cfg.block_size or model.config.n_ctx
+    nll, n_tok = heldout_nll(model, val_stream, block_size=block)  # float32: the exact measure
+    uni_nll, _ = unigram_nll(train_stream, val_stream, n_vocab)
+    chars = val_stream.chars
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model.save_pretrained(str(model_dir), tokenizer=tokenizer)
+    plot = None
+    if summary.get("plot"):
+        plot = out / "loss.png"
+        shutil.copyfile(summary["plot"], plot)
+    texts = [sample_text(model, tokenizer, "", SAMPLE_TOKENS, seed=seed + i) for i in range(samples)]
+    report = {
+        "corpus": "shakespeare" if not corpus else [str(p) for p in inputs],
+        "minutes_budget": minutes, "train_seconds": round(summary["elapsed_s"], 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "steps": summary["step"], "tokens_trained": summary["step"] * cfg.batch_size * block,
+        "model": _describe(cfg), "parameters": model.num_params(), "vocab_size": n_vocab,
+        "train_tokens": len(train_stream), "val_tokens": len(val_stream), "val_chars": chars,
+        "chars_per_token": round(chars / max(1, n_tok), 3),
+        "val_loss": nll / n_tok, "val_perplexity": math.exp(nll / n_tok),
+        "val_bits_per_char": nll / math.log(2) / chars,
+        "unigram_loss": uni_nll / n_tok, "unigram_perplexity": math.exp(uni_nll / n_tok),
+        "unigram_bits_per_char": uni_nll / math.log(2) / chars,
+        "tokens_per_s": round(summary["tokens_per_s"]),
+        "model_dir": str(model_dir), "plot": str(plot) if plot else None, "samples": texts,
+    }
+    from .io import write_json
+
+    write_json(out / "report.json", report)
+    return report
+
+
+def _describe(cfg: TrainConfig) -> str:
+    from .train import _model_config
+
+    mc = _model_config(cfg, 1)
+    return (f"{mc.n_layer} layers x {mc.n_embd} ({mc.n_head} heads), context {cfg.block_size or mc.n_ctx}, "
+            f"batch {cfg.batch_size}, {cfg.dtype}")
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        "",
+        f"gpt2kit demo: {r['model']}, {r['parameters'] / 1e6:.2f}M parameters, vocabulary {r['vocab_size']}",
+        f"  trained {r['steps']} steps ({r['tokens_trained'] / 1e6:.1f}M tokens) in {r['train_seconds']:.0f} s "
+        f"({r['tokens_per_s']:,} tok/s); held-out text: {r['val_chars']:,} characters, {r['val_tokens']:,} tokens",
+        "",
+        f"  {'held-out text':<22}{'loss/token':>11}{'perplexity':>12}{'bits/char':>11}",
+        f"  {'GPT-2 (this run)':<22}{r['val_loss']:>11.4f}{r['val_perplexity']:>12.2f}{r['val_bits_per_char']:>11.4f}",
+        f"  {'unigram baseline':<22}{r['unigram_loss']:>11.4f}{r['unigram_perplexity']:>12.2f}{r['unigram_bits_per_char']:>11.4f}",
+        "",
+        f"  model: {r['model_dir']}  (gpt2kit generate --model {r['model_dir']} ...; transformers loads it too)",
+    ]
+    if r.get("plot"):
+        lines.append(f"  loss plot: {r['plot']}")
+    for i, text in enumerate(r["samples"], 1):
+        lines += ["", f"--- sample {i} ---", text.strip("\n")]
+    return "\n".join(lines)
+
+
+__all__ = ["demo", "format_report", "heldout_nll", "unigram_nll", "DEMO_TRAIN", "DEMO_VOCAB"]

@@ -1,0 +1,51 @@
+"""The demo's fast mode end to end through the CLI, its numbers checked against transformers."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def test_demo_fast_mode_numbers_match_transformers(cli, tmp_path, shakespeare_files):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from gpt2kit.data import TokenStream, sequential_windows
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in shakespeare_files[:3]:
+        (corpus / p.name).write_text(p.read_text()[:40_000])
+    out = tmp_path / "demo"
+    r = cli("demo", "--minutes", "0.1", "--corpus", str(corpus), "--vocab-size", "512", "--preset", "tiny", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("GPT-2 (this run)", "unigram baseline", "--- sample 3 ---", "bits/char"):
+        assert line in r.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["samples"]) == 3 and rep["steps"] >= 1 and (out / "loss.png").exists()
+
+    # The saved model and tokenizer load in transformers, and its held-out NLL is the report's.
+    model = GPT2LMHeadModel.from_pretrained(out / "model").eval()
+    hf_tok = AutoTokenizer.from_pretrained(out / "model")
+    assert hf_tok("ROMEO.\n")["input_ids"] == json.loads(json.dumps(hf_tok("ROMEO.\n")["input_ids"]))
+    assert len(hf_tok) == rep["vocab_size"] == model.config.vocab_size
+    val, train = TokenStream(out / "data", "val"), TokenStream(out / "data", "train")
+    tokens = torch.from_numpy(val.window(0, len(val)))
+    nll = 0.0
+    with torch.no_grad():
+        for start, length in sequential_windows(len(val), 128):
+            logits = model(tokens[None, start:start + length]).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits, tokens[start + 1:start + 1 + length], reduction="sum").item()
+    n = len(val) - 1
+    assert math.isclose(rep["val_loss"], nll / n, rel_tol=1e-4)
+    assert math.isclose(rep["val_perplexity"], math.exp(nll / n), rel_tol=1e-3)
+    assert math.isclose(rep["val_bits_per_char"], nll / math.log(2) / val.chars, rel_tol=1e-4)
+    # The unigram baseline, counted independently.
+    counts = Counter(train.window(0, len(train)).tolist())
+    total = sum(counts.values()) + rep["vocab_size"]
+    uni = -sum(math.log((counts[t] + 1) / total) for t in tokens[1:].tolist())
+    assert math.isclose(rep["unigram_bits_per_char"], uni / math.log(2) / val.chars, rel_tol=1e-6)
+    # It learned something: better than the untrained model's log(V) per token.
+    assert rep["val_loss"] < math.log(rep["vocab_size"]) and np.isfinite(rep["val_loss"])
