@@ -303,3 +303,24 @@ def test_bad_tf_checkpoint_names_file_and_tensor(tmp_path):
     with pytest.raises(WeightsError, match=r"hparams.json: missing key 'n_ctx'"):
         GPT2.from_pretrained(str(folder))
     assert len(entries) == 28
+
+
+def test_hub_download_when_online(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    served = tmp_path / "served"
+    hf = hf_model()
+    hf.save_pretrained(served)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(served)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert_same_logits(GPT2.from_pretrained("gpt2-large"), hf)
+    repo, patterns = calls[0]
+    assert repo == "openai-community/gpt2-large"
+    assert "model.safetensors" in patterns and "config.json" in patterns and "*.bin" not in patterns
