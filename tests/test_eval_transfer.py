@@ -1,0 +1,534 @@
+"""Transfer tasks (CoQA, CNN/DM, WMT14, NQ, Winograd, HellaSwag): metrics, prompts, scoring vs transformers."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2kit.eval import Generation, MissingDataError, Scorer, TaskError, evaluate, get_task
+from gpt2kit.eval import transfer_metrics as tm
+from gpt2kit.eval.tasks.coqa import coqa_prompt, parse_coqa
+from gpt2kit.generate import generate
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")  # a test dependency (the oracle)
+
+TASKS = ["coqa", "cnndm", "wmt14-en-fr", "wmt14-fr-en", "nq", "winograd", "hellaswag"]
+
+# ----------------------------------------------------------------------------- fixture files (official formats)
+
+COQA = {"version": "1.0", "data": [
+    {"source": "mctest", "id": "3dr23u6we5exclen4th8uq9rb42tel", "filename": "mc160.test.41",
+     "story": "Once upon a time, in a barn near a farm house, there lived a little white kitten named Cotton.",
+     "questions": [{"input_text": "what color was cotton?", "turn_id": 1},
+                   {"input_text": "where did she live?", "turn_id": 2}],
+     "answers": [{"span_start": 59, "span_end": 93, "span_text": "a little white kitten named Cotton",
+                  "input_text": "white", "turn_id": 1},
+                 {"span_start": 18, "span_end": 80, "span_text": "in a barn near a farm house",
+                  "input_text": "in a barn", "turn_id": 2}],
+     "additional_answers": {
+         "0": [{"input_text": "white", "turn_id": 1}, {"input_text": "in a barn", "turn_id": 2}],
+         "1": [{"input_text": "white kitten", "turn_id": 1}, {"input_text": "barn", "turn_id": 2}],
+         "2": [{"input_text": "white", "turn_id": 1}, {"input_text": "near a farm house", "turn_id": 2}]}},
+    {"source": "race", "id": "3azhrg4cu4ktme1zh7c2ro3pn2430d", "filename": "high1.txt",
+     "story": "The Vatican Apostolic Library is the library of the Holy See, located in Vatican City.",
+     "questions": [{"input_text": "When was the Vat formally opened?", "turn_id": 1}],
+     "answers": [{"input_text": "It was formally established in 1475", "turn_id": 1}]},
+    {"source": "wikipedia", "id": "third", "filename": "x",
+     "story": "Paris is the capital of France.",
+     "questions": [{"input_text": "What is the capital?", "turn_id": 1}],
+     "answers": [{"input_text": "Paris", "turn_id": 1}]}]}
+
+STORY = """(CNN) -- The city council met on Monday to discuss the new park. Residents asked for more trees.
+
+The mayor said the plan would be ready by spring. Work starts in May!
+
+@highlight
+
+City council discussed the new park
+
+@highlight
+
+The plan will be ready by spring
+"""
+
+SGM_EN = """<srcset setid="newstest2014" srclang="any">
+<doc sysid="ref" docid="1012-bbc" genre="news" origlang="en">
+<p>
+<seg id="1">Spectacular Wingsuit Jump Over Bogota</seg>
+<seg id="2">Sportsman Jhonathan Florez jumped from a helicopter above Bogota &amp; the capital.</seg>
+<seg id="3">Wearing a wingsuit, he flew past over the famous Monserrate Sanctuary.</seg>
+<seg id="4">It was a record.</seg>
+</p>
+</doc>
+</srcset>
+"""
+SGM_FR = """<refset setid="newstest2014" srclang="any" trglang="fr">
+<doc sysid="ref" docid="1012-bbc" genre="news" origlang="en">
+<p>
+<seg id="1">Saut spectaculaire en wingsuit au-dessus de Bogota</seg>
+<seg id="2">Le sportif Jhonathan Florez a sauté d'un hélicoptère au-dessus de Bogota &amp; la capitale.</seg>
+<seg id="3">Vêtu d'une wingsuit, il est passé au-dessus du célèbre sanctuaire Monserrate.</seg>
+<seg id="4">C'était un record.</seg>
+</p>
+</doc>
+</refset>
+"""
+
+NQ = [{"question": "who sings does he love me with reba", "answer": ["Linda Davis"]},
+      {"question": "where is the bowling hall of fame located", "answer": ["Arlington, Texas"]},
+      {"question": "when was the last time anyone was on the moon", "answer": ["14 December 1972 UTC", "December 1972"]},
+      {"question": "big little lies season 2 how many episodes", "answer": ["seven"]},
+      {"question": "who plays the lead in the mask", "answer": ["Jim Carrey"]}]
+
+WSC = [{"text": "The city councilmen refused the demonstrators a permit because they feared violence.",
+        "pronoun": "they", "pronoun_loc": 63, "quote": "they feared violence", "quote_loc": 63,
+        "options": ["The city councilmen", "The demonstrators"], "label": 0, "source": "(Winograd 1972)"},
+       {"text": "The trophy doesn't fit into the brown suitcase because its handle is broken.",
+        "pronoun": "its", "pronoun_loc": 55, "quote": "its handle", "quote_loc": 55,
+        "options": ["the trophy", "the suitcase"], "label": 1, "source": "Hector Levesque"},
+       {"text": "Joan made sure to thank Susan for all the help she had given.",
+        "pronoun": "she", "pronoun_loc": 47, "quote": "she had given", "quote_loc": 47,
+        "options": ["Joan", "Susan"], "label": 1, "source": "Hector Levesque"}]
+
+HELLASWAG = [{"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
+              "ctx_b": "he", "ctx": "A man is sitting on a roof. he",
+              "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                          "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+              "source_id": "activitynet~v_-JhWjGDPHMY", "split": "val", "split_type": "indomain", "label": 3},
+             {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down "
+              "and grabs the pole.", "ctx_b": "the lady", "ctx": "",
+              "endings": ["swings and lands in her arms.", "pulls the barbell forward.",
+                          "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."],
+              "source_id": "x", "split": "val", "split_type": "zeroshot", "label": "3"},
+             {"ind": 7, "activity_label": "Home and Garden", "ctx_a": "[header] How to plant a tree [title] Dig "
+              "a hole.", "ctx_b": "", "ctx": "",
+              "endings": ["[step] Put the tree in it.", "Eat it.", "Fly away [substeps] now.", "Sing loudly."],
+              "source_id": "wikihow~1", "split": "val", "split_type": "indomain", "label": 0}]
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def write_transfer_datasets(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "coqa-dev-v1.0.json").write_text(json.dumps(COQA))
+    (root / "cnndm").mkdir()
+    (root / "cnndm" / "0001d1afc246a7964130f43ae940af6bc6c57f01.story").write_text(STORY)
+    (root / "cnndm" / "0002.story").write_text("A short article about rain. It rained all day.\n\n@highlight\n\n"
+                                              "It rained\n")
+    (root / "newstest2014-fren-src.en.sgm").write_text(SGM_EN)
+    (root / "newstest2014-fren-ref.fr.sgm").write_text(SGM_FR)
+    (root / "newstest2014-fren-src.fr.sgm").write_text(SGM_FR.replace("refset", "srcset"))
+    (root / "newstest2014-fren-ref.en.sgm").write_text(SGM_EN.replace("srcset", "refset"))
+    (root / "NQ-open.dev.jsonl").write_text(_jsonl(NQ))
+    (root / "wsc273.jsonl").write_text(_jsonl(WSC))
+    (root / "hellaswag_val.jsonl").write_text(_jsonl(HELLASWAG))
+    return root
+
+
+# ----------------------------------------------------------------------------- models
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(4321)
+    model = GPT2(GPT2Config.from_preset("tiny", n_ctx=256))
+    with torch.no_grad():  # sharper predictions than the N(0, 0.02) init: ties would make tests vacuous
+        for p in model.parameters():
+            p.mul_(6.0 if p.dim() > 1 else 1.0)
+    folder = tmp_path_factory.mktemp("tiny-transfer")
+    model.save_pretrained(str(folder), tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return GPT2.from_pretrained(str(model_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    return transformers.GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_transfer_datasets(tmp_path_factory.mktemp("transfer-data") / "d")
+
+
+def hf_logprob(hf, ctx: list[int], cont: list[int]) -> float:
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+    return sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+
+
+def hf_greedy_line(hf, tokenizer, prompt_ids: list[int], max_new: int) -> str:
+    """One example at a time, as a user would: transformers' greedy generate, cut at the newline."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                          pad_token_id=tokenizer.eot_token, eos_token_id=tokenizer.eot_token)
+    new = [t for t in out[0, len(prompt_ids):].tolist()]
+    if tokenizer.eot_token in new:
+        new = new[:new.index(tokenizer.eot_token)]
+    return tokenizer.decode(new).split("\n")[0]
+
+
+# ----------------------------------------------------------------------------- metrics vs known values
+
+def test_answer_normalization_and_f1_known_values():
+    assert tm.normalize_answer("  The Eiffel Tower, in PARIS!  ") == "eiffel tower in paris"
+    assert tm.normalize_answer("an apple a day") == "apple day"
+    assert tm.normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert tm.answer_f1("white kitten", "a white cat") == pytest.approx(0.5)  # P 1/2, R 1/2
+    assert tm.answer_f1("in a barn", "barn near a farm house") == pytest.approx(1 / 3)  # P 1/4, R 1/2
+    assert tm.answer_f1("the", "a") == 1.0  # both normalize to nothing
+    assert tm.answer_f1("", "white") == 0.0
+    assert tm.answer_em("The Cat.", "cat") == 1.0
+
+
+def test_coqa_leave_one_out_known_values():
+    # 4 human answers, prediction "white": leaving out "gray" -> max 1; leaving out any "white" -> the other
+    # "white" still matches (1); leaving out "a white cat" -> 1  => F1 1.0
+    assert tm.coqa_turn_scores(["white", "white", "a white cat", "gray"], "white") == (1.0, 1.0)
+    # only one "white" among the 4: leaving it out leaves F1 max 2/3 ("white cat" vs "white")
+    em, f1 = tm.coqa_turn_scores(["white", "white cat", "gray", "black"], "white")
+    assert em == pytest.approx(3 / 4)
+    assert f1 == pytest.approx((2 / 3 + 1 + 1 + 1) / 4)
+    # a single gold answer: no leave-one-out
+    assert tm.coqa_turn_scores(["in a barn"], "barn") == (0.0, pytest.approx(2 / 3))  # "in barn" vs "barn"
+    assert tm.coqa_turn_scores(["a big red barn"], "barn") == (0.0, pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3)))
+
+
+def test_nq_exact_match_normalization():
+    assert tm.exact_match(["14 December 1972 UTC", "December 1972"], " december, 1972.") == 1.0
+    assert tm.exact_match(["Jim Carrey"], "the jim carrey") == 1.0
+    assert tm.exact_match(["Jim Carrey"], "Jim Carey") == 0.0
+    assert tm.exact_match(["seven"], "7") == 0.0
+
+
+def test_rouge_matches_the_packages_reference_example():
+    r = tm.rouge_f1(["The quick brown fox jumps over the lazy dog"], ["The quick brown dog jumps on the log."])
+    assert r["rouge1"] == pytest.approx(100 * 2 * 0.75 * (6 / 9) / (0.75 + 6 / 9))  # 6 shared unigrams of 8 / 9
+    assert r["rouge2"] == pytest.approx(100 * 4 / 15)  # 2 shared bigrams: P 2/7, R 2/8
+    assert r["rougeL"] == pytest.approx(100 * 0.5882352941176471)  # the rouge-score README's value
+    assert tm.rouge_f1(["runs quickly"], ["running quick"])["rouge1"] == pytest.approx(50.0)  # stemming on
+
+
+def test_corpus_bleu_known_value_and_signature():
+    out = tm.corpus_bleu(["the cat sat on a mat"], ["the cat sat on the mat"])
+    # n-gram precisions 5/6, 3/5, 2/4, 1/3, equal lengths (no brevity penalty)
+    assert out["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    assert "tok:13a" in out["signature"]
+    assert tm.corpus_bleu(["A b c d e."], ["A b c d e."])["bleu"] == pytest.approx(100.0)
+
+
+def test_first_sentences_and_confidence():
+    text = 'The council met. "Why now?" she asked. Work starts in May! More text here.'
+    assert tm.first_sentences(text, 3) == ["The council met.", '"Why now?" she asked.', "Work starts in May!"]
+    assert tm.first_sentences("no end here", 3) == ["no end here"]
+    assert tm.first_sentences("It cost $3.5 m. in 2010 vs. 2009. Then", 2) == ["It cost $3.5 m. in 2010 vs. 2009.", "Then"]
+    assert tm.first_sentences("One.\nTwo\n\nThree. Four.", 3) == ["One.", "Two", "Three."]
+    assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 1) == 100.0  # ceil -> 1 answer
+    assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 75) == pytest.approx(100 / 3)
+
+
+def test_a_missing_metric_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    with pytest.raises(tm.MissingExtraError, match=r"pip install 'gpt2kit\[eval\]'"):
+        tm.corpus_bleu(["a"], ["a"])
+
+
+# ----------------------------------------------------------------------------- prompts, exactly as the paper
+
+def _prompt(task, tokenizer, i=0):
+    docs = task.documents()
+    req = task.requests(docs[i], tokenizer)[0]
+    return tokenizer.decode(list(req.context) + list(getattr(req, "suffix", ())))
+
+
+def test_coqa_prompt_and_gold_answers(data_dir, tokenizer):
+    convs = parse_coqa(data_dir / "coqa-dev-v1.0.json")
+    assert convs[0].golds[1] == ("in a barn", "in a barn", "barn", "near a farm house")
+    assert coqa_prompt(convs[0], 1) == (
+        "Once upon a time, in a barn near a farm house, there lived a little white kitten named Cotton.\n\n"
+        "Q: what color was cotton?\nA: white\nQ: where did she live?\nA:")
+    task = get_task("coqa")(data_dir)
+    reqs = task.requests(convs[0], tokenizer)
+    assert len(reqs) == 2 and reqs[0].stop == ("\n",) and not reqs[0].do_sample
+    assert tokenizer.decode(list(reqs[0].context)).endswith("Cotton.\n\nQ: what color was cotton?\nA:")
+
+
+def test_cnndm_prompt_reads_story_files_and_jsonl(data_dir, tokenizer, tmp_path):
+    task = get_task("cnndm")(data_dir)
+    doc = task.documents()[0]
+    assert doc.highlights == ("City council discussed the new park", "The plan will be ready by spring")
+    assert doc.text.startswith("(CNN) -- The city council met") and "@highlight" not in doc.text
+    hint, nohint = task.requests(doc, tokenizer)
+    assert tokenizer.decode(list(hint.context) + list(hint.suffix)) == doc.text + "\nTL;DR:"
+    assert tokenizer.decode(list(nohint.context) + list(nohint.suffix)) == doc.text
+    assert (hint.do_sample, hint.top_k, hint.max_new_tokens, hint.truncate) == (True, 2, 100, "right")
+    (tmp_path / "cnndm_test.jsonl").write_text(_jsonl([{"id": "a", "article": "Text one. Two.",
+                                                         "highlights": "First.\nSecond."}]))
+    assert get_task("cnndm")(tmp_path).documents()[0].highlights == ("First.", "Second.")
+
+
+def test_wmt_prompt_pairs_from_sgm_and_examples_excluded(data_dir, tokenizer):
+    task = get_task("wmt14-en-fr")(data_dir, shots=2)
+    docs = task.documents()
+    assert len(docs) == 2  # 4 pairs, the first 2 are the examples
+    assert docs[0][0] == ("Spectacular Wingsuit Jump Over Bogota = Saut spectaculaire en wingsuit au-dessus de Bogota\n"
+                          "Sportsman Jhonathan Florez jumped from a helicopter above Bogota & the capital. = Le sportif "
+                          "Jhonathan Florez a sauté d'un hélicoptère au-dessus de Bogota & la capitale.\n"
+                          "Wearing a wingsuit, he flew past over the famous Monserrate Sanctuary. =")
+    assert docs[0][2] == "Vêtu d'une wingsuit, il est passé au-dessus du célèbre sanctuaire Monserrate."
+    fr_en = get_task("wmt14-fr-en")(data_dir, shots=1).documents()
+    assert fr_en[-1][0].endswith("\nC'était un record. =") and fr_en[-1][2] == "It was a record."
+    assert task.protocol()["examples"] == "first 2 pairs of the test set (not scored)"
+
+
+def test_wmt_plain_files_and_dev_examples(tmp_path):
+    (tmp_path / "newstest2014.en").write_text("Hello.\nGood night.\n")
+    (tmp_path / "newstest2014.fr").write_text("Bonjour.\nBonne nuit.\n")
+    (tmp_path / "newstest2013.en").write_text("Yes.\n")
+    (tmp_path / "newstest2013.fr").write_text("Oui.\n")
+    docs = get_task("wmt14-en-fr")(tmp_path, shots=1).documents()
+    assert [d[0] for d in docs] == ["Yes. = Oui.\nHello. =", "Yes. = Oui.\nGood night. ="]
+    (tmp_path / "newstest2014.fr").write_text("Bonjour.\n")
+    with pytest.raises(TaskError, match="has 2 sentences but .* has 1"):
+        get_task("wmt14-en-fr")(tmp_path).documents()
+
+
+def test_nq_prompt(data_dir):
+    docs = get_task("nq")(data_dir, shots=2).documents()
+    assert len(docs) == 3
+    assert docs[0][0] == ("Q: who sings does he love me with reba\nA: Linda Davis\n\n"
+                          "Q: where is the bowling hall of fame located\nA: Arlington, Texas\n\n"
+                          "Q: when was the last time anyone was on the moon\nA:")
+
+
+def test_winograd_substitution_and_requests(data_dir, tokenizer):
+    task = get_task("winograd")(data_dir)
+    docs = task.documents()
+    assert docs[0].options == ("the city councilmen", "the demonstrators")  # lower-cased inside the sentence
+    assert docs[1].options == ("the trophy's", "the suitcase's")  # possessive pronoun
+    assert docs[0].after == " feared violence."
+    reqs = task.requests(docs[0], tokenizer)
+    assert tokenizer.decode(list(reqs[0].continuation)) == ("The city councilmen refused the demonstrators a permit "
+                                                           "because the city councilmen feared violence.")
+    assert tokenizer.decode(list(reqs[3].context)).endswith("because the demonstrators")
+    assert tokenizer.decode(list(reqs[3].continuation)) == " feared violence."
+
+
+def test_hellaswag_context_and_endings(data_dir):
+    items = get_task("hellaswag")(data_dir).documents()
+    assert items[0].context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert items[0].endings[3] == " starts pulling up roofing on a roof." and items[1].label == 3
+    assert items[2].context == "Home and Garden: How to plant a tree. Dig a hole."
+    assert items[2].endings[:3] == (" Put the tree in it.", " Eat it.", " Fly away now.")
+
+
+# ----------------------------------------------------------------------------- scoring vs transformers
+
+def test_winograd_full_and_partial_scoring_match_transformers(model, hf, tokenizer, data_dir):
+    task = get_task("winograd")(data_dir)
+    docs = task.documents()
+    eot = tokenizer.eot_token
+    full_right = partial_right = 0
+    for d in docs:
+        full, partial = [], []
+        for o in d.options:
+            full.append(hf_logprob(hf, [eot], tokenizer.encode_ordinary(d.before + o + d.after)))
+            partial.append(hf_logprob(hf, tokenizer.encode_ordinary(d.before + o), tokenizer.encode_ordinary(d.after)))
+        full_right += int(max(range(2), key=full.__getitem__) == d.label)
+        partial_right += int(max(range(2), key=partial.__getitem__) == d.label)
+        res = Scorer(model, tokenizer, progress=False).score(task.requests(d, tokenizer))
+        assert [r.logprob for r in res] == pytest.approx(full + partial, abs=1e-3)
+    m = evaluate(model, tokenizer, ["winograd"], data_dir, progress=False)["winograd"]["metrics"]
+    assert m["acc_full"] == pytest.approx(100 * full_right / 3)
+    assert m["acc_partial"] == pytest.approx(100 * partial_right / 3)
+    assert m["acc_best"] == max(m["acc_full"], m["acc_partial"]) and m["schemas"] == 3
+
+
+def test_hellaswag_length_normalized_choice_matches_an_independent_computation(model, hf, tokenizer, data_dir):
+    items = get_task("hellaswag")(data_dir).documents()
+    right = {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
+    for it in items:
+        ctx = tokenizer.encode_ordinary(it.context)
+        lps = [hf_logprob(hf, ctx, tokenizer.encode_ordinary(e)) for e in it.endings]
+        by = {"acc": lps, "acc_norm": [lp / len(e.encode()) for lp, e in zip(lps, it.endings)],
+              "acc_token_norm": [lp / len(tokenizer.encode_ordinary(e)) for lp, e in zip(lps, it.endings)]}
+        for k, v in by.items():
+            right[k] += int(max(range(4), key=v.__getitem__) == it.label)
+    m = evaluate(model, tokenizer, ["hellaswag"], data_dir, batch_size=3, progress=False)["hellaswag"]["metrics"]
+    for k in right:
+        assert m[k] == pytest.approx(100 * right[k] / 3), k
+
+
+def test_generation_requests_match_transformers_greedy_one_by_one(model, hf, tokenizer, data_dir):
+    """CoQA's batched greedy answers (through gpt2kit.generate) equal a per-example transformers loop."""
+    task = get_task("coqa")(data_dir)
+    reqs = [r for d in task.documents() for r in task.requests(d, tokenizer)]
+    ours = Scorer(model, tokenizer, batch_size=3, progress=False).score(reqs)
+    for r, res in zip(reqs, ours):
+        assert res.text == hf_greedy_line(hf, tokenizer, list(r.context), r.max_new_tokens)
+        assert res.logprob == pytest.approx(hf_logprob(hf, list(r.context), list(res.tokens)), abs=1e-3)
+
+
+def test_coqa_and_nq_score_the_models_own_answers_as_right(model, tokenizer, tmp_path):
+    """Gold answers set to what the model generates must score F1/EM 100 (and others 0)."""
+    root = write_transfer_datasets(tmp_path / "d")
+    coqa = get_task("coqa")(root)
+    reqs = [r for d in coqa.documents() for r in coqa.requests(d, tokenizer)]
+    answers = [c.text.strip() for c in generate(model, tokenizer, [list(r.context) for r in reqs],
+                                                max_new_tokens=48, do_sample=False, stop="\n")]
+    data = json.loads(json.dumps(COQA))
+    # turn 1 right for 1 gold of 4 (leave-one-out); the history in turn 2's prompt stays the same
+    data["data"][0]["additional_answers"]["0"][0]["input_text"] = answers[0]
+    data["data"][1]["answers"][0]["input_text"] = answers[2]  # single gold: right
+    data["data"][2]["answers"][0]["input_text"] = answers[3] + " zebra"
+    (root / "coqa-dev-v1.0.json").write_text(json.dumps(data))
+    m = evaluate(model, tokenizer, ["coqa"], root, progress=False)["coqa"]["metrics"]
+    e1, f1 = tm.coqa_turn_scores(["white", answers[0], "white kitten", "white"], answers[0])
+    e2, f2 = tm.coqa_turn_scores(["in a barn", "in a barn", "barn", "near a farm house"], answers[1])
+    e4, f4 = tm.coqa_turn_scores([answers[3] + " zebra"], answers[3])
+    assert m["questions"] == 4
+    assert m["f1"] == pytest.approx(100 * (f1 + f2 + 1 + f4) / 4)
+    assert m["em"] == pytest.approx(100 * (e1 + e2 + 1 + e4) / 4)
+
+    nq = get_task("nq")(root, shots=1)
+    docs = nq.documents()
+    prompts = [list(nq.requests(d, tokenizer)[0].context) for d in docs]
+    comps = generate(model, tokenizer, prompts, max_new_tokens=32, do_sample=False, stop="\n", top_logprobs=0)
+    rows = [NQ[0]] + [{"question": q["question"], "answer": [c.text.strip() if i % 2 == 0 else "nothing like it"]}
+                      for i, (q, c) in enumerate(zip(NQ[1:], comps))]
+    (root / "NQ-open.dev.jsonl").write_text(_jsonl(rows))
+    out = evaluate(model, tokenizer, ["nq"], root, progress=False, task_options={"shots": 1})["nq"]
+    correct = [1.0 if i % 2 == 0 else 0.0 for i in range(4)]
+    conf = [math.exp(sum(c.logprobs)) for c in comps]
+    assert out["metrics"]["em"] == 50.0 and out["metrics"]["questions"] == 4
+    assert out["metrics"]["acc_top1pct"] == 100.0 * correct[max(range(4), key=conf.__getitem__)]
+    assert out["metrics"]["acc_top50pct"] == tm.top_confidence_accuracy(conf, correct, 50)
+    assert out["protocol"]["shots"] == 1 and out["protocol"]["decoding"] == "greedy"
+
+
+def test_cnndm_sampling_is_seeded_and_keeps_the_hint_when_truncating(model, tokenizer, data_dir, tmp_path):
+    long_article = " ".join(f"Sentence number {i} says something about the park." for i in range(60))
+    (tmp_path / "cnndm_test.jsonl").write_text(_jsonl([{"article": long_article, "highlights": ["Park news."]}]))
+    task = get_task("cnndm")(tmp_path, seed=3)
+    reqs = task.requests(task.documents()[0], tokenizer)
+    assert len(reqs[0].context) > 256  # longer than the tiny model's context
+    scorer = Scorer(model, tokenizer, batch_size=1, progress=False)  # a batch shares one seeded generator
+    a = scorer.score(reqs)
+    # the prompt the model saw: the article's start (it lost its end), then the hint
+    kept = 256 - 100 - len(reqs[0].suffix)
+    expected = generate(model, tokenizer, [list(reqs[0].context[:kept] + reqs[0].suffix)], max_new_tokens=100,
+                        do_sample=True, top_k=2, seed=3)[0].text
+    assert a[0].text == expected
+    again = get_task("cnndm")(tmp_path, seed=3).requests(task.documents()[0], tokenizer)
+    assert [r.text for r in scorer.score(again)] == [r.text for r in a]
+    other = get_task("cnndm")(tmp_path, seed=4).requests(task.documents()[0], tokenizer)
+    assert [r.text for r in scorer.score(other)] != [r.text for r in a]
+
+
+def test_cnndm_metrics_are_rouge_of_the_first_three_sentences(model, tokenizer, data_dir):
+    out = evaluate(model, tokenizer, ["cnndm"], data_dir, progress=False, task_options={"seed": 7})["cnndm"]
+    task = get_task("cnndm")(data_dir, seed=7)
+    docs = task.documents()
+    reqs = [r for d in docs for r in task.requests(d, tokenizer)]
+    res = Scorer(model, tokenizer, progress=False).score(reqs)
+    refs = ["\n".join(d.highlights) for d in docs]
+    hint = tm.rouge_f1(refs, ["\n".join(tm.first_sentences(r.text, 3)) for r in res[0::2]])
+    lead = tm.rouge_f1(refs, ["\n".join(tm.first_sentences(d.text, 3)) for d in docs])
+    assert out["metrics"]["rouge1"] == pytest.approx(hint["rouge1"])
+    assert out["metrics"]["rougeL"] == pytest.approx(hint["rougeL"])
+    assert out["metrics"]["lead3_rouge2"] == pytest.approx(lead["rouge2"]) and lead["rouge2"] > 0
+    assert out["protocol"]["seed"] == 7 and out["protocol"]["decoding"] == "top-k 2 sampling"
+
+
+def test_wmt_bleu_of_the_generated_lines(model, tokenizer, data_dir):
+    out = evaluate(model, tokenizer, ["wmt14-fr-en"], data_dir, progress=False, task_options={"shots": 1})
+    task = get_task("wmt14-fr-en")(data_dir, shots=1)
+    docs = task.documents()
+    comps = generate(model, tokenizer, [d[0] for d in docs], max_new_tokens=160, do_sample=False, stop="\n")
+    expected = tm.corpus_bleu([d[2] for d in docs], [c.text.strip() for c in comps])["bleu"]
+    assert out["wmt14-fr-en"]["metrics"] == {"bleu": pytest.approx(expected), "sentences": 3}
+    assert out["wmt14-fr-en"]["protocol"]["bleu_signature"].startswith("nrefs:1")
+
+
+def test_generation_request_errors(model, tokenizer):
+    scorer = Scorer(model, tokenizer, progress=False)
+    with pytest.raises(Exception, match="max_new_tokens"):
+        scorer.score([Generation((1, 2), 256)])
+    with pytest.raises(Exception, match="truncate"):
+        scorer.score([Generation((1, 2), 4, truncate="middle")])
+
+
+# ----------------------------------------------------------------------------- errors, CLI
+
+def test_missing_files_name_the_expected_file_and_source(tmp_path):
+    expected = {"coqa": "coqa-dev-v1.0.json", "cnndm": "cnndm/*.story", "wmt14-en-fr": "newstest2014-fren-src.en.sgm",
+                "wmt14-fr-en": "newstest2014.fr", "nq": "NQ-open.dev.jsonl", "winograd": "wsc273.jsonl",
+                "hellaswag": "hellaswag_val.jsonl"}
+    for name, file in expected.items():
+        with pytest.raises(MissingDataError, match="normally obtained from") as e:
+            get_task(name)(tmp_path).path  # noqa: B018
+        assert file in str(e.value) and name in str(e.value)
+
+
+def test_bad_files_name_the_line(tmp_path):
+    (tmp_path / "wsc273.jsonl").write_text(json.dumps({**WSC[0], "pronoun_loc": 3}) + "\n")
+    with pytest.raises(TaskError, match="line 1: \"pronoun_loc\" 3 does not point"):
+        get_task("winograd")(tmp_path).documents()
+    (tmp_path / "NQ-open.dev.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(TaskError, match="NQ-open.dev.jsonl: line 1"):
+        get_task("nq")(tmp_path).documents()
+    (tmp_path / "hellaswag_val.jsonl").write_text('{"ctx_a": 1}\n')
+    with pytest.raises(TaskError, match="hellaswag_val.jsonl: line 1"):
+        get_task("hellaswag")(tmp_path).documents()
+    (tmp_path / "coqa-dev-v1.0.json").write_text("[]")
+    with pytest.raises(TaskError, match="coqa-dev-v1.0.json: expected CoQA"):
+        get_task("coqa")(tmp_path).documents()
+
+
+def test_cli_end_to_end_all_transfer_tasks(cli, model_dir, data_dir, tmp_path):
+    out = tmp_path / "results.json"
+    r = cli("eval", "--model", str(model_dir), "--tasks", ",".join(TASKS), "--data-dir", str(data_dir),
+            "--limit", "2", "--batch-size", "4", "--shots", "1", "--seed", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| task | metric | tiny-transfer" in r.stdout or "| task | metric |" in r.stdout
+    for row in ("| coqa | f1 |", "| cnndm | nohint_rougeL |", "| wmt14-en-fr | bleu |", "| nq | acc_top1pct |",
+                "| winograd | acc_partial |", "| hellaswag | acc_norm |"):
+        assert row in r.stdout, row
+    doc = json.loads(out.read_text())
+    assert doc["options"]["shots"] == 1 and doc["options"]["seed"] == 5 and doc["options"]["limit"] == 2
+    tasks = doc["tasks"]
+    assert set(tasks) == set(TASKS)
+    assert tasks["coqa"]["counts"]["documents"] == 2 and tasks["coqa"]["metrics"]["questions"] == 3
+    assert tasks["cnndm"]["protocol"]["seed"] == 5 and tasks["cnndm"]["protocol"]["max_new_tokens"] == 100
+    assert tasks["wmt14-en-fr"]["protocol"]["shots"] == 1 and tasks["wmt14-en-fr"]["metrics"]["sentences"] == 2
+    assert tasks["nq"]["protocol"]["shots"] == 1 and tasks["nq"]["counts"]["documents"] == 2
+    assert tasks["winograd"]["counts"]["requests"] == 8 and tasks["hellaswag"]["counts"]["requests"] == 8
+    for name in TASKS:
+        assert all(isinstance(v, (int, float)) for v in tasks[name]["metrics"].values()), name
+
+
+def test_cli_missing_transfer_file_is_one_line(model_dir, tmp_path, capsys):
+    from gpt2kit.cli import main
+
+    assert main(["eval", "--model", str(model_dir), "--tasks", "coqa", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2kit: error: task 'coqa': none of 'coqa-dev-v1.0.json'") and err.count("\n") == 1
+    assert main(["eval", "--model", str(model_dir), "--tasks", "nq", "--shots", "-1", "--data-dir", str(tmp_path)]) == 2
+    assert "--shots must be at least 0" in capsys.readouterr().err
