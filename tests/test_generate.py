@@ -102,6 +102,13 @@ def test_fast_paths_keep_the_logits(model, tok):
     assert q.shape == ref.shape and not torch.equal(q, ref)
     assert (q - ref).abs().max() < 0.05 * ref.abs().max()  # int8 rounding, not a different model
     assert type(model.transformer.h[0].mlp.c_fc) is torch.nn.Linear  # the original is untouched
+    half = peaked(model.config).to(torch.bfloat16)
+    with torch.no_grad():
+        packed = optimize_for_cpu(half)
+        assert type(packed.transformer.h[0].mlp.c_fc) is not torch.nn.Linear
+        torch.testing.assert_close(packed(ids), half(ids), atol=0.02, rtol=0.02)
+    assert generate(packed, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids == \
+        generate(half, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids
     a = generate(optimize_for_cpu(model), tok, "x", max_new_tokens=10, seed=1)[0].token_ids
     assert a == generate(model, tok, "x", max_new_tokens=10, seed=1)[0].token_ids
 
@@ -189,6 +196,8 @@ def test_streaming_equals_non_streaming(model, tok):
 def test_edge_cases_and_errors(model, tok):
     empty = generate(model, tok, "", max_new_tokens=3, do_sample=False)[0]
     assert empty.prompt_token_ids == [tok.eot_token] and len(empty.token_ids) == 3
+    by_ids = generate(model, tok, tok.encode("abc"), max_new_tokens=3, do_sample=False)
+    assert len(by_ids) == 1 and by_ids[0].text == generate(model, tok, "abc", max_new_tokens=3, do_sample=False)[0].text
     none = generate(model, tok, ["a", "b"], max_new_tokens=0)
     assert [(c.text, c.finish_reason) for c in none] == [("", "length"), ("", "length")]
     with pytest.raises(GenerationError, match="n: expected an integer >= 1"):

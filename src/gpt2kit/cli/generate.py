@@ -115,7 +115,11 @@ def run(args) -> int:
                 if tty:
                     sys.stderr.write("\n")
                 return 0
-            _respond(model, tokenizer, line.rstrip("\n"), args, out)
+            try:
+                _respond(model, tokenizer, line.rstrip("\n"), args, out)
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+                out.write("\n")
+                out.flush()
     prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
     _respond(model, tokenizer, prompt, args, out)
     return 0
