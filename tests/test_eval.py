@@ -29,6 +29,8 @@ LAMBADA = [
     "poured the batter into the pan and slid it into the oven",
     "Marcus had never seen the ocean before. When the bus finally crested the hill, he pressed his face to the "
     "window and stared at the endless blue water",
+    "The professor paused, adjusted his glasses and wrote a single word on the board, a word nobody in the "
+    "room could pronounce: antidisestablishmentarianism",
 ]
 LAMBADA_PLAIN = ["`` i 'm not going back there , '' she said . `` not ever . '' he nodded and took her hand",
                  "the dog barked at the mailman every morning , and every morning the mailman threw him a biscuit"]
@@ -244,6 +246,26 @@ def test_greedy_generation_matches_transformers_generate(model, hf, tokenizer):
         assert res[3 * k].logprob == pytest.approx(ref, rel=1e-4)
 
 
+def test_loglikelihood_riding_along_with_generation_gives_the_same_answers(model, tokenizer):
+    ctx = tuple(tokenizer.encode_ordinary("It was the best of times, it was the"))
+    long, short = tokenizer.encode_ordinary(" antidisestablishmentarianism"), tokenizer.encode_ordinary(" age")
+    assert len(long) > 3
+    ll = [Loglikelihood(ctx, tuple(long)), Loglikelihood(ctx, tuple(short)),
+          Loglikelihood(ctx + tuple(long[:-1]), tuple(long[-1:]), exclude=frozenset(long[-1:]))]
+    alone = Scorer(model, tokenizer, progress=False).loglikelihood(ll)
+    scorer = Scorer(model, tokenizer, batch_size=2, progress=False)
+
+    def not_used(*args):
+        raise AssertionError("these requests should be teacher-forced inside the generation batch")
+
+    scorer._loglikelihood_batch = scorer._shared_context_batch = not_used
+    mixed = scorer.score([GreedyGeneration(ctx, 4)] + ll)
+    assert mixed[0] == scorer.greedy([GreedyGeneration(ctx, 4)])[0]
+    for a, b in zip(alone, mixed[1:]):
+        assert b.logprob == pytest.approx(a.logprob, rel=1e-5) and (b.is_greedy, b.n_tokens) == (a.is_greedy, a.n_tokens)
+    assert not mixed[3].is_greedy  # its only candidate token was excluded
+
+
 def test_greedy_generation_stops_and_cuts(model, tokenizer):
     ids = tuple(tokenizer.encode_ordinary("Hello"))
     free = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(ids, 10)])[0]
@@ -261,7 +283,7 @@ def test_every_table3_task_runs_on_its_real_format(model, tokenizer, data_dir):
     res = evaluate(model, tokenizer, tasks, data_dir, batch_size=5, progress=False)
     assert list(res) == tasks
     counts = {t: r["counts"]["documents"] for t, r in res.items()}
-    assert counts == {"lambada": 3, "cbt-cn": 2, "cbt-ne": 2, "wikitext2": 2, "ptb": 1, "enwik8": 1, "text8": 1,
+    assert counts == {"lambada": 4, "cbt-cn": 2, "cbt-ne": 2, "wikitext2": 2, "ptb": 1, "enwik8": 1, "text8": 1,
                       "wikitext103": 2, "1bw": 3}
     assert res["wikitext2"]["metrics"]["units"] == len(WIKITEXT.split()) + WIKITEXT.count("\n")
     assert res["enwik8"]["metrics"]["units"] == len(ENWIK8.encode()) > len(ENWIK8)
@@ -270,7 +292,7 @@ def test_every_table3_task_runs_on_its_real_format(model, tokenizer, data_dir):
     for t, r in res.items():
         assert all(math.isfinite(v) for v in r["metrics"].values()), t
     for key in ("acc_word", "acc_word_stopfilter", "acc_token", "acc_token_stopfilter"):
-        assert res["lambada"]["metrics"][key] in (0.0, 100 / 3, 200 / 3, 100.0)
+        assert res["lambada"]["metrics"][key] in (0.0, 25.0, 50.0, 75.0, 100.0)
     table = format_table3(res, model_name="tiny", model_size="117M")
     assert "| paper 117M | 35.13 | 45.99 | 87.65 | 83.40 | 29.41 | 65.85 | 1.16 | 1.17 | 37.50 | 75.20 |" in table
     # bits per byte and per character are the same log-probability in other units

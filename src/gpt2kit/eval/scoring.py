@@ -110,6 +110,15 @@ class Scorer:
             Loglikelihood: self.loglikelihood, RollingLoglikelihood: self.rolling, GreedyGeneration: self.greedy,
             Generation: self.generation}
         out: list[Any] = [None] * len(requests)
+        if Loglikelihood in kinds and GreedyGeneration in kinds:
+            # Loglikelihood requests whose context is a generation's context ride along in the
+            # generation's batch (fed their continuation instead of the argmax): one prompt pass.
+            ll, gen = kinds.pop(Loglikelihood), kinds.pop(GreedyGeneration)
+            gen_out, ll_out = self._greedy([requests[i] for i in gen], self._sequences([requests[i] for i in ll]))
+            for i, res in zip(gen, gen_out):
+                out[i] = res
+            for j, res in ll_out:
+                out[ll[j]] = res
         for kind, idx in kinds.items():
             for i, res in zip(idx, scorers[kind]([requests[i] for i in idx])):
                 out[i] = res
@@ -157,6 +166,13 @@ class Scorer:
     # ------------------------------------------------------------------------- loglikelihood
 
     def loglikelihood(self, requests: Sequence[Loglikelihood]) -> list[LoglikelihoodResult]:
+        out: list[Any] = [None] * len(requests)
+        for i, res in self._loglikelihood_sequences(self._sequences(requests)):
+            out[i] = res
+        return out
+
+    def _sequences(self, requests: Sequence[Loglikelihood]) -> list[_Sequence]:
+        """The unique input sequences of the requests (a request reads one of them)."""
         seqs: dict[tuple[int, ...], _Sequence] = {}
         for i, r in enumerate(requests):
             cont = tuple(r.continuation)
@@ -169,22 +185,20 @@ class Scorer:
             ids = full[:-1]
             seq = seqs.setdefault(ids, _Sequence(ids))
             seq.users.append((i, len(ids) - len(cont), cont, frozenset(r.exclude)))
+        return list(seqs.values())
+
+    def _loglikelihood_sequences(self, seqs: list[_Sequence]) -> list[tuple[int, LoglikelihoodResult]]:
         # Sequences that differ only after a common context (CBT's 10 candidates after one story)
         # share it: the context runs once, its KV cache is copied to one row per continuation.
         groups: dict[tuple[int, ...], list[_Sequence]] = {}
-        for seq in seqs.values():
+        for seq in seqs:
             groups.setdefault(seq.ids[:min(u[1] for u in seq.users)], []).append(seq)
         single = [seq for p, g in groups.items() if len(g) == 1 or not p for seq in g]
         shared = [(p, g) for p, g in groups.items() if p and len(g) > 1]
         answers = self._map(single, lambda s: len(s.ids), self._loglikelihood_batch, "loglikelihood")
         answers += self._map(shared, lambda it: len(it[1][0].ids), self._shared_context_batch, "loglikelihood",
                              rows=lambda it: len(it[1]))
-        out: list[Any] = [None] * len(requests)
-        for ans in answers:
-            for group in ans:
-                for i, res in group:
-                    out[i] = res
-        return out
+        return [pair for ans in answers for group in ans for pair in group]
 
     def _loglikelihood_batch(self, batch: list[_Sequence]) -> list[list[list[tuple[int, LoglikelihoodResult]]]]:
         h = self.model.hidden_states(self._right_padded([s.ids for s in batch]))  # (B, L, C)
@@ -277,33 +291,53 @@ class Scorer:
     # ------------------------------------------------------------------------- greedy generation
 
     def greedy(self, requests: Sequence[GreedyGeneration]) -> list[GenerationResult]:
-        contexts: dict[tuple[int, ...], list[int]] = {}
+        return self._greedy(requests, [])[0]
+
+    def _greedy(self, requests: Sequence[GreedyGeneration], seqs: list[_Sequence]
+                ) -> tuple[list[GenerationResult], list[tuple[int, LoglikelihoodResult]]]:
+        """Generation results, and the answers of the loglikelihood sequences `seqs` (those whose
+        context is a generation context are teacher-forced in the same batch, the others are
+        scored on their own)."""
+        contexts: dict[tuple[int, ...], tuple[list[int], list[_Sequence]]] = {}
         for i, r in enumerate(requests):
             if r.max_new_tokens < 1 or r.max_new_tokens >= self.n_ctx:
                 raise ScoringError(f"max_new_tokens must be in [1, {self.n_ctx}), got {r.max_new_tokens}")
-            contexts.setdefault(tuple(r.context) or (self.eot,), []).append(i)
-        items = list(contexts.items())
+            contexts.setdefault(tuple(r.context) or (self.eot,), ([], []))[0].append(i)
+        alone = []
+        for seq in seqs:
+            first = min(u[1] for u in seq.users)
+            item = contexts.get(seq.ids[:first + 1])
+            if item is not None and first + 1 + max(requests[i].max_new_tokens for i in item[0]) <= self.n_ctx:
+                item[1].append(seq)
+            else:
+                alone.append(seq)
+        items = [(ctx, users, forced) for ctx, (users, forced) in contexts.items()]
         answers = self._map(items, lambda it: len(it[0]),
                             lambda batch: self._greedy_batch(batch, requests), "greedy generation")
         out: list[Any] = [None] * len(requests)
-        for ans in answers:
-            for i, res in ans.items():
+        ll_out = self._loglikelihood_sequences(alone)
+        for gen, ll in answers:
+            for i, res in gen.items():
                 out[i] = res
-        return out
+            ll_out += ll
+        return out, ll_out
 
-    def _greedy_batch(self, batch: list[tuple[tuple[int, ...], list[int]]],
-                      requests: Sequence[GreedyGeneration]) -> list[dict[int, GenerationResult]]:
+    def _greedy_batch(self, batch: list[tuple[tuple[int, ...], list[int], list[_Sequence]]],
+                      requests: Sequence[GreedyGeneration]
+                      ) -> list[tuple[dict[int, GenerationResult], list[tuple[int, LoglikelihoodResult]]]]:
         model = self.model
-        max_new = max(requests[i].max_new_tokens for _, users in batch for i in users)
-        rows = [ctx[-(self.n_ctx - max_new):] for ctx, _ in batch]
+        max_new = max(requests[i].max_new_tokens for _, users, _ in batch for i in users)
+        rows = [ctx[-(self.n_ctx - max_new):] for ctx, _, _ in batch]
         width = max(map(len, rows))
+        # teacher-forced sequences: (item, sequence, tokens to feed after the context)
+        forced = [(b, s, s.ids[len(ctx):]) for b, (ctx, _, seqs) in enumerate(batch) for s in seqs]
         ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L), left padded
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, width - len(r):] = torch.tensor(r)
             mask[b, width - len(r):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = model.new_kv_cache(len(rows), width + max_new)
+        cache = model.new_kv_cache(len(rows), width + max([max_new] + [len(f) for _, _, f in forced]))
         h = model.hidden_states(ids, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, C)
         logp = self._logprobs(h)  # (B, V)
 
@@ -312,7 +346,7 @@ class Scorer:
         paths: list[_Path] = []
         path_rows: list[int] = []
         first_tokens: list[int] = []
-        for b, (_, users) in enumerate(batch):
+        for b, (_, users, _) in enumerate(batch):
             by_token: dict[int, _Path] = {}
             for i in users:
                 row = logp[b]
@@ -326,28 +360,44 @@ class Scorer:
                     path_rows.append(b)
                     first_tokens.append(tok)
                 by_token[tok].requests.append(i)
-        if len(paths) != len(rows):
-            cache.reorder(torch.tensor(path_rows))
-            mask = mask[path_rows]
+        seen = [[logp[b]] for b, _, _ in forced]  # log-prob rows at each forced position
+        feeding = [k for k, (_, _, f) in enumerate(forced) if f]
+        all_rows = path_rows + [forced[k][0] for k in feeding]
+        if all_rows != list(range(len(rows))):
+            cache.reorder(torch.tensor(all_rows))
+            mask = mask[all_rows]
         for p in paths:
             self._check_finished(p, requests)
-        tokens = torch.tensor(first_tokens, device=self.device)  # (B',)
-        while not all(len(p.done) == len(p.requests) for p in paths):
+        step = 0
+        tokens = torch.tensor(first_tokens + [forced[k][2][0] for k in feeding], device=self.device)  # (B',)
+        while (not all(len(p.done) == len(p.requests) for p in paths)
+               or any(step < len(forced[k][2]) for k in feeding)):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B', P+1)
             h = model.hidden_states(tokens[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # (B', C)
             logp = self._logprobs(h)  # (B', V)
-            tokens = logp.argmax(-1)
+            step += 1
+            nxt = logp.argmax(-1)
             for b, p in enumerate(paths):
                 if len(p.done) < len(p.requests):
-                    tok = int(tokens[b])
+                    tok = int(nxt[b])
                     p.tokens.append(tok)
                     p.logprobs.append(float(logp[b, tok]))
                     self._check_finished(p, requests)
-        out: list[dict[int, GenerationResult]] = [{} for _ in batch]
-        owner = {i: b for b, (_, users) in enumerate(batch) for i in users}
+            for j, k in enumerate(feeding):
+                feed = forced[k][2]
+                if step <= len(feed):
+                    seen[k].append(logp[len(paths) + j])
+                if step < len(feed):
+                    nxt[len(paths) + j] = feed[step]
+            tokens = nxt
+        out: list[tuple[dict[int, GenerationResult], list[tuple[int, LoglikelihoodResult]]]] = [
+            ({}, []) for _ in batch]
+        owner = {i: b for b, (_, users, _) in enumerate(batch) for i in users}
         for p in paths:
             for i, res in p.done.items():
-                out[owner[i]][i] = res
+                out[owner[i]][0][i] = res
+        for (b, s, feed), rows_k in zip(forced, seen):
+            out[b][1].extend(self._answers(s, torch.stack(rows_k), len(batch[b][0]) - 1))
         return out
 
     def _check_finished(self, path: _Path, requests: Sequence[GreedyGeneration]) -> None:
