@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     fns = {(name, 1): single for name, single, _ in rows}
     fns.update({(name, n): batch for name, _, batch in rows if batch})
+    load_before = os.getloadavg()[0]
     secs = median_times(fns, args.repeats)
     speeds = {name: (mb / secs[name, 1], mb / secs[name, n] if (name, n) in secs else None) for name, _, _ in rows}
 
+    print(f"load average before/after the encoding runs: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores\n")
     print(f"## Encoding {mb:.2f} MB ({len(texts)} documents), median of {args.repeats} runs\n")
     print(f"| tokenizer | MB/s, 1 thread | MB/s, {n}-thread batch | batch scaling | 1 thread vs tiktoken |")
     print("|---|---:|---:|---:|---:|")
