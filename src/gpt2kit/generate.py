@@ -106,12 +106,13 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 class _Window:
     """The model's view of a batch: the KV cache, the attention mask and each row's next position."""
 
-    def __init__(self, model: "GPT2", rows: Sequence[Sequence[int]], pad_id: int):
+    def __init__(self, model: "GPT2", rows: Sequence[Sequence[int]], pad_id: int, steps: int):
         self.model = model
         self.device = model.transformer.wte.weight.device
-        self.n_ctx = model.config.n_ctx
         ids, self.mask = _left_pad(rows, pad_id, self.device)  # (B, L)
-        self.cache = model.new_kv_cache(len(rows), self.n_ctx)
+        # room for the `steps` tokens still to come, up to the context: a batch of short
+        # completions does not allocate (and zero) n_ctx positions per row
+        self.cache = model.new_kv_cache(len(rows), min(model.config.n_ctx, ids.shape[1] + steps))
         # as in transformers' generate: real tokens count from 0, pads sit at position 1
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)  # (B, L)
         self.next_pos = self.mask.sum(-1, keepdim=True)  # (B, 1)
@@ -120,7 +121,7 @@ class _Window:
 
     @property
     def full(self) -> bool:
-        return self.cache.length >= self.n_ctx
+        return self.cache.length >= self.cache.max_len
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Feed one new token per row (B,)."""
@@ -146,7 +147,7 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
     keep = n_ctx - max(1, n_ctx // 4)  # tokens per row kept when the window slides
     done = finished if finished is not None else [False] * len(prompts)
     with torch.inference_mode():
-        window = _Window(model, history, pad_id)
+        window = _Window(model, history, pad_id, max_new_tokens)
         penalize = params.repetition_penalty != 1.0
         for step in range(max_new_tokens):
             previous = previous_mask = None
@@ -166,8 +167,8 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
             yield out
             if all(done) or step == max_new_tokens - 1 or (cancel is not None and cancel.is_set()):
                 return
-            if window.full:
-                window = _Window(model, [row[-keep:] for row in history], pad_id)
+            if window.full:  # only ever at n_ctx: the cache has room for max_new_tokens otherwise
+                window = _Window(model, [row[-keep:] for row in history], pad_id, max_new_tokens - step - 1)
             else:
                 window.advance(tokens)
 

@@ -45,6 +45,8 @@ __all__ = ["create_app", "CompletionRequest", "APIError"]
 
 log = logging.getLogger(__name__)
 
+MAX_CHOICES = 128  # completions per request (prompts x n): they decode as one batch
+
 
 class APIError(Exception):
     """An error answered to the client as OpenAI-style JSON."""
@@ -170,6 +172,12 @@ class _Engine:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or not all(stops):
             raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"n: {len(prompts)} prompts x n={req.n} asks for more than {MAX_CHOICES} "
+                                "completions in one request", param="n")
+        if self.waiting >= self.max_waiting:
+            raise APIError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
+                           type="server_busy", code="rate_limit_exceeded")
         return _Job(req, prompts, max_tokens)
 
     def _prompt_ids(self, prompt: Any) -> list[list[int]]:
@@ -222,9 +230,6 @@ class _Engine:
         """Wait for a slot, run the job in a worker thread, and relay its items."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
-        if self.waiting >= self.max_waiting:
-            raise APIError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
-                           type="server_busy", code="rate_limit_exceeded")
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -234,7 +239,6 @@ class _Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        done = object()
 
         def release() -> None:
             self.active -= 1
@@ -252,7 +256,7 @@ class _Engine:
             finally:
                 try:
                     loop.call_soon_threadsafe(release)
-                    send(("done", done))
+                    send(("done", None))
                 except RuntimeError:  # the event loop is gone: the server is shutting down
                     pass
 

@@ -28,10 +28,12 @@ def register(subparsers) -> None:
                    help="the text to continue; '-' reads it from stdin")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens per sample (default 100)")
     p.add_argument("--preset", default="paper", help="sampling preset: paper (top-k 40), greedy, nucleus, pure")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy (preset's: 1)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most probable tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample from the smallest set of tokens with probability >= P (nucleus)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="> 1 makes tokens already present less likely (CTRL's penalty)")
     p.add_argument("--greedy", action="store_true", help="always take the most probable token")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a sample where TEXT appears (repeatable)")
@@ -41,7 +43,8 @@ def register(subparsers) -> None:
                    help="print one JSON object per sample (prompt, text, token ids, finish reason)")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts in a loop (one per line) until end of input (Ctrl-D)")
+                   help="read prompts in a loop (one per line) until end of input (Ctrl-D); "
+                        "Ctrl-C stops the current answer")
     p.set_defaults(func=run)
 
 
