@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from gpt2kit.webtext import (DedupConfig, ExtractConfig, LinksConfig, Runner, WebTextError, WorkFolder, canonicalize_url,
                              collect_links, dedup_documents, extract_texts, read_corpus, write_shards)
-from gpt2kit.webtext.dedup import (band_keys, candidate_pairs, lsh_params, minhash_signature, near_duplicates, shingles,
-                                   text_hash)
+from gpt2kit.webtext.dedup import (band_keys, candidate_pairs, lsh_params, minhash_signature, minhash_signatures,
+                                   near_duplicates, shingles, text_hash)
 from gpt2kit.webtext.extract import clean_text, extract_page, identify_language, is_wikipedia_copy
 from gpt2kit.webtext.links import BadURL, shard_of
 from gpt2kit.webtext.work import read_jsonl_zst, write_jsonl_zst
@@ -216,14 +216,17 @@ def test_minhash_estimates_jaccard_and_lsh_matches_datasketch():
         for i in rng.sample(range(200), rng.choice([2, 8, 20, 60])):
             v[i] = "x"
         texts.append(" ".join(v))
-    sigs = np.stack([minhash_signature(t, cfg) for t in texts])
+    sigs = minhash_signatures(texts, cfg)
+    assert np.array_equal(sigs[3], minhash_signature(texts[3], cfg))
     # the signature agrees with the true Jaccard similarity of the shingle sets
     for i in range(0, 20, 2):
         a, b = shingles(texts[i]), shingles(texts[i + 1])
         assert abs((sigs[i] == sigs[i + 1]).mean() - len(a & b) / len(a | b)) < 0.15
     # the banded candidates are exactly the pairs datasketch's MinHashLSH returns
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
-    assert (bands, rows) == (25, 5)
+    for threshold, num_perm in ((0.3, 64), (0.5, 128), (0.8, 128), (0.9, 256)):
+        peer = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        assert lsh_params(threshold, num_perm) == (peer.b, peer.r)
     lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
     hashes = []
     for i, t in enumerate(texts):

@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from test_webtext_fetch import HOSTS, article, site, write_dump  # noqa: F401  (site is a fixture)
+from types import SimpleNamespace
+
+import pytest
+from conftest import run_cli
+from test_webtext_fetch import HOSTS, Site, article, start_server, write_dump
 
 from gpt2kit.webtext import WorkFolder, read_corpus
 from gpt2kit.webtext.work import read_jsonl_zst
@@ -84,13 +88,32 @@ def comparable(docs: list[dict]) -> list[tuple]:
     return sorted((d["url"], d["text"], d["score"], d["subreddit"], d["created_utc"]) for d in docs)
 
 
-def test_webtext_run_end_to_end(site, tmp_path, cli):
-    site.release.set()
-    work = tmp_path / "work"
-    dump = make_dump(tmp_path, site.port)
-    r = cli(*cli_args(work, dump, site.port), timeout=240)
+@pytest.fixture(scope="module")
+def shared_site():
+    s = Site()
+    server = start_server(s)
+    s.port = server.server_address[1]
+    yield s
+    s.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def reference(shared_site, tmp_path_factory):
+    """One uninterrupted `gpt2kit webtext run` on the synthetic dump."""
+    shared_site.release.set()
+    tmp = tmp_path_factory.mktemp("webtext")
+    dump = make_dump(tmp, shared_site.port)
+    work = tmp / "work"
+    r = run_cli(*cli_args(work, dump, shared_site.port), timeout=240)
     assert r.returncode == 0, r.stderr
-    assert "links: 1 dumps, 31 lines (2 bad" in r.stdout and "shard: 6 documents" in r.stdout, r.stdout
+    return SimpleNamespace(work=work, dump=dump, stdout=r.stdout)
+
+
+def test_webtext_run_end_to_end(shared_site, reference, cli):
+    site, work, dump = shared_site, reference.work, reference.dump
+    assert "links: 1 dumps, 31 lines (2 bad" in reference.stdout and "shard: 6 documents" in reference.stdout, reference.stdout
 
     docs = read_corpus(work)
     want = expected_docs(site.port)
@@ -120,6 +143,15 @@ def test_webtext_run_end_to_end(site, tmp_path, cli):
     assert dups == {f"http://blog.test:{site.port}/copy-of-a1": ("exact", f"http://news.test:{site.port}/a1"),
                     f"http://blog.test:{site.port}/near-a2": ("near", f"http://news.test:{site.port}/a2")}
 
+    # the WARC records: one response per fetched page, named by its final URL
+    from warcio.archiveiterator import ArchiveIterator
+
+    uris = []
+    for warc in sorted((work / "fetch").glob("fetch-*.warc.gz")):
+        with open(warc, "rb") as f:
+            uris += [r.rec_headers.get_header("WARC-Target-URI") for r in ArchiveIterator(f) if r.rec_type == "response"]
+    assert len(uris) == 11 and f"http://news.test:{site.port}/a3" in uris and not any("/moved" in u for u in uris)
+
     report = json.loads((work / "report.json").read_text())
     assert list(report["funnel"].values()) == [31, 21, 20, 11, 8, 7, 6, 6]
     assert (work / "funnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -136,18 +168,20 @@ def test_webtext_run_end_to_end(site, tmp_path, cli):
     assert len(site.hits()) == hits and comparable(read_corpus(work)) == before
 
 
-def test_webtext_run_killed_mid_fetch_resumes_to_the_same_corpus(site, tmp_path):
-    dump = make_dump(tmp_path, site.port)
+def test_webtext_run_killed_mid_fetch_resumes_to_the_same_corpus(shared_site, reference, tmp_path):
+    site = shared_site
+    site.release.clear()          # the stall host now holds its answer until released
     work = tmp_path / "work"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", *cli_args(work, dump, site.port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    args = [sys.executable, "-m", "gpt2kit", *cli_args(work, reference.dump, site.port)]
+    stalls = len(site.hits("stall.test", "/stall"))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 120
-        while not site.hits("stall.test", "/stall") and time.monotonic() < deadline:
+        while len(site.hits("stall.test", "/stall")) == stalls and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        assert site.hits("stall.test", "/stall"), "the run never reached the stalled host"
+        assert len(site.hits("stall.test", "/stall")) > stalls, "the run never reached the stalled host"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -158,17 +192,11 @@ def test_webtext_run_killed_mid_fetch_resumes_to_the_same_corpus(site, tmp_path)
     news_hits = len(site.hits("news.test"))
 
     site.release.set()
-    r = subprocess.run([sys.executable, "-m", "gpt2kit", *cli_args(work, dump, site.port)], capture_output=True,
-                       text=True, env=env, timeout=240)
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr
     assert len(site.hits("news.test")) == news_hits          # the finished shard was not fetched again
     assert "fetch:" in r.stdout and "tasks already done, skipped" in r.stdout
-
-    # the same corpus as an uninterrupted run
-    ref = tmp_path / "ref"
-    r = subprocess.run([sys.executable, "-m", "gpt2kit", *cli_args(ref, dump, site.port)], capture_output=True,
-                       text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr
-    assert comparable(read_corpus(work)) == comparable(read_corpus(ref))
-    assert sorted(d["url"] for d in read_corpus(work)) == sorted(expected_docs(site.port))
     assert not list(work.rglob("*.tmp"))                       # the killed run's partial files are gone
+    # the same corpus as the uninterrupted run
+    assert comparable(read_corpus(work)) == comparable(read_corpus(reference.work))
+    assert sorted(d["url"] for d in read_corpus(work)) == sorted(expected_docs(site.port))

@@ -227,9 +227,15 @@ def _cmd_run(a) -> int:
     from ..webtext import run
 
     _quiet_libraries()
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
+
+    def report(stage: str, totals: dict) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        print(summary(stage, totals, a.work) + f" [{now - last:.1f} s]", flush=True)
+        last = now
+
     run(a.work, a.dumps, links_cfg=_links_cfg(a), fetch_cfg=_fetch_cfg(a), extract_cfg=_extract_cfg(a),
-        dedup_cfg=_dedup_cfg(a), runner=_runner(a),
-        on_stage=lambda stage, totals: print(summary(stage, totals, a.work), flush=True))
+        dedup_cfg=_dedup_cfg(a), runner=_runner(a), on_stage=report)
     print(f"webtext: done in {time.perf_counter() - t0:.1f} s; corpus in {a.work}/shards", flush=True)
     return 0

@@ -1,10 +1,11 @@
 """Stage 4: remove exact and near duplicates across the whole corpus.
 
 Exact duplicates share the hash of their normalized text (NFKC, lower case, punctuation and
-whitespace collapsed). Near duplicates are found as OpenWebText did: MinHash signatures
-(datasketch, 128 permutations) of word 5-gram shingles, banded LSH with the band/row split that
-datasketch's `MinHashLSH` picks for the Jaccard threshold (0.5 by default: 25 bands of 5 rows), and
-every candidate pair verified by its estimated Jaccard similarity.
+whitespace collapsed). Near duplicates are found as OpenWebText did: MinHash signatures of word
+5-gram shingles (128 permutations; datasketch's values bit for bit, computed with numpy a shard at
+a time), banded LSH with the band/row split that datasketch's `MinHashLSH` picks for the Jaccard
+threshold (0.5 by default: 25 bands of 5 rows), and every candidate pair verified by its
+estimated Jaccard similarity. datasketch itself is the tests' oracle, not a run-time dependency.
 
 Of a group of duplicates the document kept is the one with the highest karma (then the smallest
 URL, so the choice is deterministic). Documents are visited in that order and a document is
@@ -66,29 +67,72 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
     return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
 
 
+# MinHash, the "affine32" scheme of datasketch >= 2.0 (its values, bit for bit; the tests check
+# them against datasketch): each shingle's 32-bit SHA-1 prefix is pre-mixed by the MurmurHash3
+# finalizer, then permuted by h -> a*h + b (mod 2**32, a odd), and each permutation keeps its minimum.
+# Computed here for a whole shard at once with numpy instead of one Python object per document.
+
+
 @lru_cache(maxsize=4)
-def _permutations(num_perm: int, seed: int):
-    from datasketch import MinHash
-
-    return MinHash(num_perm=num_perm, seed=seed).permutations
-
-
-def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
-    """The MinHash signature (num_perm values < 2**32) of a text's shingle set."""
-    from datasketch import MinHash
-
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=_permutations(cfg.num_perm, cfg.seed),
-                scheme="affine32")
-    m.update_batch(list(shingles(text, cfg.ngram)))
-    return m.hashvalues.astype(np.uint32)
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), each (num_perm,) uint32, drawn exactly as datasketch draws them for `seed`."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
 
 
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) as datasketch's MinHashLSH chooses them for this threshold."""
-    from datasketch import MinHashLSH
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return lsh.b, lsh.r
+
+def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
+    """The 32-bit hashes (SHA-1 prefix, little endian) of a text's distinct shingles."""
+    digests = b"".join(hashlib.sha1(s).digest()[:4] for s in shingles(text, n))
+    return np.frombuffer(digests, dtype="<u4").astype(np.uint32)
+
+
+def minhash_signatures(texts: list[str], cfg: "DedupConfig", chunk: int = 1 << 16) -> np.ndarray:
+    """(len(texts), num_perm) uint32 MinHash signatures of the texts' shingle sets."""
+    a, b = permutations(cfg.num_perm, cfg.seed)
+    sigs = np.full((len(texts), cfg.num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    hashes = [shingle_hashes(t, cfg.ngram) for t in texts]
+    with np.errstate(over="ignore"):
+        for i, hv in enumerate(hashes):
+            mixed = _fmix32(hv)
+            for start in range(0, len(mixed), chunk):
+                # (shingles, num_perm): every shingle under every permutation; wraps mod 2**32
+                phv = mixed[start:start + chunk, None] * a[None, :] + b[None, :]
+                np.minimum(sigs[i], phv.min(axis=0), out=sigs[i])
+    return sigs
+
+
+def minhash_signature(text: str, cfg: "DedupConfig") -> np.ndarray:
+    return minhash_signatures([text], cfg)[0]
+
+
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) minimizing the weighted false positive and false negative probability mass,
+    the choice datasketch's MinHashLSH makes (integrals by Gauss-Legendre quadrature)."""
+    x, w = np.polynomial.legendre.leggauss(64)
+
+    def integral(f, lo, hi):
+        s = (hi - lo) / 2 * x + (hi + lo) / 2
+        return float((hi - lo) / 2 * np.sum(w * f(s)))
+
+    best, opt = float("inf"), (0, 0)
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            fp = integral(lambda s: 1 - (1 - s ** rows) ** bands, 0.0, threshold)
+            fn = integral(lambda s: (1 - s ** rows) ** bands, threshold, 1.0)
+            err = fp * fp_weight + fn * fn_weight
+            if err < best:
+                best, opt = err, (bands, rows)
+    return opt
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -152,9 +196,7 @@ def near_duplicates(sigs: np.ndarray, threshold: float, bands: int, rows: int) -
 
 def signature_shard(in_path: str, out_path: str, cfg: DedupConfig) -> dict:
     docs = list(read_jsonl_zst(in_path))
-    sigs = np.zeros((len(docs), cfg.num_perm), dtype=np.uint32)
-    for i, d in enumerate(docs):
-        sigs[i] = minhash_signature(d["text"], cfg)
+    sigs = minhash_signatures([d["text"] for d in docs], cfg)
     hashes = np.array([text_hash(d["text"]) for d in docs], dtype=np.uint64)
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         np.savez(f, sigs=sigs, hashes=hashes, scores=np.array([d["score"] for d in docs], dtype=np.int64),

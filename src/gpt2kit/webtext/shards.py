@@ -81,23 +81,26 @@ def write_report(wf: WorkFolder, cfg: ShardConfig) -> dict:
 
 
 def plot_funnel(steps: list[tuple[str, int]], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure with the Agg canvas, not pyplot: no global state, no GUI backend, faster import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     names = [s for s, _ in steps][::-1]
     counts = [n for _, n in steps][::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 1.2))
+    fig = Figure(figsize=(7, 0.45 * len(steps) + 1.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     bars = ax.barh(names, counts, color="#4c72b0")
     ax.bar_label(bars, labels=[f"{n:,}" for n in counts], padding=3, fontsize=8)
+    positive = [n for n in counts if n > 0]
+    if positive and max(positive) > 100 * min(positive):   # a real funnel spans orders of magnitude
+        ax.set_xscale("log")
     ax.set_xlabel("count")
     ax.set_title("WebText funnel")
     ax.margins(x=0.2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def write_shards(work, cfg: ShardConfig = ShardConfig(), runner: Runner = Runner()) -> dict:
