@@ -80,6 +80,7 @@ class Site:
             ("news.test", "/missing"): (404, html, b"<html>not found</html>"),
             ("news.test", "/moved"): (301, {"Location": "/a3"}, b""),
             ("news.test", "/a3"): (200, html, page(a3, "Third")),
+            ("news.test", "/loop"): (302, {"Location": "/loop"}, b""),
             ("news.test", "/to-private"): (302, {"Location": "http://10.1.2.3/admin"}, b""),
             ("news.test", "/to-metadata"): (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
             ("news.test", "/french"): (200, html, page(FRENCH, "Nouvelles")),
@@ -293,13 +294,18 @@ def test_redirect_to_private_address_refused_before_connecting(site, tmp_path):
 def test_fetch_statuses_robots_limits_and_warc(site, tmp_path):
     from warcio.archiveiterator import ArchiveIterator
 
-    paths = {"news.test": ["/a1", "/private/secret", "/missing", "/big", "/bomb", "/paper.html", "/gz"],
+    paths = {"news.test": ["/a1", "/private/secret", "/missing", "/big", "/bomb", "/paper.html", "/gz", "/loop"],
              "blog.test": ["/flaky"], "slow.test": ["/slow", "/endless", "/drip"], "other.test": ["/page"]}
-    make_links(tmp_path, [url(site, h, p) for h, ps in paths.items() for p in ps])
+    import socket
+
+    with socket.socket() as closed:          # a port where nothing listens: connection refused
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+    make_links(tmp_path, [url(site, h, p) for h, ps in paths.items() for p in ps] + [f"http://news.test:{dead_port}/x"])
     totals = fetch_pages(tmp_path, local_cfg(), Runner())
     m = manifest(tmp_path)
-    status = {u.split(f":{site.port}")[1]: e["status"] for u, e in m.items()}
-    assert status == {"/a1": "ok", "/private/secret": "robots_disallowed", "/missing": "http_error", "/big": "too_large",
+    status = {u.split(f":{site.port}")[1] if f":{site.port}" in u else "dead": e["status"] for u, e in m.items()}
+    assert status == {"dead": "connection_error", "/loop": "too_many_redirects", "/a1": "ok", "/private/secret": "robots_disallowed", "/missing": "http_error", "/big": "too_large",
                       "/bomb": "too_large", "/paper.html": "not_html", "/gz": "ok", "/flaky": "ok",
                       "/slow": "timeout", "/endless": "too_large", "/drip": "timeout", "/page": "robots_disallowed"}
     assert m[url(site, "blog.test", "/flaky")]["attempts"] == 2          # one 503, then success
@@ -308,7 +314,8 @@ def test_fetch_statuses_robots_limits_and_warc(site, tmp_path):
     assert ("news.test", "/private/secret") not in site.hits()           # robots.txt obeyed
     assert len(site.hits("news.test", "/robots.txt")) == 1               # fetched once per host
     assert site.hits("other.test", "/page") == []                        # 5xx robots.txt: crawl nothing
-    assert totals["status"]["ok"] == 3 and totals["urls"] == 12
+    assert totals["status"]["ok"] == 3 and totals["urls"] == 14
+    assert m[url(site, "news.test", "/loop")]["redirects"] == 5
     # the WARC file holds exactly the three good pages, decoded, with our user agent in warcinfo
     with open(tmp_path / "fetch" / "fetch-00000.warc.gz", "rb") as f:
         records = [(r.rec_type, r.rec_headers.get_header("WARC-Target-URI"), r.http_headers, r.content_stream().read())

@@ -222,6 +222,9 @@ class Retryable(Exception):
         self.status, self.retry_after, self.result = status, retry_after, result
 
 
+_UNREACHABLE = ("blocked_address", "dns_error", "connection_error", "timeout")
+
+
 class HostGate:
     """At most `per_host` requests in flight to a host, starts at least `delay` seconds apart."""
 
@@ -406,7 +409,7 @@ class Fetcher:
             if key not in self.robots:
                 self.robots[key] = await self._load_robots(key)
         rp, res = self.robots[key]
-        if res.status in ("blocked_address", "dns_error") and res.final_url == key + "/robots.txt":
+        if res.status in _UNREACHABLE and res.final_url == key + "/robots.txt":
             return res.status, res.error     # the host itself is unreachable: say so, not "robots"
         return ("ok", None) if rp.can_fetch(self.cfg.user_agent, url) else ("robots_disallowed", None)
 
