@@ -135,7 +135,7 @@ def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
 def test_links_rerun_is_resumable_and_guards_options(tmp_path):
     dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1"), post("http://b.example/2")])
     collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
-    done = sorted(p.name for p in (tmp_path / "w" / "links" / "_done").iterdir())
+    done = sorted(p.name for p in (tmp_path / "w" / "_state" / "links" / "done").iterdir())
     assert len(done) == 3   # one dump task and two shard tasks
     again = collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
     assert again["skipped_tasks"] == 3 and again["links"] == 2
@@ -288,6 +288,10 @@ def test_dedup_and_shard_stages(tmp_path, runner):
     docs = read_corpus(tmp_path)
     assert [d["url"] for d in docs] == ["http://b.example/1", "http://b.example/2", "http://b.example/3"]
     assert all(list(d) == ["text", "url", "subreddit", "score", "created_utc", "fetched_at"] for d in docs)
+    # the corpus folder holds only corpus files, readable by the reader `gpt2kit prepare` uses
+    from gpt2kit.corpus import iter_documents
+
+    assert [text for _, text in iter_documents([tmp_path / "shards"])] == [d["text"] for d in docs]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["top_domains"] == [["b.example", 3]]
     assert (tmp_path / "funnel.png").stat().st_size > 1000

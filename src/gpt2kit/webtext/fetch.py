@@ -264,7 +264,6 @@ class Fetcher:
         self.gates: dict[str, HostGate] = {}
         self.robots: dict[str, tuple[RobotFileParser, Result]] = {}
         self.robots_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.requests = 0
 
     def gate(self, host: str) -> HostGate:
         if host not in self.gates:
@@ -340,7 +339,6 @@ class Fetcher:
         headers = {"Host": host_header, "User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate",
                    "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"}
         request = self.client.build_request("GET", target, headers=headers, extensions={"sni_hostname": host})
-        self.requests += 1
         async def exchange() -> Result:
             response = await self.client.send(request, stream=True)
             try:
@@ -438,7 +436,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer, warc_name: str) -> list[dict]:
+async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer) -> list[dict]:
     import httpx
 
     ssl_ctx = ssl.create_default_context()
@@ -503,7 +501,7 @@ def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchC
         writer.write_record(writer.create_warcinfo_record(
             Path(warc_path).name, {"software": f"gpt2kit/{__version__}", "format": "WARC File Format 1.0",
                                    "http-header-user-agent": cfg.user_agent, "robots": "obey" if cfg.robots else "ignore"}))
-        manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, Path(warc_path).name))
+        manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer))
     manifest.sort(key=lambda e: e["url"])
     write_jsonl_zst(manifest_path, manifest)
     counts = Counter(e["status"] for e in manifest)

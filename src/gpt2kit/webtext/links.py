@@ -335,7 +335,7 @@ def merge_shard(k: int, part_files: list[str], out: str) -> dict:
 
 def collect_links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: LinksConfig = LinksConfig(),
           runner: Runner = Runner()) -> dict:
-    """Run the links stage; returns the stage's totals (also in WORK/links/_COMPLETE.json)."""
+    """Run the links stage; returns the stage's totals (also in WORK/_state/links/COMPLETE.json)."""
     wf = WorkFolder(work)
     if cfg.shards < 1:
         raise WebTextError(f"--shards: expected a positive number, got {cfg.shards}")

@@ -9,11 +9,12 @@ Layout (one folder per stage; shard `K` of one stage becomes shard `K` of the ne
     WORK/dedup/dedup-00000.jsonl.zst        documents left after exact + near de-duplication
     WORK/shards/webtext-00000.jsonl.zst     the final corpus;  WORK/report.{json,md}, funnel.png
 
-Resumability: a task writes its outputs atomically and *then* a marker `STAGE/_done/NAME.json`
-holding its counts. A rerun skips every task whose marker exists, so finished shards are never
-repeated and a killed task leaves nothing but temporary files behind. When all tasks of a stage are
-done, `STAGE/_COMPLETE.json` records the totals; the next stage refuses to start without it.
-Each stage also records its options and the upstream stage's fingerprint in `STAGE/_config.json`,
+Resumability: a task writes its outputs atomically and *then* a marker
+`_state/STAGE/done/NAME.json` holding its counts. A rerun skips every task whose marker exists, so
+finished shards are never repeated and a killed task leaves nothing but temporary files behind.
+When all tasks of a stage are done, `_state/STAGE/COMPLETE.json` records the totals; the next
+stage refuses to start without it. Each stage also records its options and the upstream stage's
+fingerprint in `_state/STAGE/config.json`,
 so that a rerun with different options is an error instead of a silently mixed corpus.
 
 Parallelism: a task is a plain picklable function call over shard files. `run_tasks` runs them
@@ -29,7 +30,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -83,7 +83,7 @@ def read_jsonl_zst(path: str | os.PathLike) -> Iterator[dict]:
                         yield json.loads(line)
                     except json.JSONDecodeError:
                         raise WebTextError(f"{path}: line {lineno}: not valid JSON (a damaged shard; "
-                                           "delete it and its _done marker to redo it)") from None
+                                           "delete it and its marker in WORK/_state to redo it)") from None
     except FileNotFoundError:
         raise WebTextError(f"{path}: no such shard") from None
     except zstandard.ZstdError as e:
@@ -117,8 +117,12 @@ class WorkFolder:
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
+    def state_dir(self, stage: str) -> Path:
+        """Where a stage keeps its markers: outside its output folder, which holds only data."""
+        return self.root / "_state" / stage
+
     def done_path(self, stage: str, task: str) -> Path:
-        return self.root / stage / "_done" / f"{task}.json"
+        return self.state_dir(stage) / "done" / f"{task}.json"
 
     def is_done(self, stage: str, task: str) -> bool:
         return self.done_path(stage, task).exists()
@@ -130,13 +134,13 @@ class WorkFolder:
         return json.loads(self.done_path(stage, task).read_text(encoding="utf-8"))
 
     def complete_path(self, stage: str) -> Path:
-        return self.root / stage / "_COMPLETE.json"
+        return self.state_dir(stage) / "COMPLETE.json"
 
     def is_complete(self, stage: str) -> bool:
         return self.complete_path(stage).exists()
 
     def complete(self, stage: str) -> dict:
-        """The `_COMPLETE.json` record of a finished stage, or an error telling what to run."""
+        """The `COMPLETE.json` record of a finished stage, or an error telling what to run."""
         path = self.complete_path(stage)
         if not path.exists():
             raise WebTextError(f"{self.root}: stage {stage!r} has not finished; run `gpt2kit webtext "
@@ -156,14 +160,14 @@ class WorkFolder:
         self.lock()
         for tmp in self.stage_dir(stage).rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        path = self.root / stage / "_config.json"
+        path = self.state_dir(stage) / "config.json"
         if path.exists():
             old = json.loads(path.read_text(encoding="utf-8"))
             if old != options:
                 changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
                 raise WebTextError(
                     f"{path}: this stage was started with other options (differs in: {', '.join(changed)}); "
-                    f"delete {self.root / stage} to redo it with the new ones")
+                    f"delete {self.state_dir(stage)} and {self.stage_dir(stage)} to redo it with the new ones")
         else:
             write_json(path, options)
 
@@ -187,9 +191,6 @@ class WorkFolder:
         record = {"stage": stage, "shards": list(shards), "totals": totals, **(extra or {})}
         write_json(self.complete_path(stage), record)
         return record
-
-    def reset(self, stage: str) -> None:
-        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
 
 
 _CLI_NAME = {"shards": "shard"}
