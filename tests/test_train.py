@@ -188,6 +188,20 @@ def test_torchrun_two_ranks_equal_one_process(shards, tmp_path):
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000006"]
     assert r.stdout.count("trained 6 steps") == 1  # only rank 0 reports
+    # fsdp = true: parameters sharded over the two ranks, same losses, one full checkpoint.
+    fsdp = tmp_path / "fsdp"
+    r = subprocess.run(cmd[:-4] + ["--out_dir", str(fsdp), "--fsdp", "true"] + cmd[-4:], env=_cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = losses(fsdp)
+    assert all(abs(a[k] - c[k]) < 1e-5 for k in a), (a, c)
+    full = T.load_trainer_state(fsdp / "latest")
+    assert full["step"] == 6 and len(full["rng"]) == 2
+    from gpt2kit.model import GPT2
+
+    ref, sharded = GPT2.from_pretrained(str(one / "latest")), GPT2.from_pretrained(str(fsdp / "latest"))
+    for (name, p), q in zip(ref.state_dict().items(), sharded.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

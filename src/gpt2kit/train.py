@@ -85,7 +85,7 @@ class TrainConfig:
     # watching
     log_interval: int = 1
     eval_interval: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8           # global batches of fixed validation windows per evaluation
     sample_interval: int = 0        # 0 = no samples during training
     sample_tokens: int = 64
     sample_prompt: str = ""
@@ -771,8 +771,9 @@ def train(cfg: TrainConfig) -> dict:
     monitor = Monitor(out, cfg, start_step if state is not None else None) if dist_.main else None
     eval_offsets = None
     if val_data is not None:
-        eb = cfg.eval_batches * micro * world
-        eval_offsets = D.step_offsets(cfg.seed, 0, len(val_data), min(block, len(val_data) - 1), eb, stream=1)
+        # eval_batches global batches of fixed windows: the same set for any number of ranks
+        eval_offsets = D.step_offsets(cfg.seed, 0, len(val_data), min(block, len(val_data) - 1),
+                                      cfg.eval_batches * cfg.batch_size, stream=1)
 
     def autocast():
         if autocast_dtype is None:
@@ -785,7 +786,7 @@ def train(cfg: TrainConfig) -> dict:
         vb = min(block, len(val_data) - 1)
         model.eval()
         total = torch.zeros((), device=device)
-        parts = D.micro_offsets(eval_offsets, rank=dist_.rank, world_size=world, grad_accum=cfg.eval_batches)
+        parts = D.micro_offsets(eval_offsets, rank=dist_.rank, world_size=world, grad_accum=cfg.eval_batches * accum)
         with torch.no_grad():
             for offs in parts:
                 x, y = D.get_batch(val_data, offs, vb)
