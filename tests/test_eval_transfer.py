@@ -238,16 +238,22 @@ def test_first_sentences_and_confidence():
     text = 'The council met. "Why now?" she asked. Work starts in May! More text here.'
     assert tm.first_sentences(text, 3) == ["The council met.", '"Why now?" she asked.', "Work starts in May!"]
     assert tm.first_sentences("no end here", 3) == ["no end here"]
-    assert tm.first_sentences("It cost $3.5 m. in 2010 vs. 2009. Then", 2) == ["It cost $3.5 m. in 2010 vs. 2009.", "Then"]
+    assert tm.first_sentences("It cost $3.5 m. in 2010 vs. 2009. Then", 2) == [
+        "It cost $3.5 m. in 2010 vs. 2009.", "Then"]
     assert tm.first_sentences("One.\nTwo\n\nThree. Four.", 3) == ["One.", "Two", "Three."]
     assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 1) == 100.0  # ceil -> 1 answer
     assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 75) == pytest.approx(100 / 3)
 
 
-def test_a_missing_metric_package_is_a_clear_error(monkeypatch):
+def test_a_missing_metric_package_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)
     with pytest.raises(tm.MissingExtraError, match=r"pip install 'gpt2kit\[eval\]'"):
         tm.corpus_bleu(["a"], ["a"])
+    with pytest.raises(tm.MissingExtraError, match="'sacrebleu' package"):
+        get_task("wmt14-en-fr")(tmp_path)  # before any generation
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
+    with pytest.raises(tm.MissingExtraError, match="'rouge-score' package"):
+        get_task("cnndm")(tmp_path)
 
 
 # ----------------------------------------------------------------------------- prompts, exactly as the paper
@@ -507,7 +513,7 @@ def test_cli_end_to_end_all_transfer_tasks(cli, model_dir, data_dir, tmp_path):
     r = cli("eval", "--model", str(model_dir), "--tasks", ",".join(TASKS), "--data-dir", str(data_dir),
             "--limit", "2", "--batch-size", "4", "--shots", "1", "--seed", "5", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "| task | metric | tiny-transfer" in r.stdout or "| task | metric |" in r.stdout
+    assert "| task | metric | tiny-transfer0 | paper 1542M |" in r.stdout and "| model |" not in r.stdout
     for row in ("| coqa | f1 |", "| cnndm | nohint_rougeL |", "| wmt14-en-fr | bleu |", "| nq | acc_top1pct |",
                 "| winograd | acc_partial |", "| hellaswag | acc_norm |"):
         assert row in r.stdout, row
@@ -532,3 +538,10 @@ def test_cli_missing_transfer_file_is_one_line(model_dir, tmp_path, capsys):
     assert err.startswith("gpt2kit: error: task 'coqa': none of 'coqa-dev-v1.0.json'") and err.count("\n") == 1
     assert main(["eval", "--model", str(model_dir), "--tasks", "nq", "--shots", "-1", "--data-dir", str(tmp_path)]) == 2
     assert "--shots must be at least 0" in capsys.readouterr().err
+
+
+def test_metric_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(tm)
+    assert result.attempted >= 4 and result.failed == 0

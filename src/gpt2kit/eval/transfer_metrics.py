@@ -62,7 +62,7 @@ def answer_f1(gold: str, pred: str) -> float:
 def coqa_turn_scores(golds: Sequence[str], pred: str) -> tuple[float, float]:
     """(EM, F1) of one CoQA answer against the question's gold answers (official script v1.0).
 
-    >>> coqa_turn_scores(["white", "white", "a white cat", "gray"], "white")[1]
+    >>> coqa_turn_scores(["white", "gray", "gray", "black"], "white")[1]  # "white" left out: 0, else 1
     0.75
     """
     if not golds:
@@ -169,7 +169,9 @@ PAPER_TRANSFER: dict[str, dict[str, float]] = {
 
 
 def _fmt(x: Any) -> str:
-    return f"{x:.2f}" if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else "-"
+    if isinstance(x, int):  # counts (questions, sentences, ...)
+        return str(x)
+    return f"{x:.2f}" if isinstance(x, float) and not math.isnan(x) else "-"
 
 
 def format_transfer(results: Mapping[str, Any], *, model_name: str = "ours", paper_size: str | None = None) -> str:

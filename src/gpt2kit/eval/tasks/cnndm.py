@@ -18,7 +18,7 @@ from typing import Any
 from ...corpus import read_text
 from ..registry import MissingDataError, Task, TaskError, register_task
 from ..requests import Generation, Request, Result
-from ..transfer_metrics import first_sentences, rouge_f1
+from ..transfer_metrics import first_sentences, require_extra, rouge_f1
 from ._jsonl import iter_jsonl
 
 HINT = "\nTL;DR:"
@@ -79,6 +79,7 @@ class CNNDailyMail(Task):
 
     def __init__(self, data_dir: str | Path, *, detokenize: bool = True, seed: int = 0):
         super().__init__(data_dir, detokenize=detokenize)
+        require_extra("rouge_score.rouge_scorer", "rouge-score")  # fail before generating, not after
         self.seed = seed
 
     @property

@@ -18,7 +18,7 @@ from typing import Any
 from ...corpus import read_text
 from ..registry import MissingDataError, Task, TaskError, register_task
 from ..requests import Generation, Request, Result
-from ..transfer_metrics import corpus_bleu
+from ..transfer_metrics import corpus_bleu, require_extra
 
 DEFAULT_SHOTS = 5
 MAX_TRANSLATION_TOKENS = 160  # newstest2014 sentences: 99.9% of references are shorter
@@ -65,6 +65,7 @@ class _WMT14(Task):
 
     def __init__(self, data_dir: str | Path, *, detokenize: bool = True, shots: int = DEFAULT_SHOTS):
         super().__init__(data_dir, detokenize=detokenize)
+        require_extra("sacrebleu", "sacrebleu")  # fail before generating, not after
         if shots < 0:
             raise TaskError(f"--shots must be at least 0, got {shots}")
         self.shots = shots
