@@ -10,11 +10,11 @@ TABLE3_TASKS = "lambada,cbt-cn,cbt-ne,wikitext2,ptb,enwik8,text8,wikitext103,1bw
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="zero-shot evaluation (LAMBADA, CBT, WikiText, PTB, enwik8, text8, 1BW, ...)",
+        "eval", help="zero-shot evaluation (LAMBADA, CBT, WikiText, PTB, 1BW, ..., CoQA, CNN/DM, WMT14, NQ, Winograd)",
         description="Evaluate a model zero-shot on benchmark files in DIR with the paper's protocols and "
                     "print a table laid out like the paper's Table 3 (with the paper's numbers when the "
                     "model has a released size). Runs on several processes under torchrun. "
-                    "See docs/eval.md for where each dataset file is obtained.")
+                    "See docs/eval.md and docs/eval_transfer.md for where each dataset file is obtained.")
     p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
                    help="a checkpoint folder (ours, Hugging Face or OpenAI's release) or a released name")
     p.add_argument("--tasks", default=TABLE3_TASKS, metavar="T1,T2,...",
