@@ -1,12 +1,15 @@
 """`gpt2kit generate` end to end, on a tiny random checkpoint saved with save_pretrained."""
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import torch
 
-from gpt2kit.generate import generate
+from gpt2kit.cli import main
+from gpt2kit.generate import generate, quantize_int8
 from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.tokenizer import Tokenizer
 
@@ -25,31 +28,30 @@ def checkpoint(tmp_path_factory):
     return folder, model, tok
 
 
-def test_stream_json_and_no_stream_agree(cli, checkpoint):
+def test_stream_and_json_agree(cli, checkpoint, capsys):
     folder, model, tok = checkpoint
     args = ["generate", "--model", str(folder), "The sea", "--max-new-tokens", "15", "--seed", "5", "--num-samples", "2"]
     streamed = cli(*args)
     assert streamed.returncode == 0, streamed.stderr
     want = generate(model, tok, "The sea", max_new_tokens=15, seed=5, n=2, preset="paper")
     assert streamed.stdout == "".join(f"{'=' * 20} SAMPLE {i + 1} of 2 {'=' * 20}\n{c.text}\n" for i, c in enumerate(want))
-    as_json = cli(*args, "--json")
-    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert main([*args, "--json"]) == 0  # in-process: one torch start-up per test is enough
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in rows] == [c.text for c in want]
     assert [r["token_ids"] for r in rows] == [c.token_ids for c in want]
     assert rows[0]["prompt"] == "The sea" and rows[0]["finish_reason"] == "length"
 
 
-def test_stdin_prompt_interactive_and_errors(cli, checkpoint):
+def test_stdin_prompt_interactive_and_errors(cli, checkpoint, capsys, monkeypatch):
     folder, model, tok = checkpoint
     greedy = ["--greedy", "--max-new-tokens", "8"]
-    r = cli("generate", "--model", str(folder), "-", *greedy, input="From stdin")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == generate(model, tok, "From stdin", max_new_tokens=8, do_sample=False)[0].text + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("From stdin"))
+    assert main(["generate", "--model", str(folder), "-", *greedy, "--quantize", "int8", "--no-stream"]) == 0
+    want = generate(quantize_int8(model), tok, "From stdin", max_new_tokens=8, do_sample=False)[0].text
+    assert capsys.readouterr().out == want + "\n"
     r = cli("generate", "--model", str(folder), "--interactive", *greedy, "--stop", "\n", input="first\nsecond\n")
     assert r.returncode == 0, r.stderr
     want = [generate(model, tok, p, max_new_tokens=8, do_sample=False, stop="\n")[0].text for p in ("first", "second")]
     assert r.stdout == "".join(w + "\n" for w in want)
-    r = cli("generate", "--model", str(folder), "x", "--top-p", "2")
-    assert r.returncode == 2 and r.stderr == "gpt2kit: error: top_p: expected a number in (0, 1] (or None), got 2.0\n"
-    r = cli("generate", "--model", str(folder.parent / "missing"), "x")
-    assert r.returncode == 2 and r.stderr.startswith("gpt2kit: error: ") and "missing" in r.stderr
+    assert main(["generate", "--model", str(folder), "x", "--top-p", "2"]) == 2
+    assert capsys.readouterr().err == "gpt2kit: error: top_p: expected a number in (0, 1] (or None), got 2.0\n"
