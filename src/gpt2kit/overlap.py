@@ -16,6 +16,10 @@ percentage of each test set's 8-grams found. This module does the same at any sc
     ExactSet      the normalized 8-gram strings themselves: exact, for small corpora and for checking
                   the Bloom answers
 
+Inputs are text/JSONL files (`gpt2kit.corpus`) or `gpt2kit prepare` token shard folders (decoded
+with their own tokenizer). Inserts and queries run in numba kernels when numba is installed and in
+numpy otherwise; both set and test the same bits.
+
 Filter file format (`.bloom`; exact sets use the same container):
 
     bytes 0-7     magic b"GPT2KOVL"
