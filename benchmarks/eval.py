@@ -7,7 +7,7 @@ The loop does what a user writes by hand: one forward pass of the passage, then 
 `generate` calls that stop at the end of the word. Rolling perplexity: gpt2kit's sliding window
 vs the usual per-window `labels=-100` recipe, same stride.
 
-    .venv/bin/python benchmarks/eval.py [--passages 32] [--rolling-tokens 4096] [--threads 2]
+    .venv/bin/python benchmarks/eval.py [--passages 32] [--rolling-tokens 4096] [--rounds 2] [--threads 2]
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -85,14 +84,18 @@ def hf_rolling(hf, ids: list[int], eot: int, max_len: int, stride: int) -> float
     return total
 
 
-def timed(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        print(f"  {getattr(fn, '__name__', 'run')}: {times[-1]:.1f}s", file=sys.stderr, flush=True)
-    return statistics.median(times), result
+def interleaved(runs: dict, rounds: list) -> dict:
+    """Seconds per implementation, summed over rounds; within a round every implementation runs
+    on the same input, one after the other, so a change in the machine's load hits them alike."""
+    total = {name: 0.0 for name in runs}
+    results: dict = {name: [] for name in runs}
+    for k, chunk in enumerate(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            results[name].append(fn(chunk))
+            total[name] += time.perf_counter() - t0
+            print(f"  round {k + 1}/{len(rounds)} {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return {name: (total[name], results[name]) for name in runs}
 
 
 def main() -> None:
@@ -100,7 +103,7 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=32)
     ap.add_argument("--rolling-tokens", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the inputs are split among them)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,42 +127,57 @@ def main() -> None:
     ours_bf16 = ours_bf16.to(torch.bfloat16)
 
     texts = passages(args.passages)
-    rows = []
+    per_round = -(-len(texts) // args.rounds)
+    stop_ids = sorted(stop_word_tokens(tok))
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        t_hf, m_hf = timed(lambda: hf_lambada(hf, tok, texts, sorted(stop_word_tokens(tok))), args.repeats)
-        t_ours, m_ours = timed(lambda: evaluate(ours, tok, ["lambada"], d, batch_size=args.batch_size,
-                                                progress=False)["lambada"]["metrics"], args.repeats)
-        t_bf, m_bf = timed(lambda: evaluate(ours_bf16, tok, ["lambada"], d, batch_size=args.batch_size,
-                                            progress=False)["lambada"]["metrics"], args.repeats)
-    for k in m_hf:  # same metrics, or the comparison is void
-        assert math.isclose(m_hf[k], m_ours[k], rel_tol=1e-3), (k, m_hf[k], m_ours[k])
+        def ours_on(model):
+            def run(chunk):
+                folder = Path(d) / str(abs(hash(tuple(chunk))))
+                folder.mkdir(exist_ok=True)
+                (folder / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
+                return evaluate(model, tok, ["lambada"], folder, batch_size=args.batch_size,
+                                progress=False)["lambada"]["metrics"]
+            return run
+
+        lam = interleaved({"hf": lambda chunk: hf_lambada(hf, tok, chunk, stop_ids), "fp32": ours_on(ours),
+                           "bf16": ours_on(ours_bf16)},
+                          [texts[i:i + per_round] for i in range(0, len(texts), per_round)])
+    for m_hf, m_ours in zip(lam["hf"][1], lam["fp32"][1]):  # same metrics, or the comparison is void
+        for k in m_hf:
+            assert math.isclose(m_hf[k], m_ours[k], rel_tol=1e-3), (k, m_hf[k], m_ours[k])
+    ppl_dev = max(abs(b["ppl"] / a["ppl"] - 1) for a, b in zip(lam["fp32"][1], lam["bf16"][1]))
     n = len(texts)
-    rows.append(("LAMBADA passages/s", "transformers loop (fp32)", n / t_hf, 1.0))
-    rows.append(("LAMBADA passages/s", "gpt2kit (fp32)", n / t_ours, t_hf / t_ours))
-    rows.append(("LAMBADA passages/s", "gpt2kit (bf16)", n / t_bf, t_hf / t_bf))
-    ppl_dev = abs(m_bf["ppl"] / m_ours["ppl"] - 1)
+    rows = [("LAMBADA passages/s", label, n / lam[key][0], lam["hf"][0] / lam[key][0])
+            for key, label in (("hf", "transformers loop (fp32)"), ("fp32", "gpt2kit (fp32)"),
+                               ("bf16", "gpt2kit (bf16)"))]
 
     ids = tok.encode_ordinary(" ".join(passages(max(1, args.rolling_tokens // 60), 80)))[:args.rolling_tokens]
     stride = 512
-    t_hf_r, lp_hf = timed(lambda: hf_rolling(hf, ids, tok.eot_token, 1024, stride), args.repeats)
-    scorer = Scorer(ours, tok, batch_size=4, stride=stride, progress=False)
-    t_r, res = timed(lambda: scorer.rolling([RollingLoglikelihood(tuple(ids))])[0], args.repeats)
-    assert math.isclose(res.logprob, lp_hf, rel_tol=1e-4), (res.logprob, lp_hf)
-    scorer_bf = Scorer(ours_bf16, tok, batch_size=4, stride=stride, progress=False)
-    t_rb, res_bf = timed(lambda: scorer_bf.rolling([RollingLoglikelihood(tuple(ids))])[0], args.repeats)
-    rows.append(("rolling PPL tokens/s", "transformers loop (fp32)", len(ids) / t_hf_r, 1.0))
-    rows.append(("rolling PPL tokens/s", "gpt2kit (fp32)", len(ids) / t_r, t_hf_r / t_r))
-    rows.append(("rolling PPL tokens/s", "gpt2kit (bf16)", len(ids) / t_rb, t_hf_r / t_rb))
+    pieces = [ids[i:i + len(ids) // args.rounds] for i in range(0, len(ids), len(ids) // args.rounds)][:args.rounds]
 
-    print(f"gpt2 shape, random weights, {args.threads} threads, {n} passages, "
-          f"{len(ids)} tokens (stride {stride}), batch {args.batch_size}; median of {args.repeats}")
+    def ours_rolling(model):
+        scorer = Scorer(model, tok, batch_size=4, stride=stride, progress=False)
+        return lambda piece: scorer.rolling([RollingLoglikelihood(tuple(piece))])[0].logprob
+
+    rol = interleaved({"hf": lambda piece: hf_rolling(hf, piece, tok.eot_token, 1024, stride),
+                       "fp32": ours_rolling(ours), "bf16": ours_rolling(ours_bf16)}, pieces)
+    for a, b in zip(rol["hf"][1], rol["fp32"][1]):
+        assert math.isclose(a, b, rel_tol=1e-4), (a, b)
+    lp_dev = max(abs(b / a - 1) for a, b in zip(rol["fp32"][1], rol["bf16"][1]))
+    n_tok = sum(map(len, pieces))
+    rows += [("rolling PPL tokens/s", label, n_tok / rol[key][0], rol["hf"][0] / rol[key][0])
+             for key, label in (("hf", "transformers loop (fp32)"), ("fp32", "gpt2kit (fp32)"),
+                                ("bf16", "gpt2kit (bf16)"))]
+
+    print(f"gpt2 shape, random weights, {args.threads} threads, {n} passages, {n_tok} tokens (stride {stride}), "
+          f"batch {args.batch_size}; {args.rounds} interleaved rounds")
     print("| workload | implementation | throughput | vs transformers |")
     print("|---|---|---|---|")
     for w, impl, thr, ratio in rows:
         print(f"| {w} | {impl} | {thr:.2f} | {ratio:.2f}x |")
-    print(f"bf16 vs fp32: LAMBADA word PPL {ppl_dev:.3%} apart, rolling log-prob "
-          f"{abs(res_bf.logprob / res.logprob - 1):.3%} apart; LAMBADA accuracies fp32 {m_ours} bf16 {m_bf}")
+    acc = [(a[k], b[k]) for a, b in zip(lam["fp32"][1], lam["bf16"][1]) for k in a if k.startswith("acc")]
+    print(f"bf16 vs fp32 (largest difference over rounds): LAMBADA word PPL {ppl_dev:.3%}, rolling log-prob "
+          f"{lp_dev:.3%}; LAMBADA accuracies {'equal' if all(x == y for x, y in acc) else 'differ'}")
 
 
 if __name__ == "__main__":

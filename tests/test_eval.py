@@ -339,6 +339,9 @@ def test_lambada_plain_text_is_detokenized(tmp_path, tokenizer):
     assert docs[0] == ('"i\'m not going back there," she said. "not ever." he nodded and took her', " hand", "hand")
     raw = get_task("lambada")(tmp_path, detokenize=False).documents()
     assert raw[0][0].startswith("`` i 'm")
+    (tmp_path / "lambada_test.jsonl").write_text(json.dumps({"text": LAMBADA[0]}) + "\n")
+    assert get_task("lambada")(tmp_path).documents()[0][2] == "house"  # OpenAI's file comes first
+    assert get_task("lambada-original")(tmp_path).documents() == docs
 
 
 def test_cbt_substitutes_each_candidate_and_scores_the_rest_of_the_sentence(model, hf, tokenizer, data_dir):
@@ -488,22 +491,6 @@ def test_a_new_task_is_one_class(model, tokenizer, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI, torchrun
 
-def test_cli_end_to_end(cli, model_dir, data_dir, tmp_path):
-    out = tmp_path / "results.json"
-    r = cli("eval", "--model", str(model_dir), "--tasks", "lambada,cbt-cn,ptb,text8", "--data-dir", str(data_dir),
-            "--limit", "2", "--batch-size", "4", "--stride", "16", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "| model | LAMBADA (PPL) | LAMBADA (ACC) | CBT-CN (ACC) | PTB (PPL) | text8 (BPC) |" in r.stdout
-    assert "LAMBADA ACC by protocol" in r.stdout and "paper" not in r.stdout  # not a released size
-    doc = json.loads(out.read_text())
-    assert doc["options"]["stride"] == 16 and doc["options"]["limit"] == 2
-    assert doc["tasks"]["lambada"]["counts"]["documents"] == 2
-    assert doc["tasks"]["ptb"]["protocol"]["stride"] == 16 and doc["tasks"]["ptb"]["protocol"]["detokenizer"] == "ptb"
-    assert set(doc["tasks"]["lambada"]["metrics"]) == {"ppl", "acc_word", "acc_word_stopfilter", "acc_token",
-                                                       "acc_token_stopfilter"}
-
-
-
 def test_cli_errors_are_one_line(model_dir, data_dir, tmp_path, capsys):
     from gpt2kit.cli import main
 
@@ -516,19 +503,27 @@ def test_cli_errors_are_one_line(model_dir, data_dir, tmp_path, capsys):
     assert "cbt-ne" in capsys.readouterr().out.split()
 
 
-def test_torchrun_two_processes_gather_the_same_results(model_dir, data_dir, tmp_path):
-    out = tmp_path / "dist.json"
+def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):
+    """`gpt2kit eval` on two processes: the table, the JSON, and the same numbers as one process."""
+    out = tmp_path / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tasks = ["lambada", "cbt-cn", "ptb", "text8", "1bw"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gpt2kit", "eval", "--model", str(model_dir), "--tasks", "lambada,cbt-ne,1bw",
-           "--data-dir", str(data_dir), "--batch-size", "2", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+           "-m", "gpt2kit", "eval", "--model", str(model_dir), "--tasks", ",".join(tasks), "--data-dir", str(data_dir),
+           "--limit", "3", "--batch-size", "2", "--stride", "16", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("| model |") == 1  # only rank 0 reports
-    dist = json.loads(out.read_text())
-    assert dist["options"]["world_size"] == 2
+    assert r.stdout.count("| model | LAMBADA (PPL) | LAMBADA (ACC) | CBT-CN (ACC) | PTB (PPL) | text8 (BPC) | 1BW (PPL) |") == 1
+    assert "lambada ACC by protocol" in r.stdout and "paper" not in r.stdout  # not a released size
+    doc = json.loads(out.read_text())
+    assert doc["options"]["world_size"] == 2 and doc["options"]["stride"] == 16 and doc["options"]["limit"] == 3
+    assert doc["tasks"]["lambada"]["counts"]["documents"] == 3
+    assert doc["tasks"]["ptb"]["protocol"]["stride"] == 16 and doc["tasks"]["ptb"]["protocol"]["detokenizer"] == "ptb"
+    assert set(doc["tasks"]["lambada"]["metrics"]) == {"ppl", "acc_word", "acc_word_stopfilter", "acc_token",
+                                                       "acc_token_stopfilter"}
     model = GPT2.from_pretrained(str(model_dir)).eval()
-    single = evaluate(model, Tokenizer.gpt2(), ["lambada", "cbt-ne", "1bw"], data_dir, batch_size=2, progress=False)
+    single = evaluate(model, Tokenizer.gpt2(), tasks, data_dir, limit=3, batch_size=2, stride=16, progress=False)
     for t in single:
+        assert doc["tasks"][t]["counts"] == single[t]["counts"]
         for k, v in single[t]["metrics"].items():
-            assert dist["tasks"][t]["metrics"][k] == pytest.approx(v, rel=1e-5), (t, k)
+            assert doc["tasks"][t]["metrics"][k] == pytest.approx(v, rel=1e-5), (t, k)

@@ -53,13 +53,12 @@ def format_table3(results: Mapping[str, Any], *, model_name: str = "ours", model
     if columns and model_size in PAPER_TABLE3:
         paper = dict(zip(TABLE3_COLUMNS, PAPER_TABLE3[model_size]))
         lines.append(f"| paper {model_size} | " + " | ".join(_fmt(paper[c]) for c in columns) + " |")
-    if "lambada" in results:
-        m = results["lambada"]["metrics"]
-        lines.append("")
-        lines.append("LAMBADA ACC by protocol: whole word greedy + stop-word filter {} (the ACC column), "
-                     "whole word greedy {}, last BPE token + stop-word filter {}, last BPE token {}".format(
-                         *(_fmt(m[k]) for k in ("acc_word_stopfilter", "acc_word", "acc_token_stopfilter",
-                                                "acc_token"))))
+    for name in ("lambada", "lambada-original"):
+        if name in results:
+            m = {k: _fmt(v) for k, v in results[name]["metrics"].items()}
+            lines += ["", f"{name} ACC by protocol: whole word greedy + stop-word filter {m['acc_word_stopfilter']} "
+                          f"(the ACC column), whole word greedy {m['acc_word']}, last BPE token + stop-word filter "
+                          f"{m['acc_token_stopfilter']}, last BPE token {m['acc_token']}; last-word PPL {m['ppl']}"]
     lines.append("")
     for name, res in results.items():
         c = res["counts"]

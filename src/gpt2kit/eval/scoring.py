@@ -7,6 +7,11 @@ positions a request needs go through the output layer (`lm_head` is a (C x 50257
 position: for short continuations most of a full forward's cost), and log-softmax runs in
 float32 whatever the model's dtype.
 
+Work is shared where requests overlap: identical sequences run once; continuations of one
+context run the context once and fork its KV cache (`KVCache.reorder`); loglikelihood requests
+whose context is also a generation's context are teacher-forced inside the generation batch, so
+a LAMBADA passage (word log-prob, last-token checks, two greedy decodes) costs one prompt pass.
+
 Shape legend: B rows in a batch, L padded length, C n_embd, P selected positions, V vocab.
 """
 from __future__ import annotations

@@ -121,3 +121,12 @@ class Lambada(Task):
         return {**super().protocol(), "detokenizer": "ptb_quotes" if plain and self.detokenize else "none",
                 "max_word_tokens": MAX_WORD_TOKENS, "word_end_regex": WORD_END,
                 "stop_words": len(STOP_WORDS), "ppl": "of the last word"}
+
+
+@register_task("lambada-original")
+class LambadaOriginal(Lambada):
+    """The same protocols on the original release's tokenized text (de-tokenized unless told not to)."""
+
+    data_files = ("lambada_test_plain_text.txt", "lambada-dataset/lambada_test_plain_text.txt")
+    source = "the original release https://zenodo.org/record/2630551 (lambada-dataset.tar.gz)"
+    table3 = ()
