@@ -150,7 +150,8 @@ def test_special_tokens_and_compressed_inputs(tmp_path):
                     special_tokens=[ENDOFTEXT, "<|sep|>"], field="body")  # 12 merges fit this tiny corpus
     assert tok.special_tokens == {ENDOFTEXT: 268, "<|sep|>": 269}
     assert tok.encode("two<|sep|>", allowed_special="all")[-1] == 269
-    assert all(b"|" not in t or t == b"|" for t in tok.mergeable_ranks if b"<" in t or b">" in t)
+    # special-token text is cut out before counting: "<|" (100 times per document) is not learned
+    assert not any(b"<|" in t or b"|>" in t for t in tok.mergeable_ranks)
 
 
 def test_trainer_errors(tmp_path):
