@@ -52,13 +52,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):  # int8 weight, fp32 bias
             w, bias = m.weight(), m.bias()
             total += w.numel() * w.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+        packed = getattr(m, "packed", None)  # oneDNN-packed bf16 weight (not a Parameter)
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * torch.finfo(packed.dtype).bits // 8
+            total += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
         for p in m.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
     total -= wpe.numel() * wpe.element_size()
-    if isinstance(model.lm_head, torch.ao.nn.quantized.dynamic.Linear):  # the head has its own int8 copy
+    if isinstance(model.lm_head, torch.ao.nn.quantized.dynamic.Linear) or hasattr(model.lm_head, "packed"):
+        # the head has its own (int8 or packed) copy: the embedding is only a lookup
         total -= wte.numel() * wte.element_size()
     return total
 
