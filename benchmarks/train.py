@@ -48,7 +48,7 @@ def ours(config: GPT2Config):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -59,7 +59,8 @@ def peer(config: GPT2Config):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"))
+        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1))
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), **OPT)
 
@@ -71,7 +72,7 @@ def peer(config: GPT2Config):
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -100,17 +101,7 @@ def throughput(steps: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation and case")
-    ap.add_argument("--no-demo", action="store_true")
-    ap.add_argument("--demo-budgets", default="65,120,600", help="demo budgets in seconds, comma-separated")
-    ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = throughput(args.steps)
+def print_throughput(rows: list[dict]) -> None:
     print()
     print("| model | dtype | batch x block | gpt2kit tok/s | transformers tok/s | ratio | MFU gpt2kit | MFU transformers |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
@@ -118,7 +109,22 @@ def main() -> None:
         print(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['ours']:,.0f} | {r['peer']:,.0f} | "
               f"{r['ratio']:.2f}x | {100 * r['mfu_ours']:.1f}% | {100 * r['mfu_peer']:.1f}% |")
     peaks = {r["dtype"]: r["peak"] for r in rows}
-    print(f"\nmeasured matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
+    print("\nmeasured matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation and case")
+    ap.add_argument("--no-demo", action="store_true", help="skip the demo runs")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
+    ap.add_argument("--demo-budgets", default="65,120,600", help="demo budgets in seconds, comma-separated")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not args.no_throughput:
+        print_throughput(throughput(args.steps))
     if args.no_demo:
         return
     from gpt2kit.demo import demo

@@ -115,7 +115,7 @@ def unigram_nll(train_stream, val_stream, n_vocab: int) -> tuple[float, int]:
     return float(-logp[val].sum()), len(val)
 
 
-def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "demo_out", corpus: Sequence[str | os.PathLike] | None = None,
+def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", corpus: Sequence[str | os.PathLike] | None = None,
          preset: str | None = None, vocab_size: int = DEMO_VOCAB, threads: int = 0, seed: int = 1337,
          progress: bool = False, samples: int = 3, overrides: dict[str, Any] | None = None) -> dict:
     """Run the demo; return its report (also written to OUT/report.json)."""

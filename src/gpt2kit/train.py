@@ -693,7 +693,7 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = ckpts.latest() if cfg.resume else None
     if cfg.resume and resume_from is None:
         log.info("%s: no checkpoint to resume from; starting from scratch", out)
-    elif not cfg.resume and ckpts.latest() is not None and dist_.main:
+    elif not cfg.resume and ckpts.latest() is not None:
         raise TrainError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another out_dir")
 
     torch.manual_seed(cfg.seed)

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "for a time budget; report held-out loss, perplexity and bits per character "
                                    "against a unigram baseline; save the model, the loss plot, and print samples.")
     d.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default: 10)")
-    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--corpus", nargs="+", metavar="INPUT", help="text files/folders instead of Shakespeare")
     d.add_argument("--preset", default=None, help="another model preset instead of the demo's (see gpt2kit.demo)")
     d.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the demo's, 4096)")
