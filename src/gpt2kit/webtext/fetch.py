@@ -436,7 +436,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer) -> list[dict]:
+async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer, bar) -> list[dict]:
     import httpx
 
     ssl_ctx = ssl.create_default_context()
@@ -465,6 +465,7 @@ async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writ
             if res.status == "ok":
                 entry["record_id"] = _write_response(writer, res, entry["fetched_at"])
             manifest.append(entry)
+            bar.update()
 
         async def host_worker(queue: deque) -> None:
             while queue:
@@ -491,8 +492,10 @@ def _write_response(writer, res: Result, fetched_at: str) -> str:
     return record.rec_headers.get_header("WARC-Record-ID")
 
 
-def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchConfig, concurrency: int) -> dict:
+def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchConfig, concurrency: int,
+                progress: bool = False) -> dict:
     """Fetch the links of one shard; write its WARC file and manifest (both atomically)."""
+    from tqdm.auto import tqdm
     from warcio.warcwriter import WARCWriter
 
     links = list(read_jsonl_zst(links_path))
@@ -501,7 +504,9 @@ def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchC
         writer.write_record(writer.create_warcinfo_record(
             Path(warc_path).name, {"software": f"gpt2kit/{__version__}", "format": "WARC File Format 1.0",
                                    "http-header-user-agent": cfg.user_agent, "robots": "obey" if cfg.robots else "ignore"}))
-        manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer))
+        with tqdm(total=len(links), desc=Path(warc_path).name.split('.')[0], unit="url", leave=False,
+                  disable=not progress, dynamic_ncols=True) as bar:
+            manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, bar))
     manifest.sort(key=lambda e: e["url"])
     write_jsonl_zst(manifest_path, manifest)
     counts = Counter(e["status"] for e in manifest)
@@ -519,12 +524,15 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     cfg.networks()
     wf.check_config("fetch", {**config_dict(cfg), "upstream": wf.fingerprint("links")})
     per_process = max(1, -(-cfg.concurrency // runner.workers))
+    # a second bar, per URL, where it can be drawn: in this process
+    inline_progress = runner.progress and runner.workers == 1 and runner.engine == "local"
     out = wf.stage_dir("fetch")
     tasks = []
     for k in ids:
         name = shard_name("fetch", k)
         tasks.append((name, (str(wf.stage_dir("links") / f"{shard_name('links', k)}.jsonl.zst"),
-                             str(out / f"{name}.warc.gz"), str(out / f"{name}.manifest.jsonl.zst"), cfg, per_process)))
+                             str(out / f"{name}.warc.gz"), str(out / f"{name}.manifest.jsonl.zst"), cfg, per_process,
+                             inline_progress)))
     totals, skipped = run_tasks(wf, "fetch", fetch_shard, tasks, runner, desc="fetch")
     wf.finish("fetch", ids, totals)
     return {**totals, "skipped_tasks": skipped}
