@@ -397,7 +397,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if loc and loc[0] == "prompt":
         return ("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
                 "token ids"), "prompt"
-    field_name = ".".join(loc) or "body"
+    # loc may go on with a union member's name ("stop", "str"): the field is what a client knows
+    field_name = loc[0] if loc else "body"
     return f"{field_name}: {e.get('msg', 'invalid value')}", (loc[0] if loc else None)
 
 
