@@ -8,8 +8,9 @@ vocabulary. The vocabulary of the released models holds 256 byte tokens, 50,000 
 
 Two engines give identical ids and are chosen with `engine=`:
   - "fast" (default): our ranks and pattern handed to tiktoken's Rust core, built in memory.
-  - "reference": readable pure Python (the `regex` module, a heap of candidate pairs, a cache of
-    pre-tokens). It documents the algorithm and is the oracle the fast engine is tested against.
+  - "reference": readable pure Python (the `regex` module, lowest-rank-first merges, a cache of
+    pre-tokens; a heap for very long pre-tokens). It documents the algorithm and is tested
+    against the fast engine, tiktoken and HF `tokenizers`.
 
 Special tokens: `encode` treats text that spells a special token (e.g. "<|endoftext|>") as
 ordinary text unless the caller lists it in `allowed_special` (or passes "all"). Text from users
