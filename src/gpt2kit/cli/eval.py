@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None and torch.cuda.is_available():
             device = f"cuda:{local}"
+        if device and device.startswith("cuda"):
+            torch.cuda.set_device(device)  # NCCL's collectives use the current device
         dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
     rank = int(os.environ.get("RANK", "0"))
     try:
