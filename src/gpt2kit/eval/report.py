@@ -62,7 +62,8 @@ def format_table3(results: Mapping[str, Any], *, model_name: str = "ours", model
     lines.append("")
     for name, res in results.items():
         c = res["counts"]
-        lines.append(f"{name}: {c['documents']} documents, {c['requests']} requests, {c['tokens']} tokens")
+        lines.append(f"{name}: " + ", ".join(f"{c[k]} {k[:-1] if c[k] == 1 else k}"
+                                             for k in ("documents", "requests", "tokens")))
     return "\n".join(lines)
 
 
