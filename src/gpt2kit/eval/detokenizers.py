@@ -3,8 +3,9 @@
 The paper notes that word-level benchmarks were tokenized in ways WebText never is (spaces
 around punctuation, ` @-@ ` for hyphens, `<unk>`, `N` for numbers), and that de-tokenizing them
 is worth 2.5 to 5 perplexity points. Each function here maps a dataset's text to natural text by
-purely local, reversible rewrites: it never adds or drops a word, so the number of words that
-perplexity is normalized by is always counted on the dataset's original text (`count_words`).
+local rewrites that undo one tokenization convention each (the dataset's tokens can be read back
+from the result: nothing is dropped or invented); no line is added or removed. The number of
+words that perplexity is normalized by is always counted on the original text (`count_words`).
 `<unk>` is kept as text, as in the paper.
 """
 from __future__ import annotations
