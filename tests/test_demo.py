@@ -49,3 +49,12 @@ def test_demo_fast_mode_numbers_match_transformers(cli, tmp_path, shakespeare_fi
     assert math.isclose(rep["unigram_bits_per_char"], uni / math.log(2) / val.chars, rel_tol=1e-6)
     # It learned something: better than the untrained model's log(V) per token.
     assert rep["val_loss"] < math.log(rep["vocab_size"]) and np.isfinite(rep["val_loss"])
+
+
+def test_fitted_batch_size_keeps_enough_steps():
+    from gpt2kit.demo import fitted_batch_size
+
+    assert fitted_batch_size(20e6, 32, 128) == 32  # a quiet machine, 10 minutes: the full batch
+    assert fitted_batch_size(1e6, 32, 128) == 16  # 1M tokens / (16 x 128) = 488 steps >= 300
+    assert fitted_batch_size(300e3, 32, 128) == 4  # never below 4
+    assert all(fitted_batch_size(t, 32, 128) >= fitted_batch_size(t / 2, 32, 128) for t in (1e5, 1e6, 1e7))

@@ -74,6 +74,22 @@ def _measure_step_time(cfg: TrainConfig, n_vocab: int, steps: int = 3) -> float:
     return float(np.median(times))
 
 
+MIN_STEPS = 300
+
+
+def fitted_batch_size(tokens: float, batch_size: int, block_size: int, min_steps: int = MIN_STEPS) -> int:
+    """The largest power-of-two batch (at most `batch_size`, at least 4) that still gives
+    `min_steps` optimizer steps within `tokens` tokens of compute.
+
+    >>> fitted_batch_size(20e6, 32, 128), fitted_batch_size(300e3, 32, 128)
+    (32, 4)
+    """
+    b = batch_size
+    while b > 4 and tokens / (b * block_size) < min_steps:
+        b //= 2
+    return b
+
+
 def heldout_nll(model, stream, *, block_size: int, batch_size: int = 16, dtype: str = "float32") -> tuple[float, int]:
     """(total negative log-likelihood in nats, number of predicted tokens) of a whole token stream:
     consecutive windows predict every token but the first exactly once."""
@@ -163,13 +179,21 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
                   threads=threads, keep_last=1)
     cfg = make_config(values, source="demo")
     log.info("3/5 measuring the step time to fit the schedule into %.1f minutes", minutes)
-    step_s = _measure_step_time(cfg, n_vocab)
     budget_s = 60.0 * minutes
-    # Evaluations (10 per run, each a few batches) cost about 3% of the steps' time.
+    step_s = _measure_step_time(cfg, n_vocab)
+    batch = fitted_batch_size(cfg.batch_size * (cfg.block_size or 128) / step_s * budget_s, cfg.batch_size,
+                              cfg.block_size or 128)
+    if batch != cfg.batch_size:
+        # Too little compute for enough steps at the full batch (a short budget or a busy
+        # machine): more, smaller steps learn faster; Adam's lr scales about as sqrt(batch).
+        cfg = make_config({"batch_size": batch, "lr": cfg.lr * math.sqrt(batch / cfg.batch_size),
+                           "min_lr": cfg.min_lr * math.sqrt(batch / cfg.batch_size)}, source="demo", base=cfg)
+        step_s = _measure_step_time(cfg, n_vocab)
+    # Evaluations: 10 per run, 64 windows each.
     max_steps = max(10, int(budget_s / step_s * 0.95))
     cfg = make_config({"max_steps": max_steps, "max_minutes": minutes,
                        "eval_interval": max(1, max_steps // 10), "warmup_steps": min(cfg.warmup_steps, max_steps // 10),
-                       "eval_batches": 4}, source="demo", base=cfg)
+                       "eval_batches": max(1, 64 // cfg.batch_size)}, source="demo", base=cfg)
     log.info("4/5 training %s for ~%d steps (%.2f s/step measured)", _describe(cfg), max_steps, step_s)
     summary = train(cfg)
 
