@@ -26,6 +26,29 @@ def cpu_seconds() -> float:
     return own + children.ru_utime + children.ru_stime
 
 
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def free_cores(n: int) -> float:
+    """How many cores two busy processes actually get right now (2.0 on an idle 2-core machine):
+    the ceiling for any 2-thread scaling measured in the same minute."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = 10_000_000
+    with ProcessPoolExecutor(n) as pool:
+        list(pool.map(_spin, [1000] * n))  # start the workers
+        start = time.perf_counter()
+        _spin(work)
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        list(pool.map(_spin, [work] * n))
+        return n * one / (time.perf_counter() - start)
+
+
 def median_times(fns: dict, repeats: int) -> dict:
     """Median (wall, CPU) seconds of each function, run round-robin so that changes in the
     machine's load hit all contenders alike."""
@@ -91,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     fns = {(name, 1): single for name, single, _ in rows}
     fns.update({(name, n): batch for name, _, batch in rows if batch})
-    load_before = os.getloadavg()[0]
+    load_before, cores_before = os.getloadavg()[0], free_cores(n)
     secs = median_times(fns, args.repeats)
     print(f"load average before/after the encoding runs: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores\n")
+          f"on {os.cpu_count()} cores; {n} busy processes got {cores_before:.2f} / {free_cores(n):.2f} cores "
+          "(the ceiling for batch scaling)\n")
     print(f"## Encoding {mb:.2f} MB ({len(texts)} documents), median of {args.repeats} runs\n")
     print("Single-thread speed is per CPU second (robust to a loaded machine); batch speed and "
           "scaling are per wall-clock second.\n")
