@@ -81,6 +81,22 @@ def test_our_save_then_transformers_load(tmp_path):
         torch.testing.assert_close(again(x), ours(x), rtol=0, atol=0)
 
 
+def test_saved_config_names_the_tokenizers_end_of_text_id(tmp_path):
+    from gpt2kit.bpe_train import train_bpe
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 50)
+    tok = train_bpe([corpus], vocab_size=300, workers=1)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=tok.n_vocab, n_ctx=16))
+    model.save_pretrained(tmp_path / "small", tokenizer=tok)
+    cfg = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == tok.eot_token < tok.n_vocab
+    model.save_pretrained(tmp_path / "bare")  # no tokenizer: GPT-2's convention, the last id
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["eos_token_id"] == tok.n_vocab - 1
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "small")
+    assert hf.generation_config.eos_token_id == tok.eot_token
+
+
 def test_dtypes_and_padded_vocab_on_load(tmp_path):
     hf = hf_model()
     hf.save_pretrained(tmp_path)

@@ -137,8 +137,14 @@ def build_model(config: GPT2Config, hf_tensors: dict[str, torch.Tensor], *, dtyp
 # Hugging Face folders
 
 
-def hf_config_dict(config: GPT2Config) -> dict[str, Any]:
-    """config.json in transformers' GPT-2 format."""
+def hf_config_dict(config: GPT2Config, *, eot_token: int | None = None) -> dict[str, Any]:
+    """config.json in transformers' GPT-2 format.
+
+    `eot_token` is the tokenizer's `<|endoftext|>` id (GPT-2's 50256); without a tokenizer the
+    GPT-2 convention of the last id is assumed, so a trained small vocabulary stays in range.
+    """
+    if eot_token is None:
+        eot_token = min(50256, config.vocab_size - 1)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -159,8 +165,8 @@ def hf_config_dict(config: GPT2Config) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eot_token,
+        "eos_token_id": eot_token,
         "torch_dtype": "float32",
     }
 
@@ -707,7 +713,7 @@ def save_pretrained(model: "GPT2", folder: str | os.PathLike, tokenizer: Any = N
     dtype = next(iter(tensors.values())).dtype
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    config = hf_config_dict(model.config)
+    config = hf_config_dict(model.config, eot_token=None if tokenizer is None else tokenizer.eot_token)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_json(folder / "config.json", config)
     if tokenizer is not None:
