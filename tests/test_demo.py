@@ -24,7 +24,7 @@ def test_demo_fast_mode_numbers_match_transformers(cli, tmp_path, shakespeare_fi
     for line in ("GPT-2 (this run)", "unigram baseline", "--- sample 3 ---", "bits/char"):
         assert line in r.stdout
     rep = json.loads((out / "report.json").read_text())
-    assert len(rep["samples"]) == 3 and rep["steps"] >= 1 and (out / "loss.png").exists()
+    assert len(rep["samples"]) == 3 and all(t.strip() for t in rep["samples"]) and rep["steps"] >= 1 and (out / "loss.png").exists()
 
     # The saved model and tokenizer load in transformers, and its held-out NLL is the report's.
     model = GPT2LMHeadModel.from_pretrained(out / "model").eval()

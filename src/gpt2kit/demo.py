@@ -45,6 +45,21 @@ DEMO_TRAIN: dict[str, Any] = dict(
 SAMPLE_TOKENS = 120
 
 
+def _draw_samples(model, tokenizer, count: int, *, seed: int) -> list[str]:
+    """`count` unconditional samples, skipping draws that end at once (an early <|endoftext|>
+    leaves nothing to show); seeds seed, seed+1, ... keep it reproducible."""
+    from .train import sample_text
+
+    texts: list[str] = []
+    for attempt in range(4 * count):
+        if len(texts) == count:
+            break
+        text = sample_text(model, tokenizer, "", SAMPLE_TOKENS, seed=seed + attempt)
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
 def _measure_step_time(cfg: TrainConfig, n_vocab: int, steps: int = 3) -> float:
     """Seconds per optimizer step of this config on this machine (random tokens)."""
     import torch
@@ -141,7 +156,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
     from .corpus import shakespeare
     from .data import TokenStream, prepare
     from .model import GPT2
-    from .train import sample_text, train
+    from .train import train
 
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
@@ -213,7 +228,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
     if summary.get("plot"):
         plot = out / "loss.png"
         shutil.copyfile(summary["plot"], plot)
-    texts = [sample_text(model, tokenizer, "", SAMPLE_TOKENS, seed=seed + i) for i in range(samples)]
+    texts = _draw_samples(model, tokenizer, samples, seed=seed)
     report = {
         "corpus": "shakespeare" if not corpus else [str(p) for p in inputs],
         "minutes_budget": minutes, "train_seconds": round(summary["elapsed_s"], 1),
