@@ -166,3 +166,28 @@ def test_trainer_errors(tmp_path):
         train_bpe([tmp_path / "bad.txt"], vocab_size=300)
     with pytest.raises(InputFileError, match="no such file"):
         train_bpe([tmp_path / "missing.txt"], vocab_size=300)
+
+
+def test_huge_text_files_are_counted_in_pieces_with_identical_counts(tmp_path):
+    from gpt2kit.bpe_train import count_text
+    from gpt2kit.corpus import iter_text_pieces
+
+    # Awkward places for a cut: whitespace before and after newlines, contractions, digits, CJK,
+    # a special token, a 3-byte character across the 7-byte read blocks.
+    unit = ("First line  \nSecond\n\n  indented 's and 're\nnumbers 123\n456\t\n日本語\nend.\n"
+            "x<|endoftext|>\ny \n z\n")
+    text = unit * 40
+    path = tmp_path / "big.txt"
+    path.write_text(text, encoding="utf-8")
+    specials = ["<|endoftext|>"]
+    whole = count_text([text], specials)
+    for piece_chars in (1, 30):  # 1: cut at every place the rule allows
+        pieces = list(iter_text_pieces(path, piece_chars=piece_chars, block_bytes=7))
+        assert "".join(pieces) == text and len(pieces) > 20
+        assert max(map(len, pieces)) < piece_chars + len(unit)
+        assert count_text(pieces, specials) == whole
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("ok line\n".encode() * 3 + b"\xe6\x97" + b"!")  # a cut 3-byte character
+    with pytest.raises(InputFileError, match=r"bad.txt: not valid UTF-8 at byte offset 24"):
+        list(iter_text_pieces(bad, block_bytes=5))

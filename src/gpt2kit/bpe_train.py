@@ -1,6 +1,7 @@
 """Learn a byte-level BPE vocabulary with GPT-2's rule (Radford et al., 2019, section 2.2).
 
-1. Count pre-tokens. Documents stream from files (`gpt2kit.corpus.iter_documents`), are cut at
+1. Count pre-tokens. Documents stream from files (`gpt2kit.corpus.iter_text_pieces`: a large
+   .txt file is read in blocks and cut where the pre-tokenizer would cut anyway), are cut at
    special-token text, and are split by GPT-2's pattern, so no merge can join a letter to a digit
    or to punctuation (a single leading space may join a word). Only the counts of distinct
    pre-tokens are kept: memory grows with the vocabulary of the corpus, not with its size. With
@@ -27,7 +28,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Iterable, Iterator, Sequence
 
-from .corpus import expand_inputs, iter_file_documents
+from .corpus import expand_inputs, iter_text_pieces
 from .errors import GPT2KitError
 from .tokenizer import ENDOFTEXT, Tokenizer, bytes_to_unicode, split_pretokens
 
@@ -96,7 +97,7 @@ def _batches(files, field: str, bar) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
     for path in files:
-        for doc in iter_file_documents(path, field=field):
+        for doc in iter_text_pieces(path, field=field):  # a huge .txt file arrives in pieces
             batch.append(doc)
             size += len(doc)
             if size >= _BATCH_CHARS:

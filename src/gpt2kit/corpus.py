@@ -141,6 +141,58 @@ def iter_file_documents(path: Path, *, field: str = "text") -> Iterator[str]:
         yield read_text(path)
 
 
+# A newline between two non-whitespace characters: GPT-2's pre-tokenizer makes it a piece of its
+# own ("\n" matches neither ` ?\p{L}+` nor the lookahead whitespace rule), so text cut right after
+# it pre-tokenizes exactly as the whole text does.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def iter_text_pieces(path: Path, *, field: str = "text", piece_chars: int = 1 << 20,
+                     block_bytes: int = 1 << 20) -> Iterator[str]:
+    """The text of one file in pieces that together are its documents, for counting pre-tokens.
+
+    A `.txt` document (the whole file) is read in blocks and cut at newlines between two
+    non-whitespace characters once a piece reaches `piece_chars`, so a huge file never has to fit
+    in memory and the pieces pre-tokenize exactly as the whole text. JSONL documents come whole.
+    """
+    if _base_suffix(path) in (".jsonl", ".json"):
+        yield from iter_file_documents(path, field=field)
+        return
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    pending, offset, searched = "", 0, 0
+    try:
+        f = _open_binary(path)
+    except FileNotFoundError:
+        raise InputFileError(path, "no such file") from None
+    with f:
+        while True:
+            try:
+                block = f.read(block_bytes)
+            except Exception as e:  # OSError, EOFError, zstandard.ZstdError
+                raise InputFileError(path, f"cannot read: {e}") from None
+            held = len(decoder.getstate()[0])
+            try:
+                pending += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                data = e.object
+                raise InputFileError(path, f"not valid UTF-8 at byte offset {offset - held + e.start} "
+                                           f"(byte 0x{data[e.start]:02x})") from None
+            offset += len(block)
+            while len(pending) >= piece_chars:
+                cut = _SAFE_CUT.search(pending, max(piece_chars - 1, searched))
+                if cut is None:  # no safe place yet: read on
+                    searched = max(len(pending) - 1, 0)
+                    break
+                yield pending[: cut.end()]
+                pending, searched = pending[cut.end():], 0
+            if not block:
+                break
+    if pending:
+        yield pending
+
+
 def iter_documents(inputs: Iterable[str | os.PathLike], *, field: str = "text") -> Iterator[tuple[Path, str]]:
     """(source file, document text) for every document in the inputs, in a deterministic order."""
     for path in expand_inputs(inputs):
