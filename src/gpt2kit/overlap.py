@@ -60,7 +60,7 @@ import regex
 
 from .corpus import expand_inputs, iter_file_documents
 from .errors import GPT2KitError, InputFileError
-from .io import write_json, write_text
+from .io import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -314,23 +314,6 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
-@contextlib.contextmanager
-def _temp_file_for(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path`, renamed over it after a clean exit (fsync'd first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Bloom filter
 
@@ -457,7 +440,7 @@ class BloomFilter:
         else:
             m, k = optimal_parameters(capacity, fpr)
         path = Path(path)
-        with _temp_file_for(path) as tmp:
+        with atomic_path(path) as tmp:
             with open(tmp, "r+b") as f:
                 f.truncate(HEADER_BYTES + m // 8)  # sparse: untouched pages cost no disk
             bits = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES, shape=(m // 8,))
@@ -491,7 +474,7 @@ class BloomFilter:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the filter to `path` atomically."""
-        with _temp_file_for(Path(path)) as tmp:
+        with atomic_path(Path(path)) as tmp:
             with open(tmp, "wb") as f:
                 f.write(_header_bytes(self.header()))
                 mv = memoryview(self.bits)
@@ -628,7 +611,7 @@ class ExactSet:
 
     def save(self, path: str | os.PathLike) -> None:
         payload = self._payload()
-        with _temp_file_for(Path(path)) as tmp:
+        with atomic_path(Path(path)) as tmp:
             with open(tmp, "wb") as f:
                 f.write(_header_bytes(self.header(payload)))
                 f.write(payload)
@@ -1125,7 +1108,7 @@ class OverlapReport:
         ax.legend(fontsize=8)
         ax.margins(y=0.15)
         fig.tight_layout()
-        with _temp_file_for(Path(path)) as tmp:
+        with atomic_path(Path(path)) as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)
 
