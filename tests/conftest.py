@@ -38,6 +38,22 @@ def run_cli(*args: str, input: str | bytes | None = None, cwd: str | os.PathLike
                           text=text, cwd=cwd, env=full_env, timeout=timeout)
 
 
+def save_sharp_tiny_model(folder, tokenizer, *, seed: int, n_ctx: int, scale: float):
+    """A random `tiny` GPT-2 saved to `folder` with its matrices scaled up by `scale`: sharper
+    predictions than the N(0, 0.02) init, so that ties cannot make a scoring test vacuous."""
+    import torch
+
+    from gpt2kit.model import GPT2, GPT2Config
+
+    torch.manual_seed(seed)
+    model = GPT2(GPT2Config.from_preset("tiny", n_ctx=n_ctx))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale if p.dim() > 1 else 1.0)
+    model.save_pretrained(str(folder), tokenizer)
+    return folder
+
+
 @pytest.fixture
 def cli():
     return run_cli

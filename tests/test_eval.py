@@ -19,6 +19,7 @@ from gpt2kit.eval import detokenizers as dt
 from gpt2kit.eval.tasks.enwik8 import decode_cut
 from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.tokenizer import Tokenizer
+from conftest import save_sharp_tiny_model
 
 transformers = pytest.importorskip("transformers")  # a test dependency (the oracle)
 
@@ -114,15 +115,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(1234)
-    model = GPT2(GPT2Config.from_preset("tiny", n_ctx=64))
-    # larger than N(0, 0.02) init so that predictions differ sharply between tokens
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0 if p.dim() > 1 else 1.0)
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(str(folder), tokenizer)
-    return folder
+    return save_sharp_tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer,
+                                 seed=1234, n_ctx=64, scale=8.0)
 
 
 @pytest.fixture(scope="module")

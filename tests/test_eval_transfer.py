@@ -15,6 +15,7 @@ from gpt2kit.eval.tasks.coqa import coqa_prompt, parse_coqa
 from gpt2kit.generate import generate
 from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.tokenizer import Tokenizer
+from conftest import save_sharp_tiny_model
 
 transformers = pytest.importorskip("transformers")  # a test dependency (the oracle)
 
@@ -142,14 +143,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(4321)
-    model = GPT2(GPT2Config.from_preset("tiny", n_ctx=256))
-    with torch.no_grad():  # sharper predictions than the N(0, 0.02) init: ties would make tests vacuous
-        for p in model.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0)
-    folder = tmp_path_factory.mktemp("tiny-transfer")
-    model.save_pretrained(str(folder), tokenizer)
-    return folder
+    return save_sharp_tiny_model(tmp_path_factory.mktemp("tiny-transfer"), tokenizer,
+                                 seed=4321, n_ctx=256, scale=6.0)
 
 
 @pytest.fixture(scope="module")
