@@ -17,7 +17,7 @@ from gpt2kit.eval import (GreedyGeneration, Loglikelihood, MissingDataError, Rol
 from gpt2kit.eval.scoring import ScoringError
 from gpt2kit.eval import detokenizers as dt
 from gpt2kit.eval.tasks.enwik8 import decode_cut
-from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.model import GPT2
 from gpt2kit.tokenizer import Tokenizer
 from conftest import save_sharp_tiny_model
 

@@ -13,7 +13,7 @@ from gpt2kit.eval import Generation, MissingDataError, Scorer, TaskError, evalua
 from gpt2kit.eval import transfer_metrics as tm
 from gpt2kit.eval.tasks.coqa import coqa_prompt, parse_coqa
 from gpt2kit.generate import generate
-from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.model import GPT2
 from gpt2kit.tokenizer import Tokenizer
 from conftest import save_sharp_tiny_model
 
