@@ -120,6 +120,25 @@ def test_cached_decoding_matches_full_forward_and_transformers():
         assert (cached - theirs)[real].abs().max() <= 1e-4
 
 
+def test_bf16_cached_decoding_matches_bf16_full_forward():
+    cfg = small("gpt2")
+    model = GPT2(cfg).eval().to(torch.bfloat16)
+    prompt, prompt_mask = left_padded_batch(cfg.vocab_size, [5, 2], 5)
+    new = torch.randint(0, cfg.vocab_size, (2, 4))
+    ids, mask = torch.cat([prompt, new], 1), torch.cat([prompt_mask, torch.ones_like(new)], 1)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).float()
+        cache = model.new_kv_cache(2, max_len=16)
+        assert cache.k.dtype == torch.float32  # on CPU (see new_kv_cache); logits stay bf16
+        assert model.new_kv_cache(2, dtype=torch.bfloat16).k.dtype == torch.bfloat16
+        steps = [model(prompt, attention_mask=prompt_mask, kv_cache=cache)]
+        steps += [model(new[:, t:t + 1], attention_mask=mask[:, :6 + t], kv_cache=cache) for t in range(4)]
+    assert steps[-1].dtype == torch.bfloat16
+    cached = torch.cat(steps, 1).float()
+    scale = full[mask.bool()].abs().max()
+    assert (cached - full)[mask.bool()].abs().max() <= 0.02 * scale  # bf16 rounding, not a bug
+
+
 def test_cache_without_padding_and_its_limits():
     model = GPT2(small("gpt2", n_ctx=16)).eval()
     ids = torch.randint(0, 503, (2, 10))

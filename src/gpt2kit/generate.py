@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from . import kernels
 from .errors import GPT2KitError
 from .sampling import SamplingParams, select_tokens
 
@@ -419,50 +421,63 @@ class _InputMajorHead(torch.nn.Module):
         return (flat @ self.embedding.weight_t).view(*h.shape[:-1], -1)  # (..., V)
 
 
-class _PackedLinear(torch.nn.Module):
-    """A bf16 `nn.Linear` whose weight oneDNN has pre-packed into its blocked layout: on CPU,
-    bf16 `F.linear` with few rows falls back to slow kernels (2x slower at batch 1, ~50x at
-    batch 8 here); the packed oneDNN matmul gives bit-identical results."""
+class _CPULinear(torch.nn.Module):
+    """An `nn.Linear` (or the tied output layer) for inference on CPU. Up to `kernels.MAX_ROWS`
+    rows (decoding) go through gpt2kit's matrix-vector kernel, which streams the weight at memory
+    speed (`matvec`); more rows (a prompt) through PyTorch's GEMM, for bf16 on a copy of the
+    weight that oneDNN has pre-packed into its blocked layout (`packed`): bf16 `F.linear`
+    re-packs the weight on every call (~12% of a 1000-row product here, 2x at 8 rows)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, matvec: bool, packed: bool):
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # opaque, (out, in)
+        self.weight = weight.detach()  # (out, in), shares the model's storage
         self.bias = None if bias is None else bias.detach()
-        self.out_features = weight.shape[0]
+        self.matvec = matvec
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1) if packed else None  # opaque
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+        if self.matvec and flat.shape[0] <= kernels.MAX_ROWS:
+            y = kernels.matvec(flat.contiguous(), self.weight, self.bias)
+        elif self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        else:
+            y = F.linear(flat, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.weight.shape[0])  # (..., out)
 
 
 def _bf16_packing_works() -> bool:
     try:
         w = torch.ones(4, 4, dtype=torch.bfloat16)
-        return bool((_PackedLinear(w, None)(torch.ones(1, 4, dtype=torch.bfloat16)) == 4).all())
+        return bool((_CPULinear(w, None, matvec=False, packed=True)(torch.ones(8, 4, dtype=torch.bfloat16)) == 4).all())
     except (RuntimeError, AttributeError):  # a torch build without oneDNN
         return False
 
 
 def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
-    """The model with its projections and tied output layer in the layouts CPU decoding reads
-    fastest: fp32 weights input-major (`_InputMajorLinear`), bf16 weights pre-packed for oneDNN
-    (`_PackedLinear`). Inference only: the parameters no longer train. Logits equal the
+    """The model with its projections and tied output layer in the forms CPU inference runs
+    fastest (`_CPULinear`): gpt2kit's matrix-vector kernel for decoding when it builds here,
+    oneDNN-packed bf16 weights for prompts; without the kernel, fp32 weights input-major
+    (`_InputMajorLinear`). Inference only: the parameters no longer train. Logits equal the
     original's up to float rounding. A model in another dtype or on a GPU is returned as is."""
     import copy
 
     weight = model.transformer.wte.weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return model
+    matvec = kernels.available(weight.dtype)
     packed = weight.dtype == torch.bfloat16 and _bf16_packing_works()
-    if weight.device.type != "cpu" or not (weight.dtype == torch.float32 or packed):
+    if not (matvec or packed or weight.dtype == torch.float32):
         return model
     fast = model if inplace else copy.deepcopy(model)
     fast.eval()
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, _PackedLinear(child.weight, child.bias) if packed else _InputMajorLinear(child))
-    if packed:  # the lookup keeps the embedding; the output layer gets a packed copy
-        head = _PackedLinear(fast.transformer.wte.weight[: fast.config.vocab_size], None)
+                setattr(module, name, _CPULinear(child.weight, child.bias, matvec=matvec, packed=packed)
+                        if matvec or packed else _InputMajorLinear(child))
+    if matvec or packed:  # the output layer reads the embedding's first vocab_size rows as they are
+        head = _CPULinear(fast.transformer.wte.weight[: fast.config.vocab_size], None, matvec=matvec, packed=packed)
     else:
         embedding = _InputMajorEmbedding(fast.transformer.wte.weight, fast.config.vocab_size)
         fast.transformer.wte = embedding

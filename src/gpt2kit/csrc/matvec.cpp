@@ -1,0 +1,166 @@
+// Few-row matrix products for CPU decoding: y (M, N) = x (M, K) @ w (N, K)^T + bias, for M of
+// 1..16 (the rows being decoded), w the weight of an nn.Linear as it is, row-major (out, in).
+//
+// Decoding reads every weight once per token, so what counts is how fast the weights stream from
+// memory. Each thread takes a contiguous range of output rows and walks it 4 rows at a time over
+// the whole K: the weights are read once, sequentially, and every x row is reused from L1 for
+// those 4 weight rows. Accumulation is in fp32 (AVX-512 FMA; for bf16, the VDPBF16PS pair
+// products), a bias is added in fp32, and bf16 outputs are rounded once, to nearest even, as
+// PyTorch rounds.
+//
+// Built by gpt2kit/kernels.py with the system C++ compiler (-O3 -mavx512f -mavx512bw -mavx512bf16
+// -fopenmp); OpenMP resolves to the libgomp that PyTorch has already loaded, so torch's thread
+// count (torch.set_num_threads) applies.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+constexpr int kRows = 4;  // weight rows per tile
+constexpr int kCols = 4;  // x rows per tile
+// Software prefetch into L2, whole tiles ~32 KB ahead: with K = 768 a tile's rows are short
+// streams (1.5-3 KB) that the hardware prefetcher barely ramps up on, and prefetching into L1
+// is capped by its few miss buffers. Measured here: bf16 1.6x, fp32 1.5x faster than without.
+constexpr int64_t kAheadBytes = 32768;
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN (as c10::BFloat16)
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// out[m][r] = dot(x row m, w row r) for RR weight rows and MM x rows.
+template <int RR, int MM>
+inline void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ahead, float out[kCols][kRows]) {
+  __m512 acc[MM][RR];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[RR];
+    for (int r = 0; r < RR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + r * K + k), _MM_HINT_T1);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    }
+    for (int m = 0; m < MM; ++m) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  if (k < K) {  // masked tail: lanes past K load as zeros
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh wv[RR];
+    for (int r = 0; r < RR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+    for (int m = 0; m < MM; ++m) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < RR; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int RR, int MM>
+inline void tile_f32(const float* x, int64_t K, const float* w, int64_t ahead, float out[kCols][kRows]) {
+  __m512 acc[MM][RR];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[RR];
+    for (int r = 0; r < RR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + r * K + k), _MM_HINT_T1);
+      wv[r] = _mm512_loadu_ps(w + r * K + k);
+    }
+    for (int m = 0; m < MM; ++m) {
+      __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[RR];
+    for (int r = 0; r < RR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + r * K + k);
+    for (int m = 0; m < MM; ++m) {
+      __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < RR; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <typename T, int RR, int MM>
+inline void tile(const T* x, int64_t K, const T* w, int64_t ahead, float out[kCols][kRows]) {
+  if constexpr (sizeof(T) == 2) tile_bf16<RR, MM>(x, K, w, ahead, out);
+  else tile_f32<RR, MM>(x, K, w, ahead, out);
+}
+
+template <typename T, int RR>
+inline void tile_any_m(const T* x, int64_t K, const T* w, int64_t ahead, int mm, float out[kCols][kRows]) {
+  switch (mm) {
+    case 1: tile<T, RR, 1>(x, K, w, ahead, out); break;
+    case 2: tile<T, RR, 2>(x, K, w, ahead, out); break;
+    case 3: tile<T, RR, 3>(x, K, w, ahead, out); break;
+    default: tile<T, RR, 4>(x, K, w, ahead, out); break;
+  }
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+template <typename T>
+void matvec(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, int64_t N) {
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  const int64_t tile_bytes = kRows * K * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = (kAheadBytes + tile_bytes - 1) / tile_bytes * kRows * K;  // whole tiles, in elements
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n = t * kRows;
+    const int rows = N - n < kRows ? static_cast<int>(N - n) : kRows;
+    for (int64_t m0 = 0; m0 < M; m0 += kCols) {
+      const int mm = M - m0 < kCols ? static_cast<int>(M - m0) : kCols;
+      float out[kCols][kRows];
+      if (rows == kRows) {
+        tile_any_m<T, kRows>(x + m0 * K, K, w + n * K, ahead, mm, out);
+      } else {  // the last few rows, one at a time
+        for (int r = 0; r < rows; ++r) {
+          float one[kCols][kRows];
+          tile_any_m<T, 1>(x + m0 * K, K, w + (n + r) * K, ahead, mm, one);
+          for (int m = 0; m < mm; ++m) out[m][r] = one[m][0];
+        }
+      }
+      for (int m = 0; m < mm; ++m)
+        for (int r = 0; r < rows; ++r)
+          store(y, (m0 + m) * N + n + r, out[m][r] + (bias ? load(bias, n + r) : 0.0f));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void gpt2kit_matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias,
+                         uint16_t* y, int64_t N) {
+  matvec<uint16_t>(x, M, K, w, bias, y, N);
+}
+
+void gpt2kit_matvec_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y,
+                        int64_t N) {
+  matvec<float>(x, M, K, w, bias, y, N);
+}
+
+}  // extern "C"

@@ -1,0 +1,126 @@
+"""gpt2kit's CPU matrix-vector kernel against PyTorch, and the fallbacks when it cannot be built."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit import kernels
+from gpt2kit.generate import _CPULinear, _InputMajorLinear, optimize_for_cpu
+from gpt2kit.model import GPT2, GPT2Config
+
+CAN_BUILD = shutil.which("g++") is not None and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+
+
+def test_kernels_build_wherever_they_can():
+    # CI and the development machine have g++ and AVX-512: a broken build must fail here, not
+    # silently fall back to the slow path.
+    assert kernels.available(torch.float32) == CAN_BUILD
+    assert kernels.available(torch.bfloat16) == (CAN_BUILD and torch.cpu._is_avx512_bf16_supported())
+    assert not kernels.available(torch.float16)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 100, 37), (4, 33, 5), (5, 3072, 9), (16, 64, 130), (1, 7, 1)])
+def test_matvec_equals_linear(M, K, N):
+    if not CAN_BUILD:
+        assert not kernels.available(torch.float32)
+        return
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    exact = F.linear(x.double(), w.double(), b.double())
+    for bias in (b, None):
+        got = kernels.matvec(x, w, bias)
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        want = exact if bias is not None else exact - b.double()
+        assert (got.double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())  # fp32 summation order only
+    if not kernels.available(torch.bfloat16):
+        return
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    got = kernels.matvec(xb, wb, bb)
+    # the fp32 sum of the bf16 products, rounded once to bf16: at most half a bf16 ulp off
+    # (plus fp32 summation error), exactly what torch's own bf16 linear achieves
+    exact = F.linear(xb.double(), wb.double(), bb.double())
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= 0.5 * ulp + 1e-4).all()
+    torch_err = (F.linear(xb, wb, bb).double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= torch_err + 1e-4
+
+
+def test_matvec_is_deterministic_across_thread_counts_and_rejects_bad_input():
+    if not CAN_BUILD:
+        return
+    x, w = torch.randn(2, 300), torch.randn(1001, 300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.matvec(x, w)
+        torch.set_num_threads(2)
+        assert torch.equal(kernels.matvec(x, w), one)  # each output row is summed by one thread
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match=r"M<=16"):
+        kernels.matvec(torch.randn(17, 300), w)
+    with pytest.raises(ValueError, match="of one dtype"):
+        kernels.matvec(x.bfloat16(), w)
+    with pytest.raises(ValueError, match=r"bias must be a contiguous \(1001,\)"):
+        kernels.matvec(x, w, torch.randn(3))
+
+
+def test_cpu_linear_paths_agree_for_few_and_many_rows():
+    lin = torch.nn.Linear(48, 40)
+    for dtype in (torch.float32, torch.bfloat16):
+        w, b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
+        fast = _CPULinear(w, b, matvec=kernels.available(dtype), packed=dtype == torch.bfloat16)
+        for rows in (1, 16, 17, 40):
+            x = torch.randn(rows, 3, 48).to(dtype)[:, 1]  # a non-contiguous input, as a view
+            tol = 1e-5 if dtype == torch.float32 else 0.05
+            torch.testing.assert_close(fast(x), F.linear(x, w, b), atol=tol, rtol=tol)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_without_kernels_inference_falls_back_to_pytorch(tmp_path):
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "from gpt2kit import kernels; from gpt2kit.generate import optimize_for_cpu\n"
+        "from gpt2kit.model import GPT2, GPT2Config\n"
+        "m = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50, n_ctx=16)).eval()\n"
+        "ids = torch.randint(0, 50, (1, 5))\n"
+        "fast = optimize_for_cpu(m)\n"
+        "print(kernels.available(torch.float32), type(fast.transformer.h[0].mlp.c_fc).__name__,\n"
+        "      bool(torch.allclose(fast(ids), m(ids), atol=1e-5)))\n"
+    )
+    disabled = _run(code, GPT2KIT_KERNELS="0", GPT2KIT_CACHE=str(tmp_path))
+    assert disabled.stdout.split() == ["False", "_InputMajorLinear", "True"], disabled.stderr
+    no_compiler = _run(code, CXX="g++", PATH="/nonexistent", GPT2KIT_CACHE=str(tmp_path))
+    assert no_compiler.stdout.split() == ["False", "_InputMajorLinear", "True"], no_compiler.stderr
+    if CAN_BUILD:
+        broken = _run(code, CXX="/bin/false", GPT2KIT_CACHE=str(tmp_path))  # the build fails
+        assert broken.stdout.split() == ["False", "_InputMajorLinear", "True"], broken.stderr
+        assert "could not build gpt2kit's CPU kernels" in broken.stderr
+    if CAN_BUILD:  # a fresh cache folder: the kernel is built there and used
+        built = _run(code, GPT2KIT_CACHE=str(tmp_path))
+        assert built.stdout.split() == ["True", "_CPULinear", "True"], built.stderr
+        assert list((tmp_path / "kernels").glob("matvec-*.so"))
+
+
+def test_optimized_model_decodes_like_the_original():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=301, n_ctx=32)).eval()
+    fast = optimize_for_cpu(model)
+    assert isinstance(fast.transformer.h[0].attn.c_attn, (_CPULinear, _InputMajorLinear))
+    ids = torch.randint(0, 301, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = fast.new_kv_cache(2)
+        steps = [fast(ids[:, :5], kv_cache=cache)] + [fast(ids[:, t:t + 1], kv_cache=cache) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-5)
