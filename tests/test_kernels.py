@@ -75,10 +75,12 @@ def test_cpu_linear_paths_agree_for_few_and_many_rows():
     for dtype in (torch.float32, torch.bfloat16):
         w, b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
         fast = _CPULinear(w, b, matvec=kernels.available(dtype), packed=True)
+        with_gelu = _CPULinear(w, b, matvec=kernels.available(dtype), packed=True, gelu=True)
         for rows in (1, 16, 17, 40):
             x = torch.randn(rows, 3, 48).to(dtype)[:, 1]  # a non-contiguous input, as a view
             tol = 1e-5 if dtype == torch.float32 else 0.05
             torch.testing.assert_close(fast(x), F.linear(x, w, b), atol=tol, rtol=tol)
+            torch.testing.assert_close(with_gelu(x), F.gelu(F.linear(x, w, b), approximate="tanh"), atol=tol, rtol=tol)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

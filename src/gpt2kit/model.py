@@ -169,12 +169,14 @@ class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        # OpenAI's gelu 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))), as one fused kernel; a module
+        # so that inference forms can fold it into c_fc (see gpt2kit.generate.optimize_for_cpu)
+        self.act = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel for OpenAI's gelu 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
