@@ -39,6 +39,28 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// The four horizontal sums of a, b, c, d at once (a transpose-and-add: ~10 instructions instead of
+// ~4 x 8 for four separate reductions, which matters when rows are short).
+inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // [a b c d] x 4 lanes
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+}
+
+template <int RR, int MM>
+inline void reduce_tile(__m512 (&acc)[MM][RR], float out[kCols][kRows]) {
+  for (int m = 0; m < MM; ++m) {
+    if constexpr (RR == 4) {
+      reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out[m]);
+    } else {
+      for (int r = 0; r < RR; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+    }
+  }
+}
+
 // out[m][r] = dot(x row m, w row r) for RR weight rows and MM x rows.
 template <int RR, int MM>
 inline void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ahead, float out[kCols][kRows]) {
@@ -66,8 +88,7 @@ inline void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t a
       for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
     }
   }
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < RR; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+  reduce_tile<RR, MM>(acc, out);
 }
 
 template <int RR, int MM>
@@ -96,8 +117,7 @@ inline void tile_f32(const float* x, int64_t K, const float* w, int64_t ahead, f
       for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
     }
   }
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < RR; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+  reduce_tile<RR, MM>(acc, out);
 }
 
 template <typename T, int RR, int MM>
