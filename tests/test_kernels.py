@@ -13,7 +13,8 @@ from gpt2kit import kernels
 from gpt2kit.generate import _CPULinear, _InputMajorLinear, optimize_for_cpu
 from gpt2kit.model import GPT2, GPT2Config
 
-CAN_BUILD = shutil.which("g++") is not None and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+CAN_BUILD = (shutil.which("g++") is not None
+             and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"))
 
 
 def test_kernels_build_wherever_they_can():
