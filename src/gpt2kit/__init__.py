@@ -19,6 +19,7 @@ _EXPORTS = {
     "KVCache": "model",
     "generate": "generate",
     "stream_generate": "generate",
+    "load_for_inference": "generate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
