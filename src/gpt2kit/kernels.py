@@ -62,7 +62,11 @@ def _library() -> ctypes.CDLL | None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:  # e.g. a cache folder shared with a machine of another kind
+        log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
+        return None
     args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_int64]
     for fn in (lib.gpt2kit_matvec_bf16, lib.gpt2kit_matvec_f32):
