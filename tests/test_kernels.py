@@ -69,6 +69,14 @@ def test_matvec_is_deterministic_across_thread_counts_and_rejects_bad_input():
         kernels.matvec(x.bfloat16(), w)
     with pytest.raises(ValueError, match=r"bias must be a contiguous \(1001,\)"):
         kernels.matvec(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match=r"bias must be a contiguous \(1001,\) torch.float32 CPU"):
+        kernels.matvec(x, w, torch.randn(1001, device="meta"))
+    with pytest.raises(ValueError, match="K>=1"):
+        kernels.matvec(torch.randn(1, 0), torch.randn(5, 0))
+    with pytest.raises(ValueError, match="of one dtype"):
+        kernels.matvec(x, w.to("meta"))
+    with pytest.raises(ValueError, match="no kernel for torch.float16"):
+        kernels.matvec(x.half(), w.half())
 
 
 def test_cpu_linear_paths_agree_for_few_and_many_rows():
@@ -110,6 +118,10 @@ def test_without_kernels_inference_falls_back_to_pytorch(tmp_path):
         broken = _run(code, CXX="/bin/false", GPT2KIT_CACHE=str(tmp_path))  # the build fails
         assert broken.stdout.split() == ["False", "_InputMajorLinear", "True"], broken.stderr
         assert "could not build gpt2kit's CPU kernels" in broken.stderr
+    unusable = tmp_path / "file"
+    unusable.write_text("a file where the cache folder should be")
+    no_cache = _run(code, GPT2KIT_CACHE=str(unusable / "sub"))
+    assert no_cache.stdout.split() == ["False", "_InputMajorLinear", "True"], no_cache.stderr
     if CAN_BUILD:  # a fresh cache folder: the kernel is built there and used
         built = _run(code, GPT2KIT_CACHE=str(tmp_path))
         assert built.stdout.split() == ["True", "_CPULinear", "True"], built.stderr
@@ -127,3 +139,17 @@ def test_optimized_model_decodes_like_the_original():
         cache = fast.new_kv_cache(2)
         steps = [fast(ids[:, :5], kv_cache=cache)] + [fast(ids[:, t:t + 1], kv_cache=cache) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_gelu_is_folded_once_and_only_into_packed_projections():
+    torch.manual_seed(1)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_ctx=64)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 64, (1, 40))  # 40 rows: the packed GEMM path
+    with torch.no_grad():
+        want = model(ids).float()
+        fast = optimize_for_cpu(model)
+        again = optimize_for_cpu(fast, inplace=True)  # optimizing twice must not drop or double the GELU
+        mlp = again.transformer.h[0].mlp
+        assert isinstance(mlp.act, torch.nn.Identity) == (mlp.c_fc.packed is not None and mlp.c_fc.gelu)
+        for m in (fast, again):
+            assert (m(ids).float() - want).abs().max() <= 0.03 * want.abs().max()

@@ -162,6 +162,8 @@ def test_cache_without_padding_and_its_limits():
             model(torch.zeros(1, 17, dtype=torch.long))
         with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), expected"):
             model(ids, attention_mask=torch.ones(2, 3))
+        with pytest.raises(ValueError, match="kv_cache holds torch.float16: expected the model's dtype"):
+            model(ids[:, :1], kv_cache=model.new_kv_cache(2, dtype=torch.float16))
         with pytest.raises(ValueError, match="kv_cache holds 2 rows but input_ids has 1"):
             model(ids[:1, :1], kv_cache=model.new_kv_cache(2))
 

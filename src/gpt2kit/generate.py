@@ -428,12 +428,15 @@ class _CPULinear(torch.nn.Module):
     speed (`matvec`); more rows (a prompt) through PyTorch's GEMM, optionally on a copy of the
     weight that oneDNN has pre-packed into its blocked layout (`packed`): `F.linear` re-packs a
     bf16 weight on every call (~12% of a 1000-row product here), and for the 50257-wide output
-    layer oneDNN's packed fp32 GEMM runs 1.75x faster than `F.linear`'s."""
+    layer oneDNN's packed fp32 GEMM runs 1.75x faster than `F.linear`'s.
+
+    Inference only, on CPU: the weights are plain tensors, not Parameters, so `state_dict`,
+    `num_params`, `.to()` and `copy.deepcopy` (of a packed copy) do not see them."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, matvec: bool, packed: bool,
                  gelu: bool = False):
         super().__init__()
-        self.weight = weight.detach()  # (out, in), shares the model's storage
+        self.weight = weight.detach().contiguous()  # (out, in), shares the model's storage
         self.bias = None if bias is None else bias.detach()
         self.matvec = matvec
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1) if packed else None  # opaque
@@ -465,9 +468,9 @@ def _packing_works(dtype: torch.dtype) -> bool:
 def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     """The model with its projections and tied output layer in the forms CPU inference runs
     fastest (`_CPULinear`): gpt2kit's matrix-vector kernel for decoding where it builds, and
-    oneDNN-packed weights for prompts (every layer in bf16, the output layer in fp32; this keeps
-    a second, packed copy of those weights). Without the kernel, fp32 weights are stored
-    input-major for decoding instead (`_InputMajorLinear`). Inference only: the parameters no
+    oneDNN-packed weights for prompts (every layer in bf16; in fp32 the output layer, when the
+    kernel is there: this keeps a second, packed copy of those weights). Without the kernel,
+    fp32 weights are stored input-major for decoding instead (`_InputMajorLinear`). Inference only: the parameters no
     longer train. Logits equal the original's up to float rounding. A model in another dtype or
     on a GPU is returned as is."""
     import copy
@@ -486,9 +489,10 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
             if type(child) is torch.nn.Linear:
                 setattr(module, name, _CPULinear(child.weight, child.bias, matvec=matvec, packed=bf16 and packed)
                         if matvec or bf16 else _InputMajorLinear(child))
-    if bf16 and packed:  # fold the MLP's GELU into its packed first projection (applied as it writes)
-        for block in fast.transformer.h:
-            block.mlp.c_fc.gelu, block.mlp.act = True, torch.nn.Identity()
+    for block in fast.transformer.h:  # fold the MLP's GELU into a packed first projection (applied as it writes)
+        c_fc = block.mlp.c_fc
+        if isinstance(c_fc, _CPULinear) and c_fc.packed is not None and not c_fc.gelu:
+            c_fc.gelu, block.mlp.act = True, torch.nn.Identity()
     if matvec or bf16:  # the output layer reads the embedding's first vocab_size rows as they are
         head = _CPULinear(fast.transformer.wte.weight[: fast.config.vocab_size], None, matvec=matvec, packed=packed)
     else:

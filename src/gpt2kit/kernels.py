@@ -6,8 +6,9 @@ half of this machine's read bandwidth (oneDNN, packed) or a seventh (`F.linear`)
 `csrc/matvec.cpp` reads an `nn.Linear` weight as it is, once, sequentially, on torch's threads.
 
 It is compiled on first use with the system C++ compiler into gpt2kit's cache folder (a second
-or two) and reused after. Without a compiler, on a CPU without AVX-512 (BF16 for the bf16
-kernel), or with GPT2KIT_KERNELS=0 in the environment, `matvec` is None and callers use PyTorch.
+or two) and reused after. Without a compiler, on a CPU without AVX-512 (AVX512-BF16 for the bf16
+kernel), when the build or the load fails, or with GPT2KIT_KERNELS=0 in the environment,
+`available` is false and callers use PyTorch.
 """
 from __future__ import annotations
 
@@ -48,32 +49,41 @@ def _library() -> ctypes.CDLL | None:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"matvec-{key}.so"
+    if target.exists() and target.stat().st_uid != os.getuid():
+        log.warning("%s belongs to another user: not loading it; decoding uses PyTorch's matrix kernels", target)
+        return None
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+        tmp = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
             subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
             os.replace(tmp, target)  # atomic: concurrent builders each install a complete file
         except (OSError, subprocess.CalledProcessError) as e:
             log.warning("could not build gpt2kit's CPU kernels (%s): decoding uses PyTorch's matrix kernels",
                         getattr(e, "stderr", None) or e)
             return None
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     try:
         lib = ctypes.CDLL(str(target))
-    except OSError as e:  # e.g. a cache folder shared with a machine of another kind
+        functions = (lib.gpt2kit_matvec_bf16, lib.gpt2kit_matvec_f32)
+    except (OSError, AttributeError) as e:  # e.g. a cache folder shared with a machine of another kind
         log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
         return None
-    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int64]
-    for fn in (lib.gpt2kit_matvec_bf16, lib.gpt2kit_matvec_f32):
-        fn.argtypes, fn.restype = args, None
+    for fn in functions:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        fn.restype = None
     return lib
 
 
+@functools.cache
 def available(dtype: torch.dtype) -> bool:
     """Whether `matvec` runs for weights of `dtype` on this machine (builds the kernels if needed)."""
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
@@ -82,17 +92,25 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T + bias (N), M <= MAX_ROWS, all contiguous CPU tensors of one dtype
-    (float32 or bfloat16) for which `available` is true. Inference only (no autograd)."""
+    """x (M, K) @ weight (N, K)^T + bias (N), with M <= MAX_ROWS and K >= 1: contiguous CPU
+    tensors of one dtype, float32 or bfloat16, for which `available` is true. Inference only (no
+    autograd). bf16 results are rounded once, to nearest even; the bf16 dot-product instruction
+    treats denormal inputs as zero."""
     M, K = x.shape
     N = weight.shape[0]
-    if (M > MAX_ROWS or weight.shape[1] != K or weight.dtype != x.dtype or x.device.type != "cpu"
+    if (not 1 <= M <= MAX_ROWS or K == 0 or weight.shape[1] != K or weight.dtype != x.dtype
+            or x.device.type != "cpu" or weight.device.type != "cpu"
             or not (x.is_contiguous() and weight.is_contiguous())):
-        raise ValueError(f"matvec: expected contiguous CPU x (M<={MAX_ROWS}, K) and weight (N, K) of one dtype, "
-                         f"got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
-    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or not bias.is_contiguous()):
-        raise ValueError(f"matvec: bias must be a contiguous ({N},) {x.dtype} tensor")
+        raise ValueError(f"matvec: expected contiguous CPU x (M<={MAX_ROWS}, K>=1) and weight (N, K) of one dtype, "
+                         f"got {tuple(x.shape)} {x.dtype} {x.device} and {tuple(weight.shape)} {weight.dtype} "
+                         f"{weight.device}")
+    if not available(x.dtype):
+        raise ValueError(f"matvec: no kernel for {x.dtype} on this machine (see gpt2kit.kernels.available)")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.device.type != "cpu"
+                             or not bias.is_contiguous()):
+        raise ValueError(f"matvec: bias must be a contiguous ({N},) {x.dtype} CPU tensor")
     y = torch.empty(M, N, dtype=x.dtype)
     fn = _library().gpt2kit_matvec_bf16 if x.dtype == torch.bfloat16 else _library().gpt2kit_matvec_f32
-    fn(x.data_ptr(), M, K, weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), N)
+    fn(x.data_ptr(), M, K, weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), N,
+       torch.get_num_threads())
     return y

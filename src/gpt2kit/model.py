@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), in the cache's dtype (see new_kv_cache)
         y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.to(q.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -302,6 +302,9 @@ class GPT2(nn.Module):
                 raise ValueError(f"kv_cache holds {kv_cache.batch_size} rows but input_ids has {B}")
             if past + T > kv_cache.max_len:
                 raise ValueError(f"kv_cache is full: {past} + {T} tokens exceed its max_len={kv_cache.max_len}")
+            if kv_cache.k.dtype not in (self.transformer.wte.weight.dtype, torch.float32):
+                raise ValueError(f"kv_cache holds {kv_cache.k.dtype}: expected the model's dtype "
+                                 f"({self.transformer.wte.weight.dtype}) or torch.float32")
         if position_ids is None and past + T > self.config.n_ctx:
             raise ValueError(f"sequence of {past + T} positions exceeds the model's context n_ctx={self.config.n_ctx}")
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..generate import optimize_for_cpu
     from ..model import GPT2
     from ..tokenizer import Tokenizer
 
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         dtype = getattr(torch, args.dtype)
-        model = GPT2.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        # on CPU, the inference forms of the layers (packed output layer, decode kernel): same scores
+        model = optimize_for_cpu(GPT2.from_pretrained(args.model, dtype=dtype, device=device).eval(), inplace=True)
         tokenizer = Tokenizer.from_pretrained(args.model)
         start = time.perf_counter()
         results = evaluate(model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size,

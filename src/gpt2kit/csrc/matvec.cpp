@@ -5,12 +5,12 @@
 // memory. Each thread takes a contiguous range of output rows and walks it 4 rows at a time over
 // the whole K: the weights are read once, sequentially, and every x row is reused from L1 for
 // those 4 weight rows. Accumulation is in fp32 (AVX-512 FMA; for bf16, the VDPBF16PS pair
-// products), a bias is added in fp32, and bf16 outputs are rounded once, to nearest even, as
-// PyTorch rounds.
+// products, which treat denormals as zero), a bias is added in fp32, and bf16 outputs are rounded
+// once, to nearest even, as PyTorch rounds (a NaN becomes the canonical quiet NaN).
 //
-// Built by gpt2kit/kernels.py with the system C++ compiler (-O3 -mavx512f -mavx512bw -mavx512bf16
-// -fopenmp); OpenMP resolves to the libgomp that PyTorch has already loaded, so torch's thread
-// count (torch.set_num_threads) applies.
+// Built by gpt2kit/kernels.py with the system C++ compiler (-O3 -std=c++17 -mavx512f -mavx512bw
+// -mavx512vl -mavx512bf16 -fopenmp); OpenMP resolves to the libgomp that PyTorch has already
+// loaded, and the caller passes torch's thread count.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -143,11 +143,11 @@ inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 template <typename T>
-void matvec(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, int64_t N) {
+void matvec(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, int64_t N, int threads) {
   const int64_t tiles = (N + kRows - 1) / kRows;
   const int64_t tile_bytes = kRows * K * static_cast<int64_t>(sizeof(T));
   const int64_t ahead = (kAheadBytes + tile_bytes - 1) / tile_bytes * kRows * K;  // whole tiles, in elements
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = t * kRows;
     const int rows = N - n < kRows ? static_cast<int>(N - n) : kRows;
@@ -175,13 +175,13 @@ void matvec(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, i
 extern "C" {
 
 void gpt2kit_matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias,
-                         uint16_t* y, int64_t N) {
-  matvec<uint16_t>(x, M, K, w, bias, y, N);
+                         uint16_t* y, int64_t N, int threads) {
+  matvec<uint16_t>(x, M, K, w, bias, y, N, threads);
 }
 
 void gpt2kit_matvec_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y,
-                        int64_t N) {
-  matvec<float>(x, M, K, w, bias, y, N);
+                        int64_t N, int threads) {
+  matvec<float>(x, M, K, w, bias, y, N, threads);
 }
 
 }  // extern "C"
