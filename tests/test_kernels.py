@@ -90,6 +90,9 @@ def test_cpu_linear_paths_agree_for_few_and_many_rows():
             tol = 1e-5 if dtype == torch.float32 else 0.05
             torch.testing.assert_close(fast(x), F.linear(x, w, b), atol=tol, rtol=tol)
             torch.testing.assert_close(with_gelu(x), F.gelu(F.linear(x, w, b), approximate="tanh"), atol=tol, rtol=tol)
+        for bad in (torch.randn(1, 47).to(dtype), torch.randn(1, 48).double()):  # never into the kernel
+            with pytest.raises(RuntimeError):
+                fast(bad)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

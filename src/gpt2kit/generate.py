@@ -439,20 +439,24 @@ class _CPULinear(torch.nn.Module):
         self.weight = weight.detach().contiguous()  # (out, in), shares the model's storage
         self.bias = None if bias is None else bias.detach()
         self.matvec = matvec
+        if matvec:  # checked once here; forward checks what varies (see kernels.matvec_unchecked)
+            kernels.matvec(torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype), self.weight, self.bias)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1) if packed else None  # opaque
         self.gelu = gelu  # followed by the tanh GELU (for the packed GEMM, fused into it: one pass less)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        if self.packed is not None and not (self.matvec and flat.shape[0] <= kernels.MAX_ROWS):
+        rows, n_in = flat.shape
+        if (self.matvec and 1 <= rows <= kernels.MAX_ROWS and n_in == self.weight.shape[1]
+                and flat.dtype == self.weight.dtype and flat.is_cpu):  # decoding
+            y = kernels.matvec_unchecked(flat.contiguous(), self.weight, self.bias)
+        elif self.packed is not None:  # a prompt; the GEMM applies the GELU as it writes
             post_op = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, *post_op)
+            return y.view(*x.shape[:-1], self.weight.shape[0])  # (..., out)
         else:
-            if self.matvec and flat.shape[0] <= kernels.MAX_ROWS:
-                y = kernels.matvec(flat.contiguous(), self.weight, self.bias)
-            else:
-                y = F.linear(flat, self.weight, self.bias)
-            y = F.gelu(y, approximate="tanh") if self.gelu else y
+            y = F.linear(flat, self.weight, self.bias)
+        y = F.gelu(y, approximate="tanh") if self.gelu else y
         return y.view(*x.shape[:-1], self.weight.shape[0])  # (..., out)
 
 
