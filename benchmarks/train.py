@@ -2,15 +2,20 @@
 
     python benchmarks/train.py                 # throughput table + demo at 65 s, 2 min, 10 min
     python benchmarks/train.py --no-demo       # throughput only
+    python benchmarks/train.py --no-compile    # eager only (no torch.compile warm-ups)
     python benchmarks/train.py --demo-budgets 65
 
 Throughput: one optimizer step = forward + backward + AdamW (lr 6e-4, wd 0.1, betas 0.9/0.95,
 grad clip 1.0) on the same random batch, for the gpt2 shape (124M) and the demo's model, in
-float32 and bf16 autocast. gpt2kit: `GPT2.hidden_states` + the chunked linear cross-entropy of
-`gpt2kit.train` + fused AdamW. Peer: `transformers.GPT2LMHeadModel(labels=...)` + `torch.optim.AdamW`
-(its default foreach implementation). Steps of the two alternate, so machine noise hits both; the
-table gives medians. MFU = achieved model FLOP/s (6N + 12LCT per token) / the best matmul FLOP/s
-measured here in the same dtype.
+float32 and bf16 autocast. gpt2kit: the training loss module of `gpt2kit.train` (with bf16 on CPU,
+`training_hidden_states`' explicit attention) + the chunked linear cross-entropy + fused AdamW,
+eager and under `torch.compile` (as `compile = true` runs it). Peer: a plain eager loop around
+`transformers.GPT2LMHeadModel(labels=...)` + `torch.optim.AdamW` (its default foreach
+implementation), as issue #9 specifies; with compile, the same loop under `torch.compile` is
+measured too, for reference. Steps of all implementations alternate, so machine noise hits each;
+the table gives medians; the first two steps (warm-up, including compilation) are timed apart.
+MFU = achieved model FLOP/s (6N + 12LCT per token) / the best matmul FLOP/s measured here in the
+same dtype; 1 / (the peer's MFU) bounds the ratio any implementation of the same FLOPs can reach.
 
 Demo: `gpt2kit.demo.demo(minutes=...)` on Shakespeare; bits per character of the held-out text.
 nanoGPT's character-level CPU quickstart reaches 2.74 bits/char on this corpus in 65 s here.
@@ -18,7 +23,6 @@ nanoGPT's character-level CPU quickstart reaches 2.74 bits/char on this corpus i
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -26,7 +30,8 @@ import time
 import torch
 
 from gpt2kit.model import GPT2, GPT2Config
-from gpt2kit.train import flops_per_token, linear_cross_entropy, measure_matmul_peak
+from gpt2kit.train import (TrainConfig, _loss_module, clip_gradients, flops_per_token, measure_matmul_peak,
+                           uses_explicit_attention)
 
 SHAPES = {
     # name: (config, batch, block)
@@ -36,16 +41,22 @@ SHAPES = {
 OPT = dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def ours(config: GPT2Config):
+def _autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def ours(config: GPT2Config, dtype: str, compile: bool = False):
     torch.manual_seed(0)
     model = GPT2(config)
+    loss_mod = _loss_module(model, explicit_attention=uses_explicit_attention(TrainConfig(dtype=dtype), "cpu"))
+    fn = torch.compile(loss_mod) if compile else loss_mod
     opt = torch.optim.AdamW(model.parameters(), fused=True, **OPT)
 
-    def step(x, y, dtype):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = linear_cross_entropy(model.hidden_states(x), model.transformer.wte.weight, y)
+    def step(x, y):
+        with _autocast(dtype):
+            loss = fn(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -53,21 +64,22 @@ def ours(config: GPT2Config):
     return step
 
 
-def peer(config: GPT2Config):
+def peer(config: GPT2Config, dtype: str, compile: bool = False):
     import transformers
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
         n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
-        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1))
+        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1, loss_type="ForCausalLM"))
     hf.train()
+    fn = torch.compile(hf) if compile else hf
     opt = torch.optim.AdamW(hf.parameters(), **OPT)
 
-    def step(x, y, dtype):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    def step(x, y):
+        with _autocast(dtype):
             # labels are the inputs: transformers shifts them itself (block - 1 targets)
-            loss = hf(input_ids=x, labels=x).loss
+            loss = fn(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -77,39 +89,74 @@ def peer(config: GPT2Config):
     return step
 
 
-def throughput(steps: int) -> list[dict]:
+IMPLS = {  # column: (factory, compile)
+    "ours": (ours, False), "ours_compiled": (ours, True), "peer": (peer, False), "peer_compiled": (peer, True),
+}
+
+
+def throughput(steps: int, compile: bool, shapes: list[str], dtypes: list[str]) -> list[dict]:
     rows = []
-    for name, (config, batch, block) in SHAPES.items():
-        for dtype in ("float32", "bfloat16"):
+    names = [n for n in IMPLS if compile or not IMPLS[n][1]]
+    for name in shapes:
+        config, batch, block = SHAPES[name]
+        for dtype in dtypes:
             g = torch.Generator().manual_seed(1)
             seq = torch.randint(0, config.vocab_size, (batch, block + 1), generator=g)
             x, y = seq[:, :-1], seq[:, 1:]
-            a, b = ours(config), peer(config)
-            a(x, y, dtype), b(x, None, dtype)  # warm-up
-            ta, tb = [], []
+            fns, warm = {}, {}
+            for n in names:
+                factory, comp = IMPLS[n]
+                fns[n] = factory(config, dtype, comp)
+                t = time.perf_counter()
+                fns[n](x, y), fns[n](x, y)  # warm-up (and compilation)
+                warm[n] = time.perf_counter() - t
+            times = {n: [] for n in names}
             for _ in range(steps):
-                t = time.perf_counter(); a(x, y, dtype); ta.append(time.perf_counter() - t)
-                t = time.perf_counter(); b(x, None, dtype); tb.append(time.perf_counter() - t)
+                for n in names:
+                    t = time.perf_counter()
+                    fns[n](x, y)
+                    times[n].append(time.perf_counter() - t)
             tok = batch * block
-            ours_tps, peer_tps = tok / statistics.median(ta), tok / statistics.median(tb)
             peak = measure_matmul_peak("cpu", dtype)
             fpt = flops_per_token(config, block)
-            rows.append(dict(shape=name, dtype=dtype, batch=f"{batch}x{block}", ours=ours_tps, peer=peer_tps,
-                             ratio=ours_tps / peer_tps, mfu_ours=ours_tps * fpt / peak, mfu_peer=peer_tps * fpt / peak,
-                             peak=peak))
-            print(f"  {name} {dtype}: ours {ours_tps:,.0f} tok/s, transformers {peer_tps:,.0f} tok/s", file=sys.stderr)
+            row = dict(shape=name, dtype=dtype, batch=f"{batch}x{block}", peak=peak)
+            for n in names:
+                row[n] = tok / statistics.median(times[n])
+                row[f"mfu_{n}"] = row[n] * fpt / peak
+                row[f"warm_{n}"] = warm[n]
+            rows.append(row)
+            print(f"  {name} {dtype}: " + ", ".join(f"{n} {row[n]:,.0f} tok/s (warm-up {warm[n]:.1f} s)" for n in names),
+                  file=sys.stderr, flush=True)
     return rows
 
 
 def print_throughput(rows: list[dict]) -> None:
+    comp = "ours_compiled" in rows[0]
     print()
-    print("| model | dtype | batch x block | gpt2kit tok/s | transformers tok/s | ratio | MFU gpt2kit | MFU transformers |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    head = "| model | dtype | batch x block | gpt2kit tok/s |"
+    head += " gpt2kit compiled tok/s |" if comp else ""
+    head += " transformers tok/s | ratio |"
+    head += " ratio compiled |" if comp else ""
+    head += " MFU gpt2kit | MFU transformers | ratio ceiling |"
+    head += " transformers compiled tok/s | compile warm-up gpt2kit / transformers |" if comp else ""
+    print(head)
+    print("|---|---|---|" + "---:|" * (head.count("|") - 4))
     for r in rows:
-        print(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['ours']:,.0f} | {r['peer']:,.0f} | "
-              f"{r['ratio']:.2f}x | {100 * r['mfu_ours']:.1f}% | {100 * r['mfu_peer']:.1f}% |")
+        best = max(r["ours"], r.get("ours_compiled", 0))
+        line = f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['ours']:,.0f} |"
+        line += f" {r['ours_compiled']:,.0f} |" if comp else ""
+        line += f" {r['peer']:,.0f} | {r['ours'] / r['peer']:.2f}x |"
+        line += f" {r['ours_compiled'] / r['peer']:.2f}x |" if comp else ""
+        line += (f" {100 * best * r['mfu_ours'] / r['ours']:.1f}% | {100 * r['mfu_peer']:.1f}% |"
+                 f" {1 / r['mfu_peer']:.2f}x |")
+        if comp:
+            line += (f" {r['peer_compiled']:,.0f} | {r['warm_ours_compiled'] - r['warm_ours']:.0f} s / "
+                     f"{r['warm_peer_compiled'] - r['warm_peer']:.0f} s |")
+        print(line)
     peaks = {r["dtype"]: r["peak"] for r in rows}
     print("\nmeasured matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
+    print("ratio = gpt2kit / plain eager transformers; MFU gpt2kit = the faster of eager and compiled;"
+          " ratio ceiling = 1 / MFU transformers")
 
 
 def main() -> None:
@@ -118,13 +165,17 @@ def main() -> None:
     ap.add_argument("--no-demo", action="store_true", help="skip the demo runs")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
     ap.add_argument("--demo-budgets", default="65,120,600", help="demo budgets in seconds, comma-separated")
+    ap.add_argument("--no-compile", action="store_true", help="eager only: skip the torch.compile columns")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.compiler.config.force_disable_caches = True  # compile warm-ups as on a fresh machine
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not args.no_throughput:
-        print_throughput(throughput(args.steps))
+        print_throughput(throughput(args.steps, not args.no_compile, args.shapes.split(","), args.dtypes.split(",")))
     if args.no_demo:
         return
     from gpt2kit.demo import demo

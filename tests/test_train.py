@@ -113,6 +113,75 @@ def test_linear_cross_entropy_matches_cross_entropy(chunk):
     torch.testing.assert_close(gw, w.grad)
 
 
+def test_linear_cross_entropy_underflowing_targets_and_bf16():
+    # Targets whose probability underflows float32 (losses of hundreds of nats) still get the
+    # exact loss and gradient; under bf16 autocast the loss stays within bf16 rounding.
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 16, generator=g)
+    h[:6] *= 60
+    h.requires_grad_()
+    w = torch.randn(30, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 30, (40,), generator=g)
+    ref_each = F.cross_entropy(h @ w.T, y, reduction="none")
+    assert (ref_each > 100).sum() >= 2
+    ours = T.linear_cross_entropy(h, w, y, chunk=16)
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = ref_each.mean()
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = T.linear_cross_entropy(h[6:], w, y[6:], chunk=16)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, F.cross_entropy(h[6:] @ w.T, y[6:]), rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_gradients_equals_clip_grad_norm(max_norm):
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(n, generator=g) for n in (7, 30)]
+
+    def params():
+        ps = [torch.nn.Parameter(torch.zeros(len(gr))) for gr in grads]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        return ps
+
+    ref, ours = params(), params()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    norm = T.clip_gradients(ours + [torch.nn.Parameter(torch.zeros(3))], max_norm)  # (no grad: skipped)
+    assert norm == ref_norm
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref))
+    assert torch.equal(ours[0].grad, grads[0]) == (max_norm > norm)  # clipped only above max_norm
+
+
+def test_explicit_attention_training_path_matches_the_model():
+    from gpt2kit.model import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_ctx=64))
+    x = torch.randint(0, 300, (3, 40))
+    q, k, v = torch.randn(3, 3, 4, 40, 16).unbind(0)
+    torch.testing.assert_close(T.causal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    grads = []
+    for fn in (model.hidden_states, lambda ids: T.training_hidden_states(model, ids)):
+        out = fn(x)
+        out.pow(2).mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(b, a)
+    for u, w in zip(ga, gb):
+        torch.testing.assert_close(w, u, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a16, b16 = model.hidden_states(x), T.training_hidden_states(model, x)
+    assert (a16 - b16).abs().max() < 0.05  # bf16 rounding apart
+    assert (a16 - a).abs().max() > 1e-4  # (autocast did compute in bf16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -140,6 +209,38 @@ def test_loss_falls_outputs_checkpoints_and_finetune(shards, tmp_path):
     ft = tmp_path / "ft"
     T.train(cfg_for(shards, ft, init_from=str(out / "latest"), max_steps=2, lr=1e-5, min_lr=1e-6, warmup_steps=0))
     assert losses(ft)[1] < lo[1] - 1.0
+
+
+def test_compiled_run_equals_eager(shards, tmp_path):
+    # `compile = true` trains the same model: the losses of a few steps agree with eager mode
+    # to float rounding (inductor reorders sums), and fall.
+    import torch._dynamo
+
+    runs = {}
+    for mode in (False, True):
+        out = tmp_path / f"compile-{mode}"
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        T.train(cfg_for(shards, out, max_steps=6, eval_interval=100, tensorboard=False, compile=mode))
+        runs[mode] = losses(out)
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == mode  # really compiled
+    assert list(runs[True]) == list(range(1, 7))
+    for step, loss in runs[False].items():
+        assert abs(runs[True][step] - loss) < 1e-4 * loss, (step, runs)
+    assert runs[True][6] < runs[True][1] - 0.15, runs[True]
+
+
+def test_bf16_run_follows_the_float32_run(shards, tmp_path):
+    # dtype = "bfloat16" on CPU trains through `training_hidden_states` and the bf16 loss path:
+    # the same losses as float32 to bf16 rounding, step by step.
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        T.train(cfg_for(shards, out, max_steps=6, eval_interval=100, tensorboard=False, dtype=dtype))
+        runs[dtype] = losses(out)
+    for step, loss in runs["float32"].items():
+        assert abs(runs["bfloat16"][step] - loss) < 0.02 * loss, (step, runs)
+    assert runs["bfloat16"][6] < runs["bfloat16"][1] - 0.15, runs
 
 
 def _cli_env():
