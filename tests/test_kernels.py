@@ -156,3 +156,14 @@ def test_gelu_is_folded_once_and_only_into_packed_projections():
         assert isinstance(mlp.act, torch.nn.Identity) == (mlp.c_fc.packed is not None and mlp.c_fc.gelu)
         for m in (fast, again):
             assert (m(ids).float() - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_huge_page_copies_are_equal_independent_and_aligned():
+    tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int64), torch.randn(0), torch.randn(2, 2).bfloat16()[:, 1]]
+    copies = kernels.huge_page_copies(tensors)
+    for t, c in zip(tensors, copies):
+        assert c.dtype == t.dtype and c.shape == t.shape and c.is_contiguous() and torch.equal(c, t)
+        assert c.data_ptr() % 64 == 0 or c.numel() == 0
+    tensors[0].zero_()
+    assert copies[0].abs().sum() > 0  # a copy, not a view of the original
+    assert kernels.huge_page_copies([]) == []

@@ -488,6 +488,12 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
         return model
     fast = model if inplace else copy.deepcopy(model)
     fast.eval()
+    if matvec:  # the weights that decoding streams, on transparent huge pages (see kernels.huge_page_copies)
+        params = {id(p): p for m in fast.modules() if type(m) is torch.nn.Linear for p in m.parameters()}
+        params = [*params.values(), fast.transformer.wte.weight]
+        with torch.no_grad():
+            for p, moved in zip(params, kernels.huge_page_copies([p.detach() for p in params])):
+                p.data = moved
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
