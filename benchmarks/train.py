@@ -7,8 +7,9 @@
 
 Throughput: one optimizer step = forward + backward + AdamW (lr 6e-4, wd 0.1, betas 0.9/0.95,
 grad clip 1.0) on the same random batch, for the gpt2 shape (124M) and the demo's model, in
-float32 and bf16 autocast. gpt2kit: the training loss module of `gpt2kit.train` (with bf16 on CPU,
-`training_hidden_states`' explicit attention) + the chunked linear cross-entropy + fused AdamW,
+float32 and bf16 autocast. gpt2kit: the training loss module of `gpt2kit.train` (the model's
+attention in bf16 CPU training: `gpt2kit.model.causal_attention`) + the chunked linear
+cross-entropy + fused AdamW,
 eager and under `torch.compile` (as `compile = true` runs it). Peer: a plain eager loop around
 `transformers.GPT2LMHeadModel(labels=...)` + `torch.optim.AdamW` (its default foreach
 implementation), as issue #9 specifies; with compile, the same loop under `torch.compile` is
@@ -30,8 +31,7 @@ import time
 import torch
 
 from gpt2kit.model import GPT2, GPT2Config
-from gpt2kit.train import (TrainConfig, _loss_module, clip_gradients, flops_per_token, measure_matmul_peak,
-                           uses_explicit_attention)
+from gpt2kit.train import _loss_module, clip_gradients, flops_per_token, measure_matmul_peak
 
 SHAPES = {
     # name: (config, batch, block)
@@ -48,7 +48,7 @@ def _autocast(dtype: str):
 def ours(config: GPT2Config, dtype: str, compile: bool = False):
     torch.manual_seed(0)
     model = GPT2(config)
-    loss_mod = _loss_module(model, explicit_attention=uses_explicit_attention(TrainConfig(dtype=dtype), "cpu"))
+    loss_mod = _loss_module(model)
     fn = torch.compile(loss_mod) if compile else loss_mod
     opt = torch.optim.AdamW(model.parameters(), fused=True, **OPT)
 

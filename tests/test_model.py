@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from gpt2kit.errors import ConfigError
-from gpt2kit.model import GPT2, PRESETS, GPT2Config, KVCache
+from gpt2kit.model import GPT2, PRESETS, GPT2Config, KVCache, causal_attention
 from gpt2kit.weights import hf_config_dict, to_hf_state_dict
 
 torch.manual_seed(0)
@@ -137,6 +137,27 @@ def test_bf16_cached_decoding_matches_bf16_full_forward():
     cached = torch.cat(steps, 1).float()
     scale = full[mask.bool()].abs().max()
     assert (cached - full)[mask.bool()].abs().max() <= 0.02 * scale  # bf16 rounding, not a bug
+
+
+def test_bf16_training_attention_matches_sdpa():
+    # causal_attention (bf16 training on CPU) against SDPA: values and gradients in fp32, and the
+    # model in train mode under bf16 autocast (which takes it) against eval mode (SDPA)
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, 3, 4, 40, 16).unbind(0))
+    ours = causal_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model = GPT2(small("gpt2", vocab_size=300))
+    x = torch.randint(0, 300, (3, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_h = model.train().hidden_states(x)
+        eval_h = model.eval().hidden_states(x)
+    full = model.hidden_states(x)
+    assert (train_h - eval_h).abs().max() < 0.05  # bf16 rounding apart
+    assert (train_h - full).abs().max() > 1e-4  # (autocast did compute in bf16)
 
 
 def test_cache_without_padding_and_its_limits():

@@ -158,30 +158,6 @@ def test_clip_gradients_equals_clip_grad_norm(max_norm):
     assert torch.equal(ours[0].grad, grads[0]) == (max_norm > norm)  # clipped only above max_norm
 
 
-def test_explicit_attention_training_path_matches_the_model():
-    from gpt2kit.model import GPT2, GPT2Config
-
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_ctx=64))
-    x = torch.randint(0, 300, (3, 40))
-    q, k, v = torch.randn(3, 3, 4, 40, 16).unbind(0)
-    torch.testing.assert_close(T.causal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    grads = []
-    for fn in (model.hidden_states, lambda ids: T.training_hidden_states(model, ids)):
-        out = fn(x)
-        out.pow(2).mean().backward()
-        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-        model.zero_grad(set_to_none=True)
-    (a, ga), (b, gb) = grads
-    torch.testing.assert_close(b, a)
-    for u, w in zip(ga, gb):
-        torch.testing.assert_close(w, u, rtol=1e-4, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        a16, b16 = model.hidden_states(x), T.training_hidden_states(model, x)
-    assert (a16 - b16).abs().max() < 0.05  # bf16 rounding apart
-    assert (a16 - a).abs().max() > 1e-4  # (autocast did compute in bf16)
-
-
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -231,7 +207,7 @@ def test_compiled_run_equals_eager(shards, tmp_path):
 
 
 def test_bf16_run_follows_the_float32_run(shards, tmp_path):
-    # dtype = "bfloat16" on CPU trains through `training_hidden_states` and the bf16 loss path:
+    # dtype = "bfloat16" on CPU trains through `model.causal_attention` and the bf16 loss path:
     # the same losses as float32 to bf16 rounding, step by step.
     runs = {}
     for dtype in ("float32", "bfloat16"):

@@ -65,12 +65,12 @@ def _measure_step_time(cfg: TrainConfig, n_vocab: int, steps: int = 3) -> float:
     import torch
 
     from .model import GPT2
-    from .train import _loss_module, _make_optimizer, _model_config, uses_explicit_attention
+    from .train import _loss_module, _make_optimizer, _model_config
 
     mc = _model_config(cfg, n_vocab)
     with torch.random.fork_rng(devices=[]):
         model = GPT2(mc)
-        loss_mod = _loss_module(model, explicit_attention=uses_explicit_attention(cfg, "cpu"))
+        loss_mod = _loss_module(model)
         opt = _make_optimizer(cfg, loss_mod, torch.device("cpu"), False)
         block = cfg.block_size or mc.n_ctx
         micro = cfg.micro_batch_size or cfg.batch_size

@@ -141,6 +141,20 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention of (B, nh, T, hs) queries, keys and values as two batched matmuls,
+    the scale and the causal mask folded into the first (`baddbmm`). For bf16 training on CPU:
+    forward + backward take 2-3x less time than SDPA's flash kernel, whose bf16 backward is slow
+    there. The scores are rounded to bf16 before the softmax (which computes in fp32), as in
+    transformers' eager attention; inference keeps SDPA."""
+    B, nh, T, hs = q.shape
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # 0 on and below the diagonal
+    att = torch.baddbmm(mask, q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs).transpose(1, 2),
+                        alpha=hs ** -0.5).softmax(-1)  # (B*nh, T, T)
+    att = F.dropout(att, dropout_p) if dropout_p else att
+    return (att @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -159,8 +173,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), in the cache's dtype (see new_kv_cache)
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        if self.training and is_causal and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            y = causal_attention(q, k, v, self.dropout)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.to(q.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

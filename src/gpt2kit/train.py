@@ -4,9 +4,7 @@
     summary = train(cfg)
 
 The pieces are small functions: `lr_at` (warm-up then cosine), `linear_cross_entropy` (the loss
-without materializing all logits), `training_hidden_states` (the model's forward with attention as
-explicit matmuls, the faster kernel for bf16 on CPU), `Checkpoints` (atomic folders, last K and the
-best), `train`.
+without materializing all logits), `Checkpoints` (atomic folders, last K and the best), `train`.
 Batches come from `gpt2kit.data`: the windows of step s are a pure function of (seed, s), so the
 data position of a run is its step.
 
@@ -319,53 +317,6 @@ def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None):
     return _LinearCrossEntropy.get().apply(h.reshape(-1, C), weight, targets.reshape(-1), chunk)
 
 
-def causal_bias(T: int, dtype, device):
-    """(T, T) additive causal mask: 0 on and below the diagonal, -inf above."""
-    torch = _import_torch()
-    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
-
-
-def causal_attention(q, k, v, *, dropout_p: float = 0.0, bias=None):
-    """Causal softmax attention of (B, nh, T, hs) queries, keys and values, as two batched
-    matmuls with the scale and the causal mask (`bias`, default `causal_bias`) folded into the
-    first (`baddbmm`). For bf16 training on CPU, forward + backward take 2-3x less time than
-    SDPA's flash kernel (whose bf16 backward is slow there); `softmax` computes in float32."""
-    torch = _import_torch()
-    B, nh, T, hs = q.shape
-    if bias is None:
-        bias = causal_bias(T, q.dtype, q.device)
-    att = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs).transpose(1, 2),
-                        alpha=hs ** -0.5).softmax(-1)  # (B*nh, T, T)
-    if dropout_p:
-        att = torch.nn.functional.dropout(att, dropout_p)
-    return (att @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
-
-
-def training_hidden_states(model, x):
-    """`model.hidden_states(x)` for a training batch (no padding, no cache), with attention by
-    `causal_attention`: the bf16 CPU training path (tests check it against `hidden_states`)."""
-    torch = _import_torch()
-    tr = model.transformer
-    B, T = x.shape
-    h = tr.drop(tr.wte(x) + tr.wpe(torch.arange(T, device=x.device)))  # (B, T, C)
-    bias = None
-    for block in tr.h:
-        a = block.attn
-        qkv = a.c_attn(block.ln_1(h)).view(B, T, 3, a.n_head, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        if bias is None:
-            bias = causal_bias(T, qkv.dtype, x.device)  # one mask for all layers
-        y = causal_attention(qkv[0], qkv[1], qkv[2], dropout_p=a.dropout if model.training else 0.0, bias=bias)
-        h = h + a.resid_dropout(a.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
-        h = h + block.mlp(block.ln_2(h))
-    return tr.ln_f(h)
-
-
-def uses_explicit_attention(cfg: TrainConfig, device_type: str, fsdp: bool = False) -> bool:
-    """Whether training runs attention as `causal_attention`: for bf16 on CPU (where it is the
-    faster kernel), not under FSDP (whose hooks are on the blocks' forward)."""
-    return device_type == "cpu" and cfg.dtype == "bfloat16" and not fsdp
-
-
 def clip_gradients(parameters, max_norm: float):
     """`clip_grad_norm_`, except that on CPU gradients whose norm is within `max_norm` are left
     alone instead of being multiplied by 1.0 (a pass over every gradient). Returns the norm."""
@@ -380,9 +331,8 @@ def clip_gradients(parameters, max_norm: float):
     return norm
 
 
-def _loss_module(model, *, explicit_attention: bool = False):
-    """An nn.Module whose forward is the training loss, so that DDP/FSDP see a plain forward;
-    with `explicit_attention`, batches go through `training_hidden_states`."""
+def _loss_module(model):
+    """An nn.Module whose forward is the training loss, so that DDP/FSDP see a plain forward."""
     torch = _import_torch()
 
     class LMLoss(torch.nn.Module):
@@ -391,10 +341,7 @@ def _loss_module(model, *, explicit_attention: bool = False):
             self.model = model
 
         def forward(self, x, y):
-            if explicit_attention:
-                h = training_hidden_states(self.model, x)  # (B, T, C)
-            else:
-                h = self.model.hidden_states(x)  # (B, T, C)
+            h = self.model.hidden_states(x)  # (B, T, C)
             w, V = self.model.transformer.wte.weight, self.model.config.vocab_size
             # (a slice, even a full one, would cost a zero-filled copy of the gradient in backward)
             return linear_cross_entropy(h, w if w.shape[0] == V else w[:V], y)
@@ -826,7 +773,7 @@ def train(cfg: TrainConfig) -> dict:
     model.to(device)
     raw_model = model
 
-    loss_mod = _loss_module(model, explicit_attention=uses_explicit_attention(cfg, device.type, cfg.fsdp and dist_.enabled))
+    loss_mod = _loss_module(model)
     if dist_.enabled and cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
