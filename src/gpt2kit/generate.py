@@ -474,9 +474,9 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     fastest (`_CPULinear`): gpt2kit's matrix-vector kernel for decoding where it builds, and
     oneDNN-packed weights for prompts (every layer in bf16; in fp32 the output layer, when the
     kernel is there: this keeps a second, packed copy of those weights). Without the kernel,
-    fp32 weights are stored input-major for decoding instead (`_InputMajorLinear`). Inference only: the parameters no
-    longer train. Logits equal the original's up to float rounding. A model in another dtype or
-    on a GPU is returned as is."""
+    fp32 weights are stored input-major for decoding instead (`_InputMajorLinear`). Inference
+    only: the parameters no longer train. Logits equal the original's up to float rounding. A
+    model in another dtype or on a GPU is returned as is."""
     import copy
 
     weight = model.transformer.wte.weight
