@@ -62,69 +62,60 @@ inline void reduce_tile(__m512 (&acc)[MM][RR], float out[kCols][kRows]) {
   }
 }
 
+// What differs between the element types: how many fill a 512-bit register, how to load them
+// (all, or the first n with zeros after), and the multiply-add into fp32 sums.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<uint16_t> {  // bf16: VDPBF16PS adds the products of adjacent pairs into each fp32 lane
+  using Vec = __m512bh;
+  static constexpr int64_t kCount = 32;
+  static Vec load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Vec load_first(const uint16_t* p, int64_t n) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
+  }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+
+template <>
+struct Lanes<float> {
+  using Vec = __m512;
+  static constexpr int64_t kCount = 16;
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load_first(const float* p, int64_t n) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
 // out[m][r] = dot(x row m, w row r) for RR weight rows and MM x rows.
-template <int RR, int MM>
-inline void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ahead, float out[kCols][kRows]) {
-  __m512 acc[MM][RR];
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh wv[RR];
-    for (int r = 0; r < RR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + r * K + k), _MM_HINT_T1);
-      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-    }
-    for (int m = 0; m < MM; ++m) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
-    }
-  }
-  if (k < K) {  // masked tail: lanes past K load as zeros
-    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
-    __m512bh wv[RR];
-    for (int r = 0; r < RR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
-    for (int m = 0; m < MM; ++m) {
-      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
-    }
-  }
-  reduce_tile<RR, MM>(acc, out);
-}
-
-template <int RR, int MM>
-inline void tile_f32(const float* x, int64_t K, const float* w, int64_t ahead, float out[kCols][kRows]) {
-  __m512 acc[MM][RR];
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[RR];
-    for (int r = 0; r < RR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + r * K + k), _MM_HINT_T1);
-      wv[r] = _mm512_loadu_ps(w + r * K + k);
-    }
-    for (int m = 0; m < MM; ++m) {
-      __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[RR];
-    for (int r = 0; r < RR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + r * K + k);
-    for (int m = 0; m < MM; ++m) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  reduce_tile<RR, MM>(acc, out);
-}
-
 template <typename T, int RR, int MM>
 inline void tile(const T* x, int64_t K, const T* w, int64_t ahead, float out[kCols][kRows]) {
-  if constexpr (sizeof(T) == 2) tile_bf16<RR, MM>(x, K, w, ahead, out);
-  else tile_f32<RR, MM>(x, K, w, ahead, out);
+  using L = Lanes<T>;
+  __m512 acc[MM][RR];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
+  auto accumulate = [&](int64_t k, auto load_w, auto load_x) {
+    typename L::Vec wv[RR];
+    for (int r = 0; r < RR; ++r) wv[r] = load_w(w + r * K + k);
+    for (int m = 0; m < MM; ++m) {
+      const typename L::Vec xv = load_x(x + m * K + k);
+      for (int r = 0; r < RR; ++r) acc[m][r] = L::madd(acc[m][r], wv[r], xv);
+    }
+  };
+  const auto load = [](const T* p) { return L::load(p); };
+  const auto fetch_ahead_and_load = [ahead](const T* p) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
+    return L::load(p);
+  };
+  int64_t k = 0;
+  for (; k + L::kCount <= K; k += L::kCount) accumulate(k, fetch_ahead_and_load, load);
+  if (k < K) {  // the tail: lanes past K load as zeros
+    const auto load_first = [n = K - k](const T* p) { return L::load_first(p, n); };
+    accumulate(k, load_first, load_first);
+  }
+  reduce_tile<RR, MM>(acc, out);
 }
 
 template <typename T, int RR>
