@@ -21,12 +21,18 @@ def test_kernels_build_wherever_they_can():
     # CI and the development machine have g++ and AVX-512: a broken build must fail here, not
     # silently fall back to the slow path.
     assert kernels.available(torch.float32) == CAN_BUILD
-    assert kernels.available(torch.bfloat16) == (CAN_BUILD and torch.cpu._is_avx512_bf16_supported())
+    assert kernels.available(torch.bfloat16) == CAN_BUILD  # widened to fp32 where the CPU has no bf16 unit
     assert not kernels.available(torch.float16)
+    assert kernels.native_bf16() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _bf16_kernels() -> list[str]:
+    """The bf16 variants this CPU can run: the widening one everywhere, VDPBF16PS where native."""
+    return ["widened", "native"] if kernels.native_bf16() else ["widened"]
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 100, 37), (4, 33, 5), (5, 3072, 9), (16, 64, 130), (1, 7, 1)])
-def test_matvec_equals_linear(M, K, N):
+def test_matvec_equals_linear(M, K, N, monkeypatch):
     if not CAN_BUILD:
         assert not kernels.available(torch.float32)
         return
@@ -38,17 +44,17 @@ def test_matvec_equals_linear(M, K, N):
         assert got.dtype == torch.float32 and got.shape == (M, N)
         want = exact if bias is not None else exact - b.double()
         assert (got.double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())  # fp32 summation order only
-    if not kernels.available(torch.bfloat16):
-        return
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-    got = kernels.matvec(xb, wb, bb)
-    # the fp32 sum of the bf16 products, rounded once to bf16: at most half a bf16 ulp off
-    # (plus fp32 summation error), exactly what torch's own bf16 linear achieves
     exact = F.linear(xb.double(), wb.double(), bb.double())
     ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
-    assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= 0.5 * ulp + 1e-4).all()
     torch_err = (F.linear(xb, wb, bb).double() - exact).abs().max()
-    assert (got.double() - exact).abs().max() <= torch_err + 1e-4
+    for variant in _bf16_kernels():
+        monkeypatch.setattr(kernels, "native_bf16", lambda: variant == "native")
+        got = kernels.matvec(xb, wb, bb)
+        # the fp32 sum of the bf16 products, rounded once to bf16: at most half a bf16 ulp off
+        # (plus fp32 summation error), exactly what torch's own bf16 linear achieves
+        assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= 0.5 * ulp + 1e-4).all(), variant
+        assert (got.double() - exact).abs().max() <= torch_err + 1e-4, variant
 
 
 def test_matvec_is_deterministic_across_thread_counts_and_rejects_bad_input():
@@ -93,6 +99,47 @@ def test_cpu_linear_paths_agree_for_few_and_many_rows():
         for bad in (torch.randn(1, 47).to(dtype), torch.randn(1, 48).double()):  # never into the kernel
             with pytest.raises(RuntimeError):
                 fast(bad)
+
+
+def test_bf16_prompts_multiply_in_fp32_where_the_cpu_has_no_bf16_unit(monkeypatch):
+    import gpt2kit.generate as G
+
+    monkeypatch.setattr(G, "_CHUNK_ROWS", 16)  # several weight chunks, the last one short
+    lin = torch.nn.Linear(48, 40)
+    w, b = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
+    for gelu in (False, True):
+        layer = _CPULinear(w, b, matvec=False, packed=False, widen=True, gelu=gelu)
+        assert layer.folds_gelu
+        x = torch.randn(3, 20, 48).bfloat16()
+        exact = F.linear(x.double(), w.double(), b.double())
+        exact = F.gelu(exact, approximate="tanh") if gelu else exact
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (3, 20, 40)
+        # fp32 sums rounded once to bf16: within half a bf16 ulp (plus fp32 rounding)
+        ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+        assert ((got.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
+    assert not _CPULinear(w.float(), None, matvec=False, packed=False, widen=True).widen  # fp32 has nothing to widen
+
+
+def test_bf16_model_without_bf16_unit_runs_prompts_in_fp32(monkeypatch):
+    torch.manual_seed(2)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_ctx=64)).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        want = model(ids)  # fp32
+        bf16 = model.to(torch.bfloat16)
+        plain = bf16(ids).float()
+        monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+        fast = optimize_for_cpu(bf16)
+        assert fast.lm_head.widen and fast.transformer.h[0].mlp.c_fc.widen and fast.transformer.h[0].mlp.c_fc.gelu
+        assert fast.transformer.h[0].attn.compute_dtype == torch.float32
+        got = fast(ids)
+        assert got.dtype == torch.bfloat16
+        # the same bf16 weights: as close to the fp32 model as torch's own bf16 forward, or closer
+        assert (got.float() - want).abs().max() <= 1.5 * (plain - want).abs().max()
+        cache = fast.new_kv_cache(2)  # decoding (the kernel for few rows) continues the prompt alike
+        steps = [fast(ids[:, :30], kv_cache=cache)] + [fast(ids[:, t:t + 1], kv_cache=cache) for t in range(30, 40)]
+        torch.testing.assert_close(torch.cat(steps, 1).float(), got.float(), atol=0.05, rtol=0.05)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -153,7 +200,7 @@ def test_gelu_is_folded_once_and_only_into_packed_projections():
         fast = optimize_for_cpu(model)
         again = optimize_for_cpu(fast, inplace=True)  # optimizing twice must not drop or double the GELU
         mlp = again.transformer.h[0].mlp
-        assert isinstance(mlp.act, torch.nn.Identity) == (mlp.c_fc.packed is not None and mlp.c_fc.gelu)
+        assert isinstance(mlp.act, torch.nn.Identity) == (mlp.c_fc.folds_gelu and mlp.c_fc.gelu)
         for m in (fast, again):
             assert (m(ids).float() - want).abs().max() <= 0.03 * want.abs().max()
 

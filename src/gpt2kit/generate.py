@@ -427,37 +427,68 @@ class _CPULinear(torch.nn.Module):
     rows (decoding) go through gpt2kit's matrix-vector kernel, which streams the weight at memory
     speed (`matvec`); more rows (a prompt) through PyTorch's GEMM, optionally on a copy of the
     weight that oneDNN has pre-packed into its blocked layout (`packed`): `F.linear` re-packs a
-    bf16 weight on every call (~12% of a 1000-row product here), and for the 50257-wide output
-    layer oneDNN's packed fp32 GEMM runs 1.75x faster than `F.linear`'s.
+    bf16 weight on every call (~12% of a 1000-row product on an AMD EPYC), and for the
+    50257-wide output layer oneDNN's packed fp32 GEMM ran 1.75x faster than `F.linear`'s there
+    (as fast on a Xeon).
+
+    On a CPU without bf16 arithmetic (`kernels.native_bf16` false), PyTorch's bf16 GEMM emulates
+    it several times slower than fp32: there a bf16 layer (`widen`) multiplies many rows in fp32,
+    on fp32 copies of `_CHUNK_ROWS` weight rows at a time, and rounds each output to bf16 once.
+    The products of bf16 numbers are exact in fp32 and oneDNN sums them in fp32 too, so this is
+    the same arithmetic, only faster (and the GELU then runs before the rounding, not after).
 
     Inference only, on CPU: the weights are plain tensors, not Parameters, so `state_dict`,
     `num_params`, `.to()` and `copy.deepcopy` (of a packed copy) do not see them."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, matvec: bool, packed: bool,
-                 gelu: bool = False):
+                 gelu: bool = False, widen: bool = False):
         super().__init__()
         self.weight = weight.detach().contiguous()  # (out, in), shares the model's storage
         self.bias = None if bias is None else bias.detach()
         self.matvec = matvec
         if matvec:  # checked once here; forward checks what varies (see kernels.matvec_unchecked)
             kernels.matvec(torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype), self.weight, self.bias)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1) if packed else None  # opaque
+        self.widen = widen and self.weight.dtype == torch.bfloat16
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)  # opaque
+                       if packed and not self.widen else None)
         self.gelu = gelu  # followed by the tanh GELU (for the packed GEMM, fused into it: one pass less)
+
+    @property
+    def folds_gelu(self) -> bool:
+        """Whether a following GELU costs no extra pass when done here (`gelu=True`)."""
+        return self.packed is not None or self.widen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
         rows, n_in = flat.shape
+        out = self.weight.shape[0]
         if (self.matvec and 1 <= rows <= kernels.MAX_ROWS and n_in == self.weight.shape[1]
                 and flat.dtype == self.weight.dtype and flat.is_cpu):  # decoding
             y = kernels.matvec_unchecked(flat.contiguous(), self.weight, self.bias)
+            y = F.gelu(y, approximate="tanh") if self.gelu else y
         elif self.packed is not None:  # a prompt; the GEMM applies the GELU as it writes
             post_op = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, *post_op)
-            return y.view(*x.shape[:-1], self.weight.shape[0])  # (..., out)
+        elif self.widen:
+            y = self._widened(flat)
         else:
             y = F.linear(flat, self.weight, self.bias)
-        y = F.gelu(y, approximate="tanh") if self.gelu else y
-        return y.view(*x.shape[:-1], self.weight.shape[0])  # (..., out)
+            y = F.gelu(y, approximate="tanh") if self.gelu else y
+        return y.view(*x.shape[:-1], out)  # (..., out)
+
+    def _widened(self, flat: torch.Tensor) -> torch.Tensor:
+        x = flat.float()  # (N, in)
+        out = self.weight.shape[0]
+        y = torch.empty(x.shape[0], out, dtype=flat.dtype)  # (N, out)
+        for start in range(0, out, _CHUNK_ROWS):
+            w = self.weight[start:start + _CHUNK_ROWS].float()
+            b = None if self.bias is None else self.bias[start:start + _CHUNK_ROWS].float()
+            part = F.linear(x, w, b)
+            y[:, start:start + len(w)] = F.gelu(part, approximate="tanh") if self.gelu else part  # rounded once
+        return y
+
+
+_CHUNK_ROWS = 4096  # weight rows widened at a time: 12 MB of fp32 for 768 inputs
 
 
 @functools.cache
@@ -473,7 +504,8 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     """The model with its projections and tied output layer in the forms CPU inference runs
     fastest (`_CPULinear`): gpt2kit's matrix-vector kernel for decoding where it builds, and
     oneDNN-packed weights for prompts (every layer in bf16; in fp32 the output layer, when the
-    kernel is there: this keeps a second, packed copy of those weights). Without the kernel,
+    kernel is there: this keeps a second, packed copy of those weights); on a CPU without bf16
+    arithmetic, bf16 prompts multiply in fp32 and attention runs in fp32. Without the kernel,
     fp32 weights are stored input-major for decoding instead (`_InputMajorLinear`). Inference
     only: the parameters no longer train. Logits equal the original's up to float rounding. A
     model in another dtype or on a GPU is returned as is."""
@@ -482,9 +514,10 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     weight = model.transformer.wte.weight
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return model
-    matvec, packed = kernels.available(weight.dtype), _packing_works(weight.dtype)
     bf16 = weight.dtype == torch.bfloat16
-    if bf16 and not (matvec or packed):
+    widen = bf16 and not kernels.native_bf16()  # see _CPULinear
+    matvec, packed = kernels.available(weight.dtype), _packing_works(weight.dtype) and not widen
+    if bf16 and not (matvec or packed or widen):
         return model
     fast = model if inplace else copy.deepcopy(model)
     fast.eval()
@@ -497,14 +530,17 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, _CPULinear(child.weight, child.bias, matvec=matvec, packed=bf16 and packed)
-                        if matvec or bf16 else _InputMajorLinear(child))
-    for block in fast.transformer.h:  # fold the MLP's GELU into a packed first projection (applied as it writes)
+                setattr(module, name, _CPULinear(child.weight, child.bias, matvec=matvec, packed=bf16 and packed,
+                                                 widen=widen) if matvec or bf16 else _InputMajorLinear(child))
+    for block in fast.transformer.h:  # fold the MLP's GELU into its first projection (applied as it writes)
+        if widen:  # SDPA's bf16 kernel multiplies in bf16 too
+            block.attn.compute_dtype = torch.float32
         c_fc = block.mlp.c_fc
-        if isinstance(c_fc, _CPULinear) and c_fc.packed is not None and not c_fc.gelu:
+        if isinstance(c_fc, _CPULinear) and c_fc.folds_gelu and not c_fc.gelu:
             c_fc.gelu, block.mlp.act = True, torch.nn.Identity()
     if matvec or bf16:  # the output layer reads the embedding's first vocab_size rows as they are
-        head = _CPULinear(fast.transformer.wte.weight[: fast.config.vocab_size], None, matvec=matvec, packed=packed)
+        head = _CPULinear(fast.transformer.wte.weight[: fast.config.vocab_size], None, matvec=matvec, packed=packed,
+                          widen=widen)
     else:
         embedding = _InputMajorEmbedding(fast.transformer.wte.weight, fast.config.vocab_size)
         fast.transformer.wte = embedding

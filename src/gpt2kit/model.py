@@ -163,6 +163,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # the dtype attention computes in when not its inputs' (inference forms set it: see
+        # gpt2kit.generate.optimize_for_cpu); a KV cache's dtype wins
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -176,7 +179,8 @@ class CausalSelfAttention(nn.Module):
         if self.training and is_causal and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             y = causal_attention(q, k, v, self.dropout)  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
+            dt = self.compute_dtype if kv_cache is None and self.compute_dtype is not None else k.dtype
+            y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.to(q.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))

@@ -5,8 +5,10 @@
 // memory. Each thread takes a contiguous range of output rows and walks it 4 rows at a time over
 // the whole K: the weights are read once, sequentially, and every x row is reused from L1 for
 // those 4 weight rows. Accumulation is in fp32 (AVX-512 FMA; for bf16, the VDPBF16PS pair
-// products, which treat denormals as zero), a bias is added in fp32, and bf16 outputs are rounded
-// once, to nearest even, as PyTorch rounds (a NaN becomes the canonical quiet NaN).
+// products, which treat denormals as zero, or, on CPUs without AVX512-BF16, bf16 widened to fp32
+// and FMA), a bias is added in fp32, and bf16 outputs are rounded once, to nearest even, as
+// PyTorch rounds (a NaN becomes the canonical quiet NaN). Only `gpt2kit_matvec_bf16` executes
+// AVX512-BF16 instructions; the caller checks the CPU before calling it.
 //
 // Built by gpt2kit/kernels.py with the system C++ compiler (-O3 -std=c++17 -mavx512f -mavx512bw
 // -mavx512vl -mavx512bf16 -fopenmp); OpenMP resolves to the libgomp that PyTorch has already
@@ -62,24 +64,10 @@ inline void reduce_tile(__m512 (&acc)[MM][RR], float out[kCols][kRows]) {
   }
 }
 
-// What differs between the element types: how many fill a 512-bit register, how to load them
-// (all, or the first n with zeros after), and the multiply-add into fp32 sums.
-template <typename T>
-struct Lanes;
-
-template <>
-struct Lanes<uint16_t> {  // bf16: VDPBF16PS adds the products of adjacent pairs into each fp32 lane
-  using Vec = __m512bh;
-  static constexpr int64_t kCount = 32;
-  static Vec load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
-  static Vec load_first(const uint16_t* p, int64_t n) {
-    return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
-  }
-  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
-};
-
-template <>
-struct Lanes<float> {
+// What differs between the element kinds: the element type, how many fill a 512-bit register, how
+// to load them (all, or the first n with zeros after), and the multiply-add into fp32 sums.
+struct F32 {
+  using T = float;
   using Vec = __m512;
   static constexpr int64_t kCount = 16;
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
@@ -89,10 +77,34 @@ struct Lanes<float> {
   static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
 };
 
+struct Bf16Pairs {  // bf16 on CPUs with AVX512-BF16: VDPBF16PS adds adjacent pair products into fp32 lanes
+  using T = uint16_t;
+  using Vec = __m512bh;
+  static constexpr int64_t kCount = 32;
+  static Vec load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Vec load_first(const uint16_t* p, int64_t n) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
+  }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+
+struct Bf16Widened {  // bf16 on any AVX-512 CPU: a bf16 is the top half of an fp32, so widen and FMA
+  using T = uint16_t;
+  using Vec = __m512;
+  static constexpr int64_t kCount = 16;
+  static Vec widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static Vec load(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static Vec load_first(const uint16_t* p, int64_t n) {
+    return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+  }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
 // out[m][r] = dot(x row m, w row r) for RR weight rows and MM x rows.
-template <typename T, int RR, int MM>
-inline void tile(const T* x, int64_t K, const T* w, int64_t ahead, float out[kCols][kRows]) {
-  using L = Lanes<T>;
+template <typename L, int RR, int MM>
+inline void tile(const typename L::T* x, int64_t K, const typename L::T* w, int64_t ahead,
+                 float out[kCols][kRows]) {
+  using T = typename L::T;
   __m512 acc[MM][RR];
   for (int m = 0; m < MM; ++m)
     for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -118,13 +130,14 @@ inline void tile(const T* x, int64_t K, const T* w, int64_t ahead, float out[kCo
   reduce_tile<RR, MM>(acc, out);
 }
 
-template <typename T, int RR>
-inline void tile_any_m(const T* x, int64_t K, const T* w, int64_t ahead, int mm, float out[kCols][kRows]) {
+template <typename L, int RR>
+inline void tile_any_m(const typename L::T* x, int64_t K, const typename L::T* w, int64_t ahead, int mm,
+                       float out[kCols][kRows]) {
   switch (mm) {
-    case 1: tile<T, RR, 1>(x, K, w, ahead, out); break;
-    case 2: tile<T, RR, 2>(x, K, w, ahead, out); break;
-    case 3: tile<T, RR, 3>(x, K, w, ahead, out); break;
-    default: tile<T, RR, 4>(x, K, w, ahead, out); break;
+    case 1: tile<L, RR, 1>(x, K, w, ahead, out); break;
+    case 2: tile<L, RR, 2>(x, K, w, ahead, out); break;
+    case 3: tile<L, RR, 3>(x, K, w, ahead, out); break;
+    default: tile<L, RR, 4>(x, K, w, ahead, out); break;
   }
 }
 
@@ -133,7 +146,7 @@ inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
-template <typename T>
+template <typename L, typename T = typename L::T>
 void matvec(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, int64_t N, int threads) {
   const int64_t tiles = (N + kRows - 1) / kRows;
   const int64_t tile_bytes = kRows * K * static_cast<int64_t>(sizeof(T));
@@ -146,11 +159,11 @@ void matvec(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, i
       const int mm = M - m0 < kCols ? static_cast<int>(M - m0) : kCols;
       float out[kCols][kRows];
       if (rows == kRows) {
-        tile_any_m<T, kRows>(x + m0 * K, K, w + n * K, ahead, mm, out);
+        tile_any_m<L, kRows>(x + m0 * K, K, w + n * K, ahead, mm, out);
       } else {  // the last few rows, one at a time
         for (int r = 0; r < rows; ++r) {
           float one[kCols][kRows];
-          tile_any_m<T, 1>(x + m0 * K, K, w + (n + r) * K, ahead, mm, one);
+          tile_any_m<L, 1>(x + m0 * K, K, w + (n + r) * K, ahead, mm, one);
           for (int m = 0; m < mm; ++m) out[m][r] = one[m][0];
         }
       }
@@ -167,12 +180,17 @@ extern "C" {
 
 void gpt2kit_matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias,
                          uint16_t* y, int64_t N, int threads) {
-  matvec<uint16_t>(x, M, K, w, bias, y, N, threads);
+  matvec<Bf16Pairs>(x, M, K, w, bias, y, N, threads);
+}
+
+void gpt2kit_matvec_bf16_widened(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+                                 const uint16_t* bias, uint16_t* y, int64_t N, int threads) {
+  matvec<Bf16Widened>(x, M, K, w, bias, y, N, threads);
 }
 
 void gpt2kit_matvec_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y,
                         int64_t N, int threads) {
-  matvec<float>(x, M, K, w, bias, y, N, threads);
+  matvec<F32>(x, M, K, w, bias, y, N, threads);
 }
 
 }  // extern "C"
