@@ -219,6 +219,23 @@ def test_bf16_run_follows_the_float32_run(shards, tmp_path):
     assert runs["bfloat16"][6] < runs["bfloat16"][1] - 0.15, runs
 
 
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_it(shards, tmp_path, monkeypatch, caplog):
+    from gpt2kit import kernels
+
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    assert T.resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    assert T.resolve_dtype("auto", "cpu") == "float32" and T.resolve_dtype("float32", "cpu") == "float32"
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):
+        assert T.resolve_dtype("bfloat16", "cpu") == "bfloat16"  # asked for: kept, with a warning
+    assert "no bf16 arithmetic" in caplog.text
+    runs = {}  # on such a CPU, a run with dtype "auto" is the float32 run, loss for loss
+    for dtype in ("float32", "auto"):
+        T.train(cfg_for(shards, tmp_path / dtype, max_steps=3, eval_interval=100, tensorboard=False, dtype=dtype))
+        runs[dtype] = losses(tmp_path / dtype)
+    assert runs["auto"] == runs["float32"] and len(runs["auto"]) == 3
+
+
 def _cli_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

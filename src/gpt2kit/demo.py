@@ -27,20 +27,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .train import TrainConfig, make_config
+from .train import TrainConfig, _resolve_device, make_config, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 # The demo's settings, chosen for the best held-out bits/char after ~10 minutes on 2 CPU cores
 # (docs/benchmarks.md has the measurements). A 4096-token BPE vocabulary makes a token about
 # 3.2 characters of Shakespeare, so a small model sees ~3x more text per FLOP than a
-# character-level one; bf16 autocast uses the CPU's bf16 matrix instructions.
+# character-level one. bf16 autocast where the CPU has bf16 matrix instructions (dtype "auto"):
+# twice the fp32 speed there, several times slower than fp32 where they are missing.
 DEMO_VOCAB = 4096
 DEMO_VAL_FRACTION = 0.05
 DEMO_TRAIN: dict[str, Any] = dict(
     model="mini", n_layer=4, n_head=4, n_embd=256, block_size=128,
     batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.1,
-    beta2=0.99, grad_clip=1.0, dropout=0.0, dtype="bfloat16",
+    beta2=0.99, grad_clip=1.0, dropout=0.0, dtype="auto",
 )
 SAMPLE_TOKENS = 120
 
@@ -193,6 +194,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
     values.update(data=str(data_dir), out_dir=str(run_dir), seed=seed, progress=progress,
                   threads=threads, keep_last=1)
     cfg = make_config(values, source="demo")
+    cfg = make_config({"dtype": resolve_dtype(cfg.dtype, _resolve_device(cfg, 0).type)}, source="demo", base=cfg)
     log.info("3/5 measuring the step time to fit the schedule into %.1f minutes", minutes)
     budget_s = 60.0 * minutes
     step_s = _measure_step_time(cfg, n_vocab)

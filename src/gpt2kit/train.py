@@ -76,7 +76,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0          # 0 = off
     # execution
-    dtype: str = "float32"          # float32 | bfloat16 (autocast; weights stay float32)
+    dtype: str = "float32"          # float32 | bfloat16 (autocast; weights stay float32) | auto (see resolve_dtype)
     compile: bool = False
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     threads: int = 0                # torch CPU threads; 0 = torch's default
@@ -141,8 +141,8 @@ def make_config(values: Mapping[str, Any], *, source: str = "config", base: Trai
 
 
 def _validate(cfg: TrainConfig, source: str) -> None:
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"{source}: dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if cfg.dtype not in ("float32", "bfloat16", "auto"):
+        raise ConfigError(f"{source}: dtype must be 'float32', 'bfloat16' or 'auto', got {cfg.dtype!r}")
     for k in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches", "keep_last"):
         if getattr(cfg, k) < 1:
             raise ConfigError(f"{source}: {k} must be at least 1, got {getattr(cfg, k)}")
@@ -202,6 +202,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 
 # ---------------------------------------------------------------------------------------------
 # Schedule and loss (pure)
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """The compute dtype a run uses: "auto" is bfloat16 where the device multiplies bf16 in
+    hardware (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and float32 elsewhere,
+    where bf16 autocast would run several times slower than float32. An explicit "bfloat16" on
+    such a CPU is kept, with a warning."""
+    import torch
+
+    from . import kernels
+
+    native = torch.cuda.is_bf16_supported() if device_type == "cuda" else kernels.native_bf16()
+    if dtype == "auto":
+        return "bfloat16" if native else "float32"
+    if dtype == "bfloat16" and device_type == "cpu" and not native:
+        log.warning("this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): bfloat16 autocast runs several times "
+                    "slower than float32 here; dtype = 'auto' picks the faster one")
+    return dtype
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -809,9 +827,10 @@ def train(cfg: TrainConfig) -> dict:
     else:
         torch.manual_seed(cfg.seed + dist_.rank)  # dropout streams differ per rank
 
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    dtype = resolve_dtype(cfg.dtype, device.type)
+    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (
-        measure_matmul_peak(device.type, cfg.dtype) if dist_.main else 1.0)
+        measure_matmul_peak(device.type, dtype) if dist_.main else 1.0)
     fpt = flops_per_token(mc, block)
     monitor = Monitor(out, cfg, start_step if state is not None else None) if dist_.main else None
     eval_offsets = None
@@ -887,7 +906,7 @@ def train(cfg: TrainConfig) -> dict:
     if dist_.main:
         log.info("model %s: %.2fM parameters, block %d, batch %d x %d tokens (%d rank(s) x %d micro x %d accumulation), %s",
                  cfg.init_from or cfg.model, raw_model.num_params() / 1e6, block, cfg.batch_size, block,
-                 world, micro, accum, cfg.dtype)
+                 world, micro, accum, dtype)
 
     t_start = time.perf_counter()
     t_last = t_start
