@@ -175,7 +175,7 @@ def test_without_kernels_inference_falls_back_to_pytorch(tmp_path):
     if CAN_BUILD:  # a fresh cache folder: the kernel is built there and used
         built = _run(code, GPT2KIT_CACHE=str(tmp_path))
         assert built.stdout.split() == ["True", "_CPULinear", "True"], built.stderr
-        assert list((tmp_path / "kernels").glob("matvec-*.so"))
+        assert list((tmp_path / "kernels").glob("gpt2kit-*.so"))
 
 
 def test_optimized_model_decodes_like_the_original():
@@ -214,3 +214,81 @@ def test_huge_page_copies_are_equal_independent_and_aligned():
     tensors[0].zero_()
     assert copies[0].abs().sum() > 0  # a copy, not a view of the original
     assert kernels.huge_page_copies([]) == []
+
+
+def _gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU in float64 as x * sigmoid(2u), which, unlike 1 + tanh(u), does not cancel
+    for x << 0 (where even float64's tanh form rounds to 0 below x ~ -7)."""
+    return x * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))
+
+
+def test_gelu_kernel_matches_the_exact_function_and_its_derivative():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70001, generator=g) * 4  # not a multiple of the 16 lanes or of a thread's block
+    x[:9] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, -9.0, 1e4, -1e4])
+    gy = torch.randn(70001, generator=g)
+    xr = x.clone().requires_grad_()
+    y = kernels.gelu(xr)
+    y.backward(gy)
+    xd = x.double().requires_grad_()
+    want = _gelu_exact(xd)
+    want.backward(gy.double())
+    if CAN_BUILD:
+        assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_GELUBackward"
+    # within a few fp32 ulps of the value, times exp's condition number |2u| (the argument -2u is
+    # itself an fp32 number), and of 1e-37 absolutely (tails in fp32's denormal range)
+    cond = 1 + (2 * (2 / torch.pi) ** 0.5 * (x.double() + 0.044715 * x.double() ** 3)).abs()
+    assert ((y.double() - want).abs() <= 4 * 2.0 ** -23 * cond * want.abs() + 1e-37).all()
+    assert ((xr.grad.double() - xd.grad).abs() <= 1e-6 * (1 + gy.double().abs())).all()
+    assert torch.equal(y[:2], torch.tensor([0.0, -0.0])) and torch.equal(torch.signbit(y[:2]), torch.tensor([False, True]))
+    # for x << 0, where PyTorch's 1 + tanh(u) cancels, it is far more accurate than PyTorch's
+    tail = (x < -5) & (want.detach().abs() > 1e-30)  # (below, fp32 underflows anyway)
+    def rel(v): return ((v.double() - want.detach()).abs() / want.detach().abs())[tail].max()
+    assert rel(y) < 1e-4 < rel(F.gelu(x, approximate="tanh"))
+
+
+def test_gelu_kernel_special_values_and_layouts():
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0, -3.0])
+    torch.testing.assert_close(kernels.gelu(special), F.gelu(special, approximate="tanh"), equal_nan=True)
+    x = torch.randn(33, 48)
+    for view in (x.t(), x[:, ::2], x[5:7]):  # non-contiguous input, contiguous output
+        torch.testing.assert_close(kernels.gelu(view), F.gelu(view, approximate="tanh"), atol=1e-6, rtol=1e-6)
+    assert kernels.gelu(torch.randn(0, 4)).shape == (0, 4)
+    d = torch.randn(5, dtype=torch.float64)  # other dtypes go through PyTorch, same results
+    assert torch.equal(kernels.gelu(d), F.gelu(d, approximate="tanh"))
+
+
+def test_gelu_kernel_bf16_is_the_fp32_result_rounded_once():
+    x = (torch.randn(4099) * 3).bfloat16()
+    gy = torch.randn(4099).bfloat16()
+    xr = x.clone().requires_grad_()
+    y = kernels.gelu(xr)
+    y.backward(gy)
+    assert y.dtype == torch.bfloat16 and xr.grad.dtype == torch.bfloat16
+    if CAN_BUILD:  # bit for bit: the fp32 kernel's value, rounded to nearest even
+        assert torch.equal(y, kernels.gelu(x.float()).bfloat16())
+        xf = x.float().requires_grad_()
+        kernels.gelu(xf).backward(gy.float())
+        assert torch.equal(xr.grad, xf.grad.bfloat16())
+    want = _gelu_exact(x.double())
+    ulp = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+    assert ((y.double() - want).abs() <= 0.5 * ulp + 1e-30).all()
+
+
+def test_model_trains_through_the_gelu_kernel_like_through_pytorchs(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_ctx=16))
+    ids = torch.randint(0, 64, (3, 16))
+
+    def grads():
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, got = grads()
+    monkeypatch.setattr(kernels, "gelu", lambda x: F.gelu(x, approximate="tanh"))
+    ref_loss, want = grads()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

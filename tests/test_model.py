@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from gpt2kit.errors import ConfigError
-from gpt2kit.model import GPT2, PRESETS, GPT2Config, KVCache, causal_attention
+import gpt2kit.model
+from gpt2kit.model import EXPLICIT_ATTENTION_MAX_T, GPT2, PRESETS, GPT2Config, KVCache, causal_attention
 from gpt2kit.weights import hf_config_dict, to_hf_state_dict
 
 torch.manual_seed(0)
@@ -139,7 +140,7 @@ def test_bf16_cached_decoding_matches_bf16_full_forward():
     assert (cached - full)[mask.bool()].abs().max() <= 0.02 * scale  # bf16 rounding, not a bug
 
 
-def test_bf16_training_attention_matches_sdpa():
+def test_training_attention_matches_sdpa(monkeypatch):
     # causal_attention (bf16 training on CPU) against SDPA: values and gradients in fp32, and the
     # model in train mode under bf16 autocast (which takes it) against eval mode (SDPA)
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 3, 4, 40, 16).unbind(0))
@@ -150,7 +151,7 @@ def test_bf16_training_attention_matches_sdpa():
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    model = GPT2(small("gpt2", vocab_size=300))
+    model = GPT2(small("gpt2", vocab_size=300, n_ctx=EXPLICIT_ATTENTION_MAX_T + 1))
     x = torch.randint(0, 300, (3, 40))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         train_h = model.train().hidden_states(x)
@@ -158,6 +159,15 @@ def test_bf16_training_attention_matches_sdpa():
     full = model.hidden_states(x)
     assert (train_h - eval_h).abs().max() < 0.05  # bf16 rounding apart
     assert (train_h - full).abs().max() > 1e-4  # (autocast did compute in bf16)
+    # fp32 training of short sequences takes it too: the same values as SDPA (eval mode)
+    calls = []
+    monkeypatch.setattr(gpt2kit.model, "causal_attention", lambda *a: calls.append(a[0].shape) or causal_attention(*a))
+    for T in (EXPLICIT_ATTENTION_MAX_T, EXPLICIT_ATTENTION_MAX_T + 1):
+        x = torch.randint(0, 300, (2, T))
+        torch.testing.assert_close(model.train().hidden_states(x), model.eval().hidden_states(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # without gradients to compute: SDPA (not counted below)
+            model.train().hidden_states(x)
+    assert [s[2] for s in calls] == [EXPLICIT_ATTENTION_MAX_T] * model.config.n_layer  # longer: SDPA
 
 
 def test_cache_without_padding_and_its_limits():

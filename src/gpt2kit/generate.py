@@ -465,7 +465,7 @@ class _CPULinear(torch.nn.Module):
         if (self.matvec and 1 <= rows <= kernels.MAX_ROWS and n_in == self.weight.shape[1]
                 and flat.dtype == self.weight.dtype and flat.is_cpu):  # decoding
             y = kernels.matvec_unchecked(flat.contiguous(), self.weight, self.bias)
-            y = F.gelu(y, approximate="tanh") if self.gelu else y
+            y = kernels.gelu(y) if self.gelu else y
         elif self.packed is not None:  # a prompt; the GEMM applies the GELU as it writes
             post_op = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, *post_op)
@@ -473,7 +473,7 @@ class _CPULinear(torch.nn.Module):
             y = self._widened(flat)
         else:
             y = F.linear(flat, self.weight, self.bias)
-            y = F.gelu(y, approximate="tanh") if self.gelu else y
+            y = kernels.gelu(y) if self.gelu else y
         return y.view(*x.shape[:-1], out)  # (..., out)
 
     def _widened(self, flat: torch.Tensor) -> torch.Tensor:
@@ -484,7 +484,7 @@ class _CPULinear(torch.nn.Module):
             w = self.weight[start:start + _CHUNK_ROWS].float()
             b = None if self.bias is None else self.bias[start:start + _CHUNK_ROWS].float()
             part = F.linear(x, w, b)
-            y[:, start:start + len(w)] = F.gelu(part, approximate="tanh") if self.gelu else part  # rounded once
+            y[:, start:start + len(w)] = kernels.gelu(part) if self.gelu else part  # rounded once
         return y
 
 

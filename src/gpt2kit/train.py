@@ -295,25 +295,30 @@ class _LinearCrossEntropy:
                             if not need:
                                 continue
                             p[rows, tc] = pt - 1.0  # N * dloss/dlogits
-                            if cd != torch.float32:  # the mean's 1/N, fused into the cast
-                                p = torch.mul(p, 1.0 / N, out=torch.empty(p.shape, dtype=cd, device=p.device))
+                            if cd == torch.float32:  # the mean's 1/N: the matmuls' alpha
+                                # (beta=0: the output's old contents are neither read nor copied)
+                                torch.addmm(grad_h[s:s + chunk], p, wcd, beta=0, alpha=1.0 / N,
+                                            out=grad_h[s:s + chunk])  # (n, C)
+                                if grad_w is None:
+                                    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
+                                    torch.addmm(grad_w, p.t(), hc, beta=0, alpha=1.0 / N, out=grad_w)  # (V, C)
+                                else:
+                                    grad_w.addmm_(p.t(), hc, alpha=1.0 / N)
+                                continue
+                            # the mean's 1/N, fused into the cast
+                            p = torch.mul(p, 1.0 / N, out=torch.empty(p.shape, dtype=cd, device=p.device))
                             grad_h[s:s + chunk] = p @ wcd  # (n, C)
                             if grad_w is None:
                                 grad_w = (p.t() @ hc).float()  # (V, C), accumulated in float32
-                            elif cd == torch.float32:
-                                grad_w.addmm_(p.t(), hc)
                             else:
                                 grad_w += p.t() @ hc
                     ctx.save_for_backward(grad_h, grad_w)
                     ctx.weight_dtype = weight.dtype
-                    # in float32 the mean's 1/N is applied in backward, to the smaller gradients
-                    ctx.scale = 1.0 / N if cd == torch.float32 else 1.0
                     return total / N
 
                 @staticmethod
                 def backward(ctx, g):
                     grad_h, grad_w = ctx.saved_tensors
-                    g = g * ctx.scale
                     if g.device.type == "cpu" and bool(g == 1.0):  # skip two passes over the gradients
                         return grad_h, grad_w.to(ctx.weight_dtype), None, None
                     return grad_h * g, (grad_w * g).to(ctx.weight_dtype), None, None

@@ -696,11 +696,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, **overrides: Any) -> "GPT2":
+    """The model of a folder or name (see `GPT2.from_pretrained`), in eval mode, as transformers
+    returns it: released configs carry dropout 0.1, which `model.train()` turns on."""
     folder = resolve(name_or_path)
     log.debug("loading GPT-2 weights from %s", folder)
     if (folder / "config.json").exists():
-        return load_hf_folder(folder, dtype=dtype, device=device, **overrides)
-    return load_openai_folder(folder, dtype=dtype, device=device, **overrides)
+        return load_hf_folder(folder, dtype=dtype, device=device, **overrides).eval()
+    return load_openai_folder(folder, dtype=dtype, device=device, **overrides).eval()
 
 
 def save_pretrained(model: "GPT2", folder: str | os.PathLike, tokenizer: Any = None) -> None:

@@ -1,0 +1,129 @@
+// GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), and its derivative, for CPU
+// tensors of fp32 or bf16 (computed in fp32, rounded once to nearest even).
+//
+// PyTorch's CPU kernel for the tanh approximation takes 1.6 ns per element forward and 1.1 backward
+// here (the erf GELU 0.3, a plain tanh 0.2): with it, GELU was 7% of a small model's training
+// step. The identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)) leaves one exp and one division per
+// element, which AVX-512 does at memory speed.
+//
+// exp: 2^n e^r with n = round(z / ln 2), r = z - n ln 2 (ln 2 split in two so that r is exact to
+// a few ulp), e^r by its degree-7 Taylor polynomial (|r| <= ln2/2: truncation < 1e-8 relative),
+// 2^n applied by VSCALEFPS, which over/underflows to inf/0 as exp does. z is clamped to
+// [-100, 100] first (exp is then 0 or inf in fp32 anyway); a NaN passes through.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr float kA = 1.5957691216057308f;              // 2 sqrt(2/pi): 2u = x (kA + kB x^2)
+constexpr float kB = 1.5957691216057308f * 0.044715f;  // 2 sqrt(2/pi) 0.044715
+constexpr int64_t kBlock = 16384;                       // elements per OpenMP work item
+
+inline __m512 exp512(__m512 z) {
+  z = _mm512_min_ps(_mm512_set1_ps(100.0f), _mm512_max_ps(_mm512_set1_ps(-100.0f), z));  // NaN stays
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// exp(-2u) for the x of each lane
+inline __m512 exp_minus_2u(__m512 x) {
+  const __m512 two_u = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(kB),
+                                                        _mm512_set1_ps(kA)));
+  return exp512(_mm512_sub_ps(_mm512_setzero_ps(), two_u));
+}
+
+// s = sigmoid(2u) = 0.5 (1 + tanh(u)) = 1 / (1 + e): unlike 1 + tanh(u), no cancellation for x << 0
+inline __m512 gelu(__m512 x) {
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_minus_2u(x)));
+}
+
+// d gelu / dx = s + x s (1 - s) (kA + 3 kB x^2); where s ~ 1, s (1 - s) is taken as s^2 e, which
+// has no cancellation
+inline __m512 gelu_grad(__m512 gy, __m512 x) {
+  const __m512 e = exp_minus_2u(x);
+  const __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  const __m512 du = _mm512_fmadd_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(3.0f * kB), _mm512_set1_ps(kA));
+  const __m512 s1s = _mm512_mask_mul_ps(_mm512_mul_ps(s, _mm512_sub_ps(_mm512_set1_ps(1.0f), s)),
+                                         _mm512_cmp_ps_mask(e, _mm512_set1_ps(1.0f), _CMP_LT_OQ),
+                                         _mm512_mul_ps(s, s), e);
+  return _mm512_mul_ps(gy, _mm512_fmadd_ps(_mm512_mul_ps(x, s1s), du, s));
+}
+
+struct F32 {
+  using T = float;
+  static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+struct Bf16 {  // a bf16 is the top half of an fp32; stores round to nearest even, NaN -> quiet NaN
+  using T = uint16_t;
+  static __m512 load(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+  static void store(uint16_t* p, __mmask16 m, __m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+  }
+};
+
+template <typename L, typename F>
+void map(int64_t n, int threads, F f) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = (b + 1) * kBlock < n ? (b + 1) * kBlock : n;
+    for (int64_t i = b * kBlock; i < end; i += 16) {
+      const __mmask16 m = end - i >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : static_cast<__mmask16>((1u << (end - i)) - 1);
+      f(i, m);
+    }
+  }
+}
+
+template <typename L, typename T = typename L::T>
+void gelu_forward(const T* x, T* y, int64_t n, int threads) {
+  map<L>(n, threads, [&](int64_t i, __mmask16 m) { L::store(y + i, m, gelu(L::load(x + i, m))); });
+}
+
+template <typename L, typename T = typename L::T>
+void gelu_backward(const T* gy, const T* x, T* gx, int64_t n, int threads) {
+  map<L>(n, threads, [&](int64_t i, __mmask16 m) {
+    L::store(gx + i, m, gelu_grad(L::load(gy + i, m), L::load(x + i, m)));
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+void gpt2kit_gelu_f32(const float* x, float* y, int64_t n, int threads) { gelu_forward<F32>(x, y, n, threads); }
+
+void gpt2kit_gelu_bf16(const uint16_t* x, uint16_t* y, int64_t n, int threads) {
+  gelu_forward<Bf16>(x, y, n, threads);
+}
+
+void gpt2kit_gelu_backward_f32(const float* gy, const float* x, float* gx, int64_t n, int threads) {
+  gelu_backward<F32>(gy, x, gx, n, threads);
+}
+
+void gpt2kit_gelu_backward_bf16(const uint16_t* gy, const uint16_t* x, uint16_t* gx, int64_t n, int threads) {
+  gelu_backward<Bf16>(gy, x, gx, n, threads);
+}
+
+}  // extern "C"
