@@ -21,6 +21,7 @@ from gpt2kit.generate import (
     quantize_int8,
     stream_generate,
 )
+import gpt2kit.model
 from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.sampling import SamplingParams
 from gpt2kit.tokenizer import Tokenizer
@@ -98,14 +99,17 @@ def test_fast_paths_keep_the_logits(model, tok):
     with torch.no_grad():
         ref = model(ids)
         torch.testing.assert_close(optimize_for_cpu(model)(ids), ref, atol=1e-5, rtol=1e-5)
-        q = quantize_int8(model)(ids)
+        qmodel = quantize_int8(model)
+        q = qmodel(ids)
     assert q.shape == ref.shape and not torch.equal(q, ref)
     assert (q - ref).abs().max() < 0.05 * ref.abs().max()  # int8 rounding, not a different model
-    assert type(model.transformer.h[0].mlp.c_fc) is torch.nn.Linear  # the original is untouched
+    assert type(model.transformer.h[0].mlp.c_fc) is gpt2kit.model.Linear  # the original is untouched
+    assert all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear)  # every projection, and the head
+               for m in (qmodel.transformer.h[0].mlp.c_fc, qmodel.transformer.h[0].attn.c_attn, qmodel.lm_head))
     half = peaked(model.config).to(torch.bfloat16)
     with torch.no_grad():
         packed = optimize_for_cpu(half)
-        assert type(packed.transformer.h[0].mlp.c_fc) is not torch.nn.Linear
+        assert not isinstance(packed.transformer.h[0].mlp.c_fc, torch.nn.Linear)
         torch.testing.assert_close(packed(ids), half(ids), atol=0.02, rtol=0.02)
     assert generate(packed, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids == \
         generate(half, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids

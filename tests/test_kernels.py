@@ -292,3 +292,58 @@ def test_model_trains_through_the_gelu_kernel_like_through_pytorchs(monkeypatch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_linear_widened_is_autocasts_bf16_linear():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, 96, generator=g)
+    w, b = torch.randn(40, 96, generator=g) * 0.1, torch.randn(40, generator=g)
+    gy = torch.randn(3, 50, 40, generator=g)
+
+    def run(fn):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(xs, ws, bs)
+        y.backward(gy.bfloat16())
+        return y, xs.grad, ws.grad, bs.grad
+
+    ours, want = run(kernels.bf16_linear_widened), run(F.linear)  # want: PyTorch's bf16 GEMM under autocast
+    for a, b_ in zip(ours, want):
+        assert a.dtype == b_.dtype and a.shape == b_.shape
+    y, y_want = ours[0].double(), want[0].double()
+    assert ours[0].dtype == torch.bfloat16
+    ulp = 2.0 ** (torch.floor(torch.log2(y_want.abs().clamp_min(1e-30))) - 7)
+    assert ((y - y_want).abs() <= ulp).all()  # the same products and fp32 sums: at most a rounding apart
+    assert (y != y_want).float().mean() < 0.05
+    for got, ref in zip(ours[1:], want[1:]):  # gradients: bf16-rounded as autocast leaves them
+        assert got.dtype == ref.dtype
+        assert (got.double() - ref.double()).abs().max() <= 2 ** -7 * ref.double().abs().max()
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert (y - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+def test_bf16_autocast_model_training_without_bf16_unit_matches_pytorchs_bf16(monkeypatch):
+    from gpt2kit.train import _loss_module
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=96, n_ctx=32))
+    ids = torch.randint(0, 96, (4, 33))
+    linear_calls = []
+    real = kernels.bf16_linear_widened
+    monkeypatch.setattr(kernels, "bf16_linear_widened", lambda *a: linear_calls.append(1) or real(*a))
+
+    def step(native: bool):
+        monkeypatch.setattr(kernels, "native_bf16", lambda: native)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss_module(model)(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = step(native=False)
+    assert len(linear_calls) == 4 * model.config.n_layer  # every projection took the widened product
+    ref_loss, ref_grads = step(native=True)  # PyTorch's own bf16 kernels
+    assert len(linear_calls) == 4 * model.config.n_layer
+    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss)
+    for got, want in zip(grads, ref_grads):
+        assert (got - want).norm() <= 0.05 * want.norm()

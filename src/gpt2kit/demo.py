@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # (docs/benchmarks.md has the measurements). A 4096-token BPE vocabulary makes a token about
 # 3.2 characters of Shakespeare, so a small model sees ~3x more text per FLOP than a
 # character-level one. bf16 autocast where the CPU has bf16 matrix instructions (dtype "auto"):
-# twice the fp32 speed there, several times slower than fp32 where they are missing.
+# twice the fp32 speed there; where they are missing, bf16 is no faster than fp32 (see
+# train.resolve_dtype), so fp32.
 DEMO_VOCAB = 4096
 DEMO_VAL_FRACTION = 0.05
 DEMO_TRAIN: dict[str, Any] = dict(

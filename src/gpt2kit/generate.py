@@ -522,14 +522,14 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     fast = model if inplace else copy.deepcopy(model)
     fast.eval()
     if matvec:  # the weights that decoding streams, on transparent huge pages (see kernels.huge_page_copies)
-        params = {id(p): p for m in fast.modules() if type(m) is torch.nn.Linear for p in m.parameters()}
+        params = {id(p): p for m in fast.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
         params = [*params.values(), fast.transformer.wte.weight]
         with torch.no_grad():
             for p, moved in zip(params, kernels.huge_page_copies([p.detach() for p in params])):
                 p.data = moved
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear:
+            if isinstance(child, torch.nn.Linear):
                 setattr(module, name, _CPULinear(child.weight, child.bias, matvec=matvec, packed=bf16 and packed,
                                                  widen=widen) if matvec or bf16 else _InputMajorLinear(child))
     for block in fast.transformer.h:  # fold the MLP's GELU into its first projection (applied as it writes)
@@ -567,6 +567,9 @@ def quantize_int8(model: "GPT2") -> "GPT2":
     head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
     head.weight = nn.Parameter(qmodel.transformer.wte.weight[: model.config.vocab_size].detach().clone())
     qmodel.lm_head = head
+    for m in qmodel.modules():  # quantize_dynamic swaps exact nn.Linear types only
+        if isinstance(m, nn.Linear):
+            m.__class__ = nn.Linear
     with warnings.catch_warnings():  # torch.ao announces its move to torchao; the API still works
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)

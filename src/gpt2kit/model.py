@@ -8,7 +8,7 @@ initialized with std 0.02/sqrt(2*n_layer), context 1024, vocabulary 50257. GELU 
 approximation and the output layer is the token embedding (tied), as in OpenAI's code.
 
 Parameter names are OpenAI's/Hugging Face's (`transformer.h.0.attn.c_attn.weight`, ...), so loading
-released weights is a copy. One difference: our projections are `nn.Linear`, whose weight is
+released weights is a copy. One difference: our projections are `nn.Linear`s, whose weight is
 (out, in); OpenAI's and HF's `Conv1D` store (in, out). `gpt2kit.weights` transposes on the way
 in and out.
 
@@ -162,13 +162,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     return (att @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
 
 
+def training_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal attention for training on CPU: `causal_attention` in bf16 and for short fp32
+    sequences, SDPA otherwise. Where the CPU has no bf16 arithmetic (`kernels.native_bf16`),
+    bf16 products are emulated, several times slower than fp32 ones: bf16 inputs attend in fp32
+    there (more exact than bf16, and as fast as fp32 training)."""
+    if q.dtype == torch.bfloat16 and not kernels.native_bf16():
+        with torch.autocast("cpu", enabled=False):
+            return training_attention_cpu(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
+    if q.dtype == torch.bfloat16 or q.shape[2] <= EXPLICIT_ATTENTION_MAX_T:
+        return causal_attention(q, k, v, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear`, except under bf16 autocast on a CPU without bf16 arithmetic, where PyTorch
+    emulates bf16 products several times slower than fp32 ones: there the same bf16 product
+    (inputs rounded to bf16, exact products summed in fp32, the output rounded to bf16) runs on
+    fp32 units (`kernels.bf16_linear_widened`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not kernels.native_bf16()
+                and not torch.compiler.is_compiling()):
+            return kernels.bf16_linear_widened(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         # the dtype attention computes in when not its inputs' (inference forms set it: see
         # gpt2kit.generate.optimize_for_cpu); a KV cache's dtype wins
@@ -183,9 +210,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), in the cache's dtype (see new_kv_cache)
-        if (self.training and torch.is_grad_enabled() and is_causal and q.device.type == "cpu"
-                and (q.dtype == torch.bfloat16 or T <= EXPLICIT_ATTENTION_MAX_T)):
-            y = causal_attention(q, k, v, self.dropout)  # (B, nh, T, hs)
+        if self.training and torch.is_grad_enabled() and is_causal and q.device.type == "cpu":
+            y = training_attention_cpu(q, k, v, self.dropout)  # (B, nh, T, hs)
         else:
             dt = self.compute_dtype if kv_cache is None and self.compute_dtype is not None else k.dtype
             y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask, is_causal=is_causal,
@@ -206,10 +232,10 @@ class GELU(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         # a module so that inference forms can fold it into c_fc (see gpt2kit.generate.optimize_for_cpu)
         self.act = GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

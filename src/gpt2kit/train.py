@@ -206,9 +206,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
     """The compute dtype a run uses: "auto" is bfloat16 where the device multiplies bf16 in
-    hardware (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and float32 elsewhere,
-    where bf16 autocast would run several times slower than float32. An explicit "bfloat16" on
-    such a CPU is kept, with a warning."""
+    hardware (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and float32 elsewhere.
+    An explicit "bfloat16" on such a CPU is kept, with a warning: its bf16 products then run on
+    fp32 units (`kernels.bf16_linear_widened`; PyTorch's own emulation is 4-5x slower), which
+    keeps bf16's rounding but is no faster than float32."""
     import torch
 
     from . import kernels
@@ -217,8 +218,8 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
     if dtype == "auto":
         return "bfloat16" if native else "float32"
     if dtype == "bfloat16" and device_type == "cpu" and not native:
-        log.warning("this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): bfloat16 autocast runs several times "
-                    "slower than float32 here; dtype = 'auto' picks the faster one")
+        log.warning("this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): bfloat16 autocast multiplies on fp32 "
+                    "units here, with bf16 rounding but no faster than float32; dtype = 'auto' picks float32")
     return dtype
 
 
@@ -270,12 +271,18 @@ class _LinearCrossEntropy:
                     dev = h.device.type
                     # The matmuls run in autocast's dtype (cast once here, not per chunk and per
                     # matmul as autocast would); the softmax and all sums stay float32.
+                    from . import kernels
+
                     cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+                    # On a CPU without bf16 arithmetic, bf16 numbers multiply on fp32 units
+                    # (widened exactly: the same products, several times faster; see
+                    # kernels.bf16_linear_widened); the logits then stay unrounded.
+                    md = torch.float32 if cd == torch.bfloat16 and dev == "cpu" and not kernels.native_bf16() else cd
                     grad_h = torch.empty_like(h) if need else None
                     grad_w = None
                     total = torch.zeros((), dtype=torch.float32, device=h.device)
                     with torch.autocast(dev, enabled=False):
-                        hcd, wcd = h.to(cd), weight.to(cd)
+                        hcd, wcd = h.to(cd).to(md), weight.to(cd).to(md)
                         for s in range(0, N, chunk):
                             hc, tc = hcd[s:s + chunk], targets[s:s + chunk]
                             logits = hc @ wcd.t()  # (n, V)
@@ -306,7 +313,7 @@ class _LinearCrossEntropy:
                                     grad_w.addmm_(p.t(), hc, alpha=1.0 / N)
                                 continue
                             # the mean's 1/N, fused into the cast
-                            p = torch.mul(p, 1.0 / N, out=torch.empty(p.shape, dtype=cd, device=p.device))
+                            p = torch.mul(p, 1.0 / N, out=torch.empty(p.shape, dtype=cd, device=p.device)).to(md)
                             grad_h[s:s + chunk] = p @ wcd  # (n, C)
                             if grad_w is None:
                                 grad_w = (p.t() @ hc).float()  # (V, C), accumulated in float32
