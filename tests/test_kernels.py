@@ -322,15 +322,20 @@ def test_bf16_linear_widened_is_autocasts_bf16_linear():
     assert (y - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
+def _spy(monkeypatch, name: str) -> list:
+    """The argument tuples of every call to kernels.NAME from now on (which still runs)."""
+    calls, real = [], getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 def test_bf16_autocast_model_training_without_bf16_unit_matches_pytorchs_bf16(monkeypatch):
     from gpt2kit.train import _loss_module
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=96, n_ctx=32))
     ids = torch.randint(0, 96, (4, 33))
-    linear_calls = []
-    real = kernels.bf16_linear_widened
-    monkeypatch.setattr(kernels, "bf16_linear_widened", lambda *a: linear_calls.append(1) or real(*a))
+    linear_calls = _spy(monkeypatch, "bf16_linear_widened")
 
     def step(native: bool):
         monkeypatch.setattr(kernels, "native_bf16", lambda: native)
@@ -347,3 +352,61 @@ def test_bf16_autocast_model_training_without_bf16_unit_matches_pytorchs_bf16(mo
     assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss)
     for got, want in zip(grads, ref_grads):
         assert (got - want).norm() <= 0.05 * want.norm()
+
+
+@pytest.mark.parametrize("T,past", [(1, 0), (5, 0), (64, 0), (65, 0), (130, 0), (7, 3), (40, 90), (1, 17)])
+def test_causal_attention_kernel_equals_sdpa(T, past):
+    if not CAN_BUILD:
+        assert not kernels.causal_attention_applies(*torch.randn(3, 1, 1, 2, 64).unbind(0))
+        return
+    g = torch.Generator().manual_seed(T * 100 + past)
+    B, nh, S = 2, 3, past + T
+    qkv = torch.randn(B, S, 3 * nh * 64, generator=g) * 2  # q, k, v as the model makes them: strided views
+    q, k, v = (t.view(B, S, nh, 64).transpose(1, 2) for t in qkv.split(nh * 64, dim=2))
+    q = q[:, :, past:]  # the new tokens' queries, at positions past .. S - 1
+    assert kernels.causal_attention_applies(q, k, v)
+    got = kernels.causal_attention(q, k, v)  # (B, T, nh * 64)
+    allowed = torch.arange(S)[None, :] <= torch.arange(past, S)[:, None]  # (T, S)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed)
+    assert got.shape == (B, T, nh * 64)
+    err = (got.view(B, T, nh, 64).transpose(1, 2).double() - want).abs().max()
+    sdpa_err = (F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).double() - want).abs().max()
+    assert err <= 2 * sdpa_err + 1e-6  # as exact as PyTorch's fp32 attention
+    contiguous = kernels.causal_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(contiguous, got)  # the layout of the inputs does not change a bit
+
+
+def test_causal_attention_kernel_scope():
+    q = torch.randn(1, 2, 4, 64)
+    assert not kernels.causal_attention_applies(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    assert not kernels.causal_attention_applies(q[..., :32], q[..., :32], q[..., :32])  # head size 32
+    strided = torch.randn(1, 2, 64, 4).transpose(2, 3)  # (1, 2, 4, 64), last dimension not contiguous
+    assert not kernels.causal_attention_applies(strided, q, q)
+    r = q.clone().requires_grad_()
+    assert not kernels.causal_attention_applies(r, q, q)  # no backward pass
+    with torch.no_grad():
+        assert kernels.causal_attention_applies(r, q, q) == CAN_BUILD
+    with pytest.raises(ValueError, match="causal_attention"):
+        kernels.causal_attention(q, q[:, :, :3], q[:, :, :3])  # fewer keys than queries
+
+
+def test_model_prompts_use_the_attention_kernel_in_eval_only(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=64, n_ctx=40))
+    ids = torch.randint(0, 64, (2, 40))
+    calls = _spy(monkeypatch, "causal_attention")
+    with torch.no_grad():
+        model.eval()
+        fast = model(ids)
+        assert len(calls) == (2 if CAN_BUILD else 0)
+        padded = torch.ones(2, 40, dtype=torch.long)
+        padded[0, :3] = 0
+        model(ids, attention_mask=padded)  # padding: SDPA with the mask
+        cache = model.new_kv_cache(2)
+        model(ids[:, :30], kv_cache=cache)  # a prompt into an empty cache: the kernel
+        model(ids[:, 30:31], kv_cache=cache)  # one token after it: SDPA
+        assert len(calls) == (4 if CAN_BUILD else 0)
+        model.train()
+        slow = model(ids)
+    assert len(calls) == (4 if CAN_BUILD else 0)
+    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-5)

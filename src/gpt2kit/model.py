@@ -210,13 +210,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), in the cache's dtype (see new_kv_cache)
+        dtype = q.dtype
         if self.training and torch.is_grad_enabled() and is_causal and q.device.type == "cpu":
             y = training_attention_cpu(q, k, v, self.dropout)  # (B, nh, T, hs)
         else:
             dt = self.compute_dtype if kv_cache is None and self.compute_dtype is not None else k.dtype
-            y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask, is_causal=is_causal,
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+            if not self.training and mask is None and is_causal and kernels.causal_attention_applies(q, k, v):
+                # a prompt on CPU: gpt2kit's kernel, which also writes the (B, T, C) layout c_proj reads
+                return self.resid_dropout(self.c_proj(kernels.causal_attention(q, k, v).to(dtype)))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.to(q.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
