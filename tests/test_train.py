@@ -369,3 +369,16 @@ def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir,
     r = cli("generate", "--model", str(out / "latest"), "--max-new-tokens", "12", "--seed", "1", "--no-stream", "KING")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_bf16_mfu_counts_the_fp32_units_where_bf16_multiplies_on_them(monkeypatch):
+    from gpt2kit import kernels
+    from gpt2kit import train as T
+
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    monkeypatch.setattr(T, "_PEAKS", {})
+    assert T.measure_matmul_peak("cpu", "bfloat16") >= T.measure_matmul_peak("cpu", "float32") > 0
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    monkeypatch.setattr(T, "_PEAKS", {})
+    assert T.measure_matmul_peak("cpu", "bfloat16") == T._PEAKS[("cpu", "bfloat16")]
+    assert ("cpu", "float32") not in T._PEAKS  # measured alone
