@@ -410,3 +410,57 @@ def test_model_prompts_use_the_attention_kernel_in_eval_only(monkeypatch):
         slow = model(ids)
     assert len(calls) == (4 if CAN_BUILD else 0)
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,nh,T", [(2, 3, 1), (2, 3, 5), (1, 2, 33), (3, 1, 64), (2, 2, 65), (1, 3, 130)])
+def test_training_attention_kernel_matches_sdpa_and_its_gradients(B, nh, T):
+    g = torch.Generator().manual_seed(B * 1000 + T)
+    qkv = torch.randn(B, T, 3 * nh * 64, generator=g) * 2
+    dout = torch.randn(B, T, nh * 64, generator=g)
+
+    def sdpa(t):
+        q, k, v = (part.view(B, T, nh, 64).transpose(1, 2) for part in t.split(nh * 64, dim=2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, nh * 64)
+
+    exact_in = qkv.double().requires_grad_()
+    exact = sdpa(exact_in)
+    exact.backward(dout.double())
+    fp32_in = qkv.clone().requires_grad_()
+    fp32 = sdpa(fp32_in)
+    fp32.backward(dout)
+    if not CAN_BUILD:
+        assert not kernels.training_attention_applies(qkv, nh)
+        return
+    ours_in = qkv.clone().requires_grad_()
+    ours = kernels.training_attention(ours_in, nh)
+    ours.backward(dout)
+    assert ours.shape == (B, T, nh * 64) and ours_in.grad.shape == qkv.shape
+    # as exact as PyTorch's fp32 attention, values and gradients
+    assert (ours.double() - exact).abs().max() <= 2 * (fp32.double() - exact).abs().max() + 1e-6
+    assert (ours_in.grad.double() - exact_in.grad).abs().max() <= 2 * (fp32_in.grad.double() - exact_in.grad).abs().max() + 1e-6
+
+
+def test_training_attention_kernel_scope_and_model_use(monkeypatch):
+    qkv = torch.randn(2, 8, 3 * 2 * 64)
+    assert kernels.training_attention_applies(qkv, 2) == CAN_BUILD
+    assert not kernels.training_attention_applies(qkv, 3)  # head size 128 / 3
+    assert not kernels.training_attention_applies(qkv.bfloat16(), 2)
+    assert not kernels.training_attention_applies(torch.randn(1, kernels.TRAINING_ATTENTION_MAX_T + 1, 384), 2)
+    if not CAN_BUILD:
+        return
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=64, n_ctx=40)).train()
+    ids = torch.randint(0, 64, (3, 33))
+    calls = _spy(monkeypatch, "training_attention")
+
+    def grads():
+        model.zero_grad()
+        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    got = grads()
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(kernels, "training_attention_applies", lambda *a: False)
+    for a, b in zip(got, grads()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert len(calls) == 2

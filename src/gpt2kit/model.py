@@ -204,7 +204,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if self.training and torch.is_grad_enabled() and is_causal and kv_cache is None and not self.dropout:
+            # CPU training: gpt2kit's attention kernel where it applies (bf16 only where bf16 is
+            # emulated, hence no faster than fp32)
+            wide = qkv.float() if qkv.dtype == torch.bfloat16 and not kernels.native_bf16() else qkv
+            if kernels.training_attention_applies(wide, self.n_head):
+                return self.resid_dropout(self.c_proj(kernels.training_attention(wide, self.n_head).to(qkv.dtype)))
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)

@@ -56,13 +56,14 @@ inline void score_tile(const float* q, int64_t q_rs, int n_rows, const float* kt
   }
 }
 
-// out[r] = sum_j p[r][j] v[j] / sums[r] over keys 0..n_keys for kRowsPV rows
+// out[r] = sum_j p[r][j] v[j] * inv_sums[r] (1 without inv_sums) over keys first..n_keys for
+// kRowsPV rows
 inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v, int64_t v_rs, int64_t n_keys,
-                        const float* inv_sums, float* out, int64_t o_rs) {
+                        const float* inv_sums, float* out, int64_t o_rs, int64_t first = 0) {
   __m512 acc[kRowsPV][4];
   for (int r = 0; r < kRowsPV; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n_keys; ++j) {
+  for (int64_t j = first; j < n_keys; ++j) {
     const float* vj = v + j * v_rs;
     const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16);
     const __m512 v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
@@ -75,7 +76,7 @@ inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v
     }
   }
   for (int r = 0; r < n_rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(inv_sums[r]);
+    const __m512 inv = _mm512_set1_ps(inv_sums ? inv_sums[r] : 1.0f);
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * o_rs + 16 * c, _mm512_mul_ps(acc[r][c], inv));
   }
 }
@@ -104,17 +105,54 @@ inline float softmax_row(float* row, int64_t n, int64_t n_pad) {
   return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-// kt (64, ld) = k (n, 64)^T, zero past n: 16 keys at a time, one gather per dimension
-inline void transpose_keys(const float* k, int64_t k_rs, int64_t n, float* kt, int64_t ld) {
+// dst (cols, ld) = src (n, cols)^T, zero in columns n..ld (ld a multiple of 16): 16 rows of src
+// at a time, one gather per column
+inline void transpose(const float* src, int64_t src_rs, int64_t n, int64_t cols, float* dst, int64_t ld) {
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(k_rs)));
+                                         _mm512_set1_epi32(static_cast<int>(src_rs)));
   for (int64_t j = 0; j < ld; j += 16) {
     const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
                                     : n > j ? static_cast<__mmask16>((1u << (n - j)) - 1) : static_cast<__mmask16>(0);
-    for (int d = 0; d < kHs; ++d)
-      _mm512_storeu_ps(kt + d * ld + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, k + j * k_rs + d, 4));
+    for (int64_t c = 0; c < cols; ++c)
+      _mm512_storeu_ps(dst + c * ld + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + j * src_rs + c, 4));
   }
 }
+
+inline void transpose_keys(const float* k, int64_t k_rs, int64_t n, float* kt, int64_t ld) {
+  transpose(k, k_rs, n, kHs, kt, ld);
+}
+
+inline void scale_row(float* row, int64_t n, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), sv));
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), sv));
+  }
+}
+
+// ds[0..n) = scale * p * (dp - sum_j p[j] dp[j]) (the softmax's backward), zeros in n..ld
+inline void softmax_backward_row(const float* p, const float* dp, float* ds, int64_t n, int64_t ld, float scale) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(dp + j), acc);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+  if (j < n) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, p + j), _mm512_maskz_loadu_ps(tail, dp + j), acc);
+  const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), sv = _mm512_set1_ps(scale);
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __m512 g = _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(dp + j), dot));
+    _mm512_storeu_ps(ds + j, _mm512_mul_ps(g, sv));
+  }
+  if (j < n) {
+    const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p + j), _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, dp + j), dot));
+    _mm512_storeu_ps(ds + j, _mm512_maskz_mov_ps(tail, _mm512_mul_ps(g, sv)));
+    j += 16;
+  }
+  for (; j < ld; j += 16) _mm512_storeu_ps(ds + j, _mm512_setzero_ps());
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 }  // namespace
 
@@ -157,6 +195,92 @@ void gpt2kit_causal_attention_f32(const float* q, int64_t q_bs, int64_t q_hs, in
           output_tile(scores + r0 * ld, ld, rows - r0 < kRowsPV ? rows - r0 : kRowsPV, vh, v_rs, n_keys,
                       inv_sums + r0, oh + (t0 + r0) * o_rs, o_rs);
       }
+    }
+  }
+}
+
+
+// Training, forward: qkv (B, T, 3C) contiguous with C = nh * 64 (q, k, v of every head, as the
+// model's c_attn writes them), out (B, T, C); probs (B, nh, T, ld), ld = T rounded up to 32,
+// receives each query's attention probabilities (zeros past its position) for the backward pass.
+void gpt2kit_attention_train_f32(const float* qkv, float* out, float* probs, int64_t B, int64_t nh, int64_t T,
+                                 float scale, int threads) {
+  const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> kt_buf(kHs * ld + 16);
+    float* kt = kt_buf.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * nh; ++bh) {
+      const int64_t b = bh / nh, h = bh % nh;
+      const float* q = qkv + b * T * rs + h * kHs;
+      float* p = probs + bh * T * ld;
+      transpose_keys(q + C, rs, T, kt, ld);
+      for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
+        const int rows = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
+        const int64_t n_pad = round_up(t0 + rows, kKeysS);
+        for (int64_t j0 = 0; j0 < n_pad; j0 += kKeysS)
+          for (int r0 = 0; r0 < rows; r0 += kRowsS)
+            score_tile(q + (t0 + r0) * rs, rs, rows - r0 < kRowsS ? rows - r0 : kRowsS, kt, ld, j0, scale,
+                       p + (t0 + r0) * ld, ld);
+        for (int r = 0; r < rows; ++r) {
+          float* row = p + (t0 + r) * ld;
+          scale_row(row, t0 + r + 1, softmax_row(row, t0 + r + 1, ld));
+        }
+        for (int r0 = 0; r0 < rows; r0 += kRowsPV)
+          output_tile(p + (t0 + r0) * ld, ld, rows - r0 < kRowsPV ? rows - r0 : kRowsPV, q + 2 * C, rs,
+                      t0 + r0 + kRowsPV < T ? t0 + r0 + kRowsPV : T, nullptr, out + b * T * C + (t0 + r0) * C + h * kHs,
+                      C);
+      }
+    }
+  }
+}
+
+// Training, backward: from dout (B, T, C) and what the forward pass read and saved, dqkv (B, T, 3C),
+// every element written: dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, with dS the softmax's
+// backward of dP = dO V^T.
+void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, const float* probs, float* dqkv,
+                                          int64_t B, int64_t nh, int64_t T, float scale, int threads) {
+  const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buf(2 * ld * ld + T * ld + kHs * ld + 64);
+    float* pt = buf.data();           // P^T: (ld, ld)
+    float* dst = pt + ld * ld;        // dS^T: (ld, ld)
+    float* ds = dst + ld * ld;        // dP, then dS in place: (T, ld)
+    float* vt = ds + T * ld;          // V^T: (64, ld)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * nh; ++bh) {
+      const int64_t b = bh / nh, h = bh % nh;
+      const float* q = qkv + b * T * rs + h * kHs;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      const float* p = probs + bh * T * ld;
+      const float* dout_h = dout + b * T * C + h * kHs;
+      float* dq = dqkv + b * T * rs + h * kHs;
+      float* dk = dq + C;
+      float* dv = dq + 2 * C;
+      transpose(p, ld, T, T, pt, ld);  // dV[j] = sum_{i >= j} P[i][j] dO[i]
+      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)
+        output_tile(pt + j0 * ld, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, dout_h, C, T, nullptr,
+                    dv + j0 * rs, rs, j0);
+      transpose_keys(v, rs, T, vt, ld);  // dP = dO V^T, over the keys each block of rows sees
+      for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
+        const int rows = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
+        const int64_t n_pad = round_up(t0 + rows, kKeysS);
+        for (int64_t j0 = 0; j0 < n_pad; j0 += kKeysS)
+          for (int r0 = 0; r0 < rows; r0 += kRowsS)
+            score_tile(dout_h + (t0 + r0) * C, C, rows - r0 < kRowsS ? rows - r0 : kRowsS, vt, ld, j0, 1.0f,
+                       ds + (t0 + r0) * ld, ld);
+      }
+      for (int64_t i = 0; i < T; ++i) softmax_backward_row(p + i * ld, ds + i * ld, ds + i * ld, i + 1, ld, scale);
+      for (int64_t r0 = 0; r0 < T; r0 += kRowsPV)  // dQ[i] = sum_{j <= i} dS[i][j] K[j]
+        output_tile(ds + r0 * ld, ld, T - r0 < kRowsPV ? static_cast<int>(T - r0) : kRowsPV, k, rs,
+                    r0 + kRowsPV < T ? r0 + kRowsPV : T, nullptr, dq + r0 * rs, rs);
+      transpose(ds, ld, T, T, dst, ld);  // dK[j] = sum_{i >= j} dS[i][j] Q[i]
+      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)
+        output_tile(dst + j0 * ld, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, q, rs, T, nullptr,
+                    dk + j0 * rs, rs, j0);
     }
   }
 }
