@@ -40,7 +40,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this a product is compute-bound and oneDNN's blocked GEMM wins
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("matvec.cpp", "gelu.cpp", "attention.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("matvec.cpp", "gelu.cpp", "attention.cpp",
+                                                                           "xent.cpp")]
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp",
           "-shared", "-fPIC"]
 
@@ -91,6 +92,7 @@ def _library() -> ctypes.CDLL | None:
         binary = (lib.gpt2kit_gelu_backward_f32, lib.gpt2kit_gelu_backward_bf16)
         attention = lib.gpt2kit_causal_attention_f32
         train_fwd, train_bwd = lib.gpt2kit_attention_train_f32, lib.gpt2kit_attention_train_backward_f32
+        xent = lib.gpt2kit_softmax_xent_f32
     except (OSError, AttributeError) as e:  # e.g. a cache folder shared with a machine of another kind
         log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
         return None
@@ -110,6 +112,8 @@ def _library() -> ctypes.CDLL | None:
     train_fwd.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
     train_bwd.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
     train_fwd.restype = train_bwd.restype = None
+    xent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    xent.restype = None
     return lib
 
 
@@ -275,6 +279,26 @@ class _TrainingAttention(torch.autograd.Function):
                                                         dqkv.data_ptr(), B, ctx.n_head, T,
                                                         ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
         return dqkv, None
+
+
+def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For contiguous fp32 CPU logits (n, V) and int64 targets (n,) in [0, V): overwrites logits
+    with softmax(logits) - onehot(targets) (the gradient of the summed cross-entropy) and returns
+    the (n,) losses -log softmax(logits)[target], computed as logsumexp - logit (exact where the
+    probability underflows). One pass over each row instead of PyTorch's softmax + gather + log
+    + scatter. Requires `available(torch.float32)`."""
+    n, V = logits.shape
+    if (logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous()
+            or targets.shape != (n,) or targets.dtype != torch.int64 or not available(torch.float32)):
+        raise ValueError(f"softmax_xent_: expected contiguous fp32 CPU logits (n, V) and int64 targets (n,), got "
+                         f"{tuple(logits.shape)} {logits.dtype} and {tuple(targets.shape)} {targets.dtype}")
+    targets = targets.contiguous()
+    if n and not (0 <= int(targets.min()) and int(targets.max()) < V):
+        raise ValueError(f"softmax_xent_: targets must be in [0, {V}), got [{int(targets.min())}, {int(targets.max())}]")
+    nll = torch.empty(n)
+    _library().gpt2kit_softmax_xent_f32(logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), n, V,
+                                        torch.get_num_threads())
+    return nll
 
 
 def bf16_linear_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -278,6 +278,7 @@ class _LinearCrossEntropy:
                     # (widened exactly: the same products, several times faster; see
                     # kernels.bf16_linear_widened); the logits then stay unrounded.
                     md = torch.float32 if cd == torch.bfloat16 and dev == "cpu" and not kernels.native_bf16() else cd
+                    fused = md == torch.float32 and dev == "cpu" and kernels.available(torch.float32)  # see kernels.softmax_xent_
                     grad_h = torch.empty_like(h) if need else None
                     grad_w = None
                     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -286,22 +287,26 @@ class _LinearCrossEntropy:
                         for s in range(0, N, chunk):
                             hc, tc = hcd[s:s + chunk], targets[s:s + chunk]
                             logits = hc @ wcd.t()  # (n, V)
-                            # softmax once, and the loss from its target entries: one pass fewer
-                            # than log_softmax + exp. A target probability that underflows (a loss
-                            # above ~69 nats) gets its exact log-softmax instead.
-                            p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (n, V)
-                            rows = torch.arange(len(tc), device=p.device)
-                            pt = p[rows, tc]  # (n,)
-                            small = pt < 1e-30
-                            if bool(small.any()):
-                                exact = torch.log_softmax(logits[small], dim=-1, dtype=torch.float32)
-                                pt_log = pt.log().masked_scatter(small, exact.gather(1, tc[small][:, None])[:, 0])
+                            if fused:  # one pass per row: the losses, and logits -> N * dloss/dlogits
+                                total += kernels.softmax_xent_(logits, tc.long()).sum()
+                                p = logits
                             else:
-                                pt_log = pt.log()
-                            total -= pt_log.sum()
+                                # softmax once, and the loss from its target entries: one pass fewer
+                                # than log_softmax + exp. A target probability that underflows (a
+                                # loss above ~69 nats) gets its exact log-softmax instead.
+                                p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (n, V)
+                                rows = torch.arange(len(tc), device=p.device)
+                                pt = p[rows, tc]  # (n,)
+                                small = pt < 1e-30
+                                if bool(small.any()):
+                                    exact = torch.log_softmax(logits[small], dim=-1, dtype=torch.float32)
+                                    pt_log = pt.log().masked_scatter(small, exact.gather(1, tc[small][:, None])[:, 0])
+                                else:
+                                    pt_log = pt.log()
+                                total -= pt_log.sum()
+                                p[rows, tc] = pt - 1.0  # N * dloss/dlogits
                             if not need:
                                 continue
-                            p[rows, tc] = pt - 1.0  # N * dloss/dlogits
                             if cd == torch.float32:  # the mean's 1/N: the matmuls' alpha
                                 # (beta=0: the output's old contents are neither read nor copied)
                                 torch.addmm(grad_h[s:s + chunk], p, wcd, beta=0, alpha=1.0 / N,

@@ -26,6 +26,8 @@
 namespace {
 
 using gpt2kit::exp512;
+using gpt2kit::scale_row;
+using gpt2kit::softmax_row;
 
 constexpr int kHs = 64;       // head size (every GPT-2 preset's)
 constexpr int kRowsS = 8;     // query rows per score tile
@@ -81,30 +83,6 @@ inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v
   }
 }
 
-// softmax of row[0..n) in place (entries n..n_pad are set to 0); returns 1 / sum of the exps
-inline float softmax_row(float* row, int64_t n, int64_t n_pad) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(row + j));
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
-  if (j < n) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, row + j));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  __m512 sum = _mm512_setzero_ps();
-  for (j = 0; j + 16 <= n; j += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx));
-    _mm512_storeu_ps(row + j, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (j < n) {
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), mx)));
-    _mm512_storeu_ps(row + j, e);  // zeros past n
-    sum = _mm512_add_ps(sum, e);
-    j += 16;
-  }
-  for (; j < n_pad; j += 16) _mm512_storeu_ps(row + j, _mm512_setzero_ps());
-  return 1.0f / _mm512_reduce_add_ps(sum);
-}
-
 // dst (cols, ld) = src (n, cols)^T, zero in columns n..ld (ld a multiple of 16): 16 rows of src
 // at a time, one gather per column
 inline void transpose(const float* src, int64_t src_rs, int64_t n, int64_t cols, float* dst, int64_t ld) {
@@ -120,16 +98,6 @@ inline void transpose(const float* src, int64_t src_rs, int64_t n, int64_t cols,
 
 inline void transpose_keys(const float* k, int64_t k_rs, int64_t n, float* kt, int64_t ld) {
   transpose(k, k_rs, n, kHs, kt, ld);
-}
-
-inline void scale_row(float* row, int64_t n, float s) {
-  const __m512 sv = _mm512_set1_ps(s);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), sv));
-  if (j < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
-    _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), sv));
-  }
 }
 
 // ds[0..n) = scale * p * (dp - sum_j p[j] dp[j]) (the softmax's backward), zeros in n..ld

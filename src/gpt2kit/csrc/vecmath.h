@@ -1,6 +1,9 @@
 // Vector math shared by gpt2kit's CPU kernels (AVX-512F).
 #pragma once
 #include <immintrin.h>
+#include <stdint.h>
+
+#include <cmath>
 
 namespace gpt2kit {
 
@@ -23,6 +26,50 @@ inline __m512 exp512(__m512 z) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+
+inline void scale_row(float* row, int64_t n, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), sv));
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), sv));
+  }
+}
+
+
+// exp(row[j] - max) for j < n in place, zeros in n..n_pad (n_pad >= n; stores stay below it);
+// returns 1 / the sum of the exps and, through max_out, the max
+inline float softmax_row(float* row, int64_t n, int64_t n_pad, float* max_out = nullptr) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(row + j));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+  if (j < n) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, row + j));
+  const float row_max = _mm512_reduce_max_ps(m);
+  if (max_out) *max_out = row_max;
+  const __m512 mx = _mm512_set1_ps(row_max);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx));
+    _mm512_storeu_ps(row + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), mx)));
+    if (j + 16 <= n_pad) {
+      _mm512_storeu_ps(row + j, e);  // zeros past n
+    } else {
+      _mm512_mask_storeu_ps(row + j, static_cast<__mmask16>((1u << (n_pad - j)) - 1), e);
+    }
+    sum = _mm512_add_ps(sum, e);
+    j += 16;
+  }
+  for (; j + 16 <= n_pad; j += 16) _mm512_storeu_ps(row + j, _mm512_setzero_ps());
+  if (j < n_pad) _mm512_mask_storeu_ps(row + j, static_cast<__mmask16>((1u << (n_pad - j)) - 1), _mm512_setzero_ps());
+  return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
 }  // namespace gpt2kit
