@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gpt2kit import train as T
 from gpt2kit.data import prepare
 from gpt2kit.errors import ConfigError
+from gpt2kit.model import GPT2, GPT2Config
 
 TINY = dict(model="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4,
             warmup_steps=2, eval_interval=10, eval_batches=2, progress=False, threads=1, plot=False)
@@ -382,3 +383,23 @@ def test_bf16_mfu_counts_the_fp32_units_where_bf16_multiplies_on_them(monkeypatc
     monkeypatch.setattr(T, "_PEAKS", {})
     assert T.measure_matmul_peak("cpu", "bfloat16") == T._PEAKS[("cpu", "bfloat16")]
     assert ("cpu", "float32") not in T._PEAKS  # measured alone
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_loss_module_gradients_equal_plain_cross_entropy(padded):
+    # The training loss sums the tied matrix's two gradients in place (token embedding and output
+    # layer); with a padded vocabulary it reads a slice. Both equal the textbook computation, also
+    # when two micro-batches accumulate.
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=61, n_ctx=16,
+                            padded_vocab_multiple=64 if padded else 1))
+    ids = torch.randint(0, 61, (2, 3, 13))
+    loss_mod = T._loss_module(model)
+    for x in ids:
+        loss_mod(x[:, :-1], x[:, 1:]).backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for x in ids:
+        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    for a, b in zip(ours, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

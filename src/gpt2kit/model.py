@@ -334,9 +334,14 @@ class GPT2(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T, C) after the final LayerNorm; `forward` is `lm_head` of this."""
+                      position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                      token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) after the final LayerNorm; `forward` is `lm_head` of this. `token_embeddings`
+        (B, T, C), when given, stands for `wte(input_ids)` (see gpt2kit.train's loss module)."""
         B, T = input_ids.shape
+        if token_embeddings is not None and token_embeddings.shape != (B, T, self.config.n_embd):
+            raise ValueError(f"token_embeddings has shape {tuple(token_embeddings.shape)}, expected "
+                             f"{(B, T, self.config.n_embd)}")
         past = 0 if kv_cache is None else kv_cache.length
         self._check_lengths(B, T, past, attention_mask, position_ids, kv_cache)
         if position_ids is None:
@@ -348,7 +353,8 @@ class GPT2(nn.Module):
                 position_ids = attention_mask.long().cumsum(-1) - 1  # (B, S)
                 position_ids = position_ids.masked_fill(attention_mask == 0, 1)[:, past:]  # (B, T)
         mask, is_causal = attention_mask_for(attention_mask, past, T, input_ids.device)
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        tokens = self.transformer.wte(input_ids) if token_embeddings is None else token_embeddings
+        x = tokens + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, is_causal, kv_cache, layer)

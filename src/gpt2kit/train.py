@@ -250,9 +250,10 @@ def _import_torch():
 
 
 class _LinearCrossEntropy:
-    """Namespace for the autograd Function, built lazily so that importing this module stays light."""
+    """Namespace for the autograd Functions, built lazily so that importing this module stays light."""
 
     fn = None
+    embedding = None
 
     @classmethod
     def get(cls):
@@ -265,7 +266,7 @@ class _LinearCrossEntropy:
                 # are computed, so neither the (N, V) logits nor their softmax are kept for
                 # backward, and the log-softmax backward pass disappears.
                 @staticmethod
-                def forward(ctx, h, weight, targets, chunk):  # h (N, C), weight (V, C), targets (N,)
+                def forward(ctx, h, weight, targets, chunk, tied):  # h (N, C), weight (V, C), targets (N,)
                     N = h.shape[0]
                     need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
                     dev = h.device.type
@@ -325,23 +326,58 @@ class _LinearCrossEntropy:
                             else:
                                 grad_w += p.t() @ hc
                     ctx.save_for_backward(grad_h, grad_w)
-                    ctx.weight_dtype = weight.dtype
+                    ctx.weight_dtype, ctx.tied = weight.dtype, tied
                     return total / N
 
                 @staticmethod
                 def backward(ctx, g):
                     grad_h, grad_w = ctx.saved_tensors
-                    if g.device.type == "cpu" and bool(g == 1.0):  # skip two passes over the gradients
-                        return grad_h, grad_w.to(ctx.weight_dtype), None, None
-                    return grad_h * g, (grad_w * g).to(ctx.weight_dtype), None, None
+                    if not (g.device.type == "cpu" and bool(g == 1.0)):  # (else skip two passes)
+                        grad_h, grad_w = grad_h * g, grad_w * g
+                    grad_w = grad_w.to(ctx.weight_dtype)
+                    if ctx.tied is not None:  # the token embedding's backward adds to it and returns it
+                        ctx.tied.grad, grad_w = grad_w, None
+                    return grad_h, grad_w, None, None, None
+
+            class TokenEmbedding(torch.autograd.Function):
+                # weight[ids], whose backward adds its rows into the output layer's gradient of the
+                # same (tied) matrix, left by LinearCrossEntropy: no zero-filled (V, C) gradient
+                # and no (V, C) sum of the two (for GPT-2's vocabulary 2 x 154 MB per step, page
+                # faults included: ~3% of a 124M model's CPU training step)
+                @staticmethod
+                def forward(ctx, ids, weight, tied):
+                    ctx.save_for_backward(ids)
+                    ctx.tied, ctx.shape = tied, weight.shape
+                    return torch.nn.functional.embedding(ids, weight)
+
+                @staticmethod
+                @torch.autograd.function.once_differentiable
+                def backward(ctx, g):
+                    (ids,) = ctx.saved_tensors
+                    grad = ctx.tied.grad
+                    ctx.tied.grad = None
+                    if not ctx.needs_input_grad[1]:
+                        return None, None, None
+                    if grad is None:  # (the loss did not reach the output layer's weight)
+                        grad = torch.zeros(ctx.shape, dtype=g.dtype, device=g.device)
+                    return None, grad.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]).to(grad.dtype)), None
 
             cls.fn = LinearCrossEntropy
+            cls.embedding = TokenEmbedding
         return cls.fn
 
 
-def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None):
+class _TiedGradient:
+    """Carries the output layer's weight gradient to the token embedding's backward (see
+    `_loss_module`)."""
+
+    grad = None
+
+
+def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None, tied: _TiedGradient | None = None):
     """Mean next-token loss of hidden states `h` (..., C) under output matrix `weight` (V, C):
-    equal to `F.cross_entropy(h @ weight.T, targets)` up to float rounding."""
+    equal to `F.cross_entropy(h @ weight.T, targets)` up to float rounding. With `tied`, the
+    weight's gradient is left there for `_TokenEmbedding` instead of returned."""
     torch = _import_torch()
     C = h.shape[-1]
     if chunk is None:
@@ -349,7 +385,7 @@ def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None):
         # (bf16 matmuls, ~2x faster) twice that, as taller matmuls run closer to peak there.
         low = torch.is_autocast_enabled(h.device.type)
         chunk = min(8192, max(512 if low else 256, (1 << (24 if low else 23)) // weight.shape[0]))
-    return _LinearCrossEntropy.get().apply(h.reshape(-1, C), weight, targets.reshape(-1), chunk)
+    return _LinearCrossEntropy.get().apply(h.reshape(-1, C), weight, targets.reshape(-1), chunk, tied)
 
 
 def clip_gradients(parameters, max_norm: float):
@@ -376,10 +412,16 @@ def _loss_module(model):
             self.model = model
 
         def forward(self, x, y):
-            h = self.model.hidden_states(x)  # (B, T, C)
             w, V = self.model.transformer.wte.weight, self.model.config.vocab_size
-            # (a slice, even a full one, would cost a zero-filled copy of the gradient in backward)
-            return linear_cross_entropy(h, w if w.shape[0] == V else w[:V], y)
+            if w.shape[0] != V:  # padded: the output layer reads a slice
+                return linear_cross_entropy(self.model.hidden_states(x), w[:V], y)
+            # The token embedding and the output layer share one matrix: its two gradients are
+            # summed in place (see _LinearCrossEntropy's TokenEmbedding)
+            tied = _TiedGradient()
+            _LinearCrossEntropy.get()  # (builds the Functions)
+            tokens = _LinearCrossEntropy.embedding.apply(x, w, tied)  # (B, T, C)
+            h = self.model.hidden_states(x, token_embeddings=tokens)  # (B, T, C)
+            return linear_cross_entropy(h, w, y, tied=tied)
 
     return LMLoss(model)
 
