@@ -8,8 +8,8 @@
 Throughput: one optimizer step = forward + backward + AdamW (lr 6e-4, wd 0.1, betas 0.9/0.95,
 grad clip 1.0) on the same random batch, for the gpt2 shape (124M) and the demo's model, in
 float32 and bf16 autocast. gpt2kit: the training loss module of `gpt2kit.train` (the model's
-attention in bf16 CPU training: `gpt2kit.model.causal_attention`) + the chunked linear
-cross-entropy + fused AdamW,
+attention and GELU kernels of `gpt2kit.kernels`) + the chunked linear cross-entropy + fused
+AdamW with the gradient clipping folded in (`clip_and_step`),
 eager and under `torch.compile` (as `compile = true` runs it). Peer: a plain eager loop around
 `transformers.GPT2LMHeadModel(labels=...)` + `torch.optim.AdamW` (its default foreach
 implementation), as issue #9 specifies; with compile, the same loop under `torch.compile` is
@@ -31,7 +31,7 @@ import time
 import torch
 
 from gpt2kit.model import GPT2, GPT2Config
-from gpt2kit.train import _loss_module, clip_gradients, flops_per_token, measure_matmul_peak
+from gpt2kit.train import _loss_module, clip_and_step, flops_per_token, measure_matmul_peak
 
 SHAPES = {
     # name: (config, batch, block)
@@ -56,8 +56,7 @@ def ours(config: GPT2Config, dtype: str, compile: bool = False):
         with _autocast(dtype):
             loss = fn(x, y)
         loss.backward()
-        clip_gradients(model.parameters(), 1.0)
-        opt.step()
+        clip_and_step(opt, model.parameters(), 1.0)
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 

@@ -403,3 +403,35 @@ def test_loss_module_gradients_equal_plain_cross_entropy(padded):
         F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
     for a, b in zip(ours, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _three_adamw_steps(fused: bool, max_norm: float, how: str):
+    """Parameters after three AdamW steps on fixed gradients, clipped `how`: "folded"
+    (clip_and_step), "separate" (clip_gradients, then step) or "none"."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (70, 300)]
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, fused=fused)
+    norm = None
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel()))
+        if how == "folded":
+            norm = T.clip_and_step(opt, params, max_norm)
+        else:
+            norm = T.clip_gradients(params, max_norm) if how == "separate" and max_norm else None
+            opt.step()
+    assert not hasattr(opt, "grad_scale")  # the clipping factor does not outlive its step
+    return norm, [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3, 0.0])
+def test_clip_and_step_equals_clip_then_step(fused, max_norm):
+    (n1, a), (n2, b) = (_three_adamw_steps(fused, max_norm, how) for how in ("folded", "separate"))
+    assert (n1 is None) == (n2 is None) == (max_norm == 0.0)
+    if n1 is not None:
+        torch.testing.assert_close(n1, n2)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    if max_norm == 0.05:  # (clipping did change the steps)
+        assert not torch.allclose(a[0], _three_adamw_steps(fused, max_norm, "none")[1][0], atol=1e-3)

@@ -92,7 +92,7 @@ def _library() -> ctypes.CDLL | None:
         binary = (lib.gpt2kit_gelu_backward_f32, lib.gpt2kit_gelu_backward_bf16)
         attention = lib.gpt2kit_causal_attention_f32
         train_fwd, train_bwd = lib.gpt2kit_attention_train_f32, lib.gpt2kit_attention_train_backward_f32
-        xent = lib.gpt2kit_softmax_xent_f32
+        xent, squares = lib.gpt2kit_softmax_xent_f32, lib.gpt2kit_sum_squares_f32
     except (OSError, AttributeError) as e:  # e.g. a cache folder shared with a machine of another kind
         log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
         return None
@@ -114,6 +114,8 @@ def _library() -> ctypes.CDLL | None:
     train_fwd.restype = train_bwd.restype = None
     xent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     xent.restype = None
+    squares.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    squares.restype = ctypes.c_double
     return lib
 
 
@@ -299,6 +301,19 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     _library().gpt2kit_softmax_xent_f32(logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), n, V,
                                         torch.get_num_threads())
     return nll
+
+
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float | None:
+    """The sum of the squares of every element of `tensors`, in double, independent of the
+    thread count; None unless they are all plain contiguous fp32 CPU tensors and the kernels
+    are `available` (the caller then uses PyTorch)."""
+    if not available(torch.float32) or not all(
+            type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+            for t in tensors):
+        return None
+    pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+    sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
+    return _library().gpt2kit_sum_squares_f32(pointers, sizes, len(tensors), torch.get_num_threads())
 
 
 def bf16_linear_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -381,10 +381,10 @@ def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None, tied: 
     torch = _import_torch()
     C = h.shape[-1]
     if chunk is None:
-        # About 32 MB of float32 logits per chunk: cache-friendly, few matmuls; under autocast
-        # (bf16 matmuls, ~2x faster) twice that, as taller matmuls run closer to peak there.
-        low = torch.is_autocast_enabled(h.device.type)
-        chunk = min(8192, max(512 if low else 256, (1 << (24 if low else 23)) // weight.shape[0]))
+        # About 128 MB of float32 logits per chunk (667 rows of GPT-2's vocabulary): taller
+        # matmuls run closer to the peak, and the output layer's gradient is read and written
+        # fewer times (for the 124M model on CPU, 5% faster than 256-row chunks)
+        chunk = min(8192, max(512, (1 << 25) // weight.shape[0]))
     return _LinearCrossEntropy.get().apply(h.reshape(-1, C), weight, targets.reshape(-1), chunk, tied)
 
 
@@ -393,13 +393,53 @@ def clip_gradients(parameters, max_norm: float):
     alone instead of being multiplied by 1.0 (a pass over every gradient). Returns the norm."""
     torch = _import_torch()
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads)
-    # the scale is max_norm / (norm + 1e-6), capped at 1; elsewhere (CUDA: no host sync; FSDP's
-    # sharded DTensor norm) always apply it, as clip_grad_norm_ does
-    if type(norm) is not torch.Tensor or norm.device.type != "cpu" or bool(norm + 1e-6 > max_norm):
+    norm = _total_norm([p.grad for p in params])
+    if _needs_clipping(norm, max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def clip_and_step(optimizer, parameters, max_norm: float):
+    """`clip_gradients(parameters, max_norm)` then `optimizer.step()`. For a fused AdamW on CPU
+    the clipping costs no pass of its own: the optimizer divides the gradients by the clipping
+    factor as it reads them (its `grad_scale`, the hook torch's GradScaler uses). Returns the
+    norm (None without clipping)."""
+    torch = _import_torch()
+    if not max_norm:
+        optimizer.step()
+        return None
+    params = [p for p in parameters if p.grad is not None]
+    norm = _total_norm([p.grad for p in params])
+    fused_cpu = (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")
+                 and all(type(p.grad) is torch.Tensor and p.grad.device.type == "cpu" for p in params))
+    if not _needs_clipping(norm, max_norm):
+        optimizer.step()
+    elif not fused_cpu:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        optimizer.step()
+    else:
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).to(torch.float32)  # grads / this = grads * clip factor
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    return norm
+
+
+def _total_norm(grads):
+    torch = _import_torch()
+    from . import kernels
+
+    squares = kernels.sum_of_squares(grads)  # (3x faster than PyTorch's on CPU)
+    return torch.nn.utils.get_total_norm(grads) if squares is None else torch.tensor(math.sqrt(squares))
+
+
+def _needs_clipping(norm, max_norm: float) -> bool:
+    # The scale is max_norm / (norm + 1e-6), capped at 1. On CPU a norm within max_norm needs no
+    # pass over the gradients; elsewhere (CUDA: no host sync; FSDP's sharded DTensor norm) the
+    # scale is always applied, as clip_grad_norm_ does.
+    torch = _import_torch()
+    return type(norm) is not torch.Tensor or norm.device.type != "cpu" or bool(norm + 1e-6 > max_norm)
 
 
 def _loss_module(model):
@@ -1006,10 +1046,7 @@ def train(cfg: TrainConfig) -> dict:
                         loss = step_fn(x, y)
                     (loss / accum).backward()
                 loss_sum += loss.detach().float()
-            grad_norm = None
-            if cfg.grad_clip:
-                grad_norm = clip_gradients(loss_mod.parameters(), cfg.grad_clip)
-            optimizer.step()
+            grad_norm = clip_and_step(optimizer, loss_mod.parameters(), cfg.grad_clip)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
