@@ -13,8 +13,9 @@ AdamW with the gradient clipping folded in (`clip_and_step`),
 eager and under `torch.compile` (as `compile = true` runs it). Peer: a plain eager loop around
 `transformers.GPT2LMHeadModel(labels=...)` + `torch.optim.AdamW` (its default foreach
 implementation), as issue #9 specifies; with compile, the same loop under `torch.compile` is
-measured too, for reference. Steps of all implementations alternate, so machine noise hits each;
-the table gives medians; the first two steps (warm-up, including compilation) are timed apart.
+measured too, for reference. Each (model, dtype) cell runs in a fresh process; in it, steps of
+all implementations alternate, so machine noise hits each; the table gives medians; the first two
+steps (warm-up, including compilation) are timed apart.
 MFU = achieved model FLOP/s (6N + 12LCT per token) / the best matmul FLOP/s measured here in the
 same dtype; 1 / (the peer's MFU) bounds the ratio any implementation of the same FLOPs can reach.
 
@@ -24,7 +25,9 @@ nanoGPT's character-level CPU quickstart reaches 2.74 bits/char on this corpus i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -91,6 +94,20 @@ def peer(config: GPT2Config, dtype: str, compile: bool = False):
 IMPLS = {  # column: (factory, compile)
     "ours": (ours, False), "ours_compiled": (ours, True), "peer": (peer, False), "peer_compiled": (peer, True),
 }
+
+
+def throughput_isolated(steps: int, compile: bool, shapes: list[str], dtypes: list[str], threads: int) -> list[dict]:
+    """`throughput`, each (shape, dtype) cell in a fresh process of its own (ours and the peer
+    together in it): a cell measured after another one inherits its fragmented heap, which cost
+    the demo row ~5% in a full run here."""
+    rows = []
+    for name in shapes:
+        for dtype in dtypes:
+            cmd = [sys.executable, __file__, "--cell-json", "--no-demo", "--steps", str(steps), "--shapes", name,
+                   "--dtypes", dtype, "--threads", str(threads)] + ([] if compile else ["--no-compile"])
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
 
 
 def throughput(steps: int, compile: bool, shapes: list[str], dtypes: list[str]) -> list[dict]:
@@ -168,13 +185,24 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--same-process", action="store_true",
+                    help="measure every cell in this process (default: each cell in a fresh one)")
+    ap.add_argument("--cell-json", action="store_true", help=argparse.SUPPRESS)  # one cell, as a JSON line
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.compiler.config.force_disable_caches = True  # compile warm-ups as on a fresh machine
+    shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+    if args.cell_json:
+        print(json.dumps(throughput(args.steps, not args.no_compile, shapes, dtypes)[0]))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not args.no_throughput:
-        print_throughput(throughput(args.steps, not args.no_compile, args.shapes.split(","), args.dtypes.split(",")))
+        if args.same_process:
+            rows = throughput(args.steps, not args.no_compile, shapes, dtypes)
+        else:
+            rows = throughput_isolated(args.steps, not args.no_compile, shapes, dtypes, torch.get_num_threads())
+        print_throughput(rows)
     if args.no_demo:
         return
     from gpt2kit.demo import demo

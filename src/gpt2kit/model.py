@@ -142,8 +142,9 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
 
 
-# Up to this many tokens, fp32 training on CPU attends through `causal_attention`: forward +
-# backward 1.2x (T = 128) faster than SDPA's flash kernel there; as fast at 256, 1.6x slower at 512.
+# Where gpt2kit's training attention kernel does not run (no compiler or AVX-512; dropout), fp32
+# training on CPU attends through `causal_attention` up to this many tokens: forward + backward
+# 1.2x (T = 128) faster than SDPA's flash kernel there; as fast at 256, 1.6x slower at 512.
 EXPLICIT_ATTENTION_MAX_T = 128
 
 
@@ -205,9 +206,10 @@ class CausalSelfAttention(nn.Module):
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
-        if self.training and torch.is_grad_enabled() and is_causal and kv_cache is None and not self.dropout:
-            # CPU training: gpt2kit's attention kernel where it applies (bf16 only where bf16 is
-            # emulated, hence no faster than fp32)
+        if (self.training and torch.is_grad_enabled() and is_causal and kv_cache is None and not self.dropout
+                and qkv.device.type == "cpu"):
+            # gpt2kit's training attention kernel where it applies: fp32, and bf16 where the CPU
+            # would emulate bf16 products (then no faster than fp32)
             wide = qkv.float() if qkv.dtype == torch.bfloat16 and not kernels.native_bf16() else qkv
             if kernels.training_attention_applies(wide, self.n_head):
                 return self.resid_dropout(self.c_proj(kernels.training_attention(wide, self.n_head).to(qkv.dtype)))
