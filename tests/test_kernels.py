@@ -507,3 +507,27 @@ def test_linear_cross_entropy_fused_and_pytorch_paths_agree(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda dtype: False)
     for a, b in zip(fused, run()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_kernels_ignore_torchs_default_dtype_and_take_infinities():
+    if not CAN_BUILD:
+        return
+    logits = torch.tensor([[2.0, float("-inf"), 0.5, -1.0], [0.0, 1.0, float("-inf"), 3.0]])
+    targets = torch.tensor([0, 3])
+    q = torch.randn(1, 2, 5, 64)
+    want_attention = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(1, 5, 128)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the kernels' fp32 outputs must not follow it
+    try:
+        grad = logits.clone()
+        nll = kernels.softmax_xent_(grad, targets)
+        attention = kernels.causal_attention(q, q, q)
+    finally:
+        torch.set_default_dtype(previous)
+    assert nll.dtype == attention.dtype == torch.float32
+    torch.testing.assert_close(nll, F.cross_entropy(logits, targets, reduction="none"))
+    assert grad[0, 1] == 0 and grad[1, 2] == 0  # exp(-inf) is exactly 0
+    torch.testing.assert_close(attention, want_attention, atol=1e-6, rtol=1e-6)
+    huge = torch.tensor([1e19, 1e15, -1e19, 30.0, -30.0], requires_grad=True)
+    kernels.gelu(huge).backward(torch.ones(5))
+    assert huge.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]  # the derivative's limits, exactly

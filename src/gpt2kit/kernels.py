@@ -158,7 +158,7 @@ def matvec_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """`matvec` without its checks (~7 us of a ~12 us call on small layers), for callers that
     checked the weight and bias once and check x's dtype, device, rows and contiguity. Wrong
     arguments here read or write out of bounds."""
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device="cpu")
     lib = _library()
     fn = lib.gpt2kit_matvec_f32 if x.dtype != torch.bfloat16 else (
         lib.gpt2kit_matvec_bf16 if native_bf16() else lib.gpt2kit_matvec_bf16_widened)
@@ -226,7 +226,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         raise ValueError(f"causal_attention: expected fp32 CPU q (B, nh, T, {ATTENTION_HEAD_SIZE}) and k, v "
                          f"(B, nh, S >= T, {ATTENTION_HEAD_SIZE}), got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    out = torch.empty(B, T, nh, hs)
+    out = torch.empty(B, T, nh, hs, dtype=torch.float32, device="cpu")  # (whatever torch's defaults)
     _library().gpt2kit_causal_attention_f32(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(2),
@@ -262,8 +262,9 @@ class _TrainingAttention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
         qkv = qkv.contiguous()
         B, T, C3 = qkv.shape
-        probs = torch.empty(B, n_head, T, (T + 31) // 32 * 32)  # rows padded to whole 32-key tiles
-        out = torch.empty(B, T, C3 // 3)
+        f32 = dict(dtype=torch.float32, device="cpu")
+        probs = torch.empty(B, n_head, T, (T + 31) // 32 * 32, **f32)  # rows padded to whole 32-key tiles
+        out = torch.empty(B, T, C3 // 3, **f32)
         _library().gpt2kit_attention_train_f32(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), B, n_head, T,
                                                ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
         ctx.save_for_backward(qkv, probs)
@@ -291,21 +292,22 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     + scatter. Requires `available(torch.float32)`."""
     n, V = logits.shape
     if (logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous()
-            or targets.shape != (n,) or targets.dtype != torch.int64 or not available(torch.float32)):
+            or targets.shape != (n,) or targets.dtype != torch.int64 or targets.device.type != "cpu"
+            or not available(torch.float32)):
         raise ValueError(f"softmax_xent_: expected contiguous fp32 CPU logits (n, V) and int64 targets (n,), got "
                          f"{tuple(logits.shape)} {logits.dtype} and {tuple(targets.shape)} {targets.dtype}")
     targets = targets.contiguous()
     if n and not (0 <= int(targets.min()) and int(targets.max()) < V):
         raise ValueError(f"softmax_xent_: targets must be in [0, {V}), got [{int(targets.min())}, {int(targets.max())}]")
-    nll = torch.empty(n)
+    nll = torch.empty(n, dtype=torch.float32, device="cpu")
     _library().gpt2kit_softmax_xent_f32(logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), n, V,
                                         torch.get_num_threads())
     return nll
 
 
 def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float | None:
-    """The sum of the squares of every element of `tensors`, in double, independent of the
-    thread count; None unless they are all plain contiguous fp32 CPU tensors and the kernels
+    """The sum of the squares of every element of `tensors` (fp32 within blocks of 65536
+    elements, the block totals in double), independent of the thread count; None unless they are all plain contiguous fp32 CPU tensors and the kernels
     are `available` (the caller then uses PyTorch)."""
     if not available(torch.float32) or not all(
             type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()

@@ -353,6 +353,8 @@ class _LinearCrossEntropy:
                 @staticmethod
                 @torch.autograd.function.once_differentiable
                 def backward(ctx, g):
+                    # (adds into the tensor LinearCrossEntropy saved: a second backward over the
+                    # same graph, retain_graph=True, is refused by autograd's in-place check)
                     (ids,) = ctx.saved_tensors
                     grad = ctx.tied.grad
                     ctx.tied.grad = None

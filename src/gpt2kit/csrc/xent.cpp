@@ -30,9 +30,10 @@ extern "C" void gpt2kit_softmax_xent_f32(float* logits, const int64_t* targets, 
   }
 }
 
-// The sum of squares of n fp32 arrays (gradients, for their global norm), in double. Work is cut
-// into blocks of kBlock elements whose partial sums are added in a fixed order afterwards, so the
-// result does not depend on the thread count or scheduling (resumed runs stay bit-exact).
+// The sum of squares of n fp32 arrays (gradients, for their global norm). Work is cut into blocks
+// of kBlock elements, each summed in fp32 (as PyTorch's norm does), whose totals are added in
+// double, in a fixed order: the result does not depend on the thread count or scheduling (resumed
+// runs stay bit-exact).
 extern "C" double gpt2kit_sum_squares_f32(const float* const* arrays, const int64_t* sizes, int64_t n, int threads) {
   constexpr int64_t kBlock = 1 << 16;
   std::vector<std::pair<const float*, int64_t>> blocks;
