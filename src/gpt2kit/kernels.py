@@ -13,8 +13,8 @@ PyTorch's fp32 SDPA runs a 1024-token prompt's attention at under half the matmu
 `csrc/attention.cpp` keeps a head's scores in L2 (`causal_attention`, 1.4x faster), and does
 the same for training, forward and backward (`training_attention`, 2x faster up to 512 tokens).
 
-The kernels are compiled on first use with the system C++ compiler into gpt2kit's cache folder (a second
-or two) and reused after. bf16 weights go through the bf16 dot-product instruction where the CPU
+The kernels are compiled on first use with the system C++ compiler into gpt2kit's cache folder (~3 s,
+once) and reused after. bf16 weights go through the bf16 dot-product instruction where the CPU
 has it (AVX512-BF16, `native_bf16`) and are widened to fp32 where it does not: decoding is
 memory-bound, so both stream at the same speed. Without a compiler, on a CPU without AVX-512,
 when the build or the load fails, or with GPT2KIT_KERNELS=0 in the environment, `available` is
