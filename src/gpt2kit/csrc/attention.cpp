@@ -59,7 +59,9 @@ inline void score_tile(const float* q, int64_t q_rs, int n_rows, const float* kt
 }
 
 // out[r] = sum_j p[r][j] v[j] * inv_sums[r] (1 without inv_sums) over keys first..n_keys for
-// kRowsPV rows
+// kRowsPV rows, p's rows ld_p apart; kTransposed: p[r][j] is read at p[j * ld_p + r] instead
+// (the backward pass's P^T and dS^T, without transposing them)
+template <bool kTransposed = false>
 inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v, int64_t v_rs, int64_t n_keys,
                         const float* inv_sums, float* out, int64_t o_rs, int64_t first = 0) {
   __m512 acc[kRowsPV][4];
@@ -70,7 +72,8 @@ inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v
     const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16);
     const __m512 v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
     for (int r = 0; r < kRowsPV; ++r) {
-      const __m512 pv = _mm512_set1_ps(p[(r < n_rows ? r : 0) * ld_p + j]);
+      const int64_t rr = r < n_rows ? r : 0;
+      const __m512 pv = _mm512_set1_ps(kTransposed ? p[j * ld_p + rr] : p[rr * ld_p + j]);
       acc[r][0] = _mm512_fmadd_ps(pv, v0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(pv, v1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(pv, v2, acc[r][2]);
@@ -212,10 +215,8 @@ void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, c
   const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> buf(2 * ld * ld + T * ld + kHs * ld + 64);
-    float* pt = buf.data();           // P^T: (ld, ld)
-    float* dst = pt + ld * ld;        // dS^T: (ld, ld)
-    float* ds = dst + ld * ld;        // dP, then dS in place: (T, ld)
+    std::vector<float> buf(T * ld + kHs * ld + 64);
+    float* ds = buf.data();           // dP, then dS in place: (T, ld)
     float* vt = ds + T * ld;          // V^T: (64, ld)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
@@ -228,10 +229,9 @@ void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, c
       float* dq = dqkv + b * T * rs + h * kHs;
       float* dk = dq + C;
       float* dv = dq + 2 * C;
-      transpose(p, ld, T, T, pt, ld);  // dV[j] = sum_{i >= j} P[i][j] dO[i]
-      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)
-        output_tile(pt + j0 * ld, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, dout_h, C, T, nullptr,
-                    dv + j0 * rs, rs, j0);
+      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)  // dV[j] = sum_{i >= j} P[i][j] dO[i]
+        output_tile<true>(p + j0, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, dout_h, C, T, nullptr,
+                          dv + j0 * rs, rs, j0);
       transpose_keys(v, rs, T, vt, ld);  // dP = dO V^T, over the keys each block of rows sees
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
         const int rows = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
@@ -245,10 +245,9 @@ void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, c
       for (int64_t r0 = 0; r0 < T; r0 += kRowsPV)  // dQ[i] = sum_{j <= i} dS[i][j] K[j]
         output_tile(ds + r0 * ld, ld, T - r0 < kRowsPV ? static_cast<int>(T - r0) : kRowsPV, k, rs,
                     r0 + kRowsPV < T ? r0 + kRowsPV : T, nullptr, dq + r0 * rs, rs);
-      transpose(ds, ld, T, T, dst, ld);  // dK[j] = sum_{i >= j} dS[i][j] Q[i]
-      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)
-        output_tile(dst + j0 * ld, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, q, rs, T, nullptr,
-                    dk + j0 * rs, rs, j0);
+      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)  // dK[j] = sum_{i >= j} dS[i][j] Q[i]
+        output_tile<true>(ds + j0, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, q, rs, T, nullptr,
+                          dk + j0 * rs, rs, j0);
     }
   }
 }
