@@ -11,7 +11,7 @@ PyTorch's CPU kernel for the tanh GELU is 4-5x slower than a plain tanh here (1 
 `csrc/gelu.cpp` computes it as x * sigmoid(2u), at memory speed (`gelu`, autograd-aware).
 PyTorch's fp32 SDPA runs a 1024-token prompt's attention at under half the matmul peak:
 `csrc/attention.cpp` keeps a head's scores in L2 (`causal_attention`, 1.4x faster), and does
-the same for training, forward and backward (`training_attention`, 2x faster up to 512 tokens).
+the same for training, forward and backward (`training_attention`, 1.7-2.4x faster up to 512 tokens).
 
 The kernels are compiled on first use with the system C++ compiler into gpt2kit's cache folder (~3 s,
 once) and reused after. bf16 weights go through the bf16 dot-product instruction where the CPU
