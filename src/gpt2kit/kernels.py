@@ -11,7 +11,8 @@ PyTorch's CPU kernel for the tanh GELU is 4-5x slower than a plain tanh here (1 
 `csrc/gelu.cpp` computes it as x * sigmoid(2u), at memory speed (`gelu`, autograd-aware).
 PyTorch's fp32 SDPA runs a 1024-token prompt's attention at under half the matmul peak:
 `csrc/attention.cpp` keeps a head's scores in L2 (`causal_attention`, 1.4x faster), and does
-the same for training, forward and backward (`training_attention`, 1.7-2.4x faster up to 512 tokens).
+the same for training, forward and backward (`training_attention`, 1.7-2.4x faster up to 512
+tokens).
 
 The kernels are compiled on first use with the system C++ compiler into gpt2kit's cache folder (~3 s,
 once) and reused after. bf16 weights go through the bf16 dot-product instruction where the CPU
@@ -253,7 +254,8 @@ def training_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     probabilities (B, nh, T, T) are kept for the backward pass, as explicit attention keeps them."""
     if not training_attention_applies(qkv, n_head):
         raise ValueError(f"training_attention: expected a fp32 CPU (B, T <= {TRAINING_ATTENTION_MAX_T}, "
-                         f"3 * {n_head} * {ATTENTION_HEAD_SIZE}) tensor, got {tuple(qkv.shape)} {qkv.dtype} {qkv.device}")
+                         f"3 * {n_head} * {ATTENTION_HEAD_SIZE}) tensor, got {tuple(qkv.shape)} {qkv.dtype} "
+                         f"{qkv.device}")
     return _TrainingAttention.apply(qkv, n_head)
 
 
@@ -298,7 +300,8 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                          f"{tuple(logits.shape)} {logits.dtype} and {tuple(targets.shape)} {targets.dtype}")
     targets = targets.contiguous()
     if n and not (0 <= int(targets.min()) and int(targets.max()) < V):
-        raise ValueError(f"softmax_xent_: targets must be in [0, {V}), got [{int(targets.min())}, {int(targets.max())}]")
+        raise ValueError(f"softmax_xent_: targets must be in [0, {V}), got "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
     nll = torch.empty(n, dtype=torch.float32, device="cpu")
     _library().gpt2kit_softmax_xent_f32(logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), n, V,
                                         torch.get_num_threads())
@@ -307,8 +310,9 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float | None:
     """The sum of the squares of every element of `tensors` (fp32 within blocks of 65536
-    elements, the block totals in double), independent of the thread count; None unless they are all plain contiguous fp32 CPU tensors and the kernels
-    are `available` (the caller then uses PyTorch)."""
+    elements, the block totals in double), independent of the thread count; None unless they
+    are all plain contiguous fp32 CPU tensors and the kernels are `available` (the caller then
+    uses PyTorch)."""
     if not available(torch.float32) or not all(
             type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
             for t in tensors):
