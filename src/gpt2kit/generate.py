@@ -515,7 +515,7 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return model
     bf16 = weight.dtype == torch.bfloat16
-    widen = bf16 and not kernels.native_bf16()  # see _CPULinear
+    widen = kernels.bf16_on_fp32_units(weight.dtype, "cpu")  # see _CPULinear
     matvec, packed = kernels.available(weight.dtype), _packing_works(weight.dtype) and not widen
     if bf16 and not (matvec or packed or widen):
         return model

@@ -128,6 +128,13 @@ def native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def bf16_on_fp32_units(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether bf16 numbers of this dtype and device multiply on fp32 units in gpt2kit: bf16 on a
+    CPU without bf16 arithmetic, where PyTorch's bf16 products are emulated several times slower
+    (the products of bf16 numbers are exact in fp32, so only the summation order changes)."""
+    return dtype == torch.bfloat16 and device_type == "cpu" and not native_bf16()
+
+
 @functools.cache
 def available(dtype: torch.dtype) -> bool:
     """Whether `matvec` runs for weights of `dtype` on this machine (builds the kernels if needed)."""

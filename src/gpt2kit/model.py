@@ -168,7 +168,7 @@ def training_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dr
     sequences, SDPA otherwise. Where the CPU has no bf16 arithmetic (`kernels.native_bf16`),
     bf16 products are emulated, several times slower than fp32 ones: bf16 inputs attend in fp32
     there (more exact than bf16, and as fast as fp32 training)."""
-    if q.dtype == torch.bfloat16 and not kernels.native_bf16():
+    if kernels.bf16_on_fp32_units(q.dtype, q.device.type):
         with torch.autocast("cpu", enabled=False):
             return training_attention_cpu(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
     if q.dtype == torch.bfloat16 or q.shape[2] <= EXPLICIT_ATTENTION_MAX_T:
@@ -183,9 +183,8 @@ class Linear(nn.Linear):
     fp32 units (`kernels.bf16_linear_widened`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not kernels.native_bf16()
-                and not torch.compiler.is_compiling()):
+        if (torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and kernels.bf16_on_fp32_units(torch.get_autocast_dtype("cpu"), x.device.type)):
             return kernels.bf16_linear_widened(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -210,7 +209,7 @@ class CausalSelfAttention(nn.Module):
                 and qkv.device.type == "cpu"):
             # gpt2kit's training attention kernel where it applies: fp32, and bf16 where the CPU
             # would emulate bf16 products (then no faster than fp32)
-            wide = qkv.float() if qkv.dtype == torch.bfloat16 and not kernels.native_bf16() else qkv
+            wide = qkv.float() if kernels.bf16_on_fp32_units(qkv.dtype, qkv.device.type) else qkv
             if kernels.training_attention_applies(wide, self.n_head):
                 return self.resid_dropout(self.c_proj(kernels.training_attention(wide, self.n_head).to(qkv.dtype)))
         q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)

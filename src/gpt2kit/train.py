@@ -278,8 +278,9 @@ class _LinearCrossEntropy:
                     # On a CPU without bf16 arithmetic, bf16 numbers multiply on fp32 units
                     # (widened exactly: the same products, several times faster; see
                     # kernels.bf16_linear_widened); the logits then stay unrounded.
-                    md = torch.float32 if cd == torch.bfloat16 and dev == "cpu" and not kernels.native_bf16() else cd
-                    fused = md == torch.float32 and dev == "cpu" and kernels.available(torch.float32)  # see kernels.softmax_xent_
+                    md = torch.float32 if kernels.bf16_on_fp32_units(cd, dev) else cd
+                    # one pass per row over fp32 logits on CPU (kernels.softmax_xent_)
+                    fused = md == torch.float32 and dev == "cpu" and kernels.available(torch.float32)
                     grad_h = torch.empty_like(h) if need else None
                     grad_w = None
                     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -379,7 +380,8 @@ class _TiedGradient:
 def linear_cross_entropy(h, weight, targets, *, chunk: int | None = None, tied: _TiedGradient | None = None):
     """Mean next-token loss of hidden states `h` (..., C) under output matrix `weight` (V, C):
     equal to `F.cross_entropy(h @ weight.T, targets)` up to float rounding. With `tied`, the
-    weight's gradient is left there for `_TokenEmbedding` instead of returned."""
+    weight's gradient is left there for the token embedding's backward (`_loss_module`) instead
+    of returned."""
     torch = _import_torch()
     C = h.shape[-1]
     if chunk is None:
@@ -492,7 +494,7 @@ def measure_matmul_peak(device: str = "cpu", dtype: str = "float32") -> float:
         from . import kernels
 
         _PEAKS[key] = _time_matmul(device, dtype)
-        if device == "cpu" and dtype == "bfloat16" and not kernels.native_bf16():
+        if kernels.bf16_on_fp32_units(getattr(_import_torch(), dtype), device):
             _PEAKS[key] = max(_PEAKS[key], measure_matmul_peak(device, "float32"))
     return _PEAKS[key]
 
