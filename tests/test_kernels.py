@@ -286,12 +286,57 @@ def test_model_trains_through_the_gelu_kernel_like_through_pytorchs(monkeypatch)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
+    calls = []
+    bias_gelu = kernels.bias_gelu
+    monkeypatch.setattr(kernels, "bias_gelu", lambda x, b: calls.append(x.shape) or bias_gelu(x, b))
     loss, got = grads()
+    assert calls == [(3, 15, 128)] * 2  # fp32 on CPU: c_fc's bias goes into the GELU kernel
     monkeypatch.setattr(kernels, "gelu", lambda x: F.gelu(x, approximate="tanh"))
+    monkeypatch.setattr(kernels, "bias_gelu", lambda x, b: F.gelu(x + b, approximate="tanh"))
     ref_loss, want = grads()
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bias_gelu_kernel_matches_pytorch_and_sums_the_bias_gradient_independently_of_threads():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(2, 37, 3072), (5, 17), (1, 1), (40, 33)]:  # rows not a multiple of its 16-row blocks
+        x, b = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+        gy = torch.randn(*shape, generator=g)
+        xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = kernels.bias_gelu(xr, br)
+        y.backward(gy)
+        if CAN_BUILD:
+            assert type(y.grad_fn).__name__ == "_BiasGELUBackward"
+        xd, bd = x.double().requires_grad_(), b.double().requires_grad_()
+        want = F.gelu(xd + bd, approximate="tanh")
+        want.backward(gy.double())
+        assert y.dtype == xr.grad.dtype == br.grad.dtype == torch.float32
+        torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(xr.grad.double(), xd.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(br.grad.double(), bd.grad, atol=1e-5 * shape[0], rtol=1e-5)
+        threads = torch.get_num_threads()
+        try:  # the bias gradient's summation order does not depend on the thread count
+            torch.set_num_threads(1)
+            xr.grad = br.grad = None
+            kernels.bias_gelu(xr, br).backward(gy)
+            one = br.grad.clone()
+            torch.set_num_threads(max(2, threads))
+            xr.grad = br.grad = None
+            kernels.bias_gelu(xr, br).backward(gy)
+            assert torch.equal(one, br.grad)
+        finally:
+            torch.set_num_threads(threads)
+    # elsewhere (another dtype, autocast, a broadcast it does not do), PyTorch's ops, same results
+    d, bd = torch.randn(4, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    assert not kernels.bias_gelu_applies(d, bd)
+    assert torch.equal(kernels.bias_gelu(d, bd), F.gelu(d + bd, approximate="tanh"))
+    x, b = torch.randn(4, 6), torch.randn(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.bias_gelu_applies(x, b)
+    s = torch.tensor(0.5)  # a 0-d bias broadcasts through PyTorch
+    assert torch.equal(kernels.bias_gelu(x, s), kernels.gelu(x + s))
 
 
 def test_bf16_linear_widened_is_autocasts_bf16_linear():

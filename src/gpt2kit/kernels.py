@@ -91,6 +91,7 @@ def _library() -> ctypes.CDLL | None:
         functions = (lib.gpt2kit_matvec_bf16, lib.gpt2kit_matvec_bf16_widened, lib.gpt2kit_matvec_f32)
         unary = (lib.gpt2kit_gelu_f32, lib.gpt2kit_gelu_bf16)
         binary = (lib.gpt2kit_gelu_backward_f32, lib.gpt2kit_gelu_backward_bf16)
+        bias_gelu, bias_gelu_bwd = lib.gpt2kit_bias_gelu_f32, lib.gpt2kit_bias_gelu_backward_f32
         attention = lib.gpt2kit_causal_attention_f32
         train_fwd, train_bwd = lib.gpt2kit_attention_train_f32, lib.gpt2kit_attention_train_backward_f32
         xent, squares = lib.gpt2kit_softmax_xent_f32, lib.gpt2kit_sum_squares_f32
@@ -107,6 +108,9 @@ def _library() -> ctypes.CDLL | None:
     for fn in binary:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         fn.restype = None
+    bias_gelu.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    bias_gelu_bwd.argtypes = [*[ctypes.c_void_p] * 5, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    bias_gelu.restype = bias_gelu_bwd.restype = None
     attention.argtypes = [*([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 4, *[ctypes.c_int64] * 4, ctypes.c_float,
                           ctypes.c_int]
     attention.restype = None
@@ -207,6 +211,51 @@ class _GELU(torch.autograd.Function):
         fn = lib.gpt2kit_gelu_backward_f32 if x.dtype == torch.float32 else lib.gpt2kit_gelu_backward_bf16
         fn(gy.data_ptr(), x.data_ptr(), gx.data_ptr(), x.numel(), torch.get_num_threads())
         return gx
+
+
+def bias_gelu_applies(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `bias_gelu` runs gpt2kit's kernel for inputs like x (or a linear layer's product
+    of x) and this bias: fp32 CPU tensors, a 1-D bias, not under autocast or while torch.compile
+    traces."""
+    return (bias is not None and x.device.type == bias.device.type == "cpu"
+            and x.dtype == bias.dtype == torch.float32 and bias.dim() == 1 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and available(torch.float32))
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`gelu(x + bias)` (OpenAI's tanh GELU), differentiable in both: a linear layer's product
+    without its bias, then this, is the layer and its GELU in one pass over the output instead of
+    three (broadcasting the bias into the product, the GELU, and, backward, summing the bias
+    gradient over the rows, which the kernel does as it writes x's gradient, in a fixed order).
+    Where `bias_gelu_applies` is false, PyTorch's ops compute the same."""
+    if not (bias_gelu_applies(x, bias) and x.dim() >= 1 and x.shape[-1] == bias.shape[0] and x.numel() > 0):
+        return gelu(x + bias)
+    return _BiasGELU.apply(x, bias)
+
+
+class _BiasGELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x, bias = x.contiguous(), bias.contiguous()
+        y = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+        cols = x.shape[-1]
+        _library().gpt2kit_bias_gelu_f32(x.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel() // cols, cols,
+                                         torch.get_num_threads())
+        ctx.save_for_backward(x, bias)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        x, bias = ctx.saved_tensors
+        gy = gy.to(torch.float32).contiguous()
+        gx = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+        gbias = torch.empty(bias.shape, dtype=torch.float32, device="cpu")
+        cols = x.shape[-1]
+        _library().gpt2kit_bias_gelu_backward_f32(gy.data_ptr(), x.data_ptr(), bias.data_ptr(), gx.data_ptr(),
+                                                  gbias.data_ptr(), x.numel() // cols, cols,
+                                                  torch.get_num_threads())
+        return gx, gbias
 
 
 ATTENTION_HEAD_SIZE = 64  # the head size `causal_attention` handles (every GPT-2 preset's)

@@ -59,9 +59,7 @@ inline void score_tile(const float* q, int64_t q_rs, int n_rows, const float* kt
 }
 
 // out[r] = sum_j p[r][j] v[j] * inv_sums[r] (1 without inv_sums) over keys first..n_keys for
-// kRowsPV rows, p's rows ld_p apart; kTransposed: p[r][j] is read at p[j * ld_p + r] instead
-// (the backward pass's P^T and dS^T, without transposing them)
-template <bool kTransposed = false>
+// kRowsPV rows, p's rows ld_p apart
 inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v, int64_t v_rs, int64_t n_keys,
                         const float* inv_sums, float* out, int64_t o_rs, int64_t first = 0) {
   __m512 acc[kRowsPV][4];
@@ -73,7 +71,7 @@ inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v
     const __m512 v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
     for (int r = 0; r < kRowsPV; ++r) {
       const int64_t rr = r < n_rows ? r : 0;
-      const __m512 pv = _mm512_set1_ps(kTransposed ? p[j * ld_p + rr] : p[rr * ld_p + j]);
+      const __m512 pv = _mm512_set1_ps(p[rr * ld_p + j]);
       acc[r][0] = _mm512_fmadd_ps(pv, v0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(pv, v1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(pv, v2, acc[r][2]);
@@ -103,8 +101,134 @@ inline void transpose_keys(const float* k, int64_t k_rs, int64_t n, float* kt, i
   transpose(k, k_rs, n, kHs, kt, ld);
 }
 
-// ds[0..n) = scale * p * (dp - sum_j p[j] dp[j]) (the softmax's backward), zeros in n..ld
-inline void softmax_backward_row(const float* p, const float* dp, float* ds, int64_t n, int64_t ld, float scale) {
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Training. The forward and backward passes work one (batch, head) at a time per thread, in blocks
+// of kBlock query rows, and keep every operand of a register tile's inner loop in L1: q, k, v and
+// dout rows are kHs floats 3C (or C) floats apart, a stride that maps a block's rows onto a few
+// cache sets, so the operands are first packed: K^T (and V^T) in panels of 32 keys (kHs x 32,
+// contiguous), K and V as contiguous rows, the block's Q (pre-scaled) and dO rows contiguous. Products
+// whose reduction runs over keys (P V, dS K) go over them in chunks of kChunk keys for every row
+// tile of the block, so that a chunk of V or K stays in L1 while it is reused, accumulating in the
+// output rows. Score tiles stop at the last 32 keys the tile's rows see, output tiles at their last
+// row's position: probabilities past a query's position are exactly 0, so the skipped terms are 0.
+
+constexpr int kChunk = 64;  // keys per pass of the output tiles (16 KiB of V or K)
+
+// The backward pass's dS and P block buffers have rows (ld + 16) floats apart: an odd number of
+// cache lines, so the column reads of the dK and dV tiles spread over all sets.
+inline int64_t padded(int64_t ld) { return ld + 16; }
+
+// dst[i] = scale * src[i] (kHs floats) for rows i < n, zeros in rows n..n_pad
+inline void pack_rows(const float* src, int64_t src_rs, int64_t n, int64_t n_pad, float* dst, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; ++i)
+    for (int c = 0; c < kHs; c += 16) _mm512_storeu_ps(dst + i * kHs + c, _mm512_mul_ps(_mm512_loadu_ps(src + i * src_rs + c), s));
+  for (int64_t i = n; i < n_pad; ++i)
+    for (int c = 0; c < kHs; c += 16) _mm512_storeu_ps(dst + i * kHs + c, _mm512_setzero_ps());
+}
+
+// src (n, kHs)^T in panels of kKeysS keys: dst[(j / 32) * kHs * 32 + d * 32 + j % 32] = src[j][d], zero
+// for keys n..round_up(n, 32)
+inline void pack_panels(const float* src, int64_t src_rs, int64_t n, float* dst) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(src_rs)));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    float* panel = dst + j / kKeysS * kKeysS * kHs + j % kKeysS;
+    for (int d = 0; d < kHs; ++d)
+      _mm512_storeu_ps(panel + d * kKeysS, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + j * src_rs + d, 4));
+  }
+  if (n % kKeysS && n % kKeysS <= 16) {  // the last panel's second half
+    float* panel = dst + n / kKeysS * kKeysS * kHs + 16;
+    for (int d = 0; d < kHs; ++d) _mm512_storeu_ps(panel + d * kKeysS, _mm512_setzero_ps());
+  }
+}
+
+// s[r][0..32) = q[r] . kt[:, 0..32) for kRowsS packed rows of q and one panel of kt; rows >= n_rows
+// are computed (q is padded with zeros) but not stored
+inline void panel_scores(const float* q, const float* kt, float* s, int64_t ld_s, int n_rows) {
+  __m512 acc[kRowsS][2];
+  for (int r = 0; r < kRowsS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int d = 0; d < kHs; ++d) {
+    const __m512 k0 = _mm512_loadu_ps(kt + d * kKeysS), k1 = _mm512_loadu_ps(kt + d * kKeysS + 16);
+    for (int r = 0; r < kRowsS; ++r) {
+      const __m512 qv = _mm512_set1_ps(q[r * kHs + d]);
+      acc[r][0] = _mm512_fmadd_ps(qv, k0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(qv, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < n_rows; ++r) {
+    _mm512_storeu_ps(s + r * ld_s, acc[r][0]);
+    _mm512_storeu_ps(s + r * ld_s + 16, acc[r][1]);
+  }
+}
+
+// The scores (or dP) of a block of n rows starting at query t0: s[r][j] = q[r] . kt[:, j] for the
+// panels of keys each tile of kRowsS rows sees
+inline void block_scores(const float* q, const float* kt, int64_t t0, int n, float* s, int64_t ld_s) {
+  const int64_t n_pad = round_up(t0 + n, kKeysS);
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kKeysS)
+    for (int r0 = j0 > t0 ? static_cast<int>((j0 - t0) / kRowsS * kRowsS) : 0; r0 < n; r0 += kRowsS)  // rows that see j0
+      panel_scores(q + r0 * kHs, kt + j0 * kHs, s + r0 * ld_s + j0, ld_s, n - r0 < kRowsS ? n - r0 : kRowsS);
+}
+
+// out[r] (+)= sum_{j in [j0, j1)} a[r][j] x[j] for kRowsPV rows r of a (rows >= n_rows neither
+// stored nor read) and packed rows of x; accumulate: add to out instead of overwriting it.
+// a[r][j] is at a[r * lda + j], or, kTransposed, at a[j * lda + r]: the columns of P and dS,
+// for P^T dO and dS^T Q of dV and dK
+template <bool kTransposed>
+inline void output_rows(const float* a, int64_t lda, int n_rows, const float* x, int64_t j0, int64_t j1, float* out,
+                        int64_t o_rs, bool accumulate) {
+  const float* ar[kRowsPV];
+  for (int r = 0; r < kRowsPV; ++r) ar[r] = a + (r < n_rows ? r : 0) * (kTransposed ? 1 : lda);
+  __m512 acc[kRowsPV][4];
+  for (int r = 0; r < kRowsPV; ++r)
+    for (int c = 0; c < 4; ++c)
+      acc[r][c] = accumulate && r < n_rows ? _mm512_loadu_ps(out + r * o_rs + 16 * c) : _mm512_setzero_ps();
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* xj = x + j * kHs;
+    const __m512 x0 = _mm512_loadu_ps(xj), x1 = _mm512_loadu_ps(xj + 16);
+    const __m512 x2 = _mm512_loadu_ps(xj + 32), x3 = _mm512_loadu_ps(xj + 48);
+    for (int r = 0; r < kRowsPV; ++r) {
+      const __m512 av = _mm512_set1_ps(kTransposed ? ar[r][j * lda] : ar[r][j]);
+      acc[r][0] = _mm512_fmadd_ps(av, x0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, x1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, x2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, x3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < n_rows; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * o_rs + 16 * c, acc[r][c]);
+}
+
+// out[t0 + r] = sum_{j <= t0 + r} p[r][j] v[j] for the n rows of a block (p's rows ld_p apart),
+// over chunks of kChunk keys; out's rows o_rs apart
+inline void block_outputs(const float* p, int64_t ld_p, const float* v, int64_t t0, int n, float* out, int64_t o_rs) {
+  for (int64_t c0 = 0; c0 < t0 + n; c0 += kChunk)
+    for (int r0 = 0; r0 < n; r0 += kRowsPV) {
+      const int rows = n - r0 < kRowsPV ? n - r0 : kRowsPV;
+      const int64_t end = t0 + r0 + rows, c1 = c0 + kChunk < end ? c0 + kChunk : end;  // keys the tile sees
+      if (c0 < c1) output_rows<false>(p + r0 * ld_p, ld_p, rows, v, c0, c1, out + r0 * o_rs, o_rs, c0 > 0);
+    }
+}
+
+// out[j] (+)= sum_{r < n, t0 + r >= j} a[r][j] x[r] for keys j < t0 + n (a's rows lda apart, x packed):
+// the block's share of dK or dV; keys before t0 already hold the earlier blocks' shares
+inline void block_key_grads(const float* a, int64_t lda, const float* x, int64_t t0, int n, int64_t T, float* out,
+                            int64_t o_rs) {
+  for (int64_t j0 = 0; j0 < t0 + n; j0 += kRowsPV) {
+    const int64_t r0 = j0 > t0 ? j0 - t0 : 0;  // a[r][j] is 0 for rows before key j
+    output_rows<true>(a + r0 * lda + j0, lda, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, x + r0 * kHs, 0,
+                      n - r0, out + j0 * o_rs, o_rs, j0 < t0);
+  }
+}
+
+// ds[0..n) = scale * p * (dp - sum_j p[j] dp[j]) (the softmax's backward), zeros in n..n_pad;
+// pc[0..n_pad) = p (a copy at the padded stride for block_key_grads)
+inline void softmax_backward_row(const float* p, const float* dp, float* ds, float* pc, int64_t n, int64_t n_pad,
+                                 float scale) {
   __m512 acc = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(dp + j), acc);
@@ -112,18 +236,22 @@ inline void softmax_backward_row(const float* p, const float* dp, float* ds, int
   if (j < n) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, p + j), _mm512_maskz_loadu_ps(tail, dp + j), acc);
   const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), sv = _mm512_set1_ps(scale);
   for (j = 0; j + 16 <= n; j += 16) {
-    const __m512 g = _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(dp + j), dot));
-    _mm512_storeu_ps(ds + j, _mm512_mul_ps(g, sv));
+    const __m512 pj = _mm512_loadu_ps(p + j);
+    _mm512_storeu_ps(pc + j, pj);
+    _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dp + j), dot)), sv));
   }
   if (j < n) {
-    const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p + j), _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, dp + j), dot));
+    const __m512 pj = _mm512_maskz_loadu_ps(tail, p + j);
+    _mm512_storeu_ps(pc + j, pj);
+    const __m512 g = _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, dp + j), dot));
     _mm512_storeu_ps(ds + j, _mm512_maskz_mov_ps(tail, _mm512_mul_ps(g, sv)));
     j += 16;
   }
-  for (; j < ld; j += 16) _mm512_storeu_ps(ds + j, _mm512_setzero_ps());
+  for (; j < n_pad; j += 16) {
+    _mm512_storeu_ps(pc + j, _mm512_setzero_ps());
+    _mm512_storeu_ps(ds + j, _mm512_setzero_ps());
+  }
 }
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 }  // namespace
 
@@ -179,29 +307,27 @@ void gpt2kit_attention_train_f32(const float* qkv, float* out, float* probs, int
   const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> kt_buf(kHs * ld + 16);
-    float* kt = kt_buf.data();
+    std::vector<float> buf(2 * kHs * ld + kBlock * kHs + 64);
+    float* kt = buf.data();     // K^T in panels
+    float* vp = kt + kHs * ld;  // V's rows
+    float* qb = vp + kHs * ld;  // the block's rows of Q * scale, padded to whole score tiles
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh;
       const float* q = qkv + b * T * rs + h * kHs;
       float* p = probs + bh * T * ld;
-      transpose_keys(q + C, rs, T, kt, ld);
+      float* o = out + b * T * C + h * kHs;
+      pack_panels(q + C, rs, T, kt);
+      pack_rows(q + 2 * C, rs, T, T, vp, 1.0f);
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
-        const int rows = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
-        const int64_t n_pad = round_up(t0 + rows, kKeysS);
-        for (int64_t j0 = 0; j0 < n_pad; j0 += kKeysS)
-          for (int r0 = 0; r0 < rows; r0 += kRowsS)
-            score_tile(q + (t0 + r0) * rs, rs, rows - r0 < kRowsS ? rows - r0 : kRowsS, kt, ld, j0, scale,
-                       p + (t0 + r0) * ld, ld);
-        for (int r = 0; r < rows; ++r) {
+        const int n = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
+        pack_rows(q + t0 * rs, rs, n, round_up(n, kRowsS), qb, scale);
+        block_scores(qb, kt, t0, n, p + t0 * ld, ld);
+        for (int r = 0; r < n; ++r) {
           float* row = p + (t0 + r) * ld;
           scale_row(row, t0 + r + 1, softmax_row(row, t0 + r + 1, ld));
         }
-        for (int r0 = 0; r0 < rows; r0 += kRowsPV)
-          output_tile(p + (t0 + r0) * ld, ld, rows - r0 < kRowsPV ? rows - r0 : kRowsPV, q + 2 * C, rs,
-                      t0 + r0 + kRowsPV < T ? t0 + r0 + kRowsPV : T, nullptr, out + b * T * C + (t0 + r0) * C + h * kHs,
-                      C);
+        block_outputs(p + t0 * ld, ld, vp, t0, n, o + t0 * C, C);
       }
     }
   }
@@ -209,45 +335,41 @@ void gpt2kit_attention_train_f32(const float* qkv, float* out, float* probs, int
 
 // Training, backward: from dout (B, T, C) and what the forward pass read and saved, dqkv (B, T, 3C),
 // every element written: dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, with dS the softmax's
-// backward of dP = dO V^T.
+// backward of dP = dO V^T. Per block of query rows: its dP, dS and dQ rows, and its share of every
+// dK and dV row it sees, added to the earlier blocks' shares (a key's first block writes them).
 void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, const float* probs, float* dqkv,
                                           int64_t B, int64_t nh, int64_t T, float scale, int threads) {
-  const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS);
+  const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS), ldd = padded(ld);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> buf(T * ld + kHs * ld + 64);
-    float* ds = buf.data();           // dP, then dS in place: (T, ld)
-    float* vt = ds + T * ld;          // V^T: (64, ld)
+    std::vector<float> buf(2 * kHs * ld + 2 * kBlock * kHs + 2 * kBlock * ldd + 64);
+    float* vt = buf.data();        // V^T in panels
+    float* kp = vt + kHs * ld;     // K's rows
+    float* dob = kp + kHs * ld;    // the block's rows of dO, padded to whole score tiles
+    float* qb = dob + kBlock * kHs;  // the block's rows of Q
+    float* ds = qb + kBlock * kHs;   // the block's dP, then dS in place: (kBlock, ldd)
+    float* pc = ds + kBlock * ldd;   // the block's P: (kBlock, ldd)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh;
       const float* q = qkv + b * T * rs + h * kHs;
-      const float* k = q + C;
-      const float* v = q + 2 * C;
       const float* p = probs + bh * T * ld;
       const float* dout_h = dout + b * T * C + h * kHs;
       float* dq = dqkv + b * T * rs + h * kHs;
-      float* dk = dq + C;
-      float* dv = dq + 2 * C;
-      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)  // dV[j] = sum_{i >= j} P[i][j] dO[i]
-        output_tile<true>(p + j0, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, dout_h, C, T, nullptr,
-                          dv + j0 * rs, rs, j0);
-      transpose_keys(v, rs, T, vt, ld);  // dP = dO V^T, over the keys each block of rows sees
+      pack_panels(q + 2 * C, rs, T, vt);
+      pack_rows(q + C, rs, T, T, kp, 1.0f);
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
-        const int rows = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
-        const int64_t n_pad = round_up(t0 + rows, kKeysS);
-        for (int64_t j0 = 0; j0 < n_pad; j0 += kKeysS)
-          for (int r0 = 0; r0 < rows; r0 += kRowsS)
-            score_tile(dout_h + (t0 + r0) * C, C, rows - r0 < kRowsS ? rows - r0 : kRowsS, vt, ld, j0, 1.0f,
-                       ds + (t0 + r0) * ld, ld);
+        const int n = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
+        pack_rows(dout_h + t0 * C, C, n, round_up(n, kRowsS), dob, 1.0f);
+        pack_rows(q + t0 * rs, rs, n, n, qb, 1.0f);
+        block_scores(dob, vt, t0, n, ds, ldd);
+        const int64_t n_pad = round_up(t0 + n, kKeysS);
+        for (int r = 0; r < n; ++r)
+          softmax_backward_row(p + (t0 + r) * ld, ds + r * ldd, ds + r * ldd, pc + r * ldd, t0 + r + 1, n_pad, scale);
+        block_outputs(ds, ldd, kp, t0, n, dq + t0 * rs, rs);
+        block_key_grads(ds, ldd, qb, t0, n, T, dq + C, rs);
+        block_key_grads(pc, ldd, dob, t0, n, T, dq + 2 * C, rs);
       }
-      for (int64_t i = 0; i < T; ++i) softmax_backward_row(p + i * ld, ds + i * ld, ds + i * ld, i + 1, ld, scale);
-      for (int64_t r0 = 0; r0 < T; r0 += kRowsPV)  // dQ[i] = sum_{j <= i} dS[i][j] K[j]
-        output_tile(ds + r0 * ld, ld, T - r0 < kRowsPV ? static_cast<int>(T - r0) : kRowsPV, k, rs,
-                    r0 + kRowsPV < T ? r0 + kRowsPV : T, nullptr, dq + r0 * rs, rs);
-      for (int64_t j0 = 0; j0 < T; j0 += kRowsPV)  // dK[j] = sum_{i >= j} dS[i][j] Q[i]
-        output_tile<true>(ds + j0, ld, T - j0 < kRowsPV ? static_cast<int>(T - j0) : kRowsPV, q, rs, T, nullptr,
-                          dk + j0 * rs, rs, j0);
     }
   }
 }

@@ -9,6 +9,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include <vector>
+
 #include "vecmath.h"
 
 namespace {
@@ -91,9 +93,73 @@ void gelu_backward(const T* gy, const T* x, T* gx, int64_t n, int threads) {
   });
 }
 
+// gelu(x + bias) over `rows` rows of `cols` elements (the bias along each row), and its backward
+// with the bias gradient summed over the rows: a linear layer followed by the GELU then needs no
+// pass that broadcasts the bias into its output, nor one that sums its gradient. Rows go in
+// fixed blocks of kBiasRows, each block's partial sums in row order and the blocks' sums in block
+// order, so the bias gradient does not depend on the thread count.
+constexpr int64_t kBiasRows = 16;
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+void bias_gelu_forward(const float* x, const float* bias, float* y, int64_t rows, int64_t cols, int threads) {
+  const int64_t blocks = (rows + kBiasRows - 1) / kBiasRows;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = (b + 1) * kBiasRows < rows ? (b + 1) * kBiasRows : rows;
+    for (int64_t r = b * kBiasRows; r < end; ++r)
+      for (int64_t c = 0; c < cols; c += 16) {
+        const __mmask16 m = tail_mask(cols - c);
+        const __m512 u = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + r * cols + c), _mm512_maskz_loadu_ps(m, bias + c));
+        _mm512_mask_storeu_ps(y + r * cols + c, m, gelu(u));
+      }
+  }
+}
+
+void bias_gelu_backward(const float* gy, const float* x, const float* bias, float* gx, float* gbias, int64_t rows,
+                        int64_t cols, int threads) {
+  const int64_t blocks = (rows + kBiasRows - 1) / kBiasRows;
+  std::vector<float> partial(blocks * cols);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t end = (b + 1) * kBiasRows < rows ? (b + 1) * kBiasRows : rows;
+      float* sums = partial.data() + b * cols;
+      for (int64_t c = 0; c < cols; c += 16) _mm512_mask_storeu_ps(sums + c, tail_mask(cols - c), _mm512_setzero_ps());
+      for (int64_t r = b * kBiasRows; r < end; ++r)
+        for (int64_t c = 0; c < cols; c += 16) {
+          const __mmask16 m = tail_mask(cols - c);
+          const __m512 u = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + r * cols + c), _mm512_maskz_loadu_ps(m, bias + c));
+          const __m512 g = gelu_grad(_mm512_maskz_loadu_ps(m, gy + r * cols + c), u);
+          _mm512_mask_storeu_ps(gx + r * cols + c, m, g);
+          _mm512_mask_storeu_ps(sums + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums + c), g));
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(cols - c);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, partial.data() + b * cols + c));
+      _mm512_mask_storeu_ps(gbias + c, m, acc);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+void gpt2kit_bias_gelu_f32(const float* x, const float* bias, float* y, int64_t rows, int64_t cols, int threads) {
+  bias_gelu_forward(x, bias, y, rows, cols, threads);
+}
+
+void gpt2kit_bias_gelu_backward_f32(const float* gy, const float* x, const float* bias, float* gx, float* gbias,
+                                    int64_t rows, int64_t cols, int threads) {
+  bias_gelu_backward(gy, x, bias, gx, gbias, rows, cols, threads);
+}
 
 void gpt2kit_gelu_f32(const float* x, float* y, int64_t n, int threads) { gelu_forward<F32>(x, y, n, threads); }
 
