@@ -330,11 +330,11 @@ def test_bias_gelu_kernel_matches_pytorch_and_sums_the_bias_gradient_independent
             torch.set_num_threads(threads)
     # elsewhere (another dtype, autocast, a broadcast it does not do), PyTorch's ops, same results
     d, bd = torch.randn(4, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    assert not kernels.bias_gelu_applies(d, bd)
+    assert not kernels.bias_folds(d, bd)
     assert torch.equal(kernels.bias_gelu(d, bd), F.gelu(d + bd, approximate="tanh"))
     x, b = torch.randn(4, 6), torch.randn(6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels.bias_gelu_applies(x, b)
+        assert not kernels.bias_folds(x, b)
     s = torch.tensor(0.5)  # a 0-d bias broadcasts through PyTorch
     assert torch.equal(kernels.bias_gelu(x, s), kernels.gelu(x + s))
 
@@ -485,6 +485,50 @@ def test_training_attention_kernel_matches_sdpa_and_its_gradients(B, nh, T):
     assert (ours_in.grad.double() - exact_in.grad).abs().max() <= 2 * (fp32_in.grad.double() - exact_in.grad).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("B,nh,T", [(2, 3, 1), (2, 2, 65), (1, 3, 130), (3, 1, 33)])
+def test_training_attention_kernel_adds_the_bias_and_sums_its_gradient_independently_of_threads(B, nh, T):
+    # the kernel with c_attn's bias against F.linear(x, W, b) + SDPA: values and gradients of x, W, b
+    g = torch.Generator().manual_seed(B * 1000 + T + 7)
+    C = nh * 64
+    x, w = torch.randn(B, T, C, generator=g), torch.randn(3 * C, C, generator=g) * C ** -0.5
+    b = torch.randn(3 * C, generator=g)
+    dout = torch.randn(B, T, C, generator=g)
+
+    def sdpa(x, w, b):
+        q, k, v = (part.view(B, T, nh, 64).transpose(1, 2) for part in F.linear(x, w, b).split(C, dim=2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves)
+        out.backward(dout.to(dtype))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    exact, fp32 = run(sdpa, torch.float64), run(sdpa, torch.float32)
+    if not CAN_BUILD:
+        assert not kernels.training_attention_folds_bias(x, b, nh)
+        return
+    assert kernels.training_attention_folds_bias(x, b, nh)
+    ours = run(lambda x, w, b: kernels.training_attention(F.linear(x, w), nh, b), torch.float32)
+    for got, ref, want in zip(ours, fp32, exact):  # as exact as PyTorch's fp32 ops
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max() + 1e-6
+    threads = torch.get_num_threads()
+    try:  # the bias gradient's summation order does not depend on the thread count
+        torch.set_num_threads(1)
+        one = run(lambda x, w, b: kernels.training_attention(F.linear(x, w), nh, b), torch.float32)
+        torch.set_num_threads(max(2, threads))
+        two = run(lambda x, w, b: kernels.training_attention(F.linear(x, w), nh, b), torch.float32)
+        assert torch.equal(one[3], two[3])
+    finally:
+        torch.set_num_threads(threads)
+    # without a bias the same kernel, bit for bit as with a zero one
+    qkv = torch.randn(B, T, 3 * C, generator=g)
+    assert torch.equal(kernels.training_attention(qkv, nh), kernels.training_attention(qkv, nh, torch.zeros(3 * C)))
+    with pytest.raises(ValueError, match="bias"):
+        kernels.training_attention(qkv, nh, torch.zeros(C))
+
+
 def test_training_attention_kernel_scope_and_model_use(monkeypatch):
     qkv = torch.randn(2, 8, 3 * 2 * 64)
     assert kernels.training_attention_applies(qkv, 2) == CAN_BUILD
@@ -500,11 +544,16 @@ def test_training_attention_kernel_scope_and_model_use(monkeypatch):
 
     def grads():
         model.zero_grad()
-        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
-        return [p.grad.clone() for p in model.parameters()]
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.parameters())]
 
     got = grads()
-    assert len(calls) == 2  # one per layer
+    assert len(calls) == 2  # one per layer, with c_attn's product without its bias, and the bias
+    h = model.transformer
+    assert all(call[2] is block.attn.c_attn.bias for call, block in zip(calls, h.h))
+    x0 = h.h[0].ln_1(h.wte(ids[:, :-1]) + h.wpe(torch.arange(32)))
+    torch.testing.assert_close(calls[0][0] + calls[0][2], h.h[0].attn.c_attn(x0))
     monkeypatch.setattr(kernels, "training_attention_applies", lambda *a: False)
     for a, b in zip(got, grads()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

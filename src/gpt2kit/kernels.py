@@ -114,8 +114,8 @@ def _library() -> ctypes.CDLL | None:
     attention.argtypes = [*([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 4, *[ctypes.c_int64] * 4, ctypes.c_float,
                           ctypes.c_int]
     attention.restype = None
-    train_fwd.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
-    train_bwd.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
+    train_fwd.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
+    train_bwd.argtypes = [*[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
     train_fwd.restype = train_bwd.restype = None
     xent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     xent.restype = None
@@ -213,10 +213,10 @@ class _GELU(torch.autograd.Function):
         return gx
 
 
-def bias_gelu_applies(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `bias_gelu` runs gpt2kit's kernel for inputs like x (or a linear layer's product
-    of x) and this bias: fp32 CPU tensors, a 1-D bias, not under autocast or while torch.compile
-    traces."""
+def bias_folds(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a linear layer's bias can be folded into the kernel that reads its product (GELU,
+    training attention) for inputs like x: fp32 CPU tensors, a 1-D bias, not under autocast or
+    while torch.compile traces, the kernels built."""
     return (bias is not None and x.device.type == bias.device.type == "cpu"
             and x.dtype == bias.dtype == torch.float32 and bias.dim() == 1 and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling() and available(torch.float32))
@@ -227,8 +227,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     without its bias, then this, is the layer and its GELU in one pass over the output instead of
     three (broadcasting the bias into the product, the GELU, and, backward, summing the bias
     gradient over the rows, which the kernel does as it writes x's gradient, in a fixed order).
-    Where `bias_gelu_applies` is false, PyTorch's ops compute the same."""
-    if not (bias_gelu_applies(x, bias) and x.dim() >= 1 and x.shape[-1] == bias.shape[0] and x.numel() > 0):
+    Where `bias_folds` is false, PyTorch's ops compute the same."""
+    if not (bias_folds(x, bias) and x.dim() >= 1 and x.shape[-1] == bias.shape[0] and x.numel() > 0):
         return gelu(x + bias)
     return _BiasGELU.apply(x, bias)
 
@@ -301,45 +301,66 @@ def training_attention_applies(qkv: torch.Tensor, n_head: int) -> bool:
             and 1 <= T <= TRAINING_ATTENTION_MAX_T and not torch.compiler.is_compiling() and available(torch.float32))
 
 
-def training_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+def training_attention_folds_bias(x: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> bool:
+    """Whether `training_attention(F.linear(x, weight), n_head, bias)` runs gpt2kit's kernel for
+    a linear layer's input x (B, T, C) and its bias (3C): where `training_attention_applies` to
+    the product and the bias `bias_folds`."""
+    return (x.dim() == 3 and bias is not None and tuple(bias.shape) == (3 * x.shape[-1],)
+            and bias_folds(x, bias)  # (a stand-in of the product's shape below: no memory)
+            and training_attention_applies(x.new_empty(()).expand(*x.shape[:2], 3 * x.shape[-1]), n_head))
+
+
+def training_attention(qkv: torch.Tensor, n_head: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention for training, differentiable, without dropout: qkv (B, T, 3C),
     the queries, keys and values of n_head heads of size 64 side by side as the model's c_attn
     writes them, -> (B, T, C), the layout c_proj reads; for tensors where
     `training_attention_applies`. Forward + backward run 2x faster than SDPA or explicit batched
     matmuls here at T = 128-256 (and skip their transposes, splits and concatenations); the
-    probabilities (B, nh, T, T) are kept for the backward pass, as explicit attention keeps them."""
+    probabilities (B, nh, T, T) are kept for the backward pass, as explicit attention keeps them.
+    With a fp32 bias (3C), the attention of qkv + bias, differentiable in both: c_attn's product
+    without its bias, then this, saves the two passes over (B, T, 3C) that broadcast the bias and
+    sum its gradient (the kernels add it as they pack q, k, v, and sum the gradient, in a fixed
+    order, as they finish dqkv)."""
     if not training_attention_applies(qkv, n_head):
         raise ValueError(f"training_attention: expected a fp32 CPU (B, T <= {TRAINING_ATTENTION_MAX_T}, "
                          f"3 * {n_head} * {ATTENTION_HEAD_SIZE}) tensor, got {tuple(qkv.shape)} {qkv.dtype} "
                          f"{qkv.device}")
-    return _TrainingAttention.apply(qkv, n_head)
+    if bias is not None and not (tuple(bias.shape) == (qkv.shape[-1],) and bias.dtype == torch.float32
+                                 and bias.device.type == "cpu"):
+        raise ValueError(f"training_attention: expected a fp32 CPU bias ({qkv.shape[-1]},), got {tuple(bias.shape)} "
+                         f"{bias.dtype} {bias.device}")
+    return _TrainingAttention.apply(qkv, bias, n_head)
 
 
 class _TrainingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
         qkv = qkv.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         B, T, C3 = qkv.shape
         f32 = dict(dtype=torch.float32, device="cpu")
         probs = torch.empty(B, n_head, T, (T + 31) // 32 * 32, **f32)  # rows padded to whole 32-key tiles
         out = torch.empty(B, T, C3 // 3, **f32)
-        _library().gpt2kit_attention_train_f32(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), B, n_head, T,
+        _library().gpt2kit_attention_train_f32(qkv.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                               out.data_ptr(), probs.data_ptr(), B, n_head, T,
                                                ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
-        ctx.save_for_backward(qkv, probs)
+        ctx.save_for_backward(qkv, bias, probs)
         ctx.n_head = n_head
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: torch.Tensor):
-        qkv, probs = ctx.saved_tensors
+        qkv, bias, probs = ctx.saved_tensors
         B, T, _ = qkv.shape
         dout = dout.to(torch.float32).contiguous()
         dqkv = torch.empty_like(qkv)
-        _library().gpt2kit_attention_train_backward_f32(dout.data_ptr(), qkv.data_ptr(), probs.data_ptr(),
-                                                        dqkv.data_ptr(), B, ctx.n_head, T,
-                                                        ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
-        return dqkv, None
+        dbias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[1] else None
+        _library().gpt2kit_attention_train_backward_f32(
+            dout.data_ptr(), qkv.data_ptr(), bias.data_ptr() if bias is not None else None, probs.data_ptr(),
+            dqkv.data_ptr(), dbias.data_ptr() if dbias is not None else None, B, ctx.n_head, T,
+            ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
+        return dqkv, dbias, None
 
 
 def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -204,11 +204,18 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
+        training_kernel = (self.training and torch.is_grad_enabled() and is_causal and kv_cache is None
+                           and not self.dropout and x.device.type == "cpu")
+        fc = self.c_attn
+        if training_kernel and type(fc) is Linear and kernels.training_attention_folds_bias(x, fc.bias, self.n_head):
+            # fp32: c_attn's bias is added (and its gradient summed) inside the attention kernel,
+            # as it packs q, k and v (two passes over the (B, T, 3C) activations fewer)
+            qkv = F.linear(x, fc.weight)  # (B, T, 3C), without the bias
+            return self.resid_dropout(self.c_proj(kernels.training_attention(qkv, self.n_head, fc.bias)))
         qkv = self.c_attn(x)  # (B, T, 3C)
-        if (self.training and torch.is_grad_enabled() and is_causal and kv_cache is None and not self.dropout
-                and qkv.device.type == "cpu"):
-            # gpt2kit's training attention kernel where it applies: fp32, and bf16 where the CPU
-            # would emulate bf16 products (then no faster than fp32)
+        if training_kernel:
+            # gpt2kit's training attention kernel where it applies: fp32 (c_attn's bias not folded
+            # in above), and bf16 where the CPU would emulate bf16 products (then no faster than fp32)
             wide = qkv.float() if kernels.bf16_on_fp32_units(qkv.dtype, qkv.device.type) else qkv
             if kernels.training_attention_applies(wide, self.n_head):
                 return self.resid_dropout(self.c_proj(kernels.training_attention(wide, self.n_head).to(qkv.dtype)))
@@ -253,7 +260,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self.c_fc
-        if type(fc) is Linear and type(self.act) is GELU and kernels.bias_gelu_applies(x, fc.bias):
+        if type(fc) is Linear and type(self.act) is GELU and kernels.bias_folds(x, fc.bias):
             # fp32 on CPU: c_fc's bias is added, and its gradient summed, inside the GELU kernel
             # (one pass over the (B, T, 4C) activations instead of three)
             return self.dropout(self.c_proj(kernels.bias_gelu(F.linear(x, fc.weight), fc.bias)))

@@ -107,7 +107,11 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // of kBlock query rows, and keep every operand of a register tile's inner loop in L1: q, k, v and
 // dout rows are kHs floats 3C (or C) floats apart, a stride that maps a block's rows onto a few
 // cache sets, so the operands are first packed: K^T (and V^T) in panels of 32 keys (kHs x 32,
-// contiguous), K and V as contiguous rows, the block's Q (pre-scaled) and dO rows contiguous. Products
+// contiguous), K and V as contiguous rows, the block's Q (pre-scaled) and dO rows contiguous.
+// Packing is also where c_attn's bias is added (q + bq, k + bk, v + bv; the model then computes
+// c_attn's product without it), and the backward pass sums dqkv's columns for its gradient: the
+// linear layer would otherwise broadcast the bias into all of qkv and sum it back, two passes
+// over (B, T, 3C) in memory for what costs nothing here. Products
 // whose reduction runs over keys (P V, dS K) go over them in chunks of kChunk keys for every row
 // tile of the block, so that a chunk of V or K stays in L1 while it is reused, accumulating in the
 // output rows. Score tiles stop at the last 32 keys the tile's rows see, output tiles at their last
@@ -119,25 +123,59 @@ constexpr int kChunk = 64;  // keys per pass of the output tiles (16 KiB of V or
 // cache lines, so the column reads of the dK and dV tiles spread over all sets.
 inline int64_t padded(int64_t ld) { return ld + 16; }
 
-// dst[i] = scale * src[i] (kHs floats) for rows i < n, zeros in rows n..n_pad
-inline void pack_rows(const float* src, int64_t src_rs, int64_t n, int64_t n_pad, float* dst, float scale) {
+// dst[i] = scale * (src[i] + bias) (kHs floats; bias may be null: 0) for rows i < n, zeros in rows n..n_pad
+inline void pack_rows(const float* src, int64_t src_rs, const float* bias, int64_t n, int64_t n_pad, float* dst,
+                      float scale) {
   const __m512 s = _mm512_set1_ps(scale);
+  __m512 bv[kHs / 16];
+  for (int c = 0; c < kHs / 16; ++c) bv[c] = bias ? _mm512_loadu_ps(bias + 16 * c) : _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i)
-    for (int c = 0; c < kHs; c += 16) _mm512_storeu_ps(dst + i * kHs + c, _mm512_mul_ps(_mm512_loadu_ps(src + i * src_rs + c), s));
+    for (int c = 0; c < kHs; c += 16)
+      _mm512_storeu_ps(dst + i * kHs + c,
+                       _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(src + i * src_rs + c), bv[c / 16]), s));
   for (int64_t i = n; i < n_pad; ++i)
     for (int c = 0; c < kHs; c += 16) _mm512_storeu_ps(dst + i * kHs + c, _mm512_setzero_ps());
 }
 
-// src (n, kHs)^T in panels of kKeysS keys: dst[(j / 32) * kHs * 32 + d * 32 + j % 32] = src[j][d], zero
-// for keys n..round_up(n, 32)
-inline void pack_panels(const float* src, int64_t src_rs, int64_t n, float* dst) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(src_rs)));
+// r[i][c] -> r[c][i] for a 16 x 16 block in registers: 64 shuffles, cheaper than the 16 gathers
+// (256 loads) of its columns
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      const __m512d a = _mm512_castps_pd(t[i + k]), b = _mm512_castps_pd(t[i + k + 2]);
+      r[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int i = 0; i < 16; i += 8)
+    for (int k = 0; k < 4; ++k) {
+      t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
+      t[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
+  }
+}
+
+// (src (n, kHs) + bias)^T in panels of kKeysS keys: dst[(j / 32) * kHs * 32 + d * 32 + j % 32] =
+// src[j][d] + bias[d] (bias may be null: 0), zero for keys n..round_up(n, 32)
+inline void pack_panels(const float* src, int64_t src_rs, const float* bias, int64_t n, float* dst) {
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const int64_t rows = n - j < 16 ? n - j : 16;
     float* panel = dst + j / kKeysS * kKeysS * kHs + j % kKeysS;
-    for (int d = 0; d < kHs; ++d)
-      _mm512_storeu_ps(panel + d * kKeysS, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + j * src_rs + d, 4));
+    for (int d0 = 0; d0 < kHs; d0 += 16) {
+      const __m512 b = bias ? _mm512_loadu_ps(bias + d0) : _mm512_setzero_ps();
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_add_ps(_mm512_loadu_ps(src + (j + i) * src_rs + d0), b) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(panel + (d0 + c) * kKeysS, r[c]);
+    }
   }
   if (n % kKeysS && n % kKeysS <= 16) {  // the last panel's second half
     float* panel = dst + n / kKeysS * kKeysS * kHs + 16;
@@ -253,6 +291,15 @@ inline void softmax_backward_row(const float* p, const float* dp, float* ds, flo
   }
 }
 
+// sums[c] = sum_{t < n} x[t][c] for kHs columns, rows x_rs apart, t in order
+inline void column_sums(const float* x, int64_t x_rs, int64_t n, float* sums) {
+  __m512 acc[kHs / 16];
+  for (int c = 0; c < kHs / 16; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t)
+    for (int c = 0; c < kHs / 16; ++c) acc[c] = _mm512_add_ps(acc[c], _mm512_loadu_ps(x + t * x_rs + 16 * c));
+  for (int c = 0; c < kHs / 16; ++c) _mm512_storeu_ps(sums + 16 * c, acc[c]);
+}
+
 }  // namespace
 
 extern "C" {
@@ -300,10 +347,11 @@ void gpt2kit_causal_attention_f32(const float* q, int64_t q_bs, int64_t q_hs, in
 
 
 // Training, forward: qkv (B, T, 3C) contiguous with C = nh * 64 (q, k, v of every head, as the
-// model's c_attn writes them), out (B, T, C); probs (B, nh, T, ld), ld = T rounded up to 32,
-// receives each query's attention probabilities (zeros past its position) for the backward pass.
-void gpt2kit_attention_train_f32(const float* qkv, float* out, float* probs, int64_t B, int64_t nh, int64_t T,
-                                 float scale, int threads) {
+// model's c_attn writes them), plus bias (3C) if not null, out (B, T, C); probs (B, nh, T, ld),
+// ld = T rounded up to 32, receives each query's attention probabilities (zeros past its position)
+// for the backward pass.
+void gpt2kit_attention_train_f32(const float* qkv, const float* bias, float* out, float* probs, int64_t B,
+                                 int64_t nh, int64_t T, float scale, int threads) {
   const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS);
 #pragma omp parallel num_threads(threads)
   {
@@ -317,11 +365,14 @@ void gpt2kit_attention_train_f32(const float* qkv, float* out, float* probs, int
       const float* q = qkv + b * T * rs + h * kHs;
       float* p = probs + bh * T * ld;
       float* o = out + b * T * C + h * kHs;
-      pack_panels(q + C, rs, T, kt);
-      pack_rows(q + 2 * C, rs, T, T, vp, 1.0f);
+      const float* bq = bias ? bias + h * kHs : nullptr;
+      const float* bk = bias ? bq + C : nullptr;
+      const float* bv = bias ? bq + 2 * C : nullptr;
+      pack_panels(q + C, rs, bk, T, kt);
+      pack_rows(q + 2 * C, rs, bv, T, T, vp, 1.0f);
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
         const int n = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
-        pack_rows(q + t0 * rs, rs, n, round_up(n, kRowsS), qb, scale);
+        pack_rows(q + t0 * rs, rs, bq, n, round_up(n, kRowsS), qb, scale);
         block_scores(qb, kt, t0, n, p + t0 * ld, ld);
         for (int r = 0; r < n; ++r) {
           float* row = p + (t0 + r) * ld;
@@ -333,13 +384,18 @@ void gpt2kit_attention_train_f32(const float* qkv, float* out, float* probs, int
   }
 }
 
-// Training, backward: from dout (B, T, C) and what the forward pass read and saved, dqkv (B, T, 3C),
-// every element written: dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, with dS the softmax's
-// backward of dP = dO V^T. Per block of query rows: its dP, dS and dQ rows, and its share of every
-// dK and dV row it sees, added to the earlier blocks' shares (a key's first block writes them).
-void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, const float* probs, float* dqkv,
-                                          int64_t B, int64_t nh, int64_t T, float scale, int threads) {
+// Training, backward: from dout (B, T, C) and what the forward pass read and saved (bias may be
+// null), dqkv (B, T, 3C), every element written: dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO,
+// with dS the softmax's backward of dP = dO V^T. Per block of query rows: its dP, dS and dQ rows,
+// and its share of every dK and dV row it sees, added to the earlier blocks' shares (a key's first
+// block writes them). dbias (3C), if not null, receives dqkv's column sums: each (batch, head) sums
+// its finished columns over t (in L2 still) into its batch's row of a (B, 3C) buffer, whose rows
+// are then added in order, so the result does not depend on the thread count.
+void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, const float* bias, const float* probs,
+                                          float* dqkv, float* dbias, int64_t B, int64_t nh, int64_t T, float scale,
+                                          int threads) {
   const int64_t C = nh * kHs, rs = 3 * C, ld = round_up(T, kKeysS), ldd = padded(ld);
+  std::vector<float> partial(dbias ? B * rs : 0);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> buf(2 * kHs * ld + 2 * kBlock * kHs + 2 * kBlock * ldd + 64);
@@ -356,12 +412,15 @@ void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, c
       const float* p = probs + bh * T * ld;
       const float* dout_h = dout + b * T * C + h * kHs;
       float* dq = dqkv + b * T * rs + h * kHs;
-      pack_panels(q + 2 * C, rs, T, vt);
-      pack_rows(q + C, rs, T, T, kp, 1.0f);
+      const float* bq = bias ? bias + h * kHs : nullptr;
+      const float* bk = bias ? bq + C : nullptr;
+      const float* bv = bias ? bq + 2 * C : nullptr;
+      pack_panels(q + 2 * C, rs, bv, T, vt);
+      pack_rows(q + C, rs, bk, T, T, kp, 1.0f);
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
         const int n = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
-        pack_rows(dout_h + t0 * C, C, n, round_up(n, kRowsS), dob, 1.0f);
-        pack_rows(q + t0 * rs, rs, n, n, qb, 1.0f);
+        pack_rows(dout_h + t0 * C, C, nullptr, n, round_up(n, kRowsS), dob, 1.0f);
+        pack_rows(q + t0 * rs, rs, bq, n, n, qb, 1.0f);
         block_scores(dob, vt, t0, n, ds, ldd);
         const int64_t n_pad = round_up(t0 + n, kKeysS);
         for (int r = 0; r < n; ++r)
@@ -370,8 +429,17 @@ void gpt2kit_attention_train_backward_f32(const float* dout, const float* qkv, c
         block_key_grads(ds, ldd, qb, t0, n, T, dq + C, rs);
         block_key_grads(pc, ldd, dob, t0, n, T, dq + 2 * C, rs);
       }
+      if (dbias)
+        for (int64_t part = 0; part < 3; ++part)
+          column_sums(dq + part * C, rs, T, partial.data() + b * rs + part * C + h * kHs);
     }
   }
+  if (dbias)
+    for (int64_t c = 0; c < rs; ++c) {
+      float sum = 0.0f;
+      for (int64_t b = 0; b < B; ++b) sum += partial[b * rs + c];
+      dbias[c] = sum;
+    }
 }
 
 }  // extern "C"
