@@ -455,8 +455,10 @@ class _CPULinear(torch.nn.Module):
 
     @property
     def folds_gelu(self) -> bool:
-        """Whether a following GELU costs no extra pass when done here (`gelu=True`)."""
-        return self.packed is not None or self.widen
+        """Whether a following GELU costs no extra pass when done here (`gelu=True`): in the packed
+        GEMM, as the widened product is rounded, or, fp32, with the bias in `kernels.bias_gelu`."""
+        return (self.packed is not None or self.widen
+                or (self.weight.dtype == torch.float32 and self.bias is not None and kernels.available(torch.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -471,6 +473,8 @@ class _CPULinear(torch.nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, *post_op)
         elif self.widen:
             y = self._widened(flat)
+        elif self.gelu and kernels.bias_folds(flat, self.bias):  # the bias added in the GELU's pass
+            y = kernels.bias_gelu(F.linear(flat, self.weight), self.bias)
         else:
             y = F.linear(flat, self.weight, self.bias)
             y = kernels.gelu(y) if self.gelu else y
