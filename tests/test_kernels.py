@@ -559,6 +559,7 @@ def test_training_attention_kernel_scope_and_model_use(monkeypatch):
     x0 = h.h[0].ln_1(h.wte(ids[:, :-1]) + h.wpe(torch.arange(32)))
     torch.testing.assert_close(calls[0][0] + calls[0][2], h.h[0].attn.c_attn(x0))
     monkeypatch.setattr(kernels, "training_attention_applies", lambda *a: False)
+    monkeypatch.setattr(kernels, "training_attention_folds_bias", lambda *a: False)
     for a, b in zip(got, grads()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     assert len(calls) == 2

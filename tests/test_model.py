@@ -162,6 +162,7 @@ def test_training_attention_matches_sdpa(monkeypatch):
     # fp32 training of short sequences takes it too where gpt2kit's training kernel does not run
     # (no compiler, no AVX-512): the same values as SDPA (eval mode)
     monkeypatch.setattr(gpt2kit.kernels, "training_attention_applies", lambda *a: False)
+    monkeypatch.setattr(gpt2kit.kernels, "training_attention_folds_bias", lambda *a: False)
     calls = []
     monkeypatch.setattr(gpt2kit.model, "causal_attention", lambda *a: calls.append(a[0].shape) or causal_attention(*a))
     for T in (EXPLICIT_ATTENTION_MAX_T, EXPLICIT_ATTENTION_MAX_T + 1):

@@ -297,17 +297,20 @@ TRAINING_ATTENTION_MAX_T = 512  # beyond, a head's T x T scores outgrow L2 and S
 def training_attention_applies(qkv: torch.Tensor, n_head: int) -> bool:
     """Whether `training_attention` runs for this (B, T, 3C) fp32 CPU tensor of n_head heads."""
     B, T, C3 = qkv.shape
-    return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and C3 == 3 * n_head * ATTENTION_HEAD_SIZE
-            and 1 <= T <= TRAINING_ATTENTION_MAX_T and not torch.compiler.is_compiling() and available(torch.float32))
+    return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and _training_attention_fits(T, C3, n_head)
+            and not torch.compiler.is_compiling() and available(torch.float32))
+
+
+def _training_attention_fits(T: int, C3: int, n_head: int) -> bool:
+    return C3 == 3 * n_head * ATTENTION_HEAD_SIZE and 1 <= T <= TRAINING_ATTENTION_MAX_T
 
 
 def training_attention_folds_bias(x: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> bool:
     """Whether `training_attention(F.linear(x, weight), n_head, bias)` runs gpt2kit's kernel for
     a linear layer's input x (B, T, C) and its bias (3C): where `training_attention_applies` to
     the product and the bias `bias_folds`."""
-    return (x.dim() == 3 and bias is not None and tuple(bias.shape) == (3 * x.shape[-1],)
-            and bias_folds(x, bias)  # (a stand-in of the product's shape below: no memory)
-            and training_attention_applies(x.new_empty(()).expand(*x.shape[:2], 3 * x.shape[-1]), n_head))
+    return (x.dim() == 3 and bias is not None and tuple(bias.shape) == (3 * x.shape[-1],) and bias_folds(x, bias)
+            and _training_attention_fits(x.shape[1], 3 * x.shape[-1], n_head))
 
 
 def training_attention(qkv: torch.Tensor, n_head: int, bias: torch.Tensor | None = None) -> torch.Tensor:

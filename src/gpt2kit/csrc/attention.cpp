@@ -90,8 +90,7 @@ inline void transpose(const float* src, int64_t src_rs, int64_t n, int64_t cols,
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(src_rs)));
   for (int64_t j = 0; j < ld; j += 16) {
-    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                    : n > j ? static_cast<__mmask16>((1u << (n - j)) - 1) : static_cast<__mmask16>(0);
+    const __mmask16 m = gpt2kit::tail_mask(n - j);
     for (int64_t c = 0; c < cols; ++c)
       _mm512_storeu_ps(dst + c * ld + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + j * src_rs + c, 4));
   }

@@ -16,6 +16,7 @@
 namespace {
 
 using gpt2kit::exp512;
+using gpt2kit::tail_mask;
 
 constexpr float kA = 1.5957691216057308f;              // 2 sqrt(2/pi): 2u = x (kA + kB x^2)
 constexpr float kB = 1.5957691216057308f * 0.044715f;  // 2 sqrt(2/pi) 0.044715
@@ -74,9 +75,7 @@ void map(int64_t n, int threads, F f) {
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t end = (b + 1) * kBlock < n ? (b + 1) * kBlock : n;
     for (int64_t i = b * kBlock; i < end; i += 16) {
-      const __mmask16 m = end - i >= 16 ? static_cast<__mmask16>(0xffff)
-                                        : static_cast<__mmask16>((1u << (end - i)) - 1);
-      f(i, m);
+      f(i, tail_mask(end - i));
     }
   }
 }
@@ -99,10 +98,6 @@ void gelu_backward(const T* gy, const T* x, T* gx, int64_t n, int threads) {
 // fixed blocks of kBiasRows, each block's partial sums in row order and the blocks' sums in block
 // order, so the bias gradient does not depend on the thread count.
 constexpr int64_t kBiasRows = 16;
-
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-}
 
 void bias_gelu_forward(const float* x, const float* bias, float* y, int64_t rows, int64_t cols, int threads) {
   const int64_t blocks = (rows + kBiasRows - 1) / kBiasRows;

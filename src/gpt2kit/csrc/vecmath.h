@@ -7,6 +7,12 @@
 
 namespace gpt2kit {
 
+// the lanes of the next 16 elements that exist when `left` remain (none when left <= 0)
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff)
+                    : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : static_cast<__mmask16>(0);
+}
+
 // exp of 16 floats: 2^n e^r with n = round(z / ln 2), r = z - n ln 2 (ln 2 split in two so that r
 // is exact to a few ulp), e^r by its degree-7 Taylor polynomial (|r| <= ln2/2: truncation < 1e-8
 // relative), 2^n applied by VSCALEFPS, which over/underflows to inf/0 as exp does. z is clamped

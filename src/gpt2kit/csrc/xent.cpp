@@ -53,7 +53,7 @@ extern "C" double gpt2kit_sum_squares_f32(const float* const* arrays, const int6
         acc[u] = _mm512_fmadd_ps(v, v, acc[u]);
       }
     for (; i < len; i += 16) {
-      const __mmask16 m = len - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - i)) - 1);
+      const __mmask16 m = gpt2kit::tail_mask(len - i);
       const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
       acc[0] = _mm512_fmadd_ps(v, v, acc[0]);
     }
