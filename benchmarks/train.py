@@ -4,6 +4,7 @@
     python benchmarks/train.py --no-demo       # throughput only
     python benchmarks/train.py --no-compile    # eager only (no torch.compile warm-ups)
     python benchmarks/train.py --demo-budgets 65
+    python benchmarks/train.py --no-demo --no-compile --dtypes float32 --runs 7   # medians of 7 processes
 
 Throughput: one optimizer step = forward + backward + AdamW (lr 6e-4, wd 0.1, betas 0.9/0.95,
 grad clip 1.0) on the same random batch, for the gpt2 shape (124M) and the demo's model, in
@@ -96,18 +97,38 @@ IMPLS = {  # column: (factory, compile)
 }
 
 
-def throughput_isolated(steps: int, compile: bool, shapes: list[str], dtypes: list[str], threads: int) -> list[dict]:
+def throughput_isolated(steps: int, compile: bool, shapes: list[str], dtypes: list[str], threads: int,
+                        runs: int = 1) -> list[dict]:
     """`throughput`, each (shape, dtype) cell in a fresh process of its own (ours and the peer
     together in it): a cell measured after another one inherits its fragmented heap, which cost
-    the demo row ~5% in a full run here."""
+    the demo row ~5% in a full run here. With `runs` > 1 each cell is measured in that many fresh
+    processes, one after another, and summarised by `combine_runs`."""
     rows = []
     for name in shapes:
         for dtype in dtypes:
             cmd = [sys.executable, __file__, "--cell-json", "--no-demo", "--steps", str(steps), "--shapes", name,
                    "--dtypes", dtype, "--threads", str(threads)] + ([] if compile else ["--no-compile"])
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            cell = []
+            for _ in range(runs):
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+                cell.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append(combine_runs(cell))
     return rows
+
+
+def combine_runs(cell: list[dict]) -> dict:
+    """One row for several runs of a cell: each column's median over the runs, and the ratio as
+    the median of the runs' own ratios (each run's ours and peer shared a process, so their
+    ratio is free of the machine's drift between runs); `ratios` keeps them all."""
+    row = dict(cell[0])
+    for key, value in cell[0].items():
+        if isinstance(value, float):
+            row[key] = statistics.median(r[key] for r in cell)
+    row["ratios"] = [r["ours"] / r["peer"] for r in cell]
+    row["ratio"] = statistics.median(row["ratios"])
+    if "ours_compiled" in row:
+        row["ratio_compiled"] = statistics.median(r["ours_compiled"] / r["peer"] for r in cell)
+    return row
 
 
 def throughput(steps: int, compile: bool, shapes: list[str], dtypes: list[str]) -> list[dict]:
@@ -161,14 +182,18 @@ def print_throughput(rows: list[dict]) -> None:
         best = max(r["ours"], r.get("ours_compiled", 0))
         line = f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['ours']:,.0f} |"
         line += f" {r['ours_compiled']:,.0f} |" if comp else ""
-        line += f" {r['peer']:,.0f} | {r['ours'] / r['peer']:.2f}x |"
-        line += f" {r['ours_compiled'] / r['peer']:.2f}x |" if comp else ""
+        line += f" {r['peer']:,.0f} | {r.get('ratio', r['ours'] / r['peer']):.3f}x |"
+        line += f" {r.get('ratio_compiled', r['ours_compiled'] / r['peer']):.3f}x |" if comp else ""
         line += (f" {100 * best * r['mfu_ours'] / r['ours']:.1f}% | {100 * r['mfu_peer']:.1f}% |"
                  f" {1 / r['mfu_peer']:.2f}x |")
         if comp:
             line += (f" {r['peer_compiled']:,.0f} | {r['warm_ours_compiled'] - r['warm_ours']:.0f} s / "
                      f"{r['warm_peer_compiled'] - r['warm_peer']:.0f} s |")
         print(line)
+    for r in rows:
+        if len(r.get("ratios", ())) > 1:
+            print(f"{r['shape']} {r['dtype']}: ratios of the {len(r['ratios'])} runs "
+                  + ", ".join(f"{x:.3f}" for x in r["ratios"]) + f" (median {r['ratio']:.3f}x)")
     peaks = {r["dtype"]: r["peak"] for r in rows}
     print("\nmeasured matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     print("ratio = gpt2kit / plain eager transformers; MFU gpt2kit = the faster of eager and compiled;"
@@ -185,12 +210,16 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="fresh processes per cell; the table gives medians over them (fp32 ratios swing a few %%)")
     ap.add_argument("--same-process", action="store_true",
                     help="measure every cell in this process (default: each cell in a fresh one)")
     ap.add_argument("--cell-json", action="store_true", help=argparse.SUPPRESS)  # one cell, as a JSON line
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.runs < 1 or (args.runs > 1 and args.same_process):
+        ap.error("--runs: expected a count >= 1 of fresh processes per cell (not with --same-process)")
     torch.compiler.config.force_disable_caches = True  # compile warm-ups as on a fresh machine
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
     if args.cell_json:
@@ -201,7 +230,8 @@ def main() -> None:
         if args.same_process:
             rows = throughput(args.steps, not args.no_compile, shapes, dtypes)
         else:
-            rows = throughput_isolated(args.steps, not args.no_compile, shapes, dtypes, torch.get_num_threads())
+            rows = throughput_isolated(args.steps, not args.no_compile, shapes, dtypes, torch.get_num_threads(),
+                                       args.runs)
         print_throughput(rows)
     if args.no_demo:
         return
