@@ -126,8 +126,12 @@ def combine_runs(cell: list[dict]) -> dict:
             row[key] = statistics.median(r[key] for r in cell)
     row["ratios"] = [r["ours"] / r["peer"] for r in cell]
     row["ratio"] = statistics.median(row["ratios"])
+    row["mfu_best"] = statistics.median(max(r["ours"], r.get("ours_compiled", 0)) * r["mfu_ours"] / r["ours"]
+                                        for r in cell)
     if "ours_compiled" in row:
         row["ratio_compiled"] = statistics.median(r["ours_compiled"] / r["peer"] for r in cell)
+        for n in ("ours", "peer"):
+            row[f"compile_s_{n}"] = statistics.median(r[f"warm_{n}_compiled"] - r[f"warm_{n}"] for r in cell)
     return row
 
 
@@ -184,11 +188,11 @@ def print_throughput(rows: list[dict]) -> None:
         line += f" {r['ours_compiled']:,.0f} |" if comp else ""
         line += f" {r['peer']:,.0f} | {r.get('ratio', r['ours'] / r['peer']):.3f}x |"
         line += f" {r.get('ratio_compiled', r['ours_compiled'] / r['peer']):.3f}x |" if comp else ""
-        line += (f" {100 * best * r['mfu_ours'] / r['ours']:.1f}% | {100 * r['mfu_peer']:.1f}% |"
+        line += (f" {100 * r.get('mfu_best', best * r['mfu_ours'] / r['ours']):.1f}% | {100 * r['mfu_peer']:.1f}% |"
                  f" {1 / r['mfu_peer']:.2f}x |")
         if comp:
-            line += (f" {r['peer_compiled']:,.0f} | {r['warm_ours_compiled'] - r['warm_ours']:.0f} s / "
-                     f"{r['warm_peer_compiled'] - r['warm_peer']:.0f} s |")
+            warm = [r.get(f"compile_s_{n}", r[f"warm_{n}_compiled"] - r[f"warm_{n}"]) for n in ("ours", "peer")]
+            line += f" {r['peer_compiled']:,.0f} | {warm[0]:.0f} s / {warm[1]:.0f} s |"
         print(line)
     for r in rows:
         if len(r.get("ratios", ())) > 1:
@@ -198,6 +202,9 @@ def print_throughput(rows: list[dict]) -> None:
     print("\nmeasured matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     print("ratio = gpt2kit / plain eager transformers; MFU gpt2kit = the faster of eager and compiled;"
           " ratio ceiling = 1 / MFU transformers")
+    if any(len(r.get("ratios", ())) > 1 for r in rows):
+        print("several runs: every column is a median over the runs; a ratio is the median of the runs' own"
+              " ratios, not the quotient of the median tok/s")
 
 
 def main() -> None:
@@ -218,8 +225,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.runs < 1 or (args.runs > 1 and args.same_process):
-        ap.error("--runs: expected a count >= 1 of fresh processes per cell (not with --same-process)")
+    if args.runs < 1 or (args.runs > 1 and (args.same_process or args.no_throughput)):
+        ap.error("--runs: expected a count >= 1 of fresh processes per throughput cell "
+                 "(not with --same-process or --no-throughput)")
     torch.compiler.config.force_disable_caches = True  # compile warm-ups as on a fresh machine
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
     if args.cell_json:

@@ -21,9 +21,11 @@ when any check fails. `--out DIR` also writes the results to DIR/device_check.js
   train            `gpt2kit.train` on a tiny corpus on the device, dtype "auto" (bf16 where the
                    device multiplies it): the loss falls; the checkpoint loads in transformers
                    with the same logits
-  train compiled   the same run with compile = true: the same losses (fp32: 1e-4; bf16: 5e-2)
-  torchrun         the same run under torchrun (nccl on CUDA, gloo on CPU), and with fsdp = true:
-                   the same losses as one process, and its checkpoints (rank 0 writes)
+  train compiled   a float32 run with compile = true: the losses of the eager run (1e-4)
+  torchrun         that float32 run under torchrun (nccl on CUDA, gloo on CPU; one GPU is one
+                   rank, still through torch.distributed), with DDP and with fsdp = true: the
+                   losses of one process (1e-4), rank 0's checkpoints, and its log naming the
+                   backend
 """
 from __future__ import annotations
 
@@ -32,11 +34,15 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub; a machine without network must not wait on it
 
 import torch
 import transformers
@@ -203,8 +209,8 @@ def tiny_shards(work: Path) -> Path:
 
 
 RUN = dict(model="tiny", n_layer=2, n_head=4, n_embd=128, block_size=64, batch_size=16, micro_batch_size=8,
-           lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2,
-           progress=False, plot=False, dtype="auto")
+           lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2, progress=False, plot=False)
+COMPARE_STEPS = 10  # the fp32 runs that must equal each other (float32, TF32 off: 1e-4)
 
 
 def run_losses(out: Path) -> dict[int, float]:
@@ -213,16 +219,17 @@ def run_losses(out: Path) -> dict[int, float]:
 
 
 def close(a: dict[int, float], b: dict[int, float], tol: float) -> tuple[bool, float]:
-    if a.keys() != b.keys():
+    if not a or a.keys() != b.keys():
         return False, math.inf
     worst = max(abs(a[k] - b[k]) for k in a)
     return worst <= tol, worst
 
 
 def check_train(device: str, data: Path, work: Path, steps: int) -> tuple[bool, str]:
-    summary = T.train(T.make_config({**RUN, "data": str(data), "out_dir": str(work / "eager"), "device": device,
-                                     "max_steps": steps}))
-    lo = run_losses(work / "eager")
+    """dtype "auto": bf16 where the device multiplies it (a GPU), the run's real precision."""
+    summary = T.train(T.make_config({**RUN, "data": str(data), "out_dir": str(work / "auto"), "device": device,
+                                     "max_steps": steps, "dtype": "auto"}))
+    lo = run_losses(work / "auto")
     falls = lo[steps] < lo[1] - 1.0
     dtype = T.resolve_dtype("auto", torch.device(device).type)
     # the checkpoint is a transformers GPT-2 folder: same logits from both libraries
@@ -236,46 +243,71 @@ def check_train(device: str, data: Path, work: Path, steps: int) -> tuple[bool, 
                 f"checkpoint in transformers: max |diff| {diff:.2e}")
 
 
-def _tolerance(device: str) -> float:
-    return 5e-2 if T.resolve_dtype("auto", torch.device(device).type) == "bfloat16" else 1e-4
+def reference_run(device: str, data: Path, work: Path) -> dict[int, float]:
+    """One process, eager, float32: what the compiled and the torchrun runs must reproduce."""
+    out = work / "reference"
+    if not out.exists():
+        T.train(T.make_config({**RUN, "data": str(data), "out_dir": str(out), "device": device,
+                               "max_steps": COMPARE_STEPS, "dtype": "float32"}))
+    return run_losses(out)
 
 
 def check_train_compiled(device: str, data: Path, work: Path, steps: int) -> tuple[bool, str]:
+    ref = reference_run(device, data, work)
     T.train(T.make_config({**RUN, "data": str(data), "out_dir": str(work / "compiled"), "device": device,
-                           "max_steps": steps, "compile": True}))
-    ok, worst = close(run_losses(work / "eager"), run_losses(work / "compiled"), _tolerance(device))
-    return ok, f"max |compiled - eager| loss over {steps} steps = {worst:.2e} (limit {_tolerance(device):.0e})"
+                           "max_steps": COMPARE_STEPS, "dtype": "float32", "compile": True}))
+    ok, worst = close(ref, run_losses(work / "compiled"), 1e-4)
+    return ok, f"float32, max |compiled - eager| loss over {COMPARE_STEPS} steps = {worst:.2e} (limit 1e-4)"
 
 
-def check_torchrun(device: str, data: Path, work: Path, steps: int) -> tuple[bool, str]:
-    ranks = min(2, torch.cuda.device_count()) if device.startswith("cuda") else 2
+def torchrun_ranks(device: str) -> int:
+    return min(2, torch.cuda.device_count()) if device.startswith("cuda") else 2
+
+
+def check_torchrun(device: str, data: Path, work: Path, steps: int, timeout: float = 180) -> tuple[bool, str]:
+    ref = reference_run(device, data, work)
+    ranks = torchrun_ranks(device)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     notes, ok = [], True
-    for name, extra in (("ddp", {}), ("fsdp", {"fsdp": True})):
+    for name in ("ddp", "fsdp"):
         out = work / name
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                "-m", "gpt2kit", "train"]
         for k, v in {**RUN, "data": data, "out_dir": out, "device": "cuda" if device.startswith("cuda") else device,
-                     "max_steps": steps, **extra}.items():
+                     "max_steps": COMPARE_STEPS, "dtype": "float32", "fsdp": name == "fsdp"}.items():
             cmd += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            return False, f"{name}: torchrun exited {r.returncode}: {r.stderr.strip().splitlines()[-1:]}"
-        same, worst = close(run_losses(work / "eager"), run_losses(out), _tolerance(device))
+        # its own process group, so that a hung run is killed with every rank it started
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+            return False, f"{name}: no result within {timeout:.0f} s; last output:\n" + tail(log)
+        if proc.returncode != 0:
+            return False, f"{name}: torchrun exited {proc.returncode}; last output:\n" + tail(log)
+        # the run must have gone through torch.distributed (its log line names the backend)
+        distributed = f"{ranks} rank(s) over {backend}, {name}" in log
+        same, worst = close(ref, run_losses(out), 1e-4)
         saved = sorted(p.name for p in (out / "checkpoints").iterdir())
-        one = saved == sorted(p.name for p in (work / "eager" / "checkpoints").iterdir())  # rank 0's alone
-        ok = ok and same and one
-        notes.append(f"{name}: max |loss - one process| {worst:.2e}, checkpoints {', '.join(saved)}"
-                     + ("" if one else " (not the one process's)"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    return ok, f"{ranks} ranks ({backend}); " + "; ".join(notes)
+        one = saved == sorted(p.name for p in (work / "reference" / "checkpoints").iterdir())  # rank 0's alone
+        ok = ok and distributed and same and one
+        notes.append(f"{name}: {'distributed' if distributed else 'NOT distributed'}, max |loss - one process| "
+                     f"{worst:.2e} (limit 1e-4), checkpoints {', '.join(saved)}" + ("" if one else " (not one process's)"))
+    return ok, f"{ranks} rank(s) over {backend}; " + "; ".join(notes)
+
+
+def tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_checks(args, work: Path) -> dict[str, dict]:
+def run_checks(args, work: Path, report) -> dict[str, dict]:
     data: list[Path] = []
 
     def with_data(fn):
@@ -297,20 +329,27 @@ def run_checks(args, work: Path) -> dict[str, dict]:
         "torchrun": with_data(check_torchrun),
     }
     skipped_by_quick = {"compile", "train compiled", "torchrun"}
-    results = {}
+    results: dict[str, dict] = {}
+    start = time.monotonic()
     for name, fn in checks.items():
         t = time.perf_counter()
+        trace = None
         try:
             if args.quick and name in skipped_by_quick:
                 raise NotRun("--quick")
+            if args.deadline and time.monotonic() - start > args.deadline:
+                raise NotRun(f"--deadline {args.deadline:.0f} s passed")
             ok, detail = fn(args.device)
             status = "PASS" if ok else "FAIL"
         except NotRun as e:
             status, detail = "not run", str(e)
         except Exception as e:  # a check that crashes is a failed check; the others still run
-            status, detail = "FAIL", f"{type(e).__name__}: {e}"
+            status, detail, trace = "FAIL", f"{type(e).__name__}: {e}", traceback.format_exc()
         results[name] = {"status": status, "detail": detail, "seconds": round(time.perf_counter() - t, 1)}
+        if trace:
+            results[name]["traceback"] = trace
         print(f"{status:>7}  {name:<15} {detail}  [{results[name]['seconds']:.0f} s]", flush=True)
+        report(results)  # after every check: a run killed from outside keeps what it found
     return results
 
 
@@ -319,8 +358,10 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     ap.add_argument("--quick", action="store_true",
                     help="skip torch.compile and torchrun (the CPU test suite covers them elsewhere)")
-    ap.add_argument("--steps", type=int, default=40, help="training steps per run")
-    ap.add_argument("--out", help="a folder for device_check.json")
+    ap.add_argument("--steps", type=int, default=40, help="steps of the training run that must learn")
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="seconds after which the checks not started yet are not run (0: none)")
+    ap.add_argument("--out", help="a folder for device_check.json (rewritten after every check)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here")
@@ -331,17 +372,22 @@ def main() -> int:
     print(f"gpt2kit device check on {args.device} ({where}), torch {torch.__version__}, "
           f"transformers {transformers.__version__}", flush=True)
 
+    def report(results: dict) -> None:
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            doc = {"device": args.device, "name": where, "torch": torch.__version__,
+                   "transformers": transformers.__version__, "results": results}
+            tmp = Path(args.out, "device_check.json.tmp")
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
+            tmp.replace(Path(args.out, "device_check.json"))
+
     with tempfile.TemporaryDirectory(prefix="gpt2kit-device-check-") as tmp:
-        results = run_checks(args, Path(tmp))
+        results = run_checks(args, Path(tmp), report)
 
     failed = [n for n, r in results.items() if r["status"] == "FAIL"]
     passed = sum(r["status"] == "PASS" for r in results.values())
     print(f"\n{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} not run"
           + (f": failed {', '.join(failed)}" if failed else ""))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        report = {"device": args.device, "name": where, "torch": torch.__version__, "results": results}
-        Path(args.out, "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0
 
 

@@ -393,9 +393,8 @@ def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float | None:
     elements, the block totals in double), independent of the thread count; None unless they
     are all plain contiguous fp32 CPU tensors and the kernels are `available` (the caller then
     uses PyTorch)."""
-    if not available(torch.float32) or not all(
-            type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-            for t in tensors):
+    if not all(type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               for t in tensors) or not available(torch.float32):  # (CUDA runs never build the CPU kernels)
         return None
     pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
     sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))

@@ -8,7 +8,7 @@ without materializing all logits), `Checkpoints` (atomic folders, last K and the
 Batches come from `gpt2kit.data`: the windows of step s are a pure function of (seed, s), so the
 data position of a run is its step.
 
-One process or many: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in
+One process or many: under `torchrun` (one rank included) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on GPU) or, with `fsdp = true`, sharded with
 `fully_shard`. Every rank reads its own part of each global batch; only rank 0 logs and writes.
 """
@@ -701,7 +701,9 @@ class _Dist:
 
 def _init_distributed(device_kind: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    # under torchrun even one rank goes through torch.distributed, so that a one-GPU launch runs
+    # the code path of many (a plain `python -m gpt2kit train` stays one undistributed process)
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _Dist()
     import torch.distributed as dist
 
@@ -1017,9 +1019,14 @@ def train(cfg: TrainConfig) -> dict:
 
         bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     if dist_.main:
-        log.info("model %s: %.2fM parameters, block %d, batch %d x %d tokens (%d rank(s) x %d micro x %d accumulation), %s",
+        ranks = f"{world} rank(s)"
+        if dist_.enabled:
+            import torch.distributed as tdist
+
+            ranks += f" over {tdist.get_backend()}, {'fsdp' if cfg.fsdp else 'ddp'}"
+        log.info("model %s: %.2fM parameters, block %d, batch %d x %d tokens (%s x %d micro x %d accumulation), %s",
                  cfg.init_from or cfg.model, raw_model.num_params() / 1e6, block, cfg.batch_size, block,
-                 world, micro, accum, dtype)
+                 ranks, micro, accum, dtype)
 
     t_start = time.perf_counter()
     t_last = t_start
