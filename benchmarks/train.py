@@ -10,7 +10,8 @@ Throughput: one optimizer step = forward + backward + AdamW (lr 6e-4, wd 0.1, be
 grad clip 1.0) on the same random batch, for the gpt2 shape (124M) and the demo's model, in
 float32 and bf16 autocast. gpt2kit: the training loss module of `gpt2kit.train` (the model's
 attention and GELU kernels of `gpt2kit.kernels`) + the chunked linear cross-entropy + fused
-AdamW with the gradient clipping folded in (`clip_and_step`),
+AdamW with the gradient clipping folded in (`clip_and_step`: gpt2kit's AdamW kernel, with
+torch's fused AdamW's arithmetic),
 eager and under `torch.compile` (as `compile = true` runs it). Peer: a plain eager loop around
 `transformers.GPT2LMHeadModel(labels=...)` + `torch.optim.AdamW` (its default foreach
 implementation), as issue #9 specifies; with compile, the same loop under `torch.compile` is

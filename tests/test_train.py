@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2kit import kernels
 from gpt2kit import train as T
 from gpt2kit.data import prepare
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, GPT2Config
 
+T_KERNELS = kernels.available(torch.float32)
 TINY = dict(model="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4,
             warmup_steps=2, eval_interval=10, eval_batches=2, progress=False, threads=1, plot=False)
 
@@ -435,3 +437,73 @@ def test_clip_and_step_equals_clip_then_step(fused, max_norm):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     if max_norm == 0.05:  # (clipping did change the steps)
         assert not torch.allclose(a[0], _three_adamw_steps(fused, max_norm, "none")[1][0], atol=1e-3)
+
+
+def _adamw_runs(kernel_steps, sizes=((768, 16), (2304,), (70,), (99, 3)), steps=4, **opt_kwargs):
+    """Parameters and optimizer state after `steps` AdamW steps on two groups of parameters
+    (different lr and weight decay), the second parameter without a gradient at step 2; steps
+    in `kernel_steps` through `adamw_step_cpu`, the others through torch's fused AdamW. Odd steps
+    scale the gradients (the folded clipping)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
+    opt = torch.optim.AdamW([{"params": params[:2], "weight_decay": 0.1},
+                             {"params": params[2:], "weight_decay": 0.0, "lr": 0.01}],
+                            lr=0.1, betas=(0.8, 0.97), eps=1e-6, fused=True, **opt_kwargs)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (step, i) == (2, 1) else torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
+        scale = 2.5 if step % 2 else 1.0
+        if step in kernel_steps:
+            assert T.adamw_step_cpu(opt, scale)
+        else:
+            opt.grad_scale = torch.tensor(scale)
+            opt.step()
+            del opt.grad_scale
+    return params, opt
+
+
+def test_adamw_kernel_equals_torch_fused_adamw():
+    if not T_KERNELS:  # (then it declines: see the next test; CI has the kernels, test_kernels checks)
+        return
+    ours, ours_opt = _adamw_runs(kernel_steps=range(4))
+    ref, ref_opt = _adamw_runs(kernel_steps=())
+    mixed, _ = _adamw_runs(kernel_steps=(1, 3))  # the state is torch's own: steps can alternate
+    for i, (a, b, c) in enumerate(zip(ours, ref, mixed)):
+        if a.numel() % 16 == 0:  # (every GPT-2 shape) bit-identical to torch 2.13's kernel
+            assert torch.equal(a, b) and torch.equal(c, b)
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(ours_opt.state[a][k], ref_opt.state[b][k])
+        else:  # the last numel % 16 elements: torch's scalar loop, up to its compiler's contractions
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            torch.testing.assert_close(c, b, rtol=0, atol=1e-6)
+        assert float(ours_opt.state[a]["step"]) == float(ref_opt.state[b]["step"]) == (3 if i == 1 else 4)
+    assert ours_opt.state_dict()["param_groups"] == ref_opt.state_dict()["param_groups"]
+    assert not torch.equal(ours[0], _adamw_runs(kernel_steps=(), steps=3)[0][0])  # (the steps did something)
+
+
+def test_adamw_kernel_declines_what_it_does_not_implement():
+    torch.manual_seed(0)
+
+    def declines(make_opt, dtype=torch.float32):
+        p = torch.nn.Parameter(torch.randn(32, dtype=dtype))
+        p.grad = torch.randn(32, dtype=dtype)
+        opt = make_opt([p])
+        before = p.detach().clone()
+        assert not T.adamw_step_cpu(opt)
+        assert torch.equal(p.detach(), before) and not opt.state  # nothing changed
+        return True
+
+    assert declines(lambda ps: torch.optim.AdamW(ps, foreach=True))  # only the fused AdamW's arithmetic
+    assert declines(lambda ps: torch.optim.AdamW(ps, fused=True, amsgrad=True))
+    assert declines(lambda ps: torch.optim.AdamW(ps, fused=True, maximize=True))
+    assert declines(lambda ps: torch.optim.Adam(ps, fused=True))
+    assert declines(lambda ps: torch.optim.AdamW(ps, fused=True), dtype=torch.float64)
+
+    def hooked(ps):
+        opt = torch.optim.AdamW(ps, fused=True)
+        opt.register_step_post_hook(lambda *a: None)
+        return opt
+
+    assert declines(hooked)
+    if not T_KERNELS:
+        assert declines(lambda ps: torch.optim.AdamW(ps, fused=True))

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this a product is compute-bound and oneDNN's blocked GEMM wins
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("matvec.cpp", "gelu.cpp", "attention.cpp",
-                                                                           "xent.cpp")]
+                                                                           "xent.cpp", "adamw.cpp")]
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp",
           "-shared", "-fPIC"]
 
@@ -95,6 +95,7 @@ def _library() -> ctypes.CDLL | None:
         attention = lib.gpt2kit_causal_attention_f32
         train_fwd, train_bwd = lib.gpt2kit_attention_train_f32, lib.gpt2kit_attention_train_backward_f32
         xent, squares = lib.gpt2kit_softmax_xent_f32, lib.gpt2kit_sum_squares_f32
+        adamw = lib.gpt2kit_adamw_f32
     except (OSError, AttributeError) as e:  # e.g. a cache folder shared with a machine of another kind
         log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
         return None
@@ -121,6 +122,8 @@ def _library() -> ctypes.CDLL | None:
     xent.restype = None
     squares.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     squares.restype = ctypes.c_double
+    adamw.argtypes = [*[ctypes.c_void_p] * 6, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    adamw.restype = None
     return lib
 
 
@@ -399,6 +402,29 @@ def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float | None:
     pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
     sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
     return _library().gpt2kit_sum_squares_f32(pointers, sizes, len(tensors), torch.get_num_threads())
+
+
+def adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+           exp_avg_sqs: Sequence[torch.Tensor], coefficients: Sequence[Sequence[float]], grad_scale: float = 1.0) -> bool:
+    """One AdamW step in place over contiguous fp32 CPU tensors, with PyTorch's fused AdamW
+    arithmetic (bit-identical results), in one pass over all of them; the gradients are divided by
+    `grad_scale` as they are read, and are left unchanged. coefficients[i] = (1 - lr * weight_decay,
+    1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^step), eps, -lr / (1 - beta1^step)) for tensor i.
+    Returns False, having done nothing, unless every tensor qualifies and the kernels are
+    `available` (the caller then uses PyTorch)."""
+    groups = (params, grads, exp_avgs, exp_avg_sqs)
+    n = len(params)
+    if not all(len(g) == n for g in (*groups, coefficients)) or not available(torch.float32):
+        return False
+    for p, *rest in zip(*groups):
+        if not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32
+                   and t.device.type == "cpu" and t.is_contiguous() and t.shape == p.shape for t in (p, *rest)):
+            return False
+    arrays = [(ctypes.c_void_p * n)(*(t.data_ptr() for t in g)) for g in groups]
+    sizes = (ctypes.c_int64 * n)(*(p.numel() for p in params))
+    flat = (ctypes.c_float * (7 * n))(*(float(c) for row in coefficients for c in row))
+    _library().gpt2kit_adamw_f32(*arrays, sizes, flat, n, grad_scale, torch.get_num_threads())
+    return True
 
 
 def bf16_linear_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

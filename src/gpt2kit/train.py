@@ -417,17 +417,76 @@ def clip_and_step(optimizer, parameters, max_norm: float):
     fused_cpu = (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")
                  and all(type(p.grad) is torch.Tensor and p.grad.device.type == "cpu" for p in params))
     if not _needs_clipping(norm, max_norm):
-        optimizer.step()
+        if not adamw_step_cpu(optimizer):
+            optimizer.step()
     elif not fused_cpu:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         optimizer.step()
     else:
-        optimizer.grad_scale = ((norm + 1e-6) / max_norm).to(torch.float32)  # grads / this = grads * clip factor
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale
+        scale = ((norm + 1e-6) / max_norm).to(torch.float32)  # grads / this = grads * clip factor
+        if not adamw_step_cpu(optimizer, float(scale)):
+            optimizer.grad_scale = scale
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale
     return norm
+
+
+def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
+    """`optimizer.step()` for a `torch.optim.AdamW(fused=True)` over fp32 CPU parameters, through
+    gpt2kit's kernel (`kernels.adamw_`): the same state (step counts, moments; state_dict and
+    checkpoints unchanged) and bit-identical parameters, in one pass over all tensors instead of
+    one per tensor, ~20% less time here. Gradients are divided by `grad_scale` as they are read
+    (the folded clipping) and, unlike in PyTorch's kernel, not written back. Returns False, having
+    changed nothing, where it does not apply (another optimizer or option, CUDA, another dtype,
+    step hooks, no kernels): the caller then runs `optimizer.step()`."""
+    torch = _import_torch()
+    from . import kernels
+    from torch.optim import optimizer as optim_module
+
+    if (type(optimizer) is not torch.optim.AdamW or optimizer._optimizer_step_pre_hooks
+            or optimizer._optimizer_step_post_hooks or optim_module._global_optimizer_pre_hooks
+            or optim_module._global_optimizer_post_hooks or not kernels.available(torch.float32)):
+        return False
+
+    def plain(t) -> bool:
+        return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+                and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+    todo = []
+    for group in optimizer.param_groups:
+        if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group["capturable"]
+                or group["differentiable"] or isinstance(group["lr"], torch.Tensor)):
+            return False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p, {})  # (a defaultdict: [p] would add an entry)
+            moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+            if not (plain(p) and plain(p.grad) and all(plain(m) and m.shape == p.shape for m in moments)):
+                return False
+            todo.append((group, p))
+    params, grads, exp_avgs, exp_avg_sqs, coefficients = [], [], [], [], []
+    for group, p in todo:
+        state = optimizer.state[p]
+        if "step" not in state:  # as torch's AdamW initializes a fused optimizer's state
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = float(state["step"])
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        params.append(p.detach())
+        grads.append(p.grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        coefficients.append((1 - lr * wd, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2 ** step), eps,
+                             -(lr / (1 - beta1 ** step))))
+    if params and not kernels.adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, grad_scale):
+        raise RuntimeError("adamw_step_cpu: the AdamW kernel refused tensors it was checked to accept")
+    optimizer._opt_called = True  # (what Optimizer.step records, for LR schedulers' order check)
+    return True
 
 
 def _total_norm(grads):
@@ -812,7 +871,8 @@ def _make_optimizer(cfg: TrainConfig, model, device, fsdp: bool):
     torch = _import_torch()
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if not fsdp:
-        # One fused kernel over all parameters (CPU and CUDA); ~10% faster steps on CPU here.
+        # One fused kernel over all parameters (CPU and CUDA); ~10% faster steps on CPU here,
+        # where clip_and_step runs the same arithmetic in gpt2kit's kernel (adamw_step_cpu).
         kwargs["fused"] = True
     try:
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), **kwargs)
