@@ -447,7 +447,7 @@ def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
 
     if (type(optimizer) is not torch.optim.AdamW or optimizer._optimizer_step_pre_hooks
             or optimizer._optimizer_step_post_hooks or optim_module._global_optimizer_pre_hooks
-            or optim_module._global_optimizer_post_hooks or not kernels.available(torch.float32)):
+            or optim_module._global_optimizer_post_hooks):
         return False
 
     def plain(t) -> bool:
@@ -467,6 +467,8 @@ def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
             if not (plain(p) and plain(p.grad) and all(plain(m) and m.shape == p.shape for m in moments)):
                 return False
             todo.append((group, p))
+    if not kernels.available(torch.float32):  # (checked after the devices: a CUDA run never builds them)
+        return False
     params, grads, exp_avgs, exp_avg_sqs, coefficients = [], [], [], [], []
     for group, p in todo:
         state = optimizer.state[p]
