@@ -439,19 +439,21 @@ def test_clip_and_step_equals_clip_then_step(fused, max_norm):
         assert not torch.allclose(a[0], _three_adamw_steps(fused, max_norm, "none")[1][0], atol=1e-3)
 
 
-def _adamw_runs(kernel_steps, sizes=((768, 16), (2304,), (70,), (99, 3)), steps=4, **opt_kwargs):
-    """Parameters and optimizer state after `steps` AdamW steps on two groups of parameters
-    (different lr and weight decay), the second parameter without a gradient at step 2; steps
-    in `kernel_steps` through `adamw_step_cpu`, the others through torch's fused AdamW. Odd steps
-    scale the gradients (the folded clipping)."""
+def _adamw_runs(kernel_steps, sizes=((768, 16), (2304,), (70,), (64, 3), (99, 3)), steps=4, beta1=0.8):
+    """Parameters, gradients and optimizer after `steps` AdamW steps on two groups of
+    parameters (different lr, weight decay, betas and eps), the second parameter without a
+    gradient at step 2; steps in `kernel_steps` through `adamw_step_cpu`, the others through
+    torch's fused AdamW. Odd steps scale the gradients (the folded clipping)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
     opt = torch.optim.AdamW([{"params": params[:2], "weight_decay": 0.1},
-                             {"params": params[2:], "weight_decay": 0.0, "lr": 0.01}],
-                            lr=0.1, betas=(0.8, 0.97), eps=1e-6, fused=True, **opt_kwargs)
+                             {"params": params[2:], "weight_decay": 0.0, "lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-3}],
+                            lr=0.1, betas=(beta1, 0.97), eps=1e-6, fused=True)
+    grads = []
     for step in range(steps):
         for i, p in enumerate(params):
             p.grad = None if (step, i) == (2, 1) else torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
+        grads = [None if p.grad is None else p.grad.clone() for p in params]
         scale = 2.5 if step % 2 else 1.0
         if step in kernel_steps:
             assert T.adamw_step_cpu(opt, scale)
@@ -459,26 +461,32 @@ def _adamw_runs(kernel_steps, sizes=((768, 16), (2304,), (70,), (99, 3)), steps=
             opt.grad_scale = torch.tensor(scale)
             opt.step()
             del opt.grad_scale
-    return params, opt
+    return params, grads, opt
 
 
-def test_adamw_kernel_equals_torch_fused_adamw():
-    if not T_KERNELS:  # (then it declines: see the next test; CI has the kernels, test_kernels checks)
+@pytest.mark.parametrize("beta1", [0.8, 0.3])  # (torch's lerp changes form for a weight 1 - beta1 >= 0.5)
+def test_adamw_kernel_equals_torch_fused_adamw(beta1):
+    if not T_KERNELS:  # without the kernels it declines (see the next test)
+        assert not T.adamw_step_cpu(_adamw_runs(kernel_steps=(), steps=1)[2])
         return
-    ours, ours_opt = _adamw_runs(kernel_steps=range(4))
-    ref, ref_opt = _adamw_runs(kernel_steps=())
-    mixed, _ = _adamw_runs(kernel_steps=(1, 3))  # the state is torch's own: steps can alternate
+    ours, ours_grads, ours_opt = _adamw_runs(range(4), beta1=beta1)
+    ref, _, ref_opt = _adamw_runs((), beta1=beta1)
+    mixed, _, _ = _adamw_runs((1, 3), beta1=beta1)  # the state is torch's own: steps can alternate
     for i, (a, b, c) in enumerate(zip(ours, ref, mixed)):
+        states = [(ours_opt.state[a][k], ref_opt.state[b][k]) for k in ("exp_avg", "exp_avg_sq")]
         if a.numel() % 16 == 0:  # (every GPT-2 shape) bit-identical to torch 2.13's kernel
             assert torch.equal(a, b) and torch.equal(c, b)
-            for k in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(ours_opt.state[a][k], ref_opt.state[b][k])
+            assert all(torch.equal(x, y) for x, y in states)
         else:  # the last numel % 16 elements: torch's scalar loop, up to its compiler's contractions
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
             torch.testing.assert_close(c, b, rtol=0, atol=1e-6)
+            for x, y in states:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
         assert float(ours_opt.state[a]["step"]) == float(ref_opt.state[b]["step"]) == (3 if i == 1 else 4)
     assert ours_opt.state_dict()["param_groups"] == ref_opt.state_dict()["param_groups"]
-    assert not torch.equal(ours[0], _adamw_runs(kernel_steps=(), steps=3)[0][0])  # (the steps did something)
+    # the (scaled) gradients are read, not written
+    assert all(torch.equal(p.grad, g) for p, g in zip(ours, ours_grads) if g is not None)
+    assert not torch.equal(ours[0], _adamw_runs((), steps=3, beta1=beta1)[0][0])  # (the steps did something)
 
 
 def test_adamw_kernel_declines_what_it_does_not_implement():
@@ -498,6 +506,14 @@ def test_adamw_kernel_declines_what_it_does_not_implement():
     assert declines(lambda ps: torch.optim.AdamW(ps, fused=True, maximize=True))
     assert declines(lambda ps: torch.optim.Adam(ps, fused=True))
     assert declines(lambda ps: torch.optim.AdamW(ps, fused=True), dtype=torch.float64)
+    assert declines(lambda ps: torch.optim.AdamW(ps, fused=True, betas=(torch.tensor(0.9), torch.tensor(0.99))))
+
+    def aliased(ps):  # two parameters, one memory: they would be updated in parallel
+        twin = torch.nn.Parameter(ps[0].data)
+        twin.grad = ps[0].grad.clone()
+        return torch.optim.AdamW([{"params": ps}, {"params": [twin]}], fused=True)
+
+    assert declines(aliased)
 
     def hooked(ps):
         opt = torch.optim.AdamW(ps, fused=True)

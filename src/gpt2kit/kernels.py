@@ -407,14 +407,16 @@ def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float | None:
 def adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
            exp_avg_sqs: Sequence[torch.Tensor], coefficients: Sequence[Sequence[float]], grad_scale: float = 1.0) -> bool:
     """One AdamW step in place over contiguous fp32 CPU tensors, with PyTorch's fused AdamW
-    arithmetic (bit-identical results), in one pass over all of them; the gradients are divided by
+    arithmetic (bit-identical results in tensors whose size is a multiple of 16: see
+    csrc/adamw.cpp), in one pass over all of them; the gradients are divided by
     `grad_scale` as they are read, and are left unchanged. coefficients[i] = (1 - lr * weight_decay,
     1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^step), eps, -lr / (1 - beta1^step)) for tensor i.
     Returns False, having done nothing, unless every tensor qualifies and the kernels are
     `available` (the caller then uses PyTorch)."""
     groups = (params, grads, exp_avgs, exp_avg_sqs)
     n = len(params)
-    if not all(len(g) == n for g in (*groups, coefficients)) or not available(torch.float32):
+    if (not all(len(g) == n for g in (*groups, coefficients)) or not all(len(row) == 7 for row in coefficients)
+            or not available(torch.float32)):
         return False
     for p, *rest in zip(*groups):
         if not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32

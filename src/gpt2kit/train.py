@@ -406,11 +406,13 @@ def clip_gradients(parameters, max_norm: float):
 def clip_and_step(optimizer, parameters, max_norm: float):
     """`clip_gradients(parameters, max_norm)` then `optimizer.step()`. For a fused AdamW on CPU
     the clipping costs no pass of its own: the optimizer divides the gradients by the clipping
-    factor as it reads them (its `grad_scale`, the hook torch's GradScaler uses). Returns the
-    norm (None without clipping)."""
+    factor as it reads them (its `grad_scale`, the hook torch's GradScaler uses), and over fp32
+    parameters the step is `adamw_step_cpu`'s, which leaves the gradients unclipped afterwards.
+    Returns the norm (None without clipping)."""
     torch = _import_torch()
     if not max_norm:
-        optimizer.step()
+        if not adamw_step_cpu(optimizer):
+            optimizer.step()
         return None
     params = [p for p in parameters if p.grad is not None]
     norm = _total_norm([p.grad for p in params])
@@ -436,8 +438,8 @@ def clip_and_step(optimizer, parameters, max_norm: float):
 def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
     """`optimizer.step()` for a `torch.optim.AdamW(fused=True)` over fp32 CPU parameters, through
     gpt2kit's kernel (`kernels.adamw_`): the same state (step counts, moments; state_dict and
-    checkpoints unchanged) and bit-identical parameters, in one pass over all tensors instead of
-    one per tensor, ~20% less time here. Gradients are divided by `grad_scale` as they are read
+    checkpoints unchanged) and the same parameters (bit-identical where a tensor's size is a
+    multiple of 16), in one pass over all tensors instead of one per tensor, ~20% less time here. Gradients are divided by `grad_scale` as they are read
     (the folded clipping) and, unlike in PyTorch's kernel, not written back. Returns False, having
     changed nothing, where it does not apply (another optimizer or option, CUDA, another dtype,
     step hooks, no kernels): the caller then runs `optimizer.step()`."""
@@ -454,14 +456,18 @@ def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
         return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
                 and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
-    todo = []
+    todo, storages = [], set()
     for group in optimizer.param_groups:
+        hyper = [group["lr"], *group["betas"], group["eps"], group["weight_decay"]]
         if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group["capturable"]
-                or group["differentiable"] or isinstance(group["lr"], torch.Tensor)):
-            return False
+                or group["differentiable"] or any(isinstance(h, torch.Tensor) for h in hyper)):
+            return False  # (tensor hyperparameters: torch computes their coefficients otherwise)
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if p.untyped_storage().data_ptr() in storages:
+                return False  # a parameter listed twice, or sharing memory with another: updated in parallel
+            storages.add(p.untyped_storage().data_ptr())
             state = optimizer.state.get(p, {})  # (a defaultdict: [p] would add an entry)
             moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
             if not (plain(p) and plain(p.grad) and all(plain(m) and m.shape == p.shape for m in moments)):
@@ -487,7 +493,7 @@ def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
                              -(lr / (1 - beta1 ** step))))
     if params and not kernels.adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, grad_scale):
         raise RuntimeError("adamw_step_cpu: the AdamW kernel refused tensors it was checked to accept")
-    optimizer._opt_called = True  # (what Optimizer.step records, for LR schedulers' order check)
+    optimizer._opt_called = True  # (what an LR scheduler's wrapper of optimizer.step records, for its order check)
     return True
 
 

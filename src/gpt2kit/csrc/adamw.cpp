@@ -7,10 +7,12 @@
 // scaled gradient back. This kernel runs all tensors in one parallel region, prefetches its four
 // input streams (each core then moves 54 instead of 45 GB/s here) and leaves the gradients as
 // they are. The arithmetic is PyTorch's fused AdamW's, operation for operation, so parameters and
-// moments come out bit-identical to torch.optim.AdamW(fused=True).
+// moments come out bit-identical to torch.optim.AdamW(fused=True) (2.13) in tensors whose size is
+// a multiple of 16 (every GPT-2 shape's), and equal to float rounding in the rest.
 #include <omp.h>
 #include <stdint.h>
 
+#include <cmath>
 #include <vector>
 
 #include "vecmath.h"
@@ -32,14 +34,20 @@ struct AdamWCoefficients {
 constexpr int64_t kBlock = 1 << 16;   // elements per work item
 constexpr int64_t kPrefetch = 512;    // elements ahead (2 KB per stream)
 
-// Elements [0, n) of one tensor. grad / scale, then (PyTorch's order of operations):
-// p *= decay; m = fma(w1, g - m, m); v = fma(w2 g, g, v beta2); p = p + (neg_step m) / (sqrt(v) / bc2_sqrt + eps),
-// which is what PyTorch's compiled kernel computes (see the FMAs below)
+// Elements [0, n) of one tensor, with the operations of PyTorch's fused AdamW (vector loop) in
+// its order: g /= scale; p *= decay; m = lerp(m, g, w1); v = fma(w2 g, g, v beta2) (its source
+// writes v beta2 + (w2 g) g, which its compiler contracted into this FMA);
+// p = p + (neg_step m) / (sqrt(v) / bc2_sqrt + eps). PyTorch does the last numel % 16 elements of
+// a tensor in a scalar loop that its compiler contracted differently again: there the results
+// agree to float rounding only.
 void adamw_range(float* p, float* m, float* v, const float* g, int64_t n, const AdamWCoefficients& c,
                  float grad_scale) {
-  const __m512 decay = _mm512_set1_ps(c.decay), w1 = _mm512_set1_ps(c.w1), beta2 = _mm512_set1_ps(c.beta2),
-               w2 = _mm512_set1_ps(c.w2), bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps),
-               neg_step = _mm512_set1_ps(c.neg_step_size), scale = _mm512_set1_ps(grad_scale);
+  // torch.lerp's two forms: m + w (g - m) for a weight below 0.5, g + (w - 1)(g - m) from 0.5 on
+  const bool from_m = std::fabs(c.w1) < 0.5f;
+  const __m512 decay = _mm512_set1_ps(c.decay), beta2 = _mm512_set1_ps(c.beta2), w2 = _mm512_set1_ps(c.w2),
+               bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps),
+               neg_step = _mm512_set1_ps(c.neg_step_size), scale = _mm512_set1_ps(grad_scale),
+               lerp_w = from_m ? _mm512_set1_ps(c.w1) : _mm512_sub_ps(_mm512_set1_ps(c.w1), _mm512_set1_ps(1.0f));
   const bool scaled = grad_scale != 1.0f;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = gpt2kit::tail_mask(n - i);
@@ -53,13 +61,9 @@ void adamw_range(float* p, float* m, float* v, const float* g, int64_t n, const 
     if (scaled) gv = _mm512_div_ps(gv, scale);
     __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + i), decay);
     asm("" : "+v"(pv));  // keeps the compiler from contracting this product and the last sum into an FMA
-    __m512 mv = _mm512_maskz_loadu_ps(k, m + i);
-    mv = _mm512_fmadd_ps(w1, _mm512_sub_ps(gv, mv), mv);
-    // PyTorch's source writes v beta2 + (w2 g) g; its compiler contracted that into one FMA in
-    // the vector loop and into another in the scalar loop that does the last numel % 16 elements.
-    const __m512 v_old = _mm512_maskz_loadu_ps(k, v + i), wgg = _mm512_mul_ps(_mm512_mul_ps(w2, gv), gv);
-    const __m512 vv = n - i >= 16 ? _mm512_fmadd_ps(_mm512_mul_ps(w2, gv), gv, _mm512_mul_ps(v_old, beta2))
-                                  : _mm512_fmadd_ps(v_old, beta2, wgg);
+    const __m512 m_old = _mm512_maskz_loadu_ps(k, m + i);
+    const __m512 mv = _mm512_fmadd_ps(lerp_w, _mm512_sub_ps(gv, m_old), from_m ? m_old : gv);
+    const __m512 vv = _mm512_fmadd_ps(_mm512_mul_ps(w2, gv), gv, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + i), beta2));
     const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vv), bc2_sqrt), eps);
     _mm512_mask_storeu_ps(m + i, k, mv);
     _mm512_mask_storeu_ps(v + i, k, vv);
