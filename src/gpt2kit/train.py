@@ -439,10 +439,11 @@ def adamw_step_cpu(optimizer, grad_scale: float = 1.0) -> bool:
     """`optimizer.step()` for a `torch.optim.AdamW(fused=True)` over fp32 CPU parameters, through
     gpt2kit's kernel (`kernels.adamw_`): the same state (step counts, moments; state_dict and
     checkpoints unchanged) and the same parameters (bit-identical where a tensor's size is a
-    multiple of 16), in one pass over all tensors instead of one per tensor, ~20% less time here. Gradients are divided by `grad_scale` as they are read
-    (the folded clipping) and, unlike in PyTorch's kernel, not written back. Returns False, having
-    changed nothing, where it does not apply (another optimizer or option, CUDA, another dtype,
-    step hooks, no kernels): the caller then runs `optimizer.step()`."""
+    multiple of 16), in one pass over all tensors instead of one per tensor, ~20% less time here.
+    Gradients are divided by `grad_scale` as they are read (the folded clipping) and, unlike in
+    PyTorch's kernel, not written back. Returns False, having changed nothing, where it does not
+    apply (another optimizer or option, CUDA, another dtype, step hooks, no kernels): the caller
+    then runs `optimizer.step()`."""
     torch = _import_torch()
     from . import kernels
     from torch.optim import optimizer as optim_module
