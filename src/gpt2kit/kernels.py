@@ -10,9 +10,9 @@ half of this machine's read bandwidth (oneDNN, packed) or a seventh (`F.linear`)
 PyTorch's CPU kernel for the tanh GELU is 4-5x slower than a plain tanh here (1 ns/element):
 `csrc/gelu.cpp` computes it as x * sigmoid(2u), at memory speed (`gelu`, autograd-aware).
 PyTorch's fp32 SDPA runs a 1024-token prompt's attention at under half the matmul peak:
-`csrc/attention.cpp` keeps a head's scores in L2 (`causal_attention`, 1.4x faster), and does
-the same for training, forward and backward (`training_attention`, 1.7-2.4x faster up to 512
-tokens).
+`csrc/attention.cpp` packs a head's keys, values and queries and keeps its scores in L2
+(`causal_attention`, 1.6-1.8x faster), and does the same for training, forward and backward
+(`training_attention`, 1.7-2.4x faster up to 512 tokens).
 
 The kernels are compiled on first use with the system C++ compiler into gpt2kit's cache folder (~3 s,
 once) and reused after. bf16 weights go through the bf16 dot-product instruction where the CPU
@@ -277,7 +277,7 @@ def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention of T queries (B, nh, T, 64) at positions S - T .. S - 1 over S
     keys and values (B, nh, S, 64), returned as (B, T, nh * 64), the layout the output
-    projection reads; for tensors where `causal_attention_applies`. Forward only; 1.4x PyTorch's
+    projection reads; for tensors where `causal_attention_applies`. Forward only; 1.6-1.8x PyTorch's
     fp32 SDPA on a 1024-token prompt here (csrc/attention.cpp). Results differ from SDPA's by
     float rounding only."""
     B, nh, T, hs = q.shape

@@ -1,16 +1,13 @@
-// Causal self-attention of a prompt, fp32, head size 64, for CPU inference:
+// Causal self-attention, fp32, head size 64, on CPU: a prompt's (inference, with or without
+// cached keys before it) and training's forward and backward passes.
 //   out[b, t, h, :] = softmax_j<=P+t(q[b,h,t] . k[b,h,j] * scale) @ v[b,h,j]
-// for queries t < T at absolute positions P + t over S = P + T keys (P keys already cached).
+// for queries t < T at absolute positions P + t over S = P + T keys (P keys already cached;
+// P = 0 in training).
 //
-// PyTorch's fp32 flash kernel for CPU runs a 1024-token GPT-2 prompt's attention at ~150 GFLOP/s
-// here, half the matmul peak: 14% of the whole forward pass. This kernel works on one (batch,
-// head) at a time per thread, with the head's keys transposed once into a scratch buffer that
-// stays in L2. For each block of query rows it computes the scores against every key the block
-// may see (register tiles of 8 rows x 32 keys: each step broadcasts one element of 8 query rows
-// and multiplies two vectors of keys), takes each row's softmax in place (vecmath.h's exp),
-// and multiplies the probabilities with the values (tiles of 4 rows x 64 dims). Scores and
-// probabilities never leave L2; the output is written in (B, T, nh, hs) order, which is what the
-// following projection reads, so no transpose pass follows either.
+// PyTorch's fp32 flash kernel for CPU runs a 1024-token GPT-2 prompt's attention at ~130 GFLOP/s
+// here, ~40% of the matmul peak; these kernels run it at ~215. Scores and probabilities never
+// leave L2, and the output is written in (B, T, nh, hs) order, which is what the following
+// projection reads, so no transpose pass follows.
 //
 // The sums are over the same terms as any attention, in another order: results differ from
 // PyTorch's by float rounding only. Keys past a query's position get probability exactly 0.
@@ -25,7 +22,6 @@
 
 namespace {
 
-using gpt2kit::exp512;
 using gpt2kit::scale_row;
 using gpt2kit::softmax_row;
 
@@ -36,78 +32,14 @@ constexpr int kRowsPV = 4;    // query rows per output tile (x 4 vectors = 64 di
 constexpr int kBlock = 64;    // query rows per block (a multiple of both tile heights)
 
 
-// scores[r][j] = scale * q[r] . kt[:, j] for kRowsS rows (rows >= n_rows are skipped) and the
-// kKeysS keys starting at j0; kt is (kHs, ld_kt) row-major
-inline void score_tile(const float* q, int64_t q_rs, int n_rows, const float* kt, int64_t ld_kt, int64_t j0,
-                       float scale, float* scores, int64_t ld_s) {
-  __m512 acc[kRowsS][2];
-  for (int r = 0; r < kRowsS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int d = 0; d < kHs; ++d) {
-    const __m512 k0 = _mm512_loadu_ps(kt + d * ld_kt + j0);
-    const __m512 k1 = _mm512_loadu_ps(kt + d * ld_kt + j0 + 16);
-    for (int r = 0; r < kRowsS; ++r) {
-      const __m512 qv = _mm512_set1_ps(q[(r < n_rows ? r : 0) * q_rs + d]);
-      acc[r][0] = _mm512_fmadd_ps(qv, k0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(qv, k1, acc[r][1]);
-    }
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int r = 0; r < n_rows; ++r) {
-    _mm512_storeu_ps(scores + r * ld_s + j0, _mm512_mul_ps(acc[r][0], s));
-    _mm512_storeu_ps(scores + r * ld_s + j0 + 16, _mm512_mul_ps(acc[r][1], s));
-  }
-}
-
-// out[r] = sum_j p[r][j] v[j] * inv_sums[r] (1 without inv_sums) over keys first..n_keys for
-// kRowsPV rows, p's rows ld_p apart
-inline void output_tile(const float* p, int64_t ld_p, int n_rows, const float* v, int64_t v_rs, int64_t n_keys,
-                        const float* inv_sums, float* out, int64_t o_rs, int64_t first = 0) {
-  __m512 acc[kRowsPV][4];
-  for (int r = 0; r < kRowsPV; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = first; j < n_keys; ++j) {
-    const float* vj = v + j * v_rs;
-    const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16);
-    const __m512 v2 = _mm512_loadu_ps(vj + 32), v3 = _mm512_loadu_ps(vj + 48);
-    for (int r = 0; r < kRowsPV; ++r) {
-      const int64_t rr = r < n_rows ? r : 0;
-      const __m512 pv = _mm512_set1_ps(p[rr * ld_p + j]);
-      acc[r][0] = _mm512_fmadd_ps(pv, v0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(pv, v1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(pv, v2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(pv, v3, acc[r][3]);
-    }
-  }
-  for (int r = 0; r < n_rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(inv_sums ? inv_sums[r] : 1.0f);
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * o_rs + 16 * c, _mm512_mul_ps(acc[r][c], inv));
-  }
-}
-
-// dst (cols, ld) = src (n, cols)^T, zero in columns n..ld (ld a multiple of 16): 16 rows of src
-// at a time, one gather per column
-inline void transpose(const float* src, int64_t src_rs, int64_t n, int64_t cols, float* dst, int64_t ld) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(src_rs)));
-  for (int64_t j = 0; j < ld; j += 16) {
-    const __mmask16 m = gpt2kit::tail_mask(n - j);
-    for (int64_t c = 0; c < cols; ++c)
-      _mm512_storeu_ps(dst + c * ld + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + j * src_rs + c, 4));
-  }
-}
-
-inline void transpose_keys(const float* k, int64_t k_rs, int64_t n, float* kt, int64_t ld) {
-  transpose(k, k_rs, n, kHs, kt, ld);
-}
-
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Training. The forward and backward passes work one (batch, head) at a time per thread, in blocks
-// of kBlock query rows, and keep every operand of a register tile's inner loop in L1: q, k, v and
+// Every pass works on one (batch, head) at a time per thread, in blocks of kBlock query rows, and
+// keeps every operand of a register tile's inner loop in L1: q, k, v and
 // dout rows are kHs floats 3C (or C) floats apart, a stride that maps a block's rows onto a few
 // cache sets, so the operands are first packed: K^T (and V^T) in panels of 32 keys (kHs x 32,
 // contiguous), K and V as contiguous rows, the block's Q (pre-scaled) and dO rows contiguous.
-// Packing is also where c_attn's bias is added (q + bq, k + bk, v + bv; the model then computes
+// In training, packing is also where c_attn's bias is added (q + bq, k + bk, v + bv; the model then computes
 // c_attn's product without it), and the backward pass sums dqkv's columns for its gradient: the
 // linear layer would otherwise broadcast the bias into all of qkv and sum it back, two passes
 // over (B, T, 3C) in memory for what costs nothing here. Products
@@ -118,8 +50,9 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 constexpr int kChunk = 64;  // keys per pass of the output tiles (16 KiB of V or K)
 
-// The backward pass's dS and P block buffers have rows (ld + 16) floats apart: an odd number of
-// cache lines, so the column reads of the dK and dV tiles spread over all sets.
+// A prompt's score block and the backward pass's dS and P block buffers have rows (ld + 16)
+// floats apart: an odd number of cache lines, so reads down their columns (the dK and dV tiles;
+// a prompt's output tiles read 4 rows at a time) spread over all sets.
 inline int64_t padded(int64_t ld) { return ld + 16; }
 
 // dst[i] = scale * (src[i] + bias) (kHs floats; bias may be null: 0) for rows i < n, zeros in rows n..n_pad
@@ -305,40 +238,40 @@ extern "C" {
 
 // q: (B, nh, T, 64), k and v: (B, nh, S, 64), out: (B, T, nh, 64) written as rows of stride
 // o_rs (= nh * 64 for a contiguous (B, T, C)); each given by element strides (batch, head, row),
-// the last dimension contiguous. S = P + T.
+// the last dimension contiguous. S = P + T. The passes of training's forward kernel, with the
+// probabilities kept per block only, normalized in the output rows (64 floats) instead of in P
+// (S floats): packing the operands made gpt2-medium's heads (rows 12 KiB apart, all in one L1
+// set) 2x faster than reading them in place.
 void gpt2kit_causal_attention_f32(const float* q, int64_t q_bs, int64_t q_hs, int64_t q_rs,
                                   const float* k, int64_t k_bs, int64_t k_hs, int64_t k_rs,
                                   const float* v, int64_t v_bs, int64_t v_hs, int64_t v_rs,
                                   float* out, int64_t o_bs, int64_t o_hs, int64_t o_rs,
                                   int64_t B, int64_t nh, int64_t T, int64_t S, float scale, int threads) {
   const int64_t P = S - T;
-  const int64_t ld = (S + kKeysS - 1) / kKeysS * kKeysS;  // keys padded to whole score tiles
+  const int64_t ld = round_up(S, kKeysS), ldp = padded(ld);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> kt_buf(kHs * ld + 16), scores_buf(kBlock * ld + 16);
-    float* kt = kt_buf.data();
-    float* scores = scores_buf.data();
-    float inv_sums[kBlock];
+    std::vector<float> buf(2 * kHs * ld + kBlock * kHs + kBlock * ldp + 64);
+    float* kt = buf.data();     // K^T in panels
+    float* vp = kt + kHs * ld;  // V's rows
+    float* qb = vp + kHs * ld;  // the block's rows of Q * scale, padded to whole score tiles
+    float* p = qb + kBlock * kHs;  // the block's scores, then probabilities
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh;
       const float* qh = q + b * q_bs + h * q_hs;
-      const float* kh = k + b * k_bs + h * k_hs;
-      const float* vh = v + b * v_bs + h * v_hs;
       float* oh = out + b * o_bs + h * o_hs;
-      transpose_keys(kh, k_rs, S, kt, ld);
+      pack_panels(k + b * k_bs + h * k_hs, k_rs, nullptr, S, kt);
+      pack_rows(v + b * v_bs + h * v_hs, v_rs, nullptr, S, S, vp, 1.0f);
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
-        const int rows = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
-        const int64_t n_keys = P + t0 + rows;  // what the block's last row sees
-        const int64_t n_pad = (n_keys + kKeysS - 1) / kKeysS * kKeysS;
-        for (int64_t j0 = 0; j0 < n_pad; j0 += kKeysS)
-          for (int r0 = 0; r0 < rows; r0 += kRowsS)
-            score_tile(qh + (t0 + r0) * q_rs, q_rs, rows - r0 < kRowsS ? rows - r0 : kRowsS, kt, ld, j0, scale,
-                       scores + r0 * ld, ld);
-        for (int r = 0; r < rows; ++r) inv_sums[r] = softmax_row(scores + r * ld, P + t0 + r + 1, n_pad);
-        for (int r0 = 0; r0 < rows; r0 += kRowsPV)
-          output_tile(scores + r0 * ld, ld, rows - r0 < kRowsPV ? rows - r0 : kRowsPV, vh, v_rs, n_keys,
-                      inv_sums + r0, oh + (t0 + r0) * o_rs, o_rs);
+        const int n = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
+        pack_rows(qh + t0 * q_rs, q_rs, nullptr, n, round_up(n, kRowsS), qb, scale);
+        block_scores(qb, kt, P + t0, n, p, ldp);
+        const int64_t n_pad = round_up(P + t0 + n, kKeysS);  // keys the block's score tiles reach
+        float inv_sums[kBlock];  // each row's exps are scaled to probabilities in its output (64 floats, not S)
+        for (int r = 0; r < n; ++r) inv_sums[r] = softmax_row(p + r * ldp, P + t0 + r + 1, n_pad);
+        block_outputs(p, ldp, vp, P + t0, n, oh + t0 * o_rs, o_rs);
+        for (int r = 0; r < n; ++r) scale_row(oh + (t0 + r) * o_rs, kHs, inv_sums[r]);
       }
     }
   }
