@@ -101,6 +101,41 @@ def test_cpu_linear_paths_agree_for_few_and_many_rows():
                 fast(bad)
 
 
+def test_mkl_packed_linear_equals_f_linear():
+    # torch's CPU wheels link MKL: the packed product must be there, and be F.linear's, bit for bit
+    assert kernels.mkl_packing_works() == torch.backends.mkl.is_available()
+    if not kernels.mkl_packing_works():
+        return
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    for bias in (None, b):
+        packed = kernels.MKLPackedLinear(w, bias)
+        for rows in (64, 65, 300):
+            x = torch.randn(rows, 96, generator=g)
+            assert torch.equal(packed(x), F.linear(x, w, bias))
+        for rows in (1, 5, 63):  # F.linear takes other kernels for a few rows: equal up to rounding
+            x = torch.randn(rows, 96, generator=g)
+            torch.testing.assert_close(packed(x), F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        assert packed(torch.randn(0, 96)).shape == (0, 200)
+        x = torch.randn(70, 2, 96, generator=g)[:, 0]  # a strided view
+        assert torch.equal(packed(x), F.linear(x.contiguous(), w, bias))
+    w.add_(1.0)  # the packed copy is a copy
+    assert not torch.equal(packed(x), F.linear(x, w, bias))
+    for bad in (torch.randn(3, 95), torch.randn(3, 96).double(), torch.randn(96)):
+        with pytest.raises(ValueError, match="MKLPackedLinear"):
+            packed(bad)
+    with pytest.raises(ValueError, match="MKLPackedLinear"):
+        kernels.MKLPackedLinear(w.bfloat16())
+    # the fp32 inference form's output layer multiplies prompts on such a copy
+    model = GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=1, n_ctx=80, vocab_size=300)).eval()
+    fast = optimize_for_cpu(model)
+    if kernels.available(torch.float32):  # else the output layer is stored input-major for decoding
+        assert fast.lm_head.mkl is not None and fast.lm_head.packed is None
+    ids = torch.randint(0, 300, (1, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_prompts_multiply_in_fp32_where_the_cpu_has_no_bf16_unit(monkeypatch):
     import gpt2kit.generate as G
 
