@@ -409,7 +409,7 @@ def test_bf16_linear_widened_is_autocasts_bf16_linear():
 def _spy(monkeypatch, name: str) -> list:
     """The argument tuples of every call to kernels.NAME from now on (which still runs)."""
     calls, real = [], getattr(kernels, name)
-    monkeypatch.setattr(kernels, name, lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(kernels, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
     return calls
 
 
@@ -460,6 +460,28 @@ def test_causal_attention_kernel_equals_sdpa(T, past):
     assert torch.equal(contiguous, got)  # the layout of the inputs does not change a bit
 
 
+@pytest.mark.parametrize("T,past", [(70, 0), (9, 40)])
+def test_causal_attention_kernel_adds_the_bias(T, past):
+    if not CAN_BUILD:
+        return
+    g = torch.Generator().manual_seed(T)
+    B, nh, S = 2, 3, past + T
+    qkv, bias = torch.randn(B, S, 3 * nh * 64, generator=g), torch.randn(3 * nh * 64, generator=g)
+
+    def heads(t):
+        q, k, v = (x.view(B, S, nh, 64).transpose(1, 2) for x in t.split(nh * 64, dim=2))
+        return q[:, :, past:], k, v
+
+    got = kernels.causal_attention(*heads(qkv), bias=bias)
+    want = kernels.causal_attention(*heads(qkv + bias))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # the same sums; bias added as it packs
+    assert not torch.allclose(got, kernels.causal_attention(*heads(qkv)), atol=1e-3)
+    for bad in (bias[:-1], bias.double(), torch.randn(2 * bias.numel())[::2],
+                bias.clone().requires_grad_()):
+        with pytest.raises(ValueError, match="bias"):
+            kernels.causal_attention(*heads(qkv), bias=bad)
+
+
 def test_causal_attention_kernel_scope():
     q = torch.randn(1, 2, 4, 64)
     assert not kernels.causal_attention_applies(q.bfloat16(), q.bfloat16(), q.bfloat16())
@@ -472,6 +494,57 @@ def test_causal_attention_kernel_scope():
         assert kernels.causal_attention_applies(r, q, q) == CAN_BUILD
     with pytest.raises(ValueError, match="causal_attention"):
         kernels.causal_attention(q, q[:, :, :3], q[:, :, :3])  # fewer keys than queries
+
+
+def test_layer_norm_add_equals_layer_norm_then_add():
+    if not CAN_BUILD:
+        assert not kernels.layer_norm_add_applies(torch.randn(2, 8), torch.nn.LayerNorm(8))
+        return
+    g = torch.Generator().manual_seed(0)
+    for C in (64, 70):  # 70: a partial vector at the end of each row
+        ln = torch.nn.LayerNorm(C, eps=1e-5)
+        with torch.no_grad():
+            ln.weight.copy_(1 + torch.randn(C, generator=g))
+            ln.bias.copy_(torch.randn(C, generator=g))
+            x, bias = torch.randn(3, 5, C, generator=g) * 3 + 1, torch.randn(C, generator=g)
+            for b in (bias, None):
+                y = x.clone()
+                h = kernels.layer_norm_add_(y, ln, b)
+                torch.testing.assert_close(h, ln(x), atol=1e-5, rtol=1e-5)
+                assert torch.equal(y, x + b if b is not None else x)
+            for bad_x, bad_b in ((x.transpose(0, 1), bias), (x.double(), bias), (x, bias[:-1])):
+                with pytest.raises(ValueError, match="layer_norm_add_"):
+                    kernels.layer_norm_add_(bad_x, ln, bad_b)
+    assert not kernels.layer_norm_add_applies(x, ln)  # autograd on: PyTorch's LayerNorm
+
+
+def test_blocks_add_into_the_residual_stream_only_in_cpu_inference(monkeypatch):
+    from test_model import randomize_
+
+    model = randomize_(GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=64, n_ctx=40)).eval())
+    ids = torch.randint(0, 64, (2, 20))
+    calls = _spy(monkeypatch, "layer_norm_add_")
+    with torch.no_grad():
+        x = model.transformer.wte(ids) + model.transformer.wpe.weight[:20]  # (2, 20, 128)
+        ref = model.transformer.h[0](x.clone(), None, True, None, 0)  # forward: x + attn(..), + mlp(..)
+        assert model.transformer.h[0].in_place_applies(x) == CAN_BUILD
+        if CAN_BUILD:
+            out = model.transformer.h[0].forward_in_place(x, None, True, None, 0)
+            assert out is x  # added into the stream itself
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        calls.clear()
+        fast = model(ids)
+        assert len(calls) == (4 if CAN_BUILD else 0)  # two LayerNorms per block
+        model(ids[:, :8])  # 16 rows: as decoding multiplies, no in-place pass
+        handle = model.transformer.h[1].mlp.register_forward_hook(lambda *a: None)
+        model(ids)  # the hooked block runs its modules
+        handle.remove()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids)
+        assert len(calls) == (6 if CAN_BUILD else 0)
+    slow = model(ids)  # with autograd
+    assert len(calls) == (6 if CAN_BUILD else 0)
+    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-5)
 
 
 def test_model_prompts_use_the_attention_kernel_in_eval_only(monkeypatch):

@@ -458,6 +458,12 @@ class _CPULinear(torch.nn.Module):
         self.gelu = gelu  # followed by the tanh GELU (for the packed GEMM, fused into it: one pass less)
 
     @property
+    def plain_product(self) -> bool:
+        """Whether `forward(x)` is `F.linear(x, weight, bias)` (up to float rounding): the model may
+        then add the bias elsewhere (see gpt2kit.model.plain_product)."""
+        return not self.gelu and not self.widen
+
+    @property
     def folds_gelu(self) -> bool:
         """Whether a following GELU costs no extra pass when done here (`gelu=True`): in the packed
         GEMM, as the widened product is rounded, or, fp32, with the bias in `kernels.bias_gelu`."""

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this a product is compute-bound and oneDNN's blocked GEMM wins
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("matvec.cpp", "gelu.cpp", "attention.cpp",
-                                                                           "xent.cpp", "adamw.cpp")]
+                                                                           "xent.cpp", "adamw.cpp", "layernorm.cpp")]
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp",
           "-shared", "-fPIC"]
 
@@ -96,6 +96,7 @@ def _library() -> ctypes.CDLL | None:
         train_fwd, train_bwd = lib.gpt2kit_attention_train_f32, lib.gpt2kit_attention_train_backward_f32
         xent, squares = lib.gpt2kit_softmax_xent_f32, lib.gpt2kit_sum_squares_f32
         adamw = lib.gpt2kit_adamw_f32
+        layer_norm_add = lib.gpt2kit_layer_norm_add_f32
     except (OSError, AttributeError) as e:  # e.g. a cache folder shared with a machine of another kind
         log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
         return None
@@ -112,8 +113,8 @@ def _library() -> ctypes.CDLL | None:
     bias_gelu.argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     bias_gelu_bwd.argtypes = [*[ctypes.c_void_p] * 5, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     bias_gelu.restype = bias_gelu_bwd.restype = None
-    attention.argtypes = [*([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 4, *[ctypes.c_int64] * 4, ctypes.c_float,
-                          ctypes.c_int]
+    attention.argtypes = [*([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 3, ctypes.c_void_p,
+                          ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
     attention.restype = None
     train_fwd.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
     train_bwd.argtypes = [*[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_int]
@@ -124,6 +125,9 @@ def _library() -> ctypes.CDLL | None:
     squares.restype = ctypes.c_double
     adamw.argtypes = [*[ctypes.c_void_p] * 6, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     adamw.restype = None
+    layer_norm_add.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_float, ctypes.c_int]
+    layer_norm_add.restype = None
     return lib
 
 
@@ -274,24 +278,74 @@ def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
             and not torch.compiler.is_compiling() and available(torch.float32))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def prompt_attention_folds_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> bool:
+    """Whether a prompt's attention may take c_attn's product without its bias and add the bias in
+    `causal_attention`: fp32 CPU input, weight and bias (3C), head size 64, no autograd, the
+    kernels built (not under autocast, nor while torch.compile traces)."""
+    C = x.shape[-1]
+    return (bias is not None and x.device.type == weight.device.type == bias.device.type == "cpu"
+            and x.dtype == weight.dtype == bias.dtype == torch.float32 and C == n_head * ATTENTION_HEAD_SIZE
+            and tuple(weight.shape) == (3 * C, C) and tuple(bias.shape) == (3 * C,) and bias.is_contiguous()
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and available(torch.float32))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention of T queries (B, nh, T, 64) at positions S - T .. S - 1 over S
     keys and values (B, nh, S, 64), returned as (B, T, nh * 64), the layout the output
-    projection reads; for tensors where `causal_attention_applies`. Forward only; 1.6-1.8x PyTorch's
-    fp32 SDPA on a 1024-token prompt here (csrc/attention.cpp). Results differ from SDPA's by
-    float rounding only."""
+    projection reads; for tensors where `causal_attention_applies`. `bias` (3 * nh * 64), if
+    given, is added to q, k and v first (c_attn's bias, in the order c_attn lays out q, k, v):
+    the kernel adds it as it reads them, which saves c_attn a pass writing it. Forward only;
+    1.6-1.8x PyTorch's fp32 SDPA on a 1024-token prompt here (csrc/attention.cpp). Results differ
+    from SDPA's by float rounding only."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
     if not (k.shape == v.shape == (B, nh, S, hs) and 1 <= T <= S) or not causal_attention_applies(q, k, v):
         raise ValueError(f"causal_attention: expected fp32 CPU q (B, nh, T, {ATTENTION_HEAD_SIZE}) and k, v "
                          f"(B, nh, S >= T, {ATTENTION_HEAD_SIZE}), got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
+    if bias is not None and (bias.shape != (3 * nh * hs,) or bias.dtype != torch.float32 or bias.device.type != "cpu"
+                             or not bias.is_contiguous() or (torch.is_grad_enabled() and bias.requires_grad)):
+        raise ValueError(f"causal_attention: expected a contiguous fp32 CPU bias of shape ({3 * nh * hs},) needing "
+                         f"no gradient, got {tuple(bias.shape)} {bias.dtype}")
     out = torch.empty(B, T, nh, hs, dtype=torch.float32, device="cpu")  # (whatever torch's defaults)
     _library().gpt2kit_causal_attention_f32(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(2),
-        out.stride(1), B, nh, T, S, hs ** -0.5, torch.get_num_threads())
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), out.stride(0), out.stride(2), out.stride(1), B, nh, T, S, hs ** -0.5,
+        torch.get_num_threads())
     return out.view(B, T, nh * hs)
+
+
+def layer_norm_add_applies(x: torch.Tensor, ln: torch.nn.Module) -> bool:
+    """Whether `layer_norm_add_` runs for x and LayerNorm `ln`: fp32 contiguous CPU x, an
+    `nn.LayerNorm` over its last dimension with fp32 weight and bias, no autograd, the kernels
+    built (not under autocast, where the block's products would be bf16, nor while torch.compile
+    traces)."""
+    return (type(ln) is torch.nn.LayerNorm and ln.weight is not None and ln.bias is not None
+            and tuple(ln.normalized_shape) == (x.shape[-1],) and x.dtype == ln.weight.dtype == ln.bias.dtype == torch.float32
+            and x.device.type == ln.weight.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and available(torch.float32))
+
+
+def layer_norm_add_(x: torch.Tensor, ln: torch.nn.LayerNorm, bias: torch.Tensor | None) -> torch.Tensor:
+    """ln(x), then x += bias in place (bias (C) broadcast over rows; None: x unchanged), in one
+    pass over x (csrc/layernorm.cpp): a pre-LN block's LayerNorm, carrying the next projection's
+    bias into the residual stream. For x and ln where `layer_norm_add_applies`. ln(x) equals
+    PyTorch's LayerNorm up to float rounding."""
+    C = x.shape[-1]
+    if not layer_norm_add_applies(x, ln) or (bias is not None and (bias.shape != (C,) or bias.dtype != torch.float32
+                                                                   or bias.device.type != "cpu")):
+        raise ValueError(f"layer_norm_add_: expected contiguous fp32 CPU x (..., C), a LayerNorm(C) and a bias (C), "
+                         f"no autograd; got x {tuple(x.shape)} {x.dtype}, "
+                         f"bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
+    h = torch.empty_like(x)
+    bias = None if bias is None else bias.detach().contiguous()
+    _library().gpt2kit_layer_norm_add_f32(x.data_ptr(), C, None if bias is None else bias.data_ptr(),
+                                          ln.weight.data_ptr(), ln.bias.data_ptr(), h.data_ptr(), x.numel() // C, C,
+                                          ln.eps, torch.get_num_threads())
+    return h
 
 
 TRAINING_ATTENTION_MAX_T = 512  # beyond, a head's T x T scores outgrow L2 and SDPA's flash kernel wins

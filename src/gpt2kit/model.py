@@ -189,6 +189,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def plain_product(linear: nn.Module) -> bool:
+    """Whether `linear(x)` is `F.linear(x, linear.weight, linear.bias)`, so that its bias may be
+    added elsewhere: our `Linear`, or an inference form's layer that says so (not a subclass or
+    wrapper, e.g. an adapter, whose forward may add more)."""
+    return type(linear) is Linear or getattr(linear, "plain_product", False) is True
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -203,6 +210,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        return self.resid_dropout(self.c_proj(self.heads(x, mask, is_causal, kv_cache, layer)))
+
+    def heads(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+              kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        """The heads' outputs side by side (B, T, C): what c_proj projects."""
         B, T, C = x.shape
         training_kernel = (self.training and torch.is_grad_enabled() and is_causal and kv_cache is None
                            and not self.dropout and x.device.type == "cpu")
@@ -210,15 +222,21 @@ class CausalSelfAttention(nn.Module):
         if training_kernel and type(fc) is Linear and kernels.training_attention_folds_bias(x, fc.bias, self.n_head):
             # fp32: c_attn's bias is added (and its gradient summed) inside the attention kernel,
             # as it packs q, k and v (two passes over the (B, T, 3C) activations fewer)
-            qkv = F.linear(x, fc.weight)  # (B, T, 3C), without the bias
-            return self.resid_dropout(self.c_proj(kernels.training_attention(qkv, self.n_head, fc.bias)))
+            return kernels.training_attention(F.linear(x, fc.weight), self.n_head, fc.bias)
+        if (not self.training and mask is None and is_causal and kv_cache is None and plain_product(fc)
+                and kernels.prompt_attention_folds_bias(x, fc.weight, fc.bias, self.n_head)):
+            # a prompt in fp32 CPU inference: c_attn's bias is added inside the attention kernel as
+            # it packs q, k and v (no pass broadcasting it into the (B, T, 3C) product)
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                       for t in F.linear(x, fc.weight).split(C, dim=2))  # 3 x (B, nh, T, hs)
+            return kernels.causal_attention(q, k, v, bias=fc.bias)
         qkv = self.c_attn(x)  # (B, T, 3C)
         if training_kernel:
             # gpt2kit's training attention kernel where it applies: fp32 (c_attn's bias not folded
             # in above), and bf16 where the CPU would emulate bf16 products (then no faster than fp32)
             wide = qkv.float() if kernels.bf16_on_fp32_units(qkv.dtype, qkv.device.type) else qkv
             if kernels.training_attention_applies(wide, self.n_head):
-                return self.resid_dropout(self.c_proj(kernels.training_attention(wide, self.n_head).to(qkv.dtype)))
+                return kernels.training_attention(wide, self.n_head).to(qkv.dtype)
         q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -233,11 +251,10 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
             if not self.training and mask is None and is_causal and kernels.causal_attention_applies(q, k, v):
                 # a prompt on CPU: gpt2kit's kernel, which also writes the (B, T, C) layout c_proj reads
-                return self.resid_dropout(self.c_proj(kernels.causal_attention(q, k, v).to(dtype)))
+                return kernels.causal_attention(q, k, v).to(dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
 
 
 class GELU(nn.Module):
@@ -259,12 +276,16 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.hidden(x)))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(c_fc(x)), (B, T, 4C): what c_proj projects."""
         fc = self.c_fc
         if type(fc) is Linear and type(self.act) is GELU and kernels.bias_folds(x, fc.bias):
             # fp32 on CPU: c_fc's bias is added, and its gradient summed, inside the GELU kernel
             # (one pass over the (B, T, 4C) activations instead of three)
-            return self.dropout(self.c_proj(kernels.bias_gelu(F.linear(x, fc.weight), fc.bias)))
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+            return kernels.bias_gelu(F.linear(x, fc.weight), fc.bias)
+        return self.act(self.c_fc(x))
 
 
 class Block(nn.Module):
@@ -279,6 +300,36 @@ class Block(nn.Module):
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_in_place(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                         kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        """`forward`'s sums for fp32 CPU inference on many rows, where `in_place_applies`, adding
+        into x itself (the residual stream, which GPT2 owns): each projection's bias is added to x
+        in the pass of the LayerNorm that reads it, and the projection's product accumulates into
+        x (a GEMM with beta = 1). That saves a bias broadcast, a residual add and a fresh (B, T, C)
+        tensor per sub-block; the sums are the same up to float rounding (x + b + yW^T, not
+        x + (yW^T + b))."""
+        rows = x.view(-1, x.shape[-1])  # (B*T, C)
+        h = kernels.layer_norm_add_(x, self.ln_1, self.attn.c_proj.bias)  # ln_1(x); then x += c_proj's bias
+        rows.addmm_(self.attn.heads(h, mask, is_causal, kv_cache, layer).view(rows.shape), self.attn.c_proj.weight.t())
+        h = kernels.layer_norm_add_(x, self.ln_2, self.mlp.c_proj.bias)
+        hidden = self.mlp.hidden(h)  # (B, T, 4C)
+        rows.addmm_(hidden.view(-1, hidden.shape[-1]), self.mlp.c_proj.weight.t())
+        return x
+
+    def in_place_applies(self, x: torch.Tensor) -> bool:
+        """Whether `forward_in_place` may run for x: no autograd, fp32 contiguous CPU tensors,
+        more rows than decoding multiplies in its own kernel, plain projections with biases, the
+        kernels built, no dropout in training, no hooks on the sub-modules it bypasses (and not
+        while torch.compile traces)."""
+        projections = (self.attn.c_proj, self.mlp.c_proj)
+        return (not torch.is_grad_enabled() and not self.training and x.dtype == torch.float32
+                and x.device.type == "cpu" and x.is_contiguous() and x.numel() > kernels.MAX_ROWS * x.shape[-1]
+                and all(plain_product(p) and p.bias is not None and p.weight.dtype == p.bias.dtype == torch.float32
+                        for p in projections)
+                and kernels.layer_norm_add_applies(x, self.ln_1) and kernels.layer_norm_add_applies(x, self.ln_2)
+                and not any(m._forward_hooks or m._forward_pre_hooks
+                            for m in (self, self.ln_1, self.ln_2, self.attn, self.mlp, *projections)))
 
 
 class TiedLMHead(nn.Module):
@@ -368,9 +419,12 @@ class GPT2(nn.Module):
         mask, is_causal = attention_mask_for(attention_mask, past, T, input_ids.device)
         tokens = self.transformer.wte(input_ids) if token_embeddings is None else token_embeddings
         x = tokens + self.transformer.wpe(position_ids)  # (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(x)  # (B, T, C), a fresh tensor: blocks may add into it in place
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, is_causal, kv_cache, layer)
+            if block.in_place_applies(x):
+                x = block.forward_in_place(x, mask, is_causal, kv_cache, layer)
+            else:
+                x = block(x, mask, is_causal, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length = past + T
         return self.transformer.ln_f(x)

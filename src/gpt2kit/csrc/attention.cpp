@@ -238,16 +238,17 @@ extern "C" {
 
 // q: (B, nh, T, 64), k and v: (B, nh, S, 64), out: (B, T, nh, 64) written as rows of stride
 // o_rs (= nh * 64 for a contiguous (B, T, C)); each given by element strides (batch, head, row),
-// the last dimension contiguous. S = P + T. The passes of training's forward kernel, with the
+// the last dimension contiguous. S = P + T. bias (3 * nh * 64; null: none), if given, is added to
+// q, k and v as they are packed (c_attn's bias, laid out as c_attn writes q, k, v). The passes of training's forward kernel, with the
 // probabilities kept per block only, normalized in the output rows (64 floats) instead of in P
 // (S floats): packing the operands made gpt2-medium's heads (rows 12 KiB apart, all in one L1
 // set) 2x faster than reading them in place.
 void gpt2kit_causal_attention_f32(const float* q, int64_t q_bs, int64_t q_hs, int64_t q_rs,
                                   const float* k, int64_t k_bs, int64_t k_hs, int64_t k_rs,
-                                  const float* v, int64_t v_bs, int64_t v_hs, int64_t v_rs,
+                                  const float* v, int64_t v_bs, int64_t v_hs, int64_t v_rs, const float* bias,
                                   float* out, int64_t o_bs, int64_t o_hs, int64_t o_rs,
                                   int64_t B, int64_t nh, int64_t T, int64_t S, float scale, int threads) {
-  const int64_t P = S - T;
+  const int64_t P = S - T, C = nh * kHs;
   const int64_t ld = round_up(S, kKeysS), ldp = padded(ld);
 #pragma omp parallel num_threads(threads)
   {
@@ -261,11 +262,14 @@ void gpt2kit_causal_attention_f32(const float* q, int64_t q_bs, int64_t q_hs, in
       const int64_t b = bh / nh, h = bh % nh;
       const float* qh = q + b * q_bs + h * q_hs;
       float* oh = out + b * o_bs + h * o_hs;
-      pack_panels(k + b * k_bs + h * k_hs, k_rs, nullptr, S, kt);
-      pack_rows(v + b * v_bs + h * v_hs, v_rs, nullptr, S, S, vp, 1.0f);
+      const float* bq = bias ? bias + h * kHs : nullptr;
+      const float* bk = bias ? bq + C : nullptr;
+      const float* bv = bias ? bq + 2 * C : nullptr;
+      pack_panels(k + b * k_bs + h * k_hs, k_rs, bk, S, kt);
+      pack_rows(v + b * v_bs + h * v_hs, v_rs, bv, S, S, vp, 1.0f);
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
         const int n = static_cast<int>(T - t0 < kBlock ? T - t0 : kBlock);
-        pack_rows(qh + t0 * q_rs, q_rs, nullptr, n, round_up(n, kRowsS), qb, scale);
+        pack_rows(qh + t0 * q_rs, q_rs, bq, n, round_up(n, kRowsS), qb, scale);
         block_scores(qb, kt, P + t0, n, p, ldp);
         const int64_t n_pad = round_up(P + t0 + n, kKeysS);  // keys the block's score tiles reach
         float inv_sums[kBlock];  // each row's exps are scaled to probabilities in its output (64 floats, not S)
