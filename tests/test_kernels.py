@@ -539,11 +539,16 @@ def test_blocks_add_into_the_residual_stream_only_in_cpu_inference(monkeypatch):
         handle = model.transformer.h[1].mlp.register_forward_hook(lambda *a: None)
         model(ids)  # the hooked block runs its modules
         handle.remove()
+        seen = []  # a hook on c_attn: its product is not taken around it (no bias folded into attention)
+        handle = model.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        torch.testing.assert_close(model(ids), fast, atol=2e-5, rtol=1e-5)
+        handle.remove()
+        assert seen == [(2, 20, 384)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(ids)
-        assert len(calls) == (6 if CAN_BUILD else 0)
+        assert len(calls) == (10 if CAN_BUILD else 0)  # 4 + 2 (one block hooked) + 4
     slow = model(ids)  # with autograd
-    assert len(calls) == (6 if CAN_BUILD else 0)
+    assert len(calls) == (10 if CAN_BUILD else 0)
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-5)
 
 

@@ -190,10 +190,12 @@ class Linear(nn.Linear):
 
 
 def plain_product(linear: nn.Module) -> bool:
-    """Whether `linear(x)` is `F.linear(x, linear.weight, linear.bias)`, so that its bias may be
-    added elsewhere: our `Linear`, or an inference form's layer that says so (not a subclass or
-    wrapper, e.g. an adapter, whose forward may add more)."""
-    return type(linear) is Linear or getattr(linear, "plain_product", False) is True
+    """Whether `linear(x)` is `F.linear(x, linear.weight, linear.bias)`, so that the model may
+    compute it another way (its bias added elsewhere): our `Linear`, or an inference form's layer
+    that says so (not a subclass or wrapper, e.g. an adapter, whose forward may add more), with
+    no hooks to run."""
+    return ((type(linear) is Linear or getattr(linear, "plain_product", False) is True)
+            and not linear._forward_hooks and not linear._forward_pre_hooks)
 
 
 class CausalSelfAttention(nn.Module):
@@ -311,10 +313,10 @@ class Block(nn.Module):
         x + (yW^T + b))."""
         rows = x.view(-1, x.shape[-1])  # (B*T, C)
         h = kernels.layer_norm_add_(x, self.ln_1, self.attn.c_proj.bias)  # ln_1(x); then x += c_proj's bias
-        rows.addmm_(self.attn.heads(h, mask, is_causal, kv_cache, layer).view(rows.shape), self.attn.c_proj.weight.t())
+        rows.addmm_(self.attn.heads(h, mask, is_causal, kv_cache, layer).reshape(rows.shape), self.attn.c_proj.weight.t())
         h = kernels.layer_norm_add_(x, self.ln_2, self.mlp.c_proj.bias)
         hidden = self.mlp.hidden(h)  # (B, T, 4C)
-        rows.addmm_(hidden.view(-1, hidden.shape[-1]), self.mlp.c_proj.weight.t())
+        rows.addmm_(hidden.reshape(-1, hidden.shape[-1]), self.mlp.c_proj.weight.t())
         return x
 
     def in_place_applies(self, x: torch.Tensor) -> bool:
@@ -329,7 +331,7 @@ class Block(nn.Module):
                         for p in projections)
                 and kernels.layer_norm_add_applies(x, self.ln_1) and kernels.layer_norm_add_applies(x, self.ln_2)
                 and not any(m._forward_hooks or m._forward_pre_hooks
-                            for m in (self, self.ln_1, self.ln_2, self.attn, self.mlp, *projections)))
+                            for m in (self, self.ln_1, self.ln_2, self.attn, self.mlp)))
 
 
 class TiedLMHead(nn.Module):
