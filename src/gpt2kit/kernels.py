@@ -295,8 +295,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal softmax attention of T queries (B, nh, T, 64) at positions S - T .. S - 1 over S
     keys and values (B, nh, S, 64), returned as (B, T, nh * 64), the layout the output
     projection reads; for tensors where `causal_attention_applies`. `bias` (3 * nh * 64), if
-    given, is added to q, k and v first (c_attn's bias, in the order c_attn lays out q, k, v):
-    the kernel adds it as it reads them, which saves c_attn a pass writing it. Forward only;
+    given, is added to q, k and v first (c_attn's bias, in the order c_attn lays out q, k, v; only
+    without cached keys): the kernel adds it as it reads them, which saves c_attn a pass writing it. Forward only;
     1.6-1.8x PyTorch's fp32 SDPA on a 1024-token prompt here (csrc/attention.cpp). Results differ
     from SDPA's by float rounding only."""
     B, nh, T, hs = q.shape
@@ -306,9 +306,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"(B, nh, S >= T, {ATTENTION_HEAD_SIZE}), got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     if bias is not None and (bias.shape != (3 * nh * hs,) or bias.dtype != torch.float32 or bias.device.type != "cpu"
-                             or not bias.is_contiguous() or (torch.is_grad_enabled() and bias.requires_grad)):
+                             or not bias.is_contiguous() or (torch.is_grad_enabled() and bias.requires_grad) or S != T):
         raise ValueError(f"causal_attention: expected a contiguous fp32 CPU bias of shape ({3 * nh * hs},) needing "
-                         f"no gradient, got {tuple(bias.shape)} {bias.dtype}")
+                         f"no gradient, and no cached keys (cached keys hold their bias already); got "
+                         f"{tuple(bias.shape)} {bias.dtype} with {S - T} cached keys")
     out = torch.empty(B, T, nh, hs, dtype=torch.float32, device="cpu")  # (whatever torch's defaults)
     _library().gpt2kit_causal_attention_f32(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
@@ -324,6 +325,7 @@ def layer_norm_add_applies(x: torch.Tensor, ln: torch.nn.Module) -> bool:
     built (not under autocast, where the block's products would be bf16, nor while torch.compile
     traces)."""
     return (type(ln) is torch.nn.LayerNorm and ln.weight is not None and ln.bias is not None
+            and ln.weight.is_contiguous() and ln.bias.is_contiguous() and ln.bias.device.type == "cpu"
             and tuple(ln.normalized_shape) == (x.shape[-1],) and x.dtype == ln.weight.dtype == ln.bias.dtype == torch.float32
             and x.device.type == ln.weight.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and available(torch.float32))
@@ -546,8 +548,8 @@ def huge_page_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 # the product (1024 rows, a Xeon; ~1% at 4096). MKL's packed API packs once and then multiplies
 # with the same kernel, so its products equal `F.linear`'s bit for bit from 64 rows on (fewer
 # rows take other kernels in `F.linear`: equal up to float rounding). PyTorch links MKL into
-# libtorch_cpu, whose exported cblas symbols take 32-bit integers; `mkl_packing_works` checks that
-# with one small product before anything relies on it.
+# libtorch_cpu and exports its cblas symbols; `mkl_packing_works` checks them with one small
+# product before anything relies on them.
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS, _CBLAS_B_MATRIX, _CBLAS_PACKED = 101, 111, 112, 162, 151
 
 
@@ -566,11 +568,13 @@ def _mkl() -> ctypes.CDLL | None:
         get_size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
     except (OSError, AttributeError):
         return None
-    get_size.argtypes, get_size.restype = [ctypes.c_int] * 4, ctypes.c_size_t
-    pack.argtypes = [*[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    # integers passed as 64 bits: right for MKL's 32-bit (LP64) interface, whose callee reads the
+    # low half of each register or stack slot on x86-64, and for a 64-bit (ILP64) one alike
+    get_size.argtypes, get_size.restype = [ctypes.c_int64] * 4, ctypes.c_size_t
+    pack.argtypes = [*[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     pack.restype = None
-    compute.argtypes = [*[ctypes.c_int] * 6, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    compute.argtypes = [*[ctypes.c_int64] * 6, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
     compute.restype = None
     return lib
 
@@ -579,24 +583,33 @@ class MKLPackedLinear:
     """`F.linear(x, weight, bias)` for fp32 CPU inputs of any number of rows, on a copy of
     `weight` (out, in) that MKL packed once (see `_mkl` above: from 64 rows on, bit for bit
     `F.linear`'s result). The copy takes 1.2-2.6x the weight's memory. Build it only where
-    `mkl_packing_works()`."""
+    `mkl_packing_works()`. The packed layout depends on the CPU: pickling (or deep-copying) keeps
+    the weight, and unpickling packs it again."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         lib = _mkl()
-        if lib is None or weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
+        if (lib is None or weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu"
+                or max(weight.shape) >= 2**31):
             raise ValueError(f"MKLPackedLinear: expected a 2-D fp32 CPU weight and MKL, got {weight.dtype} "
                              f"{tuple(weight.shape)} on {weight.device}")
         self.out_features, self.in_features = weight.shape
-        w = weight.detach().contiguous()
+        self.weight = w = weight.detach().contiguous()  # (shares the caller's storage when contiguous)
         size = lib.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, 1, self.out_features, self.in_features)
         self.packed = torch.empty(size // 4 + 16, dtype=torch.float32)  # MKL aligns as it needs within it
         lib.cblas_sgemm_pack(_CBLAS_ROW_MAJOR, _CBLAS_B_MATRIX, _CBLAS_TRANS, 1, self.out_features,
                              self.in_features, 1.0, w.data_ptr(), self.in_features, self.packed.data_ptr())
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
+    def __getstate__(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["weight"], state["bias"])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in) fp32 CPU -> (N, out)."""
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.float32 or x.device.type != "cpu":
+        if (x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.shape[0] >= 2**31):
             raise ValueError(f"MKLPackedLinear: expected fp32 CPU input (N, {self.in_features}), got {x.dtype} "
                              f"{tuple(x.shape)} on {x.device}")
         x = x.contiguous()

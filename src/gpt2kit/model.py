@@ -330,8 +330,18 @@ class Block(nn.Module):
                 and all(plain_product(p) and p.bias is not None and p.weight.dtype == p.bias.dtype == torch.float32
                         for p in projections)
                 and kernels.layer_norm_add_applies(x, self.ln_1) and kernels.layer_norm_add_applies(x, self.ln_2)
+                and type(self).forward is Block.forward and type(self.attn).forward is CausalSelfAttention.forward
+                and type(self.mlp).forward is MLP.forward  # (a subclass's forward may do more)
+                and _inert(self.attn.resid_dropout) and _inert(self.mlp.dropout)
                 and not any(m._forward_hooks or m._forward_pre_hooks
                             for m in (self, self.ln_1, self.ln_2, self.attn, self.mlp)))
+
+
+def _inert(dropout: nn.Module) -> bool:
+    """Whether a dropout module passes its input through unchanged and unobserved (an identity,
+    or a dropout in eval mode or with p = 0, without hooks)."""
+    return ((type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)))
+            and not dropout._forward_hooks and not dropout._forward_pre_hooks)
 
 
 class TiedLMHead(nn.Module):
@@ -421,12 +431,17 @@ class GPT2(nn.Module):
         mask, is_causal = attention_mask_for(attention_mask, past, T, input_ids.device)
         tokens = self.transformer.wte(input_ids) if token_embeddings is None else token_embeddings
         x = tokens + self.transformer.wpe(position_ids)  # (B, T, C)
-        x = self.transformer.drop(x)  # (B, T, C), a fresh tensor: blocks may add into it in place
+        drop = self.transformer.drop
+        x = drop(x)  # (B, T, C), a fresh tensor: blocks may add into it in place ...
+        owned = not (drop._forward_hooks or drop._forward_pre_hooks)  # ... unless a hook may have kept it
         for layer, block in enumerate(self.transformer.h):
             if block.in_place_applies(x):
+                if not owned:
+                    x, owned = x.clone(), True
                 x = block.forward_in_place(x, mask, is_causal, kv_cache, layer)
             else:
                 x = block(x, mask, is_causal, kv_cache, layer)
+                owned = False  # hooks (or a subclass) may keep what the block returns
         if kv_cache is not None:
             kv_cache.length = past + T
         return self.transformer.ln_f(x)
