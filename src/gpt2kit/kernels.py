@@ -326,7 +326,8 @@ def layer_norm_add_applies(x: torch.Tensor, ln: torch.nn.Module) -> bool:
     traces)."""
     return (type(ln) is torch.nn.LayerNorm and ln.weight is not None and ln.bias is not None
             and ln.weight.is_contiguous() and ln.bias.is_contiguous() and ln.bias.device.type == "cpu"
-            and tuple(ln.normalized_shape) == (x.shape[-1],) and x.dtype == ln.weight.dtype == ln.bias.dtype == torch.float32
+            and tuple(ln.normalized_shape) == (x.shape[-1],)
+            and x.dtype == ln.weight.dtype == ln.bias.dtype == torch.float32
             and x.device.type == ln.weight.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and available(torch.float32))
 

@@ -313,7 +313,8 @@ class Block(nn.Module):
         x + (yW^T + b))."""
         rows = x.view(-1, x.shape[-1])  # (B*T, C)
         h = kernels.layer_norm_add_(x, self.ln_1, self.attn.c_proj.bias)  # ln_1(x); then x += c_proj's bias
-        rows.addmm_(self.attn.heads(h, mask, is_causal, kv_cache, layer).reshape(rows.shape), self.attn.c_proj.weight.t())
+        heads = self.attn.heads(h, mask, is_causal, kv_cache, layer)  # (B, T, C)
+        rows.addmm_(heads.reshape(rows.shape), self.attn.c_proj.weight.t())
         h = kernels.layer_norm_add_(x, self.ln_2, self.mlp.c_proj.bias)
         hidden = self.mlp.hidden(h)  # (B, T, 4C)
         rows.addmm_(hidden.reshape(-1, hidden.shape[-1]), self.mlp.c_proj.weight.t())
@@ -433,7 +434,8 @@ class GPT2(nn.Module):
         x = tokens + self.transformer.wpe(position_ids)  # (B, T, C)
         drop = self.transformer.drop
         x = drop(x)  # (B, T, C), a fresh tensor: blocks may add into it in place ...
-        owned = not (drop._forward_hooks or drop._forward_pre_hooks)  # ... unless a hook may have kept it
+        # ... unless a hook (or a module of another kind) may have kept it
+        owned = type(drop) in (nn.Dropout, nn.Identity) and not (drop._forward_hooks or drop._forward_pre_hooks)
         for layer, block in enumerate(self.transformer.h):
             if block.in_place_applies(x):
                 if not owned:
