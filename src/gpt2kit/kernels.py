@@ -1,6 +1,8 @@
 """Hand-written CPU kernels: few-row matrix products that stream weights at memory speed (decoding),
-GPT-2's GELU with its derivative (every forward and backward pass on CPU), and causal attention
-over a prompt in fp32 (inference).
+GPT-2's GELU with its derivative (every forward and backward pass on CPU), causal attention
+over a prompt in fp32 (inference) and in training, a LayerNorm that carries the next projection's
+bias into the residual stream (fp32 inference), the training loss, gradient norm and AdamW
+step; and a binding to MKL's packed GEMM (`MKLPackedLinear`).
 
 Decoding one token reads every weight once, so its speed is the rate at which weights stream
 from memory. PyTorch's CPU kernels for a (1..16, K) x (K, N) product read bf16 weights at about
