@@ -7,7 +7,7 @@ forward pass adds on top of the weights. transformers runs its default (sdpa) at
 thread count, interleaved (order alternating), and each number is the median of `--repeats` runs.
 "ours" is the model as built (`GPT2`, trainable); "ours, inference" is it after
 `gpt2kit.generate.optimize_for_cpu` (on CPU), as `gpt2kit generate` / `serve` load a checkpoint:
-oneDNN-packed weights for the output layer (and, in bf16, every layer).
+packed weights for the output layer (MKL's in fp32; oneDNN's, for every layer, in bf16).
 `--compile` adds a column for `torch.compile(model)` of ours.
 
 Peak memory: on CUDA, torch's allocator statistics; on CPU, the resident-set high-water mark
