@@ -428,9 +428,10 @@ class _CPULinear(torch.nn.Module):
     speed (`matvec`); more rows (a prompt) through PyTorch's GEMM, optionally on a copy of the
     weight pre-packed into the GEMM's blocked layout (`packed`): oneDNN's for bf16, where
     `F.linear` re-packs a bf16 weight on every call (~12% of a 1000-row product on an AMD EPYC);
-    MKL's for fp32 (`kernels.MKLPackedLinear`), which makes the 50257-wide output layer's
-    1024-row product ~8% faster on a Xeon, bit for bit the same (oneDNN's fp32 GEMM ran 1.75x
-    faster than `F.linear`'s on the EPYC, but as fast at 1024 rows and 12% slower at 4096 here).
+    MKL's for fp32 (`kernels.MKLPackedLinear`), bit for bit `F.linear`'s product: on a Xeon the
+    50257-wide output layer's 1024-row product alone ran ~8% faster than `F.linear`'s, within
+    the noise inside a whole prompt, where oneDNN's packed fp32 GEMM was 12% slower at 4096 rows
+    (it ran 1.75x faster than `F.linear`'s on an AMD EPYC).
 
     On a CPU without bf16 arithmetic (`kernels.native_bf16` false), PyTorch's bf16 GEMM emulates
     it several times slower than fp32: there a bf16 layer (`widen`) multiplies many rows in fp32,
@@ -450,7 +451,7 @@ class _CPULinear(torch.nn.Module):
         if matvec:  # checked once here; forward checks what varies (see kernels.matvec_unchecked)
             kernels.matvec(torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype), self.weight, self.bias)
         self.widen = widen and self.weight.dtype == torch.bfloat16
-        # fp32: MKL's own packed copy (as fast as oneDNN's at 1024 rows, 12% faster at 4096 here)
+        # fp32: MKL's own packed copy (oneDNN's fp32 GEMM was 12% slower than F.linear's at 4096 rows here)
         self.mkl = (kernels.MKLPackedLinear(self.weight, self.bias)
                     if packed and self.weight.dtype == torch.float32 and kernels.mkl_packing_works() else None)
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)  # opaque
@@ -521,8 +522,8 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     """The model with its projections and tied output layer in the forms CPU inference runs
     fastest (`_CPULinear`): gpt2kit's matrix-vector kernel for decoding where it builds, and
     packed weights for prompts (oneDNN's for every layer in bf16; MKL's for the output layer in
-    fp32, when the kernel is there: this keeps a second, packed copy of those weights); on a CPU without bf16
-    arithmetic, bf16 prompts multiply in fp32 and attention runs in fp32. Without the kernel,
+    fp32, when the kernel is there: this keeps a second, packed copy of those weights); on a CPU
+    without bf16 arithmetic, bf16 prompts multiply in fp32 and attention runs in fp32. Without the kernel,
     fp32 weights are stored input-major for decoding instead (`_InputMajorLinear`). Inference
     only: the parameters no longer train. Logits equal the original's up to float rounding. A
     model in another dtype or on a GPU is returned as is."""

@@ -547,8 +547,9 @@ def huge_page_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # MKL's packed GEMM. `F.linear` has MKL copy (pack) its weight into the blocked layout of its
-# inner kernel on every call; for a prompt through the (50257, 768) output layer that is ~8% of
-# the product (1024 rows, a Xeon; ~1% at 4096). MKL's packed API packs once and then multiplies
+# inner kernel on every call; for a prompt through the (50257, 768) output layer that was ~8% of
+# the product alone (1024 rows, a Xeon; ~1% at 4096), within the noise inside a whole prompt
+# (docs/benchmarks.md, session 8). MKL's packed API packs once and then multiplies
 # with the same kernel, so its products equal `F.linear`'s bit for bit from 64 rows on (fewer
 # rows take other kernels in `F.linear`: equal up to float rounding). PyTorch links MKL into
 # libtorch_cpu and exports its cblas symbols; `mkl_packing_works` checks them with one small
