@@ -8,11 +8,12 @@ copies. So on a given machine the ratio ours / transformers of `benchmarks/model
     ceiling = transformers' pass time / our GEMM time
 
 however cheap the rest of our pass gets, unless our products beat the BLAS. For the gpt2 and
-gpt2-medium shapes (random weights, the same in both libraries, 1024-token sequences, fp32,
-no autograd), this prints each library's pass time (median of `--repeats`, interleaved), its GEMM
-time (self time of aten::mm / addmm / addmm_ / bmm in a profiled pass, torch.profiler), the
-GEMMs' FLOP rate, and the CPU's FMA peak for the same thread count (a loop of independent
-FMAs only, compiled here with the system C compiler; "n/a" without one).
+gpt2-medium shapes (random weights, the same in both libraries, 1024-token sequences, fp32, no
+autograd), this prints each library's pass time and, from the same passes, its GEMM time (self
+time of aten::mm / addmm / addmm_ / bmm under torch.profiler, which costs little at a few dozen
+ops per pass), medians of `--repeats` interleaved passes; the GEMMs' FLOP rate; and the CPU's FMA
+peak for the same thread count (a loop of independent FMAs, compiled here with the system C
+compiler; "n/a" without one).
 
     .venv/bin/python benchmarks/prefill_ceiling.py             # the table in docs/benchmarks.md
     .venv/bin/python benchmarks/prefill_ceiling.py --quick     # gpt2 only, one repeat
@@ -92,10 +93,13 @@ def gemm_flops(preset: str, rows: int) -> float:
     return 2.0 * rows * (c.n_layer * 12 * c.n_embd ** 2 + c.n_embd * c.vocab_size)
 
 
-def gemm_seconds(fn: Callable[[], object]) -> float:
+def timed_pass(fn: Callable[[], object]) -> tuple[float, float]:
+    """(seconds, of which in GEMMs) of one call of fn, profiled."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         fn()
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+        seconds = time.perf_counter() - start
+    return seconds, sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
 
 
 def bench_cell(preset: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
@@ -107,19 +111,19 @@ def bench_cell(preset: str, batch: int, seq: int, repeats: int) -> dict[str, flo
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     runs = {"ours": lambda: ours(ids), "hf": lambda: hf(ids, use_cache=False).logits}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    gemm: dict[str, list[float]] = {name: [] for name in runs}
     result: dict[str, float] = {}
     with torch.inference_mode():
         for fn in runs.values():
             fn()  # warm: kernels built, buffers allocated
         for r in range(repeats):
             for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - start)
-        for name, fn in runs.items():
-            result[f"{name}_gemm"] = gemm_seconds(fn)
-    for name, ts in times.items():
-        result[f"{name}_pass"] = statistics.median(ts)
+                seconds, in_gemm = timed_pass(runs[name])  # both from one pass: the host's speed drifts
+                times[name].append(seconds)
+                gemm[name].append(in_gemm)
+    for name in runs:
+        result[f"{name}_pass"] = statistics.median(times[name])
+        result[f"{name}_gemm"] = statistics.median(gemm[name])
     return result
 
 
