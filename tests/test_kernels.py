@@ -382,6 +382,74 @@ def test_bias_gelu_kernel_matches_pytorch_and_sums_the_bias_gradient_independent
     assert torch.equal(kernels.bias_gelu(x, s), kernels.gelu(x + s))
 
 
+def test_bias_gelu_in_place_is_bias_gelu_written_over_its_input(monkeypatch):
+    if not CAN_BUILD:  # no in-place form without the kernels (nor does the model ask for one)
+        with pytest.raises(ValueError, match="bias_gelu_"):
+            kernels.bias_gelu_(torch.randn(4, 6), torch.randn(6))
+        return
+    g = torch.Generator().manual_seed(4)
+    for shape in [(2, 37, 3072), (5, 17), (1, 1)]:
+        x, b = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+        want = kernels.bias_gelu(x, b)
+        y = x.clone()
+        with torch.no_grad():
+            assert kernels.bias_gelu_(y, b) is y
+        assert torch.equal(y, want)
+    x, b = torch.randn(4, 6), torch.randn(6)
+    for bad in (x.t(), x.double(), x.requires_grad_()):  # not contiguous, not fp32, needs a gradient
+        with pytest.raises(ValueError, match="bias_gelu_"):
+            kernels.bias_gelu_(bad, b)
+    with pytest.raises(ValueError, match="bias_gelu_"):
+        kernels.bias_gelu_(torch.randn(4, 6), torch.randn(5))
+    # the model's MLP uses it where no gradient is needed, and gives the same activations
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64, vocab_size=96, n_ctx=32)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.5, generator=g)
+    h = torch.randn(2, 20, 64, generator=g)
+    mlp = model.transformer.h[0].mlp
+    in_place, autograd = _spy(monkeypatch, "bias_gelu_"), _spy(monkeypatch, "bias_gelu")
+    with_grad = mlp.hidden(h)
+    assert len(autograd) == 1 and not in_place  # parameters need gradients: the autograd kernel
+    with torch.no_grad():
+        without = mlp.hidden(h)
+    assert len(in_place) == 1 and len(autograd) == 1
+    assert torch.equal(without, with_grad.detach())
+
+
+def test_fused_paths_step_aside_for_hooks_on_the_modules_they_fuse():
+    # c_attn's bias in the training attention kernel and c_fc's in the GELU kernel compute those
+    # modules' outputs without calling them: a hook there (activation capture) must still run
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32))
+    ids = torch.randint(0, 96, (2, 24))
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj")
+    model.train()
+    want = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.eval()
+    with torch.no_grad():
+        want_logits = model(ids)
+    seen: list[str] = []
+    for name in names:
+        model.transformer.h[0].get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: seen.append(name))
+    model.train()
+    model.zero_grad()
+    got = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+    got.backward()
+    assert seen == list(names)
+    torch.testing.assert_close(got, want)
+    for p, g in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want_logits, atol=1e-5, rtol=1e-5)
+    assert seen == list(names)
+
+
 def test_bf16_linear_widened_is_autocasts_bf16_linear():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 50, 96, generator=g)

@@ -242,6 +242,22 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _BiasGELU.apply(x, bias)
 
 
+def bias_gelu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`bias_gelu` written over x, for inference: a contiguous fp32 CPU x needing no gradient, a
+    bias of its last dimension's size, where `bias_folds`. The (B, T, 4C) activations are then one
+    tensor, not two: less memory, and the pass itself takes 15-30% less time here than writing a
+    fresh tensor (within the noise of a whole prompt). Returns x."""
+    if (not bias_folds(x, bias) or not x.is_contiguous() or x.dim() < 1 or bias.shape != (x.shape[-1],)
+            or (torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad))):
+        raise ValueError(f"bias_gelu_: expected contiguous fp32 CPU x (..., N) and bias (N,) needing no gradient; "
+                         f"got x {tuple(x.shape)} {x.dtype} on {x.device}, bias {tuple(bias.shape)} {bias.dtype}")
+    if x.numel():
+        bias = bias.detach().contiguous()
+        _library().gpt2kit_bias_gelu_f32(x.data_ptr(), bias.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1],
+                                         x.shape[-1], torch.get_num_threads())
+    return x
+
+
 class _BiasGELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -189,13 +189,18 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of these modules has forward (pre-)hooks: a path that computes a module's
+    output without calling it (a fused kernel) would skip them, so it must not run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def plain_product(linear: nn.Module) -> bool:
     """Whether `linear(x)` is `F.linear(x, linear.weight, linear.bias)`, so that the model may
     compute it another way (its bias added elsewhere): our `Linear`, or an inference form's layer
     that says so (not a subclass or wrapper, e.g. an adapter, whose forward may add more), with
     no hooks to run."""
-    return ((type(linear) is Linear or getattr(linear, "plain_product", False) is True)
-            and not linear._forward_hooks and not linear._forward_pre_hooks)
+    return (type(linear) is Linear or getattr(linear, "plain_product", False) is True) and not _hooked(linear)
 
 
 class CausalSelfAttention(nn.Module):
@@ -221,7 +226,8 @@ class CausalSelfAttention(nn.Module):
         training_kernel = (self.training and torch.is_grad_enabled() and is_causal and kv_cache is None
                            and not self.dropout and x.device.type == "cpu")
         fc = self.c_attn
-        if training_kernel and type(fc) is Linear and kernels.training_attention_folds_bias(x, fc.bias, self.n_head):
+        if (training_kernel and type(fc) is Linear and not _hooked(fc)
+                and kernels.training_attention_folds_bias(x, fc.bias, self.n_head)):
             # fp32: c_attn's bias is added (and its gradient summed) inside the attention kernel,
             # as it packs q, k and v (two passes over the (B, T, 3C) activations fewer)
             return kernels.training_attention(F.linear(x, fc.weight), self.n_head, fc.bias)
@@ -283,10 +289,14 @@ class MLP(nn.Module):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(c_fc(x)), (B, T, 4C): what c_proj projects."""
         fc = self.c_fc
-        if type(fc) is Linear and type(self.act) is GELU and kernels.bias_folds(x, fc.bias):
+        if (type(fc) is Linear and type(self.act) is GELU and not _hooked(fc, self.act)
+                and kernels.bias_folds(x, fc.bias)):
             # fp32 on CPU: c_fc's bias is added, and its gradient summed, inside the GELU kernel
             # (one pass over the (B, T, 4C) activations instead of three)
-            return kernels.bias_gelu(F.linear(x, fc.weight), fc.bias)
+            product = F.linear(x, fc.weight)  # (B, T, 4C)
+            if torch.is_grad_enabled() and (product.requires_grad or fc.bias.requires_grad):
+                return kernels.bias_gelu(product, fc.bias)
+            return kernels.bias_gelu_(product, fc.bias)  # no autograd: over the fresh product itself
         return self.act(self.c_fc(x))
 
 
@@ -334,15 +344,14 @@ class Block(nn.Module):
                 and type(self).forward is Block.forward and type(self.attn).forward is CausalSelfAttention.forward
                 and type(self.mlp).forward is MLP.forward  # (a subclass's forward may do more)
                 and _inert(self.attn.resid_dropout) and _inert(self.mlp.dropout)
-                and not any(m._forward_hooks or m._forward_pre_hooks
-                            for m in (self, self.ln_1, self.ln_2, self.attn, self.mlp)))
+                and not _hooked(self, self.ln_1, self.ln_2, self.attn, self.mlp))
 
 
 def _inert(dropout: nn.Module) -> bool:
     """Whether a dropout module passes its input through unchanged and unobserved (an identity,
     or a dropout in eval mode or with p = 0, without hooks)."""
     return ((type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)))
-            and not dropout._forward_hooks and not dropout._forward_pre_hooks)
+            and not _hooked(dropout))
 
 
 class TiedLMHead(nn.Module):
@@ -435,7 +444,7 @@ class GPT2(nn.Module):
         drop = self.transformer.drop
         x = drop(x)  # (B, T, C), a fresh tensor: blocks may add into it in place ...
         # ... unless a hook (or a module of another kind) may have kept it
-        owned = type(drop) in (nn.Dropout, nn.Identity) and not (drop._forward_hooks or drop._forward_pre_hooks)
+        owned = type(drop) in (nn.Dropout, nn.Identity) and not _hooked(drop)
         for layer, block in enumerate(self.transformer.h):
             if block.in_place_applies(x):
                 if not owned:
