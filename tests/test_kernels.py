@@ -396,11 +396,17 @@ def test_bias_gelu_in_place_is_bias_gelu_written_over_its_input(monkeypatch):
             assert kernels.bias_gelu_(y, b) is y
         assert torch.equal(y, want)
     x, b = torch.randn(4, 6), torch.randn(6)
-    for bad in (x.t(), x.double(), x.requires_grad_()):  # not contiguous, not fp32, needs a gradient
-        with pytest.raises(ValueError, match="bias_gelu_"):
+    for bad, why in ((x.t(), "x is not contiguous"), (x.double(), "bias_folds is false"),
+                     (x.clone().requires_grad_(), "x or bias needs a gradient")):
+        with pytest.raises(ValueError, match=f"bias_gelu_: {why}"):
             kernels.bias_gelu_(bad, b)
-    with pytest.raises(ValueError, match="bias_gelu_"):
+    with pytest.raises(ValueError, match=r"bias_gelu_: bias must have shape \(6,\)"):
         kernels.bias_gelu_(torch.randn(4, 6), torch.randn(5))
+    w = torch.randn(4, 6, requires_grad=True)
+    saved = (w * x).sum()  # autograd keeps x for w's gradient
+    kernels.bias_gelu_(x, b)  # x needs no gradient itself: allowed, and x's version moves on
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
     # the model's MLP uses it where no gradient is needed, and gives the same activations
     torch.manual_seed(0)
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64, vocab_size=96, n_ctx=32)).eval()
@@ -448,6 +454,72 @@ def test_fused_paths_step_aside_for_hooks_on_the_modules_they_fuse():
     with torch.no_grad():
         torch.testing.assert_close(model(ids), want_logits, atol=1e-5, rtol=1e-5)
     assert seen == list(names)
+
+
+def test_fused_paths_step_aside_for_backward_hooks_and_hooks_on_every_module():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32))
+    ids = torch.randint(0, 96, (2, 24))
+    block = model.transformer.h[0]
+    seen: list[str] = []
+    names = ("attn.c_attn", "mlp.c_fc", "mlp.act")
+    handles = [block.get_submodule(n).register_full_backward_hook(lambda m, gi, go, n=n: seen.append(n))
+               for n in names]
+    model.train()
+    model(ids).sum().backward()
+    assert sorted(seen) == sorted(names)
+    for h in handles:
+        h.remove()
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        want = model(ids)
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+        try:
+            got = model(ids)
+        finally:
+            handle.remove()
+    # every module of the block ran as a module (no in-place residual path, no folded biases)
+    assert seen.count("LayerNorm") == 3 and seen.count("Linear") == 4 and "GELU" in seen and "Block" in seen
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_paths_step_aside_for_forward_mode_ad_and_a_compute_dtype():
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=96, n_ctx=64)).eval()
+    ids = torch.randint(0, 96, (2, 40))
+    emb = model.transformer.wte(ids).detach()
+    tangent = torch.randn_like(emb)
+    exact = GPT2(model.config).double().eval()
+    exact.load_state_dict(model.state_dict())
+    def exact_hidden(e: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return exact.hidden_states(ids, token_embeddings=e)
+
+    eps = 1e-4  # central differences in float64: the reference tangent
+    e, t = emb.double(), tangent.double()
+    want_t = (exact_hidden(e + eps * t) - exact_hidden(e - eps * t)) / (2 * eps)
+    with torch.no_grad(), fwAD.dual_level():  # forward AD works with gradients off
+        try:
+            out = model.hidden_states(ids, token_embeddings=fwAD.make_dual(emb, tangent))
+        except NotImplementedError:  # said aloud (PyTorch's CPU SDPA has no forward AD) is fine ...
+            out = None
+        if out is not None:  # ... silently wrong or missing tangents are not
+            got_t = fwAD.unpack_dual(out).tangent
+            assert got_t is not None
+            torch.testing.assert_close(got_t.double(), want_t, atol=1e-3, rtol=1e-3)
+    # a compute dtype for attention is honoured by the prompt path with c_attn's bias folded in
+    # as by the one without (which a hook on c_attn selects)
+    for block in model.transformer.h:
+        block.attn.compute_dtype = torch.bfloat16
+    with torch.no_grad():
+        folded = model(ids)
+        model.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, a, o: None)
+        model.transformer.h[1].attn.c_attn.register_forward_hook(lambda m, a, o: None)
+        unfolded = model(ids)
+    assert torch.equal(folded, unfolded)
 
 
 def test_bf16_linear_widened_is_autocasts_bf16_linear():

@@ -195,7 +195,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     as fast), else through `F.gelu`. The kernel's results are within a few fp32 ulps of the exact
     function and, for x < -4, closer to it than PyTorch's (whose 1 + tanh(u) cancels there)."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.numel() == 0
-            or torch.compiler.is_compiling() or not available(x.dtype)):
+            or torch.compiler.is_compiling() or forward_ad_active() or not available(x.dtype)):
         return F.gelu(x, approximate="tanh")
     return _GELU.apply(x)
 
@@ -224,11 +224,11 @@ class _GELU(torch.autograd.Function):
 
 def bias_folds(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a linear layer's bias can be folded into the kernel that reads its product (GELU,
-    training attention) for inputs like x: fp32 CPU tensors, a 1-D bias, not under autocast or
-    while torch.compile traces, the kernels built."""
+    training attention) for inputs like x: fp32 CPU tensors, a 1-D bias, not under autocast,
+    forward-mode AD or while torch.compile traces, the kernels built."""
     return (bias is not None and x.device.type == bias.device.type == "cpu"
             and x.dtype == bias.dtype == torch.float32 and bias.dim() == 1 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and available(torch.float32))
+            and not forward_ad_active() and not torch.compiler.is_compiling() and available(torch.float32))
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -246,15 +246,23 @@ def bias_gelu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """`bias_gelu` written over x, for inference: a contiguous fp32 CPU x needing no gradient, a
     bias of its last dimension's size, where `bias_folds`. The (B, T, 4C) activations are then one
     tensor, not two: less memory, and the pass itself takes 15-30% less time here than writing a
-    fresh tensor (within the noise of a whole prompt). Returns x."""
-    if (not bias_folds(x, bias) or not x.is_contiguous() or x.dim() < 1 or bias.shape != (x.shape[-1],)
-            or (torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad))):
-        raise ValueError(f"bias_gelu_: expected contiguous fp32 CPU x (..., N) and bias (N,) needing no gradient; "
-                         f"got x {tuple(x.shape)} {x.dtype} on {x.device}, bias {tuple(bias.shape)} {bias.dtype}")
+    fresh tensor (within the noise of a whole prompt). x's version counter is bumped, as by any
+    in-place op, so a graph that saved x fails on backward instead of using the new values.
+    Returns x."""
+    problem = ("bias_folds is false for them (it needs fp32 CPU tensors and a 1-D bias, no autocast, no "
+               "forward-mode AD, no torch.compile tracing, the kernels built)" if not bias_folds(x, bias) else
+               "x is not contiguous" if not x.is_contiguous() else
+               f"bias must have shape ({x.shape[-1]},)" if x.dim() < 1 or bias.shape != (x.shape[-1],) else
+               "x or bias needs a gradient" if torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad)
+               else None)
+    if problem:
+        raise ValueError(f"bias_gelu_: {problem}; got x {tuple(x.shape)} {x.dtype} on {x.device}, "
+                         f"bias {tuple(bias.shape)} {bias.dtype}")
     if x.numel():
         bias = bias.detach().contiguous()
         _library().gpt2kit_bias_gelu_f32(x.data_ptr(), bias.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1],
                                          x.shape[-1], torch.get_num_threads())
+        torch.autograd.graph.increment_version(x)
     return x
 
 
@@ -286,14 +294,21 @@ class _BiasGELU(torch.autograd.Function):
 ATTENTION_HEAD_SIZE = 64  # the head size `causal_attention` handles (every GPT-2 preset's)
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on (inside `torch.autograd.forward_ad.dual_level`), which works
+    with gradients disabled: the kernels that do no autograd would drop tangents without a word,
+    so their callers take PyTorch's ops then."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `causal_attention` runs for these (B, nh, T|S, hs) queries, keys and values: fp32
-    CPU tensors of head size 64, with contiguous last dimensions, needing no gradient, the
-    kernels built (and not while torch.compile traces)."""
+    CPU tensors of head size 64, with contiguous last dimensions, needing no gradient (and no
+    forward-mode AD), the kernels built (and not while torch.compile traces)."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
             and q.shape[-1] == ATTENTION_HEAD_SIZE and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_compiling() and available(torch.float32))
+            and not forward_ad_active() and not torch.compiler.is_compiling() and available(torch.float32))
 
 
 def prompt_attention_folds_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> bool:
@@ -304,7 +319,7 @@ def prompt_attention_folds_bias(x: torch.Tensor, weight: torch.Tensor, bias: tor
     return (bias is not None and x.device.type == weight.device.type == bias.device.type == "cpu"
             and x.dtype == weight.dtype == bias.dtype == torch.float32 and C == n_head * ATTENTION_HEAD_SIZE
             and tuple(weight.shape) == (3 * C, C) and tuple(bias.shape) == (3 * C,) and bias.is_contiguous()
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not forward_ad_active()
             and not torch.compiler.is_compiling() and available(torch.float32))
 
 
@@ -347,7 +362,8 @@ def layer_norm_add_applies(x: torch.Tensor, ln: torch.nn.Module) -> bool:
             and tuple(ln.normalized_shape) == (x.shape[-1],)
             and x.dtype == ln.weight.dtype == ln.bias.dtype == torch.float32
             and x.device.type == ln.weight.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and available(torch.float32))
+            and not torch.is_autocast_enabled("cpu") and not forward_ad_active() and not torch.compiler.is_compiling()
+            and available(torch.float32))
 
 
 def layer_norm_add_(x: torch.Tensor, ln: torch.nn.LayerNorm, bias: torch.Tensor | None) -> torch.Tensor:
@@ -376,7 +392,7 @@ def training_attention_applies(qkv: torch.Tensor, n_head: int) -> bool:
     """Whether `training_attention` runs for this (B, T, 3C) fp32 CPU tensor of n_head heads."""
     B, T, C3 = qkv.shape
     return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and _training_attention_fits(T, C3, n_head)
-            and not torch.compiler.is_compiling() and available(torch.float32))
+            and not forward_ad_active() and not torch.compiler.is_compiling() and available(torch.float32))
 
 
 def _training_attention_fits(T: int, C3: int, n_head: int) -> bool:

@@ -190,9 +190,16 @@ class Linear(nn.Linear):
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether any of these modules has forward (pre-)hooks: a path that computes a module's
-    output without calling it (a fused kernel) would skip them, so it must not run."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether hooks would see these modules run: forward or backward hooks (and pre-hooks) on
+    any of them, or hooks registered for every module (`nn.modules.module.register_module_*`).
+    A path that computes a module's output without calling it (a fused kernel) would skip them,
+    so it must not run then."""
+    g = nn.modules.module
+    if any(getattr(g, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def plain_product(linear: nn.Module) -> bool:
@@ -232,6 +239,7 @@ class CausalSelfAttention(nn.Module):
             # as it packs q, k and v (two passes over the (B, T, 3C) activations fewer)
             return kernels.training_attention(F.linear(x, fc.weight), self.n_head, fc.bias)
         if (not self.training and mask is None and is_causal and kv_cache is None and plain_product(fc)
+                and self.compute_dtype in (None, torch.float32)
                 and kernels.prompt_attention_folds_bias(x, fc.weight, fc.bias, self.n_head)):
             # a prompt in fp32 CPU inference: c_attn's bias is added inside the attention kernel as
             # it packs q, k and v (no pass broadcasting it into the (B, T, 3C) product)
