@@ -484,6 +484,24 @@ def test_fused_paths_step_aside_for_backward_hooks_and_hooks_on_every_module():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_an_inference_layer_whose_forward_is_overridden_is_not_taken_for_a_plain_product():
+    from gpt2kit.model import plain_product
+
+    w, b = torch.randn(8, 4), torch.randn(8)
+
+    class Adapter(_CPULinear):  # e.g. a low-rank update added to the product
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    class Renamed(_CPULinear):
+        pass
+
+    assert plain_product(_CPULinear(w, b, matvec=False, packed=False))
+    assert plain_product(Renamed(w, b, matvec=False, packed=False))
+    assert not plain_product(Adapter(w, b, matvec=False, packed=False))
+    assert not plain_product(_CPULinear(w, b, matvec=False, packed=False, gelu=True))
+
+
 def test_kernel_paths_step_aside_for_forward_mode_ad_and_a_compute_dtype():
     import torch.autograd.forward_ad as fwAD
 

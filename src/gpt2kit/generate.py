@@ -461,8 +461,9 @@ class _CPULinear(torch.nn.Module):
     @property
     def plain_product(self) -> bool:
         """Whether `forward(x)` is `F.linear(x, weight, bias)` (up to float rounding): the model may
-        then add the bias elsewhere (see gpt2kit.model.plain_product)."""
-        return not self.gelu and not self.widen
+        then add the bias elsewhere (see gpt2kit.model.plain_product). Not for a subclass that
+        overrides forward (an adapter, say), whose forward may add more."""
+        return not self.gelu and not self.widen and type(self).forward is _CPULinear.forward
 
     @property
     def folds_gelu(self) -> bool:
