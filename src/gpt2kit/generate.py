@@ -440,7 +440,9 @@ class _CPULinear(torch.nn.Module):
     the same arithmetic, only faster (and the GELU then runs before the rounding, not after).
 
     Inference only, on CPU: the weights are plain tensors, not Parameters, so `state_dict`,
-    `num_params`, `.to()` and `copy.deepcopy` (of a packed copy) do not see them."""
+    `num_params`, `.to()` and `copy.deepcopy` (of a packed copy) do not see them, and no
+    derivative of either kind flows through its kernels (gradients, forward-mode tangents):
+    differentiate the model itself, not its inference form."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, matvec: bool, packed: bool,
                  gelu: bool = False, widen: bool = False):
