@@ -456,8 +456,30 @@ def test_fused_paths_step_aside_for_hooks_on_the_modules_they_fuse():
     assert seen == list(names)
 
 
+def test_a_forward_set_on_an_instance_runs_where_a_fused_path_would_bypass_it():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32))
+    ids = torch.randint(0, 96, (2, 24))
+    block = model.transformer.h[0]
+    calls: list[str] = []
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn", "mlp", "ln_1"):
+        module = block.get_submodule(name)
+        module.forward = lambda *a, module=module, name=name, **kw: (
+            calls.append(name) or type(module).forward(module, *a, **kw))
+    model.train()
+    model(ids).sum().backward()
+    assert sorted(calls) == sorted(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn",
+                                    "mlp", "ln_1"])
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert sorted(calls) == sorted(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn",
+                                    "mlp", "ln_1"])
+
+
 def test_the_private_torch_attributes_the_guards_read_exist():
-    # _hooked and forward_ad_active read these with defaults: a rename in torch would switch the
+    # _intercepted and forward_ad_active read these with defaults: a rename in torch would switch the
     # guards off without a word, so it must fail here
     import torch.autograd.forward_ad as fwAD
 

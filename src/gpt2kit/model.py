@@ -189,17 +189,17 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether hooks would see these modules run: forward or backward hooks (and pre-hooks) on
-    any of them, or hooks registered for every module (`nn.modules.module.register_module_*`).
-    A path that computes a module's output without calling it (a fused kernel) would skip them,
-    so it must not run then."""
+def _intercepted(*modules: nn.Module) -> bool:
+    """Whether calling any of these modules may do more than its class's forward: forward or
+    backward hooks (or pre-hooks) on it, hooks registered for every module
+    (`nn.modules.module.register_module_*`), or a forward set on the instance. A path that computes
+    a module's output without calling it (a fused kernel) would skip those, so it must not run."""
     g = nn.modules.module
     if any(getattr(g, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
                                                 "_global_backward_hooks", "_global_backward_pre_hooks")):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in modules)
+               or "forward" in vars(m) for m in modules)
 
 
 def plain_product(linear: nn.Module) -> bool:
@@ -207,7 +207,8 @@ def plain_product(linear: nn.Module) -> bool:
     compute it another way (its bias added elsewhere): our `Linear`, or an inference form's layer
     that says so (not a subclass or wrapper, e.g. an adapter, whose forward may add more), with
     no hooks to run."""
-    return (type(linear) is Linear or getattr(linear, "plain_product", False) is True) and not _hooked(linear)
+    return ((type(linear) is Linear or getattr(linear, "plain_product", False) is True)
+            and not _intercepted(linear))
 
 
 class CausalSelfAttention(nn.Module):
@@ -233,7 +234,7 @@ class CausalSelfAttention(nn.Module):
         training_kernel = (self.training and torch.is_grad_enabled() and is_causal and kv_cache is None
                            and not self.dropout and x.device.type == "cpu")
         fc = self.c_attn
-        if (training_kernel and type(fc) is Linear and not _hooked(fc)
+        if (training_kernel and type(fc) is Linear and not _intercepted(fc)
                 and kernels.training_attention_folds_bias(x, fc.bias, self.n_head)):
             # fp32: c_attn's bias is added (and its gradient summed) inside the attention kernel,
             # as it packs q, k and v (two passes over the (B, T, 3C) activations fewer)
@@ -297,7 +298,7 @@ class MLP(nn.Module):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(c_fc(x)), (B, T, 4C): what c_proj projects."""
         fc = self.c_fc
-        if (type(fc) is Linear and type(self.act) is GELU and not _hooked(fc, self.act)
+        if (type(fc) is Linear and type(self.act) is GELU and not _intercepted(fc, self.act)
                 and kernels.bias_folds(x, fc.bias)):
             # fp32 on CPU: c_fc's bias is added, and its gradient summed, inside the GELU kernel
             # (one pass over the (B, T, 4C) activations instead of three)
@@ -352,14 +353,14 @@ class Block(nn.Module):
                 and type(self).forward is Block.forward and type(self.attn).forward is CausalSelfAttention.forward
                 and type(self.mlp).forward is MLP.forward  # (a subclass's forward may do more)
                 and _inert(self.attn.resid_dropout) and _inert(self.mlp.dropout)
-                and not _hooked(self, self.ln_1, self.ln_2, self.attn, self.mlp))
+                and not _intercepted(self, self.ln_1, self.ln_2, self.attn, self.mlp))
 
 
 def _inert(dropout: nn.Module) -> bool:
     """Whether a dropout module passes its input through unchanged and unobserved (an identity,
     or a dropout in eval mode or with p = 0, without hooks)."""
     return ((type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)))
-            and not _hooked(dropout))
+            and not _intercepted(dropout))
 
 
 class TiedLMHead(nn.Module):
@@ -452,7 +453,7 @@ class GPT2(nn.Module):
         drop = self.transformer.drop
         x = drop(x)  # (B, T, C), a fresh tensor: blocks may add into it in place ...
         # ... unless a hook (or a module of another kind) may have kept it
-        owned = type(drop) in (nn.Dropout, nn.Identity) and not _hooked(drop)
+        owned = type(drop) in (nn.Dropout, nn.Identity) and not _intercepted(drop)
         for layer, block in enumerate(self.transformer.h):
             if block.in_place_applies(x):
                 if not owned:
