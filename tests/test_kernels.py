@@ -462,20 +462,19 @@ def test_a_forward_set_on_an_instance_runs_where_a_fused_path_would_bypass_it():
     ids = torch.randint(0, 96, (2, 24))
     block = model.transformer.h[0]
     calls: list[str] = []
-    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn", "mlp", "ln_1"):
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn", "mlp", "ln_1")
+    for name in names:
         module = block.get_submodule(name)
         module.forward = lambda *a, module=module, name=name, **kw: (
             calls.append(name) or type(module).forward(module, *a, **kw))
     model.train()
     model(ids).sum().backward()
-    assert sorted(calls) == sorted(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn",
-                                    "mlp", "ln_1"])
+    assert sorted(calls) == sorted(names)
     calls.clear()
     model.eval()
     with torch.no_grad():
         model(ids)
-    assert sorted(calls) == sorted(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn",
-                                    "mlp", "ln_1"])
+    assert sorted(calls) == sorted(names)
 
 
 def test_the_private_torch_attributes_the_guards_read_exist():
