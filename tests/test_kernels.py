@@ -423,12 +423,17 @@ def test_bias_gelu_in_place_is_bias_gelu_written_over_its_input(monkeypatch):
     assert torch.equal(without, with_grad.detach())
 
 
+def _one_block_model() -> tuple[GPT2, torch.Tensor]:
+    """A one-block model whose heads have the attention kernels' size (64), and 48 tokens of
+    input: enough rows for the prompt's in-place path."""
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32)), torch.randint(0, 96, (2, 24))
+
+
 def test_fused_paths_step_aside_for_hooks_on_the_modules_they_fuse():
     # c_attn's bias in the training attention kernel and c_fc's in the GELU kernel compute those
     # modules' outputs without calling them: a hook there (activation capture) must still run
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32))
-    ids = torch.randint(0, 96, (2, 24))
+    model, ids = _one_block_model()
     names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj")
     model.train()
     want = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
@@ -457,9 +462,7 @@ def test_fused_paths_step_aside_for_hooks_on_the_modules_they_fuse():
 
 
 def test_a_forward_set_on_an_instance_runs_where_a_fused_path_would_bypass_it():
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32))
-    ids = torch.randint(0, 96, (2, 24))
+    model, ids = _one_block_model()
     block = model.transformer.h[0]
     calls: list[str] = []
     names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.act", "mlp.c_proj", "attn", "mlp", "ln_1")
@@ -489,9 +492,7 @@ def test_the_private_torch_attributes_the_guards_read_exist():
 
 
 def test_fused_paths_step_aside_for_backward_hooks_and_hooks_on_every_module():
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=96, n_ctx=32))
-    ids = torch.randint(0, 96, (2, 24))
+    model, ids = _one_block_model()
     block = model.transformer.h[0]
     seen: list[str] = []
     names = ("attn.c_attn", "mlp.c_fc", "mlp.act")
