@@ -413,6 +413,11 @@ def test_wikitext_articles_and_limit(data_dir):
     ("ptb", " we 're sure they 've paid N N ", "we're sure they've paid 1 1"),
     ("lm1b", 'He said : " It \'s not a $ 100 deal . " And does n\'t care ( much ) .',
      'He said: "It\'s not a $100 deal." And doesn\'t care (much).'),
+    # a closing quote before `,` or `.`, and one at a line's start: each later quote keeps its side
+    ("wikitext", ' The song " Crazy in Love " , which topped the charts , and " Baby Boy " were released . ',
+     'The song "Crazy in Love", which topped the charts, and "Baby Boy" were released.'),
+    ("wikitext", ' " Tom " . Later he played " Kieron Fletcher " . ', '"Tom". Later he played "Kieron Fletcher".'),
+    ("lm1b", '" We are very pleased with the result , " he said .', '"We are very pleased with the result," he said.'),
     ("ptb_quotes", "`` i 'm sorry , '' he said . `` did n't you know ? ''",
      '"i\'m sorry," he said. "didn\'t you know?"'),
 ])

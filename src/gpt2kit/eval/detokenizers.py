@@ -43,13 +43,20 @@ def _attach_punctuation(text: str) -> str:
 
 
 def _pair_straight_quotes(line: str) -> str:
-    """`a " quoted text " b` -> `a "quoted text" b`: odd quotes open, even quotes close."""
-    parts = line.split(' " ')
-    if len(parts) == 1:
+    """`a " quoted text " , b` -> `a "quoted text" , b`: among the line's space-separated `"`
+    tokens, odd ones open (joined to the word after) and even ones close (joined to the word
+    before). Runs before punctuation is attached, which would hide a closing quote followed by
+    `,` or `.` and turn every later quote of the line around."""
+    words = line.split(" ")
+    if '"' not in words:
         return line
-    out = [parts[0]]
-    for i, part in enumerate(parts[1:]):
-        out.append(' "' + part if i % 2 == 0 else '" ' + part)
+    out, opening, after_opening = [], True, False
+    for word in words:
+        quote = word == '"'
+        joined = (not opening) if quote else after_opening
+        out.append(word if joined or not out else " " + word)
+        after_opening = quote and opening
+        opening ^= quote
     return "".join(out)
 
 
@@ -75,8 +82,7 @@ def _wikitext_line(line: str) -> str:
         return f"{marks} {' '.join(words[level:-level])} {marks}"
     # numbers: `1 @,@ 000` -> `1,000`, `3 @.@ 5` -> `3.5`; hyphens: `state @-@ of` -> `state-of`
     line = re.sub(r" @([-,.])@ ", r"\1", line)
-    line = _attach_punctuation(line)
-    return _pair_straight_quotes(line)
+    return _attach_punctuation(_pair_straight_quotes(line))
 
 
 def wikitext(text: str) -> str:
@@ -105,8 +111,7 @@ def lm1b(text: str) -> str:
     lines = []
     for line in text.split("\n"):
         line = re.sub(r"(\w) n't\b", r"\1n't", line.strip())  # "does n't" -> "doesn't"
-        line = _attach_punctuation(line)
-        lines.append(_pair_straight_quotes(line))
+        lines.append(_attach_punctuation(_pair_straight_quotes(line)))
     return "\n".join(lines)
 
 
