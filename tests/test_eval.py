@@ -217,6 +217,20 @@ def test_loglikelihood_and_greedy_check_match_transformers(model, hf, tokenizer)
     assert res[4].logprob == pytest.approx(hf_continuation(hf, [tokenizer.eot_token], conts[1])[0], rel=1e-4)
 
 
+def test_shared_contexts_batched_together_never_overrun_the_context(model, hf, tokenizer):
+    # a long context with short continuations and a short one with long continuations: each
+    # sequence fits the model's context, but padding both to the longest of each would not
+    g = torch.Generator().manual_seed(0)
+    n_ctx = model.config.n_ctx
+    tokens = lambda n: torch.randint(0, 50000, (n,), generator=g).tolist()
+    long_ctx, short_ctx = tokens(n_ctx - 4), tokens(3)
+    reqs = [Loglikelihood(tuple(long_ctx), tuple(tokens(2))) for _ in range(3)]
+    reqs += [Loglikelihood(tuple(short_ctx), tuple(tokens(n_ctx // 2))) for _ in range(3)]
+    res = Scorer(model, tokenizer, batch_size=8, progress=False).loglikelihood(reqs)
+    for r, q in zip(res, reqs):
+        assert r.logprob == pytest.approx(hf_continuation(hf, list(q.context), list(q.continuation))[0], rel=1e-4)
+
+
 def test_greedy_generation_matches_transformers_generate(model, hf, tokenizer):
     prompts = ["Once upon a time", "The results of the experiment were", "A"]
     suppress = frozenset(tokenizer.encode_ordinary(" the") + tokenizer.encode_ordinary(" a"))

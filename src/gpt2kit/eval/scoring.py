@@ -221,6 +221,11 @@ class Scorer:
         model = self.model
         prefixes = [p for p, _ in batch]
         width = max(map(len, prefixes))
+        if len(batch) > 1 and width + max(len(s.ids) - len(p) for p, seqs in batch for s in seqs) > self.n_ctx:
+            # left padding to the longest context, then the longest continuation, would overrun the
+            # model's context (each group alone fits: its sequences do): score the halves apart
+            half = len(batch) // 2
+            return self._shared_context_batch(batch[:half]) + self._shared_context_batch(batch[half:])
         ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W), left padded
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for b, p in enumerate(prefixes):
