@@ -147,8 +147,12 @@ def test_bad_requests_get_clear_errors(client, url):
         client.completions.create(model=NAME, prompt="Hello", temperature=5)
     with pytest.raises(openai.NotFoundError, match="The model 'gpt-4' does not exist"):
         client.completions.create(model="gpt-4", prompt="Hello")
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty: unknown or unsupported field"):
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty: not supported by this server"):
         client.completions.create(model=NAME, prompt="Hello", frequency_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="best_of: not supported"):
+        client.completions.create(model=NAME, prompt="Hello", best_of=3)
+    with pytest.raises(openai.BadRequestError, match="colour: unknown or unsupported field"):
+        client.completions.create(model=NAME, prompt="Hello", extra_body={"colour": "blue"})
     headers = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": "many"}, headers=headers)
     assert r.status_code == 400
@@ -157,13 +161,51 @@ def test_bad_requests_get_clear_errors(client, url):
     assert r.status_code == 400 and "token id 99999 is outside the vocabulary" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={**headers, "content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # a prompt past the context with max_tokens null (to the end of the context): 400, not 500
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "word " * 70, "max_tokens": None},
+                   headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "prompt"
+    # numbers out of range are the client's error, named
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "seed": 2**64}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    r = httpx.post(f"{url}/v1/completions", content=b'{"model": "%s", "prompt": "x", "repetition_penalty": Infinity}'
+                   % NAME.encode(), headers={**headers, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
+    # unknown routes and methods answer in OpenAI's error shape
+    r = httpx.get(f"{url}/v1/completions", headers=headers)
+    assert r.status_code == 405 and "Method Not Allowed" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={}, headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
+
+
+def test_what_clients_send_by_default_is_accepted(client, model, tok):
+    # LangChain sends penalties 0 and logit_bias null; openai's client sends null for None
+    greedy = generate(model, tok, "Hello world", max_new_tokens=5, do_sample=False)[0].text
+    for extra in ({"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": None, "best_of": 1, "suffix": None},
+                  {"logit_bias": {}, "presence_penalty": None, "frequency_penalty": None, "suffix": ""}):
+        r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=5, temperature=0, extra_body=extra)
+        assert r.choices[0].text == greedy
+    # null is the default: temperature 1, top_p 1, n 1, no echo, not streamed
+    default = client.completions.create(model=NAME, prompt="Hello world", max_tokens=5, seed=3)
+    nulls = client.completions.create(model=NAME, prompt="Hello world", max_tokens=5, seed=3,
+                                      extra_body={"temperature": None, "top_p": None, "n": None, "echo": None,
+                                                  "stream": None})
+    assert nulls.choices[0].text == default.choices[0].text != greedy and len(nulls.choices) == 1
+    # top_p 0 keeps only the most probable token: greedy
+    r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=5, top_p=0, seed=5)
+    assert r.choices[0].text == greedy
 
 
 def test_wrong_api_key_is_401(url):
     bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
         bad.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+    # the key is checked first, whatever the body holds
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json",
+                   headers={"Authorization": "Bearer wrong", "content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{url}/v1/models").status_code == 401
     assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
 
@@ -182,6 +224,17 @@ def test_32_concurrent_requests(url, model, tok):
     assert [r.choices[0].text for r in rs] == [w.text for w in want]
 
 
+def assert_slot_comes_back(url: str) -> None:
+    """The single slot is free long before the abandoned 60 tokens (~3 s) would have ended, and
+    serves the next request."""
+    start = time.time()
+    while httpx.get(f"{url}/health").json()["active"] != 0:
+        assert time.time() - start < 1.5, "the abandoned request still holds its slot"
+        time.sleep(0.05)
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "next", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
 def test_disconnected_stream_frees_its_slot(tok):
     app = create_app(tiny_model(SlowGPT2), tok, model_name=NAME, max_concurrency=1)
     with live(app) as url:
@@ -192,14 +245,16 @@ def test_disconnected_stream_frees_its_slot(tok):
             assert first.startswith("data: ") and json.loads(first[6:])["choices"]
             assert httpx.get(f"{url}/health").json()["active"] == 1
             r.close()  # hang up mid-stream
-        # 60 tokens take ~3 s; the slot must come back long before
-        start = time.time()
-        while httpx.get(f"{url}/health").json()["active"] != 0:
-            assert time.time() - start < 1.5, "the disconnected stream still holds its slot"
-            time.sleep(0.05)
-        # and the single slot serves the next request
-        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "next", "max_tokens": 2}, timeout=30)
-        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert_slot_comes_back(url)
+
+
+def test_disconnected_request_frees_its_slot(tok):
+    # not streamed: a client that times out (and maybe retries) must not leave its generation running
+    app = create_app(tiny_model(SlowGPT2), tok, model_name=NAME, max_concurrency=1)
+    with live(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "slow", "max_tokens": 60}, timeout=0.5)
+        assert_slot_comes_back(url)
 
 
 def test_serve_command(tmp_path, model, tok):

@@ -8,8 +8,8 @@ extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
 Concurrency: each request runs in a worker thread (torch releases the GIL in its kernels), at most
 `max_concurrency` at once; the rest wait in line, and past `max_waiting` the server answers 429.
 The event loop only moves events between the worker and the client, so it never blocks. A
-streaming client that goes away sets the request's cancel flag: its worker stops at the next
-token and frees the slot.
+client that goes away, streaming or not, sets the request's cancel flag: its worker stops at
+the next token and frees the slot.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for a
 bad request (wrong type, out of range, prompt or max_tokens past the context), 401 for a missing
@@ -28,12 +28,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterator
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .generate import TokenEvent, iter_generate, prompt_logprobs, sampling_params
 
@@ -65,15 +68,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions. Unknown fields are refused rather than silently ignored."""
+# Fields whose explicit null means "the default", as OpenAI's API reads it (its client sends
+# null for an argument passed as None); max_tokens' null keeps its own meaning (to the context).
+_NULL_IS_DEFAULT = ("prompt", "temperature", "top_p", "n", "stream", "echo", "repetition_penalty")
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions. Unknown fields are refused rather than silently ignored;
+    OpenAI's fields that this server does not implement are accepted at their no-op values only
+    (penalties 0, best_of 1, an empty logit_bias, no suffix), which clients send by default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     model: str
     prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
     max_tokens: int | None = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
     n: int = Field(1, ge=1, le=64)
@@ -82,8 +92,33 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
     user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
+        return data
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field asking for something this server does not do."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                return name, f"{name}: not supported by this server (only 0); use repetition_penalty"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias: not supported by this server (only null or {})"
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of: not supported by this server (only 1); use n"
+        if self.suffix:
+            return "suffix", "suffix: not supported by this server (only null or \"\")"
+        return None
 
 
 # ----------------------------------------------------------------------------- one request's work
@@ -160,10 +195,13 @@ class _Engine:
         if req.model != self.name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
+        unsupported = req.unsupported()
+        if unsupported is not None:
+            raise APIError(400, unsupported[1], param=unsupported[0])
         prompts = self._prompt_ids(req.prompt)
         longest = max(len(p) for p in prompts)
-        max_tokens = self.n_ctx - longest if req.max_tokens is None else req.max_tokens
-        if longest + max_tokens > self.n_ctx:
+        max_tokens = max(self.n_ctx - longest, 0) if req.max_tokens is None else req.max_tokens
+        if longest + max_tokens > self.n_ctx or longest > self.n_ctx:
             raise APIError(400, f"This model's maximum context length is {self.n_ctx} tokens, however you "
                                 f"requested {longest + max_tokens} tokens ({longest} in your prompt; "
                                 f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
@@ -216,8 +254,8 @@ class _Engine:
             for i in range(job.n_choices):
                 yield "token", TokenEvent(i, "", None, None, None, "length")
             return
-        params = sampling_params(temperature=req.temperature, top_k=req.top_k,
-                                 top_p=req.top_p if req.top_p < 1 else None,
+        params = sampling_params(temperature=req.temperature, top_k=1 if req.top_p == 0 else req.top_k,
+                                 top_p=req.top_p if 0 < req.top_p < 1 else None,  # 0: the top token only
                                  repetition_penalty=req.repetition_penalty, do_sample=req.temperature > 0)
         for ev in iter_generate(self.model, self.tokenizer, job.prompts, max_new_tokens=job.max_tokens,
                                 params=params, stop=req.stop, seed=req.seed, n=req.n,
@@ -379,8 +417,44 @@ class _ClosingStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+async def _unless_disconnected(work: Awaitable[dict[str, Any]], request: Request,
+                               poll: float = 0.1) -> dict[str, Any] | Response:
+    """`work`'s result, or, once the client has hung up, nothing: cancelling the work stops its
+    worker at the next token and frees the slot (or its place in line), as for a stream. A client
+    that timed out and retried would otherwise leave whole generations running for nobody."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=499)  # nobody reads it
+
+
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _RequireKey:
+    """ASGI middleware: every /v1 request needs `Authorization: Bearer <api_key>`. Checked before
+    the body is read, so a wrong key gets 401 whatever the body holds, as OpenAI answers."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+                error = APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                await JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -423,15 +497,16 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
         message, param = _validation_message(exc)
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes and methods: OpenAI's error shape too, not FastAPI's {"detail": ...}
+        return JSONResponse(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").body(),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    if api_key is not None:
+        app.add_middleware(_RequireKey, api_key=api_key)
+
+    v1 = APIRouter(prefix="/v1")
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "gpt2kit",
@@ -453,12 +528,12 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
         return model_card()
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         job = engine.plan(req)
         if req.stream:
             return _ClosingStream(engine.stream(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await engine.complete(job)
+        return await _unless_disconnected(engine.complete(job), request)
 
     app.include_router(v1)
     return app
