@@ -34,6 +34,25 @@ def test_atomic_path_for_writers_that_want_a_name(tmp_path):
     assert p.read_bytes() == b"xyz"
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # not mkstemp's 0600: a model or shard folder must stay readable as a plain write's would be
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+        assert oct((tmp_path / "a.json").stat().st_mode & 0o777) == oct((tmp_path / "b.bin").stat().st_mode & 0o777) \
+            == oct(0o644)
+        os.umask(0o077)
+        write_json(tmp_path / "c.json", {})
+        assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o600
+        (tmp_path / "a.json").chmod(0o640)  # a file replaced keeps its permissions
+        write_json(tmp_path / "a.json", {"b": 2})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_iter_documents_formats(tmp_path):
     (tmp_path / "a.txt").write_text("plain text")
     with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
@@ -79,3 +98,12 @@ def test_cli_help_and_version(cli):
     assert r.returncode == 0 and "gpt2kit" in r.stdout
     r = cli("no-such-command")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_cli_output_path_the_system_refuses_is_one_line(cli, tmp_path):
+    (tmp_path / "corpus.txt").write_text("some text to learn a few merges from\n" * 20)
+    (tmp_path / "file").write_text("a file, not a folder")
+    r = cli("tokenizer", "train", "--vocab-size", "260", "--out", str(tmp_path / "file" / "tok"),
+            str(tmp_path / "corpus.txt"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"gpt2kit: error: {tmp_path / 'file' / 'tok'}: Not a directory"

@@ -14,6 +14,29 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def _umask() -> int:
+    try:  # read without setting it: os.umask would change it for every thread meanwhile
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions `path` gets: those of the file it replaces, else what `open` would give
+    (0666 less the umask). mkstemp makes its file 0600, which would keep a model or a shard
+    folder from the other users and services that a normally written file is readable by."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file next to `path`; on a clean exit, fsync it and rename it to `path`.
@@ -27,6 +50,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
@@ -50,6 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # (the writer may have replaced the file: set it last)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -2,8 +2,8 @@
 
 Each command group lives in its own module here and exposes `register(subparsers)`, which adds its
 subcommands and sets `func` on them. Modules import heavy libraries (torch, fastapi, ...) inside
-their handlers, so `gpt2kit --help` stays fast. A `GPT2KitError` becomes one line on stderr and
-exit code 2.
+their handlers, so `gpt2kit --help` stays fast. A `GPT2KitError`, or an `OSError` (a path the
+system refuses), becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -57,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # what the system refused: an output path under a file or onto a folder, no permission, a
+        # full disk. The user's to fix, named as such (the verbose log keeps the traceback).
+        logging.getLogger(__name__).debug("OSError", exc_info=True)
+        print(f"gpt2kit: error: {_os_error_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_message(e: OSError) -> str:
+    if e.filename is None:
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{where}: {e.strerror or e}"
 
 
 if __name__ == "__main__":  # pragma: no cover
