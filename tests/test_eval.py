@@ -514,6 +514,20 @@ def test_cli_errors_are_one_line(model_dir, data_dir, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--tasks", "list", "--data-dir", str(data_dir)]) == 0
     assert "cbt-ne" in capsys.readouterr().out.split()
+    # an empty dataset measures nothing: an error, not NaN in the table and the JSON
+    (tmp_path / "ptb.test.txt").write_text("")
+    assert main(["eval", "--model", str(model_dir), "--tasks", "ptb", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"gpt2kit: error: {tmp_path / 'ptb.test.txt'}: no ptb documents in it (an empty file?)\n"
+    (tmp_path / "lambada_test.jsonl").write_text('{"text": 5}\n')
+    assert main(["eval", "--model", str(model_dir), "--tasks", "lambada", "--data-dir", str(tmp_path)]) == 2
+    assert "lambada_test.jsonl: line 1: expected a JSON object with a \"text\" string" in capsys.readouterr().err
+    # options and the output path are checked before the model runs
+    for extra, message in ((["--out", str(tmp_path)], "exists and is not a file"),
+                           (["--shots", "-1"], "--shots must be at least 0, got -1"),
+                           (["--device", "bogus"], "device 'bogus': expected cpu, cuda or cuda:N")):
+        assert main(["eval", "--model", str(model_dir), "--tasks", "ptb", "--data-dir", str(data_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gpt2kit: error: ") and message in err and err.count("\n") == 1
 
 
 def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):

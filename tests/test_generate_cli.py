@@ -55,3 +55,9 @@ def test_stdin_prompt_interactive_and_errors(cli, checkpoint, capsys, monkeypatc
     assert r.stdout == "".join(w + "\n" for w in want)
     assert main(["generate", "--model", str(folder), "x", "--top-p", "2"]) == 2
     assert capsys.readouterr().err == "gpt2kit: error: top_p: expected a number in (0, 1] (or None), got 2.0\n"
+    assert main(["generate", "--model", str(folder), "x", "--device", "bogus"]) == 2
+    assert capsys.readouterr().err == "gpt2kit: error: device 'bogus': expected cpu, cuda or cuda:N\n"
+    assert main(["generate", "--model", str(folder), "x", "--device", "cuda:99"]) == 2  # no machine has that many
+    assert capsys.readouterr().err.startswith("gpt2kit: error: device 'cuda:99': ")
+    assert main(["generate", "--model", str(folder), "x", "--seed", str(2**70)]) == 2
+    assert capsys.readouterr().err.startswith("gpt2kit: error: seed: expected an integer in [-2**63, 2**64)")

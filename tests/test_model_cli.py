@@ -40,3 +40,9 @@ def test_model_convert_openai_release_to_hf(cli, tmp_path):
     ref = read_tf_checkpoint(FIXTURE / "model.ckpt")
     np.testing.assert_array_equal(hf.transformer.h[1].mlp.c_fc.weight.detach().numpy(), ref["model/h1/mlp/c_fc/w"][0])
     np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), ref["model/wte"])
+    # an OUT that cannot be a folder fails at once, before any weight is read
+    (tmp_path / "file").write_text("x")
+    for bad, message in ((tmp_path / "file", "exists and is not a folder"),
+                         (tmp_path / "file" / "hf", f"{tmp_path / 'file'} is a file, not a folder")):
+        r = cli("model", "convert", str(FIXTURE), str(bad))
+        assert r.returncode == 2 and r.stderr == f"gpt2kit: error: OUT {bad}: {message}\n"

@@ -63,6 +63,11 @@ def test_user_errors_are_one_line(cli, tmp_path):
          "--vocab-size must be at least 256 + 1 special token(s) = 257, got 100"),
         (("tokenizer", "train", "--no-progress", "--vocab-size", "300", "--out", str(tmp_path / "o"), str(tmp_path / "empty.txt")),
          "holds no text"),
+        # an --out the vocabulary could not be written to fails before the training, not after it
+        (("tokenizer", "train", "--no-progress", "--vocab-size", "300", "--out", str(tmp_path / "bad.txt" / "o"),
+          str(tmp_path / "empty.txt")), f"--out {tmp_path / 'bad.txt' / 'o'}: {tmp_path / 'bad.txt'} is a file, not a folder"),
+        (("tokenizer", "train", "--no-progress", "--vocab-size", "300", "--out", str(tmp_path / "bad.txt"),
+          str(tmp_path / "empty.txt")), "exists and is not a folder"),
     ]
     for args, message in cases:
         r = cli(*args, input="")

@@ -298,6 +298,9 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
         return
     generator = None
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise GenerationError(f"seed: expected an integer in [-2**63, 2**64) (what torch's generator "
+                                  f"takes), got {seed!r}")
         generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
     trackers = [_TextTracker(tokenizer, stops) for _ in rows]
     finished = [False] * len(rows)

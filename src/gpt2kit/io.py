@@ -82,6 +82,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_output_path(path: str | os.PathLike, *, folder: bool, what: str = "output") -> Path:
+    """Fail now, with one line, where writing `path` later would: a folder where a file goes
+    (or the reverse), an ancestor that is a file, a place not writable. Commands call it before
+    long work, so that a typo in --out does not throw the work away at the end."""
+    from .errors import GPT2KitError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        expected = "a folder" if folder else "a file"
+        raise GPT2KitError(f"{what} {path}: exists and is not {expected}")
+    parent = path if folder else path.parent
+    while not parent.exists():  # the first ancestor that exists is where folders get created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GPT2KitError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GPT2KitError(f"{what} {path}: {parent} is not writable")
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)

@@ -694,10 +694,29 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         f"({', '.join(TF_FILES)}) in a folder work too")
 
 
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """`device` as a torch.device, or a one-line error before any weight is read: a name torch
+    does not know, or a CUDA device this machine does not have."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WeightsError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise WeightsError(f"device {device!r}: CUDA is not available (no GPU, or a CPU-only torch build)")
+        if dev.index is not None and dev.index >= count:
+            raise WeightsError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    return dev
+
+
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, **overrides: Any) -> "GPT2":
     """The model of a folder or name (see `GPT2.from_pretrained`), in eval mode, as transformers
     returns it: released configs carry dropout 0.1, which `model.train()` turns on."""
+    device = check_device(device)
     folder = resolve(name_or_path)
     log.debug("loading GPT-2 weights from %s", folder)
     if (folder / "config.json").exists():

@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tasks == "list":
         print("\n".join(task_names()))
         return 0
+    if args.shots is not None and args.shots < 0:  # (checked here too: it may go to no task asked for)
+        raise TaskError(f"--shots must be at least 0, got {args.shots}")
+    if args.out:
+        from ..io import check_output_path
+
+        check_output_path(args.out, folder=False, what="--out")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise TaskError("--tasks: expected at least one task name")

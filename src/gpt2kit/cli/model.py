@@ -65,6 +65,9 @@ def _convert(args: argparse.Namespace) -> int:
     from ..model import GPT2
     from ..weights import resolve
 
+    from ..io import check_output_path
+
+    check_output_path(args.out, folder=True, what="OUT")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     folder = resolve(args.source)
     model = GPT2.from_pretrained(str(folder), dtype=dtype)

@@ -132,6 +132,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from ..bpe_train import train_bpe
 
+    from ..io import check_output_path
+
+    check_output_path(args.out, folder=True, what="--out")
     start = time.perf_counter()
     specials = args.special if args.special is not None else ["<|endoftext|>"]
     tok = train_bpe(args.inputs, vocab_size=args.vocab_size, special_tokens=specials, field=args.field,

@@ -23,9 +23,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
 
     All tasks' files are read (and checked) before the model runs, so a missing file fails fast.
     Requests of all tasks go to the scorer together: batches mix documents and tasks."""
-    if limit is not None and limit < 1:
-        from .registry import TaskError
+    from .registry import TaskError
 
+    if limit is not None and limit < 1:
         raise TaskError(f"--limit must be at least 1, got {limit}")
     instances = [make_task(name, data_dir, detokenize=detokenize, **(task_options or {})) for name in tasks]
     for t in instances:
@@ -35,6 +35,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
     requests = []
     for t in instances:
         docs = t.documents(limit)
+        if not docs:  # else its metrics would be NaN: nothing was measured
+            raise TaskError(f"{t.path}: no {t.name} documents in it (an empty file?)")
         per_doc = [t.requests(d, tokenizer) for d in docs]
         plan.append((t, docs, [len(r) for r in per_doc]))
         for r in per_doc:

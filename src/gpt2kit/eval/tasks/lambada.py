@@ -69,9 +69,12 @@ class Lambada(Task):
                 if not line.strip():
                     continue
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise TaskError(f"{path}: line {n}: expected a JSON object with a \"text\" field") from None
+                    text = None
+                if not isinstance(text, str):
+                    raise TaskError(f"{path}: line {n}: expected a JSON object with a \"text\" string")
+                texts.append(text)
         else:
             texts = [ptb_quotes(t) if self.detokenize else t for t in read_text(path).splitlines() if t.strip()]
         docs = []
