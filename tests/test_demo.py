@@ -58,3 +58,18 @@ def test_fitted_batch_size_keeps_enough_steps():
     assert fitted_batch_size(1e6, 32, 128) == 16  # 1M tokens / (16 x 128) = 488 steps >= 300
     assert fitted_batch_size(300e3, 32, 128) == 4  # never below 4
     assert all(fitted_batch_size(t, 32, 128) >= fitted_batch_size(t / 2, 32, 128) for t in (1e5, 1e6, 1e7))
+
+
+def test_bad_options_fail_before_any_work(cli, tmp_path):
+    # each checked before the vocabulary is learned: nothing is written, and it takes no time
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 50)
+    (tmp_path / "file").write_text("x")
+    cases = [(("--minutes", "nan"), "--minutes must be a positive number, got nan"),
+             (("--minutes", "-1"), "--minutes must be a positive number, got -1.0"),
+             (("--preset", "bogus"), "unknown model preset 'bogus'"),
+             (("--out", str(tmp_path / "file")), "exists and is not a folder")]
+    for args, message in cases:
+        r = cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "out"), *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "1/5" not in r.stderr and not (tmp_path / "out").exists()

@@ -323,6 +323,33 @@ def test_bad_inputs(shards, tmp_path, text_dir):
         T.train(cfg_for(gpt2_shards, tmp_path / "b", init_from=str(run / "latest"), max_steps=1))
     with pytest.raises(T.CheckpointError, match="shards of another tokenizer"):
         T.train(cfg_for(gpt2_shards, run, max_steps=4, resume=True))
+    # resuming a run that is already done, or from damaged files: one line naming what and where
+    with pytest.raises(T.TrainError, match=r"already at step 2 \(max_steps 1\): nothing to train"):
+        T.train(cfg_for(shards, run, max_steps=1, resume=True))
+    state = run / "checkpoints" / "step_0000002" / T.TRAINER_STATE
+    good = state.read_bytes()
+    for damaged in (good[:100], b"\x80\x04not a pickle at all"):
+        state.write_bytes(damaged)
+        with pytest.raises(T.CheckpointError, match=rf"{state}: unreadable training state .*the checkpoint is damaged"):
+            T.train(cfg_for(shards, run, max_steps=4, resume=True))
+    state.write_bytes(good)
+    (run / "checkpoints.json").write_text("{")
+    with pytest.raises(T.CheckpointError, match="checkpoints.json: not a valid checkpoint index"):
+        T.train(cfg_for(shards, run, max_steps=4, resume=True))
+
+
+def test_bad_config_files_and_values(tmp_path):
+    with pytest.raises(ConfigError, match="a folder; expected a TOML config file"):
+        T.load_config(tmp_path)
+    (tmp_path / "latin1.toml").write_bytes(b"model = 'caf\xe9'\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte offset 12\)"):
+        T.load_config(tmp_path / "latin1.toml")
+    for key, value, message in (("max_minutes", "-1", "max_minutes must not be negative"),
+                                ("grad_clip", "nan", "grad_clip must not be negative"),
+                                ("dropout", "1", r"dropout must be in \[0, 1\)"),
+                                ("lr", "0", "lr must be positive")):
+        with pytest.raises(ConfigError, match=message):
+            T.load_config(None, [f"--{key}", value])
 
 
 def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):

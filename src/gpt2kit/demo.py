@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .io import check_output_path
 from .train import TrainConfig, _resolve_device, make_config, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,23 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
     from .bpe_train import train_bpe
     from .corpus import shakespeare
     from .data import TokenStream, prepare
-    from .model import GPT2
+    from .model import GPT2, GPT2Config
     from .train import train
 
-    if minutes <= 0:
-        raise ConfigError(f"--minutes must be positive, got {minutes}")
+    if not 0 < minutes < math.inf:
+        raise ConfigError(f"--minutes must be a positive number, got {minutes}")
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = check_output_path(out_dir, folder=True, what="--out")
+    data_dir, run_dir = out / "data", out / "run"
+    # the run's settings are checked now, not after the vocabulary and the shards are made
+    values = dict(DEMO_TRAIN)
+    if preset:
+        GPT2Config.from_preset(preset)  # an unknown name fails with the list of presets
+        values.update(model=preset, n_layer=0, n_head=0, n_embd=0)
+    values.update(overrides or {})
+    values.update(data=str(data_dir), out_dir=str(run_dir), seed=seed, progress=progress,
+                  threads=threads, keep_last=1)
+    cfg = make_config(values, source="demo")
     inputs = [Path(p) for p in corpus] if corpus else shakespeare()
     if threads:
         torch.set_num_threads(threads)
@@ -175,7 +186,6 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
     tokenizer.save(tok_dir)
 
     log.info("2/5 tokenizing into shards")
-    data_dir = out / "data"
     if (data_dir / "meta.json").exists():
         from .data import read_meta
 
@@ -185,16 +195,8 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
                    workers=workers, progress=progress)
     n_vocab = meta["tokenizer"]["n_vocab"]
 
-    run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo run starts fresh: its schedule is fitted to its budget
-    values = dict(DEMO_TRAIN)
-    if preset:
-        values.update(model=preset, n_layer=0, n_head=0, n_embd=0)
-    values.update(overrides or {})
-    values.update(data=str(data_dir), out_dir=str(run_dir), seed=seed, progress=progress,
-                  threads=threads, keep_last=1)
-    cfg = make_config(values, source="demo")
     cfg = make_config({"dtype": resolve_dtype(cfg.dtype, _resolve_device(cfg, 0).type)}, source="demo", base=cfg)
     log.info("3/5 measuring the step time to fit the schedule into %.1f minutes", minutes)
     budget_s = 60.0 * minutes

@@ -150,6 +150,14 @@ def _validate(cfg: TrainConfig, source: str) -> None:
               "block_size", "sample_interval", "checkpoint_interval", "threads"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{source}: {k} must not be negative, got {getattr(cfg, k)}")
+    for k in ("max_minutes", "weight_decay", "grad_clip", "eps", "peak_tflops"):
+        if not getattr(cfg, k) >= 0:  # (also refuses NaN)
+            raise ConfigError(f"{source}: {k} must not be negative, got {getattr(cfg, k)}")
+    for k in ("dropout", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, k) < 1:
+            raise ConfigError(f"{source}: {k} must be in [0, 1), got {getattr(cfg, k)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"{source}: lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise ConfigError(f"{source}: expected 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
 
@@ -189,6 +197,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: a folder; expected a TOML config file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte offset {e.start}); expected a TOML config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML ({e})") from None
         nested = [k for k, v in values.items() if isinstance(v, dict)]
@@ -611,7 +623,14 @@ class Checkpoints:
         path = self.out / INDEX
         if not path.exists():
             return {"checkpoints": [], "latest": None, "best": None}
-        return json.loads(path.read_text())
+        try:
+            idx = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a valid checkpoint index ({e}); the checkpoint folders are in "
+                                  f"{self.root}") from None
+        if not isinstance(idx, dict) or not {"checkpoints", "latest", "best"} <= idx.keys():
+            raise CheckpointError(f"{path}: not a checkpoint index (expected keys checkpoints, latest, best)")
+        return idx
 
     def latest(self) -> Path | None:
         name = self.index()["latest"]
@@ -668,7 +687,15 @@ def load_trainer_state(folder: Path) -> dict:
     path = folder / TRAINER_STATE
     if not path.exists():
         raise CheckpointError(f"{folder}: not a training checkpoint (no {TRAINER_STATE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and tensor errors alike: the file is damaged
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable training state ({reason[:120]}); the checkpoint is damaged: "
+                              f"remove {folder} (and its entry in {INDEX}) to resume from an earlier one") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a gpt2kit training state (expected a dict with a 'step')")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -949,6 +976,9 @@ def train(cfg: TrainConfig) -> dict:
         from .tokenizer import Tokenizer
 
         state = load_trainer_state(resume_from)
+        if state["step"] >= cfg.max_steps:
+            raise TrainError(f"{resume_from}: the run is already at step {state['step']} (max_steps {cfg.max_steps}): "
+                             "nothing to train; pass a larger --max_steps to continue it")
         model = GPT2.from_pretrained(str(resume_from))
         tokenizer = Tokenizer.from_pretrained(str(Path(cfg.data) / meta["tokenizer"]["folder"]))
         if state["data_fingerprint"] != meta["tokenizer"]["fingerprint"]:
