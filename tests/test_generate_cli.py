@@ -55,6 +55,13 @@ def test_stdin_prompt_interactive_and_errors(cli, checkpoint, capsys, monkeypatc
     assert r.stdout == "".join(w + "\n" for w in want)
     assert main(["generate", "--model", str(folder), "x", "--top-p", "2"]) == 2
     assert capsys.readouterr().err == "gpt2kit: error: top_p: expected a number in (0, 1] (or None), got 2.0\n"
+    # text that is not UTF-8 is named by its byte, from stdin whole or line by line (where the
+    # session goes on with the next line)
+    r = cli("generate", "--model", str(folder), "-", *greedy, input=b"ok\n\xff bad\n")
+    assert r.returncode == 2 and r.stderr == b"gpt2kit: error: <stdin>: not valid UTF-8 at byte offset 3 (byte 0xff)\n"
+    r = cli("generate", "--model", str(folder), "--interactive", *greedy, "--stop", "\n", input=b"first\n\xff\nsecond\n")
+    assert r.returncode == 0 and r.stderr == b"gpt2kit: error: <stdin>: not valid UTF-8 at byte offset 6 (byte 0xff)\n"
+    assert r.stdout.decode() == "".join(w + "\n" for w in want)
     assert main(["generate", "--model", str(folder), "x", "--device", "bogus"]) == 2
     assert capsys.readouterr().err == "gpt2kit: error: device 'bogus': expected cpu, cuda or cuda:N\n"
     assert main(["generate", "--model", str(folder), "x", "--device", "cuda:99"]) == 2  # no machine has that many

@@ -58,6 +58,19 @@ def _sample_header(i: int, total: int) -> str:
     return f"{'=' * 20} SAMPLE {i + 1} of {total} {'=' * 20}\n" if total > 1 else ""
 
 
+def _stdin_text() -> str:
+    # bytes, decoded here: an error names stdin and the byte, whatever the locale's decoder does
+    from ..corpus import decode_utf8
+
+    buffer = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.read() if buffer is None else decode_utf8(buffer.read(), "<stdin>")
+
+
+def _stdin_line() -> bytes | str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.readline() if buffer is None else buffer.readline()
+
+
 def _respond(model, tokenizer, prompt: str, args, out) -> None:
     from ..generate import generate, iter_generate, sampling_params
 
@@ -93,6 +106,7 @@ def _respond(model, tokenizer, prompt: str, args, out) -> None:
 
 
 def run(args) -> int:
+    from ..corpus import decode_utf8
     from ..errors import GPT2KitError
     from ..generate import load_for_inference, sampling_params
 
@@ -109,20 +123,27 @@ def run(args) -> int:
     out = sys.stdout
     if args.interactive:
         tty = sys.stdin.isatty()
+        offset = 0
         while True:
             if tty:
                 sys.stderr.write("prompt> ")
                 sys.stderr.flush()
-            line = sys.stdin.readline()
-            if not line:  # end of input (Ctrl-D)
+            raw = _stdin_line()
+            if not raw:  # end of input (Ctrl-D)
                 if tty:
                     sys.stderr.write("\n")
                 return 0
+            offset += len(raw)
+            try:
+                line = decode_utf8(raw, "<stdin>", offset - len(raw)) if isinstance(raw, bytes) else raw
+            except GPT2KitError as e:  # a bad line is refused, the session goes on
+                print(f"gpt2kit: error: {e}", file=sys.stderr)
+                continue
             try:
                 _respond(model, tokenizer, line.rstrip("\n"), args, out)
             except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
                 out.write("\n")
                 out.flush()
-    prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
+    prompt = _stdin_text() if args.prompt == "-" else (args.prompt or "")
     _respond(model, tokenizer, prompt, args, out)
     return 0
