@@ -121,7 +121,7 @@ def test_links_filters_dedups_and_keeps_highest_karma(tmp_path):
 
 
 def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
-    rows = [post(f"http://site{i}.example/p") for i in range(300)]
+    rows = [post(f"http://site{i}.example/p") for i in range(3000)]   # several zstd blocks
     full = zst_dump(tmp_path / "full.zst", rows)
     cut = tmp_path / "cut.zst"
     cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])   # a download that stopped half-way
@@ -129,7 +129,97 @@ def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
     bz.write_bytes(bz2.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows[:5]) + b"\xff\xfe garbage\n"))
     totals = collect_links(tmp_path / "w", [cut, bz], LinksConfig(shards=2))
     assert totals["truncated_files"] == 1 and totals["bad_lines"] == 1
-    assert 5 <= totals["links"] < 300     # whatever came before the damage is kept
+    assert 5 < totals["links"] < 3000     # whatever came before the damage is kept
+
+
+def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A dump that yields no submission line, and the words of the reason the error must give."""
+    if kind == "text":
+        p = tmp_path / "corpus.txt"
+        p.write_text("A line of plain prose, not JSON.\n" * 3000, encoding="utf-8")
+        return p, "(3,000 lines, none a submission)"
+    if kind == "not_zstd":
+        p = tmp_path / "RS_2017-09.zst"
+        p.write_bytes(b"<html>404 Not Found</html>\n" * 10)   # what a failed download saves
+        return p, "(cannot read it: zstd decompressor error: Unknown frame descriptor)"
+    if kind == "not_gzip":
+        p = tmp_path / "RS_2011-01.gz"
+        p.write_bytes(b"not gzip at all\n")
+        return p, "(cannot read it: Not a gzipped file"
+    if kind == "empty":
+        p = tmp_path / "empty.ndjson"
+        p.write_bytes(b"\n \n")
+        return p, "(it is empty)"
+    if kind == "comments":   # a comments dump: JSON objects, none with url/score/created_utc
+        p = tmp_path / "RC_2017-07.ndjson"
+        p.write_text("".join(json.dumps({"body": "hi", "ups": 3}) + "\n" for _ in range(7)), encoding="utf-8")
+        return p, "(7 lines, none a submission)"
+    assert kind == "cut_first_block"    # a download that stopped inside its first zstd block
+    p = tmp_path / "RS_2017-10.zst"
+    p.write_bytes(long_window_zst(b"".join(json.dumps(post(f"http://s{i}.example/")).encode() + b"\n"
+                                           for i in range(300)))[:500])
+    return p, "(cannot read it: the last zstd frame is cut off)"
+
+
+@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "cut_first_block"])
+def test_links_refuses_a_dump_without_submissions_before_writing_state(tmp_path, kind):
+    bad, why = _no_submissions(tmp_path, kind)
+    work = tmp_path / "w"
+    with pytest.raises(WebTextError) as e:
+        collect_links(work, [bad], LinksConfig(shards=2))
+    assert str(e.value).startswith(f"{bad}: no valid submission lines {why}")
+    assert "expected NDJSON with url/score/created_utc" in str(e.value)
+    assert not (work / "_state").exists()     # neither marked complete nor holding the options of a failed start
+    # ... so the corrected command runs, instead of being refused as "started with other options"
+    good = zst_dump(tmp_path / "good.zst", [post("http://a.example/1")])
+    assert collect_links(work, [good], LinksConfig(shards=2))["links"] == 1
+
+
+def test_links_a_bad_dump_among_good_ones_is_named(tmp_path):
+    good = zst_dump(tmp_path / "RS_2017-07.zst", [post("http://a.example/1")])
+    bad, _ = _no_submissions(tmp_path, "not_zstd")
+    with pytest.raises(WebTextError, match=rf"^{bad}: no valid submission lines \(cannot read it"):
+        collect_links(tmp_path / "w", [good, bad], LinksConfig(shards=1))
+    assert not (tmp_path / "w" / "_state").exists()
+    # several: one line that names the first three and counts the rest
+    bads = [_no_submissions(tmp_path / k, k)[0] for k in ("text", "empty", "comments", "not_gzip", "not_zstd")
+            if (tmp_path / k).mkdir() is None]
+    with pytest.raises(WebTextError) as e:
+        collect_links(tmp_path / "w", [good, *bads], LinksConfig(shards=1))
+    msg = str(e.value)
+    assert msg.startswith("5 dumps hold no valid submission lines: ") and msg.endswith(" and 2 more; expected NDJSON "
+                                                                                       "with url/score/created_utc, "
+                                                                                       "plain or .zst/.gz/.bz2/.xz")
+    assert f"{tmp_path / 'comments' / 'RC_2017-07.ndjson'} (7 lines, none a submission)" in msg and "\n" not in msg
+
+
+def test_links_stops_reading_a_dump_that_is_another_kind_of_file(tmp_path):
+    from gpt2kit.webtext.links import PROBE_LINES
+
+    comments = tmp_path / "RC_2017-07.ndjson"
+    comments.write_text("".join(json.dumps({"body": f"c{i}", "ups": 1}) + "\n" for i in range(PROBE_LINES))
+                        + json.dumps(post("http://a.example/late")) + "\n", encoding="utf-8")
+    with pytest.raises(WebTextError, match=f"none of its first {PROBE_LINES:,} lines is a submission"):
+        collect_links(tmp_path / "w", [comments], LinksConfig(shards=1))
+    # bad lines before the first submission are counted, as ever, when a submission comes in time
+    ok = tmp_path / "RS_2017-07.ndjson"
+    ok.write_text("{broken\n" * (PROBE_LINES - 1) + json.dumps(post("http://a.example/1")) + "\n", encoding="utf-8")
+    totals = collect_links(tmp_path / "w", [ok], LinksConfig(shards=1))
+    assert (totals["bad_lines"], totals["links"]) == (PROBE_LINES - 1, 1)
+    # a dump already split is not read again on a resumed run (its results are recorded)
+    ok.write_bytes(b"")
+    assert collect_links(tmp_path / "w", [ok], LinksConfig(shards=1))["skipped_tasks"] == 2
+
+
+def test_links_folder_without_dump_files_is_named(tmp_path):
+    empty = tmp_path / "dumps"
+    (empty / "2017").mkdir(parents=True)      # dumps one level down are not read
+    zst_dump(empty / "2017" / "RS_2017-07.zst", [post("http://a.example/1")])
+    (empty / ".RS_2017-08.zst.part").write_bytes(b"")
+    with pytest.raises(WebTextError, match=rf"^{empty}: a folder without dump files in it \(subfolders and hidden "
+                                           r"files are not read\); expected Reddit submission dumps"):
+        collect_links(tmp_path / "w", [empty], LinksConfig(shards=1))
+    assert collect_links(tmp_path / "w", [empty / "2017"], LinksConfig(shards=1))["links"] == 1
 
 
 def test_links_rerun_is_resumable_and_guards_options(tmp_path):
@@ -306,6 +396,79 @@ def test_cli_bad_input_is_one_line_error(tmp_path, cli):
     assert r.returncode == 2 and "--cutoff" in r.stderr
     r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--shards", "2")
     assert r.returncode == 0 and "1 unique links" in r.stdout, r.stderr
+
+
+def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
+    corpus, _ = _no_submissions(tmp_path, "text")
+    r = cli("webtext", "links", "--no-progress", str(tmp_path / "w"), str(corpus))
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.strip() == (f"gpt2kit: error: {corpus}: no valid submission lines (3,000 lines, none a submission); "
+                                "expected NDJSON with url/score/created_utc, plain or .zst/.gz/.bz2/.xz")
+    assert not (tmp_path / "w" / "_state").exists()
+    (tmp_path / "nothing").mkdir()
+    r = cli("webtext", "links", str(tmp_path / "w"), str(tmp_path / "nothing"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path / 'nothing'}: a folder without dump files in it" in r.stderr
+    from gpt2kit.webtext.links import PROBE_LINES
+
+    for stage in ("links", "run"):
+        usage = " ".join(cli("webtext", stage, "--help").stdout.split())
+        assert "subfolders and hidden files are not read" in usage and f"first {PROBE_LINES:,} lines" in usage
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (LinksConfig, {"shards": 0}, "--shards: expected an integer >= 1, got 0"),
+    (LinksConfig, {"cutoff": "yesterday"}, "--cutoff: expected an ISO date"),
+    (ExtractConfig, {"min_words": -1}, "--min-words: expected an integer >= 0, got -1"),
+    (ExtractConfig, {"max_boilerplate_words": -1}, "max_boilerplate_words: expected an integer >= 0"),
+    (ExtractConfig, {"languages": "en"}, "--languages: expected a tuple of language codes, got 'en'"),
+    (DedupConfig, {"threshold": float("nan")}, "--threshold: expected a Jaccard similarity in (0, 1], got nan"),
+    (DedupConfig, {"threshold": 0.0}, "--threshold: expected a Jaccard similarity in (0, 1], got 0.0"),
+    (DedupConfig, {"num_perm": 0}, "--num-perm: expected an integer >= 1, got 0"),
+    (DedupConfig, {"num_perm": -4}, "--num-perm: expected an integer >= 1, got -4"),
+    (DedupConfig, {"ngram": 0}, "ngram: expected an integer >= 1, got 0"),
+    (DedupConfig, {"seed": -1}, "seed: expected an integer in [0, 2**32), got -1"),
+])
+def test_configs_refuse_bad_values_when_made(cls, kwargs, message):
+    # when made: `run` builds every config first, so a bad value of a late stage costs no fetching
+    with pytest.raises(WebTextError) as e:
+        cls(**kwargs)
+    assert str(e.value).startswith(message)
+
+
+def test_extract_refuses_unknown_language_codes(tmp_path):
+    WorkFolder(tmp_path).finish("fetch", [], {})
+    with pytest.raises(WebTextError) as e:
+        extract_texts(tmp_path, ExtractConfig(languages=("en", "xx")))
+    msg = str(e.value)
+    assert msg.startswith("--languages: unknown language code xx; expected 'all' or codes among: ")
+    assert {"en", "de", "fr", "zh"} <= set(msg.split(": ", 2)[2].split(", "))
+    assert not (tmp_path / "_state" / "extract").exists()
+    extract_texts(tmp_path, ExtractConfig(languages=("en", "de")))
+    assert WorkFolder(tmp_path).is_complete("extract")
+
+
+def test_cli_languages_are_lower_case_and_not_empty():
+    from types import SimpleNamespace
+
+    from gpt2kit.cli.webtext import _extract_cfg
+
+    assert _extract_cfg(SimpleNamespace(languages="EN, De", min_words=100)).languages == ("en", "de")
+    assert _extract_cfg(SimpleNamespace(languages="All", min_words=100)).languages == ()
+    with pytest.raises(WebTextError, match="--languages: expected comma-separated language codes or 'all', got ' , '"):
+        _extract_cfg(SimpleNamespace(languages=" , ", min_words=100))   # () would keep every language
+
+
+@pytest.mark.parametrize("kw", [{"extract_cfg": {"languages": ("xx",)}}, {"extract_cfg": {"min_words": -1}},
+                                {"dedup_cfg": {"num_perm": 0}}], ids=["languages", "min_words", "num_perm"])
+def test_run_refuses_a_late_stage_option_before_the_first_stage(tmp_path, kw):
+    from gpt2kit.webtext import run
+
+    dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1", score=0)])   # no link survives: no network
+    with pytest.raises(WebTextError):
+        run(tmp_path / "w", [dump], links_cfg=LinksConfig(shards=1),
+            **{name: {"extract_cfg": ExtractConfig, "dedup_cfg": DedupConfig}[name](**v) for name, v in kw.items()})
+    assert not (tmp_path / "w" / "_state").exists()
 
 
 def test_long_window_dumps_need_the_long_window(tmp_path):

@@ -360,6 +360,41 @@ def test_fetch_resumes_without_refetching_finished_shards(site, tmp_path):
         fetch_pages(tmp_path, local_cfg(robots=False, max_bytes=10))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("retries", -2, "--retries: expected an integer >= 0, got -2"),
+    ("read_timeout", -1.0, "--timeout: expected a finite number of seconds > 0, got -1.0"),
+    ("connect_timeout", 0.0, "--timeout: expected a finite number of seconds > 0, got 0.0"),
+    ("total_timeout", float("inf"), "--total-timeout: expected a finite number of seconds > 0, got inf"),
+    ("host_delay", -3.0, "--host-delay: expected a finite number of seconds >= 0, got -3.0"),
+    ("host_delay", float("nan"), "--host-delay: expected a finite number of seconds >= 0, got nan"),
+    ("backoff", -1.0, "--backoff: expected a finite number of seconds >= 0, got -1.0"),
+    ("max_redirects", -1, "--max-redirects: expected an integer >= 0, got -1"),
+    ("max_crawl_delay", float("nan"), "max_crawl_delay: expected a finite number of seconds >= 0, got nan"),
+    ("user_agent", "bot\r\nX-Injected: 1", "--user-agent: expected one line of printable text"),
+    ("resolve", (("news.test", "localhost"),), "--resolve: expected HOST:ADDRESS with an IP address, got news.test:localhost"),
+])
+def test_fetch_refuses_bad_options_before_any_request_or_state(site, tmp_path, field, value, message):
+    from gpt2kit.webtext import WebTextError
+
+    make_links(tmp_path, [url(site, "news.test", "/a1")])
+    with pytest.raises(WebTextError) as e:
+        fetch_pages(tmp_path, local_cfg(robots=False, **{field: value}))
+    assert str(e.value).startswith(message)
+    assert site.hits() == [] and not (tmp_path / "_state" / "fetch").exists()
+
+
+def test_cli_fetch_bad_retries_leaves_the_stage_to_a_corrected_rerun(site, tmp_path, cli):
+    make_links(tmp_path, [url(site, "news.test", "/a1")])
+    local = ["--no-progress", "--ignore-robots", "--allow-private", "127.0.0.0/8", "--resolve", "news.test:127.0.0.1",
+             "--host-delay", "0"]
+    r = cli("webtext", "fetch", str(tmp_path), *local, "--retries", "-2")
+    assert r.returncode == 2 and r.stderr == "gpt2kit: error: --retries: expected an integer >= 0, got -2\n", r.stderr
+    assert not (tmp_path / "_state" / "fetch").exists() and site.hits() == []
+    r = cli("webtext", "fetch", str(tmp_path), *local, "--retries", "2")
+    assert r.returncode == 0, r.stderr
+    assert manifest(tmp_path)[url(site, "news.test", "/a1")]["status"] == "ok"
+
+
 def write_dump(path: Path, rows: list, *, extra_lines: list[bytes] = ()) -> None:
     """A Reddit-style dump compressed with a long zstd window (as the public dumps are)."""
     data = b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"".join(extra_lines)

@@ -6,6 +6,11 @@ import logging
 import time
 
 STAGES_HELP = "links -> fetch -> extract -> dedup -> shard, each resumable; `run` chains them"
+# 10,000: webtext.links.PROBE_LINES (not imported here: `--help` stays fast)
+DUMPS_HELP = ("Reddit submission dumps (NDJSON, plain or .zst/.gz/.bz2/.xz), or folders of them (the files directly "
+              "in a folder; subfolders and hidden files are not read). A dump cut off part-way is read up to the "
+              "damage, but one with no submission line (url, score, created_utc) among its first 10,000 lines is "
+              "refused before anything is written")
 
 
 def _links_options(p: argparse.ArgumentParser) -> None:
@@ -40,7 +45,9 @@ def _fetch_options(p: argparse.ArgumentParser) -> None:
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("extract")
-    g.add_argument("--languages", default="en", help="comma-separated ISO 639-1 codes to keep, or 'all' (default en)")
+    g.add_argument("--languages", default="en",
+                   help="comma-separated language codes to keep (ISO 639-1 where there is one, as py3langid names "
+                        "them; an unknown code is refused with the list), or 'all' (default en)")
     g.add_argument("--min-words", type=int, default=100, help="drop documents shorter than this (default 100)")
 
 
@@ -66,7 +73,7 @@ def register(subparsers) -> None:
 
     s = sub.add_parser("links", help="Reddit dumps -> canonical, de-duplicated outbound links")
     s.add_argument("work", metavar="WORK", help="work folder")
-    s.add_argument("dumps", nargs="+", metavar="DUMP", help="submission dumps (NDJSON, .zst/.gz/.bz2/.xz) or folders of them")
+    s.add_argument("dumps", nargs="+", metavar="DUMP", help=DUMPS_HELP)
     _links_options(s)
     _run_options(s)
     s.set_defaults(func=_cmd_links)
@@ -96,7 +103,7 @@ def register(subparsers) -> None:
 
     s = sub.add_parser("run", help="all stages in order (resumes where a previous run stopped)")
     s.add_argument("work", metavar="WORK", help="work folder")
-    s.add_argument("dumps", nargs="+", metavar="DUMP", help="submission dumps or folders of them")
+    s.add_argument("dumps", nargs="+", metavar="DUMP", help=DUMPS_HELP)
     for add in (_links_options, _fetch_options, _extract_options, _dedup_options, _run_options):
         add(s)
     s.set_defaults(func=_cmd_run)
@@ -144,9 +151,15 @@ def _fetch_cfg(a):
 
 
 def _extract_cfg(a):
-    from ..webtext import ExtractConfig
+    from ..webtext import ExtractConfig, WebTextError
 
-    langs = () if a.languages.strip().lower() == "all" else tuple(x.strip() for x in a.languages.split(",") if x.strip())
+    if a.languages.strip().lower() == "all":
+        langs = ()
+    else:
+        # () would mean every language: an empty list must not pass for 'all'
+        langs = tuple(x.strip().lower() for x in a.languages.split(",") if x.strip())
+        if not langs:
+            raise WebTextError(f"--languages: expected comma-separated language codes or 'all', got {a.languages!r}")
     return ExtractConfig(languages=langs, min_words=a.min_words)
 
 

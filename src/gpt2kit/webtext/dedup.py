@@ -28,7 +28,8 @@ from functools import lru_cache
 import numpy as np
 
 from ..io import atomic_path
-from .work import Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, write_jsonl_zst
+from .work import (Runner, WebTextError, WorkFolder, check_int, config_dict, read_jsonl_zst, run_tasks, shard_name,
+                   write_jsonl_zst)
 
 MAX_BUCKET_NEIGHBOURS = 8   # candidates per document and band, besides its bucket's leader
 
@@ -39,6 +40,16 @@ class DedupConfig:
     num_perm: int = 128
     ngram: int = 5
     seed: int = 1
+
+    def __post_init__(self):
+        # written as one chained comparison so that nan fails it too
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise WebTextError(f"--threshold: expected a Jaccard similarity in (0, 1], got {t!r}")
+        check_int("--num-perm", self.num_perm, 1)
+        check_int("ngram", self.ngram, 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise WebTextError(f"seed: expected an integer in [0, 2**32), got {self.seed!r}")   # numpy's RandomState
 
 
 def normalize(text: str) -> str:
@@ -248,8 +259,6 @@ def dedup_documents(work, cfg: DedupConfig = DedupConfig(), runner: Runner = Run
     """Run the dedup stage over all extracted shards; returns its totals."""
     wf = WorkFolder(work)
     ids = wf.shard_ids("extract")
-    if not 0 < cfg.threshold <= 1:
-        raise WebTextError(f"--threshold: expected a Jaccard similarity in (0, 1], got {cfg.threshold}")
     wf.check_config("dedup", {**config_dict(cfg), "upstream": wf.fingerprint("extract")})
     src, out = wf.stage_dir("extract"), wf.stage_dir("dedup")
     sig_paths = {k: str(out / "_sig" / f"sig-{k:05d}.npz") for k in ids}

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .links import WIKIPEDIA_DOMAINS, domain_matches
-from .work import Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, write_jsonl_zst
+from .work import (Runner, WebTextError, WorkFolder, check_int, config_dict, read_jsonl_zst, run_tasks, shard_name,
+                   write_jsonl_zst)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,29 @@ class ExtractConfig:
     languages: tuple[str, ...] = ("en",)   # ISO 639-1 codes to keep; () keeps every language
     min_words: int = 100
     max_boilerplate_words: int = 12         # only lines this short can be dropped as boilerplate
+
+    def __post_init__(self):
+        check_int("--min-words", self.min_words, 0)
+        check_int("max_boilerplate_words", self.max_boilerplate_words, 0)
+        if isinstance(self.languages, str) or not all(isinstance(x, str) and x for x in self.languages):
+            raise WebTextError(f"--languages: expected a tuple of language codes, got {self.languages!r}")
+
+    def check_languages(self) -> None:
+        """Refuse a code the language identifier never returns: it would drop every page.
+        Not done at construction because it loads the identifier's model (about half a second)."""
+        known = known_languages()
+        unknown = [x for x in self.languages if x not in known]
+        if unknown:
+            raise WebTextError(f"--languages: unknown language code{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                               f"expected 'all' or codes among: {', '.join(sorted(known))}")
+
+
+def known_languages() -> frozenset[str]:
+    """The codes that `identify_language` can return."""
+    import py3langid
+
+    # rank() scores every language of the model, so its labels are the model's classes
+    return frozenset(code for code, _ in py3langid.rank(""))
 
 
 # Lines that are page furniture, not article text (matched on short lines, case-insensitively).
@@ -160,10 +184,9 @@ def extract_shard(warc_path: str, manifest_path: str, out_path: str, cfg: Extrac
 
 def extract_texts(work, cfg: ExtractConfig = ExtractConfig(), runner: Runner = Runner()) -> dict:
     """Run the extract stage over all fetched shards; returns its totals."""
+    cfg.check_languages()
     wf = WorkFolder(work)
     ids = wf.shard_ids("fetch")
-    if cfg.min_words < 0:
-        raise WebTextError(f"--min-words: expected a number >= 0, got {cfg.min_words}")
     wf.check_config("extract", {**config_dict(cfg), "upstream": wf.fingerprint("fetch")})
     fetch_dir, out = wf.stage_dir("fetch"), wf.stage_dir("extract")
     tasks = []

@@ -40,7 +40,8 @@ from urllib.robotparser import RobotFileParser
 
 from .. import __version__
 from ..io import atomic_path
-from .work import Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, write_jsonl_zst
+from .work import (Runner, WebTextError, WorkFolder, check_int, check_seconds, config_dict, read_jsonl_zst, run_tasks,
+                   shard_name, write_jsonl_zst)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,28 @@ class FetchConfig:
     # None: refuse every non-public address. (): allow them all. Else allow only these networks.
     allow_private: tuple[str, ...] | None = None
     resolve: tuple[tuple[str, str], ...] = ()   # (host, address) overrides, like curl --resolve
+
+    def __post_init__(self):
+        # A bad value here would not stop the stage: every URL would fail (or never be tried), the
+        # stage would be marked complete, and a rerun with the right value refused as other options.
+        for flag, value, minimum in (("--concurrency", self.concurrency, 1), ("--per-host", self.per_host, 1),
+                                     ("--max-bytes", self.max_bytes, 1), ("--retries", self.retries, 0),
+                                     ("--max-redirects", self.max_redirects, 0)):
+            check_int(flag, value, minimum)
+        # --timeout sets both the connect and the read timeout; max_crawl_delay has no flag
+        for flag, value, zero_ok in (("--host-delay", self.host_delay, True), ("--backoff", self.backoff, True),
+                                     ("max_crawl_delay", self.max_crawl_delay, True),
+                                     ("--timeout", self.connect_timeout, False), ("--timeout", self.read_timeout, False),
+                                     ("--total-timeout", self.total_timeout, False)):
+            check_seconds(flag, value, zero_ok=zero_ok)
+        if not isinstance(self.user_agent, str) or not self.user_agent.strip() or not self.user_agent.isprintable():
+            raise WebTextError(f"--user-agent: expected one line of printable text, got {self.user_agent!r}")
+        self.networks()
+        for host, address in self.resolve:
+            try:
+                ipaddress.ip_address(address.split("%")[0])     # as `address_allowed` will read it
+            except ValueError:
+                raise WebTextError(f"--resolve: expected HOST:ADDRESS with an IP address, got {host}:{address}") from None
 
     def networks(self):
         try:
@@ -518,10 +541,6 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     """Run the fetch stage over all links shards; returns its totals."""
     wf = WorkFolder(work)
     ids = wf.shard_ids("links")
-    for name, value in (("concurrency", cfg.concurrency), ("per_host", cfg.per_host), ("max_bytes", cfg.max_bytes)):
-        if value < 1:
-            raise WebTextError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
-    cfg.networks()
     wf.check_config("fetch", {**config_dict(cfg), "upstream": wf.fingerprint("links")})
     per_process = max(1, -(-cfg.concurrency // runner.workers))
     # a second bar, per URL, where it can be drawn: in this process

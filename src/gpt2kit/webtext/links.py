@@ -8,7 +8,9 @@ domain, canonicalizes the URLs and keeps each once, with its highest karma.
 Two steps, both resumable: each dump is filtered into one part file per output shard (the shard
 of a link is a hash of its host, so all the links of one host land in one shard and the fetch
 stage's per-host politeness holds across processes); then each shard merges its parts.
-A corrupt line or a truncated dump is counted and reported, never fatal.
+A corrupt line or a truncated dump is counted and reported, never fatal; a dump that holds no
+submission at all (not NDJSON, another kind of dump, unreadable, empty) is an error before anything
+is written, since later stages would otherwise run on a corpus that silently lacks it.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from .work import (Runner, WebTextError, WorkFolder, config_dict, read_jsonl_zst, run_tasks, shard_name, stable_hash, 
-                   write_jsonl_zst)
+from .work import (Runner, WebTextError, WorkFolder, check_int, config_dict, read_jsonl_zst, run_tasks, shard_name,
+                   stable_hash, write_jsonl_zst)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,10 @@ class LinksConfig:
     blocked_subreddits: tuple[str, ...] = ()
     blocked_domains: tuple[str, ...] = DEFAULT_BLOCKED_DOMAINS
     drop_over_18: bool = False
+
+    def __post_init__(self):
+        check_int("--shards", self.shards, 1)
+        self.cutoff_timestamp()
 
     def cutoff_timestamp(self) -> float:
         try:
@@ -206,12 +212,15 @@ def _stream_lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
-def iter_dump(path: Path, counts: dict) -> Iterator[dict]:
-    """The JSON objects of a dump; bad lines and a truncated end are counted in `counts`."""
+def iter_dump(path: Path, counts: dict, problems: list[str] | None = None, limit: int | None = None) -> Iterator[dict]:
+    """The JSON objects of a dump; bad lines and a truncated end are counted in `counts`. Why reading
+    stopped early is logged, or appended to `problems` when given. Stops after `limit` lines."""
     try:
         for raw in _stream_lines(path):
             if not raw.strip():
                 continue
+            if limit is not None and counts["lines"] >= limit:
+                return
             counts["lines"] += 1
             try:
                 obj = json.loads(raw)
@@ -225,13 +234,41 @@ def iter_dump(path: Path, counts: dict) -> Iterator[dict]:
     except FileNotFoundError:
         raise WebTextError(f"{path}: no such dump file") from None
     except (TruncatedDump, OSError, EOFError, lzma.LZMAError, ValueError) as e:
-        counts["truncated_files"] += 1
-        log.warning("%s: stopped reading after line %d: %s", path, counts["lines"], e)
+        _stopped(path, counts, problems, e)
     except Exception as e:
         if type(e).__name__ != "ZstdError":
             raise
-        counts["truncated_files"] += 1
+        _stopped(path, counts, problems, e)
+
+
+def _stopped(path: Path, counts: dict, problems: list[str] | None, e: Exception) -> None:
+    counts["truncated_files"] += 1
+    if problems is None:
         log.warning("%s: stopped reading after line %d: %s", path, counts["lines"], e)
+    else:
+        problems.append(str(e) or type(e).__name__)
+
+
+# A submissions dump has a submission on (nearly) every line; this many lines without one is
+# another kind of file (a comments dump, a text corpus), and reading a 30 GB one to its end would
+# only delay the error.
+PROBE_LINES = 10_000
+EXPECTED_DUMP = "expected NDJSON with url/score/created_utc, plain or .zst/.gz/.bz2/.xz"
+
+
+def probe_dump(path: Path) -> str | None:
+    """None when a dump holds a submission among its first `PROBE_LINES` lines, else what it holds."""
+    counts = dict.fromkeys(_REASONS, 0)
+    problems: list[str] = []
+    for obj in iter_dump(path, counts, problems, limit=PROBE_LINES):
+        if _fields(obj) is not None:
+            return None
+    n = counts["lines"]
+    if n >= PROBE_LINES:
+        return f"none of its first {n:,} lines is a submission"
+    if problems:
+        return f"cannot read it: {problems[0]}" if n == 0 else f"{n:,} lines, none a submission, then {problems[0]}"
+    return "it is empty" if n == 0 else f"{n:,} lines, none a submission"
 
 
 def _number(value) -> float | None:
@@ -247,14 +284,23 @@ def _number(value) -> float | None:
     return None
 
 
-def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozenset,
-                blocked_domains: frozenset) -> tuple[str, dict | None, str]:
-    """(reason, link record, host): reason is "kept" or why the post was dropped."""
+def _fields(obj: dict) -> tuple[str, float, float] | None:
+    """(url, score, created_utc) of a submission; None when a line is not one."""
     url = obj.get("url")
     score = _number(obj.get("score"))
     created = _number(obj.get("created_utc"))
     if not isinstance(url, str) or score is None or created is None:
+        return None
+    return url, score, created
+
+
+def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozenset,
+                blocked_domains: frozenset) -> tuple[str, dict | None, str]:
+    """(reason, link record, host): reason is "kept" or why the post was dropped."""
+    fields = _fields(obj)
+    if fields is None:
         return "bad_lines", None, ""
+    url, score, created = fields
     if obj.get("is_self"):
         return "self_post", None, ""
     if score < cfg.min_score:
@@ -333,24 +379,41 @@ def merge_shard(k: int, part_files: list[str], out: str) -> dict:
     return {"links": n}
 
 
+def dump_files(dumps: list[str | os.PathLike]) -> dict[Path, Path]:
+    """Resolved path -> the path as named, of every dump: the files given, and the files directly in
+    the folders given (hidden files and subfolders are not read)."""
+    named: dict[Path, Path] = {}
+    for d in map(Path, dumps):
+        if d.is_dir():
+            found = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise WebTextError(f"{d}: a folder without dump files in it (subfolders and hidden files are not "
+                                   f"read); expected Reddit submission dumps, NDJSON, plain or .zst/.gz/.bz2/.xz")
+        elif d.is_file():
+            found = [d]
+        else:
+            raise WebTextError(f"{d}: no such dump file or folder")
+        for p in found:
+            named.setdefault(p.resolve(), p)
+    if not named:
+        raise WebTextError("links: no dump files given")
+    return named
+
+
 def collect_links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: LinksConfig = LinksConfig(),
           runner: Runner = Runner()) -> dict:
     """Run the links stage; returns the stage's totals (also in WORK/_state/links/COMPLETE.json)."""
     wf = WorkFolder(work)
-    if cfg.shards < 1:
-        raise WebTextError(f"--shards: expected a positive number, got {cfg.shards}")
-    cfg.cutoff_timestamp()
-    paths = []
-    for d in map(Path, dumps):
-        if d.is_dir():
-            paths.extend(sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")))
-        elif d.is_file():
-            paths.append(d)
-        else:
-            raise WebTextError(f"{d}: no such dump file or folder")
-    if not paths:
-        raise WebTextError("links: no dump files given")
-    paths = sorted(set(p.resolve() for p in paths))
+    named = dump_files(dumps)
+    paths = sorted(named)
+    # before any state is written, so that a corrected rerun is not refused as "other options";
+    # a dump split on an earlier run was readable then and is not read again
+    bad = [(named[p], why) for p in paths if not wf.is_done("links", dump_task_name(p)) and (why := probe_dump(p))]
+    if len(bad) == 1:
+        raise WebTextError(f"{bad[0][0]}: no valid submission lines ({bad[0][1]}); {EXPECTED_DUMP}")
+    if bad:
+        listed = ", ".join(f"{p} ({why})" for p, why in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise WebTextError(f"{len(bad)} dumps hold no valid submission lines: {listed}; {EXPECTED_DUMP}")
     wf.check_config("links", {**config_dict(cfg), "dumps": [str(p) for p in paths]})
     parts_dir = wf.stage_dir("links") / "_parts"
     tasks = [(dump_task_name(p), (str(p), str(parts_dir), dump_task_name(p), cfg)) for p in paths]

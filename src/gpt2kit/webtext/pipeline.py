@@ -17,6 +17,7 @@ def run(work: str | os.PathLike, dumps: list[str | os.PathLike], *, links_cfg: L
         dedup_cfg: DedupConfig = DedupConfig(), shard_cfg: ShardConfig = ShardConfig(), runner: Runner = Runner(),
         on_stage: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Build a WebText-style corpus from Reddit dumps into `work`; returns each stage's totals."""
+    extract_cfg.check_languages()   # here, not after hours of fetching
     results: dict[str, dict] = {}
     steps = [("links", lambda: collect_links(work, dumps, links_cfg, runner)),
              ("fetch", lambda: fetch_pages(work, fetch_cfg, runner)),

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, is_dataclass
@@ -46,6 +47,22 @@ ZSTD_LEVEL = 6
 
 class WebTextError(GPT2KitError):
     """A WebText stage cannot run: a missing upstream stage, conflicting options, bad input."""
+
+
+# Options are checked when a config is made, so that `webtext run` refuses a bad value of a late
+# stage before the early stages spend hours; the messages name the CLI flag the value came from.
+
+
+def check_int(flag: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise WebTextError(f"{flag}: expected an integer >= {minimum}, got {value!r}")
+
+
+def check_seconds(flag: str, value, *, zero_ok: bool) -> None:
+    # argparse's float() takes "nan" and "inf"; neither is a usable delay or deadline
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or (value == 0 and not zero_ok)):
+        raise WebTextError(f"{flag}: expected a finite number of seconds {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +247,7 @@ class Runner:
     progress: bool = False
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise WebTextError(f"--workers: expected a positive number, got {self.workers}")
+        check_int("--workers", self.workers, 1)
         if self.engine not in ("local", "dask"):
             raise WebTextError(f"--engine: expected 'local' or 'dask', got {self.engine!r}")
 
