@@ -38,6 +38,7 @@ def test_build_merge_query_fpr(cli, tmp_path):
     r = cli("overlap", "merge", str(tmp_path / "p1.bloom"), str(tmp_path / "p2.bloom"), "--out",
             str(tmp_path / "merged.bloom"))
     assert r.returncode == 0, r.stderr
+    assert "1,758 8-grams from 6 documents" in r.stdout  # 3 + 3, as the inputs recorded them
     assert (tmp_path / "merged.bloom").read_bytes() == (tmp_path / "all.bloom").read_bytes()
 
     r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "all.exact"), str(train))
@@ -106,3 +107,63 @@ def test_cli_errors_exit_2(cli, tmp_path):
     assert r.returncode == 2 and "none of the arguments is a filter file" in r.stderr
     r = cli("overlap", "fpr", str(a))
     assert r.returncode == 2 and "setA.txt: not a gpt2kit overlap filter" in r.stderr
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for needle in needles:
+        assert needle in r.stderr, r.stderr
+
+
+def test_capacity_takes_scientific_notation(cli, tmp_path):
+    train, _, _ = _corpus(tmp_path)
+    for given, shown in (("1e4", "capacity 10,000"), ("2.5e3", "capacity 2,500"), ("3_000", "capacity 3,000")):
+        r = cli("overlap", "build", "--capacity", given, "--out", str(tmp_path / "f.bloom"), str(train))
+        assert r.returncode == 0 and shown in r.stdout, (given, r.stderr)
+    for bad in ("1.5", "2.5e-3", "abc", "inf"):
+        r = cli("overlap", "build", "--capacity", bad, "--out", str(tmp_path / "g.bloom"), str(train))
+        _one_line_error(r, f"--capacity: expected a whole number such as 1000000 or 1e6, got '{bad}'")
+    r = cli("overlap", "build", "--capacity", "1e999999999", "--out", str(tmp_path / "g.bloom"), str(train))
+    _one_line_error(r, "--capacity: '1e999999999' is too large")  # at once, not after writing out its digits
+    assert not (tmp_path / "g.bloom").exists()
+    r = cli("overlap", "fpr", str(tmp_path / "f.bloom"), "--samples", "2e4")
+    assert r.returncode == 0 and "of 20,000 random 8-grams" in r.stdout, r.stderr
+
+
+def test_bad_options_fail_first_with_one_line(cli, tmp_path):
+    train, a, _ = _corpus(tmp_path)
+    # refused before the counting pass of --auto (which logs "sized for ..." when it is done)
+    r = cli("overlap", "build", "--auto", "--fpr", "0", "--out", str(tmp_path / "x.bloom"), str(train))
+    _one_line_error(r, "--fpr must be in [1e-15, 1), got 0.0")
+    r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "f.exact"), str(train))
+    assert r.returncode == 0, r.stderr
+    r = cli("overlap", "query", str(tmp_path / "f.exact"), str(a), "--top", "-1")
+    _one_line_error(r, "--top must be a whole number >= 0, got -1")
+    # checked before the filter is read: this one does not exist
+    r = cli("overlap", "fpr", str(tmp_path / "missing.bloom"), "--seed", "-1")
+    _one_line_error(r, "--seed must be a whole number >= 0, got -1")
+    r = cli("overlap", "fpr", str(tmp_path / "missing.bloom"), "--samples", "0")
+    _one_line_error(r, "--samples must be a whole number >= 1, got 0")
+
+
+def test_output_paths_are_checked_before_the_work(cli, tmp_path):
+    train, a, _ = _corpus(tmp_path)
+    (tmp_path / "folder.bloom").mkdir()
+    for out, problem in ((tmp_path / "folder.bloom", "exists and is not a file"),
+                         (a / "f.bloom", f"{a} is a file, not a folder")):
+        r = cli("overlap", "build", "--capacity", "5000", "--out", str(out), str(train))
+        _one_line_error(r, f"--out {out}: {problem}")  # one line: no progress bar, nothing was built
+    r = cli("overlap", "build", "--capacity", "5000", "--out", str(tmp_path / "f.bloom"), str(train))
+    assert r.returncode == 0, r.stderr
+    r = cli("overlap", "merge", str(tmp_path / "f.bloom"), str(tmp_path / "f.bloom"), "--out",
+            str(tmp_path / "folder.bloom"))
+    _one_line_error(r, "exists and is not a file")
+
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.json").mkdir()
+    for out_dir, problem in ((a, "exists and is not a folder"),
+                             (tmp_path / "rep", "report.json: exists and is not a file")):
+        r = cli("overlap", "query", str(tmp_path / "f.bloom"), str(a), "--out-dir", str(out_dir))
+        _one_line_error(r, problem)
+        assert r.stdout == ""  # refused before the query ran, not after printing its report

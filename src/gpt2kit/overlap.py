@@ -26,7 +26,8 @@ Filter file format (`.bloom`; exact sets use the same container):
     8-11          container version (uint32 little-endian)
     12-15         length L of the JSON header; 16-19  CRC-32 of it
     20..20+L      JSON header: kind, ngram, normalization, hash_scheme, capacity, fpr_target, m_bits,
-                  k_hashes, n_added, payload_bytes, checksum (blake2b-256 of the payload)
+                  k_hashes, n_added, payload_bytes, checksum (blake2b-256 of the payload), and
+                  n_documents where known (files of earlier versions lack it)
     4096..        payload: the bit array (bit i = byte i>>3, bit i&7), or the sorted 8-grams
 
 The payload starts on a page boundary, so queries memory-map it and filters larger than RAM work.
@@ -231,6 +232,8 @@ def optimal_parameters(capacity: int, fpr: float) -> tuple[int, int]:
         raise OverlapError(f"capacity must be at least 1, got {capacity}")
     if not (1e-15 <= fpr < 1):
         raise OverlapError(f"false-positive rate must be in [1e-15, 1), got {fpr}")
+    if capacity > _MAX_M_BITS:  # no corpus has 2.9e17 8-grams; bigger ints overflow the float math below
+        raise OverlapError(f"capacity must be at most 2^58 (about 2.9e17), got a {len(str(capacity))}-digit number")
     m = math.ceil(-capacity * math.log(fpr) / math.log(2) ** 2)
     m = max(64, -(-m // 64) * 64)
     if m > _MAX_M_BITS:
@@ -242,6 +245,44 @@ def optimal_parameters(capacity: int, fpr: float) -> tuple[int, int]:
 def expected_fpr(n: float, m: int, k: int) -> float:
     """False-positive rate of an m-bit, k-hash filter holding n distinct items."""
     return (1.0 - math.exp(-k * n / m)) ** k
+
+
+# How many standard deviations of the distinct-count estimate an estimate may exceed the capacity
+# by before the filter is called overfull. 4 keeps a filter that holds exactly its capacity from
+# being refused by chance (about 3 in 100,000 under a normal tail), while a real overfill of a
+# large filter is still caught at 1%.
+_NOISE_Z = 4.0
+
+
+def estimate_noise(n: float, m: int, k: int) -> float:
+    """Standard deviation of the distinct-count estimate -(m/k) ln(1 - X/m) of an m-bit, k-hash
+    filter holding n distinct items.
+
+    The delta method on the variance of the number of unset bits gives sqrt(m (e^L - 1 - L)) / k
+    with L = kn/m. Small filters scatter more than that: double hashing in an m that is a multiple
+    of 64 sometimes cycles through fewer than k bits, and one item more or less is a large step.
+    Measured, the extra variance stays below one item squared, hence the floor of 1 added."""
+    lam = k * n / m
+    return math.sqrt(m * (math.expm1(lam) - lam) / (k * k) + 1.0)
+
+
+def overfill_tolerance(capacity: int, m: int, k: int) -> float:
+    """How far the estimate of a filter at capacity may exceed the capacity by chance: 1%, or
+    `_NOISE_Z` standard deviations where that is more (filters below a few thousand items)."""
+    return max(0.01 * capacity, _NOISE_Z * estimate_noise(capacity, m, k))
+
+
+def auto_capacity(counted: int, fpr: float) -> int:
+    """The capacity `build --auto` uses for a corpus of `counted` 8-grams (repeats included, so
+    at least the distinct ones): the count plus `_NOISE_Z` standard deviations of the estimate.
+
+    Sized at the bare count, a corpus of all-distinct 8-grams sits exactly at capacity, where the
+    estimate lands above the capacity half of the time and, in small filters, beyond the
+    tolerance often enough to refuse a filter that is provably not overfull. With the margin the
+    estimate must be off by twice the tolerance, and the rate that the fill gives stays at or below
+    the target instead of above it half of the time."""
+    m, k = optimal_parameters(counted, fpr)
+    return counted + math.ceil(_NOISE_Z * estimate_noise(counted, m, k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,13 +438,17 @@ class BloomFilter:
     kind = "bloom"
 
     def __init__(self, bits: np.ndarray, *, capacity: int, fpr_target: float, m_bits: int, k_hashes: int,
-                 n_added: int = 0, path: Path | None = None, engine: str | None = None):
+                 n_added: int = 0, n_documents: int | None = None, path: Path | None = None,
+                 engine: str | None = None):
         self.bits = bits  # uint8, m_bits / 8 bytes (np.memmap for file-backed filters)
         self.capacity = int(capacity)
         self.fpr_target = float(fpr_target)
         self.m = int(m_bits)
         self.k = int(k_hashes)
         self.n_added = int(n_added)  # 8-grams inserted, repeats included
+        # documents read to build it; None when unknown (files written before gpt2kit kept count,
+        # and what was merged from them)
+        self.n_documents = n_documents
         self.path = path
         self._hasher = NgramHasher()
         self._ks = np.arange(self.k, dtype=np.uint64)[:, None]
@@ -463,14 +508,15 @@ class BloomFilter:
         if verify and _payload_checksum(bits) != header["checksum"]:
             raise FilterFileError(path, "payload checksum mismatch: the bit array is damaged")
         return cls(bits, capacity=header["capacity"], fpr_target=header["fpr_target"], m_bits=m,
-                   k_hashes=header["k_hashes"], n_added=header["n_added"], path=path)
+                   k_hashes=header["k_hashes"], n_added=header["n_added"], n_documents=_header_documents(path, header),
+                   path=path)
 
     def header(self) -> dict:
-        return {
+        return _with_documents({
             "kind": "bloom", "ngram": NGRAM, "normalization": NORMALIZATION, "hash_scheme": HASH_SCHEME,
             "capacity": self.capacity, "fpr_target": self.fpr_target, "m_bits": self.m, "k_hashes": self.k,
             "n_added": self.n_added, "payload_bytes": self.m // 8, "checksum": _payload_checksum(self.bits),
-        }
+        }, self.n_documents)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the filter to `path` atomically."""
@@ -564,9 +610,9 @@ class BloomFilter:
 
     def overfull(self, stats: dict | None = None) -> bool:
         """True once the estimated distinct count exceeds the capacity by more than the estimate's
-        own noise (1%)."""
+        own noise (`overfill_tolerance`)."""
         s = stats or self.stats()
-        return s["estimated_distinct"] > 1.01 * self.capacity
+        return s["estimated_distinct"] > self.capacity + overfill_tolerance(self.capacity, self.m, self.k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,9 +624,11 @@ class ExactSet:
 
     kind = "exact"
 
-    def __init__(self, grams: Iterable[str] = (), *, n_added: int = 0, path: Path | None = None):
+    def __init__(self, grams: Iterable[str] = (), *, n_added: int = 0, n_documents: int | None = None,
+                 path: Path | None = None):
         self.grams: set[str] = set(grams)
         self.n_added = n_added
+        self.n_documents = n_documents  # as BloomFilter.n_documents
         self.path = path
 
     def add_words(self, ws: Sequence[str]) -> int:
@@ -605,9 +653,10 @@ class ExactSet:
 
     def header(self, payload: bytes | None = None) -> dict:
         payload = self._payload() if payload is None else payload
-        return {"kind": "exact", "ngram": NGRAM, "normalization": NORMALIZATION, "hash_scheme": "none (exact strings)",
-                "n_added": self.n_added, "n_distinct": len(self.grams), "payload_bytes": len(payload),
-                "checksum": _payload_checksum(payload)}
+        return _with_documents({
+            "kind": "exact", "ngram": NGRAM, "normalization": NORMALIZATION, "hash_scheme": "none (exact strings)",
+            "n_added": self.n_added, "n_distinct": len(self.grams), "payload_bytes": len(payload),
+            "checksum": _payload_checksum(payload)}, self.n_documents)
 
     def save(self, path: str | os.PathLike) -> None:
         payload = self._payload()
@@ -624,13 +673,28 @@ class ExactSet:
         if verify and _payload_checksum(payload) != header["checksum"]:
             raise FilterFileError(path, "payload checksum mismatch: the 8-gram list is damaged")
         grams = payload.decode("utf-8").split("\n") if payload else []
-        return cls(grams, n_added=header["n_added"], path=path)
+        return cls(grams, n_added=header["n_added"], n_documents=_header_documents(path, header), path=path)
 
     def stats(self) -> dict:
         return {"n_added": self.n_added, "n_distinct": len(self.grams), "achieved_fpr": 0.0}
 
 
 Filter = BloomFilter | ExactSet
+
+
+def _with_documents(header: dict, n_documents: int | None) -> dict:
+    # left out when unknown rather than written as a guess; a field that is absent also keeps the
+    # files of earlier versions, which lack it, byte-identical when re-merged
+    if n_documents is not None:
+        header["n_documents"] = int(n_documents)
+    return header
+
+
+def _header_documents(path: Path, header: dict) -> int | None:
+    n = header.get("n_documents")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise FilterFileError(path, f"header field n_documents must be a count >= 0, got {n!r}")
+    return n
 
 
 def open_filter(path: str | os.PathLike, *, verify: bool = True) -> Filter:
@@ -709,16 +773,17 @@ def iter_source_documents(path: Path, *, field: str = "text", split: str = "trai
 class BuildSummary:
     path: str
     kind: str
-    documents: int
+    documents: int | None  # None: a merge of filters that do not all record theirs
     ngrams: int  # 8-grams inserted, repeats included
     stats: dict
 
     def line(self) -> str:
         s = self.stats
+        source = "" if self.documents is None else f" from {self.documents:,} documents"
         if self.kind == "exact":
             return (f"{self.path}: exact set of {s['n_distinct']:,} distinct 8-grams "
-                    f"({self.ngrams:,} inserted from {self.documents:,} documents)")
-        return (f"{self.path}: {self.ngrams:,} 8-grams from {self.documents:,} documents, ~{s['estimated_distinct']:,.0f} "
+                    f"({self.ngrams:,} inserted{source})")
+        return (f"{self.path}: {self.ngrams:,} 8-grams{source}, ~{s['estimated_distinct']:,.0f} "
                 f"distinct (capacity {s['capacity']:,}); {s['m_bits']:,} bits, k={s['k_hashes']}, "
                 f"{s['bytes'] / 2**20:,.1f} MiB; false-positive rate now {s['achieved_fpr']:.3g} "
                 f"(target {s['fpr_target']:.3g})")
@@ -820,7 +885,41 @@ def _fill(target: Filter, docs: Iterable[str], *, allow_overfill: bool, progress
 
 def _build_shard(job: _Job, path: str, capacity: int, fpr: float, allow_overfill: bool) -> tuple[int, int]:
     with BloomFilter.create(path, capacity=capacity, fpr=fpr) as bf:
-        return _fill(bf, job.documents(), allow_overfill=allow_overfill)
+        n_docs, n_grams = _fill(bf, job.documents(), allow_overfill=allow_overfill)
+        bf.n_documents = n_docs
+    return n_docs, n_grams
+
+
+def check_output(path: str | os.PathLike, *, folder: bool = False, what: str = "--out") -> Path:
+    """Fail now, in one line, where writing `path` at the end of a long build would: a folder
+    where the file goes (or a file where the folder goes), an ancestor that is a file, a place
+    that is not writable."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        expected = "a folder" if folder else "a file"
+        raise OverlapError(f"{what} {path}: exists and is not {expected}")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:  # folders are created from the first that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OverlapError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OverlapError(f"{what} {path}: {parent} is not writable")
+    return path
+
+
+def _whole(value, option: str, minimum: int) -> int:
+    """`value` as an int, if it is a whole number >= `minimum` (1e6 is, 2.5 and True are not)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OverlapError(f"{option} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_fpr(fpr: float) -> None:
+    if not (1e-15 <= fpr < 1):  # also false for nan
+        raise OverlapError(f"--fpr must be in [1e-15, 1), got {fpr}")
 
 
 def build_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
@@ -829,37 +928,47 @@ def build_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     """Insert every normalized 8-gram of `inputs` into a new filter file `out`.
 
     `capacity=None` sizes the filter from a first pass that counts the 8-grams (an upper bound on
-    the distinct ones). With `workers > 1`, shard filters are built in separate processes and
-    OR-ed together (`merge_filters`). Inputs are text files/folders or `gpt2kit prepare` shard
-    folders (their `split`, decoded with their tokenizer)."""
+    the distinct ones), plus a margin for the noise of the fill check (`auto_capacity`). With
+    `workers > 1`, shard filters are built in separate processes and OR-ed together
+    (`merge_filters`). Inputs are text files/folders or `gpt2kit prepare` shard folders (their
+    `split`, decoded with their tokenizer). Options and the output path are checked before any
+    input is read."""
     from tqdm import tqdm
 
+    # everything that can be refused is refused before the first pass over the corpus
+    workers = _whole(workers, "--workers", 1)
+    if not exact:
+        _check_fpr(fpr)
+        if capacity is not None:
+            capacity = _whole(capacity, "--capacity", 1)
+            optimal_parameters(capacity, fpr)
+    out = check_output(out)
     files = expand_sources(inputs)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if workers < 1:
-        raise OverlapError(f"--workers must be at least 1, got {workers}")
     jobs = _plan(files, 1 if exact else workers, field, split)
     if exact:
         es = ExactSet()
         with tqdm(desc="8-grams", unit=" doc", disable=not progress) as bar:
             n_docs, n_grams = _fill(es, jobs[0].documents(), allow_overfill=True, progress=bar)
         _require_ngrams(n_grams, inputs)
+        es.n_documents = n_docs
         es.save(out)
         return BuildSummary(str(out), "exact", n_docs, n_grams, es.stats())
 
     if capacity is None:
         counts = _map(_count_job, [(j,) for j in jobs], len(jobs))
-        capacity = sum(g for _, g in counts)
-        _require_ngrams(capacity, inputs)
-        log.info("sized for the %s 8-grams counted in the inputs (an upper bound on the distinct ones)", f"{capacity:,}")
-    optimal_parameters(capacity, fpr)  # validate before any work
+        counted = sum(g for _, g in counts)
+        _require_ngrams(counted, inputs)
+        capacity = auto_capacity(counted, fpr)
+        log.info("sized for the %s 8-grams counted in the inputs (an upper bound on the distinct ones), plus %s "
+                 "for the noise of the fill check", f"{counted:,}", f"{capacity - counted:,}")
 
     if len(jobs) == 1:
         with BloomFilter.create(out, capacity=capacity, fpr=fpr) as bf:
             with tqdm(desc="8-grams", unit=" doc", disable=not progress) as bar:
                 n_docs, n_grams = _fill(bf, jobs[0].documents(), allow_overfill=allow_overfill, progress=bar)
             _require_ngrams(n_grams, inputs)
+            bf.n_documents = n_docs
             stats = _final_check(bf, allow_overfill)
         return BuildSummary(str(out), "bloom", n_docs, n_grams, stats)
 
@@ -925,6 +1034,7 @@ def merge_filters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     """The union of filters with equal parameters: bitwise OR of Bloom filters, union of exact sets."""
     if len(paths) < 1:
         raise OverlapError("merge needs at least one filter")
+    out = check_output(out)
     headers = [read_header(p) for p in paths]
     first = headers[0]
     keys = ("kind", "m_bits", "k_hashes", "capacity", "fpr_target", "hash_scheme", "normalization", "ngram")
@@ -934,13 +1044,14 @@ def merge_filters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             detail = ", ".join(f"{k}: {first.get(k)!r} vs {h.get(k)!r}" for k in diff)
             raise OverlapError(f"cannot merge {paths[0]} and {p}: different parameters ({detail})")
     filters = [open_filter(p, verify=verify) for p in paths]
-    out = Path(out)
+    docs = [f.n_documents for f in filters]
+    n_documents = None if None in docs else sum(docs)
     if first["kind"] == "exact":
-        es = ExactSet(n_added=sum(f.n_added for f in filters))
+        es = ExactSet(n_added=sum(f.n_added for f in filters), n_documents=n_documents)
         for f in filters:
             es.grams |= f.grams
         es.save(out)
-        return BuildSummary(str(out), "exact", 0, es.n_added, es.stats())
+        return BuildSummary(str(out), "exact", n_documents, es.n_added, es.stats())
     with BloomFilter.create(out, capacity=0, like=filters[0]) as bf:
         for i in range(0, bf.bits.size, _CHUNK):
             chunk = np.array(filters[0].bits[i:i + _CHUNK])
@@ -948,8 +1059,9 @@ def merge_filters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                 chunk |= f.bits[i:i + _CHUNK]
             bf.bits[i:i + _CHUNK] = chunk
         bf.n_added = sum(f.n_added for f in filters)
+        bf.n_documents = n_documents
         stats = _final_check(bf, allow_overfill)
-    return BuildSummary(str(out), "bloom", 0, bf.n_added, stats)
+    return BuildSummary(str(out), "bloom", n_documents, bf.n_added, stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,8 +1071,7 @@ def merge_filters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
 def measure_fpr(bf: BloomFilter, samples: int = 1_000_000, *, seed: int = 0, vocab: int = 50_000) -> dict:
     """Query `samples` random 8-grams of random 6-12 letter strings (none of which is in any real
     corpus) and count hits: the paper's check of its filters (1M random strings, zero hits)."""
-    if samples < 1:
-        raise OverlapError(f"--samples must be at least 1, got {samples}")
+    samples, seed = check_fpr_options(samples, seed)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(6, 13, size=vocab)
     letters = rng.integers(ord("a"), ord("z") + 1, size=int(lengths.sum()), dtype=np.uint8).tobytes().decode("ascii")
@@ -986,6 +1097,12 @@ def measure_fpr(bf: BloomFilter, samples: int = 1_000_000, *, seed: int = 0, voc
     return {"samples": samples, "hits": hits, "measured_fpr": rate,
             "upper_95": _upper95(hits, samples), "fpr_target": bf.fpr_target, "expected_fpr": s["achieved_fpr"],
             "seed": seed}
+
+
+def check_fpr_options(samples: int, seed: int) -> tuple[int, int]:
+    """The options of `measure_fpr`, checked apart so that the CLI can refuse them before it reads
+    and verifies a filter that may be tens of GiB."""
+    return _whole(samples, "--samples", 1), _whole(seed, "--seed", 0)  # numpy takes no negative seed
 
 
 def _upper95(hits: int, n: int) -> float:
@@ -1112,10 +1229,20 @@ class OverlapReport:
             fig.savefig(tmp, format="png")
         plt.close(fig)
 
+    REPORT_FILES = ("report.md", "report.json", "overlap.png")
+
+    @classmethod
+    def check_out_dir(cls, out_dir: str | os.PathLike) -> Path:
+        """Refuse, before a query runs, an `out_dir` that `write` could not write into."""
+        out_dir = check_output(out_dir, folder=True, what="--out-dir")
+        for name in cls.REPORT_FILES:
+            check_output(out_dir / name, what="--out-dir")
+        return out_dir
+
     def write(self, out_dir: str | os.PathLike) -> list[Path]:
         """report.md, report.json and overlap.png in `out_dir`."""
         out_dir = Path(out_dir)
-        md, js, png = out_dir / "report.md", out_dir / "report.json", out_dir / "overlap.png"
+        md, js, png = (out_dir / name for name in self.REPORT_FILES)
         write_text(md, self.to_markdown())
         write_json(js, self.to_json())
         self.plot(png)
@@ -1145,6 +1272,7 @@ def query(filters: Sequence[str | os.PathLike] | dict, test_sets: Sequence[str |
     longest overlapping passages. `filters` are paths, or {name: path or opened filter}."""
     from tqdm import tqdm
 
+    top = _whole(top, "--top", 0)
     if not isinstance(filters, dict):
         filters = {_unique_label(p, filters): p for p in filters}
     if not filters or not test_sets:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from decimal import Decimal, InvalidOperation
 
 
 def register(subparsers) -> None:
@@ -16,7 +17,8 @@ def register(subparsers) -> None:
                    help="text/JSONL files or folders (.gz/.zst too), or `gpt2kit prepare` shard folders")
     b.add_argument("--out", required=True, help="filter file to write (e.g. train.bloom)")
     size = b.add_mutually_exclusive_group()
-    size.add_argument("--capacity", type=int, help="distinct 8-grams the filter must hold at --fpr")
+    size.add_argument("--capacity", metavar="N",
+                      help="distinct 8-grams the filter must hold at --fpr (a whole number: 8000000000 or 8e9)")
     size.add_argument("--auto", action="store_true", help="size from a first pass that counts the 8-grams")
     b.add_argument("--fpr", type=float, default=1e-8, help="target false-positive rate at capacity (default 1e-8)")
     b.add_argument("--exact", action="store_true", help="store the 8-grams themselves (exact; small corpora)")
@@ -50,7 +52,8 @@ def register(subparsers) -> None:
 
     f = sub.add_parser("fpr", help="measure the false-positive rate with random 8-grams (the paper's check)")
     f.add_argument("filter")
-    f.add_argument("--samples", type=int, default=1_000_000)
+    f.add_argument("--samples", default="1000000", metavar="N",
+                   help="random 8-grams to query (a whole number: 1000000 or 1e6; default 1e6)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--no-verify", action="store_true")
     f.set_defaults(func=_fpr)
@@ -60,12 +63,29 @@ def register(subparsers) -> None:
     i.set_defaults(func=_info)
 
 
+def _whole_number(text: str, option: str) -> int:
+    """An option's whole number, written plainly (8000000000, 8_000_000_000) or in scientific
+    notation (8e9, 2.5e9): filter capacities run to billions, whose zeros are easy to miscount."""
+    from ..overlap import OverlapError
+
+    try:
+        d = Decimal(text.strip())
+    except InvalidOperation:
+        d = None
+    if d is None or not d.is_finite() or d != d.to_integral_value():
+        raise OverlapError(f"{option}: expected a whole number such as 1000000 or 1e6, got {text!r}")
+    if d.adjusted() > 30:  # int() of 1e999999999 would spend minutes writing out its digits
+        raise OverlapError(f"{option}: {text!r} is too large")
+    return int(d)
+
+
 def _build(args: argparse.Namespace) -> int:
     from ..overlap import OverlapError, build_filter
 
     if not args.exact and args.capacity is None and not args.auto:
         raise OverlapError("build: give --capacity N or --auto (or --exact)")
-    s = build_filter(args.inputs, args.out, capacity=args.capacity, fpr=args.fpr, exact=args.exact,
+    capacity = None if args.capacity is None else _whole_number(args.capacity, "--capacity")
+    s = build_filter(args.inputs, args.out, capacity=capacity, fpr=args.fpr, exact=args.exact,
                      workers=args.workers, field=args.field, split=args.split,
                      allow_overfill=args.allow_overfill, progress=True)
     print(s.line())
@@ -81,8 +101,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from ..overlap import OverlapError, is_filter_file, query
+    from ..overlap import OverlapError, OverlapReport, is_filter_file, query
 
+    # before the filters are read and verified, which for a large one takes minutes (`query`
+    # checks --top first thing)
+    if args.out_dir:
+        OverlapReport.check_out_dir(args.out_dir)
     filters = [p for p in args.paths if is_filter_file(p)]
     tests = [p for p in args.paths if p not in filters]
     if not filters:
@@ -102,12 +126,14 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _fpr(args: argparse.Namespace) -> int:
-    from ..overlap import BloomFilter, OverlapError, measure_fpr, open_filter
+    from ..overlap import BloomFilter, OverlapError, check_fpr_options, measure_fpr, open_filter
 
+    # before the filter is read and verified, which for a large one takes minutes
+    samples, seed = check_fpr_options(_whole_number(args.samples, "--samples"), args.seed)
     flt = open_filter(args.filter, verify=not args.no_verify)
     if not isinstance(flt, BloomFilter):
         raise OverlapError(f"{args.filter}: an exact set has no false positives; fpr needs a Bloom filter")
-    r = measure_fpr(flt, args.samples, seed=args.seed)
+    r = measure_fpr(flt, samples, seed=seed)
     print(f"{r['hits']} of {r['samples']:,} random 8-grams reported present: measured false-positive rate "
           f"{r['measured_fpr']:.3g} (95% upper bound {r['upper_95']:.3g}); expected at this fill "
           f"{r['expected_fpr']:.3g}; configured bound {r['fpr_target']:.3g}")
