@@ -82,23 +82,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def check_output_path(path: str | os.PathLike, *, folder: bool, what: str = "output") -> Path:
+def check_output_path(path: str | os.PathLike, *, folder: bool, what: str = "output",
+                      error: type[Exception] | None = None) -> Path:
     """Fail now, with one line, where writing `path` later would: a folder where a file goes
     (or the reverse), an ancestor that is a file, a place not writable. Commands call it before
-    long work, so that a typo in --out does not throw the work away at the end."""
+    long work, so that a typo in --out does not throw the work away at the end. `error`: the
+    `GPT2KitError` subclass to raise (default: GPT2KitError)."""
     from .errors import GPT2KitError
 
+    error = error or GPT2KitError
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         expected = "a folder" if folder else "a file"
-        raise GPT2KitError(f"{what} {path}: exists and is not {expected}")
+        raise error(f"{what} {path}: exists and is not {expected}")
     parent = path if folder else path.parent
-    while not parent.exists():  # the first ancestor that exists is where folders get created
+    while not parent.exists() and parent != parent.parent:  # folders get created from the first that exists
         parent = parent.parent
     if not parent.is_dir():
-        raise GPT2KitError(f"{what} {path}: {parent} is a file, not a folder")
+        raise error(f"{what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise GPT2KitError(f"{what} {path}: {parent} is not writable")
+        raise error(f"{what} {path}: {parent} is not writable")
     return path
 
 

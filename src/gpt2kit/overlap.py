@@ -61,7 +61,7 @@ import regex
 
 from .corpus import expand_inputs, iter_file_documents
 from .errors import GPT2KitError, InputFileError
-from .io import atomic_path, write_json, write_text
+from .io import atomic_path, check_output_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -891,21 +891,8 @@ def _build_shard(job: _Job, path: str, capacity: int, fpr: float, allow_overfill
 
 
 def check_output(path: str | os.PathLike, *, folder: bool = False, what: str = "--out") -> Path:
-    """Fail now, in one line, where writing `path` at the end of a long build would: a folder
-    where the file goes (or a file where the folder goes), an ancestor that is a file, a place
-    that is not writable."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        expected = "a folder" if folder else "a file"
-        raise OverlapError(f"{what} {path}: exists and is not {expected}")
-    parent = path if folder else path.parent
-    while not parent.exists() and parent != parent.parent:  # folders are created from the first that exists
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OverlapError(f"{what} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OverlapError(f"{what} {path}: {parent} is not writable")
-    return path
+    """`io.check_output_path`, raising `OverlapError`."""
+    return check_output_path(path, folder=folder, what=what, error=OverlapError)
 
 
 def _whole(value, option: str, minimum: int) -> int:
