@@ -5,13 +5,20 @@ from __future__ import annotations
 import filecmp
 import gzip
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from gpt2kit import data as D
+from gpt2kit.cli import main as cli_main
 from gpt2kit.corpus import iter_documents
-from gpt2kit.errors import GPT2KitError
+from gpt2kit.errors import GPT2KitError, InputFileError
 from gpt2kit.tokenizer import Tokenizer
 
 
@@ -37,12 +44,48 @@ def test_split_segments_concatenate_back_and_cut_at_paragraphs():
     assert D.split_segments("a\nb\nc\n", 1) == ["a\n", "b\n", "c\n"]  # no blank line: cut at newlines
 
 
+def test_split_segments_end_near_segment_chars_without_blank_lines():
+    lines = "".join(f"sentence number {i} on a line of its own.\n" for i in range(300))
+    text = lines + "\nA last paragraph after the only blank line.\n"
+    segs = D.split_segments(text, 100)
+    assert "".join(segs) == text
+    # A far-off blank line does not make one piece of everything before it.
+    assert all(100 < len(s) <= 200 and s.endswith("\n") for s in segs[:-1])
+    head = D.split_segments(lines, 100)
+    assert segs[:len(head) - 1] == head[:-1]  # cut as if the blank line were not there
+    # No line break within reach: cut at twice segment_chars.
+    assert D.split_segments("x" * 1000, 100) == ["x" * 200] * 5
+
+
+class _CountingStr(str):
+    """A str that counts the characters its `find` calls look at."""
+    scanned = 0
+
+    def find(self, sub, start=0, end=None):
+        end = len(self) if end is None else min(end, len(self))
+        _CountingStr.scanned += max(0, end - start)
+        return super().find(sub, start, end)
+
+
+def test_split_segments_work_is_linear_in_text_without_blank_lines():
+    text = "".join(f"line {i}, one sentence per line.\n" for i in range(10_000))
+    _CountingStr.scanned = 0
+    segs = D.split_segments(_CountingStr(text), 100)
+    assert "".join(segs) == text and len(segs) > 1000
+    # Each piece searches at most twice within segment_chars of its minimum end, while searching
+    # on to the end of the text would scan it once per piece (~len(text)**2 / 200 characters).
+    assert _CountingStr.scanned <= 2 * len(text), _CountingStr.scanned
+
+
 def test_val_split_is_every_kth_segment():
     assert D.val_period(0.05) == 20 and D.val_period(0) == 0
     splits = [D.split_of(i, 20) for i in range(100)]
     assert splits.count("val") == 5 and splits[10] == "val" and splits[11] == "train"
     with pytest.raises(D.DataError):
         D.val_period(0.9)
+    for bad in (-0.1, math.nan):
+        with pytest.raises(D.DataError, match=r"val_fraction must be in \[0, 0.5\]"):
+            D.val_period(bad)
 
 
 def test_prepare_formats_eot_between_documents_and_metadata(corpus, tmp_path):
@@ -113,6 +156,97 @@ def test_prepare_bad_inputs(tmp_path, corpus):
         D.prepare([corpus], tmp_path / "out3", field="body", val_fraction=0.1)
     with pytest.raises(D.DataError, match="not a prepared shard folder"):
         D.read_meta(tmp_path)
+    for bad in (0, -2):
+        with pytest.raises(D.DataError, match=f"workers must be at least 1, got {bad}"):
+            D.prepare([corpus], tmp_path / "out4", field="body", workers=bad)
+    (tmp_path / "vocab.txt").write_text("not a tokenizer")
+    with pytest.raises(InputFileError, match="vocab.txt: is a file, not a tokenizer: expected a folder holding "
+                                             "encoder.json.*or a released name"):
+        D.prepare([corpus], tmp_path / "out5", tokenizer=str(tmp_path / "vocab.txt"))
+    assert not any((tmp_path / f"out{i}").exists() for i in (4, 5))
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--val-fraction", "-0.1", "--val-fraction: expected a number in [0, 0.5], got -0.1"),
+    ("--val-fraction", "nan", "--val-fraction: expected a number in [0, 0.5], got nan"),
+    ("--val-fraction", "1.5", "--val-fraction: expected a number in [0, 0.5], got 1.5"),
+    ("--val-fraction", "half", "--val-fraction: expected a number in [0, 0.5], got half"),
+    ("--workers", "0", "--workers: expected a whole number >= 1, got 0"),
+    ("--workers", "-2", "--workers: expected a whole number >= 1, got -2"),
+    ("--shard-tokens", "1.5e0", "--shard-tokens: expected a whole number >= 1, got 1.5e0"),
+    ("--shard-tokens", "inf", "--shard-tokens: expected a whole number >= 1, got inf"),
+    ("--segment-chars", "0", "--segment-chars: expected a whole number >= 1, got 0"),
+])
+def test_cli_prepare_bad_values_fail_in_one_line(corpus, tmp_path, capsys, option, value, expected):
+    rc = cli_main(["prepare", str(corpus), "--out", str(tmp_path / "out"), "--field", "body", "--no-progress",
+                   option, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"gpt2kit: error: {expected}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prepare_takes_counts_in_scientific_notation(corpus, tmp_path, capsys):
+    rc = cli_main(["prepare", str(corpus), "--out", str(tmp_path / "out"), "--field", "body", "--no-progress",
+                   "--val-fraction", "0.25", "--shard-tokens", "7e2", "--segment-chars", "5E2", "--workers", "1e0"])
+    assert rc == 0, capsys.readouterr().err
+    settings = D.read_meta(tmp_path / "out")["settings"]
+    assert settings["shard_tokens"] == 700 and settings["segment_chars"] == 500
+    assert type(settings["shard_tokens"]) is int and type(settings["segment_chars"]) is int
+
+
+def test_ctrl_c_with_workers_exits_130_and_the_rerun_resumes(tmp_path, caplog):
+    # One shard's worth of paragraphs, then seconds of tokenizing left: one sentence per line.
+    (tmp_path / "a.txt").write_text("".join(f"Paragraph {i}: some words.\nAnother line.\n\n" for i in range(2500)))
+    (tmp_path / "b.txt").write_text("".join(f"Sentence {i}, some words and a number {i * 7919 % 1000}.\n"
+                                            for i in range(60_000)))
+    inputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    out = tmp_path / "out"
+    # A new session, signalled as a group: a terminal's Ctrl-C reaches the workers too.
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "prepare", *map(str, inputs), "--out", str(out),
+                             "--shard-tokens", "20000", "--workers", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "progress.json").exists():
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("prepare did not exit within 60 s of Ctrl-C")
+    # Only the parent handles Ctrl-C: no worker reports a KeyboardInterrupt of its own.
+    assert proc.returncode == 130 and err == "gpt2kit: interrupted\n", err
+    done = json.loads((out / "progress.json").read_text())["train"]["shards"]
+    assert done and all((out / name).exists() for name in done)
+    caplog.set_level("INFO", logger="gpt2kit.data")
+    meta = D.prepare(inputs, out, shard_tokens=20000, workers=1)
+    assert f"resuming after {len(done)} train shards" in caplog.text
+    assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == sum(len(p.read_text()) for p in inputs)
+
+
+def test_resume_refuses_a_progress_file_from_other_segmenting(corpus, tmp_path, monkeypatch):
+    kw = dict(field="body", val_fraction=0.25, segment_chars=300, shard_tokens=256)
+    real_write = D._ShardWriter._write
+    calls = []
+
+    def crash_on_third(self, arr):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self, arr)
+
+    monkeypatch.setattr(D._ShardWriter, "_write", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare([corpus], tmp_path / "cut", **kw)
+    monkeypatch.undo()
+    progress = tmp_path / "cut" / "progress.json"
+    state = json.loads(progress.read_text())
+    del state["segmenting"]  # as an older gpt2kit wrote it
+    progress.write_text(json.dumps(state))
+    with pytest.raises(D.DataError, match="an unfinished run by an older gpt2kit, which cut segments differently"):
+        D.prepare([corpus], tmp_path / "cut", **kw)
 
 
 def test_step_offsets_are_pure_and_micro_batches_partition_them():

@@ -7,7 +7,7 @@
     train_000000.bin ...      raw little-endian uint16 token ids, `shard_tokens` per shard
     val_000000.bin ...        (the last shard of a split may be shorter)
 
-Documents are cut at paragraph boundaries into segments of about `segment_chars` characters;
+Documents are cut at paragraph (else line) breaks into segments of about `segment_chars` characters;
 every k-th segment (k = round(1 / val_fraction)) goes to the validation split, so the held-out text
 is spread evenly over the corpus and the split never depends on worker count or timing. Each run of
 consecutive segments of one document is preceded by `<|endoftext|>`, so the model always sees a
@@ -53,37 +53,52 @@ class DataError(GPT2KitError):
 
 
 def split_segments(text: str, segment_chars: int) -> list[str]:
-    """Cut `text` into pieces of at least `segment_chars` characters, each ending at a paragraph
-    break (a blank line) where possible, else at a line break, else at the end of the text.
-    The pieces concatenate back to `text`.
+    """Cut `text` into pieces of `segment_chars` to `2 * segment_chars` characters (the last may be
+    shorter). A piece ends at the first paragraph break (a blank line) past `segment_chars`
+    characters if one comes before `2 * segment_chars`, else at the first line break there, else
+    it is cut at `2 * segment_chars`. The pieces concatenate back to `text`.
 
     >>> split_segments("aa\\n\\nbb\\n\\ncc", 3)
-    ['aa\\n\\nbb\\n\\n', 'cc']
+    ['aa\\n\\n', 'bb\\n\\n', 'cc']
     """
-    out: list[str] = []
-    start = 0
-    n = len(text)
-    while start < n:
-        if n - start <= segment_chars:
-            out.append(text[start:])
-            break
-        cut = text.find("\n\n", start + segment_chars)
+    return list(iter_split_segments(text, segment_chars))
+
+
+def iter_split_segments(text: str, segment_chars: int) -> Iterator[str]:
+    """The pieces of `split_segments`, one at a time.
+
+    Each piece looks for its end only within `segment_chars` characters past its minimum length:
+    searching on to the end of the text for a blank line that may not exist made splitting
+    quadratic in text without blank lines (one sentence per line), and one far blank line would
+    have made a single piece of everything before it.
+    """
+    start, n = 0, len(text)
+    while n - start > segment_chars:
+        lo, hi = start + segment_chars, min(start + 2 * segment_chars, n)
+        cut = text.find("\n\n", lo, hi)
         if cut >= 0:
             cut += 2
         else:
-            cut = text.find("\n", start + segment_chars)
-            cut = n if cut < 0 else cut + 1
-        out.append(text[start:cut])
+            cut = text.find("\n", lo, hi)
+            cut = hi if cut < 0 else cut + 1
+        yield text[start:cut]
         start = cut
-    return out
+    if start < n:
+        yield text[start:]
+
+
+MAX_VAL_FRACTION = 0.5
+# Recorded in an unfinished run's progress file: its resume point counts segments, so a run may
+# only be resumed by code that cuts the same segments. 2: pieces end within 2 * segment_chars.
+_SEGMENTING = 2
 
 
 def val_period(val_fraction: float) -> int:
     """Every how many segments one goes to the validation split (0: no validation split)."""
-    if val_fraction <= 0:
+    if not 0 <= val_fraction <= MAX_VAL_FRACTION:  # also rejects NaN
+        raise DataError(f"val_fraction must be in [0, {MAX_VAL_FRACTION}], got {val_fraction}")
+    if val_fraction == 0:
         return 0
-    if val_fraction > 0.5:
-        raise DataError(f"val_fraction must be in [0, 0.5], got {val_fraction}")
     return max(2, round(1 / val_fraction))
 
 
@@ -109,7 +124,7 @@ def iter_segments(paths: Sequence[Path], *, field: str, segment_chars: int, peri
         for doc in iter_file_documents(path, field=field):
             if not doc:
                 continue
-            for i, text in enumerate(split_segments(doc, segment_chars)):
+            for i, text in enumerate(iter_split_segments(doc, segment_chars)):
                 split = split_of(index, period)
                 # A new document, or a gap inside this one (the other split took the segment before).
                 boundary = i == 0 or last[split] != index - 1
@@ -119,24 +134,101 @@ def iter_segments(paths: Sequence[Path], *, field: str, segment_chars: int, peri
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizing in worker processes
+# Tokenizing, here or in worker processes
+
+_BATCH_CHARS = 1 << 16  # text per task sent to a worker: large enough to hide the round trip
+
+
+def _load_tokenizer(spec: str | os.PathLike):
+    from .tokenizer import RELEASED_NAMES, Tokenizer
+
+    try:
+        return Tokenizer.from_pretrained(spec)
+    except InputFileError:
+        path = Path(spec)
+        # from_pretrained calls any other existing file a missing folder, which misleads.
+        if path.is_file() and not path.name.endswith(".json"):
+            raise InputFileError(path, "is a file, not a tokenizer: expected a folder holding encoder.json+vocab.bpe, "
+                                       "vocab.json+merges.txt or tokenizer.json, a tokenizer.json file, or a "
+                                       f"released name ({', '.join(RELEASED_NAMES)})") from None
+        raise
+
+
+def _encode_here(tok, segs: Iterator[Segment]) -> Iterator[tuple[Segment, np.ndarray]]:
+    for seg in segs:
+        yield seg, np.asarray(tok.encode_ordinary(seg.text), dtype=DTYPE)
+
 
 _worker_tokenizer = None
 
 
-def _load_tokenizer(spec: str):
-    from .tokenizer import Tokenizer
-
-    return Tokenizer.from_pretrained(spec)
-
-
 def _worker_init(spec: str) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group; only the parent acts on it (it keeps the finished
+    # shards and shuts the pool down). A worker killed by it would print a traceback of its own,
+    # break the pool, and could leave a half-sent result in the pipe the parent reads.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_tokenizer
     _worker_tokenizer = _load_tokenizer(spec)
 
 
-def _worker_encode(text: str) -> np.ndarray:
-    return np.asarray(_worker_tokenizer.encode_ordinary(text), dtype=DTYPE)  # type: ignore[union-attr]
+def _worker_encode(texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(_worker_tokenizer.encode_ordinary(t), dtype=DTYPE) for t in texts]  # type: ignore[union-attr]
+
+
+def _batches(segs: Iterator[Segment]) -> Iterator[list[Segment]]:
+    batch: list[Segment] = []
+    size = 0
+    for seg in segs:
+        batch.append(seg)
+        size += len(seg.text)
+        if size >= _BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_in_pool(spec: str, segs: Iterator[Segment], workers: int) -> Iterator[tuple[Segment, np.ndarray]]:
+    """Segments with their tokens, in order, tokenized by `workers` processes. Segments are read
+    here, in the calling thread, and only a few batches ahead of the results."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from collections import deque
+
+    # spawn, not fork: the tokenizer may hold threads (Rust) that do not survive a fork.
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                  initargs=(spec,))
+    in_flight: deque = deque()
+    try:
+        for batch in _batches(segs):
+            in_flight.append((batch, _submit_sigint_blocked(pool, [s.text for s in batch])))
+            if len(in_flight) > 2 * workers:
+                batch, future = in_flight.popleft()
+                yield from zip(batch, future.result())
+        while in_flight:
+            batch, future = in_flight.popleft()
+            yield from zip(batch, future.result())
+    finally:
+        # Queued tasks are dropped; a worker finishes the task it holds (one still starting up
+        # first finishes starting) and exits. Killing it instead could cut a result off midway
+        # through the shared result pipe, which leaves the executor waiting for the rest forever.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit_sigint_blocked(pool, texts: list[str]):
+    """pool.submit, which may start a worker: one started with SIGINT blocked cannot be killed by
+    a Ctrl-C (with a traceback) while it imports, before `_worker_init` ignores SIGINT."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return pool.submit(_worker_encode, texts)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(_worker_encode, texts)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C meanwhile is delivered here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,16 +316,15 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
 
     `tokenizer` is anything `Tokenizer.from_pretrained` accepts (a released name or a folder).
     """
-    from .tokenizer import Tokenizer
-
+    for name, value in (("shard_tokens", shard_tokens), ("segment_chars", segment_chars), ("workers", workers)):
+        if value < 1:
+            raise DataError(f"{name} must be at least 1, got {value}")
+    period = val_period(val_fraction)
     out = Path(out)
     paths = expand_inputs(inputs)
-    tok = Tokenizer.from_pretrained(tokenizer)
+    tok = _load_tokenizer(tokenizer)
     if tok.n_vocab > np.iinfo(DTYPE).max + 1:
         raise DataError(f"tokenizer {tokenizer}: {tok.n_vocab} tokens do not fit uint16 shards (at most 65536)")
-    if shard_tokens < 1 or segment_chars < 1:
-        raise DataError("shard_tokens and segment_chars must be positive")
-    period = val_period(val_fraction)
     settings = {
         "tokenizer_fingerprint": tok.fingerprint, "field": field, "val_fraction": val_fraction,
         "shard_tokens": shard_tokens, "segment_chars": segment_chars, "sources": _sources(paths),
@@ -251,6 +342,9 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
         state = _read_json(progress_path)
         if state.get("settings") != settings:
             raise DataError(f"{progress_path}: an unfinished run with other inputs or settings; choose another --out")
+        if state.get("segmenting") != _SEGMENTING:
+            raise DataError(f"{progress_path}: an unfinished run by an older gpt2kit, which cut segments "
+                            "differently; delete the folder or choose another --out")
         log.info("%s: resuming after %s", out, ", ".join(f"{len(state[s]['shards'])} {s} shards" for s in SPLITS))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer")
@@ -262,7 +356,8 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
                 yield seg
 
     def save_progress() -> None:
-        write_json(progress_path, {"settings": settings, **{s: w.disk for s, w in writers.items()}})
+        write_json(progress_path, {"settings": settings, "segmenting": _SEGMENTING,
+                                   **{s: w.disk for s, w in writers.items()}})
 
     eot = tok.eot_token
     bar = None
@@ -270,33 +365,9 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
         from tqdm import tqdm
 
         bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="prepare")
-    segs = todo()
-    if workers > 1:
-        import multiprocessing as mp
-
-        # spawn, not fork: the tokenizer may hold threads (Rust) that do not survive a fork.
-        pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(str(tokenizer),))
-        pending: list[Segment] = []
-
-        def texts() -> Iterator[str]:
-            for seg in segs:
-                pending.append(seg)
-                yield seg.text
-
-        encoded = pool.imap(_worker_encode, texts(), chunksize=8)
-    else:
-        pool = None
-        pending = []
-
-        def _enc() -> Iterator[np.ndarray]:
-            for seg in segs:
-                pending.append(seg)
-                yield np.asarray(tok.encode_ordinary(seg.text), dtype=DTYPE)
-
-        encoded = _enc()
+    encoded = _encode_in_pool(str(tokenizer), todo(), workers) if workers > 1 else _encode_here(tok, todo())
     try:
-        for ids in encoded:
-            seg = pending.pop(0)
+        for seg, ids in encoded:
             if seg.boundary:
                 ids = np.concatenate([np.array([eot], dtype=DTYPE), ids])
             if writers[seg.split].add(seg.index, ids, len(seg.text)):
@@ -304,8 +375,7 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
             if bar is not None:
                 bar.update(len(seg.text.encode("utf-8")))
     finally:
-        if pool is not None:
-            pool.terminate()
+        encoded.close()  # stops the worker processes now, also on Ctrl-C or an error
         if bar is not None:
             bar.close()
     for w in writers.values():

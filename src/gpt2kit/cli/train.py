@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -14,11 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", default="gpt2", help="a released name (gpt2) or a tokenizer folder (default: gpt2)")
     p.add_argument("--field", default="text", help="JSON field holding the text in .jsonl inputs (default: text)")
-    p.add_argument("--val-fraction", type=float, default=0.005, help="share of text held out (default: 0.005)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
-    p.add_argument("--segment-chars", type=int, default=10_000,
+    # Numbers are parsed by the handler, not argparse: its error is one line (argparse adds the usage),
+    # and counts may be written like 1e8.
+    p.add_argument("--val-fraction", default=0.005, help="share of text held out (default: 0.005)")
+    p.add_argument("--shard-tokens", default=100_000_000, help="tokens per shard (default: 1e8)")
+    p.add_argument("--segment-chars", default=10_000,
                    help="documents are split into segments of about this many characters for the split (default: 10000)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -63,12 +66,37 @@ def _collect_unknown(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from ..data import prepare
+def _number(value: str | float) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
 
+
+def _count(flag: str, value: str | int) -> int:
+    """An integer >= 1, written out or in scientific notation (1e8, as the help shows defaults)."""
+    from ..errors import ConfigError
+
+    try:
+        number: int | float = int(value)
+    except ValueError:
+        number = _number(value)
+    if not (isinstance(number, int) or number.is_integer()) or number < 1:  # nan and inf are not integers
+        raise ConfigError(f"{flag}: expected a whole number >= 1, got {value}")
+    return int(number)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ..data import MAX_VAL_FRACTION, prepare
+    from ..errors import ConfigError
+
+    val_fraction = _number(args.val_fraction)
+    if not 0 <= val_fraction <= MAX_VAL_FRACTION:  # also rejects nan
+        raise ConfigError(f"--val-fraction: expected a number in [0, {MAX_VAL_FRACTION}], got {args.val_fraction}")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, field=args.field,
-                   val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                   segment_chars=args.segment_chars, workers=args.workers, progress=not args.no_progress)
+                   val_fraction=val_fraction, shard_tokens=_count("--shard-tokens", args.shard_tokens),
+                   segment_chars=_count("--segment-chars", args.segment_chars),
+                   workers=_count("--workers", args.workers), progress=not args.no_progress)
     s = meta["splits"]
     print(f"prepared {args.out}: train {s['train']['tokens']:,} tokens in {len(s['train']['shards'])} shard(s), "
           f"val {s['val']['tokens']:,} tokens in {len(s['val']['shards'])} shard(s); "
