@@ -164,6 +164,11 @@ def test_prepare_bad_inputs(tmp_path, corpus):
                                              "encoder.json.*or a released name"):
         D.prepare([corpus], tmp_path / "out5", tokenizer=str(tmp_path / "vocab.txt"))
     assert not any((tmp_path / f"out{i}").exists() for i in (4, 5))
+    # a shard cut to an odd number of bytes (half a token) is named, not numpy's bare ValueError
+    shard = tmp_path / "out3" / D.read_meta(tmp_path / "out3")["splits"]["train"]["shards"][0]
+    shard.write_bytes(shard.read_bytes()[:1001])
+    with pytest.raises(InputFileError, match=rf"{shard.name}: 1001 bytes: not whole uint16 tokens, the shard is truncated"):
+        D.TokenStream(tmp_path / "out3", "train")
 
 
 @pytest.mark.parametrize("option, value, expected", [

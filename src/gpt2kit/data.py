@@ -436,6 +436,13 @@ class TokenStream:
             path = folder / name
             if not path.exists():
                 raise InputFileError(path, "shard listed in meta.json is missing")
+            size = path.stat().st_size
+            if size % np.dtype(DTYPE).itemsize:  # (numpy's own error names neither file nor cause)
+                raise InputFileError(path, f"{size} bytes: not whole {np.dtype(DTYPE).name} tokens, the shard is "
+                                           "truncated or damaged")
+            if size == 0:  # np.memmap refuses empty files
+                self.shards.append(np.zeros(0, dtype=DTYPE))
+                continue
             self.shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         if self.starts[-1] != meta["splits"][split]["tokens"]:
