@@ -464,7 +464,7 @@ def test_every_fingerprint_probes_nearly_k_distinct_bits():
                                                                 43, 47, 53, 59]
     assert overlap._is_prime(2**61 - 1) and not overlap._is_prime(2**61 + 1)
     # steps that share a large factor with m (m/2, m/3, m/64, ...) included: with m itself as the
-    # modulus and no cubic term, a step of m/2 visited 2 bits, not k
+    # modulus (v1), a step of m/2 visited 2 bits, not k
     steps = [bf.m // d for d in (2, 3, 4, 8, 16, 64) if bf.m % d == 0]
     rng = np.random.default_rng(0)
     h1 = rng.integers(0, 2**63, size=len(steps) + 5000, dtype=np.uint64)

@@ -11,11 +11,11 @@ percentage of each test set's 8-grams found. This module does the same at any sc
                   fmix64(sum_i word[j+i] * C^(7-i) mod 2^64): a 128-bit fingerprint computed with a
                   few numpy passes per document instead of one hash call per 8-gram
     Bloom filter  m bits and k hashes from (capacity n, target rate p): m = -n ln p / ln(2)^2,
-                  k = round(m/n ln 2); bit i of an 8-gram is (a + i*b + i(i-1)(i-2)/6*c) mod q, q
-                  the largest prime <= m, a = h1 mod q, b = h2 mod (q-1) + 1, c = (h1 div q) mod q
-                  (double hashing with a cubic term: with a prime modulus no step cycles early,
-                  the cubic term keeps a fingerprint's k bits apart, and c keeps two 8-grams from
-                  sharing most of their bits whenever they share b)
+                  k = round(m/n ln 2); q = the largest prime <= m; bits i < ceil(k/2) of an 8-gram
+                  are (a + i*b) mod q with a = h1 mod q, b = h2 mod (q-1) + 1, the others the same
+                  from a second pair (a', b') mixed out of both lanes (partitioned double hashing:
+                  with a prime modulus no step cycles early, and two 8-grams that share a step
+                  still differ in the other half of their bits)
     ExactSet      the normalized 8-gram strings themselves: exact, for small corpora and for checking
                   the Bloom answers
 
@@ -70,13 +70,14 @@ log = logging.getLogger(__name__)
 
 NGRAM = 8
 NORMALIZATION = "nfkc-lower-alnum-words-v1"
-HASH_SCHEME = "blake2b128-words/poly-fmix64-lanes/cubic-double-hashing-mod-prime-v2"
-# Filters written before v2 used double hashing modulo m itself, a multiple of 64: a step sharing
-# a large factor with m cycles through fewer than k bits (a step of m/2 through 2), and two
-# 8-grams with the same step and nearby starts share most of their bits. Both put a floor under
-# the false-positive rate, far above the target for filters of under ~1M 8-grams (measured: 47
-# false hits in 1M queries of a 1,000-item filter at 1e-6, 7 with a prime modulus alone, ~1 with
-# v2). They stay readable, and are queried and merged with their own scheme.
+HASH_SCHEME = "blake2b128-words/poly-fmix64-lanes/two-double-hashings-mod-prime-v2"
+# Filters written before v2 used one double hashing modulo m itself, a multiple of 64: a step
+# sharing a large factor with m cycles through fewer than k bits (a step of m/2 through 2), and
+# two 8-grams with the same step and nearby starts share most of their bits. Both put a floor
+# under the false-positive rate, far above the target for filters of under ~1M 8-grams (measured:
+# 47 false hits in 1M queries of a 1,000-item filter at 1e-6, 7 with a prime modulus alone, under
+# 1 on average with v2). A cubic term instead of the second pair did as well but made inserts
+# 2.5x slower. v1 filters stay readable, and are queried and merged with their own scheme.
 HASH_SCHEME_V1 = "blake2b128-words/poly-fmix64-lanes/double-hashing-mod-m-v1"
 HASH_SCHEMES = (HASH_SCHEME, HASH_SCHEME_V1)
 MAGIC = b"GPT2KOVL"
@@ -86,7 +87,7 @@ _PREFIX = struct.Struct("<8sIII")  # magic, version, json length, json crc32
 _CHUNK = 1 << 26  # bytes per step when hashing, OR-ing or counting a payload
 _BATCH_NGRAMS = 1 << 14  # 8-grams per numpy insert/query step: keeps the (k, n) temporaries in cache
 _FLUSH_NGRAMS = 1 << 17  # 8-grams collected from documents before they are inserted
-_MAX_M_BITS = 1 << 46  # keeps a + i*b + i(i-1)(i-2)/6*c below 2^64 (k <= 64); 8 TiB of bits
+_MAX_M_BITS = 1 << 58  # keeps a + i*b below 2^64 (k <= 64)
 _MAX_WORD_CACHE = 1 << 20
 
 
@@ -255,10 +256,17 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def _second_pair(h1: np.ndarray, h2: np.ndarray, q: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    """The (a', b') of the second half of a fingerprint's bits, from both lanes mixed: two 8-grams
+    that share the first pair's step share at most half of their bits."""
+    x = _fmix64_np(h1 ^ ((h2 << np.uint64(32)) | (h2 >> np.uint64(32))))
+    return x % q, _fmix64_np(x.copy()) % (q - np.uint64(1)) + np.uint64(1)
+
+
 @functools.lru_cache(maxsize=64)
 def probe_modulus(m_bits: int, hash_scheme: str = HASH_SCHEME) -> int:
     """The modulus of a filter's bit positions: the largest prime <= m (v2; the bits above it stay
-    0, ~ln m of them), or m itself for filters written before v2 (which also take c = 0)."""
+    0, ~ln m of them), or m itself for filters written before v2 (one double hashing for all k)."""
     if hash_scheme == HASH_SCHEME_V1:
         return m_bits
     q = m_bits
@@ -284,7 +292,7 @@ def optimal_parameters(capacity: int, fpr: float) -> tuple[int, int]:
     m = math.ceil(-capacity * math.log(fpr) / math.log(2) ** 2)
     m = max(64, -(-m // 64) * 64)
     if m > _MAX_M_BITS:
-        raise OverlapError(f"a filter for {capacity} items at rate {fpr} needs {m} bits, more than 2^46")
+        raise OverlapError(f"a filter for {capacity} items at rate {fpr} needs {m} bits, more than 2^58")
     k = max(1, min(64, round(m / capacity * math.log(2))))
     return m, k
 
@@ -414,8 +422,8 @@ def _numba_kernels():
     """(add, contains) compiled with numba, or None when numba is not installed.
 
     They set and test exactly the bits of the numpy path, one fingerprint at a time: position i is
-    (a + i*b + i(i-1)(i-2)/6*c) mod m (m: the probe modulus), stepped as a += b, b += i*c, each
-    less m when it passes m (a, b, i*c < m). Compiled on first use
+    (a + i*b) mod m (m: the probe modulus), stepped as a += b, a -= m when it passes m (a, b < m),
+    with (a, b) drawn anew at i = split (`_second_pair`). Compiled on first use
     and cached on disk, so `import gpt2kit.overlap` stays cheap."""
     try:
         import numba
@@ -423,47 +431,48 @@ def _numba_kernels():
         return None
 
     @numba.njit(cache=True, nogil=True)
-    def add(bits, h1, h2, m, k, triple):  # pragma: no cover - compiled
-        zero, one, three, seven = np.uint64(0), np.uint64(1), np.uint64(3), np.uint64(7)
+    def mix(x):  # pragma: no cover - compiled; _fmix64_np
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> np.uint64(33)
+        return x
+
+    @numba.njit(cache=True, nogil=True)
+    def add(bits, h1, h2, m, k, split):  # pragma: no cover - compiled
+        one, three, seven, s32 = np.uint64(1), np.uint64(3), np.uint64(7), np.uint64(32)
         for j in range(h1.shape[0]):
             a = h1[j] % m
             b = h2[j] % (m - one) + one
-            c = (h1[j] // m) % m if triple else zero
-            ic = zero  # i*c mod m
-            for _ in range(k):
+            for i in range(k):
+                if i == split:
+                    x = mix(h1[j] ^ ((h2[j] << s32) | (h2[j] >> s32)))
+                    a = x % m
+                    b = mix(x) % (m - one) + one
                 bits[a >> three] |= np.uint8(1 << (a & seven))
                 a += b
                 if a >= m:
                     a -= m
-                b += ic
-                if b >= m:
-                    b -= m
-                ic += c
-                if ic >= m:
-                    ic -= m
 
     @numba.njit(cache=True, nogil=True)
-    def contains(bits, h1, h2, m, k, triple, out):  # pragma: no cover - compiled
-        zero, one, three, seven = np.uint64(0), np.uint64(1), np.uint64(3), np.uint64(7)
+    def contains(bits, h1, h2, m, k, split, out):  # pragma: no cover - compiled
+        one, three, seven, s32 = np.uint64(1), np.uint64(3), np.uint64(7), np.uint64(32)
         for j in range(h1.shape[0]):
             a = h1[j] % m
             b = h2[j] % (m - one) + one
-            c = (h1[j] // m) % m if triple else zero
-            ic = zero
             hit = True
-            for _ in range(k):
+            for i in range(k):
+                if i == split:
+                    x = mix(h1[j] ^ ((h2[j] << s32) | (h2[j] >> s32)))
+                    a = x % m
+                    b = mix(x) % (m - one) + one
                 if (bits[a >> three] >> (a & seven)) & 1 == 0:
                     hit = False
                     break
                 a += b
                 if a >= m:
                     a -= m
-                b += ic
-                if b >= m:
-                    b -= m
-                ic += c
-                if ic >= m:
-                    ic -= m
             out[j] = hit
 
     return add, contains
@@ -511,7 +520,8 @@ class BloomFilter:
         self.k = int(k_hashes)
         self.hash_scheme = hash_scheme
         self.q = probe_modulus(self.m, hash_scheme)  # bit positions are < q <= m
-        self.triple = hash_scheme != HASH_SCHEME_V1
+        # bits from `split` on come from a second (a, b) pair; k (never) for filters before v2
+        self.split = (self.k + 1) // 2 if hash_scheme != HASH_SCHEME_V1 else self.k
         self.n_added = int(n_added)  # 8-grams inserted, repeats included
         # documents read to build it; None when unknown (files written before gpt2kit kept count,
         # and what was merged from them)
@@ -519,8 +529,7 @@ class BloomFilter:
         self.path = path
         self._hasher = NgramHasher()
         self._ks = np.arange(self.k, dtype=np.uint64)[:, None]
-        ks = np.arange(self.k, dtype=np.int64)[:, None]
-        self._cubic = (ks * (ks - 1) * (ks - 2) // 6).astype(np.uint64)  # < 2^16
+
         # numba when installed (4-6x faster inserts); $GPT2KIT_OVERLAP_ENGINE=numpy forces the
         # pure-numpy path, which gives the same bits
         self.engine = _check_engine(engine or os.environ.get("GPT2KIT_OVERLAP_ENGINE", "auto"))
@@ -603,10 +612,11 @@ class BloomFilter:
         m = np.uint64(self.q)
         a = h1 % m
         b = h2 % (m - np.uint64(1)) + np.uint64(1)  # never 0: all k bits would coincide
-        pos = self._ks * b  # (k, n); < 64 * 2^52: no wrap-around
+        pos = self._ks * b  # (k, n); < 64 * 2^58: no wrap-around
         pos += a
-        if self.triple:
-            pos += self._cubic * ((h1 // m) % m)  # < 2^16 * 2^46
+        if self.split < self.k:
+            a2, b2 = _second_pair(h1, h2, m)
+            pos[self.split:] = (self._ks[:self.k - self.split] * b2 + a2)
         pos %= m
         return (pos >> np.uint64(3)).view(np.int64), _BIT[pos & np.uint64(7)]
 
@@ -617,7 +627,7 @@ class BloomFilter:
         h1, h2 = _lanes(h1, h2)
         kernels = self._kernels(len(h1))
         if kernels is not None:
-            kernels[0](np.asarray(self.bits), h1, h2, np.uint64(self.q), self.k, self.triple)
+            kernels[0](np.asarray(self.bits), h1, h2, np.uint64(self.q), self.k, self.split)
             self.n_added += len(h1)
             return
         for s in range(0, len(h1), _BATCH_NGRAMS):
@@ -638,7 +648,7 @@ class BloomFilter:
         out = np.empty(len(h1), dtype=bool)
         kernels = self._kernels(len(h1))
         if kernels is not None:
-            kernels[1](np.asarray(self.bits), h1, h2, np.uint64(self.q), self.k, self.triple, out)
+            kernels[1](np.asarray(self.bits), h1, h2, np.uint64(self.q), self.k, self.split, out)
             return out
         for s in range(0, len(h1), _BATCH_NGRAMS):
             byte, mask = self._positions(h1[s:s + _BATCH_NGRAMS], h2[s:s + _BATCH_NGRAMS])
