@@ -300,6 +300,9 @@ def test_bad_options_are_refused_before_any_work(planted, tmp_path, monkeypatch)
     monkeypatch.undo()
     assert build_filter(train, tmp_path / "f.bloom", capacity=1e5).stats["capacity"] == 100_000
     assert read_header(tmp_path / "f.bloom")["capacity"] == 100_000  # an int in the header, as --capacity 100000 gives
+    # numpy integers are whole numbers too (they were taken before these checks)
+    assert build_filter(train, tmp_path / "g.bloom", capacity=np.int64(5_000)).stats["capacity"] == 5_000
+    assert measure_fpr(open_filter(tmp_path / "g.bloom"), np.int64(1_000))["samples"] == 1_000
 
     with pytest.raises(OverlapError, match="exists and is not a file"):
         merge_filters([tmp_path / "f.bloom", tmp_path / "f.bloom"], tmp_path)

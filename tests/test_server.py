@@ -210,6 +210,21 @@ def test_wrong_api_key_is_401(url):
     assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
 
 
+def test_the_key_is_required_behind_a_mount_too(model, tok):
+    # an app embedding ours under a prefix (or run with a root path) must not serve /v1 without the key
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+    outer.mount("/api", create_app(model, tok, model_name=NAME, api_key=KEY))
+    with live(outer) as url:
+        assert httpx.get(f"{url}/api/v1/models").status_code == 401
+        r = httpx.post(f"{url}/api/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 401
+        ok = httpx.get(f"{url}/api/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == NAME
+        assert httpx.get(f"{url}/api/health").status_code == 200
+
+
 def test_32_concurrent_requests(url, model, tok):
     async def main():
         aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
@@ -255,6 +270,31 @@ def test_disconnected_request_frees_its_slot(tok):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "slow", "max_tokens": 60}, timeout=0.5)
         assert_slot_comes_back(url)
+
+
+def test_a_cancelled_handler_cancels_its_work():
+    # server shutdown (or a timeout around the app) cancels the handler: the generation must stop too
+    from gpt2kit.server import _unless_disconnected
+
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    async def main():
+        stopped = asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.sleep(30)
+            finally:
+                stopped.set()
+
+        handler = asyncio.ensure_future(_unless_disconnected(work(), Connected(), poll=0.01))
+        await asyncio.sleep(0.1)
+        handler.cancel()
+        await asyncio.wait_for(stopped.wait(), 5)
+
+    asyncio.run(main())
 
 
 def test_serve_command(tmp_path, model, tok):

@@ -324,8 +324,10 @@ def test_bad_inputs(shards, tmp_path, text_dir):
     with pytest.raises(T.CheckpointError, match="shards of another tokenizer"):
         T.train(cfg_for(gpt2_shards, run, max_steps=4, resume=True))
     # resuming a run that is already done, or from damaged files: one line naming what and where
-    with pytest.raises(T.TrainError, match=r"already at step 2 \(max_steps 1\): nothing to train"):
+    with pytest.raises(T.TrainError, match=r"already at step 2, past max_steps 1"):
         T.train(cfg_for(shards, run, max_steps=1, resume=True))
+    done = T.train(cfg_for(shards, run, max_steps=2, resume=True))  # a requeued job: nothing to do, no error
+    assert done["nothing_to_do"] and done["step"] == 2 and done["checkpoint"].endswith("step_0000002")
     state = run / "checkpoints" / "step_0000002" / T.TRAINER_STATE
     good = state.read_bytes()
     for damaged in (good[:100], b"\x80\x04not a pickle at all"):

@@ -48,6 +48,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pickle
 import re
@@ -978,9 +979,13 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, what: str = "
 
 
 def _whole(value, option: str, minimum: int) -> int:
-    """`value` as an int, if it is a whole number >= `minimum` (1e6 is, 2.5 and True are not)."""
-    if isinstance(value, float) and value.is_integer():
+    """`value` as an int, if it is a whole number >= `minimum` (1e6 and numpy integers are; 2.5 and
+    True are not)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)
+    if not isinstance(value, (bool, np.bool_)):
+        with contextlib.suppress(TypeError):
+            value = operator.index(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise OverlapError(f"{option} must be a whole number >= {minimum}, got {value!r}")
     return value

@@ -423,15 +423,18 @@ async def _unless_disconnected(work: Awaitable[dict[str, Any]], request: Request
     worker at the next token and frees the slot (or its place in line), as for a stream. A client
     that timed out and retried would otherwise leave whole generations running for nobody."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=poll)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return Response(status_code=499)  # nobody reads it
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return Response(status_code=499)  # nobody reads it
+    finally:
+        task.cancel()  # (a no-op once it is done) this handler itself cancelled: shutdown, a timeout
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -446,7 +449,11 @@ class _RequireKey:
         self.app, self.api_key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        # the path the app routes on: behind a mount or --root-path, scope["path"] keeps the prefix
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
                 error = APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'",

@@ -976,9 +976,14 @@ def train(cfg: TrainConfig) -> dict:
         from .tokenizer import Tokenizer
 
         state = load_trainer_state(resume_from)
-        if state["step"] >= cfg.max_steps:
-            raise TrainError(f"{resume_from}: the run is already at step {state['step']} (max_steps {cfg.max_steps}): "
-                             "nothing to train; pass a larger --max_steps to continue it")
+        if state["step"] > cfg.max_steps:
+            raise TrainError(f"{resume_from}: the run is already at step {state['step']}, past max_steps "
+                             f"{cfg.max_steps}; pass a larger --max_steps to continue it")
+        if state["step"] == cfg.max_steps:  # done: a requeued job that resumes it has nothing to do
+            log.info("%s: the run is already at max_steps %d: nothing to train", resume_from, cfg.max_steps)
+            return {"step": state["step"], "start_step": state["step"], "nothing_to_do": True,
+                    "checkpoint": str(resume_from), "world_size": world, "out_dir": str(out),
+                    "best_val_loss": state.get("best_val_loss")}
         model = GPT2.from_pretrained(str(resume_from))
         tokenizer = Tokenizer.from_pretrained(str(Path(cfg.data) / meta["tokenizer"]["folder"]))
         if state["data_fingerprint"] != meta["tokenizer"]["fingerprint"]:

@@ -116,6 +116,9 @@ def _train(args: argparse.Namespace) -> int:
     config = args.config
     cfg = load_config(config, overrides)
     s = train(cfg)
+    if s.get("nothing_to_do"):
+        print(f"nothing to train: {s['checkpoint']} is at step {s['step']}, the configured max_steps")
+        return 0
     if s["world_size"] > 1 and s["checkpoint"] is None:
         return 0  # not rank 0: rank 0 prints the summary
     val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
