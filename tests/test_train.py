@@ -340,6 +340,17 @@ def test_bad_inputs(shards, tmp_path, text_dir):
         T.train(cfg_for(shards, run, max_steps=4, resume=True))
 
 
+def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):
+    # a checkpoint off the log interval: the first record after resuming covers 1 step, not 4
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=7, log_interval=4, checkpoint_interval=7))
+    T.train(cfg_for(shards, out, max_steps=12, log_interval=4, resume=True))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in recs if r.get("step") == 8 and "tok_per_s" in r)
+    tokens_per_step = first["tokens"] // 8
+    assert first["tok_per_s"] * first["time_s"] <= 1.5 * tokens_per_step  # ~1 step's tokens in the time since start
+
+
 def test_bad_config_files_and_values(tmp_path):
     with pytest.raises(ConfigError, match="a folder; expected a TOML config file"):
         T.load_config(tmp_path)
@@ -349,7 +360,8 @@ def test_bad_config_files_and_values(tmp_path):
     for key, value, message in (("max_minutes", "-1", "max_minutes must not be negative"),
                                 ("grad_clip", "nan", "grad_clip must not be negative"),
                                 ("dropout", "1", r"dropout must be in \[0, 1\)"),
-                                ("lr", "0", "lr must be positive")):
+                                ("lr", "0", "lr must be positive"),
+                                ("lr_decay_steps", "5", r"lr_decay_steps \(5\) ends the cosine decay before the warm-up")):
         with pytest.raises(ConfigError, match=message):
             T.load_config(None, [f"--{key}", value])
 

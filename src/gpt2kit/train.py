@@ -158,6 +158,9 @@ def _validate(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: {k} must be in [0, 1), got {getattr(cfg, k)}")
     if not cfg.lr > 0:
         raise ConfigError(f"{source}: lr must be positive, got {cfg.lr}")
+    if 0 < cfg.lr_decay_steps < cfg.warmup_steps:
+        raise ConfigError(f"{source}: lr_decay_steps ({cfg.lr_decay_steps}) ends the cosine decay before the "
+                          f"warm-up ends (warmup_steps {cfg.warmup_steps}); expected lr_decay_steps >= warmup_steps")
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise ConfigError(f"{source}: expected 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
 
@@ -1133,7 +1136,7 @@ def train(cfg: TrainConfig) -> dict:
                  ranks, micro, accum, dtype)
 
     t_start = time.perf_counter()
-    t_last = t_start
+    t_last, logged_step = t_start, start_step  # (a resumed run's first interval may be short)
     tokens_per_step = cfg.batch_size * block
     ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
     step = start_step
@@ -1169,9 +1172,8 @@ def train(cfg: TrainConfig) -> dict:
                 last_loss = float(_all_mean(loss_sum / accum, dist_))
                 if dist_.main:
                     now = time.perf_counter()
-                    n_steps = cfg.log_interval if step % cfg.log_interval == 0 else step % cfg.log_interval
-                    tps = tokens_per_step * n_steps / max(now - t_last, 1e-9)
-                    t_last = now
+                    tps = tokens_per_step * (step - logged_step) / max(now - t_last, 1e-9)
+                    t_last, logged_step = now, step
                     rec = {"step": step, "loss": last_loss, "lr": lr, "tok_per_s": round(tps, 1),
                            "mfu": round(tps * fpt / peak, 4), "tokens": tokens_seen,
                            "time_s": round(now - t_start, 3)}
