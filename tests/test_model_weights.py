@@ -341,3 +341,84 @@ def test_hub_download_when_online(tmp_path, monkeypatch):
     repo, patterns = calls[0]
     assert repo == "openai-community/gpt2-large"
     assert "model.safetensors" in patterns and "config.json" in patterns and "*.bin" not in patterns
+
+
+def test_hub_download_of_sharded_and_bin_only_repos(tmp_path, monkeypatch):
+    # a fake hub that applies the patterns to a repo's files, as snapshot_download does
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    hf = hf_model()
+    repos = {"sharded": tmp_path / "sharded", "binonly": tmp_path / "binonly"}
+    hf.save_pretrained(repos["sharded"], max_shard_size="10KB")
+    assert (repos["sharded"] / "model.safetensors.index.json").exists()
+    repos["binonly"].mkdir()  # as older transformers saved: config.json and pytorch_model.bin only
+    (repos["binonly"] / "config.json").write_text((repos["sharded"] / "config.json").read_text())
+    torch.save(hf.state_dict(), repos["binonly"] / "pytorch_model.bin")
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        src = repos[repo_id.split("/")[-1]]
+        dst = tmp_path / "downloads" / repo_id.replace("/", "--")
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, dst / f.name)
+        return str(dst)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for repo in ("someone/sharded", "someone/binonly"):
+        assert_same_logits(GPT2.from_pretrained(repo), hf)
+    # the .bin-only repo's safetensors round found nothing: never both kinds of weights
+    assert not list((tmp_path / "downloads" / "someone--sharded").glob("*.bin"))
+
+
+def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path):
+    from gpt2kit.tokenizer import Tokenizer
+
+    old = hf_model(seed=0)
+    old.save_pretrained(tmp_path, max_shard_size="10KB")  # index + shards
+    (tmp_path / "pytorch_model.bin").write_bytes(b"an older save's weights")
+    torch.manual_seed(5)
+    new = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50257, n_ctx=16)).eval()
+    new.save_pretrained(tmp_path, tokenizer=Tokenizer.gpt2())
+    assert sorted(p.name for p in tmp_path.glob("*model*")) == ["model.safetensors"]
+    x = ids(50257)
+    with torch.no_grad():
+        torch.testing.assert_close(GPT2.from_pretrained(str(tmp_path))(x), new(x), rtol=0, atol=0)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        assert (hf(x).logits - new(x)).abs().max() <= 1e-5
+    # the tokenizer's context is the model's: AutoTokenizer truncates to 16, not 1024
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).model_max_length == 16
+    # a folder with both a single file and shards reads the single file, as transformers does
+    hf_model(seed=0).save_pretrained(tmp_path / "both", max_shard_size="10KB")
+    hf_model(seed=1).save_pretrained(tmp_path / "single")
+    (tmp_path / "both" / "model.safetensors").write_bytes((tmp_path / "single" / "model.safetensors").read_bytes())
+    assert_same_logits(GPT2.from_pretrained(str(tmp_path / "both")), hf_model(seed=1))
+
+
+def test_bad_configs_and_mismatched_tokenizers_name_the_file(tmp_path):
+    from gpt2kit.tokenizer import Tokenizer
+    from gpt2kit.weights import config_of
+
+    hf_model().save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key, value in (("resid_pdrop", None), ("layer_norm_epsilon", "x")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(WeightsError, match=rf"config.json: {key} must be a number, got {value!r}"):
+            GPT2.from_pretrained(str(tmp_path / "m"))
+    tf = tmp_path / "tf"
+    tf.mkdir()
+    for f in FIXTURE.iterdir():
+        (tf / f.name).write_bytes(f.read_bytes())
+    h = json.loads((tf / "hparams.json").read_text())
+    del h["n_layer"]
+    (tf / "hparams.json").write_text(json.dumps(h))
+    with pytest.raises(WeightsError, match=r"hparams.json: missing key 'n_layer'"):
+        config_of(tf)
+    with pytest.raises(WeightsError, match=r"the tokenizer has 50257 tokens, more than the model's vocab_size 50"):
+        GPT2(CFG).save_pretrained(tmp_path / "mismatch", tokenizer=Tokenizer.gpt2())
+    assert not (tmp_path / "mismatch").exists()

@@ -199,10 +199,15 @@ def config_from_hf(path: Path, **overrides: Any) -> GPT2Config:
     for key, ok in unsupported.items():
         if key in d and d[key] not in ok:
             raise WeightsError(f"{path}: {key}={d[key]!r} is not supported (expected one of {list(ok)})")
+    def number(key: str, default: float) -> float:
+        value = d.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WeightsError(f"{path}: {key} must be a number, got {value!r}")
+        return float(value)
+
     fields = dict(n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_embd=d.get("n_embd", 768),
                   vocab_size=d.get("vocab_size", 50257), n_ctx=d.get("n_positions", d.get("n_ctx", 1024)),
-                  dropout=float(d.get("resid_pdrop", 0.0)),
-                  layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)))
+                  dropout=number("resid_pdrop", 0.0), layer_norm_epsilon=number("layer_norm_epsilon", 1e-5))
     try:
         return GPT2Config(**{**fields, **overrides})
     except ConfigError as e:
@@ -252,23 +257,24 @@ def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """All tensors of an HF folder under GPT2LMHeadModel names, and the file each came from."""
-    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _load_torch_bin)):
-        if (folder / index_name).exists():
-            weight_map = _read_json(folder / index_name).get("weight_map")
+    """All tensors of an HF folder under GPT2LMHeadModel names, and the file each came from. The
+    files are looked for in transformers' order (a single safetensors file, its sharded index, a
+    single .bin, its index), so that both read the same weights from a folder holding several."""
+    for name, loader in (("model.safetensors", _load_safetensors), ("model.safetensors.index.json", _load_safetensors),
+                         ("pytorch_model.bin", _load_torch_bin), ("pytorch_model.bin.index.json", _load_torch_bin)):
+        if not (folder / name).exists():
+            continue
+        if name.endswith(".index.json"):
+            weight_map = _read_json(folder / name).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise WeightsError(f"{folder / index_name}: expected a 'weight_map' object")
+                raise WeightsError(f"{folder / name}: expected a 'weight_map' object")
             files = sorted({folder / f for f in weight_map.values()})
-            break
-    else:
-        if (folder / "model.safetensors").exists():
-            files, loader = [folder / "model.safetensors"], _load_safetensors
-        elif (folder / "pytorch_model.bin").exists():
-            files, loader = [folder / "pytorch_model.bin"], _load_torch_bin
         else:
-            raise WeightsError(f"{folder}: no weights: expected model.safetensors or pytorch_model.bin "
-                               f"(or a sharded *.index.json) beside config.json")
+            files = [folder / name]
+        break
+    else:
+        raise WeightsError(f"{folder}: no weights: expected model.safetensors or pytorch_model.bin "
+                           f"(or a sharded *.index.json) beside config.json")
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for f in files:
@@ -490,18 +496,23 @@ def tf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def load_openai_folder(folder: Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                       **overrides: Any) -> "GPT2":
-    hparams_path = folder / "hparams.json"
+def config_from_hparams(hparams_path: Path, **overrides: Any) -> GPT2Config:
+    """GPT2Config from OpenAI's hparams.json."""
     h = _read_json(hparams_path)
     try:
-        config = GPT2Config(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"],
-                            vocab_size=h["n_vocab"], n_ctx=h["n_ctx"], **overrides)
+        return GPT2Config(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"],
+                          vocab_size=h["n_vocab"], n_ctx=h["n_ctx"], **overrides)
     except KeyError as e:
         raise WeightsError(f"{hparams_path}: missing key {e.args[0]!r} (expected n_vocab, n_ctx, n_embd, "
                            f"n_head, n_layer)") from None
     except (ConfigError, TypeError) as e:
         raise WeightsError(f"{hparams_path}: {e}") from None
+
+
+def load_openai_folder(folder: Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                       **overrides: Any) -> "GPT2":
+    hparams_path = folder / "hparams.json"
+    config = config_from_hparams(hparams_path, **overrides)
     prefix = folder / "model.ckpt"
     tensors: dict[str, torch.Tensor] = {}
     index = f"{prefix}.index"
@@ -658,11 +669,18 @@ def _download(name: str) -> Path | None:
         return None
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return None
-    patterns = ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json",
-                "tokenizer_config.json", "generation_config.json"]
+    common = ["config.json", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json"]
+    # safetensors (single or sharded) where the repo has them; else the .bin files, never both
+    weights = (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+               ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"])
     for repo in repo_ids(name)[:1]:
         try:
-            return Path(snapshot_download(repo, allow_patterns=patterns))
+            for patterns in weights:
+                folder = Path(snapshot_download(repo, allow_patterns=common + patterns))
+                if any((folder / f).exists() for f in patterns[:2]):
+                    return folder
+            return folder  # no weights there: resolve() says what is missing
         except Exception as e:  # network down, repo missing, hub refusing: fall back to the message
             log.debug("download of %s from the Hugging Face hub failed: %s", repo, e)
     return None
@@ -729,6 +747,9 @@ def save_pretrained(model: "GPT2", folder: str | os.PathLike, tokenizer: Any = N
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
+        raise WeightsError(f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens, more than the model's "
+                           f"vocab_size {model.config.vocab_size}: they do not belong together")
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)
     dtype = next(iter(tensors.values())).dtype
@@ -737,8 +758,19 @@ def save_pretrained(model: "GPT2", folder: str | os.PathLike, tokenizer: Any = N
     config = hf_config_dict(model.config, eot_token=None if tokenizer is None else tokenizer.eot_token)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_json(folder / "config.json", config)
+    # weights of an earlier save in other forms would shadow or contradict the new file
+    for pattern in ("model.safetensors.index.json", "model-*-of-*.safetensors", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"):
+        for stale in folder.glob(pattern):
+            log.info("%s: removing %s of an earlier save", folder, stale.name)
+            stale.unlink()
     if tokenizer is not None:
         tokenizer.save(folder)
+        tok_config = folder / "tokenizer_config.json"
+        if tok_config.exists():  # its context is the model's, which AutoTokenizer truncates to
+            d = _read_json(tok_config)
+            d["model_max_length"] = model.config.n_ctx
+            write_json(tok_config, d)
 
 
 def config_of(name_or_path: str | os.PathLike) -> GPT2Config:
@@ -753,9 +785,7 @@ def config_of(name_or_path: str | os.PathLike) -> GPT2Config:
         raise WeightsError(f"not a preset ({', '.join(PRESETS)}) nor a readable model: {e}") from None
     if (folder / "config.json").exists():
         return config_from_hf(folder / "config.json")
-    h = _read_json(folder / "hparams.json")
-    return GPT2Config(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"], vocab_size=h["n_vocab"],
-                      n_ctx=h["n_ctx"])
+    return config_from_hparams(folder / "hparams.json")
 
 
 __all__ = ["WeightsError", "load_pretrained", "save_pretrained", "read_tf_checkpoint", "crc32c",
