@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -168,7 +169,7 @@ def test_decode_split_character(fast, ref):
         assert tok.decode(np.array(ids, dtype=np.uint16)) == tok.decode(torch.tensor(ids)) == "\U0001d54f"
 
 
-@pytest.mark.parametrize("bad", [50257, -1, 10**12, "7", 1.0])
+@pytest.mark.parametrize("bad", [50257, -1, 10**12, "7", 1.0, True, False])
 def test_unknown_ids_are_clear_errors(bad, fast, ref):
     for tok in (fast, ref):
         with pytest.raises(UnknownTokenError, match=r"outside the vocabulary \(expected 0\.\.50256\)"):
@@ -328,6 +329,10 @@ def test_encode_batch_threads_and_order(fast, ref):
     assert fast.encode_batch([f"x{ENDOFTEXT}"], allowed_special="all") == [[87, 50256]]
     with pytest.raises(TokenizerError, match="expects a list of texts"):
         fast.encode_batch("one text")
+    for tok in (fast, ref):  # both engines refuse a non-text the same way, threads or not
+        for threads in (None, 1):
+            with pytest.raises(TokenizerError, match="^expected text \\(str\\), got NoneType$"):
+                tok.encode_batch(["a" * 100, None, "b"], num_threads=threads)
 
 
 def test_pickle_for_worker_processes(fast, ref):
@@ -356,3 +361,81 @@ def test_docstring_examples():
     for module in (tokenizer, bpe_train):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted >= 3
+
+
+def _edited_tokenizer_json(src, dst, edit):
+    data = json.loads(src.read_text(encoding="utf-8"))
+    edit(data)
+    dst.write_text(json.dumps(data), encoding="utf-8")
+    return dst
+
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_UNSUPPORTED_SETTINGS = {
+    "normalizer": (lambda d: d.update(normalizer={"type": "Lowercase"}), r"'normalizer' is \{\"type\":\"Lowercase\"\}"),
+    "add_prefix_space": (lambda d: d["pre_tokenizer"].update(add_prefix_space=True), r"'pre_tokenizer.add_prefix_space' is true"),
+    "use_regex": (lambda d: d["pre_tokenizer"].update(use_regex=False), r"'pre_tokenizer.use_regex' is false"),
+    "split": (lambda d: d.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+|\s+|\p{L}+"}, "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False}]}), r"'pre_tokenizer.pretokenizers\[0\]' is \{\"type\":\"Split\""),
+    "template": (lambda d: d.update(post_processor={"type": "TemplateProcessing", "single": [], "pair": [], "special_tokens": {}}),
+                 "'post_processor' is .*TemplateProcessing"),
+    "truncation": (lambda d: d.update(truncation={"max_length": 4, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}),
+                   "'truncation' is"),
+    "dropout": (lambda d: d["model"].update(dropout=0.1), "'model.dropout' is 0.1"),
+    "suffix": (lambda d: d["model"].update(end_of_word_suffix="</w>"), "'model.end_of_word_suffix'"),
+    "ignore_merges": (lambda d: d["model"].update(ignore_merges=True), "'model.ignore_merges' is true"),
+    "lstrip": (lambda d: d["added_tokens"][0].update(lstrip=True), r"'added_tokens\[0\].lstrip' is true"),
+    "not_special": (lambda d: d["added_tokens"][0].update(special=False), r"'added_tokens\[0\].special' is false"),
+}
+
+_CHANGES_IDS_OF_HELLO = {"normalizer", "add_prefix_space", "use_regex", "split", "template", "truncation", "suffix"}
+
+
+@pytest.fixture(scope="module")
+def gpt2_saved(tmp_path_factory, fast):
+    folder = tmp_path_factory.mktemp("gpt2_saved")
+    fast.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("setting", sorted(_UNSUPPORTED_SETTINGS))
+def test_tokenizer_json_settings_gpt2kit_does_not_implement_are_refused(setting, gpt2_saved, tmp_path):
+    edit, message = _UNSUPPORTED_SETTINGS[setting]
+    path = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "tokenizer.json", edit)
+    text = "Hello World 12345 !! 's"  # " 's" is where splitting by the regex or not differs
+    try:
+        hf_ids = HFTokenizer.from_file(str(path)).encode(text).ids
+    except Exception:
+        hf_ids = None  # HF refuses the file too
+    if setting in _CHANGES_IDS_OF_HELLO:  # what loading it used to do: silently other ids than HF's
+        assert hf_ids != Tokenizer.gpt2().encode(text)
+    with pytest.raises(InputFileError, match=f"^{re.escape(str(path))}: field {message}.*only GPT-2's byte-level BPE$"):
+        Tokenizer.from_tokenizer_json(path)
+
+
+def test_tokenizer_json_as_transformers_and_the_hub_write_it_loads(gpt2_saved, tmp_path, fast):
+    from transformers import AutoTokenizer
+
+    # transformers' GPT2TokenizerFast re-saves our folder with its own settings (the decoder adds a
+    # prefix space); the hub's openai-community/gpt2 tokenizer.json has a prefix-space post-processor.
+    AutoTokenizer.from_pretrained(gpt2_saved).save_pretrained(tmp_path / "hf")
+    hub_style = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "hub.json", lambda d: d.update(
+        post_processor={**_BYTE_LEVEL, "add_prefix_space": True, "trim_offsets": False},
+        decoder={**_BYTE_LEVEL, "add_prefix_space": True}))
+    sequence = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "seq.json", lambda d: d.update(
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [_BYTE_LEVEL]}))
+    text = " ".join(DIVERSE)
+    for path in (tmp_path / "hf" / "tokenizer.json", hub_style, sequence):
+        tok = Tokenizer.from_tokenizer_json(path)
+        assert tok.fingerprint == fast.fingerprint
+        assert tok.encode(text, allowed_special="all") == HFTokenizer.from_file(str(path)).encode(text).ids
+
+
+def test_special_token_spelled_like_a_token_is_not_saved(fast, tmp_path):
+    # "Ġthe" is how the vocabulary files spell the token b" the": one key cannot hold two ids.
+    tok = Tokenizer(fast.mergeable_ranks, fast.merges, {ENDOFTEXT: 50256, "\u0120the": 50257})
+    assert tok.encode("\u0120the", allowed_special="all") == [50257]  # fine in memory
+    with pytest.raises(TokenizerError, match=r"^cannot save to .*out: special token 'Ġthe' \(id 50257\) is spelled like the token with id 262 \(b' the'\)"):
+        tok.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any file is written

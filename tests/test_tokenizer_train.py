@@ -168,6 +168,21 @@ def test_trainer_errors(tmp_path):
         train_bpe([tmp_path / "missing.txt"], vocab_size=300)
 
 
+
+def test_special_token_spelled_like_a_vocabulary_token_is_refused(tmp_path, monkeypatch):
+    import gpt2kit.bpe_train as bpe_train
+
+    (tmp_path / "t.txt").write_text(" x x x x §§ ab\n", encoding="utf-8")
+    # "§" is how the vocabulary files spell byte 0xa7: refused before any counting is done.
+    monkeypatch.setattr(bpe_train, "count_pretokens", lambda *a, **k: pytest.fail("counted before refusing"))
+    with pytest.raises(TrainingError, match=r"^--special '§' is spelled like the byte token 0xa7 in the vocabulary files"):
+        train_bpe([tmp_path / "t.txt"], vocab_size=300, special_tokens=[ENDOFTEXT, "§"])
+    monkeypatch.undo()
+    # "Ġx" spells the learned token b" x": known only once the merges are.
+    with pytest.raises(TrainingError, match=r"^--special 'Ġx' is spelled like the learned token b' x'"):
+        train_bpe([tmp_path / "t.txt"], vocab_size=262, special_tokens=[ENDOFTEXT, "\u0120x"])
+
+
 def test_huge_text_files_are_counted_in_pieces_with_identical_counts(tmp_path):
     from gpt2kit.bpe_train import count_text
     from gpt2kit.corpus import iter_text_pieces

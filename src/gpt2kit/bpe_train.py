@@ -60,11 +60,25 @@ def train_bpe(inputs: Iterable[str | os.PathLike], *, vocab_size: int,
         raise TrainingError(f"--vocab-size must be below {1 << _PAIR_SHIFT}, got {vocab_size}")
     if workers < 1:
         raise TrainingError(f"--workers must be at least 1, got {workers}")
+    # Vocabulary files spell each byte token as one character (GPT-2's byte map), so a
+    # one-character special token like "§" would share its key with a byte token.
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    for s in specials:
+        if s in byte_of:
+            raise TrainingError(f"--special {s!r} is spelled like the byte token 0x{byte_of[s]:02x} in the "
+                                "vocabulary files; choose a special token that is not a single character")
     files = expand_inputs(inputs)
     counts = count_pretokens(files, special_tokens=specials, field=field, workers=workers, progress=progress)
     if not counts:
         raise TrainingError(f"the training corpus ({len(files)} file(s)) holds no text")
     ranks, merges = learn_merges(counts, vocab_size - 256 - len(specials), progress=progress)
+    # A learned token can be spelled like a special token only once the merges are known.
+    byte_map = bytes_to_unicode()
+    spelled = {"".join(byte_map[b] for b in t): t for t in ranks}
+    for s in specials:
+        if s in spelled:
+            raise TrainingError(f"--special {s!r} is spelled like the learned token {spelled[s]!r} in the "
+                                "vocabulary files; choose a special token that cannot be learned (e.g. <|...|>)")
     special_ids = {s: len(ranks) + k for k, s in enumerate(specials)}
     return Tokenizer(ranks, merges, special_ids)
 

@@ -323,6 +323,9 @@ class _FastEngine:
     def encode_batch(self, texts: Sequence[str], allowed: AbstractSet[str], num_threads: int | None) -> list[list[int]]:
         # tiktoken's core releases the GIL while it encodes, so plain threads scale. Each thread
         # gets a run of texts, not one text: a future per short text costs more than encoding it.
+        for t in texts:  # as the reference engine refuses them, before _balanced_runs takes len()
+            if not isinstance(t, str):
+                raise TokenizerError(f"expected text (str), got {type(t).__name__}")
         work = (lambda t: self.encode(t, allowed)) if allowed else self.encode_ordinary
         threads = num_threads or os.cpu_count() or 1
         if threads <= 1 or len(texts) <= 1:
@@ -414,10 +417,7 @@ class Tokenizer:
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE":
             raise InputFileError(path, "expected a tokenizer.json whose 'model' has type 'BPE'")
-        pre = data.get("pre_tokenizer") or {}
-        kinds = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", []) if isinstance(p, dict)}
-        if "ByteLevel" not in kinds:
-            raise InputFileError(path, "expected a byte-level BPE ('pre_tokenizer' of type 'ByteLevel')")
+        _check_tokenizer_json_settings(data, model, path)
         vocab = model.get("vocab")
         if not isinstance(vocab, dict):
             raise InputFileError(path, "field 'model.vocab' must map tokens to ids")
@@ -506,6 +506,11 @@ class Tokenizer:
         that `transformers.AutoTokenizer.from_pretrained(folder)` loads it. Each file is atomic."""
         folder = Path(folder)
         encoder = {_spell(t): i for t, i in sorted(self._ranks.items(), key=lambda kv: kv[1])}
+        for text, i in self._specials.items():
+            if text in encoder:  # one key for two ids: the files could not be read back
+                raise TokenizerError(
+                    f"cannot save to {folder}: special token {text!r} (id {i}) is spelled like the token with id "
+                    f"{encoder[text]} ({self._id_to_bytes[encoder[text]]!r}) in the vocabulary files")
         encoder.update(self._specials)
         merges = [f"{_spell(a)} {_spell(b)}" for a, b in self._merges]
         merges_text = "#version: 0.2\n" + "".join(m + "\n" for m in merges)
@@ -567,7 +572,8 @@ class Tokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of the tokens (possibly ending inside a UTF-8 character)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
-        if isinstance(self._engine, _FastEngine):
+        # tiktoken's core takes True for id 1: refuse bools first, as the reference path does.
+        if isinstance(self._engine, _FastEngine) and bool not in set(map(type, ids)):
             try:
                 return self._engine.decode_bytes(ids)
             except (KeyError, OverflowError, TypeError):
@@ -648,6 +654,66 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------
 # Reading vocabulary files
+
+
+def _setting(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= 160 else text[:157] + "..."  # the message stays readable
+
+
+def _check_tokenizer_json_settings(data: dict, model: dict, path: str | os.PathLike) -> None:
+    """Refuse every tokenizer.json setting that would make HF `tokenizers` produce other ids (or
+    text) than GPT-2's pipeline, which is all that gpt2kit implements: no normalizer, the ByteLevel
+    pre-tokenizer with GPT-2's regex and no prefix space, a plain BPE model. Accepted: what GPT-2's
+    tokenizer.json, `Tokenizer.save` and transformers' GPT2TokenizerFast write."""
+    def refuse(field: str, value, why: str):
+        raise InputFileError(path, f"field {field!r} is {_setting(value)}: {why}; gpt2kit implements only GPT-2's byte-level BPE")
+
+    if data.get("normalizer") is not None:
+        refuse("normalizer", data["normalizer"], "a normalizer changes the text before it is split")
+    pre = data.get("pre_tokenizer")
+    field = "pre_tokenizer"
+    if isinstance(pre, dict) and pre.get("type") == "Sequence" and isinstance(pre.get("pretokenizers"), list):
+        # A Sequence is only GPT-2's if it holds nothing but one ByteLevel step.
+        for k, step in enumerate(pre["pretokenizers"]):
+            if not (isinstance(step, dict) and step.get("type") == "ByteLevel"):
+                refuse(f"pre_tokenizer.pretokenizers[{k}]", step, "only a single 'ByteLevel' pre-tokenizer (GPT-2's regex) is supported")
+        if len(pre["pretokenizers"]) != 1:
+            refuse("pre_tokenizer", pre, "expected exactly one 'ByteLevel' pre-tokenizer")
+        pre, field = pre["pretokenizers"][0], "pre_tokenizer.pretokenizers[0]"
+    if not (isinstance(pre, dict) and pre.get("type") == "ByteLevel"):
+        refuse(field, pre, "expected a byte-level BPE ('pre_tokenizer' of type 'ByteLevel')")
+    if pre.get("add_prefix_space") is not False:
+        refuse(f"{field}.add_prefix_space", pre.get("add_prefix_space"), "GPT-2 adds no space before the text")
+    if pre.get("use_regex", True) is not True:  # HF's default when absent is true
+        refuse(f"{field}.use_regex", pre.get("use_regex"), "GPT-2 splits text with its regex")
+    post = data.get("post_processor")
+    steps = post.get("processors") if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    # ByteLevel post-processing only trims offsets; any other (TemplateProcessing, ...) adds ids.
+    if not isinstance(steps, list) or any(s is not None and not (isinstance(s, dict) and s.get("type") == "ByteLevel") for s in steps):
+        refuse("post_processor", post, "it adds tokens GPT-2 does not add")
+    dec = data.get("decoder")
+    if dec is not None and not (isinstance(dec, dict) and dec.get("type") == "ByteLevel"):
+        refuse("decoder", dec, "GPT-2 decodes with 'ByteLevel'")
+    for key in ("truncation", "padding"):
+        if data.get(key) is not None:
+            refuse(key, data[key], "gpt2kit neither truncates nor pads")
+    if model.get("dropout") not in (None, 0, 0.0):
+        refuse("model.dropout", model["dropout"], "BPE dropout makes encoding random")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            refuse(f"model.{key}", model[key], "GPT-2's tokens have no affixes")
+    if model.get("ignore_merges"):
+        refuse("model.ignore_merges", model["ignore_merges"], "GPT-2 always applies the merges")
+    for k, t in enumerate(data.get("added_tokens") or []):
+        if not isinstance(t, dict):
+            refuse(f"added_tokens[{k}]", t, "expected an object")
+        if not t.get("special"):
+            # HF splits the text at non-special added tokens, gpt2kit does not.
+            refuse(f"added_tokens[{k}].special", t.get("special"), "only special added tokens are supported")
+        for flag in ("single_word", "lstrip", "rstrip"):
+            if t.get(flag):
+                refuse(f"added_tokens[{k}].{flag}", t[flag], "it changes how the token is matched")
 
 
 def gpt2_vocab_folder() -> Path:
