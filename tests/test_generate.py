@@ -135,6 +135,19 @@ def test_cache_and_sliding_window_match_a_cache_free_reference(tok):
     assert got == want
 
 
+def test_a_row_slides_when_its_own_context_is_full_not_its_batch_mates(tok):
+    # a short prompt batched with a long one decodes as it does alone: the long row's window
+    # slides first, the short row keeps its whole context until its own fills
+    m = peaked(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=16), seed=3)
+    long_p, short_p, tiny_p = list(range(1000, 1015)), list(range(2000, 2010)), [3000]
+    for model in (m, optimize_for_cpu(m)):
+        alone = [[out.tokens[0] for out in generate_tokens(model, [p], GREEDY, max_new_tokens=30)]
+                 for p in (long_p, short_p, tiny_p)]
+        batched = list(zip(*(out.tokens for out in generate_tokens(model, [long_p, short_p, tiny_p], GREEDY,
+                                                                 max_new_tokens=30))))
+        assert [list(r) for r in batched] == alone
+
+
 def test_prompt_longer_than_context_keeps_its_end(tok, caplog):
     m = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=16), seed=2)
     long_prompt = " ".join(f"w{i}" for i in range(40))

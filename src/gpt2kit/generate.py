@@ -5,9 +5,10 @@ The decoding loop works on token ids (`generate_tokens`); text handling sits on 
 the text of one sample as it grows). Prompts of different lengths share a batch by left padding:
 each row's real tokens sit at the right end, so every row's next token is the last column.
 
-Past the context (n_ctx) the window slides: when the cache is full, the last 3/4 n_ctx tokens of
-each row are re-encoded from scratch (GPT-2's positions are absolute, so cached keys cannot be
-shifted) and decoding goes on from there. A prompt longer than the context keeps its most recent
+Past the context (n_ctx) the window slides: when a row's own context is full, its last 3/4 n_ctx
+tokens are re-encoded from scratch (GPT-2's positions are absolute, so cached keys cannot be
+shifted) and decoding goes on from there; the batch's other rows are re-encoded whole, so that a
+row decodes as it would alone. A prompt longer than the context keeps its most recent
 n_ctx tokens, with a warning.
 """
 from __future__ import annotations
@@ -171,7 +172,11 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
             if all(done) or step == max_new_tokens - 1 or (cancel is not None and cancel.is_set()):
                 return
             if window.full:  # only ever at n_ctx: the cache has room for max_new_tokens otherwise
-                window = _Window(model, [row[-keep:] for row in history], pad_id, max_new_tokens - step - 1)
+                # the window slides for the rows whose own context is full; shorter rows keep theirs,
+                # as they would decoding alone (a row's text must not depend on its batch-mates)
+                held = window.mask.sum(-1).tolist()  # each row's tokens in the window
+                rows = [row[-keep:] if n >= n_ctx else row[-(n + 1):] for row, n in zip(history, held)]
+                window = _Window(model, rows, pad_id, max_new_tokens - step - 1)
             else:
                 window.advance(tokens)
 
