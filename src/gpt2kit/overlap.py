@@ -431,14 +431,7 @@ def _numba_kernels():
     except ImportError:
         return None
 
-    @numba.njit(cache=True, nogil=True)
-    def mix(x):  # pragma: no cover - compiled; _fmix64_np
-        x ^= x >> np.uint64(33)
-        x *= np.uint64(0xFF51AFD7ED558CCD)
-        x ^= x >> np.uint64(33)
-        x *= np.uint64(0xC4CEB9FE1A85EC53)
-        x ^= x >> np.uint64(33)
-        return x
+    mix = numba.njit(cache=True, nogil=True)(_fmix64_np)  # on one uint64: the numpy path's mixing
 
     @numba.njit(cache=True, nogil=True)
     def add(bits, h1, h2, m, k, split):  # pragma: no cover - compiled
