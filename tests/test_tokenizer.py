@@ -439,3 +439,17 @@ def test_special_token_spelled_like_a_token_is_not_saved(fast, tmp_path):
     with pytest.raises(TokenizerError, match=r"^cannot save to .*out: special token 'Ġthe' \(id 50257\) is spelled like the token with id 262 \(b' the'\)"):
         tok.save(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before any file is written
+
+
+def test_decode_takes_numpy_and_torch_integer_scalars(fast, ref):
+    # A list of numpy/torch integers (`list(array)`, a row of sampled tensors) is a list of ids.
+    row = np.array([15496, 995], dtype=np.uint16)
+    for tok in (fast, ref):
+        for ids in (list(row), [torch.tensor(15496), torch.tensor(995)], [np.int64(15496), 995]):
+            assert tok.decode(ids) == "Hello world"
+            assert tok.token_bytes(ids[0]) == b"Hello"
+        with pytest.raises(UnknownTokenError, match=r"^token id 50257 is outside the vocabulary"):
+            tok.decode([np.int64(15496), np.int64(50257)])
+        for bad in (np.float64(5.0), np.True_):
+            with pytest.raises(UnknownTokenError, match="outside the vocabulary"):
+                tok.decode([bad])

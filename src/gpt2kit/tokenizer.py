@@ -33,6 +33,7 @@ import functools
 import hashlib
 import heapq
 import json
+import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -357,6 +358,20 @@ def _balanced_runs(texts: Sequence[str], n: int) -> list[Sequence[str]]:
     return runs
 
 
+def _token_id(i, n_vocab: int) -> int:
+    """`i` as an id below `n_vocab`; numpy and torch integer scalars are ids too, bools are not."""
+    k = None
+    if not isinstance(i, bool):
+        try:
+            k = operator.index(i)
+        except TypeError:  # a float, a str, numpy's bool...
+            pass
+    if k is None or not 0 <= k < n_vocab:
+        shown = repr(i) if k is None else k
+        raise UnknownTokenError(f"token id {shown} is outside the vocabulary (expected 0..{n_vocab - 1})")
+    return k
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer
 
@@ -579,10 +594,7 @@ class Tokenizer:
             except (KeyError, OverflowError, TypeError):
                 pass  # find and name the bad id below
         table, n = self._id_to_bytes, self.n_vocab
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-                raise UnknownTokenError(f"token id {i!r} is outside the vocabulary (expected 0..{n - 1})")
-        return b"".join([table[i] for i in ids])
+        return b"".join([table[_token_id(i, n)] for i in ids])
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of the tokens; a UTF-8 character split across the end (or any invalid byte
