@@ -401,3 +401,75 @@ def write_dump(path: Path, rows: list, *, extra_lines: list[bytes] = ()) -> None
     from test_webtext import long_window_zst
 
     path.write_bytes(long_window_zst(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# robots.txt as RFC 9309 reads it (the examples are Google's published ones for its parser, the
+# reference implementation of the RFC): longest match wins, `*` and `$` are patterns, an allow
+# rule wins a tie, and all the groups naming our product token are one group.
+
+ROBOTS_CASES = [
+    # (robots.txt rules for every agent, path, allowed)
+    ("Allow: /\nDisallow: /private", "/private/x", False),
+    ("Allow: /\nDisallow: /private", "/public/x", True),
+    ("Disallow: /\nAllow: /news/", "/news/today", True),
+    ("Disallow: /\nAllow: /news/", "/sports", False),
+    ("Allow: /p\nDisallow: /", "/page", True),
+    ("Allow: /folder\nDisallow: /folder", "/folder/page", True),
+    ("Allow: /page\nDisallow: /*.htm", "/page.htm", False),
+    ("Allow: /$\nDisallow: /", "/", True),
+    ("Allow: /$\nDisallow: /", "/page.htm", False),
+    ("Disallow: /fish*", "/fish.html", False),
+    ("Disallow: /fish*", "/fishheads/yummy.html", False),
+    ("Disallow: /fish*", "/fish.php?id=anything", False),
+    ("Disallow: /fish*", "/Fish.asp", True),
+    ("Disallow: /fish*", "/catfish", True),
+    ("Disallow: /*.php$", "/folder/filename.php", False),
+    ("Disallow: /*.php$", "/filename.php?parameters", True),
+    ("Disallow: /*.php$", "/filename.php5", True),
+    ("Disallow: /*.php$", "/windows.PHP", True),
+    ("Disallow: /fish*.php", "/fishheads/catfish.php?parameters", False),
+    ("Disallow: /*?", "/search?q=x", False),
+    ("Disallow: /*?", "/search", True),
+    ("Disallow:", "/anything", True),                         # an empty rule matches nothing
+    ("Disallow: /caf%C3%A9", "/café", False),                 # compared percent-encoded (RFC 9309 §2.2.2)
+    ("Disallow: /%62%61%7A", "/baz", False),
+    ("Disallow: /\nAllow: /robots.txt", "/robots.txt", True),
+]
+
+
+@pytest.mark.parametrize("rules, path, allowed", ROBOTS_CASES)
+def test_robots_rules_follow_rfc_9309(rules, path, allowed):
+    from gpt2kit.webtext.robots import RobotsRules
+
+    robots = RobotsRules.parse(f"User-agent: *\n{rules}\n", "gpt2kit-webtext/1.0 (research)")
+    assert robots.allowed(f"http://site.test{path}") is allowed
+
+
+def test_robots_groups_for_our_token_are_merged_and_win_over_star():
+    from gpt2kit.webtext.robots import RobotsRules
+
+    text = ("\ufeffUser-agent: *\nDisallow: /\n\n"
+            "user-agent: Gpt2kit-WebText\nDisallow: /a  # comment\nSitemap: http://site.test/map.xml\n\n"
+            "User-agent: otherbot\nDisallow: /b\n\n"
+            "User-agent: gpt2kit-webtext\nCrawl-delay: 7\nDisallow: /c\n")
+    robots = RobotsRules.parse(text, "gpt2kit-webtext/1.0 (research)")
+    assert [robots.allowed(f"http://site.test/{p}") for p in ("a", "b", "c", "d")] == [False, True, False, True]
+    assert robots.crawl_delay == 7.0
+    other = RobotsRules.parse(text, "somebot/2.0")
+    assert [other.allowed(f"http://site.test/{p}") for p in ("a", "d")] == [False, False]
+    assert other.crawl_delay is None
+
+
+def test_robots_allow_before_disallow_is_obeyed_by_the_fetcher(site, tmp_path):
+    """`Allow: /` first and a Disallow after it: the disallowed page is never requested."""
+    site.routes[("blog.test", "/robots.txt")] = (200, {"Content-Type": "text/plain"},
+                                                 b"User-agent: *\nAllow: /\nDisallow: /drafts\nDisallow: /*.cgi$\n")
+    for p in ("/drafts/1", "/post", "/run.cgi"):
+        site.routes[("blog.test", p)] = (200, {"Content-Type": "text/html"}, page(article(12), "Post"))
+    make_links(tmp_path, [url(site, "blog.test", p) for p in ("/drafts/1", "/post", "/run.cgi")])
+    fetch_pages(tmp_path, local_cfg())
+    m = manifest(tmp_path)
+    assert {u.rsplit("/", 1)[1]: e["status"] for u, e in m.items()} == {
+        "1": "robots_disallowed", "post": "ok", "run.cgi": "robots_disallowed"}
+    assert site.hits("blog.test", "/drafts/1") == [] and site.hits("blog.test", "/run.cgi") == []

@@ -36,10 +36,10 @@ from email.utils import parsedate_to_datetime
 from io import BytesIO
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
-from urllib.robotparser import RobotFileParser
 
 from .. import __version__
 from ..io import atomic_path
+from .robots import RobotsRules
 from .work import (Runner, WebTextError, WorkFolder, check_int, check_seconds, config_dict, read_jsonl_zst, run_tasks,
                    shard_name, write_jsonl_zst)
 
@@ -285,7 +285,7 @@ class Fetcher:
         self.resolver = Resolver(cfg)
         self.global_slots = asyncio.Semaphore(concurrency)
         self.gates: dict[str, HostGate] = {}
-        self.robots: dict[str, tuple[RobotFileParser, Result]] = {}
+        self.robots: dict[str, tuple[RobotsRules, Result]] = {}
         self.robots_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def gate(self, host: str) -> HostGate:
@@ -429,26 +429,24 @@ class Fetcher:
         async with self.robots_locks[key]:
             if key not in self.robots:
                 self.robots[key] = await self._load_robots(key)
-        rp, res = self.robots[key]
+        rules, res = self.robots[key]
         if res.status in _UNREACHABLE and res.final_url == key + "/robots.txt":
             return res.status, res.error     # the host itself is unreachable: say so, not "robots"
-        return ("ok", None) if rp.can_fetch(self.cfg.user_agent, url) else ("robots_disallowed", None)
+        return ("ok", None) if rules.allowed(url) else ("robots_disallowed", None)
 
-    async def _load_robots(self, origin: str) -> tuple[RobotFileParser, Result]:
-        rp = RobotFileParser(origin + "/robots.txt")
+    async def _load_robots(self, origin: str) -> tuple[RobotsRules, Result]:
         res = await self.get(origin + "/robots.txt", check_robots=False, html_only=False, max_bytes=500_000)
         if res.status == "ok":
-            rp.parse((res.body or b"").decode("utf-8", "replace").splitlines())
-            delay = rp.crawl_delay(self.cfg.user_agent)
-            if delay:
+            rules = RobotsRules.parse((res.body or b"").decode("utf-8", "replace"), self.cfg.user_agent)
+            if rules.crawl_delay:
                 gate = self.gate(urlsplit(origin).hostname or "")
-                gate.delay = max(gate.delay, min(float(delay), self.cfg.max_crawl_delay))
+                gate.delay = max(gate.delay, min(rules.crawl_delay, self.cfg.max_crawl_delay))
         elif res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500:
-            rp.allow_all = True           # RFC 9309 §2.3.1.3: "unavailable" means no restrictions
+            rules = RobotsRules()         # RFC 9309 §2.3.1.3: "unavailable" means no restrictions
         else:
-            rp.disallow_all = True        # unreachable (5xx, network, refused address): crawl nothing
+            rules = RobotsRules(disallow_all=True)   # unreachable (5xx, network, refused address): crawl nothing
         res.body = None
-        return rp, res
+        return rules, res
 
 
 # ---------------------------------------------------------------------------------------------
