@@ -453,3 +453,34 @@ def test_decode_takes_numpy_and_torch_integer_scalars(fast, ref):
         for bad in (np.float64(5.0), np.True_):
             with pytest.raises(UnknownTokenError, match="outside the vocabulary"):
                 tok.decode([bad])
+
+
+def test_merges_files_with_crlf_line_ends_load_as_in_tiktoken_and_hf(tmp_path, fast):
+    fast.save(tmp_path)
+    for name in ("vocab.bpe", "merges.txt"):  # as an editor or git's autocrlf on Windows leaves them
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt").fingerprint == fast.fingerprint
+    assert Tokenizer.from_pretrained(tmp_path, engine="reference").fingerprint == fast.fingerprint
+    # the peers read these files as they are
+    ranks = data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
+    assert ranks == fast.mergeable_ranks
+    hf = HFTokenizer(models.BPE.from_file(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert hf.encode(DIVERSE[0]).ids == fast.encode(DIVERSE[0])
+
+
+def test_a_bad_merge_is_named_in_the_merges_file(tmp_path):
+    from gpt2kit.tokenizer import bytes_to_unicode
+
+    encoder = {c: b for b, c in bytes_to_unicode().items()} | {"ab": 256, "abc": 257}
+    cases = [
+        ("#version: 0.2\na b\n\na x\n", r"vocab.bpe: line 4: merge 2 \(a x\): the result 'ax' is not in the vocabulary"),
+        ("#version: 0.2\na b\nab \u4e00\n", r"vocab.bpe: line 3: merge part '\u4e00' holds"),
+        ("#version: 0.2\nab c\na b\n", r"vocab.bpe: line 3: merge 2 \(a b\): result id 256 does not follow the previous merge's id 257"),
+        ("#version: 0.2\nzz a\n", r"vocab.bpe: line 2: merge 1 \(zz a\): 'zz' is not in the vocabulary"),
+    ]
+    for merges, message in cases:
+        enc, bpe = _vocab_files(tmp_path, encoder, merges)
+        with pytest.raises(InputFileError, match=message):
+            Tokenizer.from_files(enc, bpe)

@@ -37,7 +37,7 @@ import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import AbstractSet, Collection, Iterable, Literal, Sequence
+from typing import AbstractSet, Callable, Collection, Iterable, Literal, Sequence
 
 from .corpus import decode_utf8
 from .errors import GPT2KitError, InputFileError
@@ -421,8 +421,9 @@ class Tokenizer:
                    engine: Literal["fast", "reference"] = "fast") -> "Tokenizer":
         """OpenAI's `encoder.json` + `vocab.bpe` (or HF's `vocab.json` + `merges.txt`)."""
         encoder = _read_encoder(encoder_json)
-        merges = _read_merges(vocab_bpe)
-        return cls._from_spelled(encoder, merges, None, encoder_json, engine=engine)
+        merges, lines = _read_merges(vocab_bpe)
+        return cls._from_spelled(encoder, merges, None, encoder_json, engine=engine,
+                                 merges_at=lambda k: f"{os.fspath(vocab_bpe)}: line {lines[k]}")
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike, *,
@@ -471,8 +472,10 @@ class Tokenizer:
 
     @classmethod
     def _from_spelled(cls, encoder: dict[str, int], merges: list[tuple[str, str]],
-                      specials: dict[str, int] | None, source: str | os.PathLike, *, engine) -> "Tokenizer":
-        """Validate a vocabulary spelled with GPT-2's byte map and build the tokenizer."""
+                      specials: dict[str, int] | None, source: str | os.PathLike, *, engine,
+                      merges_at: Callable[[int], str] | None = None) -> "Tokenizer":
+        """Validate a vocabulary spelled with GPT-2's byte map and build the tokenizer.
+        `merges_at(k)` says where merge k is written, when that is not in `source`."""
         for tok, i in encoder.items():
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
                 raise InputFileError(source, f"token {tok!r} has id {i!r}; expected a non-negative integer")
@@ -496,16 +499,17 @@ class Tokenizer:
         pairs: list[tuple[bytes, bytes]] = []
         last = max(ranks[bytes([b])] for b in range(256))
         for k, (a, b) in enumerate(merges):
-            ba, bb = _unspell(a, source, "merge part"), _unspell(b, source, "merge part")
+            where = merges_at(k) if merges_at else source
+            ba, bb = _unspell(a, where, "merge part"), _unspell(b, where, "merge part")
             for part, spelled in ((ba, a), (bb, b)):
                 if part not in ranks:
-                    raise InputFileError(source, f"merge {k + 1} ({a} {b}): {spelled!r} is not in the vocabulary")
+                    raise InputFileError(where, f"merge {k + 1} ({a} {b}): {spelled!r} is not in the vocabulary")
             r = ranks.get(ba + bb)
             if r is None:
-                raise InputFileError(source, f"merge {k + 1} ({a} {b}): the result {a + b!r} is not in the vocabulary")
+                raise InputFileError(where, f"merge {k + 1} ({a} {b}): the result {a + b!r} is not in the vocabulary")
             if r <= last:
                 # tiktoken merges by the rank of the result: ids must follow merge order.
-                raise InputFileError(source, f"merge {k + 1} ({a} {b}): result id {r} does not follow the previous merge's id {last}")
+                raise InputFileError(where, f"merge {k + 1} ({a} {b}): result id {r} does not follow the previous merge's id {last}")
             last = r
             pairs.append((ba, bb))
         if len(ranks) != 256 + len(pairs):
@@ -770,14 +774,18 @@ def _read_encoder(path: str | os.PathLike) -> dict[str, int]:
     return data
 
 
-def _read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
+def _read_merges(path: str | os.PathLike) -> tuple[list[tuple[str, str]], list[int]]:
+    """The merges of a vocab.bpe / merges.txt and the line number of each."""
     text = _read_utf8(path)
-    merges = []
+    merges, lines = [], []
     for lineno, line in enumerate(text.split("\n"), 1):
+        # "\r" is no character of GPT-2's byte map: only a CRLF line end (which the peers read) puts one here.
+        line = line.removesuffix("\r")
         if not line or (lineno == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
         if len(parts) != 2 or not all(parts):
             raise InputFileError(path, f"line {lineno}: expected a merge 'left right', got {line[:40]!r}")
         merges.append((parts[0], parts[1]))
-    return merges
+        lines.append(lineno)
+    return merges, lines
