@@ -77,3 +77,18 @@ def test_user_errors_are_one_line(cli, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written on failure
     r = cli("tokenizer", "encode", input=b"abc\xc3")
     assert r.returncode == 2 and "<stdin>: not valid UTF-8 at byte offset 3" in r.stderr.decode()
+
+
+def test_arguments_that_are_not_utf8_are_named(cli, tmp_path):
+    # A byte that is not UTF-8 on the command line reaches Python as a lone surrogate (U+DCxx).
+    (tmp_path / "a.txt").write_text("hello hello world\n", encoding="utf-8")
+    cases = [
+        (("tokenizer", "info", "--text", "ab\udcffc"), "--text: not valid UTF-8: byte 0xff at character 2"),
+        (("tokenizer", "train", "--no-progress", "--vocab-size", "300", "--special", "<|\udce9|>",
+          "--out", str(tmp_path / "o"), str(tmp_path / "a.txt")), "--special: not valid UTF-8: byte 0xe9 at character 2"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == f"gpt2kit: error: {message}\n"
+    assert not (tmp_path / "o").exists()

@@ -206,3 +206,15 @@ def test_huge_text_files_are_counted_in_pieces_with_identical_counts(tmp_path):
     bad.write_bytes("ok line\n".encode() * 3 + b"\xe6\x97" + b"!")  # a cut 3-byte character
     with pytest.raises(InputFileError, match=r"bad.txt: not valid UTF-8 at byte offset 24"):
         list(iter_text_pieces(bad, block_bytes=5))
+
+
+def test_special_token_that_is_not_unicode_text_is_refused_before_counting(tmp_path, monkeypatch):
+    import gpt2kit.bpe_train as bpe_train
+
+    (tmp_path / "t.txt").write_text("ab ab ab\n", encoding="utf-8")
+    monkeypatch.setattr(bpe_train, "count_pretokens", lambda *a, **k: pytest.fail("counted before refusing"))
+    with pytest.raises(TrainingError, match=r"^--special '<\|\\ud800\|>' is not valid Unicode: lone surrogate U\+D800"):
+        train_bpe([tmp_path / "t.txt"], vocab_size=300, special_tokens=[ENDOFTEXT, "<|\ud800|>"])
+    # one string is not a list of special tokens (it would be taken character by character)
+    with pytest.raises(TrainingError, match=r"^special_tokens must be a list of strings, got one str"):
+        train_bpe([tmp_path / "t.txt"], vocab_size=300, special_tokens=ENDOFTEXT)

@@ -50,9 +50,17 @@ def train_bpe(inputs: Iterable[str | os.PathLike], *, vocab_size: int,
 
     Fewer merges are learned (with a warning) if the corpus runs out of pairs first.
     """
+    if isinstance(special_tokens, str):
+        raise TrainingError("special_tokens must be a list of strings, got one str")
     specials = list(dict.fromkeys(special_tokens))
     if any(not isinstance(s, str) or not s for s in specials):
         raise TrainingError("special tokens must be non-empty strings")
+    for s in specials:  # refused now, not when the vocabulary is built after all the counting
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TrainingError(f"--special {s!r} is not valid Unicode: lone surrogate U+{ord(s[e.start]):04X} "
+                                "cannot be encoded as UTF-8") from None
     if vocab_size < 256 + len(specials):
         raise TrainingError(
             f"--vocab-size must be at least 256 + {len(specials)} special token(s) = {256 + len(specials)}, got {vocab_size}")

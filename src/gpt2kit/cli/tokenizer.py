@@ -75,6 +75,18 @@ def _load(args: argparse.Namespace):
     return Tokenizer.from_pretrained(args.tokenizer, engine=args.engine)
 
 
+def _text_arg(value: str, flag: str) -> str:
+    """A command-line argument as text. A byte that is not UTF-8 reaches Python as a lone
+    surrogate U+DC80..U+DCFF (PEP 383); it is named as the byte it was."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        cp = ord(value[e.start])
+        what = f"byte 0x{cp - 0xDC00:02x}" if 0xDC80 <= cp <= 0xDCFF else f"lone surrogate U+{cp:04X}"
+        raise CommandInputError(f"{flag}: not valid UTF-8: {what} at character {e.start}") from None
+    return value
+
+
 def _read_stdin() -> str:
     from ..corpus import decode_utf8
 
@@ -134,9 +146,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from ..io import check_output_path
 
+    specials = [_text_arg(s, "--special") for s in args.special] if args.special is not None else ["<|endoftext|>"]
     check_output_path(args.out, folder=True, what="--out")
     start = time.perf_counter()
-    specials = args.special if args.special is not None else ["<|endoftext|>"]
     tok = train_bpe(args.inputs, vocab_size=args.vocab_size, special_tokens=specials, field=args.field,
                     workers=args.workers, progress=not args.no_progress)
     tok.save(args.out)
@@ -155,7 +167,7 @@ def _info(args: argparse.Namespace) -> int:
         "fingerprint": tok.fingerprint,
     }
     if args.text is not None:
-        ids = tok.encode(args.text)
+        ids = tok.encode(_text_arg(args.text, "--text"))
         info["tokens"] = [{"id": i, "bytes": tok.token_bytes(i).decode("utf-8", errors="backslashreplace")} for i in ids]
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
