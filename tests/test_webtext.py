@@ -269,6 +269,46 @@ def test_extract_page_verdicts():
     assert not is_wikipedia_copy(html(f"<p>{ENGLISH} See the Wikipedia article for more.</p>"), ENGLISH)
 
 
+ACCENTED = ENGLISH.replace("old town", "naïve café “old town” — résumé")
+
+
+def _fetch_stage(work: Path, pages: list[tuple[str, dict, bytes]]) -> None:
+    """A finished fetch stage holding `pages` (url, HTTP headers, body) as the fetch stage writes them."""
+    from warcio.warcwriter import WARCWriter
+
+    from gpt2kit.webtext.fetch import Result, _write_response
+
+    entries = []
+    with open(work / "fetch-00000.warc.gz", "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for u, headers, body in pages:
+            res = Result("ok", u, u, http_status=200, reason="OK", headers=list(headers.items()), body=body)
+            entries.append({"url": u, "final_url": u, "status": "ok", "subreddit": "s", "score": 5,
+                            "created_utc": JULY_2017, "fetched_at": "2026-01-01T00:00:00Z",
+                            "record_id": _write_response(writer, res, "2026-01-01T00:00:00Z")})
+    (work / "fetch").mkdir(parents=True)
+    (work / "fetch-00000.warc.gz").rename(work / "fetch" / "fetch-00000.warc.gz")
+    write_jsonl_zst(work / "fetch" / "fetch-00000.manifest.jsonl.zst", entries)
+    WorkFolder(work).finish("fetch", [0], {})
+
+
+def test_extract_decodes_pages_by_their_declared_charset(tmp_path):
+    """A page in windows-1252 is read as the server (or its meta tag) says, not as a guess; ISO-8859-1
+    labels mean windows-1252 as in browsers, so curly quotes survive."""
+    body = f"<p>{ACCENTED}</p>"
+    pages = [("http://a.example/header", {"Content-Type": "text/html; charset=windows-1252"}, html(body).decode().encode("cp1252")),
+             ("http://a.example/meta", {"Content-Type": "text/html"},
+              html(body, "<meta http-equiv='Content-Type' content='text/html; charset=ISO-8859-1'>").decode().encode("cp1252")),
+             ("http://a.example/bom", {"Content-Type": "text/html; charset=iso-8859-1"}, b"\xef\xbb\xbf" + html(body)),
+             ("http://a.example/utf8", {"Content-Type": "text/html"}, html(body))]
+    _fetch_stage(tmp_path, pages)
+    extract_texts(tmp_path, ExtractConfig(min_words=40))
+    docs = {d["url"]: d["text"] for d in read_jsonl_zst(tmp_path / "extract" / "extract-00000.jsonl.zst")}
+    assert set(docs) == {u for u, _, _ in pages}
+    for u, text in docs.items():
+        assert "naïve café “old town” — résumé" in text, (u, text[:200])
+
+
 def test_clean_text_and_language_model_is_packaged():
     assert clean_text("Advertisement\nA real line of text.\n\n\n\nCookie policy\nFollow us on Twitter\nEnd.") == \
         "A real line of text.\n\nEnd."

@@ -10,6 +10,7 @@ pages and licensed copies carry.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 from collections import Counter
@@ -96,6 +97,52 @@ def looks_binary(body: bytes) -> bool:
     return controls > 0.05 * len(head)
 
 
+# What browsers do (WHATWG Encoding): these labels mean a superset, and a page labelled with one of
+# them is written in the superset (curly quotes in "ISO-8859-1" pages are windows-1252 bytes).
+_SUPERSETS = {"iso-8859-1": "cp1252", "iso8859-1": "cp1252", "latin1": "cp1252", "latin-1": "cp1252", "l1": "cp1252",
+              "us-ascii": "cp1252", "ascii": "cp1252", "iso-8859-9": "cp1254", "latin5": "cp1254",
+              "iso-8859-11": "cp874", "tis-620": "cp874", "gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030",
+              "ks_c_5601-1987": "cp949", "euc-kr": "cp949", "shift_jis": "cp932", "x-sjis": "cp932"}
+_HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?\s*([\w.:\-]+)", re.IGNORECASE)
+_META_CHARSET = re.compile(rb"<meta[^>]+?charset\s*=\s*[\"']?\s*([\w.:\-]+)", re.IGNORECASE)
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def _codec(label: str, *, from_meta: bool = False) -> str | None:
+    label = label.strip().lower()
+    if from_meta and label.startswith("utf-16"):
+        return "utf-8"          # a page that could be read far enough to find its meta tag is not UTF-16
+    try:
+        return codecs.lookup(_SUPERSETS.get(label, label)).name
+    except LookupError:
+        return None
+
+
+def decode_html(body: bytes, content_type: str | None = None) -> str | bytes:
+    """The page as text, in the encoding it declares: a byte-order mark, else the charset of the
+    Content-Type header, else a meta tag (the browsers' order). Undeclared, or declared wrongly
+    (the bytes do not decode), the bytes are returned for trafilatura to guess from.
+
+    >>> decode_html("café".encode("cp1252"), "text/html; charset=ISO-8859-1"), decode_html(b"caf\\xe9")
+    ('café', b'caf\\xe9')
+    """
+    for bom, name in _BOMS:
+        if body.startswith(bom):
+            return body[len(bom):].decode(name, "replace")
+    declared = []
+    if content_type and (m := _HEADER_CHARSET.search(content_type)):
+        declared.append(_codec(m.group(1)))
+    if m := _META_CHARSET.search(body[:4096]):
+        declared.append(_codec(m.group(1).decode("ascii"), from_meta=True))
+    for name in declared:
+        if name is not None:
+            try:
+                return body.decode(name)
+            except UnicodeDecodeError:
+                continue
+    return body
+
+
 def is_wikipedia_copy(html: bytes, text: str) -> bool:
     return bool(_WIKI_HTML.search(html[:300_000]) or _WIKI_TEXT.search(text))
 
@@ -123,8 +170,10 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-def extract_page(body: bytes, url: str, cfg: ExtractConfig) -> tuple[str, str | None, str | None]:
-    """(verdict, text, language) for one page: verdict is "kept" or one of `REASONS`."""
+def extract_page(body: bytes, url: str, cfg: ExtractConfig,
+                 content_type: str | None = None) -> tuple[str, str | None, str | None]:
+    """(verdict, text, language) for one page (`content_type`: its Content-Type header, whose
+    charset says how to read it): verdict is "kept" or one of `REASONS`."""
     import trafilatura
 
     if looks_binary(body):
@@ -132,7 +181,7 @@ def extract_page(body: bytes, url: str, cfg: ExtractConfig) -> tuple[str, str | 
     if domain_matches(urlsplit(url).hostname or "", WIKIPEDIA_DOMAINS):
         return "wikipedia", None, None
     try:
-        text = trafilatura.extract(body, url=url, include_comments=False, include_tables=False, deduplicate=False)
+        text = trafilatura.extract(decode_html(body, content_type), url=url, include_comments=False, include_tables=False, deduplicate=False)
     except Exception as e:  # malformed HTML must not stop a shard
         log.debug("%s: extraction failed: %s", url, e)
         return "extract_error", None, None
@@ -170,7 +219,8 @@ def extract_shard(warc_path: str, manifest_path: str, out_path: str, cfg: Extrac
                 continue
             counts["pages"] += 1
             body = record.content_stream().read()
-            verdict, text, lang = extract_page(body, entry["final_url"], cfg)
+            content_type = record.http_headers.get_header("Content-Type") if record.http_headers else None
+            verdict, text, lang = extract_page(body, entry["final_url"], cfg, content_type)
             counts[verdict] += 1
             if text is not None:
                 docs.append({"text": text, "url": entry["url"], "final_url": entry["final_url"],
