@@ -64,6 +64,20 @@ def test_canonicalize_url(raw, canon):
     assert canonicalize_url(raw) == canon
 
 
+@pytest.mark.parametrize("raw, canon", [
+    ("http://ex.fr/search?q=caf%E9&a=1", "http://ex.fr/search?a=1&q=caf%E9"),     # a Latin-1 escape is not UTF-8
+    ("http://ex.com/page?12345", "http://ex.com/page?12345"),                      # a bare key is not "12345="
+    ("http://ex.com/x?a=%zz&b=%2f", "http://ex.com/x?a=%zz&b=%2F"),                # bad escapes kept as sent
+    ("http://ex.com/x?next=/a%26b%3Dc&utm_source=x", "http://ex.com/x?next=/a%26b%3Dc"),
+    ("http://ex.com/x?q=caf\u00e9 au lait&fbclid=1&", "http://ex.com/x?q=caf%C3%A9%20au%20lait"),
+    ("http://ex.com/a%2fb/%7e", "http://ex.com/a%2Fb/%7E"),
+])
+def test_canonicalize_url_keeps_the_query_the_server_gets(raw, canon):
+    """Only tracking parameters go and the rest is sorted: what the server receives is unchanged."""
+    assert canonicalize_url(raw) == canon
+    assert canonicalize_url(canon) == canon
+
+
 @pytest.mark.parametrize("bad", ["ftp://example.com/x", "javascript:alert(1)", "http://", "http://exa mple.com/",
                                  "http://example.com:99999/"])
 def test_canonicalize_url_rejects(bad):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 from .work import (Runner, WebTextError, WorkFolder, check_int, config_dict, read_jsonl_zst, run_tasks, shard_name,
                    stable_hash, write_jsonl_zst)
@@ -144,13 +144,28 @@ def _canonical(url: str) -> tuple[str, str, str]:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    query = ""
-    if parts.query:
-        kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                if not (k.lower().startswith("utm_") or k.lower() in TRACKING_PARAMS)]
-        query = urlencode(sorted(kept), quote_via=quote)
-    return urlunsplit((scheme, netloc, path, query, "")), host, path
+    path = _upper_escapes(quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~"))
+    return urlunsplit((scheme, netloc, path, _canonical_query(parts.query), "")), host, path
+
+
+def _canonical_query(query: str) -> str:
+    """The query without tracking parameters, the others sorted and each kept as sent: decoding and
+    re-encoding would turn a Latin-1 escape into U+FFFD, `?id` into `?id=` and `%zz` into `%25zz`,
+    so another page would be fetched."""
+    kept = []
+    for param in query.split("&"):
+        key = unquote_plus(param.partition("=")[0]).lower()
+        if param and not (key.startswith("utm_") or key in TRACKING_PARAMS):
+            kept.append(_upper_escapes(quote(param, safe="/%:@!$'()*+,;=-._~?[]")))
+    return "&".join(sorted(kept))
+
+
+_ESCAPE = re.compile(r"%[0-9a-f]{2}", re.IGNORECASE)
+
+
+def _upper_escapes(text: str) -> str:
+    # %2f and %2F are one URL (RFC 3986 §6.2.2.1); one spelling, so that the link is kept once
+    return _ESCAPE.sub(lambda m: m.group().upper(), text)
 
 
 _HOST = re.compile(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+")
