@@ -983,3 +983,32 @@ def test_kernels_ignore_torchs_default_dtype_and_take_infinities():
     huge = torch.tensor([1e19, 1e15, -1e19, 30.0, -30.0], requires_grad=True)
     kernels.gelu(huge).backward(torch.ones(5))
     assert huge.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]  # the derivative's limits, exactly
+
+
+def test_torch_func_transforms_run_through_the_model_as_without_kernels():
+    # torch.func (grad, vmap: per-sample gradients) wraps tensors in ways the kernels, plain
+    # autograd.Functions over data pointers, cannot take: every kernel path must step aside
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=64, n_ctx=32)).train()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (3, 12))
+
+    def loss(p: dict, row: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, p, (row[None],))[0]
+        return F.cross_entropy(logits[:-1], row[1:])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    for i in range(3):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), ids[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, atol=2e-5, rtol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        batched = vmap(lambda row: functional_call(model, params, (row[None],))[0])(ids)
+        torch.testing.assert_close(batched, model(ids), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (the widened bf16 product on CPUs without bf16 units)
+        torch.testing.assert_close(vmap(lambda row: functional_call(model, params, (row[None],))[0])(ids).float(),
+                                   model(ids).float(), atol=0.05, rtol=0.05)

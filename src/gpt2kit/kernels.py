@@ -297,8 +297,11 @@ ATTENTION_HEAD_SIZE = 64  # the head size `causal_attention` handles (every GPT-
 def forward_ad_active() -> bool:
     """Whether forward-mode AD is on (inside `torch.autograd.forward_ad.dual_level`), which works
     with gradients disabled: the kernels that do no autograd would drop tangents without a word,
-    so their callers take PyTorch's ops then."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    so their callers take PyTorch's ops then. A torch.func transform (grad, vmap, jvp, ...) counts
+    too: its tensors are wrappers without data pointers for the kernels, and gpt2kit's
+    autograd.Functions have no functorch rules."""
+    return (getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+            or torch._C._functorch.maybe_current_level() is not None)
 
 
 def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -526,7 +529,13 @@ def bf16_linear_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     input gradient rounded to bf16, the weight and bias gradients to bf16 precision in fp32, as
     autocast's bf16 GEMMs and casts leave them. The products run on fp32 units (bf16 numbers
     widen to fp32 exactly): on a CPU without bf16 arithmetic, 4-5x faster than PyTorch's
-    emulated bf16 GEMM. Only the summation order differs from a bf16 GEMM."""
+    emulated bf16 GEMM. Only the summation order differs from a bf16 GEMM. Under forward-mode AD
+    or a torch.func transform, the same product through differentiable PyTorch ops."""
+    if forward_ad_active():
+        bf16 = torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(x.to(bf16).float(), weight.to(bf16).float(), None if bias is None else bias.to(bf16).float())
+        return y.to(bf16)
     return _Bf16LinearWidened.apply(x, weight, bias)
 
 
