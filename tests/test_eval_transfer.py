@@ -503,6 +503,33 @@ def test_bad_files_name_the_line(tmp_path):
         get_task("coqa")(tmp_path).documents()
 
 
+@pytest.mark.parametrize("task, file, row, message", [
+    # a question without its gold answer would only fail when scored, after every generation
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][0], "answers": COQA["data"][0]["answers"][:1]},
+     r"story 0: expected one answer per question in \"answers\" \(2 questions, 1 answers\)"),
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][0], "additional_answers": [[]]},
+     r"story 0: expected \"additional_answers\" to be an object of answer lists"),
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][0], "additional_answers": {"0": COQA["data"][0]["answers"][:1]}},
+     r"story 0: expected one answer per question in \"additional_answers\" \"0\" \(2 questions, 1 answers\)"),
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][2], "questions": [{"input_text": None, "turn_id": 1}]},
+     "story 0: expected"),
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][2], "story": 5}, "story 0: expected"),
+    ("winograd", "wsc273.jsonl", {**WSC[0], "text": 5}, "wsc273.jsonl: line 1: expected"),
+    ("winograd", "wsc273.jsonl", {**WSC[0], "options": "ab"}, "wsc273.jsonl: line 1: expected"),
+    ("winograd", "wsc273.jsonl", {**WSC[0], "pronoun": None}, "wsc273.jsonl: line 1: expected"),
+    ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "endings": [1, 2, 3, 4]}, "hellaswag_val.jsonl: line 1"),
+    ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "endings": "abcd"}, "hellaswag_val.jsonl: line 1"),
+    ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "ctx_a": None}, "hellaswag_val.jsonl: line 1"),
+])
+def test_fields_of_the_wrong_type_name_the_story_or_line(tmp_path, task, file, row, message):
+    """Wrong types and missing answers are one-line errors when the file is read, never a traceback and never
+    text like "None" in a prompt."""
+    text = json.dumps({"data": [row]}) if task == "coqa" else json.dumps(row) + "\n"
+    (tmp_path / file).write_text(text)
+    with pytest.raises(TaskError, match=message):
+        get_task(task)(tmp_path).documents()
+
+
 def test_cli_end_to_end_all_transfer_tasks(cli, model_dir, data_dir, tmp_path):
     out = tmp_path / "results.json"
     r = cli("eval", "--model", str(model_dir), "--tasks", ",".join(TASKS), "--data-dir", str(data_dir),

@@ -34,19 +34,45 @@ def parse_coqa(path: Any) -> list[Conversation]:
         data = json.loads(read_text(path))["data"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise TaskError(f"{path}: expected CoQA's JSON: an object with a \"data\" list of stories") from None
-    out = []
-    for n, story in enumerate(data):
-        try:
-            questions = [q["input_text"] for q in story["questions"]]
-            answer_lists = [story["answers"], *story.get("additional_answers", {}).values()]
-            golds = []
-            for i in range(len(questions)):
-                golds.append(tuple(a[i]["input_text"] for a in answer_lists if i < len(a)))
-            out.append(Conversation(str(story.get("id", n)), story["story"], tuple(questions), tuple(golds)))
-        except (KeyError, TypeError, IndexError):
-            raise TaskError(f"{path}: story {n}: expected \"story\", \"questions\" and \"answers\" lists of "
-                            "objects with \"input_text\"") from None
-    return out
+    if not isinstance(data, list):
+        raise TaskError(f"{path}: expected CoQA's JSON: an object with a \"data\" list of stories")
+    return [_conversation(path, n, story) for n, story in enumerate(data)]
+
+
+def _texts(items: Any) -> list[str] | None:
+    """The "input_text" strings of a list of turn objects, or None if it is not one."""
+    if not isinstance(items, list) or not all(isinstance(x, dict) and isinstance(x.get("input_text"), str)
+                                              for x in items):
+        return None
+    return [x["input_text"] for x in items]
+
+
+def _conversation(path: Any, n: int, story: Any) -> Conversation:
+    where = f"{path}: story {n}"
+    shape = "\"story\", \"questions\" and \"answers\" lists of objects with \"input_text\" strings"
+    if not isinstance(story, dict) or not isinstance(story.get("story"), str):
+        raise TaskError(f"{where}: expected an object with {shape}")
+    questions, answers = _texts(story.get("questions")), _texts(story.get("answers"))
+    if questions is None or answers is None:
+        raise TaskError(f"{where}: expected {shape}")
+    extra = story.get("additional_answers", {})
+    if not isinstance(extra, dict):
+        raise TaskError(f"{where}: expected \"additional_answers\" to be an object of answer lists")
+    # The official script pairs the i-th answer of every list with the i-th question: a missing one
+    # would only surface when scoring, after every answer had been generated.
+    answer_lists = [("\"answers\"", answers)]
+    for key, items in extra.items():
+        texts = _texts(items)
+        if texts is None:
+            raise TaskError(f"{where}: expected \"additional_answers\" {key!r} to be a list of objects with "
+                            "\"input_text\" strings")
+        answer_lists.append((f"\"additional_answers\" \"{key}\"", texts))
+    for name, texts in answer_lists:
+        if len(texts) != len(questions):
+            raise TaskError(f"{where}: expected one answer per question in {name} ({len(questions)} questions, "
+                            f"{len(texts)} answers)")
+    golds = tuple(tuple(texts[i] for _, texts in answer_lists) for i in range(len(questions)))
+    return Conversation(str(story.get("id", n)), story["story"], tuple(questions), golds)
 
 
 def coqa_prompt(conv: Conversation, turn: int) -> str:

@@ -38,6 +38,11 @@ def read_hellaswag(path: Any) -> list[Item]:
     out = []
     expected = "a HellaSwag object with \"activity_label\", \"ctx_a\", \"ctx_b\", \"endings\" and \"label\""
     for n, obj in iter_jsonl(path, expected):
+        fields = [obj.get("activity_label"), obj.get("ctx_a"), obj.get("ctx_b")]
+        endings = obj.get("endings")
+        if not (all(isinstance(f, str) for f in fields) and isinstance(endings, list)
+                and all(isinstance(e, str) for e in endings)):
+            raise TaskError(f"{path}: line {n}: expected {expected} (strings, and a list of ending strings)")
         try:
             ctx_b = obj["ctx_b"]
             context = clean(f"{obj['activity_label']}: {obj['ctx_a']} {ctx_b[:1].upper() + ctx_b[1:]}")

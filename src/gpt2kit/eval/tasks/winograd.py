@@ -51,9 +51,12 @@ def read_wsc(path: Any) -> list[Schema]:
     for n, obj in iter_jsonl(path, expected):
         try:
             text, pronoun, loc = obj["text"], obj["pronoun"], int(obj["pronoun_loc"])
-            options, label = [str(o) for o in obj["options"]], int(obj["label"])
+            options, label = obj["options"], int(obj["label"])
         except (KeyError, TypeError, ValueError):
             raise TaskError(f"{path}: line {n}: expected {expected}") from None
+        if not (isinstance(text, str) and isinstance(pronoun, str) and pronoun and isinstance(options, list)
+                and all(isinstance(o, str) for o in options)):
+            raise TaskError(f"{path}: line {n}: expected {expected} (text, pronoun and options as strings)")
         if text[loc:loc + len(pronoun)].lower() != pronoun.lower():
             raise TaskError(f"{path}: line {n}: \"pronoun_loc\" {loc} does not point at the pronoun {pronoun!r}")
         if not 0 <= label < len(options) or len(options) < 2:
