@@ -146,6 +146,19 @@ def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
     assert 5 < totals["links"] < 3000     # whatever came before the damage is kept
 
 
+def test_links_non_finite_numbers_are_bad_lines_not_a_crash(tmp_path):
+    """JSON's NaN/Infinity (Python writes them) and their string forms are not a score or a time."""
+    lines = [b'{"url": "http://a.example/1", "score": NaN, "created_utc": 1500000000}',
+             b'{"url": "http://a.example/2", "score": "inf", "created_utc": 1500000000}',
+             b'{"url": "http://a.example/3", "score": 5, "created_utc": -Infinity}',
+             b'{"url": "http://a.example/4", "score": 5, "created_utc": "nan"}',
+             json.dumps(post("http://a.example/ok")).encode()]
+    dump = tmp_path / "d.ndjson"
+    dump.write_bytes(b"\n".join(lines) + b"\n")
+    totals = collect_links(tmp_path / "w", [dump], LinksConfig(shards=1))
+    assert (totals["lines"], totals["bad_lines"], totals["kept"], totals["links"]) == (5, 4, 1, 1)
+
+
 def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
     """A dump that yields no submission line, and the words of the reason the error must give."""
     if kind == "text":

@@ -19,6 +19,7 @@ import gzip
 import json
 import logging
 import lzma
+import math
 import os
 import posixpath
 import re
@@ -287,16 +288,18 @@ def probe_dump(path: Path) -> str | None:
 
 
 def _number(value) -> float | None:
+    # json.loads reads NaN and Infinity; as a score or a time they would crash int() (or pass
+    # every comparison), so they make the line a bad one like any other non-number
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
         return value
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             return None
-    return None
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 def _fields(obj: dict) -> tuple[str, float, float] | None:
