@@ -461,7 +461,8 @@ def test_merges_files_with_crlf_line_ends_load_as_in_tiktoken_and_hf(tmp_path, f
         path = tmp_path / name
         path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
     assert Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt").fingerprint == fast.fingerprint
-    assert Tokenizer.from_pretrained(tmp_path, engine="reference").fingerprint == fast.fingerprint
+    ref = Tokenizer.from_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe", engine="reference")
+    assert ref.fingerprint == fast.fingerprint
     # the peers read these files as they are
     ranks = data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
     assert ranks == fast.mergeable_ranks
@@ -484,3 +485,24 @@ def test_a_bad_merge_is_named_in_the_merges_file(tmp_path):
         enc, bpe = _vocab_files(tmp_path, encoder, merges)
         with pytest.raises(InputFileError, match=message):
             Tokenizer.from_files(enc, bpe)
+
+
+def test_folder_with_special_tokens_only_in_tokenizer_json_keeps_them(gpt2_saved, tmp_path, fast):
+    # transformers 4.x saves a GPT-2 with an added pad token like this: vocab.json and merges.txt
+    # without it, tokenizer.json (which AutoTokenizer reads, and the hub download fetches) with it.
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(gpt2_saved, tmp_path / "ft")
+    pad = {"id": 50257, "content": "<|pad|>", "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "ft" / "tokenizer.json",
+                           lambda d: d["added_tokens"].append(pad))
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / "ft" / name).unlink()
+    tok = Tokenizer.from_pretrained(tmp_path / "ft")
+    assert tok.special_tokens == {ENDOFTEXT: 50256, "<|pad|>": 50257} and tok.n_vocab == 50258
+    text = "a<|pad|>b<|endoftext|>"
+    assert tok.encode(text, allowed_special="all") == AutoTokenizer.from_pretrained(tmp_path / "ft")(text)["input_ids"]
+    assert tok.decode([50257]) == "<|pad|>"

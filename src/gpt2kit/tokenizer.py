@@ -453,15 +453,18 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *,
                         engine: Literal["fast", "reference"] = "fast") -> "Tokenizer":
-        """A folder with encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json, or a
-        released model name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl": one shared vocabulary)."""
+        """A folder with tokenizer.json, encoder.json+vocab.bpe or vocab.json+merges.txt (in that
+        order of preference), or a released model name ("gpt2", "gpt2-medium", "gpt2-large",
+        "gpt2-xl": one shared vocabulary)."""
         path = Path(name_or_path)
         if path.is_dir():
+            # tokenizer.json first: transformers' fast tokenizers read it, and special tokens added
+            # after the vocabulary (a pad token) are written there, not in vocab.json.
+            if (path / "tokenizer.json").is_file():
+                return cls.from_tokenizer_json(path / "tokenizer.json", engine=engine)
             for a, b in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
                 if (path / a).is_file() and (path / b).is_file():
                     return cls.from_files(path / a, path / b, engine=engine)
-            if (path / "tokenizer.json").is_file():
-                return cls.from_tokenizer_json(path / "tokenizer.json", engine=engine)
             raise InputFileError(path, "folder holds no encoder.json+vocab.bpe, vocab.json+merges.txt or tokenizer.json")
         if path.is_file() and path.name.endswith(".json"):
             return cls.from_tokenizer_json(path, engine=engine)
