@@ -347,6 +347,41 @@ def test_lambada_whole_word_accuracy_counts_a_right_prediction(model, tokenizer,
     assert m["acc_word"] == 100.0
 
 
+def test_lambada_stop_word_filter_never_removes_a_piece_inside_the_target(model, tokenizer, tmp_path):
+    """A target whose last BPE token spells a stop word (" Beth"+"any", " Kent"+"on") is not a stop word: when
+    that piece is the model's argmax, the last-token protocol is right with the filter as without it."""
+    from gpt2kit.eval.tasks.lambada import stop_word_tokens
+
+    stop = stop_word_tokens(tokenizer)
+    bare = {i for i in stop if not tokenizer.decode([i]).startswith(" ")}
+    firsts = [i for i in range(tokenizer.n_vocab) if (s := tokenizer.decode([i])).startswith(" ") and len(s) > 3
+              and s[1:].isalpha() and s[1:].istitle()]
+    passage = None
+    for context in ("She looked at the old photograph and smiled at", "The letter was signed by"):
+        ctx = tokenizer.encode_ordinary(context)
+        with torch.no_grad():
+            for j in range(0, len(firsts), 1024):
+                batch = firsts[j:j + 1024]
+                nxt = model.lm_head(model.hidden_states(torch.tensor([ctx + [t] for t in batch]))[:, -1]).argmax(-1)
+                for t, piece in zip(batch, nxt.tolist()):
+                    word = tokenizer.decode([t, piece])
+                    if piece in bare and word[1:].isalpha() and tokenizer.encode_ordinary(word) == [t, piece]:
+                        passage = context + word
+                        break
+                if passage:
+                    break
+        if passage:
+            break
+    assert passage, "the tiny model never continued a word with a stop-word piece"
+    (tmp_path / "lambada_test.jsonl").write_text(json.dumps({"text": passage}) + "\n")
+    m = evaluate(model, tokenizer, ["lambada"], tmp_path, progress=False)["lambada"]["metrics"]
+    assert m["acc_token"] == 100.0
+    assert m["acc_token_stopfilter"] == 100.0
+    # a whole stop word is still filtered: the same passage with a stop word as its target cannot be right
+    req = get_task("lambada")(tmp_path).requests(("It was", " the", "the"), tokenizer)
+    assert tokenizer.encode_ordinary(" the")[0] in req[2].exclude
+
+
 def test_lambada_plain_text_is_detokenized(tmp_path, tokenizer):
     (tmp_path / "lambada_test_plain_text.txt").write_text("\n".join(LAMBADA_PLAIN) + "\n")
     docs = get_task("lambada")(tmp_path).documents()

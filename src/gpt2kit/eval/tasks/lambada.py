@@ -11,7 +11,8 @@ whitespace-separated word. Reported, all from the same passages:
 - `acc_token`: the target's last BPE token is the argmax given every token before it (the
   protocol of several public re-implementations, which scores well above `acc_word`);
 - `*_stopfilter`: the same with the paper's stop-word filter on predictions: stop words may not
-  be predicted (for `acc_word`: may not be the first generated token).
+  be predicted (for `acc_word`: may not be the first generated token; for `acc_token`, when the
+  last token is a piece inside a longer word, only the stop words' space-led forms are removed).
 """
 from __future__ import annotations
 
@@ -42,11 +43,13 @@ _LAST_WORD = re.compile(r"^(.*\S)(\s+)(\S+)\s*$", re.S)
 
 
 @lru_cache(maxsize=8)
-def stop_word_tokens(tokenizer: Any) -> frozenset[int]:
-    """Token ids that are a whole stop word, with or without a leading space or capital."""
+def stop_word_tokens(tokenizer: Any, *, spaced_only: bool = False) -> frozenset[int]:
+    """Token ids that are a whole stop word, with or without a leading space or capital
+    (`spaced_only`: only the forms with a leading space)."""
     ids = set()
     for w in STOP_WORDS:
-        for form in (w, " " + w, w.capitalize(), " " + w.capitalize()):
+        forms = (" " + w, " " + w.capitalize()) + (() if spaced_only else (w, w.capitalize()))
+        for form in forms:
             toks = tokenizer.encode_ordinary(form)
             if len(toks) == 1:
                 ids.add(toks[0])
@@ -91,10 +94,14 @@ class Lambada(Task):
         word = tuple(tokenizer.encode_ordinary(continuation))
         passage = tuple(tokenizer.encode_ordinary(context + continuation))
         stop = stop_word_tokens(tokenizer)
+        # The filter removes predicted words: the target's last token is a piece inside it (" Beth"+"any",
+        # " Kent"+"on") unless only whitespace precedes it, and a piece spelling a stop word is no stop word.
+        starts_word = not tokenizer.decode(list(word[:-1])).strip()
+        last_stop = stop if starts_word else stop_word_tokens(tokenizer, spaced_only=True)
         return [
             Loglikelihood(ctx, word),
             Loglikelihood(passage[:-1], passage[-1:]),
-            Loglikelihood(passage[:-1], passage[-1:], exclude=stop),
+            Loglikelihood(passage[:-1], passage[-1:], exclude=last_stop),
             GreedyGeneration(ctx, MAX_WORD_TOKENS, stop_regex=WORD_END),
             GreedyGeneration(ctx, MAX_WORD_TOKENS, stop_regex=WORD_END, suppress_first=stop),
         ]
