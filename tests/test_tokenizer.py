@@ -506,3 +506,11 @@ def test_folder_with_special_tokens_only_in_tokenizer_json_keeps_them(gpt2_saved
     text = "a<|pad|>b<|endoftext|>"
     assert tok.encode(text, allowed_special="all") == AutoTokenizer.from_pretrained(tmp_path / "ft")(text)["input_ids"]
     assert tok.decode([50257]) == "<|pad|>"
+
+
+def test_errors_in_text_with_allowed_specials_count_from_the_start(fast, ref):
+    for tok in (fast, ref):
+        with pytest.raises(InvalidTextError, match=r"lone surrogate U\+D800 at character 16 "):
+            tok.encode(f"ab{ENDOFTEXT}c\ud800", allowed_special="all")
+        with pytest.raises(TokenizerError, match=r"^expected text \(str\), got int$"):
+            tok.encode(123, allowed_special="all")

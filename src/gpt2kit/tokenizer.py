@@ -263,6 +263,9 @@ class _ReferenceEngine:
 
     def encode_ordinary(self, text: str) -> list[int]:
         _utf8(text)  # reject lone surrogates before doing any work
+        return self._encode_valid(text)
+
+    def _encode_valid(self, text: str) -> list[int]:
         ids: list[int] = []
         cache = self.cache
         for piece in split_pretokens(text):
@@ -277,12 +280,13 @@ class _ReferenceEngine:
         return ids
 
     def encode(self, text: str, allowed: AbstractSet[str]) -> list[int]:
+        _utf8(text)  # checked whole: an error's position counts from the start of the text
         ids: list[int] = []
         for k, chunk in enumerate(_special_splitter(frozenset(allowed)).split(text)):
             if k % 2:
                 ids.append(self.specials[chunk])
             elif chunk:
-                ids.extend(self.encode_ordinary(chunk))
+                ids.extend(self._encode_valid(chunk))
         return ids
 
     def encode_batch(self, texts: Sequence[str], allowed: AbstractSet[str], num_threads: int | None) -> list[list[int]]:
