@@ -1012,3 +1012,20 @@ def test_torch_func_transforms_run_through_the_model_as_without_kernels():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # (the widened bf16 product on CPUs without bf16 units)
         torch.testing.assert_close(vmap(lambda row: functional_call(model, params, (row[None],))[0])(ids).float(),
                                    model(ids).float(), atol=0.05, rtol=0.05)
+
+
+def test_a_truncated_cached_library_is_built_again_not_loaded(tmp_path):
+    # dlopen maps a truncated shared object past its end and the process dies of SIGBUS on first
+    # touch: the cache must check the file is whole before loading it (a copy cut short, a full disk)
+    if not CAN_BUILD:
+        return
+    code = "import torch; from gpt2kit import kernels; print(kernels.available(torch.float32))"
+    assert _run(code, GPT2KIT_CACHE=str(tmp_path)).stdout.split() == ["True"]
+    (library,) = (tmp_path / "kernels").glob("gpt2kit-*.so")
+    whole = library.read_bytes()
+    for size in (len(whole) // 2, 40):
+        library.write_bytes(whole[:size])
+        again = _run("import logging; logging.basicConfig()\n" + code, GPT2KIT_CACHE=str(tmp_path))
+        assert again.returncode == 0 and again.stdout.split() == ["True"], (size, again.returncode, again.stderr)
+        assert "incomplete" in again.stderr and str(library) in again.stderr
+        assert len(library.read_bytes()) == len(whole)  # built again, in place

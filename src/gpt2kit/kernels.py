@@ -32,6 +32,7 @@ import logging
 import mmap
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -69,25 +70,12 @@ def _library() -> ctypes.CDLL | None:
     if target.exists() and target.stat().st_uid != os.getuid():
         log.warning("%s belongs to another user: not loading it; decoding uses PyTorch's matrix kernels", target)
         return None
-    if not target.exists():
-        tmp = None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True,
-                           text=True)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)  # atomic: concurrent builders each install a complete file
-        except (OSError, subprocess.CalledProcessError) as e:
-            log.warning("could not build gpt2kit's CPU kernels (%s): decoding uses PyTorch's matrix kernels",
-                        getattr(e, "stderr", None) or e)
+    if target.exists() and not _elf_complete(target):
+        log.warning("%s is incomplete (a copy cut short?): building it again", target)
+        if not _build(compiler, target):
             return None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+    if not target.exists() and not _build(compiler, target):
+        return None
     try:
         lib = ctypes.CDLL(str(target))
         functions = (lib.gpt2kit_matvec_bf16, lib.gpt2kit_matvec_bf16_widened, lib.gpt2kit_matvec_f32)
@@ -131,6 +119,48 @@ def _library() -> ctypes.CDLL | None:
                                ctypes.c_float, ctypes.c_int]
     layer_norm_add.restype = None
     return lib
+
+
+def _build(compiler: str, target: Path) -> bool:
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)  # atomic: concurrent builders each install a complete file
+        return True
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("could not build gpt2kit's CPU kernels (%s): decoding uses PyTorch's matrix kernels",
+                    getattr(e, "stderr", None) or e)
+        return False
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _elf_complete(path: Path) -> bool:
+    """Whether a 64-bit little-endian ELF file holds every byte its headers point to (other files:
+    assumed whole, for the loader to judge). dlopen maps a truncated library past its end, and
+    the process dies of SIGBUS on the first access there instead of getting an error."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 64:
+        return False  # shorter than an ELF header
+    if data[:6] != b"\x7fELF\x02\x01":
+        return True
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data):
+        return False
+    for i in range(phnum):  # every loaded segment's bytes
+        kind, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if kind == 1 and offset + filesz > len(data):
+            return False
+    return True
 
 
 @functools.cache
