@@ -272,3 +272,36 @@ def test_tracker_on_arbitrary_bytes_matches_decode(tok, data):
     seq = [by_byte[b] for b in data]
     pieces, whole = feed(tok, seq)
     assert "".join(pieces) == whole == tok.decode(seq) == data.decode("utf-8", errors="replace")
+
+
+README_IMPORTS = """
+import importlib
+import torch
+{before}
+from gpt2kit import generate, stream_generate
+the_function = importlib.import_module("gpt2kit.generate").__dict__["generate"]
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.tokenizer import Tokenizer
+
+torch.manual_seed(0)
+model, tok = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_ctx=16)).eval(), Tokenizer.gpt2()
+out = generate(model, tok, ["Hello", "Bonjour"], max_new_tokens=4, do_sample=False, n=2)
+assert [c.token_ids for c in out] == [c.token_ids for c in the_function(model, tok, ["Hello", "Bonjour"],
+                                                                       max_new_tokens=4, do_sample=False, n=2)]
+assert out[0].finish_reason == "length" and len(out) == 4
+import gpt2kit.generate as G  # the submodule stays reachable by its dotted name
+assert G.stream_generate is stream_generate and callable(G.optimize_for_cpu)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("before", ["", "import gpt2kit.server", "import gpt2kit; gpt2kit.generate"])
+def test_the_readme_import_of_generate_is_callable(before):
+    # `from gpt2kit import generate` names a function and a submodule at once: whichever the
+    # package attribute is by then (the submodule once anything imported it), the README's call works
+    import subprocess
+    import sys
+
+    code = README_IMPORTS.format(before=before)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -27,5 +27,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        # `generate` is also its submodule's name: importing it made the package attribute the
+        # (callable) module, which is then what every later lookup finds; return it from the first
+        return module if name == _EXPORTS[name] else getattr(module, name)
     raise AttributeError(f"module 'gpt2kit' has no attribute {name!r}")

@@ -10,6 +10,9 @@ tokens are re-encoded from scratch (GPT-2's positions are absolute, so cached ke
 shifted) and decoding goes on from there; the batch's other rows are re-encoded whole, so that a
 row decodes as it would alone. A prompt longer than the context keeps its most recent
 n_ctx tokens, with a warning.
+
+The module itself is callable as `generate()`: `from gpt2kit import generate` (the README's
+spelling) finds this submodule once anything has imported it, and must still generate.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import codecs
 import dataclasses
 import functools
 import logging
+import sys
 import threading
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
@@ -628,3 +633,16 @@ def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: s
     else:
         model = optimize_for_cpu(model, inplace=True)
     return model, tokenizer
+
+
+class _CallableModule(types.ModuleType):
+    """This module, which calling runs `generate`. A package attribute that shares its name with
+    a submodule is the submodule as soon as the import system has loaded it (and `import
+    gpt2kit.generate as G` reads that same attribute), so `from gpt2kit import generate` can only
+    be both the function and the module if the module can be called."""
+
+    def __call__(self, *args, **kwargs) -> list[Completion]:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
