@@ -135,11 +135,13 @@ def data_dir(tmp_path_factory):
 
 
 def hf_rolling_logprob(hf, ids: list[int], eot: int, max_len: int, stride: int) -> float:
-    """The straightforward sliding-window recipe: each window's new targets via labels=-100."""
+    """The straightforward sliding-window recipe: a full window ends every `stride` tokens (the last one at the
+    text's end), each window's new targets via labels=-100."""
     x = torch.tensor([eot] + ids)
-    total, prev_end, begin = 0.0, 0, 0
+    total, prev_end, window_end = 0.0, 0, max_len
     while prev_end < len(ids):
-        end = min(begin + max_len, len(ids))
+        end = min(window_end, len(ids))
+        begin = max(0, end - max_len)
         inp = x[begin:end]
         labels = x[begin + 1:end + 1].clone()
         labels[: len(labels) - (end - prev_end)] = -100
@@ -148,7 +150,7 @@ def hf_rolling_logprob(hf, ids: list[int], eot: int, max_len: int, stride: int) 
         lp = torch.log_softmax(logits, -1)
         keep = labels != -100
         total += float(lp[keep].gather(1, labels[keep][:, None]).sum())
-        prev_end, begin = end, begin + stride
+        prev_end, window_end = end, window_end + stride
     return total
 
 
@@ -167,7 +169,7 @@ def test_rolling_windows_score_every_token_once_with_enough_context():
     for n, L, s in [(1, 4, 2), (10, 4, 2), (11, 4, 4), (100, 16, 5), (7, 16, 8), (33, 8, 1)]:
         seen = []
         for begin, end, n_new in rolling_windows(n, L, s):
-            assert end - begin <= L
+            assert end - begin == min(L, end)  # every window as long as the context allows (the last one too)
             targets = list(range(end - n_new + 1, end + 1))
             seen += targets
             if begin > 0:  # every new target has at least L - s tokens of context

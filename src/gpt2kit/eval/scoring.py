@@ -44,20 +44,24 @@ def rolling_windows(n_tokens: int, max_len: int, stride: int) -> list[tuple[int,
 
     Each window (begin, end, n_new) feeds x[begin:end] (at most `max_len` tokens), which predicts
     x[begin+1 .. end]; its last `n_new` predictions are the targets no earlier window scored.
-    Windows start every `stride` tokens, so after the first window every target sees at least
-    max_len - stride tokens of context, and every target is scored exactly once.
+    Windows end every `stride` tokens, the last one at the text's end, and each holds the
+    `max_len` tokens before its end (fewer only at the start): after the first window every
+    target sees at least max_len - stride tokens of context, the last window's as many as
+    fit, and every target is scored exactly once.
 
     >>> rolling_windows(10, 4, 2)
     [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    >>> rolling_windows(11, 4, 4)
+    [(0, 4, 4), (4, 8, 4), (7, 11, 3)]
     """
     if not 1 <= stride <= max_len:
         raise ScoringError(f"--stride must be between 1 and the context length {max_len}, got {stride}")
-    windows, scored, begin = [], 0, 0
+    windows, scored, end = [], 0, max_len
     while scored < n_tokens:
-        end = min(begin + max_len, n_tokens)
-        windows.append((begin, end, end - scored))
-        scored = end
-        begin += stride
+        last = min(end, n_tokens)
+        windows.append((max(0, last - max_len), last, last - scored))
+        scored = last
+        end += stride
     return windows
 
 
