@@ -473,3 +473,36 @@ def test_robots_allow_before_disallow_is_obeyed_by_the_fetcher(site, tmp_path):
     assert {u.rsplit("/", 1)[1]: e["status"] for u, e in m.items()} == {
         "1": "robots_disallowed", "post": "ok", "run.cgi": "robots_disallowed"}
     assert site.hits("blog.test", "/drafts/1") == [] and site.hits("blog.test", "/run.cgi") == []
+
+
+def test_redirect_to_an_internationalized_host_is_fetched(site, tmp_path):
+    """A Location naming a host in Unicode is followed under its IDNA name (Host header, DNS, SNI)."""
+    site.routes[("news.test", "/to-idn")] = (301, {"Location": f"http://bücher.test:{site.port}/buch"}, b"")
+    site.routes[("xn--bcher-kva.test", "/buch")] = (200, {"Content-Type": "text/html"}, page(article(13), "Buch"))
+    make_links(tmp_path, [url(site, "news.test", "/to-idn")])
+    fetch_pages(tmp_path, local_cfg(robots=False, resolve=(("news.test", "127.0.0.1"), ("xn--bcher-kva.test", "127.0.0.1"))))
+    e = manifest(tmp_path)[url(site, "news.test", "/to-idn")]
+    assert (e["status"], e["final_url"], e["redirects"]) == ("ok", url(site, "xn--bcher-kva.test", "/buch"), 1), e
+    assert site.hits("xn--bcher-kva.test", "/buch") == [("xn--bcher-kva.test", "/buch")]
+
+
+def test_ipv6_literal_host_header_keeps_its_brackets():
+    import asyncio
+
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["host"])
+        return httpx.Response(404)
+
+    cfg = FetchConfig(robots=False, host_delay=0.0)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            fetcher = Fetcher(cfg, client, 4)
+            return [await fetcher.get(f"http://[2606:4700::1111]{p}") for p in ("/a", ":8080/b")]
+
+    assert [r.http_status for r in asyncio.run(go())] == [404, 404]
+    assert seen == ["[2606:4700::1111]", "[2606:4700::1111]:8080"]   # RFC 9110 §7.2: the URI's authority

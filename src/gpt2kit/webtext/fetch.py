@@ -239,6 +239,21 @@ class Result:
     redirects: int = 0
 
 
+def _ascii_host(url: str) -> str:
+    """`url` with its host in IDNA form: a redirect may name a host in Unicode, which can go
+    neither into a Host header nor into TLS SNI. A host IDNA refuses is left for the caller to refuse."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+        if not host or host.isascii():
+            return url
+        ascii_host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        return url
+    netloc = ascii_host if port is None else f"{ascii_host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 class Retryable(Exception):
     def __init__(self, status: str, message: str, retry_after: float | None = None, result: Result | None = None):
         super().__init__(message)
@@ -298,6 +313,7 @@ class Fetcher:
         """GET `url`, following redirects; every hop is resolved, checked and (optionally) robots-checked."""
         current, attempts = url, 0
         for hop in range(self.cfg.max_redirects + 1):
+            current = _ascii_host(current)
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 return Result("bad_url", url, current, error=f"cannot fetch {current!r}", attempts=attempts, redirects=hop)
@@ -357,7 +373,8 @@ class Fetcher:
             return Result("bad_url", url, url, error="bad port")
         ip_host = f"[{address}]" if ":" in address else address
         netloc = ip_host if port is None else f"{ip_host}:{port}"
-        host_header = host if port is None else f"{host}:{port}"
+        named = f"[{host}]" if ":" in host else host
+        host_header = named if port is None else f"{named}:{port}"
         target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
         headers = {"Host": host_header, "User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate",
                    "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"}
