@@ -514,3 +514,10 @@ def test_errors_in_text_with_allowed_specials_count_from_the_start(fast, ref):
             tok.encode(f"ab{ENDOFTEXT}c\ud800", allowed_special="all")
         with pytest.raises(TokenizerError, match=r"^expected text \(str\), got int$"):
             tok.encode(123, allowed_special="all")
+
+
+def test_a_file_that_is_not_a_tokenizer_is_called_a_file(tmp_path):
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    with pytest.raises(InputFileError, match=r"vocab.bpe: is a file, not a tokenizer: expected a folder holding "
+                                             r"tokenizer.json, encoder.json\+vocab.bpe or vocab.json\+merges.txt"):
+        Tokenizer.from_pretrained(tmp_path / "vocab.bpe")

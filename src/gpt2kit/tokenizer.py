@@ -474,6 +474,10 @@ class Tokenizer:
             return cls.from_tokenizer_json(path, engine=engine)
         if str(name_or_path).removeprefix("openai-community/") in RELEASED_NAMES:
             return cls.gpt2(engine=engine)
+        if path.is_file():
+            raise InputFileError(path, "is a file, not a tokenizer: expected a folder holding tokenizer.json, "
+                                       "encoder.json+vocab.bpe or vocab.json+merges.txt, a tokenizer.json file, "
+                                       f"or a released name ({', '.join(RELEASED_NAMES)})")
         raise InputFileError(
             path, f"no such tokenizer folder (or released name: {', '.join(RELEASED_NAMES)})")
 
