@@ -506,3 +506,15 @@ def test_ipv6_literal_host_header_keeps_its_brackets():
 
     assert [r.http_status for r in asyncio.run(go())] == [404, 404]
     assert seen == ["[2606:4700::1111]", "[2606:4700::1111]:8080"]   # RFC 9110 §7.2: the URI's authority
+
+
+@pytest.mark.parametrize("address, allowed", [
+    ("2002:7f00:1::1", False),            # 6to4 around 127.0.0.1
+    ("2002:a9fe:a9fe::", False),          # 6to4 around the cloud metadata address
+    ("2002:5db8:d822::1", True),          # 6to4 around a public address
+    ("64:ff9b::7f00:1", False),           # NAT64 (RFC 6052) of 127.0.0.1
+    ("64:ff9b::a00:5", False),
+    ("64:ff9b::5db8:d822", True),         # what DNS64 answers for a public site on an IPv6-only host
+])
+def test_ipv6_addresses_that_carry_an_ipv4_address_are_judged_by_it(address, allowed):
+    assert address_allowed(address, None) is allowed

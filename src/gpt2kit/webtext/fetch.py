@@ -113,9 +113,7 @@ def address_allowed(address: str, allow_private: tuple[str, ...] | None, network
     >>> address_allowed("93.184.216.34", None), address_allowed("127.0.0.1", None), address_allowed("127.0.0.1", ())
     (True, False, True)
     """
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = _carried_ipv4(ipaddress.ip_address(address.split("%")[0]))
     if ip.is_multicast or ip.is_unspecified:
         return False                      # never a web server, whatever the options
     public = ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved)
@@ -124,6 +122,23 @@ def address_allowed(address: str, allow_private: tuple[str, ...] | None, network
     if allow_private is None:
         return False
     return not networks or any(ip in n for n in networks)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _carried_ipv4(ip):
+    """The IPv4 address an IPv6 address leads to, where it carries one: IPv4-mapped, 6to4 (a relay
+    delivers 2002:7f00:1:: to 127.0.0.1) and NAT64 (an IPv6-only host's DNS64 answers every IPv4
+    site with one); else `ip` itself."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
 
 
 class Resolver:
