@@ -521,3 +521,21 @@ def test_a_file_that_is_not_a_tokenizer_is_called_a_file(tmp_path):
     with pytest.raises(InputFileError, match=r"vocab.bpe: is a file, not a tokenizer: expected a folder holding "
                                              r"tokenizer.json, encoder.json\+vocab.bpe or vocab.json\+merges.txt"):
         Tokenizer.from_pretrained(tmp_path / "vocab.bpe")
+
+
+def test_special_tokens_that_start_alike_match_longest_first_in_both_engines(fast, tmp_path):
+    # tiktoken's core picks among special tokens that match at one place by its own hash order,
+    # and skips an allowed one there when it prefers a disallowed one; HF takes the longest.
+    specials = {ENDOFTEXT: 50256, "<|a|>": 50257, "<|a|>b": 50258, "<|": 50259, "<|im|>": 50260, "<|im|>user": 50261}
+    tok = Tokenizer(fast.mergeable_ranks, fast.merges, specials)
+    tok.save(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = ["<|a|>b <|endoftext|>", "x<|a|>c<|im|>user: hi<|im|>", "<|<|a|<|a|>bb<|endoftext|>|>"]
+    for engine in ("fast", "reference"):
+        t = tok.with_engine(engine)
+        for text in texts:
+            assert t.encode(text, allowed_special="all") == hf.encode(text).ids, (engine, text)
+            assert t.decode(t.encode(text, allowed_special="all")) == text
+        assert t.encode("<|a|>b", allowed_special={"<|a|>"}) == [50257, 65]
+        assert t.encode("<|im|>user", allowed_special={"<|im|>", ENDOFTEXT}) == [50260, 7220]
+        assert t.encode("<|a|>b", allowed_special={"<|"}) == [50259] + fast.encode("a|>b")

@@ -252,6 +252,24 @@ def _special_splitter(allowed: frozenset[str]):
     return regex.compile("(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")")
 
 
+def _encode_split_at_specials(text: str, allowed: AbstractSet[str], specials: dict[str, int],
+                              encode_ordinary) -> list[int]:
+    """Ids of valid text whose allowed special tokens (the longest where several match at one
+    place, as HF matches them) become their ids and whose other parts go to `encode_ordinary`."""
+    ids: list[int] = []
+    for k, chunk in enumerate(_special_splitter(frozenset(allowed)).split(text)):
+        if k % 2:
+            ids.append(specials[chunk])
+        elif chunk:
+            ids.extend(encode_ordinary(chunk))
+    return ids
+
+
+def _some_special_starts_another(specials: Collection[str]) -> bool:
+    ordered = sorted(specials)  # a token that starts another sorts right before a token it starts
+    return any(b.startswith(a) for a, b in zip(ordered, ordered[1:]))
+
+
 class _ReferenceEngine:
     _CACHE_LIMIT = 200_000  # distinct pre-tokens remembered; cleared when full
     _CACHE_MAX_LEN = 64  # longer pre-tokens are rare and would bloat the cache
@@ -281,13 +299,7 @@ class _ReferenceEngine:
 
     def encode(self, text: str, allowed: AbstractSet[str]) -> list[int]:
         _utf8(text)  # checked whole: an error's position counts from the start of the text
-        ids: list[int] = []
-        for k, chunk in enumerate(_special_splitter(frozenset(allowed)).split(text)):
-            if k % 2:
-                ids.append(self.specials[chunk])
-            elif chunk:
-                ids.extend(self._encode_valid(chunk))
-        return ids
+        return _encode_split_at_specials(text, allowed, self.specials, self._encode_valid)
 
     def encode_batch(self, texts: Sequence[str], allowed: AbstractSet[str], num_threads: int | None) -> list[list[int]]:
         # Pure Python holds the GIL: threads would not help.
@@ -308,6 +320,10 @@ class _FastEngine:
         )
         # The core directly: tiktoken's wrapper silently replaces lone surrogates, we refuse them.
         self.core = self.encoding._core_bpe
+        # Where special tokens start alike ("<|im|>", "<|im|>user"), the core's choice among them
+        # follows its hash order (and can skip an allowed one): we split at them ourselves.
+        self.specials = specials
+        self.split_specials_here = _some_special_starts_another(specials)
 
     def encode_ordinary(self, text: str) -> list[int]:
         try:
@@ -318,6 +334,9 @@ class _FastEngine:
             raise TokenizerError(f"expected text (str), got {type(text).__name__}") from None
 
     def encode(self, text: str, allowed: AbstractSet[str]) -> list[int]:
+        if self.split_specials_here:
+            _utf8(text)
+            return _encode_split_at_specials(text, allowed, self.specials, self.core.encode_ordinary)
         try:
             return self.core.encode(text, set(allowed))
         except UnicodeEncodeError as e:
