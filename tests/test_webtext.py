@@ -336,6 +336,32 @@ def test_extract_decodes_pages_by_their_declared_charset(tmp_path):
         assert "naïve café “old town” — résumé" in text, (u, text[:200])
 
 
+def mediawiki_copy(body: str) -> bytes:
+    """A Wikipedia article as a mirror serves it: MediaWiki's skin, its own canonical link."""
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='UTF-8'><title>Flood - Wikipedia</title>"
+            "<link rel='canonical' href='http://wikimirror.example/wiki/Flood'></head><body class='mediawiki skin-vector'>"
+            "<div id='content' class='mw-body'><h1 id='firstHeading'>Flood</h1><div id='bodyContent'>"
+            "<div id='siteSub' class='noprint'>From Wikipedia, the free encyclopedia</div>"
+            f"<div id='mw-content-text'><div class='mw-parser-output'>{body}</div></div>"
+            "<div class='printfooter'>Retrieved from \"<a dir='ltr' href='https://en.wikipedia.org/w/index.php?title=Flood"
+            "&amp;oldid=8123'>https://en.wikipedia.org/w/index.php?title=Flood&amp;oldid=8123</a>\"</div></div></div>"
+            "<div id='footer'><ul><li id='footer-info-copyright'>Text is available under the Creative Commons "
+            "Attribution-ShareAlike License; additional terms may apply. Wikipedia&reg; is a registered trademark of the "
+            "Wikimedia Foundation, Inc.</li></ul></div></body></html>").encode()
+
+
+def test_wikipedia_copies_are_recognized_by_the_page_furniture_extraction_drops():
+    """The markers of a copied Wikipedia page sit in its furniture (the "From Wikipedia" line, the
+    "Retrieved from" footer, the trademark line), which text extraction removes."""
+    cfg = ExtractConfig(min_words=40)
+    body = "".join(f"<p>{ENGLISH}</p>" for _ in range(2))
+    assert extract_page(mediawiki_copy(body), "http://wikimirror.example/wiki/Flood", cfg)[0] == "wikipedia_mirror"
+    # a page that merely links to a Wikipedia revision is not a copy
+    cites = html(f"<p>{ENGLISH}</p><p>See <a href='https://en.wikipedia.org/w/index.php?title=Flood&amp;oldid=8123'>"
+                 "the Wikipedia article as it was then</a>.</p>")
+    assert extract_page(cites, "http://n.example/a", cfg)[0] == "kept"
+
+
 def test_clean_text_and_language_model_is_packaged():
     assert clean_text("Advertisement\nA real line of text.\n\n\n\nCookie policy\nFollow us on Twitter\nEnd.") == \
         "A real line of text.\n\nEnd."

@@ -143,8 +143,22 @@ def decode_html(body: bytes, content_type: str | None = None) -> str | bytes:
     return body
 
 
+# The same markers in a copy's markup: text extraction drops the page furniture that holds them
+# (MediaWiki's "siteSub" line, the "Retrieved from" print footer, the licence footer). A bare link
+# to wikipedia.org/w/index.php is a citation, not a copy, so the footer must be the "Retrieved from" one.
+_WIKI_FURNITURE = re.compile(
+    rb"from wikipedia, the free encyclopedia|"
+    rb"retrieved from\s*(?:\"|&quot;|&#34;|\xe2\x80\x9c)?\s*(?:<a\b[^>]*>)?\s*https?://[a-z\-]+\.(?:m\.)?wikipedia\.org|"
+    rb"wikipedia(?:\xc2\xae|&reg;|&#174;)(?:</a>)?\s+is\s+a\s+registered\s+trademark|"
+    rb"uses material from the (?:<a\b[^>]*>)?\s*wikipedia",
+    re.IGNORECASE,
+)
+
+
 def is_wikipedia_copy(html: bytes, text: str) -> bool:
-    return bool(_WIKI_HTML.search(html[:300_000]) or _WIKI_TEXT.search(text))
+    # every furniture marker names Wikipedia; a plain substring test spares most pages the regex
+    names_it = b"ikipedia" in html or b"IKIPEDIA" in html
+    return bool(_WIKI_HTML.search(html[:300_000]) or _WIKI_TEXT.search(text) or (names_it and _WIKI_FURNITURE.search(html)))
 
 
 def clean_text(text: str, max_boilerplate_words: int = 12) -> str:
