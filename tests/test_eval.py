@@ -441,6 +441,18 @@ def test_enwik8_and_text8_standard_split(tmp_path):
     assert docs == ["a" * 20_000]  # two 10,000-character documents, streamed as one text
 
 
+def test_only_newlines_end_sentences_and_passages(tmp_path):
+    """A 1BW sentence or a LAMBADA passage holding U+2028, U+0085 or a form feed stays one document with one
+    end of line (str.splitlines would cut it in two, each scored without the other and counted as a line)."""
+    (tmp_path / "news.en.heldout-00000-of-00050").write_text("A first\x0csentence .\nA second\u2028one .\n")
+    task = get_task("1bw")(tmp_path)
+    assert task.documents() == ["A first\x0csentence .\n", "A second\u2028one .\n"]
+    texts = ["He said:\u2028\u201cHome,\u201d to the house", "She baked\x85the bread"]
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                         for t in texts))
+    assert [d[2] for d in get_task("lambada")(tmp_path).documents()] == ["house", "bread"]
+
+
 def test_wikitext_articles_and_limit(data_dir):
     task = get_task("wikitext103")(data_dir)
     docs = task.documents()

@@ -311,6 +311,23 @@ def test_wmt_plain_files_and_dev_examples(tmp_path):
         get_task("wmt14-en-fr")(tmp_path).documents()
 
 
+def test_only_newlines_end_lines_of_line_oriented_files(tmp_path):
+    """U+2028, U+0085 or a form feed inside a sentence or a JSON string is text, not a line end (str.splitlines
+    would split there): the files stay aligned and JSON lines stay whole."""
+    (tmp_path / "newstest2014.en").write_text("Hello\u2028there.\nGood\x85night.\nBye.\n")
+    (tmp_path / "newstest2014.fr").write_text("Bonjour.\nBonne nuit.\nSalut.\n")
+    docs = get_task("wmt14-en-fr")(tmp_path, shots=1).documents()
+    assert [d[1:] for d in docs] == [("Good\x85night.", "Bonne nuit."), ("Bye.", "Salut.")]
+    rows = [{**NQ[0], "question": "who sings\u2028does he love me"}, *NQ[1:3]]
+    (tmp_path / "NQ-open.dev.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    docs = get_task("nq")(tmp_path, shots=1).documents()
+    assert docs[0][0].startswith("Q: who sings\u2028does he love me\nA: Linda Davis\n\n") and len(docs) == 2
+    row = {"article": "Rain\u2028fell.", "highlights": "It rained\u2028all day\nThen\x0cstopped"}
+    (tmp_path / "cnndm_test.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n")
+    doc, = get_task("cnndm")(tmp_path).documents()
+    assert doc.highlights == ("It rained\u2028all day", "Then\x0cstopped")
+
+
 def test_nq_prompt(data_dir):
     docs = get_task("nq")(data_dir, shots=2).documents()
     assert len(docs) == 3

@@ -19,7 +19,7 @@ from ...corpus import read_text
 from ..registry import MissingDataError, Task, TaskError, register_task
 from ..requests import Generation, Request, Result
 from ..transfer_metrics import first_sentences, require_extra, rouge_f1
-from ._jsonl import iter_jsonl
+from ._jsonl import iter_jsonl, split_lines
 
 HINT = "\nTL;DR:"
 SUMMARY_TOKENS = 100
@@ -39,7 +39,7 @@ class Article:
 def parse_story(path: Path) -> Article:
     """A `.story` file: paragraphs separated by blank lines, then `@highlight` + one highlight each."""
     body, highlights, in_highlight = [], [], False
-    for line in read_text(path).splitlines():
+    for line in split_lines(read_text(path)):
         line = line.strip()
         if line == "@highlight":
             in_highlight = True
@@ -60,7 +60,7 @@ def parse_jsonl(path: Path) -> list[Article]:
     for n, obj in iter_jsonl(path, expected):
         try:
             hl = obj["highlights"]
-            highlights = tuple(h.strip() for h in (hl.splitlines() if isinstance(hl, str) else hl) if h.strip())
+            highlights = tuple(h.strip() for h in (split_lines(hl) if isinstance(hl, str) else hl) if h.strip())
             article = obj["article"]
             if not isinstance(article, str) or not highlights:
                 raise TypeError

@@ -25,6 +25,7 @@ from ...corpus import read_text
 from ..detokenizers import ptb_quotes
 from ..registry import Task, TaskError, register_task
 from ..requests import GreedyGeneration, Loglikelihood, Request, Result
+from ._jsonl import split_lines
 
 # Function words that a reader would never pick as the missing last word of a LAMBADA passage.
 STOP_WORDS = frozenset("""
@@ -68,7 +69,7 @@ class Lambada(Task):
         path = self.path
         if path.suffix == ".jsonl":
             texts = []
-            for n, line in enumerate(read_text(path).splitlines(), 1):
+            for n, line in enumerate(split_lines(read_text(path)), 1):
                 if not line.strip():
                     continue
                 try:
@@ -79,7 +80,7 @@ class Lambada(Task):
                     raise TaskError(f"{path}: line {n}: expected a JSON object with a \"text\" string")
                 texts.append(text)
         else:
-            texts = [ptb_quotes(t) if self.detokenize else t for t in read_text(path).splitlines() if t.strip()]
+            texts = [ptb_quotes(t) if self.detokenize else t for t in split_lines(read_text(path)) if t.strip()]
         docs = []
         for n, text in enumerate(texts[:limit], 1):
             m = _LAST_WORD.match(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ...corpus import read_text
 from ..perplexity import PerplexityTask
 from ..registry import register_task
+from ._jsonl import split_lines
 
 
 @register_task("1bw")
@@ -23,4 +24,4 @@ class OneBillionWord(PerplexityTask):
     detokenizer = "lm1b"
 
     def read_documents(self) -> list[str]:
-        return [line for line in read_text(self.path).splitlines(keepends=True) if line.strip()]
+        return [line for line in split_lines(read_text(self.path), keepends=True) if line.strip()]

@@ -19,6 +19,7 @@ from ...corpus import read_text
 from ..registry import MissingDataError, Task, TaskError, register_task
 from ..requests import Generation, Request, Result
 from ..transfer_metrics import corpus_bleu, require_extra
+from ._jsonl import split_lines
 
 DEFAULT_SHOTS = 5
 MAX_TRANSLATION_TOKENS = 160  # newstest2014 sentences: 99.9% of references are shorter
@@ -34,7 +35,7 @@ def read_segments(path: Path) -> list[str]:
         if not segs:
             raise TaskError(f"{path}: expected SGML with <seg id=...>sentence</seg> elements")
         return segs
-    return [line.strip() for line in text.splitlines()]
+    return [line.strip() for line in split_lines(text)]
 
 
 def _find_pair(data_dir: Path, year: int, src: str, tgt: str) -> tuple[Path, Path] | None:
