@@ -218,3 +218,9 @@ def test_special_token_that_is_not_unicode_text_is_refused_before_counting(tmp_p
     # one string is not a list of special tokens (it would be taken character by character)
     with pytest.raises(TrainingError, match=r"^special_tokens must be a list of strings, got one str"):
         train_bpe([tmp_path / "t.txt"], vocab_size=300, special_tokens=ENDOFTEXT)
+
+
+def test_special_tokens_that_start_alike_are_cut_as_encode_matches_them():
+    # "<|im|>user" is one special token where the text spells it, at training as at encoding.
+    specials = [ENDOFTEXT, "<|im|>", "<|im|>user"]
+    assert count_text(["<|im|>user hi<|im|> yo"], specials) == Counter({" hi": 1, " yo": 1})

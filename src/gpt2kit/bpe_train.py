@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .corpus import expand_inputs, iter_text_pieces
 from .errors import GPT2KitError
-from .tokenizer import ENDOFTEXT, Tokenizer, bytes_to_unicode, split_pretokens
+from .tokenizer import ENDOFTEXT, Tokenizer, _special_splitter, bytes_to_unicode, split_pretokens
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,10 @@ def count_text(texts: Sequence[str], special_tokens: Sequence[str] = ()) -> Coun
 
 
 def _cut_specials(text: str, special_tokens: Sequence[str]) -> list[str]:
-    chunks = [text]
-    for s in special_tokens:
-        chunks = [part for c in chunks for part in c.split(s)]
-    return chunks
+    if not special_tokens:
+        return [text]
+    # The splitter `Tokenizer.encode` uses: where special tokens start alike, the longest is cut out.
+    return _special_splitter(frozenset(special_tokens)).split(text)[::2]
 
 
 def _batches(files, field: str, bar) -> Iterator[list[str]]:
