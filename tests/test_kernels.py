@@ -1029,3 +1029,59 @@ def test_a_truncated_cached_library_is_built_again_not_loaded(tmp_path):
         assert again.returncode == 0 and again.stdout.split() == ["True"], (size, again.returncode, again.stderr)
         assert "incomplete" in again.stderr and str(library) in again.stderr
         assert len(library.read_bytes()) == len(whole)  # built again, in place
+
+
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x.double(), approximate="tanh")
+
+
+def _attention64(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    B, T, C3 = qkv.shape
+    q, k, v = (t.view(B, T, n_head, 64).transpose(1, 2) for t in qkv.double().split(C3 // 3, 2))
+    scores = (q @ k.transpose(-1, -2) / 8).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C3 // 3)  # (SDPA's CPU backward: once only)
+
+
+@pytest.mark.parametrize("kernel", ["gelu", "gelu_strided", "bias_gelu", "training_attention"])
+def test_second_derivatives_through_the_kernels_equal_pytorchs(kernel):
+    # create_graph=True (gradient penalties, Hessian-vector products, MAML) makes the backward
+    # itself differentiable: the kernels' backward must then be too, not refuse or drop terms
+    torch.manual_seed(0)
+    shape, n_head = ((2, 9, 384), 2) if kernel == "training_attention" else ((5, 37), None)
+    x = torch.randn(shape, requires_grad=True)
+    bias = torch.randn(shape[-1], requires_grad=True)
+    fns = {"gelu": (lambda x, b: kernels.gelu(x * 1.0 + b), lambda x, b: _gelu64(x + b)),
+           "gelu_strided": (lambda x, b: kernels.gelu((x + b).t()).t(), lambda x, b: _gelu64((x + b).t()).t()),
+           "bias_gelu": (kernels.bias_gelu, lambda x, b: _gelu64(x + b)),
+           "training_attention": (lambda x, b: kernels.training_attention(x * 1.0, n_head, b),
+                                  lambda x, b: _attention64(x + b, n_head))}
+    ours, exact = fns[kernel]
+    dout, u, w = (torch.randn(shape[:-1] + ((shape[-1] // 3,) if n_head else (shape[-1],))) for _ in range(3))
+    dout.requires_grad_()
+    results = []
+    for f, args in ((ours, (x, bias)), (exact, tuple(t.detach().double().requires_grad_() for t in (x, bias)))):
+        d = dout.detach().to(args[0].dtype).requires_grad_()
+        gx, gb = torch.autograd.grad(f(*args), args, d, create_graph=True)
+        # a scalar of both first derivatives, differentiated again, in every input
+        penalty = (gx * x.detach().to(gx.dtype).sin()).sum() + (gb ** 2).sum()
+        results.append(torch.autograd.grad(penalty, (*args, d)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_penalty_through_the_model_equals_it_without_kernels(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=128, vocab_size=64, n_ctx=32)).train()
+    ids = torch.randint(0, 64, (2, 12))
+
+    def penalty_grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        sum(g.pow(2).sum() for g in grads).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ours = penalty_grads()
+    monkeypatch.setattr(kernels, "available", lambda dtype: False)
+    for a, b in zip(ours, penalty_grads()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -230,20 +230,27 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return _GELU.apply(x)
 
 
+# The kernels' backward passes are not themselves differentiable. Under create_graph=True
+# (gradient penalties, Hessian-vector products, MAML), where autograd runs a backward with
+# gradients enabled, each Function computes its backward with PyTorch's differentiable ops
+# instead, from its inputs as given (a contiguous copy made in forward is not in the graph).
+
+
 class _GELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        y = torch.empty_like(x)
+        xc = x.contiguous()
+        y = torch.empty_like(xc)
         fn = _library().gpt2kit_gelu_f32 if x.dtype == torch.float32 else _library().gpt2kit_gelu_bf16
-        fn(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
-        ctx.save_for_backward(x)
+        fn(xc.data_ptr(), y.data_ptr(), xc.numel(), torch.get_num_threads())
+        ctx.save_for_backward(x, xc)  # (one tensor twice where x is contiguous)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
+        x_given, x = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return torch.ops.aten.gelu_backward(gy.to(x.dtype), x_given, approximate="tanh")
         gy = gy.to(x.dtype).contiguous()
         gx = torch.empty_like(x)
         lib = _library()
@@ -299,18 +306,20 @@ def bias_gelu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 class _BiasGELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x, bias = x.contiguous(), bias.contiguous()
+        xc, bc = x.contiguous(), bias.contiguous()
         y = torch.empty(x.shape, dtype=torch.float32, device="cpu")
         cols = x.shape[-1]
-        _library().gpt2kit_bias_gelu_f32(x.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel() // cols, cols,
+        _library().gpt2kit_bias_gelu_f32(xc.data_ptr(), bc.data_ptr(), y.data_ptr(), x.numel() // cols, cols,
                                          torch.get_num_threads())
-        ctx.save_for_backward(x, bias)
+        ctx.save_for_backward(x, bias, xc, bc)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy: torch.Tensor):
-        x, bias = ctx.saved_tensors
+        x_given, bias_given, x, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            gx = torch.ops.aten.gelu_backward(gy.to(torch.float32), x_given + bias_given, approximate="tanh")
+            return gx, gx.reshape(-1, gx.shape[-1]).sum(0)
         gy = gy.to(torch.float32).contiguous()
         gx = torch.empty(x.shape, dtype=torch.float32, device="cpu")
         gbias = torch.empty(bias.shape, dtype=torch.float32, device="cpu")
@@ -465,6 +474,7 @@ def training_attention(qkv: torch.Tensor, n_head: int, bias: torch.Tensor | None
 class _TrainingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
+        qkv_given, bias_given = qkv, bias
         qkv = qkv.contiguous()
         bias = bias.contiguous() if bias is not None else None
         B, T, C3 = qkv.shape
@@ -474,14 +484,17 @@ class _TrainingAttention(torch.autograd.Function):
         _library().gpt2kit_attention_train_f32(qkv.data_ptr(), bias.data_ptr() if bias is not None else None,
                                                out.data_ptr(), probs.data_ptr(), B, n_head, T,
                                                ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
-        ctx.save_for_backward(qkv, bias, probs)
+        ctx.save_for_backward(qkv, bias, probs, qkv_given, bias_given)
         ctx.n_head = n_head
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout: torch.Tensor):
-        qkv, bias, probs = ctx.saved_tensors
+        qkv, bias, probs, qkv_given, bias_given = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dqkv = _attention_backward_ops(qkv_given if bias_given is None else qkv_given + bias_given,
+                                           dout.to(torch.float32), ctx.n_head)
+            return dqkv, None if bias_given is None else dqkv.sum((0, 1)), None
         B, T, _ = qkv.shape
         dout = dout.to(torch.float32).contiguous()
         dqkv = torch.empty_like(qkv)
@@ -491,6 +504,22 @@ class _TrainingAttention(torch.autograd.Function):
             dqkv.data_ptr(), dbias.data_ptr() if dbias is not None else None, B, ctx.n_head, T,
             ATTENTION_HEAD_SIZE ** -0.5, torch.get_num_threads())
         return dqkv, dbias, None
+
+
+def _attention_backward_ops(qkv: torch.Tensor, dout: torch.Tensor, n_head: int) -> torch.Tensor:
+    """`training_attention`'s backward, dqkv (B, T, 3C) from qkv (bias added) and dout (B, T, C),
+    in differentiable PyTorch ops: the probabilities recomputed, then dV = P^T dO, dS = P (dP -
+    rowsum(P dP)) with dP = dO V^T, dQ = scale dS K, dK = scale dS^T Q."""
+    B, T, C3 = qkv.shape
+    scale = ATTENTION_HEAD_SIZE ** -0.5
+    q, k, v = (t.view(B, T, n_head, ATTENTION_HEAD_SIZE).transpose(1, 2) for t in qkv.split(C3 // 3, 2))
+    do = dout.view(B, T, n_head, ATTENTION_HEAD_SIZE).transpose(1, 2)  # (B, nh, T, hs)
+    future = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
+    p = (q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")).softmax(-1)  # (B, nh, T, T)
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+    grads = (ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ do)  # dQ, dK, dV: (B, nh, T, hs)
+    return torch.cat([g.transpose(1, 2).reshape(B, T, C3 // 3) for g in grads], dim=2)
 
 
 def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
