@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -226,6 +227,24 @@ def test_edge_cases_and_errors(model, tok):
     events = list(iter_generate(model, tok, "x", max_new_tokens=4, params=GREEDY))
     assert [e.finish_reason for e in events] == [None, None, None, "length"]
 
+
+
+def test_bad_prompt_token_ids_are_named(model, tok):
+    # the embedding would fail with "index out of range in self", or take a float or a bool as an id
+    for bad, shown in (([[15496, tok.n_vocab]], str(tok.n_vocab)), ([[-1]], "-1"), ([[15496, 3.5]], "3.5"),
+                       ([[True, 995]], "True"), ([["a"]], "'a'")):
+        with pytest.raises(GenerationError, match=rf"prompt 0: token id {shown} .*expected an integer in \[0, "):
+            generate(model, tok, bad, max_new_tokens=2)
+        if isinstance(bad[0][0], int):  # (else not one prompt for stream_generate)
+            with pytest.raises(GenerationError, match="prompt 0: token id"):
+                list(stream_generate(model, tok, bad[0], max_new_tokens=2))
+    with pytest.raises(GenerationError, match="prompt 1: token id 50257"):
+        generate(model, tok, [[1], [2, 50257]], max_new_tokens=2)
+    as_arrays = generate(model, tok, [np.array([15496, 995]), torch.tensor([15496, 995])], max_new_tokens=3,
+                         do_sample=False)
+    assert [c.token_ids for c in as_arrays] == [generate(model, tok, [15496, 995], max_new_tokens=3,
+                                                         do_sample=False)[0].token_ids] * 2
+    assert as_arrays[0].prompt_token_ids == [15496, 995] and type(as_arrays[1].prompt_token_ids[0]) is int
 
 # --- the text tracker: whole characters, stop strings held back --------------------------------
 

@@ -20,6 +20,7 @@ import codecs
 import dataclasses
 import functools
 import logging
+import operator
 import sys
 import threading
 import types
@@ -257,8 +258,10 @@ class _TextTracker:
         return 0
 
 
-def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int]) -> list[int]:
+def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int], index: int) -> list[int]:
     ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else list(prompt)
+    if not isinstance(prompt, str):
+        ids = _checked_token_ids(ids, min(tokenizer.n_vocab, model.config.vocab_size), index)
     if not ids:  # GPT-2 was trained with <|endoftext|> between documents: it begins a new one
         ids = [tokenizer.eot_token]
     n_ctx = model.config.n_ctx
@@ -267,6 +270,24 @@ def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[in
                     len(ids), n_ctx, n_ctx)
         ids = ids[-n_ctx:]
     return ids
+
+
+def _checked_token_ids(ids: list, n_vocab: int, index: int) -> list[int]:
+    """`ids` as Python ints (numpy and torch integers included), each a valid token id: the
+    embedding would raise "index out of range in self", or take a float or a bool as an id."""
+    out = []
+    for t in ids:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            t = None
+        if t is None or not 0 <= t < n_vocab:
+            raise GenerationError(f"prompt {index}: token id {ids[len(out)]!r} is invalid; "
+                                  f"expected an integer in [0, {n_vocab})")
+        out.append(t)
+    return out
 
 
 def _as_list(prompts) -> list:
@@ -296,7 +317,7 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
     event carries its finish_reason. Prompts are strings or token id lists."""
     params = params or SamplingParams()
     stops = _check_options(max_new_tokens, n, stop)
-    rows = [_prompt_ids(model, tokenizer, p) for p in _as_list(prompts) for _ in range(n)]
+    rows = [_prompt_ids(model, tokenizer, p, i) for i, p in enumerate(_as_list(prompts)) for _ in range(n)]
     if model.config.vocab_size > tokenizer.n_vocab:
         raise GenerationError(f"the model has {model.config.vocab_size} output tokens but the tokenizer only "
                               f"{tokenizer.n_vocab}: they do not belong together")
@@ -352,7 +373,7 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
     params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, do_sample=do_sample)
     _check_options(max_new_tokens, n, stop)
-    prompt_ids = [_prompt_ids(model, tokenizer, p) for p in _as_list(prompts)]
+    prompt_ids = [_prompt_ids(model, tokenizer, p, i) for i, p in enumerate(_as_list(prompts))]
     results = [Completion("", [], "length", i // n, prompt_ids[i // n], top_logprobs=[] if top_logprobs else None)
                for i in range(len(prompt_ids) * n)]
     for ev in iter_generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, params=params,
