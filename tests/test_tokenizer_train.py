@@ -224,3 +224,13 @@ def test_special_tokens_that_start_alike_are_cut_as_encode_matches_them():
     # "<|im|>user" is one special token where the text spells it, at training as at encoding.
     specials = [ENDOFTEXT, "<|im|>", "<|im|>user"]
     assert count_text(["<|im|>user hi<|im|> yo"], specials) == Counter({" hi": 1, " yo": 1})
+
+
+def test_one_path_is_taken_as_one_input(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the cat sat on the mat, the end\n" * 20, encoding="utf-8")
+    expected = train_bpe([corpus], vocab_size=280).fingerprint
+    # not iterated character by character ("c", "o", ...) or refused as not iterable
+    assert train_bpe(str(corpus), vocab_size=280).fingerprint == expected
+    assert train_bpe(corpus, vocab_size=280).fingerprint == expected

@@ -42,7 +42,7 @@ class TrainingError(GPT2KitError):
     """The training inputs or options cannot produce a vocabulary."""
 
 
-def train_bpe(inputs: Iterable[str | os.PathLike], *, vocab_size: int,
+def train_bpe(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, vocab_size: int,
               special_tokens: Sequence[str] = (ENDOFTEXT,), field: str = "text", workers: int = 1,
               progress: bool = False) -> Tokenizer:
     """Learn `vocab_size - 256 - len(special_tokens)` merges from text files or folders (.txt,
@@ -75,6 +75,8 @@ def train_bpe(inputs: Iterable[str | os.PathLike], *, vocab_size: int,
         if s in byte_of:
             raise TrainingError(f"--special {s!r} is spelled like the byte token 0x{byte_of[s]:02x} in the "
                                 "vocabulary files; choose a special token that is not a single character")
+    if isinstance(inputs, (str, os.PathLike)):  # iterating "/data/x" would walk "/" itself
+        inputs = [inputs]
     files = expand_inputs(inputs)
     counts = count_pretokens(files, special_tokens=specials, field=field, workers=workers, progress=progress)
     if not counts:
