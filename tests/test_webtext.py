@@ -480,6 +480,14 @@ def test_dedup_and_shard_stages(tmp_path, runner):
     assert (tmp_path / "funnel.png").stat().st_size > 1000
 
 
+def test_cli_block_options_are_not_silently_ignored(tmp_path, cli):
+    dump = zst_dump(tmp_path / "d.zst", [post("http://www.example.com/1"), post("http://other.example/2")])
+    r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--block-domain", "http://www.example.com/")
+    assert r.returncode == 2 and r.stderr.startswith("gpt2kit: error: --block-domain: expected a host name"), r.stderr
+    r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--block-domain", "WWW.Example.com")   # case is no error
+    assert r.returncode == 0 and "1 unique links" in r.stdout, r.stderr
+
+
 def test_cli_bad_input_is_one_line_error(tmp_path, cli):
     r = cli("webtext", "fetch", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and r.stderr.strip().startswith("gpt2kit: error:") and "webtext links" in r.stderr
@@ -512,6 +520,12 @@ def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
 @pytest.mark.parametrize("cls, kwargs, message", [
     (LinksConfig, {"shards": 0}, "--shards: expected an integer >= 1, got 0"),
     (LinksConfig, {"cutoff": "yesterday"}, "--cutoff: expected an ISO date"),
+    # values that would match no post at all, so the option would do nothing
+    (LinksConfig, {"blocked_domains": ("https://example.com/",)},
+     "--block-domain: expected a host name like example.com, got 'https://example.com/'"),
+    (LinksConfig, {"blocked_domains": ("Example.com",)}, "--block-domain: expected a host name like example.com"),
+    (LinksConfig, {"blocked_subreddits": ("r/news",)},
+     "--block-subreddit: expected a subreddit name like news (letters, digits, _), got 'r/news'"),
     (ExtractConfig, {"min_words": -1}, "--min-words: expected an integer >= 0, got -1"),
     (ExtractConfig, {"max_boilerplate_words": -1}, "max_boilerplate_words: expected an integer >= 0"),
     (ExtractConfig, {"languages": "en"}, "--languages: expected a tuple of language codes, got 'en'"),

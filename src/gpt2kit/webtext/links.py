@@ -71,6 +71,13 @@ class LinksConfig:
     def __post_init__(self):
         check_int("--shards", self.shards, 1)
         self.cutoff_timestamp()
+        # a URL or an upper-case name here would match no post, and the option would do nothing
+        for d in self.blocked_domains:
+            if not isinstance(d, str) or not _HOST.fullmatch(d):
+                raise WebTextError(f"--block-domain: expected a host name like example.com, got {d!r}")
+        for sub in self.blocked_subreddits:
+            if not isinstance(sub, str) or not _SUBREDDIT.fullmatch(sub):
+                raise WebTextError(f"--block-subreddit: expected a subreddit name like news (letters, digits, _), got {sub!r}")
 
     def cutoff_timestamp(self) -> float:
         try:
@@ -170,6 +177,7 @@ def _upper_escapes(text: str) -> str:
 
 
 _HOST = re.compile(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+")
+_SUBREDDIT = re.compile(r"[A-Za-z0-9_]+")
 
 
 def is_non_html(path: str) -> bool:
