@@ -325,3 +325,15 @@ def test_serve_command(tmp_path, model, tok):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_served_name_is_the_folders_even_for_dot(tmp_path, monkeypatch):
+    from gpt2kit.cli.serve import served_name
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert [served_name(a) for a in (".", "./", str(folder) + "/", "../ckpt")] == ["ckpt"] * 4
+    (tmp_path / "best").symlink_to(folder)
+    assert served_name(str(tmp_path / "best")) == "best"  # the name given, not the link's target
+    assert served_name("gpt2") == "gpt2" and served_name("openai-community/gpt2-medium") == "gpt2-medium"

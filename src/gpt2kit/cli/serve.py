@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .generate import add_model_options
 
@@ -23,9 +24,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def served_name(model: str) -> str:
+    """The name clients pass as `model` by default: the checkpoint folder's own name, also for
+    `--model .` (whose last path part is empty), without following a `best`/`latest` link to its
+    step folder; for a hub name, its last part."""
+    path = Path(model)
+    if path.exists():
+        path = Path(os.path.abspath(path))
+    return path.name or str(model)
+
+
 def run(args) -> int:
     import logging
-    from pathlib import Path
 
     from ..errors import GPT2KitError
     from ..generate import load_for_inference
@@ -41,7 +51,7 @@ def run(args) -> int:
     if not 0 <= args.port < 65536:
         raise GPT2KitError(f"--port: expected 0..65535, got {args.port}")
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    name = args.model_name or served_name(args.model)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
                      max_concurrency=args.max_concurrency)
     logging.getLogger(__name__).info("serving %s as %r on http://%s:%d/v1%s", args.model, name, args.host,
