@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gpt2kit import kernels
 from gpt2kit import train as T
-from gpt2kit.data import prepare
+from gpt2kit.data import TokenStream, prepare
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, GPT2Config
 
@@ -338,6 +338,14 @@ def test_bad_inputs(shards, tmp_path, text_dir):
     (run / "checkpoints.json").write_text("{")
     with pytest.raises(T.CheckpointError, match="checkpoints.json: not a valid checkpoint index"):
         T.train(cfg_for(shards, run, max_steps=4, resume=True))
+
+
+def test_too_little_text_for_one_window_names_the_data_and_block_size(shards, tmp_path):
+    n = len(TokenStream(shards, "train"))
+    with pytest.raises(T.TrainError, match=rf"{shards}: {n:,} training tokens are fewer than one window of "
+                                           rf"block_size \+ 1 = {n + 1:,}"):
+        T.train(cfg_for(shards, tmp_path / "run", block_size=n, max_steps=1))
+    assert not (tmp_path / "run").exists()  # refused before any output
 
 
 def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):

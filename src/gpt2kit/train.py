@@ -1007,6 +1007,9 @@ def train(cfg: TrainConfig) -> dict:
     block = cfg.block_size or mc.n_ctx
     if block > mc.n_ctx:
         raise TrainError(f"block_size {block} exceeds the model's context n_ctx={mc.n_ctx}")
+    if len(train_data) < block + 1:  # (checked here, before out_dir is written, and naming both)
+        raise TrainError(f"{cfg.data}: {len(train_data):,} training tokens are fewer than one window of "
+                         f"block_size + 1 = {block + 1:,}; lower block_size or prepare more text")
     if meta["tokenizer"]["n_vocab"] > mc.vocab_size:
         raise TrainError(f"{cfg.data}: shards hold token ids up to {meta['tokenizer']['n_vocab'] - 1}, "
                          f"the model's vocab_size is {mc.vocab_size} (vocabulary mismatch)")
