@@ -518,3 +518,23 @@ def test_ipv6_literal_host_header_keeps_its_brackets():
 ])
 def test_ipv6_addresses_that_carry_an_ipv4_address_are_judged_by_it(address, allowed):
     assert address_allowed(address, None) is allowed
+
+
+def test_host_delay_holds_when_requests_queue_for_a_global_slot(site, tmp_path):
+    """Two requests to one host that both wait for the only global slot still start --host-delay apart."""
+    started = {}
+
+    def timed(name, delay=0.0):
+        def route(handler):
+            started[name] = time.monotonic()
+            time.sleep(delay)
+            return 200, {"Content-Type": "text/html"}, page(article(14), name)
+        return route
+
+    site.routes[("blog.test", "/hog")] = timed("hog", 0.6)      # holds the slot while news.test's two queue
+    site.routes[("news.test", "/x")] = timed("x")
+    site.routes[("news.test", "/y")] = timed("y")
+    make_links(tmp_path, [url(site, "blog.test", "/hog"), url(site, "news.test", "/x"), url(site, "news.test", "/y")])
+    fetch_pages(tmp_path, local_cfg(robots=False, concurrency=1, per_host=2, host_delay=0.3, read_timeout=3.0, total_timeout=5.0))
+    assert {e["status"] for e in manifest(tmp_path).values()} == {"ok"}
+    assert abs(started["y"] - started["x"]) >= 0.25, started

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import time
@@ -284,16 +285,23 @@ class HostGate:
     def __init__(self, per_host: int, delay: float):
         self.slots = asyncio.Semaphore(per_host)
         self.delay = delay
-        self.lock = asyncio.Lock()
-        self.next_start = 0.0
+        self.last_start = -math.inf
 
-    async def wait_turn(self) -> None:
-        async with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next_start)
-            self.next_start = start + self.delay
-        if start > now:
-            await asyncio.sleep(start - now)
+    async def start(self, global_slots: asyncio.Semaphore) -> None:
+        """Return holding one of `global_slots`, at least `delay` after the host's previous start.
+        The spacing is checked once the global slot is held: a turn booked before queueing for it
+        would let two requests that queued together start together. No global slot is held
+        while sleeping, so a long Crawl-delay idles no capacity."""
+        while True:
+            wait = self.last_start + self.delay - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            await global_slots.acquire()
+            if self.last_start + self.delay <= time.monotonic():
+                self.last_start = time.monotonic()    # no await since the check: no one else passed
+                return
+            global_slots.release()                    # another request to this host started meanwhile
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -358,9 +366,11 @@ class Fetcher:
                 await asyncio.sleep(pause)
             try:
                 async with gate.slots:
-                    await gate.wait_turn()
-                    async with self.global_slots:
+                    await gate.start(self.global_slots)
+                    try:
                         res = await self._request(url, html_only, max_bytes)
+                    finally:
+                        self.global_slots.release()
                 res.attempts = attempt + 1
                 return res
             except Retryable as e:
