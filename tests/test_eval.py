@@ -592,6 +592,7 @@ def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):
     assert r.stdout.count("| model | LAMBADA (PPL) | LAMBADA (ACC) | CBT-CN (ACC) | PTB (PPL) | text8 (BPC) | 1BW (PPL) |") == 1
     assert "lambada ACC by protocol" in r.stdout and "paper" not in r.stdout  # not a released size
     doc = json.loads(out.read_text())
+    assert not list(tmp_path.glob("results.json.partial*"))  # the journals of both ranks go when done
     assert doc["options"]["world_size"] == 2 and doc["options"]["stride"] == 16 and doc["options"]["limit"] == 3
     assert doc["tasks"]["lambada"]["counts"]["documents"] == 3
     assert doc["tasks"]["ptb"]["protocol"]["stride"] == 16 and doc["tasks"]["ptb"]["protocol"]["detokenizer"] == "ptb"
@@ -603,3 +604,60 @@ def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):
         assert doc["tasks"][t]["counts"] == single[t]["counts"]
         for k, v in single[t]["metrics"].items():
             assert doc["tasks"][t]["metrics"][k] == pytest.approx(v, rel=1e-5), (t, k)
+
+
+def test_an_interrupted_evaluation_resumes_from_its_journal(model, tokenizer, data_dir, tmp_path):
+    """Stopped after a few batches and run again with the same journal, an evaluation runs only the batches it
+    had not finished and gives the numbers of an uninterrupted run; the journal goes away when it completes."""
+    tasks = ["lambada", "cbt-cn", "ptb", "1bw", "wikitext2"]
+    options = dict(batch_size=2, stride=16, progress=False)
+    forwards = []
+    original = model.hidden_states
+
+    def counting(*args, stop_after=None, **kwargs):
+        forwards.append(1)
+        if stop_after is not None and len(forwards) > stop_after:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    try:
+        model.hidden_states = counting
+        full = evaluate(model, tokenizer, tasks, data_dir, **options)
+        total = len(forwards)
+        journal = tmp_path / "run.partial"
+        forwards.clear()
+        model.hidden_states = lambda *a, **k: counting(*a, stop_after=total // 2, **k)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, tokenizer, tasks, data_dir, journal=journal, **options)
+        assert journal.is_file()
+        with journal.open("a") as f:
+            f.write('{"key": "9:9", "answ')  # the interruption cut the last line short
+        forwards.clear()
+        model.hidden_states = counting
+        resumed = evaluate(model, tokenizer, tasks, data_dir, journal=journal, **options)
+        assert 0 < len(forwards) < total - total // 4  # only what had not been done
+        assert not journal.exists()
+        assert resumed == full
+        # a journal of another run (here another stride) is not used: the numbers stay right
+        forwards.clear()
+        model.hidden_states = lambda *a, **k: counting(*a, stop_after=total // 2, **k)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, tokenizer, tasks, data_dir, journal=journal, **{**options, "stride": 8})
+        assert journal.is_file()
+        model.hidden_states = counting
+        assert evaluate(model, tokenizer, tasks, data_dir, journal=journal, **options) == full
+    finally:
+        del model.hidden_states
+
+
+def test_journal_keeps_every_kind_of_answer_exactly(tmp_path):
+    from gpt2kit.eval.journal import Journal
+    from gpt2kit.eval.requests import GenerationResult, LoglikelihoodResult
+
+    answers = [({3: GenerationResult("Paris\u2028x", (5, 6), -1.25)}, [(0, LoglikelihoodResult(-0.1, True, 2))]),
+               [[(7, LoglikelihoodResult(-math.inf, False, 1))]], 1 / 3, GenerationResult("", (), 0.0)]
+    journal = Journal(tmp_path / "j", "fp")
+    journal.put("0:0", answers)
+    journal.close()
+    assert Journal(tmp_path / "j", "fp").get("0:0") == answers
+    assert Journal(tmp_path / "j", "other").get("0:0") is None

@@ -31,7 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--shots", type=int, default=None, metavar="K",
                    help="example pairs in the prompt of the few-shot tasks (wmt14-*, nq; default 5)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of sampled generations (cnndm; default 0)")
-    p.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the results as JSON; until then FILE.partial keeps the answers of finished "
+                        "batches, so the same command run again after an interruption resumes")
     p.set_defaults(func=run)
 
 
@@ -81,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_device(device)  # NCCL's collectives use the current device
         dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
     rank = int(os.environ.get("RANK", "0"))
+    journal = None
+    if args.out:  # one per process: each resumes its own share of the batches
+        journal = f"{args.out}.partial" + (f".rank{rank}" if world > 1 else "")
     try:
         dtype = getattr(torch, args.dtype)
         # on CPU, the inference forms of the layers (packed output layer, decode kernel): same scores
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results = evaluate(model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size,
                            stride=args.stride, detokenize=not args.no_detokenize, progress=sys.stderr.isatty(),
-                           task_options={"shots": args.shots, "seed": args.seed})
+                           task_options={"shots": args.shots, "seed": args.seed}, journal=journal)
         seconds = time.perf_counter() - start
     finally:
         if world > 1:

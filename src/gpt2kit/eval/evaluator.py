@@ -16,10 +16,14 @@ log = logging.getLogger(__name__)
 
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | Path, *, limit: int | None = None,
              batch_size: int = 8, stride: int | None = None, detokenize: bool = True,
-             progress: bool = True, task_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             progress: bool = True, task_options: Mapping[str, Any] | None = None,
+             journal: str | Path | None = None) -> dict[str, Any]:
     """Evaluate `model` on the named tasks; returns {task: {"metrics", "counts", "protocol"}}.
 
     `task_options` (e.g. {"shots": 10, "seed": 1}) go to the tasks whose constructor takes them.
+    `journal`: a file that keeps the answers of finished batches (`gpt2kit.eval.journal`): an
+    interrupted evaluation run again with it, the same model, data and options, resumes where it
+    stopped; the file is deleted when the evaluation completes.
 
     All tasks' files are read (and checked) before the model runs, so a missing file fails fast.
     Requests of all tasks go to the scorer together: batches mix documents and tasks."""
@@ -42,8 +46,14 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         for r in per_doc:
             requests.extend(r)
     log.debug("%d tasks, %d requests", len(instances), len(requests))
+    if journal is not None:
+        scorer.journal = _open_journal(journal, model, requests, scorer)
     start = time.perf_counter()
-    results = scorer.score(requests)
+    try:
+        results = scorer.score(requests)
+    finally:
+        if scorer.journal is not None:
+            scorer.journal.close()  # what it holds stays for the next run if this one stops here
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {}
     pos = 0
@@ -59,7 +69,19 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
             "protocol": {**t.protocol(), "limit": limit, "stride": scorer.stride, "n_ctx": scorer.n_ctx},
         }
     log.debug("scored %d requests in %.1fs", len(requests), seconds)
+    if scorer.journal is not None:
+        scorer.journal.finish()
     return out
+
+
+def _open_journal(path: str | Path, model: Any, requests: Sequence[Any], scorer: Scorer) -> Any:
+    from .journal import Journal, fingerprint
+
+    settings = {"batch_size": scorer.batch_size, "stride": scorer.stride, "rank": scorer.rank, "world": scorer.world}
+    journal = Journal(path, fingerprint(model, requests, settings))
+    if journal.resumed:
+        log.info("resuming from %s: %d finished batches", path, journal.resumed)
+    return journal
 
 
 def make_task(name: str, data_dir: str | Path, **options: Any) -> Any:

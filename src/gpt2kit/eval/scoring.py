@@ -88,10 +88,11 @@ class Scorer:
     """Answers requests with `model` (a `gpt2kit.model.GPT2`) and `tokenizer`.
 
     `batch_size` rows per forward; `stride` for sliding windows (default half the context);
-    `progress` shows tqdm bars (only on rank 0)."""
+    `progress` shows tqdm bars (only on rank 0); `journal` (a `gpt2kit.eval.journal.Journal`)
+    supplies the answers of batches an interrupted run finished and records the new ones."""
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, stride: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, journal: Any = None):
         if batch_size < 1:
             raise ScoringError(f"--batch-size must be at least 1, got {batch_size}")
         self.model = model
@@ -107,6 +108,8 @@ class Scorer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.progress = progress and self.rank == 0
+        self.journal = journal
+        self._maps = 0  # _map calls so far: with the batch's index, a journal key stable across reruns
 
     # ------------------------------------------------------------------------- dispatch
 
@@ -150,10 +153,17 @@ class Scorer:
         answers: dict[int, Any] = {}
         from tqdm.auto import tqdm
 
+        call, self._maps = self._maps, self._maps + 1
         with torch.inference_mode():
-            for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches,
-                              leave=False):
-                answers.update(zip(batch, run([items[i] for i in batch])))
+            for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches,
+                                           leave=False)):
+                key = f"{call}:{b}"
+                done = self.journal.get(key) if self.journal is not None else None
+                if done is None:
+                    done = run([items[i] for i in batch])
+                    if self.journal is not None:
+                        self.journal.put(key, done)
+                answers.update(zip(batch, done))
         if self.distributed:
             parts: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(parts, answers)
