@@ -122,6 +122,11 @@ def test_temperature_to_zero_equals_greedy():
     cold = SamplingParams(temperature=1e-4)
     for seed in range(5):
         assert torch.equal(select_tokens(logits, cold, generator=torch.Generator().manual_seed(seed)), greedy)
+    # so cold that logits / T overflow float32 (the server takes any temperature in (0, 2]): still the argmax
+    for t in (1e-40, 5e-324):
+        for top_k, top_p in ((None, None), (5, 0.9)):
+            frozen = SamplingParams(temperature=t, top_k=top_k, top_p=top_p)
+            assert torch.equal(select_tokens(logits, frozen, generator=torch.Generator().manual_seed(0)), greedy)
     # a warm temperature really samples: some rows differ from the argmax
     warm = select_tokens(logits, SamplingParams(temperature=5.0), generator=torch.Generator().manual_seed(1))
     assert not torch.equal(warm, greedy)

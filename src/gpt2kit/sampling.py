@@ -90,7 +90,16 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide by the temperature (> 0): below 1 sharpens the distribution, above 1 flattens it."""
     if temperature <= 0:
         raise SamplingError(f"temperature: expected > 0 for sampling, got {temperature!r}")
+    if temperature < _COLD:
+        # logits / 1e-40 overflow to inf, and the softmax of inf - inf is nan: shifted first, the
+        # best logit becomes 0 and the others at most 0 (the same distribution, without the
+        # overflow), divided in float64, where 5e-324 is not 0 as it would be in float32
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)).double()
+        return (shifted / temperature).to(logits.dtype)
     return logits if temperature == 1.0 else logits / temperature
+
+
+_COLD = 1e-4  # temperatures below which logits are shifted before the division (see apply_temperature)
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
