@@ -480,6 +480,56 @@ def test_dedup_and_shard_stages(tmp_path, runner):
     assert (tmp_path / "funnel.png").stat().st_size > 1000
 
 
+def test_dedup_memory_does_not_grow_with_the_longest_url(tmp_path):
+    """URLs are not held as a fixed-width array: one 20,000-character URL among 1,000 documents
+    must not cost 1,000 x 20,000 x 4 bytes on disk and again in memory."""
+    import tracemalloc
+
+    from gpt2kit.webtext.dedup import decide
+
+    rng = random.Random(3)
+    texts = [" ".join(_words(rng, 30)) for _ in range(1000)]
+    docs = [doc(f"http://a.example/{i:04d}", t, 5) for i, t in enumerate(texts)]
+    docs[7]["url"] = "http://a.example/long?" + "q" * 20_000
+    twin = " ".join(_words(rng, 30))
+    docs += [doc("http://x.example/z", twin, 5), doc("http://x.example/\u00e9", twin, 5)]   # a tie: the smaller URL stays
+    docs.sort(key=lambda d: d["url"])
+    _extract_stage(tmp_path, [docs])
+    totals = dedup_documents(tmp_path, DedupConfig())
+    sig = tmp_path / "dedup" / "_sig" / "sig-00000.npz"
+    assert sig.stat().st_size < 2_000_000, sig.stat().st_size
+    tracemalloc.start()
+    decide([str(sig)], str(tmp_path / "keep.npz"), str(tmp_path / "dups.jsonl.zst"), DedupConfig())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000, peak
+    assert totals["exact_duplicates"] == 1
+    dups = {d["url"]: d["duplicate_of"] for d in read_jsonl_zst(tmp_path / "dups.jsonl.zst")}
+    assert dups == {"http://x.example/\u00e9": "http://x.example/z"}
+    assert "http://a.example/long?" + "q" * 20_000 in {d["url"] for d in read_jsonl_zst(tmp_path / "dedup" / "dedup-00000.jsonl.zst")}
+
+
+def test_dedup_decides_alike_from_signature_files_of_the_earlier_format(tmp_path):
+    """A dedup stage resumed after an upgrade reads the signature files the earlier version wrote."""
+    from gpt2kit.webtext.dedup import decide, signature_shard
+
+    rng = random.Random(4)
+    t = [" ".join(_words(rng, 40)) for _ in range(3)]
+    docs = [doc("http://b.example/1", t[0], 3), doc("http://a.example/\u00e9", t[1], 3), doc("http://a.example/z", t[1], 3),
+            doc("http://c.example/1", t[0], 9), doc("http://d.example/1", t[2], 1)]
+    write_jsonl_zst(tmp_path / "in.jsonl.zst", docs)
+    signature_shard(str(tmp_path / "in.jsonl.zst"), str(tmp_path / "new.npz"), DedupConfig())
+    with np.load(tmp_path / "new.npz") as z:
+        np.savez(tmp_path / "old.npz", sigs=z["sigs"], hashes=z["hashes"], scores=z["scores"],
+                 urls=np.array([d["url"] for d in docs], dtype=str))
+    for name in ("new", "old"):
+        decide([str(tmp_path / f"{name}.npz")], str(tmp_path / f"keep-{name}.npz"), str(tmp_path / f"dups-{name}.jsonl.zst"),
+               DedupConfig())
+    assert list(read_jsonl_zst(tmp_path / "dups-new.jsonl.zst")) == list(read_jsonl_zst(tmp_path / "dups-old.jsonl.zst")) == [
+        {"url": "http://a.example/\u00e9", "duplicate_of": "http://a.example/z", "kind": "exact"},
+        {"url": "http://b.example/1", "duplicate_of": "http://c.example/1", "kind": "exact"}]
+
+
 def test_cli_block_options_are_not_silently_ignored(tmp_path, cli):
     dump = zst_dump(tmp_path / "d.zst", [post("http://www.example.com/1"), post("http://other.example/2")])
     r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--block-domain", "http://www.example.com/")

@@ -209,10 +209,49 @@ def signature_shard(in_path: str, out_path: str, cfg: DedupConfig) -> dict:
     docs = list(read_jsonl_zst(in_path))
     sigs = minhash_signatures([d["text"] for d in docs], cfg)
     hashes = np.array([text_hash(d["text"]) for d in docs], dtype=np.uint64)
+    # URLs as one UTF-8 buffer and end offsets: a fixed-width numpy string array would be as wide as
+    # the longest URL (thousands of characters) for every document, on disk and in `decide`
+    encoded = [d["url"].encode("utf-8") for d in docs]
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         np.savez(f, sigs=sigs, hashes=hashes, scores=np.array([d["score"] for d in docs], dtype=np.int64),
-                 urls=np.array([d["url"] for d in docs], dtype=str))
+                 url_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                 url_ends=np.cumsum([len(u) for u in encoded], dtype=np.int64))
     return {"docs": len(docs)}
+
+
+def _url_columns(part) -> tuple[np.ndarray, np.ndarray]:
+    if "url_bytes" in part.files:
+        return part["url_bytes"], part["url_ends"]
+    # a signature file of an earlier gpt2kit (a fixed-width string array): a resumed run reads it
+    encoded = [u.encode("utf-8") for u in part["urls"].tolist()]
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(u) for u in encoded], dtype=np.int64)
+
+
+class _URLs:
+    """The URLs of every signature file, indexable, without one Python object per URL at rest."""
+
+    def __init__(self, parts: list):
+        columns = [_url_columns(p) for p in parts]
+        self.blob = b"".join(data.tobytes() for data, _ in columns)
+        ends, base = [], 0
+        for data, part_ends in columns:
+            ends.append(part_ends + base)
+            base += len(data)
+        self.ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        self.starts = np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
+
+    def raw(self, i: int) -> bytes:
+        return self.blob[self.starts[i]:self.ends[i]]
+
+    def __getitem__(self, i) -> str:
+        return self.raw(int(i)).decode("utf-8")
+
+    def order(self) -> np.ndarray:
+        """Each URL's position in sorted order (UTF-8 bytes sort as code points, as str does)."""
+        by_url = np.array(sorted(range(len(self.ends)), key=self.raw), dtype=np.int64)
+        pos = np.empty_like(by_url)
+        pos[by_url] = np.arange(len(by_url))
+        return pos
 
 
 def decide(sig_paths: list[str], keep_path: str, dups_path: str, cfg: DedupConfig) -> dict:
@@ -221,9 +260,9 @@ def decide(sig_paths: list[str], keep_path: str, dups_path: str, cfg: DedupConfi
     sigs = np.concatenate([p["sigs"] for p in parts]) if parts else np.zeros((0, cfg.num_perm), np.uint32)
     hashes = np.concatenate([p["hashes"] for p in parts]) if parts else np.zeros(0, np.uint64)
     scores = np.concatenate([p["scores"] for p in parts]) if parts else np.zeros(0, np.int64)
-    urls = np.concatenate([p["urls"] for p in parts]) if parts else np.zeros(0, str)
+    urls = _URLs(parts)
     sizes = [len(p["hashes"]) for p in parts]
-    rank = np.lexsort((urls, -scores))           # priority order: highest karma, then URL
+    rank = np.lexsort((urls.order(), -scores))   # priority order: highest karma, then URL
     keep = np.ones(len(rank), dtype=bool)
     dups = []
     _, first = np.unique(hashes[rank], return_index=True)
