@@ -1085,3 +1085,27 @@ def test_gradient_penalty_through_the_model_equals_it_without_kernels(monkeypatc
     monkeypatch.setattr(kernels, "available", lambda dtype: False)
     for a, b in zip(ours, penalty_grads()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_inputs_of_the_wrong_rank_get_the_functions_own_error():
+    # (not Python's "not enough values to unpack" or an IndexError from inside)
+    ln = torch.nn.LayerNorm(8)
+    scalar, row = torch.tensor(1.0), torch.randn(64)
+    refused = {
+        "matvec": lambda: kernels.matvec(torch.randn(8), torch.randn(4, 8)),
+        "matvec ": lambda: kernels.matvec(torch.randn(1, 8), torch.randn(8)),
+        "causal_attention": lambda: kernels.causal_attention(*[torch.randn(2, 5, 64)] * 3),
+        "causal_attention ": lambda: kernels.causal_attention(torch.randn(1, 1, 5, 64), row, row),
+        "training_attention": lambda: kernels.training_attention(torch.randn(10, 384), 2),
+        "softmax_xent_": lambda: kernels.softmax_xent_(torch.randn(10), torch.tensor([1])),
+        "softmax_xent_ ": lambda: kernels.softmax_xent_(torch.randn(2, 3, 10), torch.tensor([1, 2])),
+        "layer_norm_add_": lambda: kernels.layer_norm_add_(scalar, ln, None),
+        "bias_gelu_": lambda: kernels.bias_gelu_(scalar, torch.randn(1)),
+    }
+    with torch.no_grad():
+        for name, call in refused.items():
+            with pytest.raises(ValueError, match=f"^{name.strip()}: "):
+                call()
+        assert not kernels.training_attention_applies(torch.randn(10, 384), 2)
+        assert not kernels.layer_norm_add_applies(scalar, ln)
+        assert not kernels.prompt_attention_folds_bias(scalar, torch.randn(3, 1), torch.randn(3), 1)

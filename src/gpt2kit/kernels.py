@@ -189,6 +189,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     tensors of one dtype, float32 or bfloat16, for which `available` is true. Inference only (no
     autograd). bf16 results are rounded once, to nearest even; the bf16 dot-product instruction
     (used where `native_bf16`) treats denormal inputs as zero."""
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"matvec: expected 2-D x (M, K) and weight (N, K), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
     M, K = x.shape
     N = weight.shape[0]
     if (not 1 <= M <= MAX_ROWS or K == 0 or weight.shape[1] != K or weight.dtype != x.dtype
@@ -289,7 +292,8 @@ def bias_gelu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     problem = ("bias_folds is false for them (it needs fp32 CPU tensors and a 1-D bias, no autocast, no "
                "forward-mode AD, no torch.compile tracing, the kernels built)" if not bias_folds(x, bias) else
                "x is not contiguous" if not x.is_contiguous() else
-               f"bias must have shape ({x.shape[-1]},)" if x.dim() < 1 or bias.shape != (x.shape[-1],) else
+               "x must have at least one dimension" if x.dim() < 1 else
+               f"bias must have shape ({x.shape[-1]},)" if bias.shape != (x.shape[-1],) else
                "x or bias needs a gradient" if torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad)
                else None)
     if problem:
@@ -357,7 +361,7 @@ def prompt_attention_folds_bias(x: torch.Tensor, weight: torch.Tensor, bias: tor
     """Whether a prompt's attention may take c_attn's product without its bias and add the bias in
     `causal_attention`: fp32 CPU input, weight and bias (3C), head size 64, no autograd, the
     kernels built (not under autocast, nor while torch.compile traces)."""
-    C = x.shape[-1]
+    C = x.shape[-1] if x.dim() else 0
     return (bias is not None and x.device.type == weight.device.type == bias.device.type == "cpu"
             and x.dtype == weight.dtype == bias.dtype == torch.float32 and C == n_head * ATTENTION_HEAD_SIZE
             and tuple(weight.shape) == (3 * C, C) and tuple(bias.shape) == (3 * C,) and bias.is_contiguous()
@@ -374,8 +378,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     without cached keys): the kernel adds it as it reads them, which saves c_attn a pass writing it. Forward only;
     1.6-1.8x PyTorch's fp32 SDPA on a 1024-token prompt here (csrc/attention.cpp). Results differ
     from SDPA's by float rounding only."""
-    B, nh, T, hs = q.shape
-    S = k.shape[2]
+    B, nh, T, hs = q.shape if q.dim() == 4 else (-1,) * 4  # (any other rank: refused below)
+    S = k.shape[2] if k.dim() == 4 else -1
     if not (k.shape == v.shape == (B, nh, S, hs) and 1 <= T <= S) or not causal_attention_applies(q, k, v):
         raise ValueError(f"causal_attention: expected fp32 CPU q (B, nh, T, {ATTENTION_HEAD_SIZE}) and k, v "
                          f"(B, nh, S >= T, {ATTENTION_HEAD_SIZE}), got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)}, "
@@ -401,7 +405,7 @@ def layer_norm_add_applies(x: torch.Tensor, ln: torch.nn.Module) -> bool:
     traces)."""
     return (type(ln) is torch.nn.LayerNorm and ln.weight is not None and ln.bias is not None
             and ln.weight.is_contiguous() and ln.bias.is_contiguous() and ln.bias.device.type == "cpu"
-            and tuple(ln.normalized_shape) == (x.shape[-1],)
+            and x.dim() >= 1 and tuple(ln.normalized_shape) == (x.shape[-1],)
             and x.dtype == ln.weight.dtype == ln.bias.dtype == torch.float32
             and x.device.type == ln.weight.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not forward_ad_active() and not torch.compiler.is_compiling()
@@ -413,7 +417,7 @@ def layer_norm_add_(x: torch.Tensor, ln: torch.nn.LayerNorm, bias: torch.Tensor 
     pass over x (csrc/layernorm.cpp): a pre-LN block's LayerNorm, carrying the next projection's
     bias into the residual stream. For x and ln where `layer_norm_add_applies`. ln(x) equals
     PyTorch's LayerNorm up to float rounding."""
-    C = x.shape[-1]
+    C = x.shape[-1] if x.dim() else 0
     if not layer_norm_add_applies(x, ln) or (bias is not None and (bias.shape != (C,) or bias.dtype != torch.float32
                                                                    or bias.device.type != "cpu")):
         raise ValueError(f"layer_norm_add_: expected contiguous fp32 CPU x (..., C), a LayerNorm(C) and a bias (C), "
@@ -432,6 +436,8 @@ TRAINING_ATTENTION_MAX_T = 512  # beyond, a head's T x T scores outgrow L2 and S
 
 def training_attention_applies(qkv: torch.Tensor, n_head: int) -> bool:
     """Whether `training_attention` runs for this (B, T, 3C) fp32 CPU tensor of n_head heads."""
+    if qkv.dim() != 3:
+        return False
     B, T, C3 = qkv.shape
     return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and _training_attention_fits(T, C3, n_head)
             and not forward_ad_active() and not torch.compiler.is_compiling() and available(torch.float32))
@@ -528,7 +534,7 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     the (n,) losses -log softmax(logits)[target], computed as logsumexp - logit (exact where the
     probability underflows). One pass over each row instead of PyTorch's softmax + gather + log
     + scatter. Requires `available(torch.float32)`."""
-    n, V = logits.shape
+    n, V = logits.shape if logits.dim() == 2 else (-1, -1)  # (any other rank: refused below)
     if (logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous()
             or targets.shape != (n,) or targets.dtype != torch.int64 or targets.device.type != "cpu"
             or not available(torch.float32)):
