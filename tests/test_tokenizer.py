@@ -539,3 +539,15 @@ def test_special_tokens_that_start_alike_match_longest_first_in_both_engines(fas
         assert t.encode("<|a|>b", allowed_special={"<|a|>"}) == [50257, 65]
         assert t.encode("<|im|>user", allowed_special={"<|im|>", ENDOFTEXT}) == [50260, 7220]
         assert t.encode("<|a|>b", allowed_special={"<|"}) == [50259] + fast.encode("a|>b")
+
+
+def test_truncated_merges_file_is_refused_not_read_as_special_tokens(tmp_path):
+    # OpenAI's files mark no special token: one that no merge makes is taken as special. A merges
+    # file cut short (a partial download) used to turn 10,000 vocabulary tokens into "specials".
+    folder = gpt2_vocab_folder()
+    (tmp_path / "encoder.json").write_bytes((folder / "encoder.json").read_bytes())
+    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    (tmp_path / "vocab.bpe").write_text("\n".join(lines[:40001]) + "\n", encoding="utf-8")
+    with pytest.raises(InputFileError, match=r"vocab.bpe: no merge makes the vocabulary's token '\S+' \(id 4\d{4}\), "
+                                             r"though '\S+' \+ '\S+' spell it: is the file truncated\?$"):
+        Tokenizer.from_pretrained(tmp_path)

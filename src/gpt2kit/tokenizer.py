@@ -37,7 +37,7 @@ import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import AbstractSet, Callable, Collection, Iterable, Literal, Sequence
+from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 
 from .corpus import decode_utf8
 from .errors import GPT2KitError, InputFileError
@@ -446,7 +446,7 @@ class Tokenizer:
         encoder = _read_encoder(encoder_json)
         merges, lines = _read_merges(vocab_bpe)
         return cls._from_spelled(encoder, merges, None, encoder_json, engine=engine,
-                                 merges_at=lambda k: f"{os.fspath(vocab_bpe)}: line {lines[k]}")
+                                 merges_source=vocab_bpe, merge_lines=lines)
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike, *,
@@ -503,14 +503,16 @@ class Tokenizer:
     @classmethod
     def _from_spelled(cls, encoder: dict[str, int], merges: list[tuple[str, str]],
                       specials: dict[str, int] | None, source: str | os.PathLike, *, engine,
-                      merges_at: Callable[[int], str] | None = None) -> "Tokenizer":
-        """Validate a vocabulary spelled with GPT-2's byte map and build the tokenizer.
-        `merges_at(k)` says where merge k is written, when that is not in `source`."""
+                      merges_source: str | os.PathLike | None = None, merge_lines: list[int] | None = None
+                      ) -> "Tokenizer":
+        """Validate a vocabulary spelled with GPT-2's byte map and build the tokenizer. Merges
+        read from their own file name it (`merges_source`) and their lines (`merge_lines`)."""
         for tok, i in encoder.items():
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
                 raise InputFileError(source, f"token {tok!r} has id {i!r}; expected a non-negative integer")
         merged = {a + b for a, b in merges}
-        if specials is None:  # OpenAI's files: a special token is neither a byte nor a merge result
+        guessed_specials = specials is None
+        if guessed_specials:  # OpenAI's files: a special token is neither a byte nor a merge result
             specials = {t: i for t, i in encoder.items() if len(t) != 1 and t not in merged}
         else:
             for t, i in specials.items():
@@ -529,7 +531,7 @@ class Tokenizer:
         pairs: list[tuple[bytes, bytes]] = []
         last = max(ranks[bytes([b])] for b in range(256))
         for k, (a, b) in enumerate(merges):
-            where = merges_at(k) if merges_at else source
+            where = f"{os.fspath(merges_source)}: line {merge_lines[k]}" if merges_source and merge_lines else source
             ba, bb = _unspell(a, where, "merge part"), _unspell(b, where, "merge part")
             for part, spelled in ((ba, a), (bb, b)):
                 if part not in ranks:
@@ -542,6 +544,8 @@ class Tokenizer:
                 raise InputFileError(where, f"merge {k + 1} ({a} {b}): result id {r} does not follow the previous merge's id {last}")
             last = r
             pairs.append((ba, bb))
+        if guessed_specials:
+            _refuse_missing_merges(specials, encoder, merges_source or source)
         if len(ranks) != 256 + len(pairs):
             raise InputFileError(source, f"{len(ranks) - 256 - len(pairs)} tokens are neither bytes, merge results nor special tokens")
         ids = sorted([*ranks.values(), *specials.values()])
@@ -700,6 +704,16 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------
 # Reading vocabulary files
+
+
+def _refuse_missing_merges(specials: dict[str, int], encoder: dict[str, int], merges_source) -> None:
+    """A token of OpenAI's encoder.json that no merge makes is taken as special ("<|endoftext|>"),
+    but one that two vocabulary tokens spell is a merge the merges file lacks (a cut-short file)."""
+    for tok, i in specials.items():
+        for k in range(1, len(tok)):
+            if tok[:k] in encoder and tok[k:] in encoder:
+                raise InputFileError(merges_source, f"no merge makes the vocabulary's token {tok!r} (id {i}), though "
+                                                    f"{tok[:k]!r} + {tok[k:]!r} spell it: is the file truncated?")
 
 
 def _setting(value) -> str:
