@@ -538,3 +538,28 @@ def test_host_delay_holds_when_requests_queue_for_a_global_slot(site, tmp_path):
     fetch_pages(tmp_path, local_cfg(robots=False, concurrency=1, per_host=2, host_delay=0.3, read_timeout=3.0, total_timeout=5.0))
     assert {e["status"] for e in manifest(tmp_path).values()} == {"ok"}
     assert abs(started["y"] - started["x"]) >= 0.25, started
+
+
+def test_a_temporary_dns_failure_is_retried_not_kept_for_the_host(site, tmp_path, monkeypatch):
+    """EAI_AGAIN (a resolver that is busy) is retried like a connection error, and not remembered for
+    the rest of the shard: every other link of that host would fail with it."""
+    import socket
+
+    real, calls = socket.getaddrinfo, []
+
+    def flaky_getaddrinfo(host, *args, **kw):
+        if host != "flakydns.test":
+            return real(host, *args, **kw)
+        calls.append(host)
+        if len(calls) == 1:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky_getaddrinfo)
+    for p in ("/p1", "/p2"):
+        site.routes[("flakydns.test", p)] = (200, {"Content-Type": "text/html"}, page(article(15), "Flaky DNS"))
+    make_links(tmp_path, [url(site, "flakydns.test", p) for p in ("/p1", "/p2")])
+    fetch_pages(tmp_path, local_cfg(robots=False, per_host=1))
+    m = manifest(tmp_path)
+    assert [(e["status"], e["attempts"]) for e in m.values()] == [("ok", 2), ("ok", 1)], m
+    assert len(calls) == 2            # a good answer is still asked for once

@@ -142,6 +142,10 @@ def _carried_ipv4(ip):
     return ip
 
 
+class TemporaryDNSError(socket.gaierror):
+    """The resolver could not answer now (EAI_AGAIN): worth a retry, not worth remembering."""
+
+
 class Resolver:
     """Host -> one checked address. Every address of the answer must be allowed (an answer that
     mixes public and private addresses is refused)."""
@@ -154,9 +158,11 @@ class Resolver:
 
     async def resolve(self, host: str) -> str:
         host = host.lower().rstrip(".")
-        if host not in self.cache:
-            self.cache[host] = await self._lookup(host)
-        hit = self.cache[host]
+        hit = self.cache.get(host)
+        if hit is None:
+            hit = await self._lookup(host)
+            if not isinstance(hit, TemporaryDNSError):
+                self.cache[host] = hit
         if isinstance(hit, Exception):
             raise hit
         return hit
@@ -172,7 +178,8 @@ class Resolver:
                 try:
                     infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
                 except (socket.gaierror, UnicodeError) as e:
-                    return socket.gaierror(f"cannot resolve {host}: {e}")
+                    error = TemporaryDNSError if getattr(e, "errno", None) == socket.EAI_AGAIN else socket.gaierror
+                    return error(f"cannot resolve {host}: {e}")
                 addresses = list(dict.fromkeys(info[4][0] for info in infos))
         refused = [a for a in addresses if not address_allowed(a, self.cfg.allow_private, self.networks)]
         if refused or not addresses:
@@ -390,6 +397,8 @@ class Fetcher:
             address = await self.resolver.resolve(host)
         except Refused as e:
             return Result("blocked_address", url, url, error=str(e))
+        except TemporaryDNSError as e:
+            raise Retryable("dns_error", str(e)) from None
         except socket.gaierror as e:
             return Result("dns_error", url, url, error=str(e))
         try:
