@@ -593,6 +593,8 @@ def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):
     assert "lambada ACC by protocol" in r.stdout and "paper" not in r.stdout  # not a released size
     doc = json.loads(out.read_text())
     assert not list(tmp_path.glob("results.json.partial*"))  # the journals of both ranks go when done
+    # stderr is a pipe here, as under nohup or a scheduler: progress still shows (redrawn sparsely)
+    assert "rolling loglikelihood:" in r.stderr and "batch" in r.stderr
     assert doc["options"]["world_size"] == 2 and doc["options"]["stride"] == 16 and doc["options"]["limit"] == 3
     assert doc["tasks"]["lambada"]["counts"]["documents"] == 3
     assert doc["tasks"]["ptb"]["protocol"]["stride"] == 16 and doc["tasks"]["ptb"]["protocol"]["detokenizer"] == "ptb"

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = Tokenizer.from_pretrained(args.model)
         start = time.perf_counter()
         results = evaluate(model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size,
-                           stride=args.stride, detokenize=not args.no_detokenize, progress=sys.stderr.isatty(),
+                           stride=args.stride, detokenize=not args.no_detokenize, progress=_progress(),
                            task_options={"shots": args.shots, "seed": args.seed}, journal=journal)
         seconds = time.perf_counter() - start
     finally:
@@ -122,3 +122,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluated {len(tasks)} task(s), {n_docs} documents in {seconds:.1f}s"
           + (f"; results in {args.out}" if args.out else ""))
     return 0
+
+
+def _progress() -> bool | float:
+    """A live bar on a terminal; in a log (nohup, a scheduler) a bar redrawn every 30 s, so that
+    hours of evaluation show how far they are without filling the log."""
+    return True if sys.stderr.isatty() else 30.0

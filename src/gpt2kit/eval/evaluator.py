@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | Path, *, limit: int | None = None,
              batch_size: int = 8, stride: int | None = None, detokenize: bool = True,
-             progress: bool = True, task_options: Mapping[str, Any] | None = None,
+             progress: bool | float = True, task_options: Mapping[str, Any] | None = None,
              journal: str | Path | None = None) -> dict[str, Any]:
     """Evaluate `model` on the named tasks; returns {task: {"metrics", "counts", "protocol"}}.
 

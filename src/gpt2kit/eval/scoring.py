@@ -88,11 +88,12 @@ class Scorer:
     """Answers requests with `model` (a `gpt2kit.model.GPT2`) and `tokenizer`.
 
     `batch_size` rows per forward; `stride` for sliding windows (default half the context);
-    `progress` shows tqdm bars (only on rank 0); `journal` (a `gpt2kit.eval.journal.Journal`)
+    `progress` shows tqdm bars (only on rank 0; a number: redrawn at most every that many
+    seconds, for a log file rather than a terminal); `journal` (a `gpt2kit.eval.journal.Journal`)
     supplies the answers of batches an interrupted run finished and records the new ones."""
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, stride: int | None = None,
-                 progress: bool = True, journal: Any = None):
+                 progress: bool | float = True, journal: Any = None):
         if batch_size < 1:
             raise ScoringError(f"--batch-size must be at least 1, got {batch_size}")
         self.model = model
@@ -107,7 +108,8 @@ class Scorer:
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        self.progress = progress and self.rank == 0
+        self.progress = progress is not False and self.rank == 0
+        self.redraw = 0.1 if isinstance(progress, bool) else float(progress)  # tqdm's default, or the given
         self.journal = journal
         self._maps = 0  # _map calls so far: with the batch's index, a journal key stable across reruns
 
@@ -156,7 +158,7 @@ class Scorer:
         call, self._maps = self._maps, self._maps + 1
         with torch.inference_mode():
             for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches,
-                                           leave=False)):
+                                           leave=False, mininterval=self.redraw)):
                 key = f"{call}:{b}"
                 done = self.journal.get(key) if self.journal is not None else None
                 if done is None:
