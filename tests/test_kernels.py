@@ -1109,3 +1109,25 @@ def test_inputs_of_the_wrong_rank_get_the_functions_own_error():
         assert not kernels.training_attention_applies(torch.randn(10, 384), 2)
         assert not kernels.layer_norm_add_applies(scalar, ln)
         assert not kernels.prompt_attention_folds_bias(scalar, torch.randn(3, 1), torch.randn(3), 1)
+
+
+def test_kernels_without_autograd_refuse_tensors_that_need_it():
+    # matvec's result has no graph and softmax_xent_ writes over its input through a pointer:
+    # with a tensor that needs a gradient they would drop it, or corrupt what a graph saved,
+    # without a word
+    if not CAN_BUILD:
+        return
+    w = torch.randn(4, 8)
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="^matvec: .*gradient"):
+        kernels.matvec(x, w)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.matvec(x, w), x @ w.t())
+    logits = torch.randn(3, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="^softmax_xent_: .*gradient"):
+        kernels.softmax_xent_(logits * 1.0, torch.tensor([0, 1, 2]))
+    saved = torch.randn(3, 5, requires_grad=True).exp()  # exp's backward reads its output
+    with torch.no_grad():
+        kernels.softmax_xent_(saved, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()

@@ -205,6 +205,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.device.type != "cpu"
                              or not bias.is_contiguous()):
         raise ValueError(f"matvec: bias must be a contiguous ({N},) {x.dtype} CPU tensor")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise ValueError("matvec: an input needs a gradient, which this kernel does not compute (use F.linear, "
+                         "or call it under torch.no_grad)")
     return matvec_unchecked(x, weight, bias)
 
 
@@ -533,13 +536,16 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     with softmax(logits) - onehot(targets) (the gradient of the summed cross-entropy) and returns
     the (n,) losses -log softmax(logits)[target], computed as logsumexp - logit (exact where the
     probability underflows). One pass over each row instead of PyTorch's softmax + gather + log
-    + scatter. Requires `available(torch.float32)`."""
+    + scatter. Requires `available(torch.float32)`, and logits needing no gradient where autograd records."""
     n, V = logits.shape if logits.dim() == 2 else (-1, -1)  # (any other rank: refused below)
     if (logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous()
             or targets.shape != (n,) or targets.dtype != torch.int64 or targets.device.type != "cpu"
             or not available(torch.float32)):
         raise ValueError(f"softmax_xent_: expected contiguous fp32 CPU logits (n, V) and int64 targets (n,), got "
                          f"{tuple(logits.shape)} {logits.dtype} and {tuple(targets.shape)} {targets.dtype}")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        raise ValueError("softmax_xent_: logits need a gradient; this kernel writes over them outside autograd "
+                         "(call it under torch.no_grad, or use F.cross_entropy)")
     targets = targets.contiguous()
     if n and not (0 <= int(targets.min()) and int(targets.max()) < V):
         raise ValueError(f"softmax_xent_: targets must be in [0, {V}), got "
@@ -547,6 +553,7 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     nll = torch.empty(n, dtype=torch.float32, device="cpu")
     _library().gpt2kit_softmax_xent_f32(logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), n, V,
                                         torch.get_num_threads())
+    torch.autograd.graph.increment_version(logits)  # a graph that saved logits then fails, as for any in-place op
     return nll
 
 
