@@ -570,6 +570,14 @@ def test_cli_errors_are_one_line(model_dir, data_dir, tmp_path, capsys):
     (tmp_path / "lambada_test.jsonl").write_text('{"text": 5}\n')
     assert main(["eval", "--model", str(model_dir), "--tasks", "lambada", "--data-dir", str(tmp_path)]) == 2
     assert "lambada_test.jsonl: line 1: expected a JSON object with a \"text\" string" in capsys.readouterr().err
+    # numeric options are checked before the model is even loaded (here it does not exist)
+    for extra, message in ((["--limit", "0"], "--limit must be at least 1, got 0"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                           (["--stride", "-5"], "--stride must be at least 1, got -5")):
+        assert main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "ptb", "--data-dir", str(data_dir),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == f"gpt2kit: error: {message}\n"
     # options and the output path are checked before the model runs
     for extra, message in ((["--out", str(tmp_path)], "exists and is not a file"),
                            (["--shots", "-1"], "--shots must be at least 0, got -1"),

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.shots is not None and args.shots < 0:  # (checked here too: it may go to no task asked for)
         raise TaskError(f"--shots must be at least 0, got {args.shots}")
+    # checked again where they are used; here before a model of gigabytes loads
+    for option, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--stride", args.stride)):
+        if value is not None and value < 1:
+            raise TaskError(f"{option} must be at least 1, got {value}")
     if args.out:
         from ..io import check_output_path
 
