@@ -1131,3 +1131,15 @@ def test_kernels_without_autograd_refuse_tensors_that_need_it():
         kernels.softmax_xent_(saved, torch.tensor([0, 1, 2]))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
+
+
+def test_layer_norm_add_bumps_the_version_of_the_x_it_adds_into():
+    if not CAN_BUILD:
+        return
+    ln = torch.nn.LayerNorm(32)
+    x = torch.randn(4, 32, requires_grad=True).exp()  # exp's backward reads its output, x
+    with torch.no_grad():
+        h = kernels.layer_norm_add_(x, ln, torch.ones(32))
+        torch.testing.assert_close(h, F.layer_norm(x - 1, (32,), ln.weight, ln.bias), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        x.sum().backward()

@@ -431,6 +431,8 @@ def layer_norm_add_(x: torch.Tensor, ln: torch.nn.LayerNorm, bias: torch.Tensor 
     _library().gpt2kit_layer_norm_add_f32(x.data_ptr(), C, None if bias is None else bias.data_ptr(),
                                           ln.weight.data_ptr(), ln.bias.data_ptr(), h.data_ptr(), x.numel() // C, C,
                                           ln.eps, torch.get_num_threads())
+    if bias is not None:
+        torch.autograd.graph.increment_version(x)  # a graph that saved x then fails, as for any in-place op
     return h
 
 
