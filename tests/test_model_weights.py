@@ -118,6 +118,26 @@ def test_dtypes_and_padded_vocab_on_load(tmp_path):
         assert (step.float() - ref(x)).abs().max() < 0.05
 
 
+def test_dtype_auto_keeps_the_stored_one_and_names_are_accepted(tmp_path):
+    from gpt2kit.generate import load_for_inference
+    from gpt2kit.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_ctx=16)).to(torch.bfloat16).save_pretrained(
+        str(tmp_path), tokenizer=Tokenizer.gpt2())
+    assert GPT2.from_pretrained(str(tmp_path)).transformer.wte.weight.dtype == torch.float32  # as transformers 4
+    assert GPT2.from_pretrained(str(tmp_path), dtype="auto").transformer.wte.weight.dtype == torch.bfloat16
+    assert GPT2.from_pretrained(str(tmp_path), dtype="float16").transformer.wte.weight.dtype == torch.float16
+    # `gpt2kit generate/serve --dtype`: "default: as stored"
+    assert load_for_inference(str(tmp_path))[0].transformer.wte.weight.dtype == torch.bfloat16
+    assert load_for_inference(str(tmp_path), dtype="float32")[0].transformer.wte.weight.dtype == torch.float32
+    fixture = Path(__file__).parent / "fixtures" / "openai-tiny"  # a TF checkpoint stores float32
+    assert GPT2.from_pretrained(str(fixture), dtype="auto").transformer.wte.weight.dtype == torch.float32
+    for bad in ("bf16", "int8", torch.int8, 3):
+        with pytest.raises(WeightsError, match=r"dtype .*: expected float32, bfloat16, float16 or auto"):
+            GPT2.from_pretrained(str(tmp_path), dtype=bad)
+
+
 def test_openai_tf_checkpoint_fixture():
     # Our TensorFlow-free reader returns exactly what TensorFlow stored (scripts/make_tf_fixture.py).
     tensors = read_tf_checkpoint(FIXTURE / "model.ckpt")

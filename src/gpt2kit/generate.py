@@ -633,7 +633,8 @@ def quantize_int8(model: "GPT2") -> "GPT2":
 def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: str | None = None,
                        quantize: str | None = None) -> tuple["GPT2", "Tokenizer"]:
     """The model and tokenizer of a checkpoint (any folder or name `GPT2.from_pretrained` reads),
-    in eval mode; `dtype` "float32" | "bfloat16" | "float16", `quantize` None | "int8" (CPU)."""
+    in eval mode; `dtype` "float32" | "bfloat16" | "float16" (default: as stored), `quantize`
+    None | "int8" (CPU)."""
     from .model import GPT2
     from .tokenizer import Tokenizer
 
@@ -641,7 +642,7 @@ def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: s
         raise GenerationError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
     if quantize not in (None, "int8"):
         raise GenerationError(f"quantize: expected 'int8' (or nothing), got {quantize!r}")
-    model = GPT2.from_pretrained(name_or_path, dtype=_DTYPES[dtype] if dtype else None, device=device).eval()
+    model = GPT2.from_pretrained(name_or_path, dtype=_DTYPES[dtype] if dtype else "auto", device=device).eval()
     try:
         tokenizer = Tokenizer.from_pretrained(name_or_path)
     except GPT2KitError:

@@ -117,12 +117,14 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPT2Config) -> dict[
     return out
 
 
-def build_model(config: GPT2Config, hf_tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None,
+def build_model(config: GPT2Config, hf_tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | str | None,
                 device: torch.device | str | None) -> "GPT2":
     """A GPT2 holding `hf_tensors` (checked, HF names); built on the meta device so that no time
     goes into a random init that would be overwritten."""
     from .model import GPT2
 
+    if dtype == "auto":  # as stored: the floating tensors' dtype
+        dtype = next((v.dtype for v in hf_tensors.values() if v.is_floating_point()), torch.float32)
     dtype = dtype or torch.float32
     sd = {k: v.to(dtype) for k, v in from_hf_state_dict(hf_tensors, config).items()}
     with torch.device("meta"):
@@ -730,10 +732,26 @@ def check_device(device: torch.device | str | None) -> torch.device | None:
     return dev
 
 
-def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """`dtype` as a torch dtype (names accepted), "auto" or None, or a one-line error before any
+    weight is read (torch would take a name such as "bfloat16" for a device)."""
+    if dtype is None or dtype == "auto" or dtype in _DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    raise WeightsError(f"dtype {dtype!r}: expected float32, bfloat16, float16 or auto (as stored)")
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, **overrides: Any) -> "GPT2":
     """The model of a folder or name (see `GPT2.from_pretrained`), in eval mode, as transformers
-    returns it: released configs carry dropout 0.1, which `model.train()` turns on."""
+    returns it: released configs carry dropout 0.1, which `model.train()` turns on. `dtype`: a
+    torch dtype or its name; "auto" keeps the stored one; None (the default) is float32, as in
+    transformers 4 (training wants float32 weights whatever a checkpoint holds)."""
+    dtype = check_dtype(dtype)
     device = check_device(device)
     folder = resolve(name_or_path)
     log.debug("loading GPT-2 weights from %s", folder)
