@@ -538,6 +538,15 @@ def test_cli_block_options_are_not_silently_ignored(tmp_path, cli):
     assert r.returncode == 0 and "1 unique links" in r.stdout, r.stderr
 
 
+def test_cli_work_folder_that_is_a_file_is_named_as_such(tmp_path, cli):
+    dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1")])
+    (tmp_path / "afile").write_text("x")
+    for work, why in ((tmp_path / "afile", "exists and is not a folder"),
+                      (tmp_path / "afile" / "w", f"{tmp_path / 'afile'} is a file, not a folder")):
+        r = cli("webtext", "links", str(work), str(dump))
+        assert (r.returncode, r.stderr) == (2, f"gpt2kit: error: work folder {work}: {why}\n")
+
+
 def test_cli_bad_input_is_one_line_error(tmp_path, cli):
     r = cli("webtext", "fetch", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and r.stderr.strip().startswith("gpt2kit: error:") and "webtext links" in r.stderr

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import GPT2KitError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, check_output_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class WorkFolder:
         key = str(self.root.resolve())
         if key in _LOCKS:
             return
+        check_output_path(self.root, folder=True, what="work folder", error=WebTextError)
         self.root.mkdir(parents=True, exist_ok=True)
         f = open(self.root / ".lock", "a")
         try:
