@@ -234,3 +234,13 @@ def test_one_path_is_taken_as_one_input(tmp_path):
     # not iterated character by character ("c", "o", ...) or refused as not iterable
     assert train_bpe(str(corpus), vocab_size=280).fingerprint == expected
     assert train_bpe(corpus, vocab_size=280).fingerprint == expected
+
+
+def test_jsonl_with_a_lone_surrogate_escape_is_a_clear_error(tmp_path):
+    # JSON may spell a lone surrogate ("\ud800"), which no UTF-8 byte sequence can: the counting
+    # accepted it and merge learning crashed with a UnicodeEncodeError traceback.
+    lines = ['{"text": "fine words here"}', '', '{"text": "hello \\ud800 there"}']
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputFileError, match=r"a.jsonl: document 2 is not valid Unicode: lone surrogate U\+D800 at "
+                                             r"character 6 \(in JSON, a \\ud800 escape without its pair\)$"):
+        train_bpe([tmp_path / "a.jsonl"], vocab_size=300)

@@ -29,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Iterable, Iterator, Sequence
 
 from .corpus import expand_inputs, iter_text_pieces
-from .errors import GPT2KitError
+from .errors import GPT2KitError, InputFileError
 from .tokenizer import ENDOFTEXT, Tokenizer, _special_splitter, bytes_to_unicode, split_pretokens
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,22 @@ def _cut_specials(text: str, special_tokens: Sequence[str]) -> list[str]:
     return _special_splitter(frozenset(special_tokens)).split(text)[::2]
 
 
+def _check_unicode(doc: str, path, n: int) -> None:
+    """Refuse a lone surrogate, which JSON can spell ("\\ud800") but UTF-8 cannot: merge learning
+    works on UTF-8 bytes. (Text files are decoded strictly and never hold one.)"""
+    try:
+        doc.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputFileError(path, f"document {n} is not valid Unicode: lone surrogate U+{ord(doc[e.start]):04X} at "
+                                   f"character {e.start} (in JSON, a \\u{ord(doc[e.start]):04x} escape without its pair)") from None
+
+
 def _batches(files, field: str, bar) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
     for path in files:
-        for doc in iter_text_pieces(path, field=field):  # a huge .txt file arrives in pieces
+        for n, doc in enumerate(iter_text_pieces(path, field=field), 1):  # a huge .txt file arrives in pieces
+            _check_unicode(doc, path, n)
             batch.append(doc)
             size += len(doc)
             if size >= _BATCH_CHARS:
