@@ -563,3 +563,25 @@ def test_a_temporary_dns_failure_is_retried_not_kept_for_the_host(site, tmp_path
     m = manifest(tmp_path)
     assert [(e["status"], e["attempts"]) for e in m.values()] == [("ok", 2), ("ok", 1)], m
     assert len(calls) == 2            # a good answer is still asked for once
+
+
+def test_no_cookie_is_kept_or_sent(site, tmp_path):
+    """Requests go to the checked address, so a cookie jar would file a site's cookies under its IP
+    and send them to every other site on that IP (one CDN address serves thousands)."""
+    seen = []
+
+    def setter(handler):
+        seen.append(handler.headers.get("Cookie"))
+        return 200, {"Content-Type": "text/html", "Set-Cookie": "session=secret-of-news; Path=/"}, page(article(16), "C")
+
+    def reader(handler):
+        seen.append(handler.headers.get("Cookie"))
+        return 200, {"Content-Type": "text/html"}, page(article(17), "R")
+
+    site.routes[("news.test", "/set")] = setter
+    site.routes[("news.test", "/then")] = reader
+    site.routes[("other.test", "/read")] = reader
+    make_links(tmp_path, [url(site, "news.test", "/set"), url(site, "news.test", "/then"), url(site, "other.test", "/read")])
+    fetch_pages(tmp_path, local_cfg(robots=False, concurrency=1, per_host=1))
+    assert site.hits()[0] == ("news.test", "/set") and len(site.hits()) == 3
+    assert seen == [None, None, None]

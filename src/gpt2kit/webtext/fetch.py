@@ -517,7 +517,7 @@ async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writ
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     manifest: list[dict] = []
     async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout, limits=limits,
-                                 verify=ssl_ctx) as client:
+                                 verify=ssl_ctx, cookies=_no_cookies()) as client:
         fetcher = Fetcher(cfg, client, concurrency)
         by_host: dict[str, list[dict]] = defaultdict(list)
         for link in links:
@@ -549,6 +549,15 @@ async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writ
             jobs.extend(host_worker(queue) for _ in range(min(cfg.per_host, len(host_links))))
         await asyncio.gather(*jobs)
     return manifest
+
+
+def _no_cookies():
+    """A cookie jar that stores and sends nothing. Requests name the checked address, not the host,
+    so a jar would file one site's cookies under an IP that a CDN shares with thousands of others
+    and send them there; and a crawler has no session to keep."""
+    from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def _write_response(writer, res: Result, fetched_at: str) -> str:
