@@ -79,6 +79,19 @@ def test_config_from_toml_and_overrides(tmp_path):
         T.load_config(None, {"dtype": "fp8"})
 
 
+def test_train_help_documents_every_key(cli):
+    # the README: "`gpt2kit COMMAND --help` documents every option"
+    import re
+
+    text = re.sub(r"\s+", " ", cli("train", "--help").stdout)
+    for key, value in vars(T.TrainConfig()).items():
+        metavar = r"\[?[A-Z]+\]?"
+        flag = re.search(rf"--{key} {metavar}(?:, --{key.replace('_', '-')} {metavar})? "
+                         rf"((?:(?! --[a-z]).)+?)\(default: ([^)]*)\)", text)
+        assert flag and flag.group(1).strip(), f"--{key} has no help in `gpt2kit train --help`"
+        assert flag.group(2) == (repr(value) if isinstance(value, str) else str(value)), key
+
+
 def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     found = sorted(root.glob("*.toml"))

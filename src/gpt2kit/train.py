@@ -48,16 +48,18 @@ class TrainError(GPT2KitError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A run's settings; what each key means is in FIELD_HELP (`gpt2kit train --help` shows it)."""
+
     # data and output
-    data: str = ""                  # a folder written by `gpt2kit prepare`
+    data: str = ""
     out_dir: str = "out"
     # model: a preset, optionally resized, or a pretrained checkpoint to fine-tune
     model: str = "tiny"
-    init_from: str = ""             # "" = from scratch; else a folder or released name
-    n_layer: int = 0                # 0 = the preset's value (same for the next three)
+    init_from: str = ""
+    n_layer: int = 0
     n_head: int = 0
     n_embd: int = 0
-    block_size: int = 0             # training context; 0 = the model's n_ctx
+    block_size: int = 0
     dropout: float = 0.0
     # batch: `batch_size` sequences per optimizer step over all ranks; each forward takes
     # `micro_batch_size` (0 = batch_size / ranks); the rest is gradient accumulation.
@@ -65,38 +67,85 @@ class TrainConfig:
     micro_batch_size: int = 0
     # optimization: AdamW, linear warm-up then cosine decay to min_lr at lr_decay_steps
     max_steps: int = 1000
-    max_minutes: float = 0.0        # stop (with a checkpoint) after this wall time; 0 = no limit
+    max_minutes: float = 0.0
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 100
-    lr_decay_steps: int = 0         # 0 = max_steps
+    lr_decay_steps: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0          # 0 = off
+    grad_clip: float = 1.0
     # execution
-    dtype: str = "float32"          # float32 | bfloat16 (autocast; weights stay float32) | auto (see resolve_dtype)
+    dtype: str = "float32"
     compile: bool = False
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    threads: int = 0                # torch CPU threads; 0 = torch's default
+    device: str = "auto"
+    threads: int = 0
     fsdp: bool = False
     seed: int = 1337
     # watching
     log_interval: int = 1
     eval_interval: int = 100
-    eval_batches: int = 8           # global batches of fixed validation windows per evaluation
-    sample_interval: int = 0        # 0 = no samples during training
+    eval_batches: int = 8
+    sample_interval: int = 0
     sample_tokens: int = 64
     sample_prompt: str = ""
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
-    peak_tflops: float = 0.0        # for MFU; 0 = measure this device's matmul peak
+    peak_tflops: float = 0.0
     # checkpoints
-    checkpoint_interval: int = 0    # 0 = at every evaluation
+    checkpoint_interval: int = 0
     keep_last: int = 2
     resume: bool = False
+
+
+FIELD_HELP: dict[str, str] = {
+    "data": "the shard folder written by `gpt2kit prepare`",
+    "out_dir": "where checkpoints, metrics.jsonl, TensorBoard events and loss.png go",
+    "model": "the model preset to train from scratch: tiny, mini, small-cpu, gpt2, gpt2-medium, ...",
+    "init_from": "fine-tune this model folder or released name instead; empty: from scratch",
+    "n_layer": "Transformer blocks; 0: the preset's",
+    "n_head": "attention heads; 0: the preset's",
+    "n_embd": "width; 0: the preset's",
+    "block_size": "tokens per training sequence; 0: the model's context n_ctx",
+    "dropout": "dropout probability in training",
+    "batch_size": "sequences per optimizer step, over all ranks",
+    "micro_batch_size": "sequences per forward pass and rank, the rest accumulated; 0: batch_size / ranks",
+    "max_steps": "optimizer steps of the whole run (a resumed one included)",
+    "max_minutes": "stop with a checkpoint after this many minutes of this process; 0: no limit",
+    "lr": "peak learning rate, reached at the end of the warm-up",
+    "min_lr": "learning rate at the end of the cosine decay and after",
+    "warmup_steps": "steps of linear warm-up from lr / warmup_steps to lr",
+    "lr_decay_steps": "step at which the cosine decay reaches min_lr; 0: max_steps",
+    "weight_decay": "AdamW weight decay, on matrices only (not biases or LayerNorm gains)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "grad_clip": "clip the global gradient norm to this; 0: no clipping",
+    "dtype": "float32, bfloat16 (autocast; weights stay float32), or auto: bfloat16 where the device "
+             "multiplies it in hardware",
+    "compile": "run the model and the loss under torch.compile",
+    "device": "auto, cpu, cuda or cuda:N (auto: cuda when there is one)",
+    "threads": "torch CPU threads; 0: torch's default",
+    "fsdp": "under torchrun, shard parameters, gradients and optimizer state (fully_shard per block)",
+    "seed": "seeds the initialization, the batches (those of step s depend on the seed and s only) and dropout",
+    "log_interval": "steps between records of loss, lr, tokens/s and MFU",
+    "eval_interval": "steps between validation losses",
+    "eval_batches": "global batches of fixed validation windows per evaluation",
+    "sample_interval": "steps between text samples; 0: none",
+    "sample_tokens": "tokens per sample",
+    "sample_prompt": "the samples' prompt; empty: a new document",
+    "progress": "show a progress bar",
+    "tensorboard": "write TensorBoard events to out_dir/tensorboard (when installed)",
+    "plot": "redraw out_dir/loss.png at every evaluation",
+    "peak_tflops": "the device's peak for MFU, in TFLOP/s; 0: measure its matmul speed",
+    "checkpoint_interval": "steps between checkpoints (also written at the end and on SIGINT/SIGTERM); "
+                           "0: at every evaluation",
+    "keep_last": "checkpoints kept besides the best by validation loss",
+    "resume": "continue from out_dir/latest",
+}
 
 
 def config_fields() -> dict[str, type]:

@@ -25,16 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
-    from ..train import config_fields
+    from ..train import FIELD_HELP, TrainConfig, config_fields
 
     t = sub.add_parser("train", help="train or fine-tune a GPT-2 on prepared shards", allow_abbrev=False,
                        description="Train from a TOML run config (see configs/); every key can be overridden "
                                    "on the command line as --key value. Under torchrun the same command runs "
                                    "data-parallel.")
     t.add_argument("config", nargs="?", help="a TOML run config")
+    defaults = TrainConfig()
     for name, typ in config_fields().items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        default = getattr(defaults, name)
+        shown = repr(default) if isinstance(default, str) else default
         t.add_argument(*flags, dest=f"cfg.{name}", default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
+                       help=f"{FIELD_HELP[name]} (default: {shown})".replace("%", "%%"),
                        **({"nargs": "?", "const": "true"} if typ is bool else {}))
     _collect_unknown(t)
     t.set_defaults(func=_train)
