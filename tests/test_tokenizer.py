@@ -331,7 +331,7 @@ def test_encode_batch_threads_and_order(fast, ref):
         fast.encode_batch("one text")
     for tok in (fast, ref):  # both engines refuse a non-text the same way, threads or not
         for threads in (None, 1):
-            with pytest.raises(TokenizerError, match="^expected text \\(str\\), got NoneType$"):
+            with pytest.raises(TokenizerError, match="^texts\\[1\\]: expected text \\(str\\), got NoneType$"):
                 tok.encode_batch(["a" * 100, None, "b"], num_threads=threads)
 
 
@@ -551,3 +551,14 @@ def test_truncated_merges_file_is_refused_not_read_as_special_tokens(tmp_path):
     with pytest.raises(InputFileError, match=r"vocab.bpe: no merge makes the vocabulary's token '\S+' \(id 4\d{4}\), "
                                              r"though '\S+' \+ '\S+' spell it: is the file truncated\?$"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_encode_batch_names_the_text_it_refuses(fast, ref):
+    # Documents read from JSON can hold lone surrogates ("\ud800" escapes): which one of many?
+    texts = ["fine"] * 40 + ["bad \ud800 here"] + ["fine"] * 40
+    for tok in (fast, ref):
+        for threads in (None, 1, 3):
+            with pytest.raises(InvalidTextError, match=r"^texts\[40\]: text is not valid Unicode: lone surrogate U\+D800 at character 4 "):
+                tok.encode_batch(texts, num_threads=threads)
+        with pytest.raises(TokenizerError, match=r"^texts\[2\]: expected text \(str\), got bytes$"):
+            tok.encode_batch(["\ud800", "ok", b"bytes"])

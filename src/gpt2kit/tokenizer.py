@@ -347,9 +347,6 @@ class _FastEngine:
     def encode_batch(self, texts: Sequence[str], allowed: AbstractSet[str], num_threads: int | None) -> list[list[int]]:
         # tiktoken's core releases the GIL while it encodes, so plain threads scale. Each thread
         # gets a run of texts, not one text: a future per short text costs more than encoding it.
-        for t in texts:  # as the reference engine refuses them, before _balanced_runs takes len()
-            if not isinstance(t, str):
-                raise TokenizerError(f"expected text (str), got {type(t).__name__}")
         work = (lambda t: self.encode(t, allowed)) if allowed else self.encode_ordinary
         threads = num_threads or os.cpu_count() or 1
         if threads <= 1 or len(texts) <= 1:
@@ -379,6 +376,21 @@ def _balanced_runs(texts: Sequence[str], n: int) -> list[Sequence[str]]:
     if start < len(texts):
         runs.append(texts[start:])
     return runs
+
+
+def _naming_the_text(error: InvalidTextError, texts: list[str]) -> InvalidTextError:
+    """`error` prefixed with the index of the first text holding a lone surrogate: in a batch of
+    many documents the message alone does not say which."""
+    i = next((i for i, t in enumerate(texts) if not t.isascii() and _has_surrogate(t)), None)
+    return error if i is None else InvalidTextError(f"texts[{i}]: {error}")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _token_id(i, n_vocab: int) -> int:
@@ -620,7 +632,14 @@ class Tokenizer:
         (default: one per CPU)."""
         if isinstance(texts, str):
             raise TokenizerError("encode_batch expects a list of texts, got one str (use encode)")
-        return self._engine.encode_batch(list(texts), self._allowed(allowed_special), num_threads)
+        texts, allowed = list(texts), self._allowed(allowed_special)
+        for i, t in enumerate(texts):  # before the engines (the fast one takes len() of each)
+            if not isinstance(t, str):
+                raise TokenizerError(f"texts[{i}]: expected text (str), got {type(t).__name__}")
+        try:
+            return self._engine.encode_batch(texts, allowed, num_threads)
+        except InvalidTextError as e:
+            raise _naming_the_text(e, texts) from None
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of the tokens (possibly ending inside a UTF-8 character)."""
