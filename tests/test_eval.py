@@ -282,6 +282,21 @@ def test_loglikelihood_riding_along_with_generation_gives_the_same_answers(model
     assert not mixed[3].is_greedy  # its only candidate token was excluded
 
 
+def test_greedy_requests_of_different_lengths_batched_together_keep_their_context(model, tokenizer):
+    """A long context asking for 2 tokens shares a batch with a request for 40: it keeps the n_ctx - 2 tokens it
+    would keep alone (not n_ctx - 40), and so does a loglikelihood request riding along with it."""
+    n_ctx = model.config.n_ctx
+    long_ctx = tuple(tokenizer.encode_ordinary(PTB))[:n_ctx - 3]
+    reqs = [GreedyGeneration(long_ctx, 2), GreedyGeneration(tuple(tokenizer.encode_ordinary("Hello")), 40)]
+    ll = [Loglikelihood(long_ctx, (262, 318))]
+    alone = [Scorer(model, tokenizer, batch_size=1, progress=False).score([r])[0] for r in reqs + ll]
+    together = Scorer(model, tokenizer, batch_size=2, progress=False).score(reqs + ll)
+    for a, b in zip(alone, together):
+        if hasattr(a, "tokens"):
+            assert a.tokens == b.tokens
+        assert b.logprob == pytest.approx(a.logprob, rel=1e-5)
+
+
 def test_greedy_generation_stops_and_cuts(model, tokenizer):
     ids = tuple(tokenizer.encode_ordinary("Hello"))
     free = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(ids, 10)])[0]

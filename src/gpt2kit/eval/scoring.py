@@ -324,22 +324,29 @@ class Scorer:
         """Generation results, and the answers of the loglikelihood sequences `seqs` (those whose
         context is a generation context are teacher-forced in the same batch, the others are
         scored on their own)."""
-        contexts: dict[tuple[int, ...], tuple[list[int], list[_Sequence]]] = {}
+        # Keyed by (context, max_new_tokens) and batched apart by max_new_tokens: a batch keeps the
+        # last n_ctx - max_new context tokens of every row, as each request alone would.
+        contexts: dict[tuple[tuple[int, ...], int], tuple[list[int], list[_Sequence]]] = {}
         for i, r in enumerate(requests):
             if r.max_new_tokens < 1 or r.max_new_tokens >= self.n_ctx:
                 raise ScoringError(f"max_new_tokens must be in [1, {self.n_ctx}), got {r.max_new_tokens}")
-            contexts.setdefault(tuple(r.context) or (self.eot,), ([], []))[0].append(i)
+            contexts.setdefault((tuple(r.context) or (self.eot,), r.max_new_tokens), ([], []))[0].append(i)
+        by_context: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+        for key in contexts:
+            by_context.setdefault(key[0], key)
         alone = []
         for seq in seqs:
             first = min(u[1] for u in seq.users)
-            item = contexts.get(seq.ids[:first + 1])
-            if item is not None and first + 1 + max(requests[i].max_new_tokens for i in item[0]) <= self.n_ctx:
-                item[1].append(seq)
+            key = by_context.get(seq.ids[:first + 1])
+            if key is not None and first + 1 + key[1] <= self.n_ctx:
+                contexts[key][1].append(seq)
             else:
                 alone.append(seq)
-        items = [(ctx, users, forced) for ctx, (users, forced) in contexts.items()]
-        answers = self._map(items, lambda it: len(it[0]),
-                            lambda batch: self._greedy_batch(batch, requests), "greedy generation")
+        answers = []
+        for max_new in sorted({key[1] for key in contexts}):
+            items = [(ctx, users, forced) for (ctx, m), (users, forced) in contexts.items() if m == max_new]
+            answers += self._map(items, lambda it: len(it[0]),
+                                 lambda batch: self._greedy_batch(batch, requests), "greedy generation")
         out: list[Any] = [None] * len(requests)
         ll_out = self._loglikelihood_sequences(alone)
         for gen, ll in answers:
