@@ -66,6 +66,21 @@ def test_iter_documents_formats(tmp_path):
     assert [p.name for p in expand_inputs([tmp_path])] == ["a.txt", "b.txt.gz", "c.jsonl.zst", "d.jsonl"]
 
 
+def test_folders_skip_hidden_files_and_hidden_folders(tmp_path):
+    # Jupyter's .ipynb_checkpoints/ holds copies of the documents: read, they would be duplicates
+    # (across the train/validation split too), as hidden files would be
+    for rel in ("a.txt", ".hidden.txt", ".ipynb_checkpoints/a-checkpoint.txt", ".git/x.txt", "sub/c.txt"):
+        (tmp_path / "docs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs" / rel).write_text(rel)
+    assert [p.relative_to(tmp_path / "docs").as_posix() for p in expand_inputs([tmp_path / "docs"])] == [
+        "a.txt", "sub/c.txt"]
+    hidden_root = tmp_path / ".work" / "docs"  # a folder given by name is read, wherever it lies
+    hidden_root.mkdir(parents=True)
+    (hidden_root / "b.txt").write_text("b")
+    assert expand_inputs([hidden_root]) == [hidden_root / "b.txt"]
+    assert expand_inputs([tmp_path / "docs" / ".hidden.txt"]) == [tmp_path / "docs" / ".hidden.txt"]
+
+
 def test_bad_inputs_name_file_and_offset(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"hello \xff world")

@@ -95,13 +95,15 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files given, plus the readable files inside given folders (recursively, sorted)."""
+    """Files given, plus the readable files inside given folders (recursively, sorted), except
+    hidden ones and those in hidden folders (.ipynb_checkpoints/ holds copies of documents)."""
     out: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
             found = sorted(
                 q for q in p.rglob("*")
-                if q.is_file() and not q.name.startswith(".") and _base_suffix(q) in TEXT_SUFFIXES
+                if q.is_file() and _base_suffix(q) in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
             )
             if not found:
                 raise InputFileError(p, f"folder holds no {'/'.join(TEXT_SUFFIXES)} files (optionally .gz/.zst)")
