@@ -233,8 +233,9 @@ def test_links_stops_reading_a_dump_that_is_another_kind_of_file(tmp_path):
     ok.write_text("{broken\n" * (PROBE_LINES - 1) + json.dumps(post("http://a.example/1")) + "\n", encoding="utf-8")
     totals = collect_links(tmp_path / "w", [ok], LinksConfig(shards=1))
     assert (totals["bad_lines"], totals["links"]) == (PROBE_LINES - 1, 1)
-    # a dump already split is not read again on a resumed run (its results are recorded)
-    ok.write_bytes(b"")
+    # a dump already split is not read again on a resumed run (its results are recorded; only its
+    # size is compared, see test_links_rerun_refuses_a_dump_replaced_since_it_was_read)
+    ok.write_bytes(b"x" * ok.stat().st_size)
     assert collect_links(tmp_path / "w", [ok], LinksConfig(shards=1))["skipped_tasks"] == 2
 
 
@@ -262,6 +263,21 @@ def test_links_rerun_is_resumable_and_guards_options(tmp_path):
         collect_links(tmp_path / "w2", [tmp_path / "nope.zst"])
     with pytest.raises(WebTextError, match="stage 'fetch' has not finished; run `gpt2kit webtext fetch"):
         extract_texts(tmp_path / "empty")
+
+
+def test_links_rerun_refuses_a_dump_replaced_since_it_was_read(tmp_path):
+    """A cut-off download re-downloaded in place must not leave the corpus built from the cut-off copy."""
+    rows = [post(f"http://site{i}.example/p") for i in range(3000)]
+    dump = zst_dump(tmp_path / "RS_2017-11.zst", rows)
+    full = dump.read_bytes()
+    dump.write_bytes(full[: len(full) // 2])
+    first = collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
+    assert first["truncated_files"] == 1
+    dump.write_bytes(full)
+    with pytest.raises(WebTextError) as e:
+        collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
+    assert str(e.value).startswith(f"{dump}: changed since the links stage read it ({len(full) // 2:,} bytes then, "
+                                   f"{len(full):,} now); delete {tmp_path / 'w' / '_state' / 'links'} and ")
 
 
 # ---------------------------------------------------------------------------------------------

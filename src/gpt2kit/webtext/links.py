@@ -381,6 +381,7 @@ def dump_task_name(path: Path) -> str:
 def split_dump(path: str, parts_dir: str, task: str, cfg: LinksConfig) -> dict:
     """Filter one dump into one part file per shard (links de-duplicated within the dump)."""
     counts = dict.fromkeys(_REASONS, 0)
+    counts["dump_bytes"] = os.path.getsize(path)    # before reading: a rerun tells a replaced dump by it
     cutoff = cfg.cutoff_timestamp()
     blocked_subs = frozenset(s.lower() for s in cfg.blocked_subreddits)
     blocked_domains = frozenset(cfg.blocked_domains)
@@ -426,12 +427,27 @@ def dump_files(dumps: list[str | os.PathLike]) -> dict[Path, Path]:
     return named
 
 
+def _check_unchanged(wf: WorkFolder, path: Path, name: Path) -> None:
+    """Refuse a dump whose size differs from when it was split (a cut-off download replaced by the
+    full file): its finished task would otherwise keep the links of the old copy."""
+    if not wf.is_done("links", dump_task_name(path)):
+        return
+    then = wf.task_stats("links", dump_task_name(path)).get("dump_bytes")   # absent in older markers
+    now = path.stat().st_size
+    if then is not None and then != now:
+        raise WebTextError(f"{name}: changed since the links stage read it ({then:,} bytes then, {now:,} now); "
+                           f"delete {wf.state_dir('links')} and {wf.stage_dir('links')} (and the later stages) "
+                           "to build from the new file")
+
+
 def collect_links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: LinksConfig = LinksConfig(),
           runner: Runner = Runner()) -> dict:
     """Run the links stage; returns the stage's totals (also in WORK/_state/links/COMPLETE.json)."""
     wf = WorkFolder(work)
     named = dump_files(dumps)
     paths = sorted(named)
+    for p in paths:
+        _check_unchanged(wf, p, named[p])
     # before any state is written, so that a corrected rerun is not refused as "other options";
     # a dump split on an earlier run was readable then and is not read again
     bad = [(named[p], why) for p in paths if not wf.is_done("links", dump_task_name(p)) and (why := probe_dump(p))]
