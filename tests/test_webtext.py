@@ -366,6 +366,12 @@ def mediawiki_copy(body: str) -> bytes:
             "Wikimedia Foundation, Inc.</li></ul></div></body></html>").encode()
 
 
+def test_a_page_after_a_long_run_of_blank_lines_is_not_binary():
+    """Template engines can emit thousands of blank lines before the markup starts."""
+    page = b"\r\n" * 3000 + html(f"<p>{ENGLISH}</p>")
+    assert extract_page(page, "http://n.example/a", ExtractConfig(min_words=40))[0] == "kept"
+
+
 def test_wikipedia_copies_are_recognized_by_the_page_furniture_extraction_drops():
     """The markers of a copied Wikipedia page sit in its furniture (the "From Wikipedia" line, the
     "Retrieved from" footer, the trademark line), which text extraction removes."""

@@ -82,13 +82,17 @@ _WIKI_HTML = re.compile(
 )
 
 
+_LEADING_SPACE = re.compile(rb"\s*")
+
+
 def looks_binary(body: bytes) -> bool:
     """A body served as HTML that is not markup (NUL bytes, many control characters, no tag).
 
     >>> looks_binary(b"<html>hi</html>"), looks_binary(bytes(range(256))), looks_binary(b"\x82" * 100)
     (False, True, True)
     """
-    head = body[:4096]
+    start = _LEADING_SPACE.match(body).end()   # blank lines a template emitted are not content
+    head = body[start:start + 4096]
     if not head:
         return False
     if b"\x00" in head or b"<" not in head:
