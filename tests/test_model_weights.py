@@ -131,6 +131,10 @@ def test_dtype_auto_keeps_the_stored_one_and_names_are_accepted(tmp_path):
     # `gpt2kit generate/serve --dtype`: "default: as stored"
     assert load_for_inference(str(tmp_path))[0].transformer.wte.weight.dtype == torch.bfloat16
     assert load_for_inference(str(tmp_path), dtype="float32")[0].transformer.wte.weight.dtype == torch.float32
+    # ...except float16 on a CPU, which has no float16 arithmetic (several times slower than float32)
+    GPT2.from_pretrained(str(tmp_path), dtype="float16").save_pretrained(str(tmp_path / "fp16"), Tokenizer.gpt2())
+    assert load_for_inference(str(tmp_path / "fp16"))[0].transformer.wte.weight.dtype == torch.float32
+    assert load_for_inference(str(tmp_path / "fp16"), dtype="float16")[0].transformer.wte.weight.dtype == torch.float16
     fixture = Path(__file__).parent / "fixtures" / "openai-tiny"  # a TF checkpoint stores float32
     assert GPT2.from_pretrained(str(fixture), dtype="auto").transformer.wte.weight.dtype == torch.float32
     for bad in ("bf16", "int8", torch.int8, 3):

@@ -11,7 +11,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
                    help="a checkpoint folder (ours, Hugging Face or OpenAI's release) or a released name")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="weights dtype (default: as stored)")
+                   help="weights dtype (default: as stored; float16 runs as float32 on a CPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="dynamic int8 quantization of the linear layers (CPU; faster, slightly inexact)")
