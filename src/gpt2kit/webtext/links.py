@@ -152,8 +152,12 @@ def _canonical(url: str) -> tuple[str, str, str]:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
-    path = _upper_escapes(quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~"))
-    return urlunsplit((scheme, netloc, path, _canonical_query(parts.query), "")), host, path
+    try:
+        path = _upper_escapes(quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~"))
+        query = _canonical_query(parts.query)
+    except UnicodeEncodeError:
+        raise BadURL("half a UTF-16 surrogate pair") from None   # JSON's "\ud800": no bytes to send
+    return urlunsplit((scheme, netloc, path, query, "")), host, path
 
 
 def _canonical_query(query: str) -> str:
@@ -334,6 +338,8 @@ def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozen
     if created >= cutoff:
         return "after_cutoff", None, ""
     sub = obj.get("subreddit") if isinstance(obj.get("subreddit"), str) else ""
+    if not sub.isascii() and not _encodable(sub):
+        return "bad_lines", None, ""     # it could not be written to the links shard
     if sub.lower() in blocked_subs:
         return "blocked_subreddit", None, ""
     if cfg.drop_over_18 and obj.get("over_18"):
@@ -353,6 +359,14 @@ def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozen
 
 
 _WIKIPEDIA = frozenset(WIKIPEDIA_DOMAINS)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def better(a: dict, b: dict) -> dict:
