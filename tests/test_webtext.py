@@ -146,15 +146,20 @@ def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
     assert 5 < totals["links"] < 3000     # whatever came before the damage is kept
 
 
+def links_of_lines(tmp_path: Path, lines: list[bytes]) -> dict:
+    """The links stage's totals for a plain NDJSON dump of these raw lines."""
+    dump = tmp_path / "d.ndjson"
+    dump.write_bytes(b"\n".join(lines) + b"\n")
+    return collect_links(tmp_path / "w", [dump], LinksConfig(shards=1))
+
+
 def test_links_a_lone_surrogate_in_a_url_is_a_bad_url_not_a_crash(tmp_path):
     """JSON can escape half a UTF-16 pair ("\\ud800"); such a URL cannot be encoded, so it is not one."""
     lines = [b'{"url": "http://a.example/\\ud800x", "score": 5, "created_utc": 1500000000}',
              b'{"url": "http://a.example/?q=\\udc80", "score": 5, "created_utc": 1500000000}',
              b'{"url": "http://a.example/s", "score": 5, "created_utc": 1500000000, "subreddit": "x\\udc80"}',
              json.dumps(post("http://a.example/ok")).encode()]
-    dump = tmp_path / "d.ndjson"
-    dump.write_bytes(b"\n".join(lines) + b"\n")
-    totals = collect_links(tmp_path / "w", [dump], LinksConfig(shards=1))
+    totals = links_of_lines(tmp_path, lines)
     assert (totals["bad_url"], totals["bad_lines"], totals["kept"], totals["links"]) == (2, 1, 1, 1)
 
 
@@ -165,9 +170,7 @@ def test_links_non_finite_numbers_are_bad_lines_not_a_crash(tmp_path):
              b'{"url": "http://a.example/3", "score": 5, "created_utc": -Infinity}',
              b'{"url": "http://a.example/4", "score": 5, "created_utc": "nan"}',
              json.dumps(post("http://a.example/ok")).encode()]
-    dump = tmp_path / "d.ndjson"
-    dump.write_bytes(b"\n".join(lines) + b"\n")
-    totals = collect_links(tmp_path / "w", [dump], LinksConfig(shards=1))
+    totals = links_of_lines(tmp_path, lines)
     assert (totals["lines"], totals["bad_lines"], totals["kept"], totals["links"]) == (5, 4, 1, 1)
 
 

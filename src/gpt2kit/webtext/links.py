@@ -338,7 +338,7 @@ def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozen
     if created >= cutoff:
         return "after_cutoff", None, ""
     sub = obj.get("subreddit") if isinstance(obj.get("subreddit"), str) else ""
-    if not sub.isascii() and not _encodable(sub):
+    if not sub.isascii() and _SURROGATE.search(sub):
         return "bad_lines", None, ""     # it could not be written to the links shard
     if sub.lower() in blocked_subs:
         return "blocked_subreddit", None, ""
@@ -360,13 +360,7 @@ def filter_post(obj: dict, cfg: LinksConfig, cutoff: float, blocked_subs: frozen
 
 _WIKIPEDIA = frozenset(WIKIPEDIA_DOMAINS)
 
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+_SURROGATE = re.compile("[\ud800-\udfff]")   # JSON's "\ud800" escapes: text UTF-8 cannot encode
 
 
 def better(a: dict, b: dict) -> dict:
