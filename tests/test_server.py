@@ -337,3 +337,20 @@ def test_served_name_is_the_folders_even_for_dot(tmp_path, monkeypatch):
     (tmp_path / "best").symlink_to(folder)
     assert served_name(str(tmp_path / "best")) == "best"  # the name given, not the link's target
     assert served_name("gpt2") == "gpt2" and served_name("openai-community/gpt2-medium") == "gpt2-medium"
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, cli):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        # the model folder does not exist: a port error first means the port was checked first
+        done = cli("serve", "--model", str(tmp_path / "no-model"), "--port", str(port))
+    finally:
+        taken.close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"gpt2kit: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+    done = cli("serve", "--model", str(tmp_path / "no-model"), "--host", "no.such.host.invalid")
+    assert done.returncode == 2 and done.stderr.startswith("gpt2kit: error: --host no.such.host.invalid: ")

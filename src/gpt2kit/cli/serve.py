@@ -34,6 +34,28 @@ def served_name(model: str) -> str:
     return path.name or str(model)
 
 
+def bind(host: str, port: int):
+    """A socket bound to host:port, or a one-line error: checked before the model loads (minutes
+    for a large one), and handed to uvicorn, whose own failure to bind exits with code 3."""
+    import socket
+
+    from ..errors import GPT2KitError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise GPT2KitError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise GPT2KitError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    return sock
+
+
 def run(args) -> int:
     import logging
 
@@ -50,11 +72,12 @@ def run(args) -> int:
         raise GPT2KitError(f"--max-concurrency: expected an integer >= 1, got {args.max_concurrency}")
     if not 0 <= args.port < 65536:
         raise GPT2KitError(f"--port: expected 0..65535, got {args.port}")
+    sock = bind(args.host, args.port)
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     name = args.model_name or served_name(args.model)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
                      max_concurrency=args.max_concurrency)
     logging.getLogger(__name__).info("serving %s as %r on http://%s:%d/v1%s", args.model, name, args.host,
-                                     args.port, " (API key required)" if args.api_key else "")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                                     sock.getsockname()[1], " (API key required)" if args.api_key else "")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
