@@ -53,8 +53,9 @@ class GenerationError(GPT2KitError):
 @dataclass
 class Completion:
     """One generated sample. `text` ends before any stop string; `token_ids` are the sampled
-    tokens (without a final <|endoftext|>); `logprobs[i]` is log p(token_ids[i]) under the model
-    (before temperature and filters); `top_logprobs[i]` the most probable alternatives when asked."""
+    tokens (without a final <|endoftext|>); with `top_logprobs` asked (0 included), `logprobs[i]`
+    is log p(token_ids[i]) under the model (before temperature and filters), and for k > 0
+    `top_logprobs[i]` the k most probable alternatives; else both stay empty (None)."""
 
     text: str
     token_ids: list[int]
@@ -366,7 +367,9 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
 
     Sampling starts from `preset` ("paper" = top-k 40 as in the paper's samples, "greedy",
     "nucleus", "pure"; default: plain sampling at temperature 1) and the options given replace its
-    fields; `do_sample=False` or `temperature=0` is greedy. The same `seed` gives the same text.
+    fields; `do_sample=False` or `temperature=0` is greedy. The same `seed` with the same prompts
+    and `n` gives the same text; a prompt sampled in another batch (other prompts, another `n`)
+    draws other tokens, as every row's draws come from the one seeded generator.
 
     >>> generate(model, tok, "The meaning of life is", preset="paper", seed=0)[0].text  # doctest: +SKIP
     """

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--greedy", action="store_true", help="always take the most probable token")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a sample where TEXT appears (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--seed", type=int, default=None, help="the same seed and --num-samples give the same text")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per sample (prompt, text, token ids, finish reason)")
