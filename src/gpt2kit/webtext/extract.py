@@ -115,7 +115,7 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs
 def _codec(label: str, *, from_meta: bool = False) -> str | None:
     label = label.strip().lower()
     if from_meta and label.startswith("utf-16"):
-        return "utf-8"          # a page that could be read far enough to find its meta tag is not UTF-16
+        return None             # a page that could be read far enough to find its meta tag is not UTF-16
     try:
         return codecs.lookup(_SUPERSETS.get(label, label)).name
     except LookupError:
@@ -123,9 +123,11 @@ def _codec(label: str, *, from_meta: bool = False) -> str | None:
 
 
 def decode_html(body: bytes, content_type: str | None = None) -> str | bytes:
-    """The page as text, in the encoding it declares: a byte-order mark, else the charset of the
-    Content-Type header, else a meta tag (the browsers' order). Undeclared, or declared wrongly
-    (the bytes do not decode), the bytes are returned for trafilatura to guess from.
+    """The page as text: by its byte-order mark; as UTF-8 when it is valid UTF-8, whatever it declares
+    (text in another encoding practically never is, and a server's default ISO-8859-1 over UTF-8
+    pages is common); else in the encoding it declares, the Content-Type header's charset before a
+    meta tag (the browsers' order). Undeclared, or declared wrongly (the bytes do not decode), the
+    bytes are returned for trafilatura to guess from.
 
     >>> decode_html("café".encode("cp1252"), "text/html; charset=ISO-8859-1"), decode_html(b"caf\\xe9")
     ('café', b'caf\\xe9')
@@ -133,6 +135,10 @@ def decode_html(body: bytes, content_type: str | None = None) -> str | bytes:
     for bom, name in _BOMS:
         if body.startswith(bom):
             return body[len(bom):].decode(name, "replace")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
     declared = []
     if content_type and (m := _HEADER_CHARSET.search(content_type)):
         declared.append(_codec(m.group(1)))
