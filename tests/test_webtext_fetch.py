@@ -456,6 +456,8 @@ def test_robots_groups_for_our_token_are_merged_and_win_over_star():
     robots = RobotsRules.parse(text, "gpt2kit-webtext/1.0 (research)")
     assert [robots.allowed(f"http://site.test/{p}") for p in ("a", "b", "c", "d")] == [False, True, False, True]
     assert robots.crawl_delay == 7.0
+    family = RobotsRules.parse("User-agent: *\nDisallow: /x\n\nUser-agent: gpt2kit\nDisallow: /\n", "gpt2kit-webtext/1.0")
+    assert not family.allowed("http://site.test/any")
     other = RobotsRules.parse(text, "somebot/2.0")
     assert [other.allowed(f"http://site.test/{p}") for p in ("a", "d")] == [False, False]
     assert other.crawl_delay is None

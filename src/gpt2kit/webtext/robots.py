@@ -104,7 +104,8 @@ class RobotsRules:
             elif key == "crawl-delay":
                 current.crawl_delay = _seconds(value, current.crawl_delay)
         token = product_token(user_agent)
-        chosen = [g for g in groups if token in g.agents] or [g for g in groups if "*" in g.agents]
+        chosen = ([g for g in groups if any(_names(agent, token) for agent in g.agents)]
+                  or [g for g in groups if "*" in g.agents])
         delays = [g.crawl_delay for g in chosen if g.crawl_delay is not None]
         return cls([r for g in chosen for r in g.rules], max(delays) if delays else None)
 
@@ -121,6 +122,11 @@ class RobotsRules:
             if rule.matches(path) and (best is None or (len(rule.pattern), rule.allow) > (len(best.pattern), best.allow)):
                 best = rule
         return best is None or best.allow
+
+
+def _names(agent: str, token: str) -> bool:
+    # `gpt2kit` names us too (`gpt2kit-webtext`): a site that blocks the family blocks this crawler
+    return agent == token or token.startswith(agent + "-")
 
 
 def _seconds(value: str, previous: float | None) -> float | None:
