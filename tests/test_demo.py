@@ -68,8 +68,21 @@ def test_bad_options_fail_before_any_work(cli, tmp_path):
     cases = [(("--minutes", "nan"), "--minutes must be a positive number, got nan"),
              (("--minutes", "-1"), "--minutes must be a positive number, got -1.0"),
              (("--preset", "bogus"), "unknown model preset 'bogus'"),
-             (("--out", str(tmp_path / "file")), "exists and is not a folder")]
+             (("--out", str(tmp_path / "file")), "exists and is not a folder"),
+             ((), f"--corpus: {corpus.stat().st_size:,} bytes of text; the demo needs at least 10,000")]
     for args, message in cases:
         r = cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "out"), *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert "1/5" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_small_corpus_still_gets_a_held_out_split(tmp_path, shakespeare_files):
+    # 30 KB: three segments of prepare's default 10,000 characters, none of them held out; the
+    # error then advised --segment-chars and --val-fraction, which `gpt2kit demo` does not have
+    from gpt2kit.demo import demo
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(shakespeare_files[0].read_text()[:30_000])
+    rep = demo(0.02, out_dir=tmp_path / "demo", corpus=[corpus], preset="tiny", vocab_size=300, samples=1,
+               overrides={"block_size": 32})
+    assert rep["val_tokens"] > 0 and rep["val_chars"] > 1000 and math.isfinite(rep["val_loss"])

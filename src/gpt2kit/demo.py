@@ -46,6 +46,15 @@ DEMO_TRAIN: dict[str, Any] = dict(
     beta2=0.99, grad_clip=1.0, dropout=0.0, dtype="auto",
 )
 SAMPLE_TOKENS = 120
+MIN_CORPUS_BYTES = 10_000  # a BPE vocabulary, 128-token windows and a held-out split need some text
+
+
+def _segment_chars(paths: Sequence[Path]) -> int:
+    """prepare's segment length for this corpus: its default 10,000 characters (Shakespeare's
+    5 MB keeps it), shorter for a small --corpus, which would otherwise make too few segments for
+    one of every 20 to be held out: about 40 segments at least."""
+    size = sum(p.stat().st_size for p in paths)
+    return max(100, min(10_000, size // 60))
 
 
 def _draw_samples(model, tokenizer, count: int, *, seed: int) -> list[str]:
@@ -176,6 +185,13 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
                   threads=threads, keep_last=1)
     cfg = make_config(values, source="demo")
     inputs = [Path(p) for p in corpus] if corpus else shakespeare()
+    if corpus:
+        from .corpus import expand_inputs
+
+        inputs = expand_inputs(inputs)
+        size = sum(p.stat().st_size for p in inputs)
+        if size < MIN_CORPUS_BYTES:
+            raise ConfigError(f"--corpus: {size:,} bytes of text; the demo needs at least {MIN_CORPUS_BYTES:,}")
     if threads:
         torch.set_num_threads(threads)
     workers = max(1, min(os.cpu_count() or 1, 4))
@@ -192,7 +208,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
         if read_meta(data_dir)["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
             shutil.rmtree(data_dir)
     meta = prepare(inputs, data_dir, tokenizer=str(tok_dir), val_fraction=DEMO_VAL_FRACTION,
-                   workers=workers, progress=progress)
+                   segment_chars=_segment_chars(inputs), workers=workers, progress=progress)
     n_vocab = meta["tokenizer"]["n_vocab"]
 
     if run_dir.exists():
@@ -235,7 +251,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
         shutil.copyfile(summary["plot"], plot)
     texts = _draw_samples(model, tokenizer, samples, seed=seed)
     report = {
-        "corpus": "shakespeare" if not corpus else [str(p) for p in inputs],
+        "corpus": "shakespeare" if not corpus else [str(p) for p in corpus],
         "minutes_budget": minutes, "train_seconds": round(summary["elapsed_s"], 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "steps": summary["step"], "tokens_trained": summary["step"] * cfg.batch_size * block,
