@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "against a unigram baseline; save the model, the loss plot, and print samples.")
     d.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default: 10)")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--corpus", nargs="+", metavar="INPUT", help="text files/folders instead of Shakespeare")
+    d.add_argument("--corpus", nargs="+", metavar="INPUT",
+                   help="text files/folders instead of Shakespeare (at least 10 KB of text)")
     d.add_argument("--preset", default=None, help="another model preset instead of the demo's (see gpt2kit.demo)")
     d.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the demo's, 4096)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
