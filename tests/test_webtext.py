@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import bz2
+import gzip
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -278,6 +280,26 @@ def test_links_rerun_is_resumable_and_guards_options(tmp_path):
         collect_links(tmp_path / "w2", [tmp_path / "nope.zst"])
     with pytest.raises(WebTextError, match="stage 'fetch' has not finished; run `gpt2kit webtext fetch"):
         extract_texts(tmp_path / "empty")
+
+
+def test_links_shows_progress_inside_a_dump(tmp_path, capsys):
+    """One monthly dump takes many minutes: a bar over the dump's bytes moves while it is read."""
+    dump = zst_dump(tmp_path / "RS_2017-11.zst", [post(f"http://site{i}.example/p") for i in range(3000)])
+    collect_links(tmp_path / "w", [dump], LinksConfig(shards=2), Runner(progress=True))
+    err = capsys.readouterr().err
+    assert "RS_2017-11.zst:" in err and "B/s" in err, err[-2000:]
+    # the bar follows the bytes of the file read, in every format, up to its end
+    from gpt2kit.webtext.links import iter_dump
+
+    data = b"".join(json.dumps(post(f"http://s{i}.example/p")).encode() + b"\n" for i in range(70_000))
+    for name, pack in (("d.zst", long_window_zst), ("d.gz", gzip.compress), ("d.bz2", bz2.compress),
+                       ("d.xz", lzma.compress), ("d.ndjson", bytes)):
+        (tmp_path / name).write_bytes(pack(data))
+        positions: list[int] = []
+        counts = dict.fromkeys(("lines", "bad_lines", "truncated_files"), 0)
+        assert sum(1 for _ in iter_dump(tmp_path / name, counts, on_position=positions.append)) == 70_000
+        assert positions == sorted(positions), (name, positions)
+        assert positions[-1] == (tmp_path / name).stat().st_size, name
 
 
 def test_links_rerun_refuses_a_dump_replaced_since_it_was_read(tmp_path):

@@ -15,6 +15,7 @@ is written, since later stages would otherwise run on a corpus that silently lac
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import json
 import logging
@@ -206,7 +207,7 @@ class TruncatedDump(Exception):
     pass
 
 
-def _zst_lines(path: Path) -> Iterator[bytes]:
+def _zst_lines(path: Path, on_position) -> Iterator[bytes]:
     """Lines of a zstd file (any number of frames). The stream reader of `zstandard` ends quietly
     at a cut-off frame; a decompression object tells a complete frame from a truncated one."""
     import zstandard
@@ -216,6 +217,7 @@ def _zst_lines(path: Path) -> Iterator[bytes]:
     obj, pending, rest = dctx.decompressobj(), False, b""
     with open(path, "rb") as f:
         while raw := f.read(1 << 20):
+            on_position(f.tell())
             while raw:
                 pending = True
                 data = rest + obj.decompress(raw)
@@ -230,21 +232,37 @@ def _zst_lines(path: Path) -> Iterator[bytes]:
         yield rest
 
 
-def _stream_lines(path: Path) -> Iterator[bytes]:
+def _stream_lines(path: Path, on_position=None) -> Iterator[bytes]:
+    """The lines of a dump; `on_position(bytes of the file read)` is called as reading goes on."""
+    on_position = on_position or (lambda _: None)
     name = path.name.lower()
     if name.endswith(".zst"):
-        yield from _zst_lines(path)
+        yield from _zst_lines(path, on_position)
         return
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(name).suffix, open)
-    with opener(path, "rb") as f:
-        yield from f
+    # the compressed file is opened here, so that its position says how far reading has come
+    with open(path, "rb") as raw, _decompressed(raw, Path(name).suffix) as f:
+        for i, line in enumerate(f):
+            if not i & 0xFFFF:
+                on_position(raw.tell())
+            yield line
+        on_position(raw.tell())
 
 
-def iter_dump(path: Path, counts: dict, problems: list[str] | None = None, limit: int | None = None) -> Iterator[dict]:
+def _decompressed(raw, suffix: str):
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if suffix in (".bz2", ".xz"):
+        return (bz2.BZ2File if suffix == ".bz2" else lzma.LZMAFile)(raw)
+    return contextlib.nullcontext(raw)
+
+
+def iter_dump(path: Path, counts: dict, problems: list[str] | None = None, limit: int | None = None,
+              on_position=None) -> Iterator[dict]:
     """The JSON objects of a dump; bad lines and a truncated end are counted in `counts`. Why reading
-    stopped early is logged, or appended to `problems` when given. Stops after `limit` lines."""
+    stopped early is logged, or appended to `problems` when given. Stops after `limit` lines.
+    `on_position` is called with how many bytes of the file have been read."""
     try:
-        for raw in _stream_lines(path):
+        for raw in _stream_lines(path, on_position):
             if not raw.strip():
                 continue
             if limit is not None and counts["lines"] >= limit:
@@ -386,19 +404,24 @@ def dump_task_name(path: Path) -> str:
     return "dump-" + format(stable_hash(str(path.resolve())), "016x")
 
 
-def split_dump(path: str, parts_dir: str, task: str, cfg: LinksConfig) -> dict:
+def split_dump(path: str, parts_dir: str, task: str, cfg: LinksConfig, progress: bool = False) -> dict:
     """Filter one dump into one part file per shard (links de-duplicated within the dump)."""
+    from tqdm.auto import tqdm
+
     counts = dict.fromkeys(_REASONS, 0)
     counts["dump_bytes"] = os.path.getsize(path)    # before reading: a rerun tells a replaced dump by it
     cutoff = cfg.cutoff_timestamp()
     blocked_subs = frozenset(s.lower() for s in cfg.blocked_subreddits)
     blocked_domains = frozenset(cfg.blocked_domains)
     buckets: list[dict[str, dict]] = [{} for _ in range(cfg.shards)]
-    for obj in iter_dump(Path(path), counts):
-        reason, rec, host = filter_post(obj, cfg, cutoff, blocked_subs, blocked_domains)
-        counts[reason] += 1
-        if rec is not None:
-            merge_into(buckets[host_shard(host, cfg.shards)], rec)
+    with tqdm(total=counts["dump_bytes"], desc=Path(path).name, unit="B", unit_scale=True, leave=False,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for obj in iter_dump(Path(path), counts, on_position=lambda n: bar.update(n - bar.n)):
+            reason, rec, host = filter_post(obj, cfg, cutoff, blocked_subs, blocked_domains)
+            counts[reason] += 1
+            if rec is not None:
+                merge_into(buckets[host_shard(host, cfg.shards)], rec)
+        bar.update(bar.total - bar.n)
     for k, bucket in enumerate(buckets):
         write_jsonl_zst(Path(parts_dir) / f"{task}.{k:05d}.jsonl.zst", sorted(bucket.values(), key=lambda r: r["url"]))
     counts["dump_files"] = 1
@@ -466,7 +489,9 @@ def collect_links(work: str | os.PathLike, dumps: list[str | os.PathLike], cfg: 
         raise WebTextError(f"{len(bad)} dumps hold no valid submission lines: {listed}; {EXPECTED_DUMP}")
     wf.check_config("links", {**config_dict(cfg), "dumps": [str(p) for p in paths]})
     parts_dir = wf.stage_dir("links") / "_parts"
-    tasks = [(dump_task_name(p), (str(p), str(parts_dir), dump_task_name(p), cfg)) for p in paths]
+    # a bar over each dump's bytes, where it can be drawn: in this process
+    inline_progress = runner.progress and runner.workers == 1 and runner.engine == "local"
+    tasks = [(dump_task_name(p), (str(p), str(parts_dir), dump_task_name(p), cfg, inline_progress)) for p in paths]
     counts, skipped = run_tasks(wf, "links", split_dump, tasks, runner, desc="links: dumps")
     merges = []
     for k in range(cfg.shards):
