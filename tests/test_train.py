@@ -382,7 +382,10 @@ def test_bad_config_files_and_values(tmp_path):
                                 ("grad_clip", "nan", "grad_clip must not be negative"),
                                 ("dropout", "1", r"dropout must be in \[0, 1\)"),
                                 ("lr", "0", "lr must be positive"),
-                                ("lr_decay_steps", "5", r"lr_decay_steps \(5\) ends the cosine decay before the warm-up")):
+                                ("lr_decay_steps", "5", r"lr_decay_steps \(5\) ends the cosine decay before the warm-up"),
+                                # numpy's seed sequences take no negative seed: a traceback at the first batch
+                                ("seed", "-5", r"seed must be in \[0, 2\*\*63\), got -5"),
+                                ("seed", str(2**63), r"seed must be in \[0, 2\*\*63\)")):
         with pytest.raises(ConfigError, match=message):
             T.load_config(None, [f"--{key}", value])
 

@@ -205,6 +205,8 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     for k in ("dropout", "beta1", "beta2"):
         if not 0 <= getattr(cfg, k) < 1:
             raise ConfigError(f"{source}: {k} must be in [0, 1), got {getattr(cfg, k)}")
+    if not 0 <= cfg.seed < 2**63:  # numpy's seed sequences refuse negatives; torch's, 2**64 and up
+        raise ConfigError(f"{source}: seed must be in [0, 2**63), got {cfg.seed}")
     if not cfg.lr > 0:
         raise ConfigError(f"{source}: lr must be positive, got {cfg.lr}")
     if 0 < cfg.lr_decay_steps < cfg.warmup_steps:
