@@ -172,6 +172,8 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
 
     if not 0 < minutes < math.inf:
         raise ConfigError(f"--minutes must be a positive number, got {minutes}")
+    if vocab_size > 65536:  # (else found by prepare, after the vocabulary is learned)
+        raise ConfigError(f"--vocab-size: at most 65536 (token shards hold uint16 ids), got {vocab_size}")
     t0 = time.perf_counter()
     out = check_output_path(out_dir, folder=True, what="--out")
     data_dir, run_dir = out / "data", out / "run"
