@@ -717,3 +717,13 @@ def test_one_run_per_work_folder(tmp_path):
             "collect_links(sys.argv[1], [sys.argv[2]], LinksConfig(shards=1))")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w"), str(dump)], capture_output=True, text=True)
     assert r.returncode != 0 and "another `gpt2kit webtext` run is using this work folder" in r.stderr
+
+
+def test_the_examples_in_the_webtext_docstrings_hold():
+    import doctest
+
+    from gpt2kit.webtext import dedup, extract, fetch, links, robots
+
+    for module in (dedup, extract, fetch, links, robots):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -86,7 +86,7 @@ _LEADING_SPACE = re.compile(rb"\s*")
 
 
 def looks_binary(body: bytes) -> bool:
-    """A body served as HTML that is not markup (NUL bytes, many control characters, no tag).
+    r"""A body served as HTML that is not markup (NUL bytes, many control characters, no tag).
 
     >>> looks_binary(b"<html>hi</html>"), looks_binary(bytes(range(256))), looks_binary(b"\x82" * 100)
     (False, True, True)
