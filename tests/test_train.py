@@ -390,6 +390,20 @@ def test_bad_config_files_and_values(tmp_path):
             T.load_config(None, [f"--{key}", value])
 
 
+def test_resume_after_a_kill_mid_metrics_line(shards, tmp_path):
+    # a process killed while appending to metrics.jsonl leaves half a line; resuming must not choke on it
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=2))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 5.2, "l')
+    T.train(cfg_for(shards, out, max_steps=3, resume=True))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.2}\nnot json\n{"step": 2, "loss": 5.1}\n')
+    with pytest.raises(T.TrainError, match=r"metrics.jsonl: line 2 is not JSON"):  # damage elsewhere is not ours to drop
+        T.train(cfg_for(shards, out, max_steps=4, resume=True))
+
+
 def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     T.train(cfg_for(shards, out, max_steps=2))

@@ -765,8 +765,7 @@ class Monitor:
         self.records: list[dict] = []
         if resume_step is not None and self.path.exists():
             # Drop what the interrupted run logged after its checkpoint: those steps run again.
-            for line in self.path.read_text().splitlines():
-                r = json.loads(line)
+            for r in _read_metrics(self.path):
                 if r["step"] <= resume_step:  # a step's records are all written before its checkpoint
                     self.records.append(r)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -801,6 +800,21 @@ class Monitor:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short (the process was killed while
+    appending it) is dropped, as it would be logged again."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise TrainError(f"{path}: line {number} is not JSON; repair or remove the file to resume") from None
+            log.warning("%s: dropping its last line, cut short: %r", path, line[:80])
+    return records
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> Path | None:
