@@ -68,3 +68,15 @@ def test_stdin_prompt_interactive_and_errors(cli, checkpoint, capsys, monkeypatc
     assert capsys.readouterr().err.startswith("gpt2kit: error: device 'cuda:99': ")
     assert main(["generate", "--model", str(folder), "x", "--seed", str(2**70)]) == 2
     assert capsys.readouterr().err.startswith("gpt2kit: error: seed: expected an integer in [-2**63, 2**64)")
+
+
+def test_sampling_options_with_greedy_are_refused_not_ignored(checkpoint, capsys):
+    # greedy decoding never reads them: `--greedy --temperature 0.7` would print the greedy text
+    folder, _, _ = checkpoint
+    for args, flags in ((["--greedy", "--temperature", "0.7"], "--temperature"),
+                        (["--preset", "greedy", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p")):
+        assert main(["generate", "--model", str(folder), "x", *args]) == 2
+        assert capsys.readouterr().err == f"gpt2kit: error: {flags}: no effect with greedy decoding (--greedy " \
+                                          f"or --preset greedy); drop them, or sample\n"
+    assert main(["generate", "--model", str(folder), "x", "--greedy", "--temperature", "0", "--max-new-tokens", "2",
+                 "--repetition-penalty", "1.2"]) == 0  # the penalty applies to greedy too

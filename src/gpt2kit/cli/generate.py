@@ -105,6 +105,20 @@ def _respond(model, tokenizer, prompt: str, args, out) -> None:
     out.flush()
 
 
+def _check_greedy(args) -> None:
+    """Greedy decoding never reads the sampling filters: given, they would be silently ignored."""
+    from ..errors import GPT2KitError
+
+    if not (args.greedy or args.preset == "greedy"):
+        return
+    given = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                      ("--top-p", args.top_p)) if value is not None]
+    given = [f for f in given if not (f == "--temperature" and args.temperature == 0)]  # 0 means greedy too
+    if given:
+        raise GPT2KitError(f"{', '.join(given)}: no effect with greedy decoding (--greedy or --preset greedy); "
+                           "drop them, or sample")
+
+
 def run(args) -> int:
     from ..corpus import decode_utf8
     from ..errors import GPT2KitError
@@ -116,6 +130,7 @@ def run(args) -> int:
         raise GPT2KitError("--interactive reads its prompts from stdin: give no PROMPT argument")
     if args.max_new_tokens < 0:
         raise GPT2KitError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
+    _check_greedy(args)
     opts = _options(args)
     sampling_params(**{k: opts[k] for k in ("preset", "temperature", "top_k", "top_p", "repetition_penalty",
                                             "do_sample")})  # bad options fail before the model loads
