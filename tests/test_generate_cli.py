@@ -74,9 +74,10 @@ def test_sampling_options_with_greedy_are_refused_not_ignored(checkpoint, capsys
     # greedy decoding never reads them: `--greedy --temperature 0.7` would print the greedy text
     folder, _, _ = checkpoint
     for args, flags in ((["--greedy", "--temperature", "0.7"], "--temperature"),
-                        (["--preset", "greedy", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p")):
+                        (["--preset", "greedy", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p"),
+                        (["--temperature", "0", "--top-k", "5"], "--top-k")):
         assert main(["generate", "--model", str(folder), "x", *args]) == 2
-        assert capsys.readouterr().err == f"gpt2kit: error: {flags}: no effect with greedy decoding (--greedy " \
-                                          f"or --preset greedy); drop them, or sample\n"
+        assert capsys.readouterr().err == f"gpt2kit: error: {flags}: no effect with greedy decoding (--greedy, " \
+                                          f"--preset greedy or --temperature 0); drop them, or sample\n"
     assert main(["generate", "--model", str(folder), "x", "--greedy", "--temperature", "0", "--max-new-tokens", "2",
                  "--repetition-penalty", "1.2"]) == 0  # the penalty applies to greedy too

@@ -109,14 +109,14 @@ def _check_greedy(args) -> None:
     """Greedy decoding never reads the sampling filters: given, they would be silently ignored."""
     from ..errors import GPT2KitError
 
-    if not (args.greedy or args.preset == "greedy"):
+    if not (args.greedy or args.preset == "greedy" or args.temperature == 0):
         return
     given = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                       ("--top-p", args.top_p)) if value is not None]
     given = [f for f in given if not (f == "--temperature" and args.temperature == 0)]  # 0 means greedy too
     if given:
-        raise GPT2KitError(f"{', '.join(given)}: no effect with greedy decoding (--greedy or --preset greedy); "
-                           "drop them, or sample")
+        raise GPT2KitError(f"{', '.join(given)}: no effect with greedy decoding (--greedy, --preset greedy "
+                           "or --temperature 0); drop them, or sample")
 
 
 def run(args) -> int:
