@@ -354,3 +354,15 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, cli):
         f"gpt2kit: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"]
     done = cli("serve", "--model", str(tmp_path / "no-model"), "--host", "no.such.host.invalid")
     assert done.returncode == 2 and done.stderr.startswith("gpt2kit: error: --host no.such.host.invalid: ")
+
+
+def test_an_empty_api_key_is_refused(tmp_path, cli):
+    # `--api-key "$KEY"` with KEY unset: the server would log "API key required" yet let in anyone
+    # sending "Authorization: Bearer " with nothing after it
+    for env in ({}, {"GPT2KIT_API_KEY": " "}):
+        args = ("--api-key", "") if not env else ()
+        done = cli("serve", "--model", str(tmp_path / "no-model"), *args, env=env)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+            "gpt2kit: error: --api-key: empty; give a key (is the variable set?), or leave the option out"]
+    with pytest.raises(ValueError, match="api_key: empty"):
+        create_app(GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)), Tokenizer.gpt2(), api_key="")

@@ -446,7 +446,7 @@ class _RequireKey:
     the body is read, so a wrong key gets 401 whatever the body holds, as OpenAI answers."""
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.api_key = app, api_key.encode()
+        self.app, self.api_key = app, api_key.strip().encode()  # (as the client's token is read)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # the path the app routes on: behind a mount or --root-path, scope["path"] keeps the prefix
@@ -489,6 +489,8 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
                max_concurrency: int = 4, max_waiting: int = 256) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`. With `api_key`, every /v1
     request needs `Authorization: Bearer <api_key>`."""
+    if api_key is not None and not api_key.strip():  # "Authorization: Bearer " with nothing after it would pass
+        raise ValueError("api_key: empty; pass a key, or None for no key")
     model.eval()
     engine = _Engine(model, tokenizer, model_name, max_concurrency, max_waiting)
     app = FastAPI(title="gpt2kit", description="OpenAI-compatible completions for GPT-2 models")

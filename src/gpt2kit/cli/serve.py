@@ -68,6 +68,8 @@ def run(args) -> int:
         from ..server import create_app
     except ImportError as e:  # the server is an extra
         raise GPT2KitError(f"serve needs the 'serve' extra (pip install 'gpt2kit[serve]'): {e}") from None
+    if args.api_key is not None and not args.api_key.strip():
+        raise GPT2KitError("--api-key: empty; give a key (is the variable set?), or leave the option out")
     if args.max_concurrency < 1:
         raise GPT2KitError(f"--max-concurrency: expected an integer >= 1, got {args.max_concurrency}")
     if not 0 <= args.port < 65536:
