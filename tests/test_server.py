@@ -366,3 +366,13 @@ def test_an_empty_api_key_is_refused(tmp_path, cli):
             "gpt2kit: error: --api-key: empty; give a key (is the variable set?), or leave the option out"]
     with pytest.raises(ValueError, match="api_key: empty"):
         create_app(GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)), Tokenizer.gpt2(), api_key="")
+
+
+def test_serving_beyond_this_machine_without_a_key_warns(tmp_path, cli):
+    done = cli("serve", "--model", str(tmp_path / "no-model"), "--host", "0.0.0.0", "--port", "0")
+    assert done.returncode == 2  # (no model there: the warning comes first)
+    assert "warning: --host 0.0.0.0 without --api-key: anyone who can reach this machine can use the model" in done.stderr
+    done = cli("serve", "--model", str(tmp_path / "no-model"), "--host", "0.0.0.0", "--port", "0", "--api-key", "k")
+    assert "warning" not in done.stderr
+    done = cli("serve", "--model", str(tmp_path / "no-model"), "--port", "0")
+    assert "warning" not in done.stderr  # loopback

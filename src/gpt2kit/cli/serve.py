@@ -57,6 +57,7 @@ def bind(host: str, port: int):
 
 
 def run(args) -> int:
+    import ipaddress
     import logging
 
     from ..errors import GPT2KitError
@@ -75,6 +76,9 @@ def run(args) -> int:
     if not 0 <= args.port < 65536:
         raise GPT2KitError(f"--port: expected 0..65535, got {args.port}")
     sock = bind(args.host, args.port)
+    if args.api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+        logging.getLogger(__name__).warning("warning: --host %s without --api-key: anyone who can reach this "
+                                            "machine can use the model", args.host)
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     name = args.model_name or served_name(args.model)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
