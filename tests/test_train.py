@@ -201,6 +201,9 @@ def test_loss_falls_outputs_checkpoints_and_finetune(shards, tmp_path):
     ft = tmp_path / "ft"
     T.train(cfg_for(shards, ft, init_from=str(out / "latest"), max_steps=2, lr=1e-5, min_lr=1e-6, warmup_steps=0))
     assert losses(ft)[1] < lo[1] - 1.0
+    # a shape the checkpoint does not have is refused, not silently dropped for the checkpoint's
+    with pytest.raises(T.TrainError, match=r"n_layer 3 differs from init_from .*latest's 2: fine-tuning keeps"):
+        T.train(cfg_for(shards, tmp_path / "ft3", init_from=str(out / "latest"), max_steps=2, n_layer=3))
 
 
 def test_compiled_run_equals_eager(shards, tmp_path):

@@ -106,9 +106,9 @@ FIELD_HELP: dict[str, str] = {
     "out_dir": "where checkpoints, metrics.jsonl, TensorBoard events and loss.png go",
     "model": "the model preset to train from scratch: tiny, mini, small-cpu, gpt2, gpt2-medium, ...",
     "init_from": "fine-tune this model folder or released name instead; empty: from scratch",
-    "n_layer": "Transformer blocks; 0: the preset's",
-    "n_head": "attention heads; 0: the preset's",
-    "n_embd": "width; 0: the preset's",
+    "n_layer": "Transformer blocks; 0: the preset's (with init_from, the checkpoint's)",
+    "n_head": "attention heads; 0: the preset's (with init_from, the checkpoint's)",
+    "n_embd": "width; 0: the preset's (with init_from, the checkpoint's)",
     "block_size": "tokens per training sequence; 0: the model's context n_ctx",
     "dropout": "dropout probability in training",
     "batch_size": "sequences per optimizer step, over all ranks",
@@ -944,6 +944,11 @@ def _build_model(cfg: TrainConfig, meta: dict):
         raise TrainError(f"{cfg.data}/tokenizer: does not match the fingerprint in meta.json")
     if cfg.init_from:
         model = GPT2.from_pretrained(cfg.init_from)
+        for key in ("n_layer", "n_head", "n_embd"):  # (0: the checkpoint's, as a preset's for a new model)
+            wanted, have = getattr(cfg, key), getattr(model.config, key)
+            if wanted and wanted != have:
+                raise TrainError(f"{key} {wanted} differs from init_from {cfg.init_from}'s {have}: fine-tuning keeps "
+                                 f"the checkpoint's shape; set {key} to 0 or {have}")
         fp = _tokenizer_fingerprint_of(cfg.init_from)
         if fp is not None and fp != meta["tokenizer"]["fingerprint"]:
             raise TrainError(f"init_from {cfg.init_from}: its tokenizer differs from the one that made the "
