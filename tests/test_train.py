@@ -332,6 +332,9 @@ def test_bad_inputs(shards, tmp_path, text_dir):
         T.train(cfg_for(shards, run, max_steps=4))
     with pytest.raises(T.CheckpointError, match=r"checkpoint of another model config \(n_embd=32 vs 64 configured\)"):
         T.train(cfg_for(shards, run, max_steps=4, n_embd=64, resume=True))
+    # a --seed given to the first run and forgotten on --resume: other batches and validation windows
+    with pytest.raises(T.CheckpointError, match=r"trained with seed 1337, configured 7: .*pass --seed 1337"):
+        T.train(cfg_for(shards, run, max_steps=4, seed=7, resume=True))
     # Shards of the GPT-2 vocabulary against a model trained on the 384-token one.
     gpt2_shards = tmp_path / "gpt2"
     prepare([text_dir], gpt2_shards, val_fraction=0.1, segment_chars=2000)

@@ -1070,6 +1070,10 @@ def train(cfg: TrainConfig) -> dict:
                                       + ", ".join(f"{k}={saved[k]} vs {getattr(expected, k)} configured" for k in diff) + ")")
         if model.config.dropout != cfg.dropout:
             raise CheckpointError(f"{resume_from}: trained with dropout {model.config.dropout}, configured {cfg.dropout}")
+        seed = state.get("config", {}).get("seed", cfg.seed)
+        if seed != cfg.seed:  # a command-line --seed is not in the run's TOML: easy to leave out on --resume
+            raise CheckpointError(f"{resume_from}: trained with seed {seed}, configured {cfg.seed}: the batches and "
+                                  f"validation windows would change; pass --seed {seed}")
     else:
         state = None
         model, tokenizer = _build_model(cfg, meta)
