@@ -81,6 +81,15 @@ def test_folders_skip_hidden_files_and_hidden_folders(tmp_path):
     assert expand_inputs([tmp_path / "docs" / ".hidden.txt"]) == [tmp_path / "docs" / ".hidden.txt"]
 
 
+def test_a_file_given_twice_is_read_once(tmp_path):
+    # `prepare corpus/ corpus/extra.txt`: a document read twice lands in both splits
+    (tmp_path / "corpus").mkdir()
+    for name in ("a.txt", "extra.txt"):
+        (tmp_path / "corpus" / name).write_text(name)
+    given = [tmp_path / "corpus", tmp_path / "corpus" / "extra.txt", tmp_path / "corpus" / ".." / "corpus" / "a.txt"]
+    assert [p.name for p in expand_inputs(given)] == ["a.txt", "extra.txt"]
+
+
 def test_bad_inputs_name_file_and_offset(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"hello \xff world")

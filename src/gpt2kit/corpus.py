@@ -96,7 +96,8 @@ def read_text(path: str | os.PathLike) -> str:
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files given, plus the readable files inside given folders (recursively, sorted), except
-    hidden ones and those in hidden folders (.ipynb_checkpoints/ holds copies of documents)."""
+    hidden ones and those in hidden folders (.ipynb_checkpoints/ holds copies of documents); each
+    file once."""
     out: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
@@ -112,7 +113,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             out.append(p)
         else:
             raise InputFileError(p, "no such file or folder")
-    return out
+    # a file named twice (a folder and a file in it) would be read twice: its documents in both splits
+    unique, seen = [], set()
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
 
 
 def iter_file_documents(path: Path, *, field: str = "text") -> Iterator[str]:
