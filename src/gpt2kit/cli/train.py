@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--preset", default=None, help="another model preset instead of the demo's (see gpt2kit.demo)")
     d.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the demo's, 4096)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    d.add_argument("--seed", type=int, default=1337)
+    d.add_argument("--seed", type=int, default=1337,
+                   help="seeds the model, the batches and the samples (default: 1337)")
     d.set_defaults(func=_demo)
 
 
