@@ -140,18 +140,9 @@ _BATCH_CHARS = 1 << 16  # text per task sent to a worker: large enough to hide t
 
 
 def _load_tokenizer(spec: str | os.PathLike):
-    from .tokenizer import RELEASED_NAMES, Tokenizer
+    from .tokenizer import Tokenizer
 
-    try:
-        return Tokenizer.from_pretrained(spec)
-    except InputFileError:
-        path = Path(spec)
-        # from_pretrained calls any other existing file a missing folder, which misleads.
-        if path.is_file() and not path.name.endswith(".json"):
-            raise InputFileError(path, "is a file, not a tokenizer: expected a folder holding encoder.json+vocab.bpe, "
-                                       "vocab.json+merges.txt or tokenizer.json, a tokenizer.json file, or a "
-                                       f"released name ({', '.join(RELEASED_NAMES)})") from None
-        raise
+    return Tokenizer.from_pretrained(spec)
 
 
 def _encode_here(tok, segs: Iterator[Segment]) -> Iterator[tuple[Segment, np.ndarray]]:
