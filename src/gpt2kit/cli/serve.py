@@ -41,15 +41,14 @@ def bind(host: str, port: int):
 
     from ..errors import GPT2KitError
 
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise GPT2KitError(f"--host {host}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
+    # the address family as uvicorn picks it: a name such as localhost binds its IPv4 address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
     try:
-        sock.bind(address)
+        sock.bind((host, port))
+    except socket.gaierror as e:
+        sock.close()
+        raise GPT2KitError(f"--host {host}: {e.strerror}") from None
     except OSError as e:
         sock.close()
         raise GPT2KitError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
