@@ -359,6 +359,13 @@ def test_bad_inputs(shards, tmp_path, text_dir):
         T.train(cfg_for(shards, run, max_steps=4, resume=True))
 
 
+def test_an_out_dir_that_is_a_file_is_named_as_such(shards, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(T.TrainError, match=rf"out_dir {out}: (exists and is not a folder|.*file, not a folder)"):
+            T.train(cfg_for(shards, out, max_steps=1))
+
+
 def test_too_little_text_for_one_window_names_the_data_and_block_size(shards, tmp_path):
     n = len(TokenStream(shards, "train"))
     with pytest.raises(T.TrainError, match=rf"{shards}: {n:,} training tokens are fewer than one window of "

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError, GPT2KitError
-from .io import atomic_path, write_json
+from .io import atomic_path, check_output_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -1035,7 +1035,7 @@ def train(cfg: TrainConfig) -> dict:
                          f"micro_batch_size {micro}: it must be a multiple of {max(1, micro) * world}")
     accum = cfg.batch_size // (micro * world)
 
-    out = Path(cfg.out_dir)
+    out = check_output_path(cfg.out_dir, folder=True, what="out_dir", error=TrainError)  # before the model is built
     ckpts = Checkpoints(out, cfg.keep_last)
     resume_from = ckpts.latest() if cfg.resume else None
     if cfg.resume and resume_from is None:
