@@ -164,6 +164,10 @@ def test_prepare_bad_inputs(tmp_path, corpus):
                                              ".*encoder.json.*or a released name"):
         D.prepare([corpus], tmp_path / "out5", tokenizer=str(tmp_path / "vocab.txt"))
     assert not any((tmp_path / f"out{i}").exists() for i in (4, 5))
+    # an output folder that is a file (or under one): named as such, not "File exists" / "Not a directory"
+    for out in (tmp_path / "vocab.txt", tmp_path / "vocab.txt" / "out"):
+        with pytest.raises(D.DataError, match=rf"output folder {out}: (exists and is not a folder|.*file, not a folder)"):
+            D.prepare([corpus], out, field="body")
     # a shard cut to an odd number of bytes (half a token) is named, not numpy's bare ValueError
     shard = tmp_path / "out3" / D.read_meta(tmp_path / "out3")["splits"]["train"]["shards"][0]
     shard.write_bytes(shard.read_bytes()[:1001])

@@ -34,7 +34,7 @@ import numpy as np
 
 from .corpus import expand_inputs, iter_file_documents
 from .errors import GPT2KitError, InputFileError
-from .io import atomic_path, write_json
+from .io import atomic_path, check_output_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
         if value < 1:
             raise DataError(f"{name} must be at least 1, got {value}")
     period = val_period(val_fraction)
-    out = Path(out)
+    out = check_output_path(out, folder=True, what="output folder", error=DataError)
     paths = expand_inputs(inputs)
     tok = _load_tokenizer(tokenizer)
     if tok.n_vocab > np.iinfo(DTYPE).max + 1:
