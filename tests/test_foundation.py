@@ -90,6 +90,19 @@ def test_a_file_given_twice_is_read_once(tmp_path):
     assert [p.name for p in expand_inputs(given)] == ["a.txt", "extra.txt"]
 
 
+def test_one_path_is_one_input(tmp_path):
+    # a str is iterable: "/data/x" read character by character would walk "/" itself
+    from gpt2kit.data import prepare
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("To be, or not to be. " * 200)
+    for one in (str(tmp_path / "corpus"), tmp_path / "corpus"):
+        assert expand_inputs(one) == [tmp_path / "corpus" / "a.txt"]
+        assert [d for _, d in iter_documents(one)] == [(tmp_path / "corpus" / "a.txt").read_text()]
+    meta = prepare(str(tmp_path / "corpus" / "a.txt"), tmp_path / "shards", val_fraction=0)
+    assert meta["splits"]["train"]["tokens"] > 0
+
+
 def test_bad_inputs_name_file_and_offset(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"hello \xff world")

@@ -94,10 +94,12 @@ def read_text(path: str | os.PathLike) -> str:
     return decode_utf8(data, path)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Files given, plus the readable files inside given folders (recursively, sorted), except
     hidden ones and those in hidden folders (.ipynb_checkpoints/ holds copies of documents); each
-    file once."""
+    file once. One path (a str or a Path) is one input."""
+    if isinstance(inputs, (str, os.PathLike)):  # iterating "/data/x" would walk "/" itself
+        inputs = [inputs]
     out: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
@@ -202,7 +204,8 @@ def iter_text_pieces(path: Path, *, field: str = "text", piece_chars: int = 1 <<
         yield pending
 
 
-def iter_documents(inputs: Iterable[str | os.PathLike], *, field: str = "text") -> Iterator[tuple[Path, str]]:
+def iter_documents(inputs: str | os.PathLike | Iterable[str | os.PathLike], *,
+                   field: str = "text") -> Iterator[tuple[Path, str]]:
     """(source file, document text) for every document in the inputs, in a deterministic order."""
     for path in expand_inputs(inputs):
         for doc in iter_file_documents(path, field=field):

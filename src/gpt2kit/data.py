@@ -300,7 +300,7 @@ def _sources(paths: Sequence[Path]) -> list[dict]:
     return [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths]
 
 
-def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, tokenizer: str = "gpt2",
+def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike, *, tokenizer: str = "gpt2",
             field: str = "text", val_fraction: float = 0.005, shard_tokens: int = 100_000_000,
             segment_chars: int = 10_000, workers: int = 1, progress: bool = False) -> dict:
     """Tokenize `inputs` into shards under `out` and return the metadata (also `out/meta.json`).
