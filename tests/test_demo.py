@@ -87,3 +87,17 @@ def test_a_small_corpus_still_gets_a_held_out_split(tmp_path, shakespeare_files)
     rep = demo(0.02, out_dir=tmp_path / "demo", corpus=[corpus], preset="tiny", vocab_size=300, samples=1,
                overrides={"block_size": 32})
     assert rep["val_tokens"] > 0 and rep["val_chars"] > 1000 and math.isfinite(rep["val_loss"])
+
+
+def test_one_corpus_path_is_one_input(tmp_path):
+    # demo(corpus="/data/x.txt") iterated the string: its first "input" was "/", the whole file system
+    import pytest
+
+    from gpt2kit.demo import demo
+    from gpt2kit.errors import ConfigError
+
+    small = tmp_path / "c.txt"
+    small.write_text("To be, or not to be.\n" * 100)
+    for one in (str(small), small):
+        with pytest.raises(ConfigError, match=f"--corpus: {small.stat().st_size:,} bytes of text"):
+            demo(1, out_dir=tmp_path / "out", corpus=one)

@@ -158,7 +158,8 @@ def unigram_nll(train_stream, val_stream, n_vocab: int) -> tuple[float, int]:
     return float(-logp[val].sum()), len(val)
 
 
-def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", corpus: Sequence[str | os.PathLike] | None = None,
+def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
+         corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
          preset: str | None = None, vocab_size: int = DEMO_VOCAB, threads: int = 0, seed: int = 1337,
          progress: bool = False, samples: int = 3, overrides: dict[str, Any] | None = None) -> dict:
     """Run the demo; return its report (also written to OUT/report.json)."""
@@ -186,6 +187,8 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo", cor
     values.update(data=str(data_dir), out_dir=str(run_dir), seed=seed, progress=progress,
                   threads=threads, keep_last=1)
     cfg = make_config(values, source="demo")
+    if isinstance(corpus, (str, os.PathLike)):  # one path (iterating "/data/x" would start at "/")
+        corpus = [corpus]
     inputs = [Path(p) for p in corpus] if corpus else shakespeare()
     if corpus:
         from .corpus import expand_inputs
