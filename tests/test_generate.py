@@ -95,6 +95,24 @@ def test_greedy_with_repetition_penalty_matches_transformers(model, tok):
     assert plain[0].token_ids != ours[0].token_ids  # the penalty did something
 
 
+def test_inference_form_under_torch_func_transforms(model):
+    """vmap over prompts and jvp through the inference form, as through the model itself: the
+    MKL/oneDNN/matvec paths cannot see into torch.func's wrapper tensors."""
+    fast = optimize_for_cpu(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 5))
+    with torch.no_grad():
+        ref = model(ids)
+        rows = torch.func.vmap(lambda r: fast(r[None])[0])(ids)  # (3, 5, V)
+        one = torch.func.vmap(lambda r: fast(r[None, None])[0, -1])(ids[:, 0])  # 1 row: the decode path
+    torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one, ref[:, 0], atol=1e-5, rtol=1e-5)
+    x = model.transformer.wte(ids[:1])  # (1, 5, C): a tangent on the embeddings
+    head = fast.transformer.h[0].mlp
+    _, tangent = torch.func.jvp(head, (x,), (torch.ones_like(x),))
+    _, expect = torch.func.jvp(model.transformer.h[0].mlp, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, expect, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_paths_keep_the_logits(model, tok):
     ids = torch.tensor([tok.encode("fast paths"), tok.encode("same length")])
     with torch.no_grad():

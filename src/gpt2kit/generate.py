@@ -478,8 +478,8 @@ class _CPULinear(torch.nn.Module):
 
     Inference only, on CPU: the weights are plain tensors, not Parameters, so `state_dict`,
     `num_params`, `.to()` and `copy.deepcopy` (of a packed copy) do not see them, and no
-    derivative of either kind flows through its kernels (gradients, forward-mode tangents):
-    differentiate the model itself, not its inference form."""
+    gradient flows to them: differentiate the model itself, not its inference form. Under a
+    torch.func transform or forward-mode AD a layer runs `F.linear` on its plain weights."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, matvec: bool, packed: bool,
                  gelu: bool = False, widen: bool = False):
@@ -515,7 +515,10 @@ class _CPULinear(torch.nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
         rows, n_in = flat.shape
         out = self.weight.shape[0]
-        if (self.matvec and 1 <= rows <= kernels.MAX_ROWS and n_in == self.weight.shape[1]
+        if kernels.forward_ad_active():  # vmap/jvp wrappers have no data pointers for MKL or oneDNN
+            y = F.linear(flat, self.weight, self.bias)
+            y = F.gelu(y, approximate="tanh") if self.gelu else y
+        elif (self.matvec and 1 <= rows <= kernels.MAX_ROWS and n_in == self.weight.shape[1]
                 and flat.dtype == self.weight.dtype and flat.is_cpu):  # decoding
             y = kernels.matvec_unchecked(flat.contiguous(), self.weight, self.bias)
             y = kernels.gelu(y) if self.gelu else y
