@@ -194,6 +194,16 @@ def test_cli_prepare_bad_values_fail_in_one_line(corpus, tmp_path, capsys, optio
     assert not (tmp_path / "out").exists()
 
 
+def test_jsonl_lone_surrogate_is_named_by_file_and_line(tmp_path):
+    from gpt2kit.corpus import iter_file_documents
+    f = tmp_path / "sur.jsonl"
+    f.write_text('{"text": "fine \\ud83d\\ude00 pair"}\n{"text": "hello world \\ud800 there"}\n')
+    docs = iter_file_documents(f)
+    assert next(docs) == "fine \U0001F600 pair"  # a surrogate pair is one character
+    with pytest.raises(InputFileError, match=r"sur.jsonl: line 2: field 'text' holds a lone surrogate U\+D800 at character 12"):
+        next(docs)
+
+
 def test_cli_prepare_takes_counts_in_scientific_notation(corpus, tmp_path, capsys):
     rc = cli_main(["prepare", str(corpus), "--out", str(tmp_path / "out"), "--field", "body", "--no-progress",
                    "--val-fraction", "0.25", "--shard-tokens", "7e2", "--segment-chars", "5E2", "--workers", "1e0"])

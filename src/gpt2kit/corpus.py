@@ -147,9 +147,17 @@ def iter_file_documents(path: Path, *, field: str = "text") -> Iterator[str]:
                 value = obj[field]
                 if not isinstance(value, str):
                     raise InputFileError(path, f"line {lineno}: field {field!r} must be a string")
+                # JSON may spell a lone UTF-16 surrogate (an escape like \ud800), which no UTF-8
+                # text holds; only an escape makes one, so lines without a backslash-u skip the search
+                if "\\u" in line and (bad := _LONE_SURROGATE.search(value)):
+                    raise InputFileError(path, f"line {lineno}: field {field!r} holds a lone surrogate "
+                                               f"U+{ord(bad.group()):04X} at character {bad.start()}, not text")
                 yield value
     else:
         yield read_text(path)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # A newline between two non-whitespace characters: GPT-2's pre-tokenizer makes it a piece of its
