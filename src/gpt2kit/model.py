@@ -523,11 +523,12 @@ class GPT2(nn.Module):
         return n
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, **config_overrides: Any) -> "GPT2":
         """Load an HF GPT-2 folder, an OpenAI release folder (TF checkpoint), a folder written by
         `save_pretrained`, an HF cache entry or a hub name ("gpt2", "openai-community/gpt2-xl", ...),
-        in eval mode (as transformers does)."""
+        in eval mode (as transformers does). `dtype`: a torch dtype or its name ("float32",
+        "bfloat16", "float16"), "auto" for the stored one, or None for float32."""
         from .weights import load_pretrained
 
         return load_pretrained(name_or_path, dtype=dtype, device=device, **config_overrides)
