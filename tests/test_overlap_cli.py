@@ -167,3 +167,33 @@ def test_output_paths_are_checked_before_the_work(cli, tmp_path):
         r = cli("overlap", "query", str(tmp_path / "f.bloom"), str(a), "--out-dir", str(out_dir))
         _one_line_error(r, problem)
         assert r.stdout == ""  # refused before the query ran, not after printing its report
+
+
+
+def _without_help(parser, name, commands=None):
+    """`NAME ARGUMENT` for each argument of `parser` and of its subcommands (only `commands` of them,
+    when given) that has no help text; a subcommand without a one-line help counts too."""
+    import argparse
+
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            if not action.help:
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+            continue
+        helped = {a.dest for a in action._choices_actions if a.help}
+        walked = set()
+        for sub, child in action.choices.items():
+            if id(child) in walked or (commands is not None and sub not in commands):
+                continue  # an alias (`webtext export`) is its target's parser
+            walked.add(id(child))
+            if sub not in helped:
+                yield f"{name} {sub}"
+            yield from _without_help(child, f"{name} {sub}")
+
+
+def test_every_option_of_overlap_and_webtext_has_help():
+    # the README promises that `gpt2kit COMMAND --help` documents every option
+    from gpt2kit.cli import build_parser
+
+    missing = list(_without_help(build_parser(), "gpt2kit", commands=("overlap", "webtext")))
+    assert not missing, f"arguments without help text: {missing}"

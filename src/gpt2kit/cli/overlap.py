@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     size.add_argument("--auto", action="store_true", help="size from a first pass that counts the 8-grams")
     b.add_argument("--fpr", type=float, default=1e-8, help="target false-positive rate at capacity (default 1e-8)")
     b.add_argument("--exact", action="store_true", help="store the 8-grams themselves (exact; small corpora)")
-    b.add_argument("--workers", type=int, default=1, help="processes: shard filters built in parallel, then OR-ed")
+    b.add_argument("--workers", type=int, default=1,
+                   help="processes: shard filters built in parallel, then OR-ed (default 1)")
     b.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     b.add_argument("--split", default="train", choices=("train", "val"),
                    help="split of prepared shard folders to read (default: train)")
@@ -31,16 +32,21 @@ def register(subparsers) -> None:
     b.set_defaults(func=_build)
 
     m = sub.add_parser("merge", help="OR filters with equal parameters into one")
-    m.add_argument("filters", nargs="+", metavar="FILTER")
-    m.add_argument("--out", required=True)
-    m.add_argument("--allow-overfill", action="store_true")
+    m.add_argument("filters", nargs="+", metavar="FILTER",
+                   help="filter files with equal parameters (built with the same --capacity and --fpr, "
+                        "or all exact sets)")
+    m.add_argument("--out", required=True, help="filter file to write (e.g. all.bloom)")
+    m.add_argument("--allow-overfill", action="store_true",
+                   help="write the result even if it holds more distinct 8-grams than its capacity, with a "
+                        "warning giving the false-positive rate reached (default: refuse)")
     m.add_argument("--no-verify", action="store_true", help="skip the payload checksums of the inputs")
     m.set_defaults(func=_merge)
 
     q = sub.add_parser("query", help="percent of each test set's 8-grams found in each filter",
                        description="Arguments that are filter files (by their magic bytes) are filters; "
                                    "the others are test sets (files or folders). Prints a Table 6-style table.")
-    q.add_argument("paths", nargs="+", metavar="FILTER_OR_TEST")
+    q.add_argument("paths", nargs="+", metavar="FILTER_OR_TEST",
+                   help="filter files, then test sets (text/JSONL files or folders, .gz/.zst too)")
     q.add_argument("--out-dir", help="write report.md, report.json and overlap.png here")
     q.add_argument("--top", type=int, default=10, help="longest overlapping passages to keep per pair (default 10)")
     q.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
@@ -51,15 +57,15 @@ def register(subparsers) -> None:
     q.set_defaults(func=_query)
 
     f = sub.add_parser("fpr", help="measure the false-positive rate with random 8-grams (the paper's check)")
-    f.add_argument("filter")
+    f.add_argument("filter", metavar="FILTER", help="a Bloom filter file (an exact set has no false positives)")
     f.add_argument("--samples", default="1000000", metavar="N",
                    help="random 8-grams to query (a whole number: 1000000 or 1e6; default 1e6)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--no-verify", action="store_true")
+    f.add_argument("--seed", type=int, default=0, help="seed of the random 8-grams, 0 or more (default 0)")
+    f.add_argument("--no-verify", action="store_true", help="skip the filter's payload checksum")
     f.set_defaults(func=_fpr)
 
     i = sub.add_parser("info", help="print a filter's header and fill statistics as JSON")
-    i.add_argument("filter")
+    i.add_argument("filter", metavar="FILTER", help="a filter file (Bloom filter or exact set)")
     i.set_defaults(func=_info)
 
 

@@ -32,9 +32,13 @@ def _fetch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=20.0, help="connect/read timeout in seconds (default 20)")
     g.add_argument("--total-timeout", type=float, default=60.0, help="deadline for one whole response (default 60)")
     g.add_argument("--max-bytes", type=int, default=5_000_000, help="body size limit after decompression (default 5 MB)")
-    g.add_argument("--retries", type=int, default=2, help="retries after a timeout, connection error, 429 or 5xx")
-    g.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling after")
-    g.add_argument("--max-redirects", type=int, default=5)
+    g.add_argument("--retries", type=int, default=2,
+                   help="retries after a timeout, connection error, 429 or 5xx (default 2)")
+    g.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubling after (default 1)")
+    g.add_argument("--max-redirects", type=int, default=5,
+                   help="redirects followed per link, each target checked anew; more are recorded as "
+                        "too_many_redirects (default 5)")
     g.add_argument("--ignore-robots", action="store_true", help="do not obey robots.txt (only for your own servers)")
     g.add_argument("--user-agent", default=None, help="User-Agent header (default names gpt2kit-webtext)")
     g.add_argument("--allow-private", nargs="*", metavar="NETWORK", default=None,
@@ -61,8 +65,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     g.add_argument("--engine", choices=("local", "dask"), default="local",
-                   help="local processes, or a Dask cluster (see --dask-address)")
-    g.add_argument("--dask-address", default=None, help="scheduler address of a running Dask cluster")
+                   help="local processes, or a Dask cluster (see --dask-address; default local)")
+    g.add_argument("--dask-address", default=None,
+                   help="scheduler address of a running Dask cluster (default: with --engine dask, a local "
+                        "cluster of --workers workers is started for the stage)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
