@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -516,6 +517,16 @@ def test_detokenizing_never_changes_the_word_count(task, detok, data_dir, tokeni
     assert dt.detokenize(detok, text).count("\n") == text.count("\n")
 
 
+def test_a_last_line_without_its_newline_still_counts_its_end_of_sentence(tmp_path):
+    """A test file saved without a final newline has as many sentences, so as many words, as the same file with it."""
+    assert dt.count_words("a b\nc d e") == dt.count_words("a b\nc d e\n") == 7
+    assert dt.count_words("a b\nc d e", eos_per_line=False) == 5 and dt.count_words("") == 0
+    (tmp_path / "ptb.test.txt").write_text(PTB.rstrip("\n"))
+    task = get_task("ptb")(tmp_path)
+    (doc,) = task.documents()
+    assert task.score(doc, [RollingResult(-10.0, 5)])["units"] == 160
+
+
 
 # ----------------------------------------------------------------------------- errors, registry
 
@@ -600,6 +611,50 @@ def test_cli_errors_are_one_line(model_dir, data_dir, tmp_path, capsys):
         assert main(["eval", "--model", str(model_dir), "--tasks", "ptb", "--data-dir", str(data_dir), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("gpt2kit: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_keeps_the_journal_until_the_results_are_written(model_dir, data_dir, tmp_path, capsys, monkeypatch,
+                                                              caplog):
+    """If writing --out fails (a full disk), the finished answers stay in FILE.partial and the rerun
+    takes them; the journal goes only once the results file exists."""
+    import gpt2kit.io
+    from gpt2kit.cli import main
+
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(model_dir), "--tasks", "ptb", "--data-dir", str(data_dir), "--limit", "2",
+            "--stride", "16", "--out", str(out)]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out))
+
+    with monkeypatch.context() as m:
+        m.setattr(gpt2kit.io, "write_json", full_disk)
+        assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "r.json.partial").is_file()
+    with caplog.at_level(logging.INFO, logger="gpt2kit.eval.evaluator"):
+        assert main(argv) == 0
+    assert "resuming from" in caplog.text
+    assert out.is_file() and not (tmp_path / "r.json.partial").exists()
+
+
+def test_journal_fingerprint_names_the_device(model, tokenizer, data_dir, tmp_path):
+    from gpt2kit.eval.evaluator import _open_journal
+    from gpt2kit.eval.scoring import Scorer
+
+    scorer = Scorer(model, tokenizer, batch_size=2, progress=False)
+    a = _open_journal(tmp_path / "j", model, [], scorer).fingerprint
+
+    class Elsewhere:  # the same config and weights, on another device
+        config = model.config
+
+        def parameters(self):
+            yield torch.empty(0, device="meta")
+
+        def state_dict(self):
+            return model.state_dict()
+
+    assert _open_journal(tmp_path / "j", Elsewhere(), [], scorer).fingerprint != a
 
 
 def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 TABLE3_TASKS = "lambada,cbt-cn,cbt-ne,wikitext2,ptb,enwik8,text8,wikitext103,1bw"
 
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results = evaluate(model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size,
                            stride=args.stride, detokenize=not args.no_detokenize, progress=_progress(),
-                           task_options={"shots": args.shots, "seed": args.seed}, journal=journal)
+                           task_options={"shots": args.shots, "seed": args.seed}, journal=journal,
+                           keep_journal=True)
         seconds = time.perf_counter() - start
     finally:
         if world > 1:
@@ -122,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
                    "seed": args.seed}
         write_json(args.out, results_document(results, model=args.model, model_size=size, options=options,
                                               seconds=seconds))
+        # only now are the answers safe: every rank's journal goes (those on this machine's disks)
+        for r in range(world):
+            Path(f"{args.out}.partial" + (f".rank{r}" if world > 1 else "")).unlink(missing_ok=True)
     n_docs = sum(r["counts"]["documents"] for r in results.values())
     print(f"evaluated {len(tasks)} task(s), {n_docs} documents in {seconds:.1f}s"
           + (f"; results in {args.out}" if args.out else ""))

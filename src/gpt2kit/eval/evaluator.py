@@ -17,13 +17,14 @@ log = logging.getLogger(__name__)
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | Path, *, limit: int | None = None,
              batch_size: int = 8, stride: int | None = None, detokenize: bool = True,
              progress: bool | float = True, task_options: Mapping[str, Any] | None = None,
-             journal: str | Path | None = None) -> dict[str, Any]:
+             journal: str | Path | None = None, keep_journal: bool = False) -> dict[str, Any]:
     """Evaluate `model` on the named tasks; returns {task: {"metrics", "counts", "protocol"}}.
 
     `task_options` (e.g. {"shots": 10, "seed": 1}) go to the tasks whose constructor takes them.
     `journal`: a file that keeps the answers of finished batches (`gpt2kit.eval.journal`): an
     interrupted evaluation run again with it, the same model, data and options, resumes where it
-    stopped; the file is deleted when the evaluation completes.
+    stopped; the file is deleted when the evaluation completes, unless `keep_journal` (a caller
+    that still has to store the results deletes it once they are safe).
 
     All tasks' files are read (and checked) before the model runs, so a missing file fails fast.
     Requests of all tasks go to the scorer together: batches mix documents and tasks."""
@@ -69,7 +70,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
             "protocol": {**t.protocol(), "limit": limit, "stride": scorer.stride, "n_ctx": scorer.n_ctx},
         }
     log.debug("scored %d requests in %.1fs", len(requests), seconds)
-    if scorer.journal is not None:
+    if scorer.journal is not None and not keep_journal:
         scorer.journal.finish()
     return out
 
@@ -77,7 +78,10 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
 def _open_journal(path: str | Path, model: Any, requests: Sequence[Any], scorer: Scorer) -> Any:
     from .journal import Journal, fingerprint
 
-    settings = {"batch_size": scorer.batch_size, "stride": scorer.stride, "rank": scorer.rank, "world": scorer.world}
+    # the device too: another one rounds differently, and a run's numbers should come from one
+    device = next((str(p.device) for p in model.parameters()), "cpu") if hasattr(model, "parameters") else "cpu"
+    settings = {"batch_size": scorer.batch_size, "stride": scorer.stride, "rank": scorer.rank, "world": scorer.world,
+                "device": device}
     journal = Journal(path, fingerprint(model, requests, settings))
     if journal.resumed:
         log.info("resuming from %s: %d finished batches", path, journal.resumed)

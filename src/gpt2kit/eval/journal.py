@@ -4,8 +4,8 @@ The scorer's batches are a pure function of the requests, the batch size, the st
 process's rank, so a rerun with the same ones computes the same batches in the same order: the
 journal stores each batch's answers under its position, and the rerun takes them instead of
 running the model. The journal's first line is a fingerprint of all that plus a sample of the
-model's weights; a journal with another fingerprint (other model, data or options) is set aside
-and the run starts over. The file is JSON (never pickle): a line cut short by the interruption
+model's weights; a journal with another fingerprint (other model, device, data or options) is
+not used: the run starts over and replaces it once its first batch is done. The file is JSON (never pickle): a line cut short by the interruption
 is dropped when the journal is read back.
 """
 from __future__ import annotations
