@@ -502,3 +502,19 @@ def test_filters_of_the_earlier_scheme_stay_readable(tmp_path):
     assert back.hash_scheme == overlap.HASH_SCHEME_V1 and back.q == back.m
     assert back.contains_text("one two three four five six seven eight nine ten").tolist() == [True, True, True]
     assert np.array_equal(np.asarray(back.bits), old.bits)
+
+
+def test_one_path_given_as_a_str_is_one_input(planted, tmp_path, monkeypatch):
+    # build_filter("data/train", ...) walked "d", "a", "t", ... ('t: no such file or folder'), as
+    # query("f.bloom", "test.jsonl") did with both of its arguments
+    (a, b), test, _, _ = planted
+    monkeypatch.chdir(tmp_path)
+    s = build_filter(a.name, "f.bloom", capacity=20_000, fpr=1e-6)
+    assert s.documents == 15
+    build_filter(str(b), tmp_path / "g.bloom", capacity=20_000, fpr=1e-6)
+    (r,) = query("f.bloom", test.name).results
+    assert r.documents == 12 and r.hits > 0
+    (r,) = query(tmp_path / "f.bloom", test).results
+    assert r.documents == 12
+    sm = merge_filters("f.bloom", "m.bloom")
+    assert sm.documents == 15 and (tmp_path / "m.bloom").read_bytes() == (tmp_path / "f.bloom").read_bytes()

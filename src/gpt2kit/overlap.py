@@ -798,11 +798,17 @@ def _is_shard_folder(p: Path) -> bool:
         return False
 
 
-def expand_sources(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def _as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
+    """A list of paths; one path (a str or a Path) is one path: iterating "data/train" would walk
+    "d", "a", ..."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def expand_sources(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Text files (folders expanded as `gpt2kit.corpus.expand_inputs` does) and prepared shard
     folders (kept as folders)."""
     out: list[Path] = []
-    for p in map(Path, inputs):
+    for p in map(Path, _as_paths(inputs)):
         out.extend([p] if _is_shard_folder(p) else expand_inputs([p]))
     return out
 
@@ -989,7 +995,7 @@ def _check_fpr(fpr: float) -> None:
         raise OverlapError(f"--fpr must be in [1e-15, 1), got {fpr}")
 
 
-def build_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
+def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
                  fpr: float = 1e-8, exact: bool = False, workers: int = 1, field: str = "text",
                  split: str = "train", allow_overfill: bool = False, progress: bool = False) -> BuildSummary:
     """Insert every normalized 8-gram of `inputs` into a new filter file `out`.
@@ -1003,6 +1009,7 @@ def build_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     from tqdm import tqdm
 
     # everything that can be refused is refused before the first pass over the corpus
+    inputs = _as_paths(inputs)
     workers = _whole(workers, "--workers", 1)
     if not exact:
         _check_fpr(fpr)
@@ -1096,9 +1103,10 @@ def _final_check(bf: BloomFilter, allow_overfill: bool) -> dict:
     return s
 
 
-def merge_filters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_overfill: bool = False,
-                  verify: bool = True) -> BuildSummary:
+def merge_filters(paths: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                  allow_overfill: bool = False, verify: bool = True) -> BuildSummary:
     """The union of filters with equal parameters: bitwise OR of Bloom filters, union of exact sets."""
+    paths = _as_paths(paths)
     if len(paths) < 1:
         raise OverlapError("merge needs at least one filter")
     out = check_output(out)
@@ -1333,14 +1341,17 @@ def _label(path: str | os.PathLike) -> str:
     return name if p.is_dir() else Path(name).stem or name
 
 
-def query(filters: Sequence[str | os.PathLike] | dict, test_sets: Sequence[str | os.PathLike], *, top: int = 10,
+def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
+          test_sets: str | os.PathLike | Sequence[str | os.PathLike], *, top: int = 10,
           field: str = "text", split: str = "train", verify: bool = True, progress: bool = False) -> OverlapReport:
     """Percent of each test set's 8-grams in each filter, per file and per document, with the
     longest overlapping passages. `filters` are paths, or {name: path or opened filter}."""
     from tqdm import tqdm
 
     top = _whole(top, "--top", 0)
+    test_sets = _as_paths(test_sets)
     if not isinstance(filters, dict):
+        filters = _as_paths(filters)
         filters = {_unique_label(p, filters): p for p in filters}
     if not filters or not test_sets:
         raise OverlapError("query needs at least one filter and one test set")
