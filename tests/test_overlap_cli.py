@@ -197,3 +197,11 @@ def test_every_option_of_overlap_and_webtext_has_help():
 
     missing = list(_without_help(build_parser(), "gpt2kit", commands=("overlap", "webtext")))
     assert not missing, f"arguments without help text: {missing}"
+
+
+def test_query_names_a_missing_filter(cli, tmp_path):
+    # a mistyped filter name was taken for a test set, and the command said that none of the
+    # arguments was a filter file instead of naming the one that does not exist
+    _, a, _ = _corpus(tmp_path)
+    r = cli("overlap", "query", str(tmp_path / "trian.bloom"), str(a))
+    _one_line_error(r, f"{tmp_path / 'trian.bloom'}: no such file or folder")

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from decimal import Decimal, InvalidOperation
+
+from ..errors import InputFileError
 
 
 def register(subparsers) -> None:
@@ -113,6 +116,11 @@ def _query(args: argparse.Namespace) -> int:
     # checks --top first thing)
     if args.out_dir:
         OverlapReport.check_out_dir(args.out_dir)
+    # named first: a mistyped filter would otherwise pass for a test set, and the error would be
+    # that no argument is a filter
+    for p in args.paths:
+        if not os.path.exists(p):
+            raise InputFileError(p, "no such file or folder")
     filters = [p for p in args.paths if is_filter_file(p)]
     tests = [p for p in args.paths if p not in filters]
     if not filters:
