@@ -270,8 +270,41 @@ def _executor(runner: Runner) -> Iterator[cf.Executor | None]:
     elif runner.workers == 1:
         yield None
     else:
-        with cf.ProcessPoolExecutor(max_workers=runner.workers) as pool:
+        with cf.ProcessPoolExecutor(max_workers=runner.workers, initializer=_pool_worker_init) as pool:
             yield pool
+
+
+# A Ctrl-C reaches the pool's workers too. The pool has already handed each worker its next task
+# (it keeps one more queued than it has workers), and the parent, waiting for the pool to shut
+# down, would wait for those to run whole: a links task reads a monthly dump, minutes. A worker
+# that has seen the Ctrl-C therefore starts no task, and one busy with a task stops it (a task
+# writes its outputs atomically, so nothing half-written is kept).
+_interrupted = False
+_task_running = False
+
+
+def _pool_worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    if _task_running:  # idle, the worker waits in the pool's own loop, which must not be broken
+        raise KeyboardInterrupt
+
+
+def _pool_task(fn: Callable[..., dict], *args: Any) -> dict:
+    global _task_running
+    _task_running = True
+    try:
+        if _interrupted:  # checked after the flag above, so a Ctrl-C at any moment is seen
+            raise KeyboardInterrupt
+        return fn(*args)
+    finally:
+        _task_running = False
 
 
 def run_tasks(work: WorkFolder, stage: str, fn: Callable[..., dict], tasks: Sequence[tuple[str, tuple]],
@@ -291,7 +324,9 @@ def run_tasks(work: WorkFolder, stage: str, fn: Callable[..., dict], tasks: Sequ
                     work.mark_done(stage, name, fn(*args))
                     bar.update()
             else:
-                futures = {pool.submit(fn, *args): name for name, args in todo}
+                local = isinstance(pool, cf.ProcessPoolExecutor)  # Dask's workers keep their own signals
+                futures = {(pool.submit(_pool_task, fn, *args) if local else pool.submit(fn, *args)): name
+                           for name, args in todo}
                 try:
                     for fut in cf.as_completed(futures):
                         work.mark_done(stage, futures[fut], fut.result())
