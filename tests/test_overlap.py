@@ -518,3 +518,13 @@ def test_one_path_given_as_a_str_is_one_input(planted, tmp_path, monkeypatch):
     assert r.documents == 12
     sm = merge_filters("f.bloom", "m.bloom")
     assert sm.documents == 15 and (tmp_path / "m.bloom").read_bytes() == (tmp_path / "f.bloom").read_bytes()
+
+
+def test_exact_refuses_the_options_of_bloom_filters(planted, tmp_path):
+    train, _, _, _ = planted
+    for kwargs, named in ((dict(workers=2), "--workers"), (dict(capacity=100), "--capacity"),
+                          (dict(fpr=1e-3), "--fpr"), (dict(allow_overfill=True), "--allow-overfill")):
+        with pytest.raises(OverlapError, match=f"{named} does not apply to --exact"):
+            build_filter(train, tmp_path / "e.exact", exact=True, **kwargs)
+    assert build_filter(train, tmp_path / "e.exact", exact=True, workers=1).kind == "exact"
+    assert build_filter(train, tmp_path / "f.bloom", capacity=20_000).stats["fpr_target"] == 1e-8  # the default

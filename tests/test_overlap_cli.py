@@ -205,3 +205,17 @@ def test_query_names_a_missing_filter(cli, tmp_path):
     _, a, _ = _corpus(tmp_path)
     r = cli("overlap", "query", str(tmp_path / "trian.bloom"), str(a))
     _one_line_error(r, f"{tmp_path / 'trian.bloom'}: no such file or folder")
+
+
+def test_exact_refuses_the_options_of_bloom_filters(cli, tmp_path):
+    # --exact silently ignored these: --workers 4 ran one process, --fpr and --capacity sized nothing
+    train, _, _ = _corpus(tmp_path)
+    out = tmp_path / "e.exact"
+    for extra, named in ((["--workers", "4"], "--workers"), (["--capacity", "5000"], "--capacity"),
+                         (["--auto"], "--auto"), (["--fpr", "1e-3"], "--fpr"),
+                         (["--allow-overfill"], "--allow-overfill")):
+        r = cli("overlap", "build", "--exact", *extra, "--out", str(out), str(train))
+        _one_line_error(r, f"{named} does not apply to --exact")
+        assert not out.exists()
+    r = cli("overlap", "build", "--exact", "--workers", "1", "--out", str(out), str(train))
+    assert r.returncode == 0, r.stderr

@@ -996,7 +996,7 @@ def _check_fpr(fpr: float) -> None:
 
 
 def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
-                 fpr: float = 1e-8, exact: bool = False, workers: int = 1, field: str = "text",
+                 fpr: float | None = None, exact: bool = False, workers: int = 1, field: str = "text",
                  split: str = "train", allow_overfill: bool = False, progress: bool = False) -> BuildSummary:
     """Insert every normalized 8-gram of `inputs` into a new filter file `out`.
 
@@ -1004,14 +1004,17 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
     the distinct ones), plus a margin for the noise of the fill check (`auto_capacity`). With
     `workers > 1`, shard filters are built in separate processes and OR-ed together
     (`merge_filters`). Inputs are text files/folders or `gpt2kit prepare` shard folders (their
-    `split`, decoded with their tokenizer). Options and the output path are checked before any
-    input is read."""
+    `split`, decoded with their tokenizer). `fpr` defaults to 1e-8; `exact` takes none of the
+    Bloom filter's options. Options and the output path are checked before any input is read."""
     from tqdm import tqdm
 
     # everything that can be refused is refused before the first pass over the corpus
     inputs = _as_paths(inputs)
     workers = _whole(workers, "--workers", 1)
-    if not exact:
+    if exact:
+        _refuse_with_exact(capacity=capacity, fpr=fpr, workers=workers, allow_overfill=allow_overfill)
+    else:
+        fpr = 1e-8 if fpr is None else fpr
         _check_fpr(fpr)
         if capacity is not None:
             capacity = _whole(capacity, "--capacity", 1)
@@ -1054,6 +1057,16 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
         _require_ngrams(n_grams, inputs)
         summary = merge_filters(shards, out, allow_overfill=allow_overfill, verify=False)
     return BuildSummary(str(out), "bloom", n_docs, n_grams, summary.stats)
+
+
+def _refuse_with_exact(**given) -> None:
+    """An exact set is one process with nothing to size: a Bloom filter's option given with it
+    would be silently ignored."""
+    unset = {"capacity": None, "fpr": None, "workers": 1, "allow_overfill": False}
+    for name, value in given.items():
+        if value != unset[name]:
+            raise OverlapError(f"--{name.replace('_', '-')} does not apply to --exact (an exact set stores the "
+                               "8-grams themselves, in one process)")
 
 
 def _map(fn, arglists: list[tuple], workers: int, progress: bool = False) -> list:

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     size.add_argument("--capacity", metavar="N",
                       help="distinct 8-grams the filter must hold at --fpr (a whole number: 8000000000 or 8e9)")
     size.add_argument("--auto", action="store_true", help="size from a first pass that counts the 8-grams")
-    b.add_argument("--fpr", type=float, default=1e-8, help="target false-positive rate at capacity (default 1e-8)")
+    b.add_argument("--fpr", type=float, help="target false-positive rate at capacity (default 1e-8)")
     b.add_argument("--exact", action="store_true", help="store the 8-grams themselves (exact; small corpora)")
     b.add_argument("--workers", type=int, default=1,
                    help="processes: shard filters built in parallel, then OR-ed (default 1)")
@@ -91,6 +91,8 @@ def _whole_number(text: str, option: str) -> int:
 def _build(args: argparse.Namespace) -> int:
     from ..overlap import OverlapError, build_filter
 
+    if args.exact and args.auto:
+        raise OverlapError("--auto does not apply to --exact (an exact set stores the 8-grams themselves)")
     if not args.exact and args.capacity is None and not args.auto:
         raise OverlapError("build: give --capacity N or --auto (or --exact)")
     capacity = None if args.capacity is None else _whole_number(args.capacity, "--capacity")
