@@ -295,10 +295,15 @@ def test_torchrun_two_ranks_equal_one_process(shards, tmp_path):
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gpt2kit", *_train_cmd(shards, two, "--max_steps", "6", "--micro_batch_size", "2")[3:]]
-    r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    peak = 1e-4  # TFLOP/s of one device: MFU is each device's share of the global tokens/s over it
+    r = subprocess.run(cmd + ["--peak_tflops", str(peak)], env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    fpt = T.flops_per_token(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384), 32)
+    for rec in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()):
+        if "mfu" in rec:
+            assert rec["mfu"] == pytest.approx(rec["tok_per_s"] / 2 * fpt / (peak * 1e12), rel=1e-3, abs=1e-4)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000006"]
     assert r.stdout.count("trained 6 steps") == 1  # only rank 0 reports
     # fsdp = true: parameters sharded over the two ranks, same losses, one full checkpoint.

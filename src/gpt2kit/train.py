@@ -1128,6 +1128,7 @@ def train(cfg: TrainConfig) -> dict:
 
     dtype = resolve_dtype(cfg.dtype, device.type)
     autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    # one device's peak: MFU divides each rank's share of the global tokens/s by it
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (
         measure_matmul_peak(device.type, dtype) if dist_.main else 1.0)
     fpt = flops_per_token(mc, block)
@@ -1252,7 +1253,7 @@ def train(cfg: TrainConfig) -> dict:
                     tps = tokens_per_step * (step - logged_step) / max(now - t_last, 1e-9)
                     t_last, logged_step = now, step
                     rec = {"step": step, "loss": last_loss, "lr": lr, "tok_per_s": round(tps, 1),
-                           "mfu": round(tps * fpt / peak, 4), "tokens": tokens_seen,
+                           "mfu": round(tps / world * fpt / peak, 4), "tokens": tokens_seen,
                            "time_s": round(now - t_start, 3)}
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
