@@ -170,11 +170,14 @@ def test_output_paths_are_checked_before_the_work(cli, tmp_path):
 
 
 
-def _without_help(parser, name, commands=None):
-    """`NAME ARGUMENT` for each argument of `parser` and of its subcommands (only `commands` of them,
-    when given) that has no help text; a subcommand without a one-line help counts too."""
+def _without_help(parser, name, visited=None):
+    """`NAME ARGUMENT` for each argument of `parser` and of its subcommands, recursively, that has
+    no help text; a subcommand without a one-line help counts too. `visited` collects the command
+    paths walked."""
     import argparse
 
+    if visited is not None:
+        visited.append(name)
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             if not action.help:
@@ -183,20 +186,44 @@ def _without_help(parser, name, commands=None):
         helped = {a.dest for a in action._choices_actions if a.help}
         walked = set()
         for sub, child in action.choices.items():
-            if id(child) in walked or (commands is not None and sub not in commands):
+            if id(child) in walked:
                 continue  # an alias (`webtext export`) is its target's parser
             walked.add(id(child))
             if sub not in helped:
                 yield f"{name} {sub}"
-            yield from _without_help(child, f"{name} {sub}")
+            yield from _without_help(child, f"{name} {sub}", visited)
 
 
-def test_every_option_of_overlap_and_webtext_has_help():
-    # the README promises that `gpt2kit COMMAND --help` documents every option
+def test_the_help_walker_finds_what_lacks_help():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--fine", help="documented")
+    parser.add_argument("--bare")
+    sub = parser.add_subparsers(dest="command")
+    a = sub.add_parser("a", help="documented")
+    a.add_argument("path")
+    inner = a.add_subparsers(dest="inner").add_parser("deep")
+    inner.add_argument("--deeper", help="")
+    visited = []
+    assert list(_without_help(parser, "tool", visited)) == ["tool --bare", "tool a path", "tool a deep",
+                                                            "tool a deep --deeper"]
+    assert visited == ["tool", "tool a", "tool a deep"]
+
+
+def test_every_option_of_the_gpt2kit_cli_has_help():
+    # the README promises that `gpt2kit COMMAND --help` documents every option: every command,
+    # every subcommand, every argument
     from gpt2kit.cli import build_parser
 
-    missing = list(_without_help(build_parser(), "gpt2kit", commands=("overlap", "webtext")))
+    visited = []
+    missing = list(_without_help(build_parser(), "gpt2kit", visited))
     assert not missing, f"arguments without help text: {missing}"
+    # the walk reached every command group and their subcommands, not just the top level
+    for command in ("gpt2kit tokenizer encode", "gpt2kit model info", "gpt2kit generate", "gpt2kit serve",
+                    "gpt2kit prepare", "gpt2kit train", "gpt2kit demo", "gpt2kit eval", "gpt2kit overlap build",
+                    "gpt2kit overlap query", "gpt2kit webtext"):
+        assert command in visited, (command, visited)
 
 
 def test_query_names_a_missing_filter(cli, tmp_path):
