@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,6 +321,39 @@ def test_torchrun_two_ranks_equal_one_process(shards, tmp_path):
     ref, sharded = GPT2.from_pretrained(str(one / "latest")), GPT2.from_pretrained(str(fsdp / "latest"))
     for (name, p), q in zip(ref.state_dict().items(), sharded.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+
+
+def _two_nodes(argv0, argv1, timeout=120):
+    """Two torchrun launchers of one process each, rendezvousing as two machines do."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes", "-m", "gpt2kit"]
+    procs = [subprocess.Popen(launch + argv, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in (argv0, argv1)]
+    try:
+        return [p.communicate(timeout=timeout) + (p.returncode,) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_resume_where_the_machines_see_different_checkpoints_is_refused(shards, tmp_path):
+    # out_dir not shared between machines: one resumed at its checkpoint's step, the other from
+    # step 0, and their collectives no longer matched: both hung until gloo's 30-minute timeout
+    done = tmp_path / "done"
+    T.train(cfg_for(shards, done, max_steps=2))
+    empty = tmp_path / "empty"
+    results = _two_nodes(*(_train_cmd(shards, out, "--max_steps", "4", "--resume")[3:] for out in (done, empty)))
+    for stdout, stderr, code in results:
+        assert code != 0
+    stderr = results[0][1] + results[1][1]
+    assert "the ranks see different checkpoints to resume from" in stderr, stderr[-3000:]
+    assert "out_dir must be one folder shared by all machines" in stderr
 
 
 # ---------------------------------------------------------------------------------------------

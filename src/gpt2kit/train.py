@@ -884,6 +884,20 @@ def _all_mean(value, dist_: _Dist):
     return value
 
 
+def _check_same_checkpoint(resume_from: Path | None, dist_: _Dist, out: Path) -> None:
+    """Refuse, on every rank, a resume where the ranks found different checkpoints: on machines
+    that do not share out_dir, the others would start over at step 0, and their collectives
+    would stop matching (a hang until the process group's timeout)."""
+    import torch.distributed as dist
+
+    seen: list = [None] * dist_.world
+    dist.all_gather_object(seen, resume_from.name if resume_from is not None else None)
+    if len(set(seen)) > 1:
+        views = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(seen))
+        raise TrainError(f"{out}: the ranks see different checkpoints to resume from ({views}); under torchrun "
+                         "on several machines, out_dir must be one folder shared by all machines")
+
+
 def _any(flag: bool, dist_: _Dist, device) -> bool:
     if not dist_.enabled:
         return flag
@@ -1038,6 +1052,8 @@ def train(cfg: TrainConfig) -> dict:
     out = check_output_path(cfg.out_dir, folder=True, what="out_dir", error=TrainError)  # before the model is built
     ckpts = Checkpoints(out, cfg.keep_last)
     resume_from = ckpts.latest() if cfg.resume else None
+    if cfg.resume and dist_.enabled:
+        _check_same_checkpoint(resume_from, dist_, out)
     if cfg.resume and resume_from is None:
         log.info("%s: no checkpoint to resume from; starting from scratch", out)
     elif not cfg.resume and ckpts.latest() is not None:
