@@ -236,6 +236,24 @@ def test_distribution_statistics(tmp_path):
     assert r.top_passages[0].words == 10 and r.top_passages[0].document == 0
 
 
+def test_the_markdown_report_has_the_per_document_distribution(tmp_path):
+    # docs/overlap.md lists the mean, the deciles and the documents shorter than 8 words among
+    # the report's details; report.md had only the median and the share above 50%
+    train = tmp_path / "train.txt"
+    train.write_text("one two three four five six seven eight nine ten eleven twelve")
+    test = tmp_path / "test.jsonl"
+    docs = ["one two three four five six seven eight nine ten", "one two three four five six seven eight zz yy",
+            "aa bb cc dd ee ff gg hh ii jj", "too short", "also too short"]
+    test.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    build_filter([train], tmp_path / "f.exact", exact=True)
+    report = query([tmp_path / "f.exact"], [test])
+    md = report.to_markdown()
+    assert ("| f | test | 5 | 2 | 9 | 44.44 | 44.44 | 33.33 | 33.3% |") in md, md
+    deciles = report.results[0].doc_percent_deciles
+    assert len(deciles) == 11
+    assert "| f | test | " + " | ".join(f"{d:.1f}" for d in deciles) + " |" in md, md
+
+
 def test_merge_of_shards_is_byte_identical_to_one_build(planted, tmp_path):
     (a, b), _, _, _ = planted
     build_filter([a, b], tmp_path / "ab.bloom", capacity=20_000, fpr=1e-6)

@@ -1271,11 +1271,21 @@ class OverlapReport:
             rate = "0 (exact)" if f["kind"] == "exact" else f"{f['achieved_fpr']:.2g} (target {f['fpr_target']:g})"
             lines.append(f"| {f['name']} | {f['kind']} | {f['n_added']:,} | {rate} |")
         lines += ["", "## Documents", "",
-                  "| filter | test set | documents | 8-grams | overlap % | median doc % | docs > 50% |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"Documents shorter than {NGRAM} words have no {NGRAM}-grams; the per-document figures are "
+                  "over the others.", "",
+                  f"| filter | test set | documents | < {NGRAM} words | 8-grams | overlap % | mean doc % | "
+                  "median doc % | docs > 50% |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in self.results:
-            lines.append(f"| {r.filter} | {r.test_set} | {r.documents:,} | {r.ngrams:,} | {r.percent:.2f} | "
-                         f"{r.median_doc_percent:.2f} | {100 * r.share_docs_above_50:.1f}% |")
+            lines.append(f"| {r.filter} | {r.test_set} | {r.documents:,} | {r.short_documents:,} | {r.ngrams:,} | "
+                         f"{r.percent:.2f} | {r.mean_doc_percent:.2f} | {r.median_doc_percent:.2f} | "
+                         f"{100 * r.share_docs_above_50:.1f}% |")
+        lines += ["", "Per-document overlap %, deciles:", "",
+                  "| filter | test set | " + " | ".join(f"p{q}" for q in range(0, 101, 10)) + " |",
+                  "|---|---|" + "---|" * 11]
+        for r in self.results:
+            lines.append(f"| {r.filter} | {r.test_set} | " + " | ".join(f"{d:.1f}" for d in r.doc_percent_deciles)
+                         + " |")
         lines += ["", "## Files", "", "| filter | file | 8-grams | overlap % |", "|---|---|---|---|"]
         for r in self.results:
             for fr in r.files:
