@@ -323,6 +323,25 @@ def test_torchrun_two_ranks_equal_one_process(shards, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
 
 
+def test_fsdp_samples_text_without_a_collective_mismatch(shards, tmp_path):
+    # sampling on rank 0 alone ran the sharded blocks' all-gathers on one rank: gloo aborted
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gpt2kit", *_train_cmd(shards, out, "--max_steps", "4", "--fsdp", "true", "--sample_interval", "2",
+                                        "--sample_tokens", "8", "--sample_prompt", "KING")[3:]]
+    r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in records if "sample" in r]
+    assert [s["step"] for s in samples] == [2, 4] and all(s["sample"].startswith("KING") for s in samples)
+    # the same text as a sample from the checkpoint written at that step
+    model = GPT2.from_pretrained(str(out / "latest"))
+    from gpt2kit.tokenizer import Tokenizer
+
+    want = T.sample_text(model, Tokenizer.from_pretrained(str(out / "latest")), "KING", 8, seed=1337 + 4)
+    assert samples[-1]["sample"] == want
+
+
 def _two_nodes(argv0, argv1, timeout=120):
     """Two torchrun launchers of one process each, rendezvousing as two machines do."""
     sock = socket.socket()

@@ -1291,10 +1291,14 @@ def train(cfg: TrainConfig) -> dict:
                     if dist_.main:
                         monitor.log({"step": step, "val_loss": val_loss})
                         monitor.refresh_plot()
-            if cfg.sample_interval and step % cfg.sample_interval == 0 and dist_.main:
-                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed + step)
-                monitor.log({"step": step, "sample": text})
-                (bar.write if bar is not None else log.info)(f"--- sample at step {step} ---\n{text}")
+            if cfg.sample_interval and step % cfg.sample_interval == 0:
+                # sharded blocks all-gather their weights in forward: rank 0 alone would run
+                # collectives the others never join, so it samples from a gathered copy
+                sampler = _unsharded_copy(loss_mod, mc, dist_) if cfg.fsdp and dist_.enabled else raw_model
+                if dist_.main:
+                    text = sample_text(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed + step)
+                    monitor.log({"step": step, "sample": text})
+                    (bar.write if bar is not None else log.info)(f"--- sample at step {step} ---\n{text}")
             if step % ckpt_every == 0 or step == cfg.max_steps or stopped:
                 save(step, val_loss)
                 saved_at = step
@@ -1338,6 +1342,21 @@ def _gather_states(loss_mod, optimizer, fsdp: bool):
     osd = get_optimizer_state_dict(loss_mod, optimizer, options=opts)
     msd = {k.removeprefix("model."): v for k, v in msd.items()}
     return msd, osd
+
+
+def _unsharded_copy(loss_mod, config, dist_: _Dist):
+    """Rank 0's full copy of an FSDP-sharded model on the CPU (None on the other ranks);
+    a collective, as every rank sends its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .model import GPT2
+
+    sd = get_model_state_dict(loss_mod, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist_.main:
+        return None
+    full = GPT2(config)
+    full.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()})
+    return full
 
 
 def _load_optimizer(optimizer, loss_mod, sd, fsdp: bool) -> None:
