@@ -400,6 +400,30 @@ def test_lambada_stop_word_filter_never_removes_a_piece_inside_the_target(model,
     assert tokenizer.encode_ordinary(" the")[0] in req[2].exclude
 
 
+def test_lambada_stop_word_filter_applies_to_the_whole_word_protocol(model, hf, tokenizer, tmp_path):
+    """Table 3's LAMBADA accuracy: where the model would start with a stop word (" Will" after "It was near"), the
+    filtered protocol decodes the best other word; a passage ending in that word is right only with the filter."""
+    import re
+
+    from gpt2kit.eval.tasks.lambada import stop_word_tokens
+
+    stop = sorted(stop_word_tokens(tokenizer))
+    passages = []
+    for context in ("It was ask", "It was near", "It was watching", "It was infrastructure", "It was scan",
+                    "It was Cooper", "It was controversy", "It was Gary", "It was Made"):
+        ids = torch.tensor([tokenizer.encode_ordinary(context)])
+        plain = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        filtered = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                               begin_suppress_tokens=stop)[0, ids.shape[1]:].tolist()
+        word = re.match(r" ([A-Za-z]+)(?:[^\w']|$)", tokenizer.decode(filtered))
+        if plain[0] in stop and word:
+            passages.append(context + " " + word.group(1))
+    assert len(passages) >= 2, "the tiny model no longer starts these contexts with a stop word"
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    m = evaluate(model, tokenizer, ["lambada"], tmp_path, progress=False)["lambada"]["metrics"]
+    assert (m["acc_word_stopfilter"], m["acc_word"]) == (100.0, 0.0)
+
+
 def test_lambada_plain_text_is_detokenized(tmp_path, tokenizer):
     (tmp_path / "lambada_test_plain_text.txt").write_text("\n".join(LAMBADA_PLAIN) + "\n")
     docs = get_task("lambada")(tmp_path).documents()
