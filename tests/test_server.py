@@ -376,3 +376,52 @@ def test_serving_beyond_this_machine_without_a_key_warns(tmp_path, cli):
     assert "warning" not in done.stderr
     done = cli("serve", "--model", str(tmp_path / "no-model"), "--port", "0")
     assert "warning" not in done.stderr  # loopback
+
+
+def test_a_burst_past_the_queue_gets_429(tok):
+    # every request of a burst passed the check before any of them was counted as waiting: the
+    # queue grew without bound and nobody got 429
+    app = create_app(tiny_model(SlowGPT2), tok, model_name=NAME, max_concurrency=1, max_waiting=2)
+    with live(app) as url:
+        async def one(client, i):
+            body = {"model": NAME, "prompt": f"burst {i}", "max_tokens": 30, "stream": i % 2 == 1}
+            r = await client.post(f"{url}/v1/completions", json=body, timeout=60)
+            return r.status_code, (r.json() if r.status_code != 200 else None)
+
+        async def burst():
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as client:
+                return await asyncio.gather(*[one(client, i) for i in range(10)])
+
+        results = asyncio.run(burst())
+        assert sorted(code for code, _ in results) == [200] * 3 + [429] * 7  # 1 running + 2 in line
+        assert all(body["error"]["code"] == "rate_limit_exceeded" for code, body in results if code == 429)
+        # nothing is left counted: the next requests are served
+        for _ in range(3):
+            r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "after", "max_tokens": 1}, timeout=30)
+            assert r.status_code == 200
+        assert httpx.get(f"{url}/health").json()["waiting"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_while_in_line_gives_its_place_back(tok, stream):
+    app = create_app(tiny_model(SlowGPT2), tok, model_name=NAME, max_concurrency=1, max_waiting=1)
+    with live(app) as url:
+        async def main():
+            async with httpx.AsyncClient() as client:
+                body = {"model": NAME, "prompt": "long", "max_tokens": 40}
+                running = asyncio.ensure_future(client.post(f"{url}/v1/completions", json=body, timeout=60))
+                await asyncio.sleep(0.5)
+                queued = asyncio.ensure_future(client.post(f"{url}/v1/completions", json={**body, "stream": stream},
+                                                           timeout=60))
+                await asyncio.sleep(0.3)
+                queued.cancel()  # hangs up while in line
+                with contextlib.suppress(asyncio.CancelledError):
+                    await queued
+                await asyncio.sleep(0.3)
+                assert not running.done()
+                # its place in line is free again: the next one waits instead of getting 429
+                again = await client.post(f"{url}/v1/completions", json={**body, "max_tokens": 1}, timeout=60)
+                assert again.status_code == 200, again.text
+                assert (await running).status_code == 200
+
+        asyncio.run(main())

@@ -158,6 +158,7 @@ class _Job:
     max_tokens: int
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    admitted: bool = False  # counted in _Engine.admitted until it joins the line (or is dropped)
 
     @property
     def n_choices(self) -> int:
@@ -187,6 +188,9 @@ class _Engine:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="gpt2kit-gen")
         self.active = 0
         self.waiting = 0
+        # Requests let in but not yet in line: a burst's requests all pass `plan` before the
+        # first of them reaches `run`, so the limit counts them too.
+        self.admitted = 0
         self._slots: asyncio.Semaphore | None = None
 
     # -- validation
@@ -213,10 +217,17 @@ class _Engine:
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"n: {len(prompts)} prompts x n={req.n} asks for more than {MAX_CHOICES} "
                                 "completions in one request", param="n")
-        if self.waiting >= self.max_waiting:
-            raise APIError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
+        if self.active + self.waiting + self.admitted >= self.max_concurrency + self.max_waiting:
+            raise APIError(429, f"the server is busy ({self.waiting + self.admitted} requests waiting); retry later",
                            type="server_busy", code="rate_limit_exceeded")
-        return _Job(req, prompts, max_tokens)
+        self.admitted += 1
+        return _Job(req, prompts, max_tokens, admitted=True)
+
+    def drop_admission(self, job: _Job) -> None:
+        """The job joined the line, or will never run: it no longer holds a place. Idempotent."""
+        if job.admitted:
+            job.admitted = False
+            self.admitted -= 1
 
     def _prompt_ids(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -268,6 +279,7 @@ class _Engine:
         """Wait for a slot, run the job in a worker thread, and relay its items."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
+        self.drop_admission(job)
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -408,13 +420,22 @@ class _Engine:
 class _ClosingStream(StreamingResponse):
     """A StreamingResponse that closes its event generator as soon as the response ends, also
     when the client went away mid-stream: that stops the worker and frees the slot now rather
-    than whenever the abandoned generator gets garbage-collected."""
+    than whenever the abandoned generator gets garbage-collected. `on_close` runs then too (a
+    generator closed before it started runs none of its own cleanup)."""
+
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
 
 
 async def _unless_disconnected(work: Awaitable[dict[str, Any]], request: Request,
@@ -541,8 +562,11 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
         job = engine.plan(req)
         if req.stream:
             return _ClosingStream(engine.stream(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await _unless_disconnected(engine.complete(job), request)
+                                  headers={"Cache-Control": "no-cache"}, on_close=lambda: engine.drop_admission(job))
+        try:
+            return await _unless_disconnected(engine.complete(job), request)
+        finally:
+            engine.drop_admission(job)
 
     app.include_router(v1)
     return app
