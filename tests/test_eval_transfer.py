@@ -221,6 +221,17 @@ def test_rouge_matches_the_packages_reference_example():
     assert tm.rouge_f1(["runs quickly"], ["running quick"])["rouge1"] == pytest.approx(50.0)  # stemming on
 
 
+def test_rouge_lsum_takes_the_reference_as_the_target():
+    """ROUGE-Lsum (unlike R-1/2/L F1) is not symmetric: the highlights must be the target, the summary the prediction."""
+    from rouge_score import rouge_scorer
+
+    ref, pred = "bird ant cat bird", "cat\ncat cat dog ant\ndog"
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    right = scorer.score(target=ref, prediction=pred)["rougeLsum"].fmeasure
+    assert right != pytest.approx(scorer.score(target=pred, prediction=ref)["rougeLsum"].fmeasure)
+    assert tm.rouge_f1([ref], [pred])["rougeLsum"] == pytest.approx(100 * right)
+
+
 def test_corpus_bleu_known_value_and_signature():
     out = tm.corpus_bleu(["the cat sat on a mat"], ["the cat sat on the mat"])
     # n-gram precisions 5/6, 3/5, 2/4, 1/3, equal lengths (no brevity penalty)
