@@ -546,3 +546,73 @@ def test_exact_refuses_the_options_of_bloom_filters(planted, tmp_path):
             build_filter(train, tmp_path / "e.exact", exact=True, **kwargs)
     assert build_filter(train, tmp_path / "e.exact", exact=True, workers=1).kind == "exact"
     assert build_filter(train, tmp_path / "f.bloom", capacity=20_000).stats["fpr_target"] == 1e-8  # the default
+
+
+def _one_long_document(path, seed: int, n_words: int, vocab: int = 3000) -> None:
+    rng = random.Random(seed)
+    vocab_words = [f"v{i}" for i in range(vocab)]
+    lines = (" ".join(rng.choices(vocab_words, k=500)) for _ in range(n_words // 500))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_long_document_is_read_in_windows_with_the_same_answers(tmp_path, monkeypatch):
+    # A .txt file is one document. Its word list cost ~190 bytes per word (760 MB for a 26 MB
+    # text; WikiText-103's 540 MB training file would take ~19 GB); it is now hashed in windows of
+    # words that overlap by 7, giving the same 8-grams, the same filter and the same report.
+    import tracemalloc
+
+    _one_long_document(tmp_path / "train.txt", 0, 400_000)
+    test = tmp_path / "test.txt"
+    train_words = (tmp_path / "train.txt").read_text().split()
+    rng = random.Random(1)
+    parts = []
+    for i in range(6):  # test text with passages of the training text planted across it
+        parts.append(" ".join(f"q{rng.randrange(10**6)}" for _ in range(rng.randint(5, 300))))
+        s = rng.randrange(len(train_words) - 400)
+        parts.append(" ".join(train_words[s:s + rng.randint(8, 400)]))
+    test.write_text("\n".join(parts))
+
+    whole = build_filter([tmp_path / "train.txt"], tmp_path / "whole.bloom", capacity=500_000, fpr=1e-8)
+    whole_exact = build_filter([tmp_path / "train.txt"], tmp_path / "whole.exact", exact=True)
+    reference = query({"b": tmp_path / "whole.bloom", "e": tmp_path / "whole.exact"}, [test], top=4).to_json()
+
+    monkeypatch.setattr(overlap, "_DOC_CHARS", 1 << 12, raising=False)
+    tracemalloc.start()
+    try:
+        windowed = build_filter([tmp_path / "train.txt"], tmp_path / "win.bloom", capacity=500_000, fpr=1e-8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    text_bytes = (tmp_path / "train.txt").stat().st_size  # the document itself is held as one str
+    # the numpy insert path holds ~15 MB of temporaries whatever the document; the word list of
+    # the whole document alone would be ~40 MB more
+    assert peak < 2 * text_bytes + 20_000_000, peak
+    assert (tmp_path / "win.bloom").read_bytes() == (tmp_path / "whole.bloom").read_bytes()
+    assert (windowed.documents, windowed.ngrams) == (whole.documents, whole.ngrams) == (1, 400_000 - 7)
+    build_filter([tmp_path / "train.txt"], tmp_path / "win.exact", exact=True)
+    assert (tmp_path / "win.exact").read_bytes() == (tmp_path / "whole.exact").read_bytes()
+    assert whole_exact.ngrams == 400_000 - 7
+    assert build_filter([tmp_path / "train.txt"], tmp_path / "auto.bloom").stats["capacity"] == \
+        overlap.auto_capacity(400_000 - 7, 1e-8)  # --auto's counting pass counts the same
+
+    got = query({"b": tmp_path / "whole.bloom", "e": tmp_path / "whole.exact"}, [test], top=4).to_json()
+    assert got == reference
+    passages = [p for r in got["results"] for p in r["top_passages"]]
+    assert len(passages) == 8 and passages[0]["words"] >= 8
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(_word, st.sampled_from(["ΣΑΣ", "Σ", "e\u0301", "\u0301", "ﬁ", "İ", "x_y", "don't"])),
+                max_size=60),
+       st.lists(st.sampled_from([" ", "\n", "  ", "\t", "\u00a0", " \u0301", ", ", "\r\n"]), min_size=1),
+       st.integers(1, 40))
+def test_word_windows_give_the_8_grams_of_the_whole_text(raw, seps, chars):
+    text = "".join(w + seps[i % len(seps)] for i, w in enumerate(raw))
+    saved = overlap._DOC_CHARS
+    overlap._DOC_CHARS = chars
+    try:
+        windows = list(overlap.word_windows(text))
+    finally:
+        overlap._DOC_CHARS = saved
+    assert [g for ws in windows for g in ngrams(ws)] == ngrams(text)
+    assert all(a[-7:] == b[:len(a[-7:])] for a, b in zip(windows, windows[1:]))

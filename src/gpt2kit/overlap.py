@@ -144,6 +144,32 @@ def ngrams(text_or_words: str | Sequence[str], n: int = NGRAM) -> list[str]:
     return [" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)]
 
 
+# A document longer than this is read in windows of words: a .txt file is one document, and its
+# word list costs ~190 bytes per word (WikiText-103's 540 MB training text would need ~19 GB).
+_DOC_CHARS = 1 << 22
+_CUT = re.compile(r"[ \t\n\r]")
+
+
+def word_windows(text: str) -> Iterator[list[str]]:
+    """The words of `text` in windows that overlap by 7 words: their 8-grams, window after window,
+    are the 8-grams of the whole text, in order. Short texts are one window.
+
+    The text is cut just before an ASCII whitespace character: no word spans it, NFKC composes
+    nothing across it and the lower-casing of a final sigma sees the same context on both sides."""
+    if len(text) <= _DOC_CHARS:
+        yield words(text)
+        return
+    carry: list[str] = []
+    start = 0
+    while start < len(text):
+        cut = _CUT.search(text, start + _DOC_CHARS)
+        end = cut.start() if cut else len(text)
+        ws = carry + words(text[start:end])
+        yield ws
+        carry = ws[-(NGRAM - 1):]
+        start = end
+
+
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
 
@@ -916,7 +942,7 @@ def _count_job(job: _Job) -> tuple[int, int]:
     docs = grams = 0
     for doc in job.documents():
         docs += 1
-        grams += max(0, len(words(doc)) - NGRAM + 1)
+        grams += sum(max(0, len(ws) - NGRAM + 1) for ws in word_windows(doc))
     return docs, grams
 
 
@@ -938,8 +964,10 @@ def _fill(target: Filter, docs: Iterable[str], *, allow_overfill: bool, progress
 
     for doc in docs:
         n_docs += 1
-        ws = words(doc)
-        if bloom:
+        for ws in word_windows(doc):
+            if not bloom:
+                n_grams += target.add_words(ws)
+                continue
             h1, h2 = hasher.hashes(ws)
             if len(h1):
                 pending.append((h1, h2))
@@ -957,8 +985,6 @@ def _fill(target: Filter, docs: Iterable[str], *, allow_overfill: bool, progress
                         f"to accept a false-positive rate above {target.fpr_target:g}")
                 # at most one new distinct 8-gram per inserted 8-gram: no need to look again sooner
                 next_check = n_grams + max(target.capacity - s["estimated_distinct"], target.capacity / 100)
-        else:
-            n_grams += target.add_words(ws)
         if progress is not None:
             progress.update(1)
     flush()
@@ -1386,6 +1412,7 @@ def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
         finfo.append({"name": name, "path": str(f.path) if f.path else None, "kind": f.kind, **s})
     labels = [_unique_label(t, test_sets) for t in test_sets]
     hasher = NgramHasher()
+    any_bloom = any(isinstance(f, BloomFilter) for f in opened.values())
     results: list[SetResult] = []
     for label, ts in zip(labels, test_sets):
         per = {name: SetResult(filter=name, test_set=label) for name in opened}
@@ -1401,18 +1428,27 @@ def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
             any_doc = True
             di = doc_index.get(path, 0)
             doc_index[path] = di + 1
-            ws = words(doc)
-            n = max(0, len(ws) - NGRAM + 1)
-            hashes = hasher.hashes(ws) if n else None
+            doc_hits: dict[str, list[np.ndarray]] = {name: [] for name in opened}
+            windows = 0
+            for ws in word_windows(doc):
+                windows += 1
+                if len(ws) < NGRAM:
+                    continue
+                hashes = hasher.hashes(ws) if any_bloom else None
+                for name, flt in opened.items():
+                    doc_hits[name].append(flt.contains_hashes(*hashes) if isinstance(flt, BloomFilter)
+                                          else flt.contains_words(ws))
+            wanted: list[tuple[int, int, list]] = []  # passages whose words are to be looked up
             for name, flt in opened.items():
                 r = per[name]
                 r.documents += 1
                 row = file_rows[name].setdefault(str(path), {"file": str(path), "documents": 0, "ngrams": 0, "hits": 0})
                 row["documents"] += 1
-                if n == 0:
+                if not doc_hits[name]:
                     r.short_documents += 1
                     continue
-                hits = flt.contains_hashes(*hashes) if isinstance(flt, BloomFilter) else flt.contains_words(ws)
+                hits = doc_hits[name][0] if len(doc_hits[name]) == 1 else np.concatenate(doc_hits[name])
+                n = len(hits)
                 h = int(hits.sum())
                 r.ngrams += n
                 r.hits += h
@@ -1423,14 +1459,16 @@ def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
                     heap = heaps[name]
                     if len(heap) >= top and not (top and length > heap[0][0]):
                         continue
-                    # keep the text now: the document will not be in memory later
-                    span = ws[start:start + length + NGRAM - 1]
-                    text = " ".join(span[:80]) + (" …" if len(span) > 80 else "")
+                    # the text is looked up before the next document: this one will not be in memory
+                    text: list = [None]
+                    wanted.append((start, length + NGRAM - 1, text))
                     item = (length, -next(counter), str(path), di, start, text)
                     if len(heap) < top:
                         heapq.heappush(heap, item)
                     else:
                         heapq.heapreplace(heap, item)
+            if wanted:
+                _passage_texts(ws if windows == 1 else None, doc, wanted)
         if not any_doc:
             raise OverlapError(f"{ts}: test set holds no documents")
         for name in opened:
@@ -1445,10 +1483,37 @@ def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
             for row in file_rows[name].values():
                 row["percent"] = 100.0 * row["hits"] / row["ngrams"] if row["ngrams"] else 0.0
             r.files = list(file_rows[name].values())
-            r.top_passages = [Passage(words=length + NGRAM - 1, file=f, document=d, start_word=s, text=text)
+            r.top_passages = [Passage(words=length + NGRAM - 1, file=f, document=d, start_word=s, text=text[0])
                               for length, _, f, d, s, text in sorted(heaps[name], key=lambda t: (-t[0], -t[1]))]
             results.append(r)
     return OverlapReport(filters=finfo, test_sets=labels, results=results)
+
+
+_PASSAGE_WORDS = 80  # a passage's text in the report: its first 80 words
+
+
+def _passage_texts(ws: list[str] | None, doc: str, wanted: list[tuple[int, int, list]]) -> None:
+    """Fill in the text of each passage (first word, words, [text]) of a document: from its words
+    `ws` when the document was one window, else by reading its windows again, which keeps only
+    the passages' words in memory, not the document's."""
+    spans = {}
+    if ws is not None:
+        for start, length, _ in wanted:
+            spans[start] = ws[start:start + min(length, _PASSAGE_WORDS)]
+    else:
+        need = {start: start + min(length, _PASSAGE_WORDS) for start, length, _ in wanted}
+        spans = {start: [] for start in need}
+        offset = 0  # the document's index of the window's first word
+        for window in word_windows(doc):
+            end = offset + len(window)
+            for start, stop in need.items():
+                got = spans[start]
+                lo, hi = max(start + len(got), offset), min(stop, end)
+                if lo < hi:
+                    got.extend(window[lo - offset:hi - offset])
+            offset = end - len(window[-(NGRAM - 1):])  # the next window repeats the last 7 words
+    for start, length, text in wanted:
+        text[0] = " ".join(spans[start]) + (" …" if length > _PASSAGE_WORDS else "")
 
 
 def _unique_label(p, all_paths) -> str:
