@@ -238,6 +238,10 @@ def test_corpus_bleu_known_value_and_signature():
     assert out["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
     assert "tok:13a" in out["signature"]
     assert tm.corpus_bleu(["A b c d e."], ["A b c d e."])["bleu"] == pytest.approx(100.0)
+    # a translation shorter than its reference: every n-gram right, the brevity penalty exp(1 - 7/6) applies
+    # (and reference and hypothesis are not interchangeable)
+    short = tm.corpus_bleu(["the cat sat on the mat today"], ["the cat sat on the mat"])["bleu"]
+    assert short == pytest.approx(100 * math.exp(1 - 7 / 6))
 
 
 def test_first_sentences_and_confidence():
