@@ -109,6 +109,24 @@ def test_streamed_completion(client, url):
     assert all(e.startswith("data: {") for e in events[:-2])
 
 
+def test_stream_options_include_usage_as_openai_documents(client, url):
+    # OpenAI: a last chunk with empty choices and the usage, and "usage": null on every other chunk
+    stream = client.completions.create(model=NAME, prompt="Count me", max_tokens=6, temperature=0, n=2, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    plain = client.completions.create(model=NAME, prompt="Count me", max_tokens=6, temperature=0, n=2)
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "x", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    events = [json.loads(e[6:]) for e in httpx.post(f"{url}/v1/completions", json=body, headers=headers).text.split("\n\n")
+              if e.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["completion_tokens"] == 3
+    # only with stream: true, as OpenAI answers
+    r = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    assert "stream_options" in r.json()["error"]["message"]
+
+
 def test_n_samples_seed_and_stop(client, model, tok):
     r = client.completions.create(model=NAME, prompt="Two", max_tokens=10, n=2, seed=7)
     again = client.completions.create(model=NAME, prompt="Two", max_tokens=10, n=2, seed=7)

@@ -202,6 +202,8 @@ class _Engine:
         unsupported = req.unsupported()
         if unsupported is not None:
             raise APIError(400, unsupported[1], param=unsupported[0])
+        if req.stream_options is not None and not req.stream:  # as OpenAI answers
+            raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
         prompts = self._prompt_ids(req.prompt)
         longest = max(len(p) for p in prompts)
         max_tokens = max(self.n_ctx - longest, 0) if req.max_tokens is None else req.max_tokens
@@ -382,6 +384,8 @@ class _Engine:
     async def stream(self, job: _Job) -> AsyncIterator[str]:
         """Server-sent events: one chunk per piece of text, then `data: [DONE]`."""
         want = job.request.logprobs is not None
+        opts = job.request.stream_options
+        usage = opts is not None and opts.include_usage
         choices = [_Choice() for _ in range(job.n_choices)]
         offsets = [_Offsets() for _ in choices]
 
@@ -391,6 +395,8 @@ class _Engine:
                     "choices": [{"text": text, "index": index,
                                  "logprobs": c.logprobs_json(start) if want else None,
                                  "finish_reason": finish_reason}]}
+            if usage:  # OpenAI: null on every chunk but the last, which has the totals
+                body["usage"] = None
             return _sse(body)
 
         try:
@@ -408,8 +414,7 @@ class _Engine:
                     self._add_token(c, offsets[item.index], item, want)
                     if item.text or item.finish_reason or len(c.tokens) > start:
                         yield chunk(item.index, item.text, item.finish_reason, start)
-            opts = job.request.stream_options
-            if opts is not None and opts.include_usage:
+            if usage:
                 yield _sse({"id": job.id, "object": "text_completion", "created": job.created,
                             "model": self.name, "choices": [], "usage": self._usage(job, choices)})
         except APIError as e:
