@@ -246,3 +246,15 @@ def test_exact_refuses_the_options_of_bloom_filters(cli, tmp_path):
         assert not out.exists()
     r = cli("overlap", "build", "--exact", "--workers", "1", "--out", str(out), str(train))
     assert r.returncode == 0, r.stderr
+
+
+def test_builds_show_documents_read_in_every_pass(cli, tmp_path):
+    # with --workers the only bar was "shards 0/2" until the end (hours, at WebText scale), and
+    # the counting pass of --auto showed nothing at all
+    train, _, _ = _corpus(tmp_path)
+    for extra in (["--auto"], ["--auto", "--workers", "2"], ["--capacity", "5000", "--workers", "3"]):
+        r = cli("overlap", "build", *extra, "--out", str(tmp_path / "f.bloom"), str(train))
+        assert r.returncode == 0, r.stderr
+        if "--auto" in extra:
+            assert "counting 8-grams: 6 doc" in r.stderr, r.stderr
+        assert "8-grams: 6 doc" in r.stderr.replace("counting 8-grams: 6 doc", ""), r.stderr

@@ -54,6 +54,7 @@ import pickle
 import re
 import struct
 import tempfile
+import time
 import unicodedata
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -938,11 +939,13 @@ def _plan(files: list[Path], workers: int, field: str, split: str) -> list[_Job]
     return [_Job(tuple(map(str, files)), stride=workers, offset=w, field=field, split=split) for w in range(workers)]
 
 
-def _count_job(job: _Job) -> tuple[int, int]:
+def _count_job(job: _Job, progress=None) -> tuple[int, int]:
     docs = grams = 0
     for doc in job.documents():
         docs += 1
         grams += sum(max(0, len(ws) - NGRAM + 1) for ws in word_windows(doc))
+        if progress is not None:
+            progress.update(1)
     return docs, grams
 
 
@@ -991,9 +994,10 @@ def _fill(target: Filter, docs: Iterable[str], *, allow_overfill: bool, progress
     return n_docs, n_grams
 
 
-def _build_shard(job: _Job, path: str, capacity: int, fpr: float, allow_overfill: bool) -> tuple[int, int]:
+def _build_shard(job: _Job, path: str, capacity: int, fpr: float, allow_overfill: bool,
+                 progress=None) -> tuple[int, int]:
     with BloomFilter.create(path, capacity=capacity, fpr=fpr) as bf:
-        n_docs, n_grams = _fill(bf, job.documents(), allow_overfill=allow_overfill)
+        n_docs, n_grams = _fill(bf, job.documents(), allow_overfill=allow_overfill, progress=progress)
         bf.n_documents = n_docs
     return n_docs, n_grams
 
@@ -1059,7 +1063,7 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
         return BuildSummary(str(out), "exact", n_docs, n_grams, es.stats())
 
     if capacity is None:
-        counts = _map(_count_job, [(j,) for j in jobs], len(jobs))
+        counts = _map(_count_job, [(j,) for j in jobs], len(jobs), desc="counting 8-grams", progress=progress)
         counted = sum(g for _, g in counts)
         _require_ngrams(counted, inputs)
         capacity = auto_capacity(counted, fpr)
@@ -1078,7 +1082,7 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         shards = [str(Path(tmp) / f"shard{i}.bloom") for i in range(len(jobs))]
         results = _map(_build_shard, [(j, s, capacity, fpr, allow_overfill) for j, s in zip(jobs, shards)],
-                       len(jobs), progress=progress)
+                       len(jobs), desc="8-grams", progress=progress)
         n_docs, n_grams = sum(r[0] for r in results), sum(r[1] for r in results)
         _require_ngrams(n_grams, inputs)
         summary = merge_filters(shards, out, allow_overfill=allow_overfill, verify=False)
@@ -1095,34 +1099,74 @@ def _refuse_with_exact(**given) -> None:
                                "8-grams themselves, in one process)")
 
 
-def _map(fn, arglists: list[tuple], workers: int, progress: bool = False) -> list:
-    """fn(*args) for each args, in `workers` processes when there is more than one."""
-    if workers <= 1:
-        return [fn(*a) for a in arglists]
+def _map(fn, arglists: list[tuple], workers: int, *, desc: str, progress: bool = False) -> list:
+    """fn(*args, progress=...) for each args, in `workers` processes when there is more than one,
+    under one bar of the documents read by all of them."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    # spawn: workers must not inherit a parent's threads or locks (torch, tqdm)
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_in_worker, fn, *a) for a in arglists]
-        for f in tqdm(cf.as_completed(futures), total=len(futures), desc="shards", disable=not progress):
-            f.result()  # re-raise a worker's error here
-        return [f.result() for f in futures]
+    with tqdm(desc=desc, unit=" doc", disable=not progress) as bar:
+        if workers <= 1:
+            return [fn(*a, progress=bar) for a in arglists]
+        # spawn: workers must not inherit a parent's threads or locks (torch, tqdm)
+        ctx = mp.get_context("spawn")
+        read = ctx.Value("q", 0)
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_share_count,
+                                    initargs=(read,)) as pool:
+            futures = [pool.submit(_in_worker, fn, *a) for a in arglists]
+            running = set(futures)
+            while running:
+                done, running = cf.wait(running, timeout=0.5, return_when=cf.FIRST_EXCEPTION)
+                bar.update(read.value - bar.n)
+                for f in done:
+                    f.result()  # re-raise a worker's error here
+            return [f.result() for f in futures]
+
+
+_shared_count = None  # in a worker process of `_map`: the parent's count of documents read
+
+
+def _share_count(counter) -> None:
+    global _shared_count
+    _shared_count = counter
+
+
+class _SharedProgress:
+    """`update(n)` for a worker process: adds to the parent's count a few times a second, not once
+    per document (each addition takes a lock shared by all the workers)."""
+
+    def __init__(self, counter):
+        self.counter, self.pending, self.last = counter, 0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.pending += n
+        if time.monotonic() - self.last >= 0.2:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            with self.counter.get_lock():
+                self.counter.value += self.pending
+        self.pending, self.last = 0, time.monotonic()
 
 
 def _in_worker(fn, *args):
     """fn(*args), with a user-facing error turned into one that survives the trip back to the parent
     (an exception whose __init__ takes other arguments than its message cannot be unpickled)."""
+    progress = None if _shared_count is None else _SharedProgress(_shared_count)
     try:
-        return fn(*args)
+        return fn(*args, progress=progress)
     except GPT2KitError as e:
         try:
             pickle.loads(pickle.dumps(e))
         except Exception:
             raise OverlapError(str(e)) from None
         raise
+    finally:
+        if progress is not None:
+            progress.flush()
 
 
 def _require_ngrams(n: int, inputs: Sequence) -> None:
