@@ -10,7 +10,8 @@ import transformers
 
 from gpt2kit.errors import ConfigError
 import gpt2kit.model
-from gpt2kit.model import EXPLICIT_ATTENTION_MAX_T, GPT2, PRESETS, GPT2Config, KVCache, causal_attention
+from gpt2kit.model import (EXPLICIT_ATTENTION_MAX_T, GPT2, PRESETS, GPT2Config, KVCache, attention_mask_for,
+                           causal_attention)
 from gpt2kit.weights import hf_config_dict, to_hf_state_dict
 
 torch.manual_seed(0)
@@ -99,6 +100,35 @@ def test_logits_match_transformers_on_padded_batch(preset):
         # (as decoding multiplies), and three (as prompts are, in place on CPU)
         for full in (ids[:1], ids):
             assert (model(full) - hf(full).logits).abs().max() <= 1e-4
+
+
+def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+    """Attention as a plain softmax, which gives NaN for a query that may see no key (as CUDA's
+    SDPA kernels and older CPU ones do; torch's CPU SDPA now returns zeros there instead)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_pad_queries_see_a_key_so_no_nan_reaches_real_tokens(monkeypatch):
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    for past, T in ((0, 5), (2, 3), (4, 1)):
+        allowed, _ = attention_mask_for(mask, past, T, torch.device("cpu"))
+        assert allowed.shape == (3, 1, T, 5) and allowed.any(-1).all()
+    # where a fully masked query gives NaN, it would spread through its value vector into real rows
+    cfg = small("gpt2")
+    model = randomize_(GPT2(cfg).eval())
+    hf = hf_twin(model)
+    ids, mask = left_padded_batch(cfg.vocab_size, [12, 7, 1], 12)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, position_ids=hf_position_ids(mask)).logits
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", softmax_attention)
+        ours = model(ids, attention_mask=mask)
+    assert torch.isfinite(ours).all()
+    assert (ours - theirs)[mask.bool()].abs().max() <= 1e-4
 
 
 def test_hidden_states_then_lm_head_is_forward():
@@ -199,6 +229,10 @@ def test_cache_without_padding_and_its_limits():
         torch.testing.assert_close(out, full, rtol=0, atol=1e-5)
         cache.crop(7)  # roll back three tokens and redo them
         torch.testing.assert_close(model(ids[:, 7:], kv_cache=cache), full[:, 7:], rtol=0, atol=1e-5)
+        cache.crop(cache.length)  # every drafted token accepted: nothing to forget
+        assert cache.length == 10
+        with pytest.raises(ValueError, match=r"KVCache.crop: length must be in \[0, 10\], got 11"):
+            cache.crop(11)
         beams = model.new_kv_cache(2)
         model(ids[:, :5], kv_cache=beams)
         beams.reorder(torch.tensor([1, 1]))  # both rows continue row 1
@@ -256,5 +290,19 @@ def test_dropout_only_in_training():
     with torch.no_grad():
         model.train()
         assert not torch.equal(model(ids), model(ids))
+        # the embeddings reach the first block with dropout applied (about half of them zeroed)
+        seen = []
+        hook = model.transformer.h[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        model(ids)
+        hook.remove()
+        assert 0.3 < (seen[0] == 0).float().mean() < 0.7
         model.eval()
         torch.testing.assert_close(model(ids), model(ids), rtol=0, atol=0)
+        # eval mode with padding and with a KV cache (released configs carry dropout 0.1)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, :3] = 0
+        torch.testing.assert_close(model(ids, attention_mask=mask), model(ids, attention_mask=mask), rtol=0, atol=0)
+        cache = model.new_kv_cache(2)
+        steps = torch.cat([model(ids[:, :4], kv_cache=cache), *(model(ids[:, t:t + 1], kv_cache=cache)
+                                                                for t in range(4, 8))], 1)
+        torch.testing.assert_close(steps, model(ids), rtol=0, atol=1e-5)
