@@ -616,3 +616,13 @@ def test_word_windows_give_the_8_grams_of_the_whole_text(raw, seps, chars):
         overlap._DOC_CHARS = saved
     assert [g for ws in windows for g in ngrams(ws)] == ngrams(text)
     assert all(a[-7:] == b[:len(a[-7:])] for a, b in zip(windows, windows[1:]))
+
+
+def test_merge_refuses_a_filter_named_twice(planted, tmp_path, monkeypatch):
+    # the bits came out right, but n_added and n_documents counted the file twice (15 + 15 documents)
+    (a, _), _, _, _ = planted
+    build_filter([a], tmp_path / "a.bloom", capacity=20_000, fpr=1e-6)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OverlapError, match="a.bloom is named twice"):
+        merge_filters([tmp_path / "a.bloom", "a.bloom"], tmp_path / "m.bloom")
+    assert not (tmp_path / "m.bloom").exists()

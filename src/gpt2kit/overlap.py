@@ -1193,6 +1193,11 @@ def merge_filters(paths: str | os.PathLike | Sequence[str | os.PathLike], out: s
     if len(paths) < 1:
         raise OverlapError("merge needs at least one filter")
     out = check_output(out)
+    seen = set()
+    for p in paths:
+        if Path(p).resolve() in seen:  # its bits would OR in harmlessly, but its counts add up twice
+            raise OverlapError(f"{p} is named twice: its 8-grams and documents would be counted twice")
+        seen.add(Path(p).resolve())
     headers = [read_header(p) for p in paths]
     first = headers[0]
     keys = ("kind", "m_bits", "k_hashes", "capacity", "fpr_target", "hash_scheme", "normalization", "ngram")
