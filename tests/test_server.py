@@ -443,3 +443,20 @@ def test_a_client_gone_while_in_line_gives_its_place_back(tok, stream):
                 assert (await running).status_code == 200
 
         asyncio.run(main())
+
+
+def test_a_huge_prompt_is_refused_without_tokenizing_it_on_the_event_loop(model):
+    # tokenizing megabytes in the request handler stalled every other request (6 MB: /health
+    # answered after 1 s); no text of more bytes than n_ctx tokens of the longest token can fit
+    tok = Tokenizer.gpt2()
+    encoded = []
+    encode = tok.encode
+    tok.encode = lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+    with live(create_app(model, tok, model_name=NAME)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["short", "word " * 400_000]}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert r.json()["error"]["param"] == "prompt" and "maximum context length is 64 tokens" in r.json()["error"]["message"]
+        assert max(encoded, default=0) < 100_000
+        # a prompt that tokenizes to just past the context is still measured in tokens
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "word " * 70, "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and "(71 in your prompt" in r.json()["error"]["message"]

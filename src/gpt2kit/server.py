@@ -184,6 +184,10 @@ class _Engine:
     def __init__(self, model: "GPT2", tokenizer: "Tokenizer", name: str, max_concurrency: int, max_waiting: int):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.n_ctx = model.config.n_ctx
+        # A token spells at most this many bytes of text: a longer text cannot fit the context,
+        # and is refused without tokenizing it in the event loop (megabytes stall every request).
+        self.max_token_bytes = max([len(t) for t in tokenizer.mergeable_ranks]
+                                   + [len(t.encode("utf-8")) for t in tokenizer.special_tokens])
         self.max_concurrency, self.max_waiting = max_concurrency, max_waiting
         self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="gpt2kit-gen")
         self.active = 0
@@ -242,6 +246,7 @@ class _Engine:
         rows = []
         for p in prompt:
             if isinstance(p, str):
+                self._check_text_can_fit(p)
                 ids = self.tokenizer.encode(p, allowed_special="all")
             else:
                 bad = [t for t in p if not 0 <= t < self.tokenizer.n_vocab]
@@ -251,6 +256,14 @@ class _Engine:
                 ids = list(p)
             rows.append(ids or [self.tokenizer.eot_token])  # an empty prompt starts a new document
         return rows
+
+    def _check_text_can_fit(self, text: str) -> None:
+        n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
+        at_least = -(-n_bytes // self.max_token_bytes)
+        if at_least > self.n_ctx:
+            raise APIError(400, f"This model's maximum context length is {self.n_ctx} tokens, however your prompt "
+                                f"is {n_bytes:,} bytes, at least {at_least:,} tokens. Please reduce your prompt.",
+                           param="prompt", code="context_length_exceeded")
 
     # -- running
 
