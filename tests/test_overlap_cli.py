@@ -258,3 +258,26 @@ def test_builds_show_documents_read_in_every_pass(cli, tmp_path):
         if "--auto" in extra:
             assert "counting 8-grams: 6 doc" in r.stderr, r.stderr
         assert "8-grams: 6 doc" in r.stderr.replace("counting 8-grams: 6 doc", ""), r.stderr
+
+
+def test_json_of_a_saturated_filter_is_strict_json(cli, tmp_path):
+    # every bit set (a far overfilled filter) made the distinct-count estimate infinite, and
+    # report.json and `info` wrote the bare word Infinity, which JSON parsers other than Python's refuse
+    train, a, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--capacity", "1", "--fpr", "0.5", "--allow-overfill", "--out",
+            str(tmp_path / "full.bloom"), str(train))
+    assert r.returncode == 0 and "false-positive rate now 1 " in r.stdout, r.stderr
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    r = cli("overlap", "info", str(tmp_path / "full.bloom"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout, parse_constant=refuse)
+    assert info["stats"]["estimated_distinct"] is None and info["stats"]["fill_ratio"] == 1.0
+    r = cli("overlap", "query", str(tmp_path / "full.bloom"), str(a), "--json", "--out-dir", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    for text in (r.stdout[:r.stdout.rindex("}") + 1], (tmp_path / "rep" / "report.json").read_text()):
+        report = json.loads(text, parse_constant=refuse)
+        assert report["filters"][0]["estimated_distinct"] is None
+        assert report["table"] == {"full": {"setA": 100.0}}

@@ -1329,8 +1329,8 @@ class OverlapReport:
             d = asdict(r)
             d["percent"] = r.percent
             rs.append(d)
-        return {"ngram": NGRAM, "normalization": NORMALIZATION, "filters": self.filters, "test_sets": self.test_sets,
-                "table": self.percent_table(), "results": rs}
+        return json_safe({"ngram": NGRAM, "normalization": NORMALIZATION, "filters": self.filters,
+                          "test_sets": self.test_sets, "table": self.percent_table(), "results": rs})
 
     def to_markdown(self) -> str:
         lines = ["# 8-gram overlap (GPT-2 paper, Section 4, Table 6)", "",
@@ -1420,6 +1420,19 @@ class OverlapReport:
         write_json(js, self.to_json())
         self.plot(png)
         return [md, js, png]
+
+
+def json_safe(obj):
+    """`obj` with its infinite and NaN floats as None: JSON has no spelling for them (Python writes
+    the bare word Infinity, which other parsers refuse). The distinct-count estimate of a filter
+    with every bit set is infinite."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _runs(hits: np.ndarray) -> list[tuple[int, int]]:

@@ -157,9 +157,9 @@ def _fpr(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..overlap import open_filter, read_header
+    from ..overlap import json_safe, open_filter, read_header
 
     header = read_header(args.filter)
     stats = open_filter(args.filter, verify=True).stats()
-    print(json.dumps({"header": header, "stats": stats}, indent=2))
+    print(json.dumps(json_safe({"header": header, "stats": stats}), indent=2))
     return 0
