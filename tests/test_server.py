@@ -198,6 +198,17 @@ def test_bad_requests_get_clear_errors(client, url):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
 
 
+def test_a_prompt_that_is_not_unicode_is_a_400(url):
+    # JSON may escape a lone surrogate (\ud800), which no UTF-8 text holds: it was a 500 and a traceback
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    for prompt, where in ((b'"a\\ud800b"', "prompt"), (b'["ok", "a\\udfffb"]', "prompt[1]")):
+        r = httpx.post(f"{url}/v1/completions", headers=headers,
+                       content=b'{"model": "%s", "max_tokens": 2, "prompt": %s}' % (NAME.encode(), prompt))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "prompt" and error["message"].startswith(f"{where}: ") and "surrogate" in error["message"]
+
+
 def test_what_clients_send_by_default_is_accepted(client, model, tok):
     # LangChain sends penalties 0 and logit_bias null; openai's client sends null for None
     greedy = generate(model, tok, "Hello world", max_new_tokens=5, do_sample=False)[0].text

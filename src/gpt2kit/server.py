@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .generate import TokenEvent, iter_generate, prompt_logprobs, sampling_params
+from .tokenizer import InvalidTextError
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -244,10 +245,14 @@ class _Engine:
             raise APIError(400, "prompt: expected a non-empty string, list of strings or list of token ids",
                            param="prompt")
         rows = []
-        for p in prompt:
+        for i, p in enumerate(prompt):
             if isinstance(p, str):
                 self._check_text_can_fit(p)
-                ids = self.tokenizer.encode(p, allowed_special="all")
+                try:
+                    ids = self.tokenizer.encode(p, allowed_special="all")
+                except InvalidTextError as e:  # a lone surrogate, which JSON can escape
+                    where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+                    raise APIError(400, f"{where}: {e}", param="prompt") from None
             else:
                 bad = [t for t in p if not 0 <= t < self.tokenizer.n_vocab]
                 if bad:
