@@ -253,6 +253,8 @@ def test_first_sentences_and_confidence():
     assert tm.first_sentences("One.\nTwo\n\nThree. Four.", 3) == ["One.", "Two", "Three."]
     assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 1) == 100.0  # ceil -> 1 answer
     assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 75) == pytest.approx(100 / 3)
+    # a fraction of an answer rounds up: 50% of 5 answers is the top 3, not the top 2
+    assert tm.top_confidence_accuracy([0.9, 0.8, 0.7, 0.1, 0.2], [1, 1, 0, 0, 0], 50) == pytest.approx(200 / 3)
 
 
 def test_a_missing_metric_package_is_a_clear_error(monkeypatch, tmp_path):
