@@ -492,6 +492,19 @@ def test_cnndm_metrics_are_rouge_of_the_first_three_sentences(model, tokenizer, 
     assert out["protocol"]["seed"] == 7 and out["protocol"]["decoding"] == "top-k 2 sampling"
 
 
+def test_cnndm_summary_is_the_first_three_generated_sentences(data_dir):
+    """The tiny model rarely writes three sentences, so the cut is checked on a text that has more."""
+    from gpt2kit.eval.requests import GenerationResult
+
+    task = get_task("cnndm")(data_dir, seed=7)
+    doc = task.documents()[0]
+    text = " The mayor spoke. Roads closed at noon! \"Why?\" asked one. A fourth sentence. A fifth."
+    s = task.score(doc, [GenerationResult(text, (), 0.0), GenerationResult("One. Two. Three. Four.", (), 0.0)])
+    assert s["hint"] == 'The mayor spoke.\nRoads closed at noon!\n"Why?" asked one.'
+    assert s["nohint"] == "One.\nTwo.\nThree."
+    assert s["lead3"] == "\n".join(tm.first_sentences(doc.text, 3)) and s["reference"] == "\n".join(doc.highlights)
+
+
 def test_wmt_bleu_of_the_generated_lines(model, tokenizer, data_dir):
     out = evaluate(model, tokenizer, ["wmt14-fr-en"], data_dir, progress=False, task_options={"shots": 1})
     task = get_task("wmt14-fr-en")(data_dir, shots=1)
