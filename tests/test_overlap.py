@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -626,3 +627,41 @@ def test_merge_refuses_a_filter_named_twice(planted, tmp_path, monkeypatch):
     with pytest.raises(OverlapError, match="a.bloom is named twice"):
         merge_filters([tmp_path / "a.bloom", "a.bloom"], tmp_path / "m.bloom")
     assert not (tmp_path / "m.bloom").exists()
+
+
+def _with_header(src, dst, **changes):
+    """A copy of filter file `src` with header fields changed (None: removed) and a valid CRC: a
+    file written by another tool or edited by hand, not damaged on disk."""
+    import struct
+    import zlib
+
+    data = src.read_bytes()
+    n = struct.unpack_from("<I", data, 12)[0]
+    header = json.loads(data[20:20 + n])
+    header.update(changes)
+    js = json.dumps(header).encode() if not isinstance(changes.get("_raw"), bytes) else changes["_raw"]
+    prefix = data[:8] + struct.pack("<III", 1, len(js), zlib.crc32(js))
+    dst.write_bytes(prefix + js + b"\0" * (HEADER_BYTES - 20 - len(js)) + data[HEADER_BYTES:])
+    return dst
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(m_bits="115072"), "header field m_bits must be a whole number"),
+    (dict(k_hashes=20.5), "header field k_hashes must be a whole number"),
+    (dict(k_hashes=0), "header field k_hashes must be a whole number in [1, 64]"),
+    (dict(capacity=-5), "header field capacity must be a whole number >= 1"),
+    (dict(capacity="1000"), "header field capacity must be a whole number >= 1"),
+    (dict(fpr_target="x"), "header field fpr_target must be a number in (0, 1)"),
+    (dict(fpr_target=2.0), "header field fpr_target must be a number in (0, 1)"),
+    (dict(n_added="5"), "header field n_added must be a whole number >= 0"),
+    (dict(payload_bytes="8"), "header field payload_bytes must be a whole number >= 0"),
+    (dict(checksum=5), "header field checksum must be a string"),
+    (dict(_raw=b"[1, 2]"), "header is not a JSON object"),
+])
+def test_a_header_with_fields_of_the_wrong_type_is_one_error(tmp_path, changes, message):
+    # such headers (a valid CRC: written by another tool, or edited) crashed with a TypeError or
+    # ValueError traceback, or were taken as they were (a fractional k, a negative capacity)
+    _filled(1_000, 1e-3).save(tmp_path / "ok.bloom")
+    bad = _with_header(tmp_path / "ok.bloom", tmp_path / "bad.bloom", **changes)
+    with pytest.raises(FilterFileError, match=f"bad.bloom: {re.escape(message)}"):
+        open_filter(bad, verify=False)

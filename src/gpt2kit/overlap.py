@@ -420,14 +420,17 @@ def read_header(path: str | os.PathLike) -> dict:
         header = json.loads(js)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise FilterFileError(path, "header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise FilterFileError(path, "header is not a JSON object")
     need = {"kind", "ngram", "normalization", "hash_scheme", "n_added", "payload_bytes", "checksum"}
     if header.get("kind") == "bloom":
         need |= {"capacity", "fpr_target", "m_bits", "k_hashes"}
     missing = sorted(need - set(header))
     if missing or header["kind"] not in ("bloom", "exact"):
         raise FilterFileError(path, f"header lacks fields {missing} or has unknown kind {header.get('kind')!r}")
+    _check_header_types(path, header)
     if header["ngram"] != NGRAM or header["normalization"] != NORMALIZATION:
-        raise FilterFileError(path, f"built with ngram={header['ngram']}, normalization {header['normalization']!r}; "
+        raise FilterFileError(path, f"built with ngram={header['ngram']!r}, normalization {header['normalization']!r}; "
                                     f"this gpt2kit uses ngram={NGRAM}, {NORMALIZATION!r}")
     if header["kind"] == "bloom" and header["hash_scheme"] not in HASH_SCHEMES:
         raise FilterFileError(path, f"hash scheme {header['hash_scheme']!r} is not one of {', '.join(HASH_SCHEMES)}")
@@ -436,6 +439,29 @@ def read_header(path: str | os.PathLike) -> dict:
         raise FilterFileError(path, f"file is {size} bytes, header promises {HEADER_BYTES + header['payload_bytes']} "
                                     "(truncated or appended to)")
     return header
+
+
+def _check_header_types(path: Path, header: dict) -> None:
+    """Refuse a header whose CRC is right but whose fields are not what gpt2kit writes (another
+    tool's file, or one edited by hand): the arithmetic on them would crash or go silently wrong."""
+    def whole(name: str, lo: int, hi: int | None = None) -> None:
+        v = header[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            expected = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise FilterFileError(path, f"header field {name} must be a whole number {expected}, got {v!r}")
+
+    for name in ("normalization", "hash_scheme", "checksum"):
+        if not isinstance(header[name], str):
+            raise FilterFileError(path, f"header field {name} must be a string, got {header[name]!r}")
+    whole("n_added", 0)
+    whole("payload_bytes", 0)
+    if header["kind"] == "bloom":
+        whole("capacity", 1)
+        whole("m_bits", 64)
+        whole("k_hashes", 1, 64)
+        fpr = header["fpr_target"]
+        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+            raise FilterFileError(path, f"header field fpr_target must be a number in (0, 1), got {fpr!r}")
 
 
 # ---------------------------------------------------------------------------------------------
