@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
+    LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -92,6 +94,33 @@ def test_filters_match_transformers_warpers(logits, k, p):
         sorted_probs = probs.sort(-1, descending=True).values
         edge = (sorted_probs.cumsum(-1) - p).abs().min().item()
         assert edge < 1e-5
+
+
+def test_top_p_at_an_exact_boundary_keeps_the_fewest_tokens():
+    # four equal logits: probabilities of exactly 1/4, cumulative sums exact in float32; a nucleus
+    # that reaches p exactly is complete (as in transformers), one more token would be one too many
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    for p, n in ((0.25, 1), (0.5, 2), (0.75, 3), (0.7500001, 4)):
+        kept = torch.isfinite(top_p_filter(torch.zeros(1, 4), p))
+        assert kept.sum().item() == n
+        assert kept.sum() == torch.isfinite(TopPLogitsWarper(top_p=p)(ids, torch.zeros(1, 4))).sum()
+
+
+@SETTINGS
+@given(logits=logit_rows(), t=st.floats(0.2, 3.0), k=st.integers(1, 70), p=st.floats(0.05, 1.0))
+def test_process_logits_matches_transformers_warper_chain(logits, t, k, p):
+    # temperature before the truncation filters: it changes which tokens make up the nucleus
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    chain = LogitsProcessorList([TemperatureLogitsWarper(t), TopKLogitsWarper(top_k=k), TopPLogitsWarper(top_p=p)])
+    theirs = chain(ids, logits.clone())
+    ours = process_logits(logits, SamplingParams(temperature=t, top_k=k, top_p=p))
+    both = torch.isfinite(ours) & torch.isfinite(theirs)
+    torch.testing.assert_close(ours[both], theirs[both])
+    mismatch = torch.isfinite(ours) != torch.isfinite(theirs)
+    if mismatch.any():  # only float rounding of a cumulative sum that lands on p
+        probs = torch.softmax(top_k_filter(logits.double() / t, k), -1)
+        sorted_probs = probs.sort(-1, descending=True).values
+        assert (sorted_probs.cumsum(-1) - p).abs().min().item() < 1e-5
 
 
 @SETTINGS
