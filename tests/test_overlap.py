@@ -665,3 +665,15 @@ def test_a_header_with_fields_of_the_wrong_type_is_one_error(tmp_path, changes, 
     bad = _with_header(tmp_path / "ok.bloom", tmp_path / "bad.bloom", **changes)
     with pytest.raises(FilterFileError, match=f"bad.bloom: {re.escape(message)}"):
         open_filter(bad, verify=False)
+
+
+def test_a_damaged_exact_set_read_without_verifying_is_one_error(tmp_path):
+    # --no-verify skips the checksum; bytes that are not UTF-8 then raised UnicodeDecodeError
+    ExactSet(["a b c d e f g h", "b c d e f g h i"]).save(tmp_path / "e.exact")
+    data = bytearray((tmp_path / "e.exact").read_bytes())
+    data[HEADER_BYTES + 2] = 0xFF
+    (tmp_path / "bad.exact").write_bytes(data)
+    with pytest.raises(FilterFileError, match="bad.exact: payload checksum mismatch"):
+        open_filter(tmp_path / "bad.exact")
+    with pytest.raises(FilterFileError, match="bad.exact: the 8-gram list is not UTF-8 text at byte 2: the file is damaged"):
+        open_filter(tmp_path / "bad.exact", verify=False)

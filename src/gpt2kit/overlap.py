@@ -801,7 +801,11 @@ class ExactSet:
             payload = f.read()
         if verify and _payload_checksum(payload) != header["checksum"]:
             raise FilterFileError(path, "payload checksum mismatch: the 8-gram list is damaged")
-        grams = payload.decode("utf-8").split("\n") if payload else []
+        try:
+            grams = payload.decode("utf-8").split("\n") if payload else []
+        except UnicodeDecodeError as e:  # only without `verify`: the checksum catches it first
+            raise FilterFileError(path, f"the 8-gram list is not UTF-8 text at byte {e.start}: the file is damaged") \
+                from None
         return cls(grams, n_added=header["n_added"], n_documents=_header_documents(path, header), path=path)
 
     def stats(self) -> dict:
