@@ -677,3 +677,16 @@ def test_a_damaged_exact_set_read_without_verifying_is_one_error(tmp_path):
         open_filter(tmp_path / "bad.exact")
     with pytest.raises(FilterFileError, match="bad.exact: the 8-gram list is not UTF-8 text at byte 2: the file is damaged"):
         open_filter(tmp_path / "bad.exact", verify=False)
+
+
+def test_repeats_count_each_time_and_8_grams_stay_inside_documents(tmp_path):
+    # as docs/overlap.md says: every occurrence of a test 8-gram counts, and no 8-gram joins the
+    # end of one JSONL document to the start of the next
+    (tmp_path / "train.txt").write_text("a b c d e f g h")
+    build_filter([tmp_path / "train.txt"], tmp_path / "f.bloom", capacity=100)
+    build_filter([tmp_path / "train.txt"], tmp_path / "f.exact", exact=True)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                            ["a b c d e f g h x a b c d e f g h", "a b c d", "e f g h"]))
+    for r in query([tmp_path / "f.bloom", tmp_path / "f.exact"], [test]).results:
+        assert (r.ngrams, r.hits, r.short_documents) == (10, 2, 2)
