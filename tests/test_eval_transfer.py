@@ -411,6 +411,16 @@ def test_hellaswag_length_normalized_choice_matches_an_independent_computation(m
         assert m[k] == pytest.approx(100 * right[k] / 3), k
 
 
+def test_hellaswag_normalizes_by_utf8_bytes_not_characters(data_dir):
+    from gpt2kit.eval.requests import LoglikelihoodResult
+    from gpt2kit.eval.tasks.hellaswag import Item
+
+    item = Item("Cooking: She", (" sautéed éé", " fried eggs"), 0)   # 14 bytes in 11 characters; 11 in 11
+    res = [LoglikelihoodResult(-12.0, False, 10), LoglikelihoodResult(-11.5, False, 2)]
+    # per byte -0.86 beats -1.05 (per character -1.09 would lose); raw -12 loses; per token -1.2 beats -5.75
+    assert get_task("hellaswag")(data_dir).score(item, res) == {"acc": 0.0, "acc_norm": 1.0, "acc_token_norm": 1.0}
+
+
 def test_generation_requests_match_transformers_greedy_one_by_one(model, hf, tokenizer, data_dir):
     """CoQA's batched greedy answers (through gpt2kit.generate) equal a per-example transformers loop."""
     task = get_task("coqa")(data_dir)
