@@ -456,9 +456,25 @@ def test_bad_config_files_and_values(tmp_path):
                                 ("lr_decay_steps", "5", r"lr_decay_steps \(5\) ends the cosine decay before the warm-up"),
                                 # numpy's seed sequences take no negative seed: a traceback at the first batch
                                 ("seed", "-5", r"seed must be in \[0, 2\*\*63\), got -5"),
-                                ("seed", str(2**63), r"seed must be in \[0, 2\*\*63\)")):
+                                ("seed", str(2**63), r"seed must be in \[0, 2\*\*63\)"),
+                                # int("x") on a CUDA machine: a ValueError traceback after the data was read
+                                ("device", "cuda:x", r"device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+                                ("device", "tpu", r"device must be auto, cpu, cuda or cuda:N, got 'tpu'")):
         with pytest.raises(ConfigError, match=message):
             T.load_config(None, [f"--{key}", value])
+
+
+def test_a_gpu_index_past_the_machine_is_named(monkeypatch):
+    # torch.cuda.set_device's "invalid device ordinal" came as a traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(T.TrainError, match=r"device 'cuda:2': this machine has 2 GPU\(s\), cuda:0 to cuda:1"):
+        T._resolve_device(T.make_config({"device": "cuda:2"}), 0)
+    # under torchrun the local rank picks the GPU: more processes than GPUs on a machine
+    with pytest.raises(T.TrainError, match=r"local rank 3 has no GPU: this machine has 2 GPU\(s\); "
+                                           r"start at most 2 processes per machine"):
+        T._resolve_device(T.make_config({"device": "cuda"}), 3)
+    assert T._resolve_device(T.make_config({"device": "cuda:1"}), 0) == torch.device("cuda", 1)
 
 
 def test_resume_after_a_kill_mid_metrics_line(shards, tmp_path):

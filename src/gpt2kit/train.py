@@ -192,6 +192,9 @@ def make_config(values: Mapping[str, Any], *, source: str = "config", base: Trai
 def _validate(cfg: TrainConfig, source: str) -> None:
     if cfg.dtype not in ("float32", "bfloat16", "auto"):
         raise ConfigError(f"{source}: dtype must be 'float32', 'bfloat16' or 'auto', got {cfg.dtype!r}")
+    kind, colon, index = cfg.device.partition(":")
+    if not (cfg.device in ("auto", "cpu", "cuda") or kind == "cuda" and colon and index.isdigit()):
+        raise ConfigError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     for k in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches", "keep_last"):
         if getattr(cfg, k) < 1:
             raise ConfigError(f"{source}: {k} must be at least 1, got {getattr(cfg, k)}")
@@ -922,7 +925,16 @@ def _resolve_device(cfg: TrainConfig, dist_local_rank: int):
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise TrainError(f"device {cfg.device!r}: CUDA is not available")
-        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else dist_local_rank
+        count = torch.cuda.device_count()
+        if ":" in cfg.device:
+            index = int(cfg.device.split(":")[1])
+            if index >= count:
+                raise TrainError(f"device {cfg.device!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        else:
+            index = dist_local_rank
+            if index >= count:
+                raise TrainError(f"device 'cuda': local rank {index} has no GPU: this machine has {count} GPU(s); "
+                                 f"start at most {count} processes per machine (torchrun --nproc_per_node)")
         return torch.device("cuda", index)
     if kind != "cpu":
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
