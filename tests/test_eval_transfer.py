@@ -411,6 +411,17 @@ def test_hellaswag_length_normalized_choice_matches_an_independent_computation(m
         assert m[k] == pytest.approx(100 * right[k] / 3), k
 
 
+def test_winograd_full_and_partial_scores_pick_their_own_candidates(data_dir):
+    """Full and partial scoring agree on the tiny fixture; here they disagree, and each accuracy follows its own."""
+    from gpt2kit.eval.requests import LoglikelihoodResult
+
+    doc = get_task("winograd")(data_dir).documents()[0]
+    full, partial = [-30.0, -20.0], [-5.0, -9.0]   # full scoring picks option 1, partial option 0
+    res = [LoglikelihoodResult(x, False, 5) for x in full + partial]
+    scores = get_task("winograd")(data_dir).score(doc, res)
+    assert (scores["acc_full"], scores["acc_partial"]) == (float(doc.label == 1), float(doc.label == 0))
+
+
 def test_hellaswag_normalizes_by_utf8_bytes_not_characters(data_dir):
     from gpt2kit.eval.requests import LoglikelihoodResult
     from gpt2kit.eval.tasks.hellaswag import Item
