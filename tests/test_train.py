@@ -342,6 +342,16 @@ def test_fsdp_samples_text_without_a_collective_mismatch(shards, tmp_path):
     assert samples[-1]["sample"] == want
 
 
+def test_resuming_a_finished_run_under_torchrun_says_so_once(shards, tmp_path):
+    done = tmp_path / "done"
+    T.train(cfg_for(shards, done, max_steps=2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gpt2kit", *_train_cmd(shards, done, "--max_steps", "2", "--resume")[3:]]
+    r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("nothing to train") == 1 and r.stderr.count("nothing to train") == 1, (r.stdout, r.stderr)
+
+
 def _two_nodes(argv0, argv1, timeout=120):
     """Two torchrun launchers of one process each, rendezvousing as two machines do."""
     sock = socket.socket()

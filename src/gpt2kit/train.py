@@ -1081,10 +1081,15 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f"{resume_from}: the run is already at step {state['step']}, past max_steps "
                              f"{cfg.max_steps}; pass a larger --max_steps to continue it")
         if state["step"] == cfg.max_steps:  # done: a requeued job that resumes it has nothing to do
-            log.info("%s: the run is already at max_steps %d: nothing to train", resume_from, cfg.max_steps)
+            if dist_.main:  # (said once, not once per rank)
+                log.info("%s: the run is already at max_steps %d: nothing to train", resume_from, cfg.max_steps)
+            if dist_.enabled:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
             return {"step": state["step"], "start_step": state["step"], "nothing_to_do": True,
                     "checkpoint": str(resume_from), "world_size": world, "out_dir": str(out),
-                    "best_val_loss": state.get("best_val_loss")}
+                    "best_val_loss": state.get("best_val_loss"), "rank": dist_.rank}
         model = GPT2.from_pretrained(str(resume_from))
         tokenizer = Tokenizer.from_pretrained(str(Path(cfg.data) / meta["tokenizer"]["folder"]))
         if state["data_fingerprint"] != meta["tokenizer"]["fingerprint"]:

@@ -123,6 +123,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     s = train(cfg)
     if s.get("nothing_to_do"):
+        if s["rank"] != 0:
+            return 0
         print(f"nothing to train: {s['checkpoint']} is at step {s['step']}, the configured max_steps")
         return 0
     if s["world_size"] > 1 and s["checkpoint"] is None:
