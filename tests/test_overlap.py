@@ -690,3 +690,32 @@ def test_repeats_count_each_time_and_8_grams_stay_inside_documents(tmp_path):
                             ["a b c d e f g h x a b c d e f g h", "a b c d", "e f g h"]))
     for r in query([tmp_path / "f.bloom", tmp_path / "f.exact"], [test]).results:
         assert (r.ngrams, r.hits, r.short_documents) == (10, 2, 2)
+
+
+def _run_job(job, progress=None):
+    return job(progress=progress)
+
+
+def _fails_at_once(progress=None):
+    raise OverlapError("bad.txt: not valid UTF-8")
+
+
+def _reads_for_a_minute(progress=None):
+    import time
+
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        time.sleep(0.01)
+        progress.update(1)  # a document read
+    return "finished"
+
+
+def test_one_workers_error_stops_the_others():
+    # The error of one worker (a bad file) reached the caller only once every other worker had
+    # finished its share: hours later, at WebText scale, for a build that was thrown away anyway.
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(OverlapError, match="bad.txt: not valid UTF-8"):
+        overlap._map(_run_job, [(_fails_at_once,), (_reads_for_a_minute,)], 2, desc="8-grams")
+    assert time.monotonic() - t0 < 30

@@ -1142,38 +1142,49 @@ def _map(fn, arglists: list[tuple], workers: int, *, desc: str, progress: bool =
             return [fn(*a, progress=bar) for a in arglists]
         # spawn: workers must not inherit a parent's threads or locks (torch, tqdm)
         ctx = mp.get_context("spawn")
-        read = ctx.Value("q", 0)
+        read, stop = ctx.Value("q", 0), ctx.Value("b", 0)
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_share_count,
-                                    initargs=(read,)) as pool:
+                                    initargs=(read, stop)) as pool:
             futures = [pool.submit(_in_worker, fn, *a) for a in arglists]
             running = set(futures)
             while running:
                 done, running = cf.wait(running, timeout=0.5, return_when=cf.FIRST_EXCEPTION)
                 bar.update(read.value - bar.n)
                 for f in done:
-                    f.result()  # re-raise a worker's error here
+                    if f.exception() is not None:
+                        # the others' work is thrown away with this error: have them stop now, not
+                        # when their shares are done (leaving the pool waits for them)
+                        stop.value = 1
+                        f.result()
             return [f.result() for f in futures]
 
 
-_shared_count = None  # in a worker process of `_map`: the parent's count of documents read
+_shared = None  # in a worker process of `_map`: the parent's count of documents read, and its stop flag
 
 
-def _share_count(counter) -> None:
-    global _shared_count
-    _shared_count = counter
+def _share_count(counter, stop) -> None:
+    global _shared
+    _shared = (counter, stop)
+
+
+class _Stopped(Exception):
+    """Another worker failed: this one's share is not needed."""
 
 
 class _SharedProgress:
     """`update(n)` for a worker process: adds to the parent's count a few times a second, not once
-    per document (each addition takes a lock shared by all the workers)."""
+    per document (each addition takes a lock shared by all the workers), and stops the worker
+    (`_Stopped`) once the parent says so."""
 
-    def __init__(self, counter):
-        self.counter, self.pending, self.last = counter, 0, time.monotonic()
+    def __init__(self, counter, stop):
+        self.counter, self.stop, self.pending, self.last = counter, stop, 0, time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.pending += n
         if time.monotonic() - self.last >= 0.2:
             self.flush()
+            if self.stop.value:
+                raise _Stopped()
 
     def flush(self) -> None:
         if self.pending:
@@ -1185,7 +1196,7 @@ class _SharedProgress:
 def _in_worker(fn, *args):
     """fn(*args), with a user-facing error turned into one that survives the trip back to the parent
     (an exception whose __init__ takes other arguments than its message cannot be unpickled)."""
-    progress = None if _shared_count is None else _SharedProgress(_shared_count)
+    progress = None if _shared is None else _SharedProgress(*_shared)
     try:
         return fn(*args, progress=progress)
     except GPT2KitError as e:
