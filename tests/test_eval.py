@@ -234,6 +234,19 @@ def test_shared_contexts_batched_together_never_overrun_the_context(model, hf, t
         assert r.logprob == pytest.approx(hf_continuation(hf, list(q.context), list(q.continuation))[0], rel=1e-4)
 
 
+def test_a_context_longer_than_the_model_keeps_its_most_recent_tokens_that_fit(model, hf, tokenizer):
+    """n_ctx + 1 tokens of context + continuation fit (the last one is only a target): the first positions go."""
+    n_ctx = model.config.n_ctx
+    ctx = tokenizer.encode_ordinary(PTB)[:2 * n_ctx]
+    conts = [tokenizer.encode_ordinary(" the market fell"), tokenizer.encode_ordinary(" prices")]
+    reqs = [Loglikelihood(tuple(ctx), tuple(c)) for c in conts]  # one context, two continuations: shared
+    reqs.append(Loglikelihood(tuple(ctx[:-1]), tuple(conts[0])))  # a context of its own
+    res = Scorer(model, tokenizer, batch_size=4, progress=False).loglikelihood(reqs)
+    for r, q in zip(res, reqs):
+        kept = list(q.context)[-(n_ctx + 1 - len(q.continuation)):]
+        assert r.logprob == pytest.approx(hf_continuation(hf, kept, list(q.continuation))[0], rel=1e-4)
+
+
 def test_greedy_generation_matches_transformers_generate(model, hf, tokenizer):
     prompts = ["Once upon a time", "The results of the experiment were", "A"]
     suppress = frozenset(tokenizer.encode_ordinary(" the") + tokenizer.encode_ordinary(" a"))
