@@ -282,6 +282,11 @@ def test_coqa_prompt_and_gold_answers(data_dir, tokenizer):
     assert coqa_prompt(convs[0], 1) == (
         "Once upon a time, in a barn near a farm house, there lived a little white kitten named Cotton.\n\n"
         "Q: what color was cotton?\nA: white\nQ: where did she live?\nA:")
+    # the history shows the official answer, not one of the additional ones
+    import dataclasses
+
+    other = dataclasses.replace(convs[0], golds=(("white", "white kitten", "a white cat"), convs[0].golds[1]))
+    assert coqa_prompt(other, 1).endswith("Q: what color was cotton?\nA: white\nQ: where did she live?\nA:")
     task = get_task("coqa")(data_dir)
     reqs = task.requests(convs[0], tokenizer)
     assert len(reqs) == 2 and reqs[0].stop == ("\n",) and not reqs[0].do_sample
