@@ -106,6 +106,21 @@ def test_top_p_at_an_exact_boundary_keeps_the_fewest_tokens():
         assert kept.sum() == torch.isfinite(TopPLogitsWarper(top_p=p)(ids, torch.zeros(1, 4))).sum()
 
 
+def test_top_p_over_a_whole_vocabulary_is_exact():
+    # 50257 probabilities summed in order: a low-precision cumulative sum would drift by far more
+    # than the float32 rounding allowed here at the edge of the nucleus
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)) * 2
+    probs = torch.softmax(logits.double(), -1).sort(-1, descending=True).values
+    before = probs.cumsum(-1) - probs
+    for p in (0.3, 0.9, 0.95):
+        kept = torch.isfinite(top_p_filter(logits, p)).sum(-1)
+        want = (before < p).sum(-1)
+        for row in range(4):
+            if kept[row] != want[row]:
+                edge = before[row, min(kept[row], want[row]):max(kept[row], want[row]) + 1]
+                assert (edge - p).abs().max().item() < 1e-5, (p, row, kept[row].item(), want[row].item())
+
+
 @SETTINGS
 @given(logits=logit_rows(), t=st.floats(0.2, 3.0), k=st.integers(1, 70), p=st.floats(0.05, 1.0))
 def test_process_logits_matches_transformers_warper_chain(logits, t, k, p):
@@ -189,6 +204,10 @@ def test_same_seed_same_draws():
 def test_presets_and_validation():
     assert PRESETS["paper"].top_k == 40 and PRESETS["paper"].temperature == 1.0
     assert PRESETS["greedy"].greedy
+    assert PRESETS["nucleus"] == SamplingParams(top_p=0.95) and PRESETS["pure"] == SamplingParams()
+    # 1 is in range (OpenAI's default top_p): no truncation at all
+    assert torch.isfinite(process_logits(torch.randn(2, 30), SamplingParams(top_p=1.0))).all()
+    assert SamplingParams(top_p=1).top_p == 1
     assert SamplingParams.from_preset("paper", temperature=0.7) == SamplingParams(temperature=0.7, top_k=40)
     with pytest.raises(SamplingError, match="sampling preset: expected one of paper"):
         SamplingParams.from_preset("papr")
