@@ -719,3 +719,25 @@ def test_one_workers_error_stops_the_others():
     with pytest.raises(OverlapError, match="bad.txt: not valid UTF-8"):
         overlap._map(_run_job, [(_fails_at_once,), (_reads_for_a_minute,)], 2, desc="8-grams")
     assert time.monotonic() - t0 < 30
+
+
+def test_checksums_of_large_filters_show_progress(planted, tmp_path, monkeypatch, capsys):
+    # verifying (query, fpr, merge, info) and writing a filter hash its whole payload: minutes
+    # for a WebText filter (33 GiB), with nothing on the screen
+    train, test, _, _ = planted
+    monkeypatch.setattr(overlap, "_BAR_BYTES", 1 << 10, raising=False)
+    build_filter(train, tmp_path / "f.bloom", capacity=20_000, fpr=1e-8, progress=True)
+    assert "checksum" in capsys.readouterr().err
+    query([tmp_path / "f.bloom"], [test], progress=True)
+    assert "checksum f.bloom" in capsys.readouterr().err
+    open_filter(tmp_path / "f.bloom", progress=True)
+    assert "checksum f.bloom" in capsys.readouterr().err
+    merge_filters([tmp_path / "f.bloom"], tmp_path / "m.bloom", progress=True)
+    err = capsys.readouterr().err
+    assert "checksum f.bloom" in err and "checksum m.bloom" in err  # the input read, the output written
+    open_filter(tmp_path / "f.bloom")
+    query([tmp_path / "f.bloom"], [test])
+    assert capsys.readouterr().err == ""  # quiet unless asked
+    monkeypatch.setattr(overlap, "_BAR_BYTES", 1 << 40)
+    open_filter(tmp_path / "f.bloom", progress=True)
+    assert capsys.readouterr().err == ""  # and for small filters, which take no time

@@ -372,11 +372,21 @@ def auto_capacity(counted: int, fpr: float) -> int:
 # File container
 
 
-def _payload_checksum(payload: np.ndarray | bytes) -> str:
+# Payloads from this size on get a progress bar while they are hashed (when progress is asked for):
+# a WebText filter at 1e-8 (33 GiB) takes minutes.
+_BAR_BYTES = 1 << 30
+
+
+def _payload_checksum(payload: np.ndarray | bytes, *, progress: bool = False, name: str = "") -> str:
+    from tqdm import tqdm
+
     h = hashlib.blake2b(digest_size=32)
     mv = memoryview(payload).cast("B") if not isinstance(payload, bytes) else memoryview(payload)
-    for i in range(0, len(mv), _CHUNK):
-        h.update(mv[i:i + _CHUNK])
+    with tqdm(total=len(mv), desc=f"checksum {name}".rstrip(), unit="B", unit_scale=True,
+              disable=not progress or len(mv) < _BAR_BYTES) as bar:
+        for i in range(0, len(mv), _CHUNK):
+            h.update(mv[i:i + _CHUNK])
+            bar.update(len(mv[i:i + _CHUNK]))
     return "blake2b-256:" + h.hexdigest()
 
 
@@ -600,7 +610,7 @@ class BloomFilter:
     @classmethod
     @contextlib.contextmanager
     def create(cls, path: str | os.PathLike, *, capacity: int, fpr: float = 1e-8,
-               like: "BloomFilter | None" = None) -> Iterator["BloomFilter"]:
+               like: "BloomFilter | None" = None, progress: bool = False) -> Iterator["BloomFilter"]:
         """An empty filter memory-mapped onto a temporary file beside `path`; when the block exits
         cleanly the header (with checksum) is written and the file renamed to `path`.
 
@@ -618,30 +628,31 @@ class BloomFilter:
             bf = cls(bits, capacity=capacity, fpr_target=fpr, m_bits=m, k_hashes=k, path=path, hash_scheme=scheme)
             yield bf
             bits.flush()
-            header = bf.header()
+            header = bf.header(progress=progress)
             with open(tmp, "r+b") as f:
                 f.write(_header_bytes(header))
             bf.bits = np.asarray(bits)  # keep the object usable; the memmap goes with `bits`
             del bits
 
     @classmethod
-    def from_header(cls, path: Path, header: dict, *, verify: bool = True) -> "BloomFilter":
+    def from_header(cls, path: Path, header: dict, *, verify: bool = True, progress: bool = False) -> "BloomFilter":
         m = header["m_bits"]
         if header["payload_bytes"] != m // 8 or m % 64 or not 1 <= header["k_hashes"] <= 64:
             raise FilterFileError(path, f"inconsistent header: m_bits={m}, k_hashes={header['k_hashes']}, "
                                         f"payload_bytes={header['payload_bytes']}")
         bits = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(m // 8,))
-        if verify and _payload_checksum(bits) != header["checksum"]:
+        if verify and _payload_checksum(bits, progress=progress, name=path.name) != header["checksum"]:
             raise FilterFileError(path, "payload checksum mismatch: the bit array is damaged")
         return cls(bits, capacity=header["capacity"], fpr_target=header["fpr_target"], m_bits=m,
                    k_hashes=header["k_hashes"], n_added=header["n_added"], n_documents=_header_documents(path, header),
                    path=path, hash_scheme=header["hash_scheme"])
 
-    def header(self) -> dict:
+    def header(self, *, progress: bool = False) -> dict:
         return _with_documents({
             "kind": "bloom", "ngram": NGRAM, "normalization": NORMALIZATION, "hash_scheme": self.hash_scheme,
             "capacity": self.capacity, "fpr_target": self.fpr_target, "m_bits": self.m, "k_hashes": self.k,
-            "n_added": self.n_added, "payload_bytes": self.m // 8, "checksum": _payload_checksum(self.bits),
+            "n_added": self.n_added, "payload_bytes": self.m // 8,
+            "checksum": _payload_checksum(self.bits, progress=progress, name=self.path.name if self.path else ""),
         }, self.n_documents)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -795,11 +806,11 @@ class ExactSet:
                 f.write(payload)
 
     @classmethod
-    def from_header(cls, path: Path, header: dict, *, verify: bool = True) -> "ExactSet":
+    def from_header(cls, path: Path, header: dict, *, verify: bool = True, progress: bool = False) -> "ExactSet":
         with open(path, "rb") as f:
             f.seek(HEADER_BYTES)
             payload = f.read()
-        if verify and _payload_checksum(payload) != header["checksum"]:
+        if verify and _payload_checksum(payload, progress=progress, name=path.name) != header["checksum"]:
             raise FilterFileError(path, "payload checksum mismatch: the 8-gram list is damaged")
         try:
             grams = payload.decode("utf-8").split("\n") if payload else []
@@ -830,12 +841,13 @@ def _header_documents(path: Path, header: dict) -> int | None:
     return n
 
 
-def open_filter(path: str | os.PathLike, *, verify: bool = True) -> Filter:
-    """Open a `.bloom` file (memory-mapped) or an exact set; `verify` checks the payload checksum."""
+def open_filter(path: str | os.PathLike, *, verify: bool = True, progress: bool = False) -> Filter:
+    """Open a `.bloom` file (memory-mapped) or an exact set; `verify` checks the payload checksum
+    (with a progress bar for large files when `progress`)."""
     path = Path(path)
     header = read_header(path)
     cls = BloomFilter if header["kind"] == "bloom" else ExactSet
-    return cls.from_header(path, header, verify=verify)
+    return cls.from_header(path, header, verify=verify, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1101,7 +1113,7 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
                  "for the noise of the fill check", f"{counted:,}", f"{capacity - counted:,}")
 
     if len(jobs) == 1:
-        with BloomFilter.create(out, capacity=capacity, fpr=fpr) as bf:
+        with BloomFilter.create(out, capacity=capacity, fpr=fpr, progress=progress) as bf:
             with tqdm(desc="8-grams", unit=" doc", disable=not progress) as bar:
                 n_docs, n_grams = _fill(bf, jobs[0].documents(), allow_overfill=allow_overfill, progress=bar)
             _require_ngrams(n_grams, inputs)
@@ -1115,7 +1127,7 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
                        len(jobs), desc="8-grams", progress=progress)
         n_docs, n_grams = sum(r[0] for r in results), sum(r[1] for r in results)
         _require_ngrams(n_grams, inputs)
-        summary = merge_filters(shards, out, allow_overfill=allow_overfill, verify=False)
+        summary = merge_filters(shards, out, allow_overfill=allow_overfill, verify=False, progress=progress)
     return BuildSummary(str(out), "bloom", n_docs, n_grams, summary.stats)
 
 
@@ -1228,7 +1240,7 @@ def _final_check(bf: BloomFilter, allow_overfill: bool) -> dict:
 
 
 def merge_filters(paths: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                  allow_overfill: bool = False, verify: bool = True) -> BuildSummary:
+                  allow_overfill: bool = False, verify: bool = True, progress: bool = False) -> BuildSummary:
     """The union of filters with equal parameters: bitwise OR of Bloom filters, union of exact sets."""
     paths = _as_paths(paths)
     if len(paths) < 1:
@@ -1247,7 +1259,7 @@ def merge_filters(paths: str | os.PathLike | Sequence[str | os.PathLike], out: s
         if diff:
             detail = ", ".join(f"{k}: {first.get(k)!r} vs {h.get(k)!r}" for k in diff)
             raise OverlapError(f"cannot merge {paths[0]} and {p}: different parameters ({detail})")
-    filters = [open_filter(p, verify=verify) for p in paths]
+    filters = [open_filter(p, verify=verify, progress=progress) for p in paths]
     docs = [f.n_documents for f in filters]
     n_documents = None if None in docs else sum(docs)
     if first["kind"] == "exact":
@@ -1256,7 +1268,7 @@ def merge_filters(paths: str | os.PathLike | Sequence[str | os.PathLike], out: s
             es.grams |= f.grams
         es.save(out)
         return BuildSummary(str(out), "exact", n_documents, es.n_added, es.stats())
-    with BloomFilter.create(out, capacity=0, like=filters[0]) as bf:
+    with BloomFilter.create(out, capacity=0, like=filters[0], progress=progress) as bf:
         for i in range(0, bf.bits.size, _CHUNK):
             chunk = np.array(filters[0].bits[i:i + _CHUNK])
             for f in filters[1:]:
@@ -1507,7 +1519,7 @@ def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
         filters = {_unique_label(p, filters): p for p in filters}
     if not filters or not test_sets:
         raise OverlapError("query needs at least one filter and one test set")
-    opened = {name: (open_filter(f, verify=verify) if isinstance(f, (str, os.PathLike)) else f)
+    opened = {name: (open_filter(f, verify=verify, progress=progress) if isinstance(f, (str, os.PathLike)) else f)
               for name, f in filters.items()}
     finfo = []
     for name, f in opened.items():

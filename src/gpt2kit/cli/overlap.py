@@ -106,7 +106,8 @@ def _build(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from ..overlap import merge_filters
 
-    s = merge_filters(args.filters, args.out, allow_overfill=args.allow_overfill, verify=not args.no_verify)
+    s = merge_filters(args.filters, args.out, allow_overfill=args.allow_overfill, verify=not args.no_verify,
+                      progress=True)
     print(f"merged {len(args.filters)} filters -> {s.line()}")
     return 0
 
@@ -146,7 +147,7 @@ def _fpr(args: argparse.Namespace) -> int:
 
     # before the filter is read and verified, which for a large one takes minutes
     samples, seed = check_fpr_options(_whole_number(args.samples, "--samples"), args.seed)
-    flt = open_filter(args.filter, verify=not args.no_verify)
+    flt = open_filter(args.filter, verify=not args.no_verify, progress=True)
     if not isinstance(flt, BloomFilter):
         raise OverlapError(f"{args.filter}: an exact set has no false positives; fpr needs a Bloom filter")
     r = measure_fpr(flt, samples, seed=seed)
@@ -160,6 +161,6 @@ def _info(args: argparse.Namespace) -> int:
     from ..overlap import json_safe, open_filter, read_header
 
     header = read_header(args.filter)
-    stats = open_filter(args.filter, verify=True).stats()
+    stats = open_filter(args.filter, verify=True, progress=True).stats()
     print(json.dumps(json_safe({"header": header, "stats": stats}), indent=2))
     return 0
