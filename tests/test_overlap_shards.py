@@ -26,3 +26,34 @@ def test_shard_folders_are_decoded_and_cut_at_endoftext(tmp_path, monkeypatch):
         assert r.percent == 100.0 and r.ngrams > 0
     (r,) = query([tmp_path / "train.bloom"], [tmp_path / "corpus.txt"]).results
     assert 50.0 < r.percent < 100.0  # the validation fifth is not in the training filter
+
+
+def test_a_long_document_in_shards_is_not_held_as_tokens(tmp_path, monkeypatch):
+    # Without a validation split, a one-document corpus has no <|endoftext|> at all: the document
+    # was carried as a growing int64 array (copied again at every 4M-token chunk) and decoded from
+    # a Python list of all its ids (~36 bytes per token); it is now kept as its bytes only.
+    import tracemalloc
+
+    words = [f"w{i % 997}x{i % 991}" for i in range(60_000)]
+    (tmp_path / "one.txt").write_text(" ".join(words))
+    prepare([tmp_path / "one.txt"], tmp_path / "prep", shard_tokens=50_000, val_fraction=0)
+    monkeypatch.setattr(overlap, "_SHARD_CHUNK", 4096)
+    from gpt2kit.tokenizer import Tokenizer
+
+    load, loaded = Tokenizer.from_pretrained, []
+
+    def measured_from_here(*args, **kwargs):  # the tokenizer's own tables are not the document's
+        tok = load(*args, **kwargs)
+        loaded.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.reset_peak()
+        return tok
+
+    monkeypatch.setattr(Tokenizer, "from_pretrained", measured_from_here)
+    tracemalloc.start()
+    try:
+        (doc,) = iter_shard_documents(tmp_path / "prep", "train")
+        peak = tracemalloc.get_traced_memory()[1] - loaded[0]
+    finally:
+        tracemalloc.stop()
+    assert doc == " ".join(words)
+    assert peak < 4 * len(doc) + 1_000_000, (peak, len(doc))  # the ids as a list: ~36 bytes per token

@@ -895,19 +895,31 @@ def iter_shard_documents(folder: str | os.PathLike, split: str = "train") -> Ite
         raise InputFileError(folder / "meta.json", "tokenizer fingerprint does not match the folder's tokenizer/")
     stream = TokenStream(folder, split)
     eot = tok.eot_token
-    carry = np.zeros(0, dtype=np.int64)  # a document may continue into the next chunk or shard
+    # the bytes of the document so far: it may continue into the next chunk or shard (without a
+    # validation split, a one-document corpus has no <|endoftext|> at all). Kept as bytes, not ids,
+    # and decoded once whole, as a UTF-8 character may be split between two chunks.
+    pieces: list[bytes] = []
+
+    def document() -> str:
+        text = b"".join(pieces).decode("utf-8", errors="replace")  # as Tokenizer.decode does
+        pieces.clear()
+        return text
+
     step = _SHARD_CHUNK
     for shard in stream.shards:
         for lo in range(0, len(shard), step):
-            tokens = np.concatenate([carry, np.asarray(shard[lo:lo + step], dtype=np.int64)])
+            tokens = np.asarray(shard[lo:lo + step], dtype=np.int64)
             start = 0
             for c in np.flatnonzero(tokens == eot).tolist():
                 if c > start:
-                    yield tok.decode(tokens[start:c].tolist())
+                    pieces.append(tok.decode_bytes(tokens[start:c]))
+                if pieces:
+                    yield document()
                 start = c + 1
-            carry = tokens[start:]
-    if len(carry):
-        yield tok.decode(carry.tolist())
+            if start < len(tokens):
+                pieces.append(tok.decode_bytes(tokens[start:]))
+    if pieces:
+        yield document()
 
 
 def iter_source_documents(path: Path, *, field: str = "text", split: str = "train") -> Iterator[str]:
