@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from decimal import Decimal, InvalidOperation
 
 from ..errors import InputFileError
@@ -138,7 +139,8 @@ def _query(args: argparse.Namespace) -> int:
         print(report.to_markdown(), end="")
     if args.out_dir:
         written = report.write(args.out_dir)
-        print("wrote " + ", ".join(map(str, written)))
+        # on stderr: stdout is the report itself, for `> report.md` or `--json | jq`
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 0
 
 
