@@ -422,7 +422,9 @@ def test_a_burst_past_the_queue_gets_429(tok):
                 return await asyncio.gather(*[one(client, i) for i in range(10)])
 
         results = asyncio.run(burst())
-        assert sorted(code for code, _ in results) == [200] * 3 + [429] * 7  # 1 running + 2 in line
+        codes = [code for code, _ in results]
+        # 1 running + 2 in line; (one more only if the burst took longer than a whole request, ~1.5 s)
+        assert set(codes) == {200, 429} and 3 <= codes.count(200) <= 4, codes
         assert all(body["error"]["code"] == "rate_limit_exceeded" for code, body in results if code == 429)
         # nothing is left counted: the next requests are served
         for _ in range(3):
