@@ -1079,9 +1079,10 @@ def _check_fpr(fpr: float) -> None:
         raise OverlapError(f"--fpr must be in [1e-15, 1), got {fpr}")
 
 
-def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *, capacity: int | None = None,
-                 fpr: float | None = None, exact: bool = False, workers: int = 1, field: str = "text",
-                 split: str = "train", allow_overfill: bool = False, progress: bool = False) -> BuildSummary:
+def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                 capacity: int | None = None, fpr: float | None = None, exact: bool = False, workers: int = 1,
+                 field: str = "text", split: str = "train", allow_overfill: bool = False,
+                 progress: bool = False) -> BuildSummary:
     """Insert every normalized 8-gram of `inputs` into a new filter file `out`.
 
     `capacity=None` sizes the filter from a first pass that counts the 8-grams (an upper bound on
