@@ -240,6 +240,20 @@ def test_resolver_refuses_mixed_and_private_answers():
             await r.resolve("evil.test")
         with pytest.raises(Exception, match="not allowed"):
             await r.resolve("169.254.169.254")
+        # a DNS answer listing a public address first and a private one after it: refused as a whole
+        import socket
+
+        answers = {"mixed.test": ["93.184.216.34", "10.0.0.7"], "mixed2.test": ["10.0.0.7", "93.184.216.34"],
+                   "two.test": ["93.184.216.34", "93.184.216.35"]}
+
+        async def getaddrinfo(host, port, **kw):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in answers[host]]
+
+        asyncio.get_running_loop().getaddrinfo = getaddrinfo
+        for host in ("mixed.test", "mixed2.test"):
+            with pytest.raises(Exception, match="10.0.0.7, which is not allowed"):
+                await r.resolve(host)
+        assert await r.resolve("two.test") == "93.184.216.34"
 
     asyncio.run(go())
 
