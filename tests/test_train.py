@@ -699,3 +699,17 @@ def test_adamw_kernel_declines_what_it_does_not_implement():
     assert declines(hooked)
     if not T_KERNELS:
         assert declines(lambda ps: torch.optim.AdamW(ps, fused=True))
+
+
+def test_machines_with_different_data_are_refused(shards, tmp_path, text_dir):
+    # the same --data path holding other shards on one machine: each rank read windows of its
+    # own corpus at the same offsets, and nothing said so
+    other = tmp_path / "other"
+    prepare([text_dir], other, tokenizer=str(shards / "tokenizer"), val_fraction=0.2, segment_chars=2000)
+    out = tmp_path / "run"
+    results = _two_nodes(*([*_train_cmd(shards, out, "--max_steps", "2")[3:], "--data", str(data)]
+                           for data in (shards, other)))
+    stderr = results[0][1] + results[1][1]
+    assert all(code != 0 for _, _, code in results)
+    assert "the ranks read different prepared data" in stderr, stderr[-3000:]
+    assert not (out / "checkpoints").exists()

@@ -887,14 +887,35 @@ def _all_mean(value, dist_: _Dist):
     return value
 
 
+def _every_rank(value, dist_: _Dist) -> list:
+    """`value` as each rank has it, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    seen: list = [None] * dist_.world
+    dist.all_gather_object(seen, value)
+    return seen
+
+
+def _check_same_data(meta: dict, dist_: _Dist, folder: str) -> None:
+    """Refuse, on every rank, shards that differ between machines (the same path, other
+    contents): each rank would read its own corpus at the batch's offsets, silently. Compared
+    by content (tokenizer, shard names and counts), not by meta.json, which records where the
+    inputs were read from."""
+    import hashlib
+
+    content = json.dumps({"tokenizer": meta["tokenizer"]["fingerprint"], "splits": meta["splits"]}, sort_keys=True)
+    seen = _every_rank(hashlib.sha256(content.encode()).hexdigest()[:12], dist_)
+    if len(set(seen)) > 1:
+        views = ", ".join(f"rank {r}: {h}" for r, h in enumerate(seen))
+        raise TrainError(f"{folder}: the ranks read different prepared data ({views}); every machine needs the "
+                         "same shards (copy the folder, or prepare it with the same inputs and settings)")
+
+
 def _check_same_checkpoint(resume_from: Path | None, dist_: _Dist, out: Path) -> None:
     """Refuse, on every rank, a resume where the ranks found different checkpoints: on machines
     that do not share out_dir, the others would start over at step 0, and their collectives
     would stop matching (a hang until the process group's timeout)."""
-    import torch.distributed as dist
-
-    seen: list = [None] * dist_.world
-    dist.all_gather_object(seen, resume_from.name if resume_from is not None else None)
+    seen = _every_rank(resume_from.name if resume_from is not None else None, dist_)
     if len(set(seen)) > 1:
         views = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(seen))
         raise TrainError(f"{out}: the ranks see different checkpoints to resume from ({views}); under torchrun "
@@ -1052,6 +1073,8 @@ def train(cfg: TrainConfig) -> dict:
     device = _resolve_device(cfg, dist_.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if dist_.enabled:
+        _check_same_data(meta, dist_, cfg.data)
     if cfg.fsdp and not dist_.enabled:
         log.info("fsdp = true with one process: nothing to shard, training unsharded")
     world = dist_.world
