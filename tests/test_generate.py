@@ -3,6 +3,7 @@ cache-free reference, stop strings, seeds, n samples, and streaming that never s
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -206,6 +207,57 @@ def test_seed_n_and_batches(model, tok):
     assert paper.token_ids == generate(model, tok, "Hi", max_new_tokens=12, seed=3, top_k=40)[0].token_ids
 
 
+def eot_model(config: GPT2Config, eot: int) -> GPT2:
+    """A random model whose next token is always `eot`: ln_f outputs one constant vector, along
+    which the embedding row of `eot` is by far the longest."""
+    m = peaked(config)
+    with torch.no_grad():
+        direction = torch.zeros(config.n_embd)
+        direction[0] = 10.0
+        m.transformer.wte.weight[eot] = direction
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(direction)
+    return m
+
+
+def test_end_of_text_ends_a_sample_unless_told_otherwise(tok):
+    m = eot_model(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64), tok.eot_token)
+    done = generate(m, tok, ["Hello", "Bye"], max_new_tokens=5, do_sample=False)
+    assert [(c.text, c.token_ids, c.finish_reason) for c in done] == [("", [], "stop")] * 2
+    on = generate(m, tok, "Hello", max_new_tokens=5, do_sample=False, stop_at_eot=False)[0]
+    assert on.token_ids == [tok.eot_token] * 5 and on.finish_reason == "length"
+    assert on.text == "<|endoftext|>" * 5
+
+
+def test_n_samples_come_prompt_by_prompt(model, tok):
+    one = [generate(model, tok, p, max_new_tokens=8, do_sample=False)[0].token_ids for p in ("Hi", "Hello there")]
+    both = generate(model, tok, ["Hi", "Hello there"], max_new_tokens=8, do_sample=False, n=2)
+    assert [c.token_ids for c in both] == [one[0], one[0], one[1], one[1]]
+    assert [c.prompt_token_ids for c in both] == [tok.encode("Hi")] * 2 + [tok.encode("Hello there")] * 2
+
+
+def test_decoding_stops_when_every_row_is_finished_or_cancelled(model):
+    finished = [False, False]
+    steps = 0
+    for _ in generate_tokens(model, [[1, 2], [3]], GREEDY, max_new_tokens=10, finished=finished):
+        steps += 1
+        finished[steps - 1] = True  # row 0 after the first step, row 1 after the second
+    assert steps == 2
+    cancel = threading.Event()
+    steps = 0
+    for _ in generate_tokens(model, [[1, 2]], GREEDY, max_new_tokens=10, cancel=cancel):
+        steps += 1
+        cancel.set()
+    assert steps == 1
+
+
+def test_the_stop_string_that_begins_first_wins(tok):
+    # " world" completes both stop strings at once: the text ends where the earlier one begins,
+    # whichever of them the list names first
+    pieces, whole = feed(tok, tok.encode("Hello world"), stop=["d", "o w"])
+    assert whole == "".join(pieces) == "Hell"
+
+
 def test_logprobs_are_the_models(model, tok):
     c = generate(model, tok, "Scores", max_new_tokens=5, do_sample=False, top_logprobs=3)[0]
     ids = torch.tensor([c.prompt_token_ids + c.token_ids])
@@ -215,6 +267,11 @@ def test_logprobs_are_the_models(model, tok):
     want = [logp[n - 1 + i, t].item() for i, t in enumerate(c.token_ids)]
     assert c.logprobs == pytest.approx(want, abs=1e-4)
     assert all(next(iter(top)) == t for top, t in zip(c.top_logprobs, c.token_ids))  # greedy = the best
+    # sampled with a temperature and top-k: still the model's own log-probabilities (as OpenAI reports)
+    hot = generate(model, tok, "Scores", max_new_tokens=5, temperature=0.5, top_k=3, seed=0, top_logprobs=1)[0]
+    with torch.no_grad():
+        hot_logp = torch.log_softmax(model(torch.tensor([hot.prompt_token_ids + hot.token_ids]))[0].float(), -1)
+    assert hot.logprobs == pytest.approx([hot_logp[n - 1 + i, t].item() for i, t in enumerate(hot.token_ids)], abs=1e-4)
     scored, tops = prompt_logprobs(model, ids[0].tolist(), 2)
     assert scored[0] is None and tops[0] is None
     assert scored[n:] == pytest.approx(want, abs=1e-4)
@@ -258,6 +315,9 @@ def test_bad_prompt_token_ids_are_named(model, tok):
                 list(stream_generate(model, tok, bad[0], max_new_tokens=2))
     with pytest.raises(GenerationError, match="prompt 1: token id 50257"):
         generate(model, tok, [[1], [2, 50257]], max_new_tokens=2)
+    small_vocab = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64, vocab_size=300))
+    with pytest.raises(GenerationError, match=r"prompt 0: token id 300 is invalid; expected an integer in \[0, 300\)"):
+        generate(small_vocab, tok, [[5, 300]], max_new_tokens=2)  # the model's vocabulary bounds the ids
     as_arrays = generate(model, tok, [np.array([15496, 995]), torch.tensor([15496, 995])], max_new_tokens=3,
                          do_sample=False)
     assert [c.token_ids for c in as_arrays] == [generate(model, tok, [15496, 995], max_new_tokens=3,
