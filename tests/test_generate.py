@@ -137,6 +137,19 @@ def test_fast_paths_keep_the_logits(model, tok):
     assert a == generate(model, tok, "x", max_new_tokens=10, seed=1)[0].token_ids
 
 
+def test_inference_form_without_the_kernels_keeps_the_logits(model, tok, monkeypatch):
+    # no C++ compiler (or GPT2KIT_KERNELS=0): optimize_for_cpu stores the weights input-major instead
+    monkeypatch.setattr(gpt2kit.kernels, "_library", lambda: None)
+    fast = optimize_for_cpu(model)
+    assert type(fast.transformer.h[0].mlp.c_fc) is not type(model.transformer.h[0].mlp.c_fc)
+    ids = torch.tensor([[tok.eot_token, 0, 15496], [995, tok.eot_token, 1]])  # the first and last ids too
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(ids[:1, :1]), model(ids[:1, :1]), atol=1e-5, rtol=1e-5)
+    assert generate(fast, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids == \
+        generate(model, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids
+
+
 def test_cache_and_sliding_window_match_a_cache_free_reference(tok):
     m = peaked(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=16), seed=1)
     prompt = list(range(100, 111))  # 11 tokens, then 30 new ones: the window slides twice
