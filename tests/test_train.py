@@ -713,3 +713,16 @@ def test_machines_with_different_data_are_refused(shards, tmp_path, text_dir):
     assert all(code != 0 for _, _, code in results)
     assert "the ranks read different prepared data" in stderr, stderr[-3000:]
     assert not (out / "checkpoints").exists()
+
+
+def test_machines_with_different_settings_are_refused(shards, tmp_path):
+    # one machine's command line with another lr: each rank stepped its own copy of the weights
+    # with its own learning rate from the same averaged gradients, and the copies drifted apart
+    # silently (another batch_size or eval_interval: mismatched collectives, a hang)
+    out = tmp_path / "run"
+    base = _train_cmd(shards, out, "--max_steps", "2", "--threads", "1")[3:]
+    results = _two_nodes(base + ["--lr", "0.003"], base + ["--lr", "0.001", "--threads", "2"])
+    stderr = results[0][1] + results[1][1]
+    assert all(code != 0 for _, _, code in results)
+    assert "the ranks run different settings: lr (rank 0: 0.00" in stderr, stderr[-3000:]
+    assert "threads" not in stderr.split("different settings")[1].splitlines()[0]  # a per-machine setting

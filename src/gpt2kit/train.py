@@ -911,6 +911,23 @@ def _check_same_data(meta: dict, dist_: _Dist, folder: str) -> None:
                          "same shards (copy the folder, or prepare it with the same inputs and settings)")
 
 
+# Settings that may differ between machines: paths and hardware, and what only rank 0 uses.
+_PER_MACHINE = ("data", "out_dir", "device", "threads", "progress", "tensorboard", "plot", "peak_tflops", "keep_last")
+
+
+def _check_same_settings(cfg: TrainConfig, dist_: _Dist) -> None:
+    """Refuse, on every rank, settings that differ between ranks (one machine's command line
+    with another value): another lr or weight decay lets the ranks' copies of the weights drift
+    apart silently; another batch size or interval mismatches the collectives (a hang)."""
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PER_MACHINE}
+    seen = _every_rank(mine, dist_)
+    differ = [k for k in mine if len({repr(s[k]) for s in seen}) > 1]
+    if differ:
+        views = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {s[k]!r}" for r, s in enumerate(seen)) + ")"
+                          for k in differ)
+        raise TrainError(f"the ranks run different settings: {views}; give every machine the same config and options")
+
+
 def _check_same_checkpoint(resume_from: Path | None, dist_: _Dist, out: Path) -> None:
     """Refuse, on every rank, a resume where the ranks found different checkpoints: on machines
     that do not share out_dir, the others would start over at step 0, and their collectives
@@ -1074,6 +1091,7 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist_.enabled:
+        _check_same_settings(cfg, dist_)
         _check_same_data(meta, dist_, cfg.data)
     if cfg.fsdp and not dist_.enabled:
         log.info("fsdp = true with one process: nothing to shard, training unsharded")
