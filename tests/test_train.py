@@ -352,6 +352,19 @@ def test_resuming_a_finished_run_under_torchrun_says_so_once(shards, tmp_path):
     assert r.stdout.count("nothing to train") == 1 and r.stderr.count("nothing to train") == 1, (r.stdout, r.stderr)
 
 
+def test_resume_notices_under_torchrun_come_once(shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gpt2kit", *_train_cmd(shards, run, "--max_steps", "2", "--resume")[3:]]
+    r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("no checkpoint to resume from") == 1, r.stderr
+    T.train(cfg_for(shards, run, max_steps=4, resume=True))  # the next checkpoint by one process
+    r = subprocess.run([*cmd[:-3], "--max_steps", "6", "--resume"], env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("saved with 1 rank(s), resuming with 2: RNG streams re-seeded") == 1, r.stderr
+
+
 def _two_nodes(argv0, argv1, timeout=120):
     """Two torchrun launchers of one process each, rendezvousing as two machines do."""
     sock = socket.socket()

@@ -1108,7 +1108,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and dist_.enabled:
         _check_same_checkpoint(resume_from, dist_, out)
     if cfg.resume and resume_from is None:
-        log.info("%s: no checkpoint to resume from; starting from scratch", out)
+        if dist_.main:
+            log.info("%s: no checkpoint to resume from; starting from scratch", out)
     elif not cfg.resume and ckpts.latest() is not None:
         raise TrainError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another out_dir")
 
@@ -1193,7 +1194,9 @@ def train(cfg: TrainConfig) -> dict:
         if len(rngs) == world:
             _set_rng_state(rngs[dist_.rank], device)
         else:
-            log.warning("%s: saved with %d rank(s), resuming with %d: RNG streams re-seeded", resume_from, len(rngs), world)
+            if dist_.main:
+                log.warning("%s: saved with %d rank(s), resuming with %d: RNG streams re-seeded", resume_from,
+                            len(rngs), world)
             torch.manual_seed(cfg.seed + start_step + dist_.rank)
         if dist_.main:
             log.info("resuming from %s (step %d)", resume_from, start_step)
