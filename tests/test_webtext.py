@@ -165,6 +165,14 @@ def test_links_a_lone_surrogate_in_a_url_is_a_bad_url_not_a_crash(tmp_path):
     assert (totals["bad_url"], totals["bad_lines"], totals["kept"], totals["links"]) == (2, 1, 1, 1)
 
 
+def test_links_drop_every_wikipedia_domain_and_no_other(tmp_path):
+    lines = [json.dumps(post(u)).encode() for u in (
+        "https://www.wikiwand.com/en/Flood", "http://en.wikipedia.com/wiki/Flood", "https://de.m.wikipedia.org/wiki/Flut",
+        "https://WIKIPEDIA.org/", "http://notwikipedia.org/a", "http://wikipedia.org.example/a")]
+    totals = links_of_lines(tmp_path, lines)
+    assert (totals["wikipedia"], totals["kept"]) == (4, 2)
+
+
 def test_links_non_finite_numbers_are_bad_lines_not_a_crash(tmp_path):
     """JSON's NaN/Infinity (Python writes them) and their string forms are not a score or a time."""
     lines = [b'{"url": "http://a.example/1", "score": NaN, "created_utc": 1500000000}',
@@ -342,6 +350,10 @@ def test_extract_page_verdicts():
     assert extract_page(html(f"<p>{ENGLISH}</p>"), "https://en.wikipedia.org/wiki/X", cfg)[0] == "wikipedia"
     canon = "<link rel='canonical' href='https://en.wikipedia.org/wiki/Flood'>"
     assert extract_page(html(f"<p>{ENGLISH}</p>", canon), "http://mirror.example/Flood", cfg)[0] == "wikipedia_mirror"
+    mobile = "<link rel='canonical' href='https://en.m.wikipedia.org/wiki/Flood'>"   # a copy of the mobile site
+    assert extract_page(html(f"<p>{ENGLISH}</p>", mobile), "http://mirror.example/Flood", cfg)[0] == "wikipedia_mirror"
+    og = "<meta property='og:url' content='https://de.m.wikipedia.org/wiki/Flut'>"
+    assert extract_page(html(f"<p>{ENGLISH}</p>", og), "http://mirror.example/Flut", cfg)[0] == "wikipedia_mirror"
     copy = f"<p>From Wikipedia, the free encyclopedia</p><p>{ENGLISH}</p>"
     assert extract_page(html(copy), "http://mirror.example/Flood", cfg)[0] == "wikipedia_mirror"
     assert extract_page(b"<html><body><div><p>unclosed <b>tags <<>> &bogus;", "http://n.example/a", cfg)[0] in (
