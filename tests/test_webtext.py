@@ -511,6 +511,10 @@ def test_near_duplicates_greedy_keeps_first_of_each_group():
     sigs = np.stack([minhash_signature(t, cfg) for t in texts])
     bands, rows = lsh_params(0.5, 128)
     assert near_duplicates(sigs, 0.5, bands, rows).tolist() == [-1, -1, 0, -1]
+    # an estimated similarity exactly at the threshold (64 of 128 values agree) is a duplicate
+    half = np.stack([np.arange(128, dtype=np.uint32), np.r_[np.arange(64), np.arange(1000, 1064)].astype(np.uint32)])
+    assert near_duplicates(half, 0.5, bands, rows).tolist() == [-1, 0]
+    assert near_duplicates(half, 0.51, bands, rows).tolist() == [-1, -1]
 
 
 def _extract_stage(work: Path, shards: list[list[dict]]) -> None:
