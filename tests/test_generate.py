@@ -280,6 +280,9 @@ def test_logprobs_are_the_models(model, tok):
     want = [logp[n - 1 + i, t].item() for i, t in enumerate(c.token_ids)]
     assert c.logprobs == pytest.approx(want, abs=1e-4)
     assert all(next(iter(top)) == t for top, t in zip(c.top_logprobs, c.token_ids))  # greedy = the best
+    best = logp[n - 1:-1].topk(3, dim=-1)
+    for top, values, ids_ in zip(c.top_logprobs, best.values.tolist(), best.indices.tolist()):
+        assert list(top) == ids_ and list(top.values()) == pytest.approx(values, abs=1e-4)
     # sampled with a temperature and top-k: still the model's own log-probabilities (as OpenAI reports)
     hot = generate(model, tok, "Scores", max_new_tokens=5, temperature=0.5, top_k=3, seed=0, top_logprobs=1)[0]
     with torch.no_grad():
