@@ -165,6 +165,15 @@ def test_links_a_lone_surrogate_in_a_url_is_a_bad_url_not_a_crash(tmp_path):
     assert (totals["bad_url"], totals["bad_lines"], totals["kept"], totals["links"]) == (2, 1, 1, 1)
 
 
+@pytest.mark.parametrize("name", ["RS_2017-07.zst", "RS_2017-07.ndjson", "RS_2017-07.gz"])
+def test_links_a_dump_without_a_final_newline_keeps_its_last_post(tmp_path, name):
+    data = b"\n".join(json.dumps(post(f"http://site{i}.example/p")).encode() for i in range(3))
+    packed = {".zst": long_window_zst, ".gz": gzip.compress}.get(Path(name).suffix, lambda d: d)(data)
+    (tmp_path / name).write_bytes(packed)
+    totals = collect_links(tmp_path / "w", [tmp_path / name], LinksConfig(shards=1))
+    assert (totals["lines"], totals["kept"], totals["links"], totals["truncated_files"]) == (3, 3, 3, 0)
+
+
 def test_links_drop_every_wikipedia_domain_and_no_other(tmp_path):
     lines = [json.dumps(post(u)).encode() for u in (
         "https://www.wikiwand.com/en/Flood", "http://en.wikipedia.com/wiki/Flood", "https://de.m.wikipedia.org/wiki/Flut",
