@@ -446,3 +446,26 @@ def test_bad_configs_and_mismatched_tokenizers_name_the_file(tmp_path):
     with pytest.raises(WeightsError, match=r"the tokenizer has 50257 tokens, more than the model's vocab_size 50"):
         GPT2(CFG).save_pretrained(tmp_path / "mismatch", tokenizer=Tokenizer.gpt2())
     assert not (tmp_path / "mismatch").exists()
+
+
+def test_layer_norm_epsilon_and_dropout_travel_with_the_config(tmp_path):
+    # an epsilon far from the default changes every LayerNorm: lost on the way out or in, the
+    # logits move (std 0.02 embeddings have a variance well below 0.05)
+    torch.manual_seed(0)
+    ours = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_ctx=16, layer_norm_epsilon=0.05)).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    assert hf.config.layer_norm_epsilon == 0.05
+    assert_same_logits(ours, hf)
+    assert GPT2.from_pretrained(str(tmp_path / "ours")).config.layer_norm_epsilon == 0.05
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16, layer_norm_epsilon=0.05,
+        resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = GPT2.from_pretrained(str(tmp_path / "theirs"))
+    assert (loaded.config.layer_norm_epsilon, loaded.config.dropout) == (0.05, 0.3)
+    assert_same_logits(loaded, theirs)
+    # transformers sizes the position table by n_positions; an n_ctx beside it (older configs) is stale
+    config = tmp_path / "theirs" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "n_ctx": 1024}))
+    assert GPT2.from_pretrained(str(tmp_path / "theirs")).config.n_ctx == 16
