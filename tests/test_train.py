@@ -739,3 +739,29 @@ def test_machines_with_different_settings_are_refused(shards, tmp_path):
     assert all(code != 0 for _, _, code in results)
     assert "the ranks run different settings: lr (rank 0: 0.00" in stderr, stderr[-3000:]
     assert "threads" not in stderr.split("different settings")[1].splitlines()[0]  # a per-machine setting
+
+
+def test_resume_between_fsdp_and_unsharded_runs(shards, tmp_path):
+    # an fsdp checkpoint's optimizer state is keyed by parameter name and carries its non-fused
+    # options: resuming it in one process crashed in AdamW, and an unsharded checkpoint resumed
+    # with fsdp = true crashed with KeyError 'state.0.step' (clipping on at every step: the
+    # fused step folds it into the optimizer)
+    ref = tmp_path / "ref"
+    T.train(cfg_for(shards, ref, max_steps=4, micro_batch_size=2, grad_clip=0.1))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gpt2kit"]
+    sharded = tmp_path / "sharded"
+    r = subprocess.run([*torchrun, *_train_cmd(shards, sharded, "--max_steps", "2", "--micro_batch_size", "2", "--grad_clip", "0.1",
+                                               "--fsdp", "true")[3:]], env=_cli_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    T.train(cfg_for(shards, sharded, max_steps=4, micro_batch_size=2, grad_clip=0.1, resume=True))
+    plain = tmp_path / "plain"
+    T.train(cfg_for(shards, plain, max_steps=2, micro_batch_size=2, grad_clip=0.1))
+    r = subprocess.run([*torchrun, *_train_cmd(shards, plain, "--max_steps", "4", "--micro_batch_size", "2", "--grad_clip", "0.1",
+                                               "--fsdp", "true", "--resume")[3:]], env=_cli_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = losses(ref)
+    for run in (sharded, plain):  # the optimizer's moments carried over: the uninterrupted run's losses
+        got = losses(run)
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in want), (run.name, got, want)

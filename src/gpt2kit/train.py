@@ -1186,7 +1186,7 @@ def train(cfg: TrainConfig) -> dict:
     best_val = math.inf
     tokens_seen = 0
     if state is not None:
-        _load_optimizer(optimizer, loss_mod, state["optimizer"], cfg.fsdp and dist_.enabled)
+        _load_optimizer(optimizer, loss_mod, state["optimizer"], cfg.fsdp and dist_.enabled, resume_from)
         start_step = state["step"]
         best_val = state.get("best_val_loss", math.inf)
         tokens_seen = state.get("tokens_seen", 0)
@@ -1420,7 +1420,30 @@ def _unsharded_copy(loss_mod, config, dist_: _Dist):
     return full
 
 
-def _load_optimizer(optimizer, loss_mod, sd, fsdp: bool) -> None:
+# How this run's optimizer executes, not its state: an FSDP run's AdamW is not fused, an
+# unsharded one is, and a checkpoint of one layout resumes in the other.
+_EXECUTION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _load_optimizer(optimizer, loss_mod, sd, fsdp: bool, source: Path) -> None:
+    """Load a checkpoint's optimizer state into this run's optimizer. An unsharded run saves it
+    keyed by parameter index, an FSDP run by parameter name: either loads into either, matched
+    by position in the parameter groups (both runs build them alike)."""
+    if fsdp:
+        names = {p: n for n, p in loss_mod.named_parameters()}
+        keys = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
+    else:
+        keys = [g["params"] for g in optimizer.state_dict()["param_groups"]]
+    saved = sd["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(k) for k in keys]:
+        raise CheckpointError(f"{source}: its optimizer state holds other parameters than this model's")
+    state, groups = {}, []
+    for group, mine, live in zip(saved, keys, optimizer.param_groups):
+        for old, new in zip(group["params"], mine):
+            if old in sd["state"]:
+                state[new] = sd["state"][old]
+        groups.append({**group, **{k: live[k] for k in _EXECUTION_OPTIONS if k in live}, "params": list(mine)})
+    sd = {"state": state, "param_groups": groups}
     if not fsdp:
         optimizer.load_state_dict(sd)
         return
