@@ -357,6 +357,19 @@ def test_user_agent_and_per_host_delay(site, tmp_path):
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.25
 
 
+def test_robots_crawl_delay_spaces_requests_up_to_the_cap(site, tmp_path):
+    """A robots.txt Crawl-delay raises the host's delay, but never above max_crawl_delay (a site asking for
+    hours between requests would stall its shard)."""
+    seen = []
+    site.routes[("blog.test", "/robots.txt")] = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nCrawl-delay: 4\n")
+    for p in ("/d1", "/d2"):
+        site.routes[("blog.test", p)] = lambda h: (seen.append(time.monotonic()) or
+                                                   (200, {"Content-Type": "text/html"}, b"<html>ok</html>"))
+    make_links(tmp_path, [url(site, "blog.test", p) for p in ("/d1", "/d2")])
+    fetch_pages(tmp_path, local_cfg(host_delay=0.0, max_crawl_delay=0.4, per_host=2))
+    assert len(seen) == 2 and 0.35 <= abs(seen[1] - seen[0]) < 2.0, seen
+
+
 def test_fetch_resumes_without_refetching_finished_shards(site, tmp_path):
     wf = WorkFolder(tmp_path)
     from gpt2kit.webtext.work import write_jsonl_zst
