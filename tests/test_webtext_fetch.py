@@ -357,6 +357,19 @@ def test_user_agent_and_per_host_delay(site, tmp_path):
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.25
 
 
+def test_max_redirects_is_the_number_of_redirects_followed(site, tmp_path):
+    for k in range(3):   # /r0 -> /r1 -> /r2 -> /a1: three redirects
+        site.routes[("news.test", f"/r{k}")] = (301, {"Location": f"/r{k + 1}" if k < 2 else "/a1"}, b"")
+    for allowed, status in ((3, "ok"), (2, "too_many_redirects")):
+        work = tmp_path / str(allowed)
+        make_links(work, [url(site, "news.test", "/r0")])
+        fetch_pages(work, local_cfg(robots=False, max_redirects=allowed))
+        entry = manifest(work)[url(site, "news.test", "/r0")]
+        assert entry["status"] == status, (allowed, entry)
+        if status == "ok":
+            assert entry["redirects"] == 3 and entry["final_url"].endswith("/a1")
+
+
 def test_robots_crawl_delay_spaces_requests_up_to_the_cap(site, tmp_path):
     """A robots.txt Crawl-delay raises the host's delay, but never above max_crawl_delay (a site asking for
     hours between requests would stall its shard)."""
