@@ -127,6 +127,9 @@ def test_dtype_auto_keeps_the_stored_one_and_names_are_accepted(tmp_path):
         str(tmp_path), tokenizer=Tokenizer.gpt2())
     assert GPT2.from_pretrained(str(tmp_path)).transformer.wte.weight.dtype == torch.float32  # as transformers 4
     assert GPT2.from_pretrained(str(tmp_path), dtype="auto").transformer.wte.weight.dtype == torch.bfloat16
+    # config.json says what the weights hold, for transformers' torch_dtype="auto"
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.bfloat16
     assert GPT2.from_pretrained(str(tmp_path), dtype="float16").transformer.wte.weight.dtype == torch.float16
     # `gpt2kit generate/serve --dtype`: "default: as stored"
     assert load_for_inference(str(tmp_path))[0].transformer.wte.weight.dtype == torch.bfloat16
@@ -400,7 +403,7 @@ def test_hub_download_of_sharded_and_bin_only_repos(tmp_path, monkeypatch):
     assert not list((tmp_path / "downloads" / "someone--sharded").glob("*.bin"))
 
 
-def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path):
+def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path, monkeypatch):
     from gpt2kit.tokenizer import Tokenizer
 
     old = hf_model(seed=0)
@@ -417,6 +420,16 @@ def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path):
         assert (hf(x).logits - new(x)).abs().max() <= 1e-5
     # the tokenizer's context is the model's: AutoTokenizer truncates to 16, not 1024
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).model_max_length == 16
+    # a sharded folder reads each shard once, however many tensors it holds
+    import gpt2kit.weights
+
+    hf_model(seed=2).save_pretrained(tmp_path / "sharded", max_shard_size="10KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    read = []
+    load = gpt2kit.weights._load_safetensors
+    monkeypatch.setattr(gpt2kit.weights, "_load_safetensors", lambda path: read.append(path) or load(path))
+    assert_same_logits(GPT2.from_pretrained(str(tmp_path / "sharded")), hf_model(seed=2))
+    assert len(shards) > 1 and sorted(read) == shards
     # a folder with both a single file and shards reads the single file, as transformers does
     hf_model(seed=0).save_pretrained(tmp_path / "both", max_shard_size="10KB")
     hf_model(seed=1).save_pretrained(tmp_path / "single")
