@@ -127,7 +127,9 @@ def test_every_code_point_splits_as_in_tiktoken(fast, ref, tik):
 
 @pytest.mark.parametrize("cp", [0x0558, 0x323B0, 0x11DE0, 0x3D000, 0x0041, 0x4E00])
 def test_recent_code_points(cp, fast, ref, tik):
-    for text in (f"ab{chr(cp)}cd", f" {chr(cp)}{chr(cp)} 12{chr(cp)}", f"!{chr(cp)}?"):
+    # (the last text: a contraction after it, where a wrong split also changes the ids; a wrong split of
+    # the others happens to give the same ids, no merge joining the character to its neighbours)
+    for text in (f"ab{chr(cp)}cd", f" {chr(cp)}{chr(cp)} 12{chr(cp)}", f"!{chr(cp)}?", f"{chr(cp)}'s"):
         assert ref.encode_ordinary(text) == fast.encode_ordinary(text) == tik.encode_ordinary(text)
 
 
