@@ -370,6 +370,24 @@ def test_max_redirects_is_the_number_of_redirects_followed(site, tmp_path):
             assert entry["redirects"] == 3 and entry["final_url"].endswith("/a1")
 
 
+def test_429_is_retried_after_its_retry_after(site, tmp_path):
+    """Too Many Requests is a reason to come back later, when the server says (not after --backoff alone)."""
+    seen = []
+
+    def limited(handler):
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            return 429, {"Retry-After": "1"}, b"slow down"
+        return 200, {"Content-Type": "text/html"}, b"<html>ok</html>"
+
+    site.routes[("news.test", "/limited")] = limited
+    make_links(tmp_path, [url(site, "news.test", "/limited")])
+    fetch_pages(tmp_path, local_cfg(robots=False, backoff=0.01))
+    entry = manifest(tmp_path)[url(site, "news.test", "/limited")]
+    assert (entry["status"], entry["attempts"], len(seen)) == ("ok", 2, 2)
+    assert seen[1] - seen[0] >= 0.9
+
+
 def test_robots_crawl_delay_spaces_requests_up_to_the_cap(site, tmp_path):
     """A robots.txt Crawl-delay raises the host's delay, but never above max_crawl_delay (a site asking for
     hours between requests would stall its shard)."""
