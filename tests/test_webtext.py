@@ -352,6 +352,9 @@ def test_extract_page_verdicts():
     verdict, text, lang = extract_page(html(f"<p>{ENGLISH}</p>"), "http://n.example/a", cfg)
     assert (verdict, lang) == ("kept", "en") and "The river flooded" in text and "Share this" not in text
     assert extract_page(html("<p>Too short to keep.</p>"), "http://n.example/a", cfg)[0] == "too_short"
+    n = len(text.split())   # --min-words N keeps a text of exactly N words
+    assert extract_page(html(f"<p>{ENGLISH}</p>"), "http://n.example/a", ExtractConfig(min_words=n))[0] == "kept"
+    assert extract_page(html(f"<p>{ENGLISH}</p>"), "http://n.example/a", ExtractConfig(min_words=n + 1))[0] == "too_short"
     german = "Der Fluss trat nach drei Tagen starken Regens über die Ufer, und die Menschen brachten ihre Möbel nach oben. " * 10
     assert extract_page(html(f"<p>{german}</p>"), "http://n.example/a", cfg)[:3:2] == ("not_language", "de")
     assert extract_page(html(f"<p>{german}</p>"), "http://n.example/a", ExtractConfig(min_words=40, languages=()))[0] == "kept"
