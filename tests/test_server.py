@@ -335,7 +335,7 @@ def test_serve_command(tmp_path, model, tok):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(folder), "--port", str(port),
-                             "--api-key", KEY, "--max-concurrency", "2"],
+                             "--api-key", KEY, "--max-concurrency", "2", "--max-waiting", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -347,6 +347,8 @@ def test_serve_command(tmp_path, model, tok):
                     break
             assert time.time() < deadline, "gpt2kit serve did not come up"
             time.sleep(0.2)
+        health = httpx.get(f"{url}/health").json()
+        assert (health["max_concurrency"], health["max_waiting"]) == (2, 3)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]  # named after the folder
         r = client.completions.create(model="tiny", prompt="Served", max_tokens=6, temperature=0)
@@ -393,6 +395,9 @@ def test_an_empty_api_key_is_refused(tmp_path, cli):
         done = cli("serve", "--model", str(tmp_path / "no-model"), *args, env=env)
         assert done.returncode == 2 and done.stderr.strip().splitlines() == [
             "gpt2kit: error: --api-key: empty; give a key (is the variable set?), or leave the option out"]
+    done = cli("serve", "--model", str(tmp_path / "no-model"), "--max-waiting", "-1")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "gpt2kit: error: --max-waiting: expected an integer >= 0, got -1"]
     with pytest.raises(ValueError, match="api_key: empty"):
         create_app(GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)), Tokenizer.gpt2(), api_key="")
 
@@ -415,6 +420,8 @@ def test_a_burst_past_the_queue_gets_429(tok):
         async def one(client, i):
             body = {"model": NAME, "prompt": f"burst {i}", "max_tokens": 30, "stream": i % 2 == 1}
             r = await client.post(f"{url}/v1/completions", json=body, timeout=60)
+            if r.status_code == 429:  # OpenAI's clients wait this long before they retry
+                assert r.headers.get("retry-after") == "1", r.headers
             return r.status_code, (r.json() if r.status_code != 200 else None)
 
         async def burst():

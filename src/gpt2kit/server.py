@@ -542,7 +542,8 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        # a 429's Retry-After: OpenAI's clients wait that long before their automatic retry
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}.get(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -568,7 +569,7 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active": engine.active, "waiting": engine.waiting,
-                "max_concurrency": engine.max_concurrency}
+                "max_concurrency": engine.max_concurrency, "max_waiting": engine.max_waiting}
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:

@@ -21,6 +21,8 @@ def register(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GPT2KIT_API_KEY, else none)")
     p.add_argument("--max-concurrency", type=int, default=4, metavar="N",
                    help="requests generating at once; the others wait (default 4)")
+    p.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="requests waiting for a turn; past them the server answers 429 (default 256)")
     p.set_defaults(func=run)
 
 
@@ -72,6 +74,8 @@ def run(args) -> int:
         raise GPT2KitError("--api-key: empty; give a key (is the variable set?), or leave the option out")
     if args.max_concurrency < 1:
         raise GPT2KitError(f"--max-concurrency: expected an integer >= 1, got {args.max_concurrency}")
+    if args.max_waiting < 0:
+        raise GPT2KitError(f"--max-waiting: expected an integer >= 0, got {args.max_waiting}")
     if not 0 <= args.port < 65536:
         raise GPT2KitError(f"--port: expected 0..65535, got {args.port}")
     sock = bind(args.host, args.port)
@@ -81,7 +85,7 @@ def run(args) -> int:
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     name = args.model_name or served_name(args.model)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
-                     max_concurrency=args.max_concurrency)
+                     max_concurrency=args.max_concurrency, max_waiting=args.max_waiting)
     logging.getLogger(__name__).info("serving %s as %r on http://%s:%d/v1%s", args.model, name, args.host,
                                      sock.getsockname()[1], " (API key required)" if args.api_key else "")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
