@@ -127,9 +127,11 @@ def test_every_code_point_splits_as_in_tiktoken(fast, ref, tik):
 
 @pytest.mark.parametrize("cp", [0x0558, 0x323B0, 0x11DE0, 0x3D000, 0x0041, 0x4E00])
 def test_recent_code_points(cp, fast, ref, tik):
-    # (the last text: a contraction after it, where a wrong split also changes the ids; a wrong split of
-    # the others happens to give the same ids, no merge joining the character to its neighbours)
-    for text in (f"ab{chr(cp)}cd", f" {chr(cp)}{chr(cp)} 12{chr(cp)}", f"!{chr(cp)}?", f"{chr(cp)}'s"):
+    # (the last text: contractions, the first right after it, where a wrong split also changes the ids;
+    # a wrong split of the others happens to give the same ids, no merge joining the character to its
+    # neighbours. Beside a non-ASCII character the reference engine splits with its own pattern.)
+    for text in (f"ab{chr(cp)}cd", f" {chr(cp)}{chr(cp)} 12{chr(cp)}", f"!{chr(cp)}?",
+                 f"{chr(cp)}'s they're we've I'll I'd I'm don't"):
         assert ref.encode_ordinary(text) == fast.encode_ordinary(text) == tik.encode_ordinary(text)
 
 
