@@ -417,6 +417,15 @@ def test_extract_decodes_pages_by_their_declared_charset(tmp_path):
         assert "naïve café “old town” — résumé".replace("”", "“" if u.endswith("default") else "”") in text, (u, text[:200])
 
 
+def test_the_content_type_charset_wins_over_a_meta_tag():
+    """As in browsers: a server's charset header overrides what the page's meta tag claims."""
+    from gpt2kit.webtext.extract import decode_html
+
+    body = "<html><head><meta charset='iso-8859-7'></head><body>café</body></html>".encode("cp1252")
+    assert "café" in decode_html(body, "text/html; charset=windows-1252")
+    assert "cafι" in decode_html(body, "text/html")   # no header: the meta tag's Greek
+
+
 def mediawiki_copy(body: str) -> bytes:
     """A Wikipedia article as a mirror serves it: MediaWiki's skin, its own canonical link."""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='UTF-8'><title>Flood - Wikipedia</title>"
