@@ -174,6 +174,22 @@ def test_links_a_dump_without_a_final_newline_keeps_its_last_post(tmp_path, name
     assert (totals["lines"], totals["kept"], totals["links"], totals["truncated_files"]) == (3, 3, 3, 0)
 
 
+def test_a_shard_write_that_fails_leaves_the_previous_shard_whole(tmp_path):
+    """A killed or failing writer must not leave a half shard under the final name (a rerun or the next
+    stage would read it as complete)."""
+    path = tmp_path / "links-00000.jsonl.zst"
+    write_jsonl_zst(path, [{"n": 1}, {"n": 2}])
+
+    def failing():
+        yield {"n": 3}
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_jsonl_zst(path, failing())
+    assert list(read_jsonl_zst(path)) == [{"n": 1}, {"n": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]   # no temporary file left behind
+
+
 def test_links_drop_every_wikipedia_domain_and_no_other(tmp_path):
     lines = [json.dumps(post(u)).encode() for u in (
         "https://www.wikiwand.com/en/Flood", "http://en.wikipedia.com/wiki/Flood", "https://de.m.wikipedia.org/wiki/Flut",
