@@ -217,6 +217,22 @@ def manifest(work: Path) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_deflate_bodies_decode_with_or_without_their_zlib_header():
+    """Content-Encoding: deflate means zlib-wrapped data, but many servers send raw deflate."""
+    import zlib
+
+    from gpt2kit.webtext.fetch import BoundedDecoder, TooLarge
+
+    body = b"<html>" + b"the flood came " * 400 + b"</html>"
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw = raw.compress(body) + raw.flush()
+    for data in (zlib.compress(body), raw):
+        decoder = BoundedDecoder("deflate", len(body))
+        assert b"".join(decoder.feed(data[i:i + 100]) for i in range(0, len(data), 100)) == body
+        with pytest.raises(TooLarge):
+            BoundedDecoder("deflate", len(body) - 1).feed(data)
+
+
 def test_address_policy():
     for bad in ("127.0.0.1", "10.0.0.5", "192.168.1.1", "172.16.0.1", "169.254.169.254", "::1", "fe80::1",
                 "fc00::1", "::ffff:127.0.0.1", "100.64.0.1", "240.0.0.1", "0.0.0.0", "224.0.0.1"):
