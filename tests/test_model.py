@@ -81,6 +81,9 @@ def test_presets_and_param_counts():
         GPT2Config(n_embd=100, n_head=3)
     with pytest.raises(ConfigError, match="dropout"):
         GPT2Config(dropout=1.5)
+    for field, bad in (("n_head", 0), ("n_layer", 0), ("n_embd", 64.0), ("vocab_size", True)):
+        with pytest.raises(ConfigError, match=rf"GPT2Config.{field}: expected a positive integer, got {bad!r}"):
+            GPT2Config(**{field: bad})
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
@@ -129,6 +132,20 @@ def test_pad_queries_see_a_key_so_no_nan_reaches_real_tokens(monkeypatch):
         ours = model(ids, attention_mask=mask)
     assert torch.isfinite(ours).all()
     assert (ours - theirs)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_a_hook_keeps_what_it_saw_though_blocks_add_in_place():
+    # 2 x 20 rows: fp32 CPU inference adds each block into the residual stream in place, which
+    # must not be the tensor a hook on the embedding dropout kept
+    model = randomize_(GPT2(small("gpt2")).eval())
+    kept = []
+    model.transformer.drop.register_forward_hook(lambda module, args, out: kept.append(out))
+    ids = torch.randint(0, 503, (2, 20))
+    with torch.no_grad():
+        out = model(ids)
+        embeddings = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(20))
+    torch.testing.assert_close(kept[0], embeddings, rtol=0, atol=0)
+    assert (out - hf_twin(model)(ids).logits).abs().max() <= 1e-4
 
 
 def test_hidden_states_then_lm_head_is_forward():
