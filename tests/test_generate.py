@@ -209,6 +209,18 @@ def test_stop_strings_cut_the_text(model, tok):
     assert "".join(pieces) == cut.text
 
 
+def test_a_row_that_stops_takes_no_more_tokens_while_its_batch_mate_goes_on(model, tok):
+    a, b = generate(model, tok, ["Once upon a time", "Hello"], max_new_tokens=30, do_sample=False)
+    assert a.finish_reason == b.finish_reason == "length"
+    stop = next(a.text[i:i + 3] for i in range(3, 20) if a.text[i:i + 3] not in b.text)
+    cut, rest = generate(model, tok, ["Once upon a time", "Hello"], max_new_tokens=30, do_sample=False, stop=stop)
+    assert (cut.text, cut.finish_reason) == (a.text[: a.text.index(stop)], "stop")
+    # its tokens end with the one that completed the stop string
+    assert cut.token_ids == a.token_ids[: len(cut.token_ids)]
+    assert stop in tok.decode(cut.token_ids) and stop not in tok.decode(cut.token_ids[:-1])
+    assert (rest.token_ids, rest.finish_reason) == (b.token_ids, "length")
+
+
 def test_seed_n_and_batches(model, tok):
     a = generate(model, tok, ["Hi", "Hello there"], max_new_tokens=12, seed=3, n=3)
     b = generate(model, tok, ["Hi", "Hello there"], max_new_tokens=12, seed=3, n=3)
