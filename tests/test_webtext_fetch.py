@@ -341,6 +341,8 @@ def test_fetch_statuses_robots_limits_and_warc(site, tmp_path):
     assert m[url(site, "blog.test", "/flaky")]["attempts"] == 2          # one 503, then success
     assert m[url(site, "slow.test", "/slow")]["attempts"] == 2           # timed out twice (retries=1)
     assert m[url(site, "news.test", "/missing")]["http_status"] == 404
+    big = m[url(site, "news.test", "/big")]   # refused on its declared length, before its body is read
+    assert (big["error"], big["bytes"]) == (f"Content-Length {len(Site().routes[('news.test', '/big')][2])}", 0)
     assert ("news.test", "/private/secret") not in site.hits()           # robots.txt obeyed
     assert len(site.hits("news.test", "/robots.txt")) == 1               # fetched once per host
     assert site.hits("other.test", "/page") == []                        # 5xx robots.txt: crawl nothing
