@@ -226,6 +226,11 @@ def test_presets_and_validation():
 def test_process_logits_does_not_modify_its_input():
     logits = torch.randn(2, 50)
     before = logits.clone()
-    process_logits(logits, SamplingParams(temperature=0.5, top_k=5, top_p=0.5, repetition_penalty=1.3),
-                   previous=torch.tensor([[1, 2], [3, 4]]))
+    params = SamplingParams(temperature=0.5, top_k=5, top_p=0.5, repetition_penalty=1.3)
+    out = process_logits(logits, params, previous=torch.tensor([[1, 2], [3, 4]]))
     assert torch.equal(logits, before)
+    # a bf16 model's logits are filtered in float32, as its float32 copy's would be
+    half = logits.bfloat16()
+    wide = process_logits(half, params, previous=torch.tensor([[1, 2], [3, 4]]))
+    assert wide.dtype == out.dtype == torch.float32
+    assert torch.equal(wide, process_logits(half.float(), params, previous=torch.tensor([[1, 2], [3, 4]])))
