@@ -305,6 +305,7 @@ def test_logprobs_are_the_models(model, tok):
     assert scored[0] is None and tops[0] is None
     assert scored[n:] == pytest.approx(want, abs=1e-4)
     assert all(len(t) == 2 for t in tops[1:])
+    assert prompt_logprobs(model, ids[0].tolist())[1] == [None] * ids.shape[1]  # no alternatives asked
 
 
 def test_streaming_equals_non_streaming(model, tok):
@@ -347,6 +348,9 @@ def test_bad_prompt_token_ids_are_named(model, tok):
     small_vocab = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64, vocab_size=300))
     with pytest.raises(GenerationError, match=r"prompt 0: token id 300 is invalid; expected an integer in \[0, 300\)"):
         generate(small_vocab, tok, [[5, 300]], max_new_tokens=2)  # the model's vocabulary bounds the ids
+    bigger = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64, vocab_size=tok.n_vocab + 1))
+    with pytest.raises(GenerationError, match=r"the model has 50258 output tokens but the tokenizer only 50257"):
+        generate(bigger, tok, "x", max_new_tokens=2)
     as_arrays = generate(model, tok, [np.array([15496, 995]), torch.tensor([15496, 995])], max_new_tokens=3,
                          do_sample=False)
     assert [c.token_ids for c in as_arrays] == [generate(model, tok, [15496, 995], max_new_tokens=3,
