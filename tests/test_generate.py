@@ -348,6 +348,9 @@ def test_bad_prompt_token_ids_are_named(model, tok):
     small_vocab = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64, vocab_size=300))
     with pytest.raises(GenerationError, match=r"prompt 0: token id 300 is invalid; expected an integer in \[0, 300\)"):
         generate(small_vocab, tok, [[5, 300]], max_new_tokens=2)  # the model's vocabulary bounds the ids
+    for run in (generate, stream_generate, iter_generate):  # text that encodes past it: named, not an IndexError
+        with pytest.raises(GenerationError, match=r"prompt 0: .*token id 15496"):
+            list(run(small_vocab, tok, "Hello world", max_new_tokens=2))
     bigger = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64, vocab_size=tok.n_vocab + 1))
     with pytest.raises(GenerationError, match=r"the model has 50258 output tokens but the tokenizer only 50257"):
         generate(bigger, tok, "x", max_new_tokens=2)

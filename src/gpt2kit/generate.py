@@ -260,9 +260,14 @@ class _TextTracker:
 
 
 def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int], index: int) -> list[int]:
-    ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else list(prompt)
-    if not isinstance(prompt, str):
-        ids = _checked_token_ids(ids, min(tokenizer.n_vocab, model.config.vocab_size), index)
+    n_vocab = min(tokenizer.n_vocab, model.config.vocab_size)
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, allowed_special="all")
+        if ids and max(ids) >= n_vocab:  # a model with fewer tokens than its tokenizer
+            raise GenerationError(f"prompt {index}: its text encodes to token id {max(ids)}, but the model has "
+                                  f"{model.config.vocab_size} tokens: the model and the tokenizer do not belong together")
+    else:
+        ids = _checked_token_ids(list(prompt), n_vocab, index)
     if not ids:  # GPT-2 was trained with <|endoftext|> between documents: it begins a new one
         ids = [tokenizer.eot_token]
     n_ctx = model.config.n_ctx
