@@ -309,6 +309,32 @@ def test_redirect_to_private_address_refused_without_allow_private():
     assert seen == [("http://93.184.216.34/start", "public.test")]   # connected by checked address, named by Host
 
 
+def test_robots_txt_answered_429_forbids_the_host():
+    # a 429 is a host asking for fewer requests: read as "no robots.txt" (any other 4xx), it would
+    # open the whole site to the crawler
+    import asyncio
+
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/robots.txt":
+            return httpx.Response(429, headers={"Retry-After": "0"})
+        return httpx.Response(200, headers={"Content-Type": "text/html"}, content=b"<html>page</html>")
+
+    cfg = FetchConfig(resolve=(("busy.test", "93.184.216.34"),), host_delay=0.0, retries=1, backoff=0.01)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await Fetcher(cfg, client, 4).get("http://busy.test/page")
+
+    res = asyncio.run(go())
+    assert res.status == "robots_disallowed"
+    assert seen == ["/robots.txt", "/robots.txt"]  # asked again once (retries=1), never the page
+
+
 def test_redirect_to_private_address_refused_before_connecting(site, tmp_path):
     make_links(tmp_path, [url(site, "news.test", p) for p in ("/to-private", "/to-metadata", "/moved")])
     fetch_pages(tmp_path, local_cfg())

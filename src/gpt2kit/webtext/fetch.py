@@ -2,7 +2,7 @@
 
 Politeness: a global limit on concurrent requests, a per-host limit and a minimum delay between
 two requests to one host (raised to the host's robots.txt Crawl-delay, up to a cap), robots.txt
-obeyed (RFC 9309: a 4xx robots.txt allows everything, an unreachable one or a 5xx forbids
+obeyed (RFC 9309: a 4xx robots.txt allows everything, an unreachable one, a 5xx or a 429 forbids
 everything), timeouts (connect, read, and a total deadline per request so that a slowly dripping
 server cannot hold a slot), a maximum body size counted after decompression (a gzip bomb stops at
 the limit), retries with exponential back-off on timeouts, connection errors, 429 and 5xx, and a
@@ -492,8 +492,11 @@ class Fetcher:
             if rules.crawl_delay:
                 gate = self.gate(urlsplit(origin).hostname or "")
                 gate.delay = max(gate.delay, min(rules.crawl_delay, self.cfg.max_crawl_delay))
-        elif res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500:
+        elif (res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500
+              and res.http_status != 429):
             rules = RobotsRules()         # RFC 9309 §2.3.1.3: "unavailable" means no restrictions
+        # A 429 (after the retries) is a host asking for fewer requests, not one without a
+        # robots.txt: reading it as "no restrictions" would then crawl it freely. Like a 5xx, below.
         else:
             rules = RobotsRules(disallow_all=True)   # unreachable (5xx, network, refused address): crawl nothing
         res.body = None
