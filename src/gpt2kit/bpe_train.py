@@ -117,22 +117,13 @@ def _cut_specials(text: str, special_tokens: Sequence[str]) -> list[str]:
     return _special_splitter(frozenset(special_tokens)).split(text)[::2]
 
 
-def _check_unicode(doc: str, path, n: int) -> None:
-    """Refuse a lone surrogate, which JSON can spell ("\\ud800") but UTF-8 cannot: merge learning
-    works on UTF-8 bytes. (Text files are decoded strictly and never hold one.)"""
-    try:
-        doc.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputFileError(path, f"document {n} is not valid Unicode: lone surrogate U+{ord(doc[e.start]):04X} at "
-                                   f"character {e.start} (in JSON, a \\u{ord(doc[e.start]):04x} escape without its pair)") from None
-
-
 def _batches(files, field: str, bar) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
     for path in files:
-        for n, doc in enumerate(iter_text_pieces(path, field=field), 1):  # a huge .txt file arrives in pieces
-            _check_unicode(doc, path, n)
+        # a huge .txt file arrives in pieces; a JSONL text with a lone surrogate (JSON can spell one,
+        # UTF-8 cannot) is refused there, naming its line
+        for doc in iter_text_pieces(path, field=field):
             batch.append(doc)
             size += len(doc)
             if size >= _BATCH_CHARS:
