@@ -691,7 +691,28 @@ def test_journal_fingerprint_names_the_device(model, tokenizer, data_dir, tmp_pa
         def state_dict(self):
             return model.state_dict()
 
+        def named_modules(self):
+            return model.named_modules()
+
     assert _open_journal(tmp_path / "j", Elsewhere(), [], scorer).fingerprint != a
+
+
+def test_journal_fingerprint_tells_inference_forms_apart_by_their_block_weights(model):
+    # `gpt2kit eval` fingerprints the inference form, whose layers keep their weights outside the
+    # state dict: another checkpoint with the same embeddings (a fine-tune with them frozen) would
+    # have reused the first run's answers
+    import copy
+
+    from gpt2kit.eval.journal import fingerprint
+    from gpt2kit.generate import optimize_for_cpu
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.transformer.h[0].attn.c_attn.weight.mul_(2.0)
+    a, b = optimize_for_cpu(model), optimize_for_cpu(other)
+    assert set(a.state_dict()) == set(b.state_dict()) and not any(".attn.c_attn" in k for k in a.state_dict())
+    assert fingerprint(a, [], {}) != fingerprint(b, [], {})
+    assert fingerprint(a, [], {}) == fingerprint(optimize_for_cpu(copy.deepcopy(model)), [], {})
 
 
 def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):

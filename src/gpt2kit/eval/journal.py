@@ -40,7 +40,7 @@ def fingerprint(model: Any, requests: Sequence[Any], settings: dict[str, Any]) -
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(repr(getattr(model, "config", None)).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in _weights(model).items():
         flat = tensor.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy()
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -49,6 +49,22 @@ def fingerprint(model: Any, requests: Sequence[Any], settings: dict[str, Any]) -
         fields = [type(r).__name__] + [_canonical(getattr(r, f.name)) for f in dataclasses.fields(r)]
         h.update(json.dumps(fields).encode())
     return h.hexdigest()
+
+
+def _weights(model: Any) -> dict[str, Any]:
+    """The state dict, and the weights it does not hold: the inference form's layers
+    (`optimize_for_cpu`, which `gpt2kit eval` runs) keep theirs as plain tensors, so a state dict
+    alone would tell two checkpoints apart only by their embeddings and LayerNorms."""
+    import torch
+
+    tensors = dict(model.state_dict())
+    for prefix, module in model.named_modules():
+        for attr in ("weight", "bias"):
+            t = getattr(module, attr, None)
+            key = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(t, torch.Tensor) and key not in tensors:
+                tensors[key] = t
+    return tensors
 
 
 def _encode(x: Any) -> Any:
