@@ -424,6 +424,9 @@ assert [c.token_ids for c in out] == [c.token_ids for c in the_function(model, t
 assert out[0].finish_reason == "length" and len(out) == 4
 import gpt2kit.generate as G  # the submodule stays reachable by its dotted name
 assert G.stream_generate is stream_generate and callable(G.optimize_for_cpu)
+import functools, inspect, pickle  # a process pool's target; help() and IDEs show the real parameters
+assert pickle.loads(pickle.dumps(functools.partial(generate, model))).func is generate
+assert inspect.signature(generate) == inspect.signature(the_function)
 print("ok")
 """
 

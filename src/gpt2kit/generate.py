@@ -19,6 +19,8 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import functools
+import importlib
+import inspect
 import logging
 import operator
 import sys
@@ -681,5 +683,9 @@ class _CallableModule(types.ModuleType):
     def __call__(self, *args, **kwargs) -> list[Completion]:
         return generate(*args, **kwargs)
 
+    def __reduce__(self):  # pickled by name (a process pool's target), as the function would be
+        return importlib.import_module, (self.__name__,)
 
+
+__signature__ = inspect.signature(generate)  # what help() and IDEs show for the callable module
 sys.modules[__name__].__class__ = _CallableModule
