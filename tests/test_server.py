@@ -480,3 +480,37 @@ def test_a_huge_prompt_is_refused_without_tokenizing_it_on_the_event_loop(model)
         # a prompt that tokenizes to just past the context is still measured in tokens
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "word " * 70, "max_tokens": 1}, timeout=60)
         assert r.status_code == 400 and "(71 in your prompt" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_of_an_empty_prompt_is_empty(url, model, tok, stream):
+    # the model is conditioned on <|endoftext|> (GPT-2's start of a document), but the user sent
+    # "": the echo must be "", and the logprobs' tokens and text_offset must describe the text
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for prompt in ("", [""], [[]]):
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 1,
+                "stream": stream}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        if stream:
+            events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+            text = "".join(e["choices"][0]["text"] for e in events)
+            logprobs = {k: sum((e["choices"][0]["logprobs"][k] for e in events), []) for k in
+                        ("tokens", "token_logprobs", "text_offset")}
+        else:
+            text = r.json()["choices"][0]["text"]
+            logprobs = r.json()["choices"][0]["logprobs"]
+        want = generate(model, tok, "", max_new_tokens=4, do_sample=False, top_logprobs=1)[0]
+        assert text == want.text and "<|endoftext|>" not in text
+        assert logprobs["tokens"] == [tok.decode([t]) for t in want.token_ids]
+        assert logprobs["token_logprobs"] == pytest.approx(want.logprobs, abs=1e-4)
+        assert logprobs["text_offset"] == [len(tok.decode(want.token_ids[:i])) for i in range(len(want.token_ids))]
+    # a prompt that is "" beside others: each echo is what was sent
+    r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=30,
+                   json={"model": NAME, "prompt": ["", "Hi"], "max_tokens": 0, "echo": True, "stream": stream})
+    if stream:
+        events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+        texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in (0, 1)]
+    else:
+        texts = [c["text"] for c in r.json()["choices"]]
+    assert texts == ["", "Hi"]

@@ -155,7 +155,8 @@ class _Job:
     """A validated request: token ids per prompt and everything `iter_generate` needs."""
 
     request: CompletionRequest
-    prompts: list[list[int]]
+    prompts: list[list[int]]  # what the model is conditioned on: <|endoftext|> for an empty prompt
+    sent: list[list[int]]  # what the client sent, token by token: what `echo` returns
     max_tokens: int
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -209,7 +210,9 @@ class _Engine:
             raise APIError(400, unsupported[1], param=unsupported[0])
         if req.stream_options is not None and not req.stream:  # as OpenAI answers
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
-        prompts = self._prompt_ids(req.prompt)
+        sent = self._prompt_ids(req.prompt)
+        # GPT-2 was trained with <|endoftext|> between documents: an empty prompt starts a new one
+        prompts = [ids or [self.tokenizer.eot_token] for ids in sent]
         longest = max(len(p) for p in prompts)
         max_tokens = max(self.n_ctx - longest, 0) if req.max_tokens is None else req.max_tokens
         if longest + max_tokens > self.n_ctx or longest > self.n_ctx:
@@ -228,7 +231,7 @@ class _Engine:
             raise APIError(429, f"the server is busy ({self.waiting + self.admitted} requests waiting); retry later",
                            type="server_busy", code="rate_limit_exceeded")
         self.admitted += 1
-        return _Job(req, prompts, max_tokens, admitted=True)
+        return _Job(req, prompts, sent, max_tokens, admitted=True)
 
     def drop_admission(self, job: _Job) -> None:
         """The job joined the line, or will never run: it no longer holds a place. Idempotent."""
@@ -259,7 +262,7 @@ class _Engine:
                     raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
                                         f"[0, {self.tokenizer.n_vocab})", param="prompt")
                 ids = list(p)
-            rows.append(ids or [self.tokenizer.eot_token])  # an empty prompt starts a new document
+            rows.append(ids)
         return rows
 
     def _check_text_can_fit(self, text: str) -> None:
@@ -277,8 +280,9 @@ class _Engine:
         ("token", TokenEvent) items."""
         req = job.request
         if req.echo:
-            for p, ids in enumerate(job.prompts):
-                scored = prompt_logprobs(self.model, ids, req.logprobs or 0) if req.logprobs is not None else None
+            for p, ids in enumerate(job.sent):
+                scored = (prompt_logprobs(self.model, ids, req.logprobs or 0)
+                          if req.logprobs is not None and ids else None)
                 for j in range(req.n):
                     yield "echo", (p * req.n + j, ids, scored)
         if job.max_tokens == 0:
