@@ -91,6 +91,7 @@ def test_train_help_documents_every_key(cli):
                          rf"((?:(?! --[a-z]).)+?)\(default: ([^)]*)\)", text)
         assert flag and flag.group(1).strip(), f"--{key} has no help in `gpt2kit train --help`"
         assert flag.group(2) == (repr(value) if isinstance(value, str) else str(value)), key
+    assert re.search(r"Exit status: 0 when .* max_minutes .* 130 after Ctrl-C \(SIGINT\) and 143 after SIGTERM", text)
 
 
 def test_shipped_configs_are_valid():
@@ -545,22 +546,68 @@ def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir,
     assert r.returncode == 2 and "unknown key '--max_stepz'; valid keys:" in r.stderr
     # A run that would go on for ages: SIGTERM makes it save a checkpoint and exit.
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "train", str(cfg), "--out_dir", str(out),
-                             "--max_steps", "100000", "--eval_interval", "100000"],
-                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    proc, stdout, stderr = _run_until(signal.SIGTERM, [sys.executable, "-m", "gpt2kit", "train", str(cfg), "--out_dir",
+                                                       str(out), "--max_steps", "100000", "--eval_interval", "100000"], out)
+    # an interrupted run is not a finished one: `train && export` or a scheduler must see it fail
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stdout
     last = max(losses(out))
     assert json.loads((out / "checkpoints.json").read_text())["latest"] == f"step_{last:07d}"
+    assert stderr.splitlines()[-1] == _stop_line("SIGTERM", last, out, [
+        str(cfg), "--out_dir", str(out), "--max_steps", "100000", "--eval_interval", "100000"])
     r = cli("generate", "--model", str(out / "latest"), "--max-new-tokens", "12", "--seed", "1", "--no-stream", "KING")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def _run_until(sig, argv: list[str], out: Path):
+    """Run `argv`; once its first step is logged, send it `sig` (None: let it end). (process, stdout, stderr)"""
+    proc = subprocess.Popen(argv, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if sig is not None:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+            time.sleep(0.02)
+        proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc, stdout, stderr
+
+
+def _stop_line(how: str, step: int, out: Path, args: list[str]) -> str:
+    """The last line of a stopped `gpt2kit train ARGS` (a config file, then --key value pairs)."""
+    import shlex
+
+    head = args[:1] if not args[0].startswith("--") else []
+    given: dict[str, str] = {}  # the command as parsed: each key once, at its first place, with its last value
+    for key, value in zip(args[len(head)::2], args[len(head) + 1::2]):
+        given[key] = value
+    argv = ["gpt2kit", "train", *head, *(part for kv in given.items() for part in kv)]
+    what = "the time limit (max_minutes 0.002)" if how == "time" else how
+    return (f"gpt2kit: stopped by {what} at step {step} of 100000; checkpoint {out / 'checkpoints' / f'step_{step:07d}'}; "
+            f"resume with: {shlex.join(argv + ['--resume'])}")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "time"])
+def test_ctrl_c_and_time_limit_exit_codes_and_the_resume_command(shards, tmp_path, how):
+    # Ctrl-C is an interruption (130, the shell's code for it); max_minutes is a configured end:
+    # exit 0, and the line that says how to go on, whose command does resume
+    out = tmp_path / "out"
+    argv = _train_cmd(shards, out, "--max_steps", "100000", "--eval_interval", "100000")
+    if how == "time":
+        argv += ["--max_minutes", "0.002"]
+    proc, stdout, stderr = _run_until(signal.SIGINT if how == "SIGINT" else None, argv, out)
+    assert proc.returncode == (130 if how == "SIGINT" else 0), stderr
+    last = max(losses(out))
+    assert last < 100000 and json.loads((out / "checkpoints.json").read_text())["latest"] == f"step_{last:07d}"
+    assert stderr.splitlines()[-1] == _stop_line(how, last, out, argv[4:]), stderr[-2000:]
+    if how == "time":  # the printed command, run as printed, continues the run
+        import shlex
+
+        again = shlex.split(stderr.splitlines()[-1].split("resume with: ")[1])
+        r = subprocess.run([sys.executable, "-m", *again], env=_cli_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"resuming from {out / 'checkpoints' / f'step_{last:07d}'} (step {last})" in r.stderr
+        assert max(losses(out)) > last
 
 
 def test_bf16_mfu_counts_the_fp32_units_where_bf16_multiplies_on_them(monkeypatch):

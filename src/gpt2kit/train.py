@@ -114,7 +114,8 @@ FIELD_HELP: dict[str, str] = {
     "batch_size": "sequences per optimizer step, over all ranks",
     "micro_batch_size": "sequences per forward pass and rank, the rest accumulated; 0: batch_size / ranks",
     "max_steps": "optimizer steps of the whole run (a resumed one included)",
-    "max_minutes": "stop with a checkpoint after this many minutes of this process; 0: no limit",
+    "max_minutes": "stop with a checkpoint after this many minutes of this process (exit status 0, a "
+                   "configured end); 0: no limit",
     "lr": "peak learning rate, reached at the end of the warm-up",
     "min_lr": "learning rate at the end of the cosine decay and after",
     "warmup_steps": "steps of linear warm-up from lr / warmup_steps to lr",
@@ -939,15 +940,19 @@ def _check_same_checkpoint(resume_from: Path | None, dist_: _Dist, out: Path) ->
                          "on several machines, out_dir must be one folder shared by all machines")
 
 
-def _any(flag: bool, dist_: _Dist, device) -> bool:
+# Why a run stops early, weakest first: where ranks differ, the strongest wins on all of them.
+_STOP_REASONS = (None, "time", "SIGTERM", "SIGINT")
+
+
+def _stop_reason(mine: str | None, dist_: _Dist, device) -> str | None:
     if not dist_.enabled:
-        return flag
+        return mine
     torch = _import_torch()
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([float(_STOP_REASONS.index(mine))], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return _STOP_REASONS[int(t.item())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1341,8 +1346,11 @@ def train(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.update(1)
             out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) > 60 * cfg.max_minutes
-            if _any(stop["signal"] is not None or out_of_time, dist_, device):  # all ranks stop together
-                stopped = stop["signal"] or ("time" if out_of_time else "signal")
+            # all ranks stop together, for one reason (a signal may reach only some of them); a
+            # stop on the last step is no stop: the run is complete
+            reason = _stop_reason(stop["signal"] or ("time" if out_of_time else None), dist_, device)
+            if reason and step < cfg.max_steps:
+                stopped = reason
             val_loss = None
             if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopped:
                 val_loss = evaluate()
@@ -1381,7 +1389,8 @@ def train(cfg: TrainConfig) -> dict:
         "elapsed_s": elapsed, "tokens_per_s": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
         "checkpoint": str(ckpts.latest()) if dist_.main and saved_at >= 0 else None,
         "best_checkpoint": str(out / "best") if dist_.main and (out / "best").exists() else None,
-        "plot": str(plot) if plot else None, "out_dir": str(out), "world_size": world,
+        "plot": str(plot) if plot else None, "out_dir": str(out), "world_size": world, "rank": dist_.rank,
+        "max_steps": cfg.max_steps,
     }
     if dist_.enabled:
         import torch.distributed as dist

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
+import signal
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train or fine-tune a GPT-2 on prepared shards", allow_abbrev=False,
                        description="Train from a TOML run config (see configs/); every key can be overridden "
                                    "on the command line as --key value. Under torchrun the same command runs "
-                                   "data-parallel.")
+                                   "data-parallel.",
+                       epilog="Exit status: 0 when the run reaches max_steps or ends at its max_minutes budget "
+                              "(a configured end: the last line then says how to continue); 130 after Ctrl-C "
+                              "(SIGINT) and 143 after SIGTERM, each once the checkpoint is saved, with a last "
+                              "line naming the step, the checkpoint and the command that resumes; 2 for a bad "
+                              "config, data or checkpoint.")
     t.add_argument("config", nargs="?", help="a TOML run config")
     defaults = TrainConfig()
     for name, typ in config_fields().items():
@@ -127,13 +135,37 @@ def _train(args: argparse.Namespace) -> int:
             return 0
         print(f"nothing to train: {s['checkpoint']} is at step {s['step']}, the configured max_steps")
         return 0
-    if s["world_size"] > 1 and s["checkpoint"] is None:
-        return 0  # not rank 0: rank 0 prints the summary
+    code = _EXIT_CODES[s["stopped"]]
+    if s["rank"] != 0:
+        return code  # rank 0 prints the summary
     val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
     print(f"trained {s['step'] - s['start_step']} steps to step {s['step']} in {s['elapsed_s']:.1f} s "
           f"({s['tokens_per_s']:,.0f} tok/s): loss {s['loss']:.4f}{val}; checkpoint {s['checkpoint']}"
           + (f"; stopped by {s['stopped']}" if s["stopped"] and s["stopped"] != "time" else ""))
-    return 130 if s["stopped"] in ("SIGINT",) else 0
+    if s["stopped"]:
+        why = f"the time limit (max_minutes {cfg.max_minutes:g})" if s["stopped"] == "time" else s["stopped"]
+        print(f"gpt2kit: stopped by {why} at step {s['step']} of {s['max_steps']}; checkpoint {s['checkpoint']}; "
+              f"resume with: {_resume_command(config, overrides)}", file=sys.stderr)
+    return code
+
+
+# A run stopped by a signal was interrupted: 128 + the signal's number, as a shell reports a process
+# the signal killed, so that `train && export` or a scheduler does not take it for a finished one.
+# max_minutes is an end the run was configured to have: success, like reaching max_steps.
+_EXIT_CODES = {None: 0, "time": 0, "SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+
+
+def _resume_command(config: str | None, overrides: dict[str, str]) -> str:
+    """This run's command line (as parsed: each key once) with --resume; under torchrun, its
+    worker part, which follows the launcher's own options."""
+    words = ["gpt2kit", "train", *([config] if config else [])]
+    for key, value in overrides.items():
+        if key != "resume":
+            words += [f"--{key}", value]
+    command = shlex.join(words + ["--resume"])
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"the same torchrun launch, its command ending in: -m {command}"
+    return command
 
 
 def _demo(args: argparse.Namespace) -> int:
