@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -539,6 +540,45 @@ def test_wikitext_articles_and_limit(data_dir):
 ])
 def test_detokenizer_known_pairs(name, original, expected):
     assert dt.detokenize(name, original) == expected
+
+
+# Paper §3.1: the de-tokenizers are invertible. Besides moving spaces, each one only writes some of the dataset's
+# tokens the way running text does; with those substitutions made on the original, both texts hold the same
+# characters in the same order once spaces are removed (so nothing was dropped, added or reordered).
+TOKEN_SUBSTITUTIONS = {
+    "ptb_quotes": [(r"``", '"'), (r"''", '"'), (r"`", "'"), (r"(?i)-LRB-", "("), (r"(?i)-RRB-", ")"),
+                   (r"(?i)-LSB-", "["), (r"(?i)-RSB-", "]"), (r"(?i)-LCB-", "{"), (r"(?i)-RCB-", "}")],
+}
+
+
+def only_spaces_moved(name: str, original: str, detokenized: str) -> bool:
+    for pattern, replacement in TOKEN_SUBSTITUTIONS[name]:
+        original = re.sub(pattern, replacement, original)
+    return original.split() != detokenized.split() and "".join(original.split()) == "".join(detokenized.split())
+
+
+@pytest.mark.parametrize("original, expected", [
+    # CBT (Stanford-tokenized Project Gutenberg books): this line is in CBT's Prince Prigio text
+    ("CHAPTER I. -LCB- Chapter heading picture : p1.jpg -RCB- How the Fairies were not Invited to Court .",
+     "CHAPTER I. {Chapter heading picture: p1.jpg} How the Fairies were not Invited to Court."),
+    ("The queen -LRB- who was very clever and learned -RRB- said that fairies had never existed .",
+     "The queen (who was very clever and learned) said that fairies had never existed."),
+    ("-LSB- Illustration : The dragon -RSB- `` Who goes there ? '' cried the prince .",
+     '[Illustration: The dragon] "Who goes there?" cried the prince.'),
+    # a quotation inside a quotation: the single one opens with ` and closes with '
+    ("`` ` Off with her head ! ' the Queen shouted , '' said Alice .",
+     '"\'Off with her head!\' the Queen shouted," said Alice.'),
+    # LAMBADA's plain text (lower-cased): a plural possessive is a lone ' after the word
+    ("she thought that because she was old , her life was of less value than the others ' . for all helen knew",
+     "she thought that because she was old, her life was of less value than the others'. for all helen knew"),
+    ("give me a minute to change and i 'll meet you at the docks . '' she 'd forced those words through her teeth",
+     'give me a minute to change and i\'ll meet you at the docks." she\'d forced those words through her teeth'),
+    ("the girls ' dresses -lrb- blue ones -rrb- were ready .", "the girls' dresses (blue ones) were ready."),
+])
+def test_ptb_quotes_detokenizes_cbt_and_lambada_lines(original, expected):
+    detokenized = dt.ptb_quotes(original)
+    assert detokenized == expected
+    assert only_spaces_moved("ptb_quotes", original, detokenized)
 
 
 @pytest.mark.parametrize("task, detok", [("wikitext2", "wikitext"), ("ptb", "ptb"), ("1bw", "lm1b")])

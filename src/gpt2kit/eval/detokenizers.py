@@ -60,13 +60,24 @@ def _pair_straight_quotes(line: str) -> str:
     return "".join(out)
 
 
+# Penn Treebank's escapes for brackets, whole tokens: Stanford's tokenizer writes every bracket of CBT's books this
+# way (`-LCB- Chapter heading picture : p1.jpg -RCB-`), lower-cased in lower-cased text.
+_PTB_BRACKETS = {"-lrb-": "(", "-rrb-": ")", "-lsb-": "[", "-rsb-": "]", "-lcb-": "{", "-rcb-": "}"}
+_PTB_BRACKET = re.compile(r"(?<!\S)-[lr][rsc]b-(?!\S)", re.IGNORECASE)
+# With quotes written `` '' ` ', a lone ' always ends something: a single quotation or a plural possessive
+# (`the others '`), never opens one.
+_LONE_CLOSING_QUOTE = re.compile(r" '(?=\s|$)")
+
+
 def ptb_quotes(text: str) -> str:
-    """Text tokenized with Penn Treebank quotes (`` and ''), as LAMBADA's plain-text file and CBT
-    are: quotes become straight double quotes attached to the quoted words, clitics and
-    punctuation are re-attached."""
+    """Text tokenized with Penn Treebank quotes (`` and '', ` and '), as LAMBADA's plain-text file
+    and CBT are: quotes become straight quotes attached to the quoted words, bracket tokens
+    (`-LRB-`, `-RSB-`, ...) become brackets, clitics and punctuation are re-attached."""
+    text = _PTB_BRACKET.sub(lambda m: _PTB_BRACKETS[m.group().lower()], text)
+    text = re.sub(r"(^|\s)` ", r"\1'", text)  # a single opening quote, before `` takes the space after it
     text = re.sub(r"``\s*", '"', text)
     text = re.sub(r"\s*''", '"', text)
-    text = re.sub(r"(^|\s)` ", r"\1'", text)  # a single opening quote
+    text = _LONE_CLOSING_QUOTE.sub("'", text)
     return _attach_punctuation(text)
 
 
