@@ -335,7 +335,7 @@ def test_serve_command(tmp_path, model, tok):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(folder), "--port", str(port),
-                             "--api-key", KEY, "--max-concurrency", "2", "--max-waiting", "3"],
+                             "--api-key", KEY, "--max-concurrency", "2", "--max-waiting", "3", "--max-batch-tokens", "70"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -348,11 +348,14 @@ def test_serve_command(tmp_path, model, tok):
             assert time.time() < deadline, "gpt2kit serve did not come up"
             time.sleep(0.2)
         health = httpx.get(f"{url}/health").json()
-        assert (health["max_concurrency"], health["max_waiting"]) == (2, 3)
+        assert (health["max_concurrency"], health["max_waiting"], health["max_batch_tokens"]) == (2, 3, 70)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]  # named after the folder
         r = client.completions.create(model="tiny", prompt="Served", max_tokens=6, temperature=0)
         assert r.choices[0].text == generate(model, tok, "Served", max_new_tokens=6, do_sample=False)[0].text
+        with pytest.raises(openai.BadRequestError, match="allows 70 per request") as e:  # 2 x (1 + 35)
+            client.completions.create(model="tiny", prompt="Served", max_tokens=35, n=2)
+        assert e.value.body["param"] == "n"
     finally:
         proc.terminate()
         proc.wait(10)
@@ -398,6 +401,10 @@ def test_an_empty_api_key_is_refused(tmp_path, cli):
     done = cli("serve", "--model", str(tmp_path / "no-model"), "--max-waiting", "-1")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "gpt2kit: error: --max-waiting: expected an integer >= 0, got -1"]
+    done = cli("serve", "--model", str(tmp_path / "no-model"), "--max-batch-tokens", "0")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "gpt2kit: error: --max-batch-tokens: expected an integer >= 1, got 0"]
+    assert "--max-batch-tokens" in cli("serve", "--help").stdout
     with pytest.raises(ValueError, match="api_key: empty"):
         create_app(GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)), Tokenizer.gpt2(), api_key="")
 
@@ -514,3 +521,77 @@ def test_echo_of_an_empty_prompt_is_empty(url, model, tok, stream):
     else:
         texts = [c["text"] for c in r.json()["choices"]]
     assert texts == ["", "Hi"]
+
+
+class CacheSizeGPT2(GPT2):
+    """Records the positions (rows x length) of every KV cache it makes."""
+
+    def new_kv_cache(self, batch_size, max_len=None, **kwargs):
+        self.positions.append(batch_size * (max_len or self.config.n_ctx))
+        return super().new_kv_cache(batch_size, max_len, **kwargs)
+
+
+def test_a_request_past_the_batch_token_budget_is_refused(tok):
+    # prompts x n rows decode as one batch whose KV cache holds prompt + max_tokens positions per
+    # row: a request asking for more than the budget is refused before anything is allocated
+    headers = {"Authorization": f"Bearer {KEY}"}
+    model = tiny_model(CacheSizeGPT2)
+    model.positions = []
+    with live(create_app(model, tok, model_name=NAME, api_key=KEY, max_batch_tokens=100)) as url:
+        assert httpx.get(f"{url}/health").json()["max_batch_tokens"] == 100
+        five = [1, 2, 3, 4, 5]
+
+        def post(**body):
+            return httpx.post(f"{url}/v1/completions", headers=headers, timeout=30,
+                              json={"model": NAME, "prompt": [five, five], "n": 2, **body})
+
+        # 2 prompts x n=2 x (5 + 20) = 100 positions: exactly the budget
+        r = post(max_tokens=20, temperature=0)
+        assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 4
+        assert model.positions == [100]  # what the budget counts is what the batch allocates
+        for stream in (False, True):
+            r = post(max_tokens=21, stream=stream)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "n" and error["type"] == "invalid_request_error"
+            assert "104 token positions" in error["message"] and "allows 100" in error["message"]
+            assert "--max-batch-tokens" in error["message"]
+        r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=30,
+                       json={"model": NAME, "prompt": [five] * 5, "max_tokens": 16})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        # max_tokens 0 decodes nothing (an echo scores the prompts one by one): not refused
+        r = post(max_tokens=0, echo=True, logprobs=0, n=8)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 16
+        assert httpx.get(f"{url}/health").json()["active"] == 0  # nothing was left counted
+        assert model.positions == [100]
+    with live(create_app(model, tok, model_name=NAME, max_batch_tokens=60)) as url:
+        # one row: the field to reduce is max_tokens (null: to the end of the context), or the prompt
+        for prompt, max_tokens, param in ((five, 56, "max_tokens"), (five, None, "max_tokens"), ([7] * 61, 1, "prompt")):
+            r = httpx.post(f"{url}/v1/completions", timeout=30,
+                           json={"model": NAME, "prompt": prompt, "max_tokens": max_tokens})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = httpx.post(f"{url}/v1/completions", timeout=30, json={"model": NAME, "prompt": five, "max_tokens": 55})
+        assert r.status_code == 200
+    with pytest.raises(ValueError, match="max_batch_tokens: expected an integer >= 1, got 0"):
+        create_app(model, tok, model_name=NAME, max_batch_tokens=0)
+
+
+def test_the_default_batch_token_budget_comes_from_the_models_size(tok):
+    # default: as many positions as make a KV cache the size of the model's weights (never less
+    # than one completion of the whole context); 4 layers x 64 wide, 512 positions: 6,736
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_head=2, n_embd=64, n_ctx=512)
+    want = config.num_params() // (2 * 4 * 64)
+    assert want == 6736
+    with live(create_app(GPT2(config).eval(), tok, model_name=NAME)) as url:
+        assert httpx.get(f"{url}/health").json()["max_batch_tokens"] == want
+        body = {"model": NAME, "prompt": "Hi", "max_tokens": None, "n": 14}  # 14 x 512 = 7,168 positions
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert f"allows {want:,}" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/completions", json={**body, "n": 13, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 13
+    # a model too small for one whole-context completion by that rule still serves one
+    small = GPT2(GPT2Config(n_layer=8, n_head=1, n_embd=8, n_ctx=1024, vocab_size=256))
+    assert small.config.num_params() // (2 * 8 * 8) < 1024
+    assert create_app(small, tok).state.engine.max_batch_tokens == 1024

@@ -12,7 +12,8 @@ client that goes away, streaming or not, sets the request's cancel flag: its wor
 the next token and frees the slot.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for a
-bad request (wrong type, out of range, prompt or max_tokens past the context), 401 for a missing
+bad request (wrong type, out of range, prompt or max_tokens past the context, prompts x n x
+(prompt + max_tokens) past `max_batch_tokens`, which bounds one request's memory), 401 for a missing
 or wrong API key, 404 for an unknown model.
 """
 from __future__ import annotations
@@ -45,11 +46,20 @@ if TYPE_CHECKING:
     from .model import GPT2
     from .tokenizer import Tokenizer
 
-__all__ = ["create_app", "CompletionRequest", "APIError"]
+__all__ = ["create_app", "CompletionRequest", "APIError", "default_max_batch_tokens"]
 
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 128  # completions per request (prompts x n): they decode as one batch
+
+
+def default_max_batch_tokens(model: "GPT2") -> int:
+    """Token positions one request may hold at once unless told otherwise: as many as make a KV
+    cache the size of the model's weights in the cache's dtype (2 x n_layer x n_embd numbers per
+    position; ~6,700 for gpt2, ~10,100 for gpt2-xl), and at least one whole-context completion.
+    From the shapes, not the parameters: an inference form keeps its weights outside them."""
+    c = model.config
+    return max(c.n_ctx, c.num_params() // (2 * c.n_layer * c.n_embd))
 
 
 class APIError(Exception):
@@ -183,8 +193,10 @@ class _Offsets:
 class _Engine:
     """The model, the tokenizer, and the slots that bound how many requests run at once."""
 
-    def __init__(self, model: "GPT2", tokenizer: "Tokenizer", name: str, max_concurrency: int, max_waiting: int):
+    def __init__(self, model: "GPT2", tokenizer: "Tokenizer", name: str, max_concurrency: int, max_waiting: int,
+                 max_batch_tokens: int):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_batch_tokens = max_batch_tokens
         self.n_ctx = model.config.n_ctx
         # A token spells at most this many bytes of text: a longer text cannot fit the context,
         # and is refused without tokenizing it in the event loop (megabytes stall every request).
@@ -227,6 +239,7 @@ class _Engine:
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"n: {len(prompts)} prompts x n={req.n} asks for more than {MAX_CHOICES} "
                                 "completions in one request", param="n")
+        self._check_batch_tokens(len(prompts), req.n, longest, max_tokens)
         if self.active + self.waiting + self.admitted >= self.max_concurrency + self.max_waiting:
             raise APIError(429, f"the server is busy ({self.waiting + self.admitted} requests waiting); retry later",
                            type="server_busy", code="rate_limit_exceeded")
@@ -238,6 +251,29 @@ class _Engine:
         if job.admitted:
             job.admitted = False
             self.admitted -= 1
+
+    def _check_batch_tokens(self, n_prompts: int, n: int, longest: int, max_tokens: int) -> None:
+        """Refuse a request whose decoding batch would hold more than `max_batch_tokens` positions:
+        its prompts x n rows share one KV cache of (longest prompt + max_tokens) positions per row
+        (`generate._Window`), allocated at once; too large a one would exhaust the memory of
+        every client's server. max_tokens 0 decodes nothing: the echo scores prompts one by one."""
+        rows = n_prompts * n
+        need = rows * (longest + max_tokens)
+        if max_tokens == 0 or need <= self.max_batch_tokens:
+            return
+        if n > 1:
+            param = "n"
+        elif n_prompts > 1 or longest >= self.max_batch_tokens:
+            param = "prompt"
+        else:
+            param = "max_tokens"
+        raise APIError(400, f"{param}: this request needs {rows} completion{'s' if rows > 1 else ''} "
+                            f"({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}) x ({longest} "
+                            f"{'longest ' if n_prompts > 1 else ''}prompt + "
+                            f"{max_tokens} completion tokens) = {need:,} token positions at once, and this server "
+                            f"allows {self.max_batch_tokens:,} per request. Reduce n, the prompts or max_tokens, "
+                            f"or start the server with a larger --max-batch-tokens (create_app(max_batch_tokens=...))",
+                       param=param, code="max_batch_tokens_exceeded")
 
     def _prompt_ids(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -534,13 +570,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # ----------------------------------------------------------------------------- the app
 
 def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2", api_key: str | None = None,
-               max_concurrency: int = 4, max_waiting: int = 256) -> FastAPI:
+               max_concurrency: int = 4, max_waiting: int = 256, max_batch_tokens: int | None = None) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`. With `api_key`, every /v1
-    request needs `Authorization: Bearer <api_key>`."""
+    request needs `Authorization: Bearer <api_key>`. A request whose prompts x n completions
+    would hold more than `max_batch_tokens` token positions at once (each row: its longest
+    prompt + max_tokens) is refused with a 400; default `default_max_batch_tokens(model)`."""
     if api_key is not None and not api_key.strip():  # "Authorization: Bearer " with nothing after it would pass
         raise ValueError("api_key: empty; pass a key, or None for no key")
+    if max_batch_tokens is None:
+        max_batch_tokens = default_max_batch_tokens(model)
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens: expected an integer >= 1, got {max_batch_tokens!r}")
     model.eval()
-    engine = _Engine(model, tokenizer, model_name, max_concurrency, max_waiting)
+    engine = _Engine(model, tokenizer, model_name, max_concurrency, max_waiting, max_batch_tokens)
     app = FastAPI(title="gpt2kit", description="OpenAI-compatible completions for GPT-2 models")
     app.state.engine = engine
 
@@ -573,7 +615,8 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active": engine.active, "waiting": engine.waiting,
-                "max_concurrency": engine.max_concurrency, "max_waiting": engine.max_waiting}
+                "max_concurrency": engine.max_concurrency, "max_waiting": engine.max_waiting,
+                "max_batch_tokens": engine.max_batch_tokens}
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:

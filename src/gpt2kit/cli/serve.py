@@ -23,6 +23,12 @@ def register(subparsers) -> None:
                    help="requests generating at once; the others wait (default 4)")
     p.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="requests waiting for a turn; past them the server answers 429 (default 256)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="token positions one request may hold at once, (prompts x n) x (longest prompt + "
+                        "max_tokens): its KV cache is allocated for them all, and a larger request is refused "
+                        "with a 400 rather than exhausting the memory (up to --max-concurrency requests hold "
+                        "theirs at once). Default: a KV cache the size of the model's weights, at least one "
+                        "whole-context completion (~6,700 for gpt2, ~10,100 for gpt2-xl); /health reports it")
     p.set_defaults(func=run)
 
 
@@ -76,6 +82,8 @@ def run(args) -> int:
         raise GPT2KitError(f"--max-concurrency: expected an integer >= 1, got {args.max_concurrency}")
     if args.max_waiting < 0:
         raise GPT2KitError(f"--max-waiting: expected an integer >= 0, got {args.max_waiting}")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
+        raise GPT2KitError(f"--max-batch-tokens: expected an integer >= 1, got {args.max_batch_tokens}")
     if not 0 <= args.port < 65536:
         raise GPT2KitError(f"--port: expected 0..65535, got {args.port}")
     sock = bind(args.host, args.port)
@@ -85,7 +93,8 @@ def run(args) -> int:
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     name = args.model_name or served_name(args.model)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
-                     max_concurrency=args.max_concurrency, max_waiting=args.max_waiting)
+                     max_concurrency=args.max_concurrency, max_waiting=args.max_waiting,
+                     max_batch_tokens=args.max_batch_tokens)
     logging.getLogger(__name__).info("serving %s as %r on http://%s:%d/v1%s", args.model, name, args.host,
                                      sock.getsockname()[1], " (API key required)" if args.api_key else "")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
