@@ -548,6 +548,7 @@ def test_detokenizer_known_pairs(name, original, expected):
 TOKEN_SUBSTITUTIONS = {
     "ptb_quotes": [(r"``", '"'), (r"''", '"'), (r"`", "'"), (r"(?i)-LRB-", "("), (r"(?i)-RRB-", ")"),
                    (r"(?i)-LSB-", "["), (r"(?i)-RSB-", "]"), (r"(?i)-LCB-", "{"), (r"(?i)-RCB-", "}")],
+    "wikitext": [(r"@-@", "-"), (r"@,@", ","), (r"@\.@", ".")],
 }
 
 
@@ -579,6 +580,26 @@ def test_ptb_quotes_detokenizes_cbt_and_lambada_lines(original, expected):
     detokenized = dt.ptb_quotes(original)
     assert detokenized == expected
     assert only_spaces_moved("ptb_quotes", original, detokenized)
+
+
+@pytest.mark.parametrize("original, expected", [
+    # lines of WikiText-2's wiki.test.tokens: headings are text too, and WikiText splits "don't" as "don 't"
+    (" = = = Formation and major @-@ label debut ( 1994 – 1999 ) = = = ",
+     "=== Formation and major-label debut (1994 – 1999) ==="),
+    (" = = = = 2012 season : Cy Young runner @-@ up = = = = ", "==== 2012 season: Cy Young runner-up ===="),
+    (" = = = Hero 's ( 2007 ) = = = ", "=== Hero's (2007) ==="),
+    (" = <unk> <unk> But They Don 't Go Down = ", "= <unk> <unk> But They Don't Go Down ="),
+    (" However , the North Koreans weren 't aware that the US 2nd Infantry Division had recently replaced the US "
+     "24th Infantry Division in positions along the <unk> River . ",
+     "However, the North Koreans weren't aware that the US 2nd Infantry Division had recently replaced the US "
+     "24th Infantry Division in positions along the <unk> River."),
+    (" It won 't win any new fans , but existing fans of ( <unk> ) <unk> 's work won 't be turning their backs ",
+     "It won't win any new fans, but existing fans of (<unk>) <unk>'s work won't be turning their backs"),
+])
+def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
+    detokenized = dt.wikitext(original)
+    assert detokenized == expected
+    assert only_spaces_moved("wikitext", original, detokenized)
 
 
 @pytest.mark.parametrize("task, detok", [("wikitext2", "wikitext"), ("ptb", "ptb"), ("1bw", "lm1b")])

@@ -30,6 +30,8 @@ def count_words(text: str, *, eos_per_line: bool = True) -> int:
 
 # English clitics split off by Penn-Treebank-style tokenizers: "it 's", "do n't", "we 're", ...
 _CLITICS = re.compile(r" (n't|'s|'re|'ve|'m|'ll|'d|'S|'RE|'VE|'M|'LL|'D|N'T)\b")
+# WikiText and 1BW split "don't" as "don 't" (not Penn Treebank's "do n't").
+_SPLIT_NOT = re.compile(r"(?<=[nN]) ('[tT])\b")
 # Closing punctuation never has a space before it in running text.
 _SPACE_BEFORE_CLOSING = re.compile(r" ([.,;:!?%)\]}])")
 # Opening brackets and currency never have a space after them.
@@ -83,17 +85,23 @@ def ptb_quotes(text: str) -> str:
 
 # ----------------------------------------------------------------------------- per dataset
 
+def _wikitext_text(text: str) -> str:
+    # numbers: `1 @,@ 000` -> `1,000`, `3 @.@ 5` -> `3.5`; hyphens: `state @-@ of` -> `state-of`
+    text = re.sub(r" @([-,.])@ ", r"\1", text)
+    text = _SPLIT_NOT.sub(r"\1", text)
+    return _attach_punctuation(_pair_straight_quotes(text))
+
+
 def _wikitext_line(line: str) -> str:
     line = line.strip()
     words = line.split(" ")
     level = next((i for i, w in enumerate(words) if w != "="), len(words))
     if 0 < level < len(words) and words[-level:] == ["="] * level:
-        # ` = = Gameplay = = ` -> `== Gameplay ==`, the way the heading is written in wiki markup
+        # ` = = Gameplay = = ` -> `== Gameplay ==`, the way the heading is written in wiki markup; its title is
+        # tokenized like any text (`= = = Hero 's ( 2007 ) = = =`)
         marks = "=" * level
-        return f"{marks} {' '.join(words[level:-level])} {marks}"
-    # numbers: `1 @,@ 000` -> `1,000`, `3 @.@ 5` -> `3.5`; hyphens: `state @-@ of` -> `state-of`
-    line = re.sub(r" @([-,.])@ ", r"\1", line)
-    return _attach_punctuation(_pair_straight_quotes(line))
+        return f"{marks} {_wikitext_text(' '.join(words[level:-level]))} {marks}"
+    return _wikitext_text(line)
 
 
 def wikitext(text: str) -> str:
