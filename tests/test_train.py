@@ -366,16 +366,16 @@ def test_resume_notices_under_torchrun_come_once(shards, tmp_path):
     assert r.stderr.count("saved with 1 rank(s), resuming with 2: RNG streams re-seeded") == 1, r.stderr
 
 
-def _two_nodes(argv0, argv1, timeout=120):
-    """Two torchrun launchers of one process each, rendezvousing as two machines do."""
+def _two_nodes(argv0, argv1, timeout=120, cwds=(None, None)):
+    """Two torchrun launchers of one process each, rendezvousing as two machines do (in folders `cwds`)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes", "-m", "gpt2kit"]
-    procs = [subprocess.Popen(launch + argv, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv in (argv0, argv1)]
+    procs = [subprocess.Popen(launch + argv, env=_cli_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for argv, cwd in zip((argv0, argv1), cwds)]
     try:
         return [p.communicate(timeout=timeout) + (p.returncode,) for p in procs]
     finally:
@@ -786,6 +786,34 @@ def test_machines_with_different_settings_are_refused(shards, tmp_path):
     assert all(code != 0 for _, _, code in results)
     assert "the ranks run different settings: lr (rank 0: 0.00" in stderr, stderr[-3000:]
     assert "threads" not in stderr.split("different settings")[1].splitlines()[0]  # a per-machine setting
+
+
+def test_machines_compare_the_init_from_weights_not_the_path(shards, tmp_path):
+    # init_from was compared as a string: the same released model at another path on one machine
+    # was refused, and a relative path naming other weights on each machine was accepted (DDP then
+    # trained rank 0's weights, FSDP a mix of both)
+    import shutil
+
+    from gpt2kit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(str(shards / "tokenizer"))
+    for machine, seed in (("a", 0), ("c", 1)):
+        torch.manual_seed(seed)
+        GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384, n_ctx=32)).save_pretrained(
+            str(tmp_path / machine / "gpt2"), tokenizer)
+    shutil.copytree(tmp_path / "a" / "gpt2", tmp_path / "b" / "models" / "gpt2")
+    out = tmp_path / "run"
+    base = _train_cmd(shards, out, "--max_steps", "1", "--eval_batches", "1")[3:]
+    results = _two_nodes(base + ["--init_from", str(tmp_path / "a" / "gpt2")],
+                         base + ["--init_from", str(tmp_path / "b" / "models" / "gpt2")])
+    assert [code for _, _, code in results] == [0, 0], (results[0][1] + results[1][1])[-3000:]
+    assert json.loads((out / "checkpoints.json").read_text())["latest"] == "step_0000001"
+    results = _two_nodes(*([*base, "--out_dir", str(tmp_path / "other"), "--init_from", "gpt2"],) * 2,
+                         cwds=(tmp_path / "a", tmp_path / "c"))
+    stderr = results[0][1] + results[1][1]
+    assert all(code != 0 for _, _, code in results)
+    assert "init_from 'gpt2': the ranks loaded different weights (rank 0: " in stderr, stderr[-3000:]
+    assert not (tmp_path / "other" / "checkpoints").exists()
 
 
 def test_resume_between_fsdp_and_unsharded_runs(shards, tmp_path):

@@ -922,11 +922,45 @@ def _check_same_settings(cfg: TrainConfig, dist_: _Dist) -> None:
     apart silently; another batch size or interval mismatches the collectives (a hang)."""
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PER_MACHINE}
     seen = _every_rank(mine, dist_)
-    differ = [k for k in mine if len({repr(s[k]) for s in seen}) > 1]
+    # init_from is a path, which may differ between machines: here only whether one is given;
+    # what it holds is compared once loaded (_check_same_weights)
+    same = {"init_from": lambda s: bool(s["init_from"])}
+    differ = [k for k in mine if len({repr(same.get(k, lambda s: s[k])(s)) for s in seen}) > 1]
     if differ:
         views = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {s[k]!r}" for r, s in enumerate(seen)) + ")"
                           for k in differ)
         raise TrainError(f"the ranks run different settings: {views}; give every machine the same config and options")
+
+
+def _check_same_weights(model, init_from: str, dist_: _Dist) -> None:
+    """Refuse, on every rank, an init_from that loaded other weights or another config on some
+    machine (the same name, other files): DDP would silently train rank 0's weights, FSDP a mix."""
+    seen = _every_rank(weights_fingerprint(model), dist_)
+    if len(set(seen)) > 1:
+        views = ", ".join(f"rank {r}: {fp[:12]}" for r, fp in enumerate(seen))
+        raise TrainError(f"init_from {init_from!r}: the ranks loaded different weights ({views}); every machine "
+                         "needs the same model files (the paths may differ)")
+
+
+def weights_fingerprint(model) -> str:
+    """A sha256 of the model's config and of every parameter and buffer (name, dtype, shape and
+    bytes): equal on any machine for equal weights, whatever their path. The tensors are hashed
+    in threads (hashlib releases the GIL): ~1.4 GB/s per core, 0.4 s for the 124M model here."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch = _import_torch()
+    tensors = [*model.named_parameters(), *model.named_buffers()]  # (a tied matrix once)
+
+    def digest(item) -> str:
+        name, t = item
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        return f"{name} {t.dtype} {tuple(t.shape)} {hashlib.sha256(memoryview(raw)).hexdigest()}"
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        lines = list(pool.map(digest, tensors))
+    config = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
+    return hashlib.sha256("\n".join([config, *lines]).encode()).hexdigest()
 
 
 def _check_same_checkpoint(resume_from: Path | None, dist_: _Dist, out: Path) -> None:
@@ -1157,6 +1191,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         state = None
         model, tokenizer = _build_model(cfg, meta)
+        if dist_.enabled and cfg.init_from:  # (every rank or none: whether init_from is set is compared)
+            _check_same_weights(model, cfg.init_from, dist_)
     mc = model.config
     block = cfg.block_size or mc.n_ctx
     if block > mc.n_ctx:
