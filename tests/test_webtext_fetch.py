@@ -689,3 +689,102 @@ def test_no_cookie_is_kept_or_sent(site, tmp_path):
     fetch_pages(tmp_path, local_cfg(robots=False, concurrency=1, per_host=1))
     assert site.hits()[0] == ("news.test", "/set") and len(site.hits()) == 3
     assert seen == [None, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Politeness across worker processes. Links are bucketed by host, but a redirect leads anywhere:
+# here every shard's links redirect to one hub host, which several processes then reach at once.
+
+
+def make_shards(work: Path, shards: list[list[str]]) -> None:
+    from gpt2kit.webtext.work import write_jsonl_zst
+
+    for k, urls in enumerate(shards):
+        write_jsonl_zst(work / "links" / f"links-{k:05d}.jsonl.zst",
+                        [{"url": u, "score": 5, "created_utc": 1500000000, "subreddit": "news", "posts": 1}
+                         for u in sorted(urls)])
+    WorkFolder(work).finish("links", list(range(len(shards))), {"links": sum(map(len, shards))})
+
+
+def hub_site(site, *, hub_robots: bytes | None, answer_s: float, shards: int = 2, per_shard: int = 3):
+    """Shards of links on their own hosts, each redirecting to the hub; returns (shards of URLs,
+    hosts, the hub's requests as (path, start, end) in server time)."""
+    hub_requests: list[tuple[str, float, float]] = []
+
+    def timed(path, status, headers, body, pause=0.0):
+        def route(handler):
+            start = time.monotonic()
+            time.sleep(pause)
+            with site.lock:
+                hub_requests.append((path, start, time.monotonic()))
+            return status, headers, body
+        return route
+
+    html = {"Content-Type": "text/html"}
+    if hub_robots is not None:
+        site.routes[("hub.test", "/robots.txt")] = timed("/robots.txt", 200, {"Content-Type": "text/plain"}, hub_robots)
+    else:
+        site.routes[("hub.test", "/robots.txt")] = timed("/robots.txt", 404, html, b"")
+    hosts, urls = ["hub.test"], []
+    for k in range(shards):
+        shard = []
+        for i in range(per_shard):
+            host, target = f"src{k}-{i}.test", f"/p{k}-{i}"
+            hosts.append(host)
+            site.routes[(host, "/go")] = (301, {"Location": f"http://hub.test:{site.port}{target}"}, b"")
+            site.routes[("hub.test", target)] = timed(target, 200, html, page(article(20 + i), "Hub"), answer_s)
+            shard.append(url(site, host, "/go"))
+        urls.append(shard)
+    return urls, hosts, hub_requests
+
+
+def test_host_delay_and_crawl_delay_hold_across_processes_for_redirect_targets(site, tmp_path):
+    """Two processes whose links all redirect to one host: every request to it, robots.txt
+    included, starts --host-delay after the one before, and once its robots.txt has been read,
+    Crawl-delay after, whichever process sends it."""
+    shards, hosts, hub = hub_site(site, hub_robots=b"User-agent: *\nCrawl-delay: 0.6\n", answer_s=0.0)
+    make_shards(tmp_path, shards)
+    cfg = local_cfg(resolve=tuple((h, "127.0.0.1") for h in hosts), host_delay=0.3, per_host=2,
+                    read_timeout=3.0, total_timeout=10.0)
+    fetch_pages(tmp_path, cfg, Runner(workers=2))
+    statuses = [e["status"] for k in range(2)
+                for e in read_jsonl_zst(tmp_path / "fetch" / f"fetch-{k:05d}.manifest.jsonl.zst")]
+    assert statuses == ["ok"] * 6
+    starts = sorted(start for _, start, _ in hub)
+    assert len(starts) == 8                                          # 2 robots.txt (one per process) + 6 pages
+    gaps = [b - a for a, b in zip(starts, starts[1:])]   # as the server saw them: a little jitter
+    assert min(gaps) >= 0.22, (gaps, sorted(hub, key=lambda r: r[1]))
+    # the second robots.txt may start before the first one's Crawl-delay is known; nothing after it
+    assert min(gaps[1:]) >= 0.52, (gaps, sorted(hub, key=lambda r: r[1]))
+
+
+def test_per_host_limit_holds_across_processes_for_redirect_targets(site, tmp_path):
+    """--per-host 1 and slow answers from the host every redirect leads to: never two requests in
+    flight to it, although two processes follow redirects there."""
+    shards, hosts, hub = hub_site(site, hub_robots=None, answer_s=0.3)
+    make_shards(tmp_path, shards)
+    cfg = local_cfg(resolve=tuple((h, "127.0.0.1") for h in hosts), robots=False, host_delay=0.0, per_host=1,
+                    read_timeout=3.0, total_timeout=10.0)
+    fetch_pages(tmp_path, cfg, Runner(workers=2))
+    spans = sorted((start, end) for _, start, end in hub)
+    assert len(spans) == 6
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    assert not overlaps, spans
+
+
+def test_a_work_folder_that_cannot_lock_files_is_refused_before_any_request(site, tmp_path, monkeypatch):
+    """Without POSIX locks (an NFS mount without its lock service) every request would fail with
+    the shared schedule's error; the stage says so once instead, naming the file."""
+    import errno
+    import fcntl
+
+    from gpt2kit.webtext import WebTextError
+
+    def no_locks(*args, **kw):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    make_links(tmp_path, [url(site, "news.test", "/a1")])
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(WebTextError, match=r"hosts\.bin: the work folder's file system does not lock files"):
+        fetch_pages(tmp_path, local_cfg(robots=False))
+    assert site.hits() == []

@@ -1,7 +1,8 @@
 """Stage 2: fetch every link, politely and safely, into WARC files.
 
 Politeness: a global limit on concurrent requests, a per-host limit and a minimum delay between
-two requests to one host (raised to the host's robots.txt Crawl-delay, up to a cap), robots.txt
+two requests to one host (raised to the host's robots.txt Crawl-delay, up to a cap), both kept
+across all the stage's processes by a shared schedule (`hosts.py`: redirects cross shards), robots.txt
 obeyed (RFC 9309: a 4xx robots.txt allows everything, an unreachable one, a 5xx or a 429 forbids
 everything), timeouts (connect, read, and a total deadline per request so that a slowly dripping
 server cannot hold a slot), a maximum body size counted after decompression (a gzip bomb stops at
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import math
 import socket
 import ssl
 import time
@@ -40,6 +40,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .. import __version__
 from ..io import atomic_path
+from .hosts import HostGate, SharedSchedule, open_schedule
 from .robots import RobotsRules
 from .work import (Runner, WebTextError, WorkFolder, check_int, check_seconds, config_dict, read_jsonl_zst, run_tasks,
                    shard_name, write_jsonl_zst)
@@ -286,31 +287,6 @@ class Retryable(Exception):
 _UNREACHABLE = ("blocked_address", "dns_error", "connection_error", "timeout")
 
 
-class HostGate:
-    """At most `per_host` requests in flight to a host, starts at least `delay` seconds apart."""
-
-    def __init__(self, per_host: int, delay: float):
-        self.slots = asyncio.Semaphore(per_host)
-        self.delay = delay
-        self.last_start = -math.inf
-
-    async def start(self, global_slots: asyncio.Semaphore) -> None:
-        """Return holding one of `global_slots`, at least `delay` after the host's previous start.
-        The spacing is checked once the global slot is held: a turn booked before queueing for it
-        would let two requests that queued together start together. No global slot is held
-        while sleeping, so a long Crawl-delay idles no capacity."""
-        while True:
-            wait = self.last_start + self.delay - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            await global_slots.acquire()
-            if self.last_start + self.delay <= time.monotonic():
-                self.last_start = time.monotonic()    # no await since the check: no one else passed
-                return
-            global_slots.release()                    # another request to this host started meanwhile
-
-
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -324,9 +300,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class Fetcher:
-    def __init__(self, cfg: FetchConfig, client, concurrency: int):
+    def __init__(self, cfg: FetchConfig, client, concurrency: int, shared: SharedSchedule | None = None):
         self.cfg = cfg
         self.client = client
+        self.shared = shared
         self.resolver = Resolver(cfg)
         self.global_slots = asyncio.Semaphore(concurrency)
         self.gates: dict[str, HostGate] = {}
@@ -335,7 +312,7 @@ class Fetcher:
 
     def gate(self, host: str) -> HostGate:
         if host not in self.gates:
-            self.gates[host] = HostGate(self.cfg.per_host, self.cfg.host_delay)
+            self.gates[host] = HostGate(host, self.cfg.per_host, self.cfg.host_delay, self.shared)
         return self.gates[host]
 
     async def get(self, url: str, *, check_robots: bool = True, html_only: bool = True,
@@ -372,12 +349,8 @@ class Fetcher:
                     pause = max(pause, min(last.retry_after, self.cfg.max_crawl_delay))
                 await asyncio.sleep(pause)
             try:
-                async with gate.slots:
-                    await gate.start(self.global_slots)
-                    try:
-                        res = await self._request(url, html_only, max_bytes)
-                    finally:
-                        self.global_slots.release()
+                async with gate.turn(self.global_slots):
+                    res = await self._request(url, html_only, max_bytes)
                 res.attempts = attempt + 1
                 return res
             except Retryable as e:
@@ -490,8 +463,7 @@ class Fetcher:
         if res.status == "ok":
             rules = RobotsRules.parse((res.body or b"").decode("utf-8", "replace"), self.cfg.user_agent)
             if rules.crawl_delay:
-                gate = self.gate(urlsplit(origin).hostname or "")
-                gate.delay = max(gate.delay, min(rules.crawl_delay, self.cfg.max_crawl_delay))
+                self.gate(urlsplit(origin).hostname or "").raise_delay(min(rules.crawl_delay, self.cfg.max_crawl_delay))
         elif (res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500
               and res.http_status != 429):
             rules = RobotsRules()         # RFC 9309 §2.3.1.3: "unavailable" means no restrictions
@@ -511,7 +483,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer, bar) -> list[dict]:
+async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer, bar,
+                     shared: SharedSchedule | None = None) -> list[dict]:
     import httpx
 
     ssl_ctx = ssl.create_default_context()
@@ -521,7 +494,7 @@ async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writ
     manifest: list[dict] = []
     async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout, limits=limits,
                                  verify=ssl_ctx, cookies=_no_cookies()) as client:
-        fetcher = Fetcher(cfg, client, concurrency)
+        fetcher = Fetcher(cfg, client, concurrency, shared)
         by_host: dict[str, list[dict]] = defaultdict(list)
         for link in links:
             by_host[urlsplit(link["url"]).hostname or ""].append(link)
@@ -577,8 +550,9 @@ def _write_response(writer, res: Result, fetched_at: str) -> str:
 
 
 def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchConfig, concurrency: int,
-                progress: bool = False) -> dict:
-    """Fetch the links of one shard; write its WARC file and manifest (both atomically)."""
+                progress: bool = False, schedule: str | None = None) -> dict:
+    """Fetch the links of one shard; write its WARC file and manifest (both atomically). With
+    `schedule` (the file of `hosts.py`), per-host politeness holds with every process sharing it."""
     from tqdm.auto import tqdm
     from warcio.warcwriter import WARCWriter
 
@@ -590,7 +564,8 @@ def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchC
                                    "http-header-user-agent": cfg.user_agent, "robots": "obey" if cfg.robots else "ignore"}))
         with tqdm(total=len(links), desc=Path(warc_path).name.split('.')[0], unit="url", leave=False,
                   disable=not progress, dynamic_ncols=True) as bar:
-            manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, bar))
+            with open_schedule(schedule) as shared:
+                manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, bar, shared))
     manifest.sort(key=lambda e: e["url"])
     write_jsonl_zst(manifest_path, manifest)
     counts = Counter(e["status"] for e in manifest)
@@ -607,12 +582,16 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     # a second bar, per URL, where it can be drawn: in this process
     inline_progress = runner.progress and runner.workers == 1 and runner.engine == "local"
     out = wf.stage_dir("fetch")
+    # one per-host schedule for every process of the stage: a redirect can lead any shard to any host
+    schedule = str(wf.state_dir("fetch") / "hosts.bin")
+    with open_schedule(schedule):
+        pass                    # a file system that cannot lock it is refused here, before any request
     tasks = []
     for k in ids:
         name = shard_name("fetch", k)
         tasks.append((name, (str(wf.stage_dir("links") / f"{shard_name('links', k)}.jsonl.zst"),
                              str(out / f"{name}.warc.gz"), str(out / f"{name}.manifest.jsonl.zst"), cfg, per_process,
-                             inline_progress)))
+                             inline_progress, schedule)))
     totals, skipped = run_tasks(wf, "fetch", fetch_shard, tasks, runner, desc="fetch")
     wf.finish("fetch", ids, totals)
     return {**totals, "skipped_tasks": skipped}
