@@ -67,7 +67,7 @@ PTB = """ no it was n't black monday
 
 ONE_BW = """The U.S. Centers for Disease Control and Prevention initially advised school districts to close if flu had spread to a student , but they later said that was unnecessary .
 He said : " It 's not a $ 100 deal . "
-Bush does n't care about ( most ) of it .
+Bush doesn 't care about ( most ) of it .
 """
 
 ENWIK8 = ("<mediawiki>\n  <page>\n    <title>Anarchism</title>\n    <text xml:space=\"preserve\">'''Anarchism''' "
@@ -549,6 +549,7 @@ TOKEN_SUBSTITUTIONS = {
     "ptb_quotes": [(r"``", '"'), (r"''", '"'), (r"`", "'"), (r"(?i)-LRB-", "("), (r"(?i)-RRB-", ")"),
                    (r"(?i)-LSB-", "["), (r"(?i)-RSB-", "]"), (r"(?i)-LCB-", "{"), (r"(?i)-RCB-", "}")],
     "wikitext": [(r"@-@", "-"), (r"@,@", ","), (r"@\.@", ".")],
+    "lm1b": [],
 }
 
 
@@ -600,6 +601,25 @@ def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
     detokenized = dt.wikitext(original)
     assert detokenized == expected
     assert only_spaces_moved("wikitext", original, detokenized)
+
+
+@pytest.mark.parametrize("original, expected", [
+    # sentences of 1BW's held-out set: "don't" is split "don 't", pounds and euros are tokens of their own
+    ("I still don 't see how any of this is the president 's fault .",
+     "I still don't see how any of this is the president's fault."),
+    ("It 's a land where MRSA doesn 't exist and where \" who gets what treatment when \" isn 't determined .",
+     'It\'s a land where MRSA doesn\'t exist and where "who gets what treatment when" isn\'t determined.'),
+    ("A Hertfordshire council lost £ 24,000 in revenue from parking fines because enforcement orders were out of "
+     "date .", "A Hertfordshire council lost £24,000 in revenue from parking fines because enforcement orders were "
+     "out of date."),
+    ("Unilever 's second-quarter pre-tax profits fell 12 per cent to € 1.2bn ( $ 1.72bn ) due to restructuring "
+     "costs .", "Unilever's second-quarter pre-tax profits fell 12 per cent to €1.2bn ($1.72bn) due to restructuring "
+     "costs."),
+])
+def test_lm1b_detokenizes_held_out_sentences(original, expected):
+    detokenized = dt.lm1b(original)
+    assert detokenized == expected
+    assert only_spaces_moved("lm1b", original, detokenized)
 
 
 @pytest.mark.parametrize("task, detok", [("wikitext2", "wikitext"), ("ptb", "ptb"), ("1bw", "lm1b")])

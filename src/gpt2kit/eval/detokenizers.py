@@ -35,7 +35,7 @@ _SPLIT_NOT = re.compile(r"(?<=[nN]) ('[tT])\b")
 # Closing punctuation never has a space before it in running text.
 _SPACE_BEFORE_CLOSING = re.compile(r" ([.,;:!?%)\]}])")
 # Opening brackets and currency never have a space after them.
-_SPACE_AFTER_OPENING = re.compile(r"([(\[{$#]) ")
+_SPACE_AFTER_OPENING = re.compile(r"([(\[{$£€¥#]) ")
 
 
 def _attach_punctuation(text: str) -> str:
@@ -130,6 +130,7 @@ def lm1b(text: str) -> str:
     lines = []
     for line in text.split("\n"):
         line = re.sub(r"(\w) n't\b", r"\1n't", line.strip())  # "does n't" -> "doesn't"
+        line = _SPLIT_NOT.sub(r"\1", line)  # the held-out set's own split: "doesn 't"
         lines.append(_attach_punctuation(_pair_straight_quotes(line)))
     return "\n".join(lines)
 
