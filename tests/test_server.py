@@ -595,3 +595,21 @@ def test_the_default_batch_token_budget_comes_from_the_models_size(tok):
     small = GPT2(GPT2Config(n_layer=8, n_head=1, n_embd=8, n_ctx=1024, vocab_size=256))
     assert small.config.num_params() // (2 * 8 * 8) < 1024
     assert create_app(small, tok).state.engine.max_batch_tokens == 1024
+
+
+def test_top_logprobs_always_hold_the_chosen_token(client):
+    # OpenAI: "The API will always return the logprob of the sampled token, so there may be up to
+    # logprobs+1 elements"; a client reads top_logprobs[i][tokens[i]] (a KeyError for an unlikely draw)
+    r = client.completions.create(model=NAME, prompt="Sampled tokens", max_tokens=12, temperature=2, seed=11,
+                                  logprobs=1, echo=True)
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs[0] is None  # the first prompt token has no context
+    outside = 0
+    for token, chosen, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == pytest.approx(chosen) and 1 <= len(top) <= 2
+        outside += len(top) == 2
+    assert outside >= 3  # (T=2 draws outside the top token most of the time: the case is exercised)
+    streamed = client.completions.create(model=NAME, prompt="Sampled tokens", max_tokens=12, temperature=2, seed=11,
+                                         logprobs=1, echo=True, stream=True)
+    tops = [t for c in streamed for t in c.choices[0].logprobs.top_logprobs]
+    assert tops == lp.top_logprobs
