@@ -456,6 +456,26 @@ def test_too_little_text_for_one_window_names_the_data_and_block_size(shards, tm
     assert not (tmp_path / "run").exists()  # refused before any output
 
 
+def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(shards, tmp_path):
+    # the resumed writer purged events from the checkpoint's step on, though that step is not run
+    # again: TensorBoard lost the loss and the validation loss of every step a run resumed from
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=10, eval_interval=5, checkpoint_interval=10))
+    time.sleep(1.1)  # (event files are named by the second they were opened in)
+    with SummaryWriter(str(out / "tensorboard")) as crashed:  # a step logged after the checkpoint, then a crash
+        crashed.add_scalar("loss", 99.0, 11)
+    time.sleep(1.1)
+    T.train(cfg_for(shards, out, max_steps=12, eval_interval=5, resume=True))
+    events = EventAccumulator(str(out / "tensorboard"))  # (it drops what a restart purged, as TensorBoard does)
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
+    assert [e.value for e in events.Scalars("loss")][10] == pytest.approx(losses(out)[11])  # the rerun's, not 99
+    assert [e.step for e in events.Scalars("val_loss")] == [5, 10, 12]
+
+
 def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):
     # a checkpoint off the log interval: the first record after resuming covers 1 step, not 4
     out = tmp_path / "run"

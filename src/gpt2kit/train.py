@@ -781,7 +781,10 @@ class Monitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
+                # TensorBoard hides events from purge_step on: the steps that run again, after
+                # the checkpoint's own (logged before it was saved, as in metrics.jsonl)
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 log.debug("tensorboard is not installed: no event files")
         self.plot = cfg.plot
