@@ -622,6 +622,38 @@ def test_lm1b_detokenizes_held_out_sentences(original, expected):
     assert only_spaces_moved("lm1b", original, detokenized)
 
 
+def retokenize_ptb(text: str) -> str:
+    """Mikolov's PTB tokenization of de-tokenized text: each line is ' ' + tokens + ' ', clitics and a plural
+    possessive's ' split off, every number N, '/' escaped as a backslash and '/'."""
+    lines = []
+    for line in text.split("\n"):
+        line = re.sub(r"(\S)'(?= |$)", r"\1 '", line)
+        line = re.sub(r"(\S)(n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1 \2", line)
+        line = re.sub(r"(?<!\S)1(?!\S)", "N", line.replace("$1", "$ 1")).replace("/", "\\/")
+        lines.append(f" {line} " if line else line)
+    return "\n".join(lines)
+
+
+# lines of ptb.test.txt
+PTB_LINES = [
+    " newport corp. said it expects to report <unk> earnings of between N cents and N cents a share somewhat below "
+    "analysts ' estimates of N cents to N cents ",
+    " two years ago there were massive redemption levels over the weekend and a lot of fear around said c. bruce "
+    "<unk> who runs fidelity investments ' $ N billion <unk> fund ",
+    " nbc 's interest may revive the deal which mgm\\/ua killed last week when the australian concern had trouble "
+    "raising cash ",
+]
+
+
+def test_ptb_detokenizer_undoes_possessives_and_escaped_slashes_and_is_invertible():
+    out = dt.ptb("\n".join(PTB_LINES)).split("\n")
+    assert out[0].endswith("below analysts' estimates of 1 cents to 1 cents")
+    assert "fidelity investments' $1 billion <unk> fund" in out[1]
+    assert out[2].startswith("nbc's interest may revive the deal which mgm/ua killed")
+    for text in ("\n".join(PTB_LINES), PTB):
+        assert retokenize_ptb(dt.ptb(text)) == text
+
+
 @pytest.mark.parametrize("task, detok", [("wikitext2", "wikitext"), ("ptb", "ptb"), ("1bw", "lm1b")])
 def test_detokenizing_never_changes_the_word_count(task, detok, data_dir, tokenizer):
     on, off = get_task(task)(data_dir), get_task(task)(data_dir, detokenize=False)

@@ -115,13 +115,16 @@ _PTB_NUMBER = re.compile(r"(?<!\S)N(?!\S)")
 def ptb(text: str) -> str:
     """Mikolov's PTB (`ptb.test.txt`): lower-cased, no punctuation, `N` for every number.
 
-    `N` becomes the digit `1`: WebText writes numbers as digits, and since PTB contains no digit
-    at all, the rewrite stays invertible."""
+    `N` becomes the digit `1`: WebText writes numbers as digits, and since PTB's digits only
+    occur inside words (`500-stock`, `1980s`), never as a word of their own, the rewrite stays
+    invertible. The Treebank's escaped slash `\\/` (`mgm\\/ua`) becomes `/`, which PTB never has
+    unescaped."""
     lines = []
     for line in text.split("\n"):
         line = _CLITICS.sub(r"\1", line.strip())
+        line = _LONE_CLOSING_QUOTE.sub("'", line)  # without punctuation, a plural possessive: `analysts ' views`
         line = _PTB_NUMBER.sub("1", line)
-        lines.append(line.replace("$ 1", "$1"))
+        lines.append(line.replace("$ 1", "$1").replace("\\/", "/"))
     return "\n".join(lines)
 
 
