@@ -535,6 +535,22 @@ def test_resume_after_a_kill_mid_metrics_line(shards, tmp_path):
         T.train(cfg_for(shards, out, max_steps=4, resume=True))
 
 
+def test_what_a_kill_while_saving_left_is_removed_by_the_next_save(shards, tmp_path):
+    # a process killed while writing a checkpoint (SIGKILL after a scheduler's grace period) left its
+    # half-written folder, and one killed while deleting old checkpoints a part of one; neither is
+    # in the index, and only a later save of the same step removed them: gigabytes each, for good
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=4, checkpoint_interval=2, keep_last=1, eval_interval=100))
+    half = out / "checkpoints" / ".step_0000005.tmp"  # (the stop of a signal: off the interval)
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 1000)
+    (out / "checkpoints" / "step_0000002").mkdir()  # (rmtree stopped half way)
+    (out / "checkpoints" / "step_0000002" / "trainer.pt").write_bytes(b"\0" * 1000)
+    T.train(cfg_for(shards, out, max_steps=6, checkpoint_interval=2, keep_last=1, eval_interval=100, resume=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000006"]
+    assert [e["name"] for e in json.loads((out / "checkpoints.json").read_text())["checkpoints"]] == ["step_0000006"]
+
+
 def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     T.train(cfg_for(shards, out, max_steps=2))

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -670,7 +671,8 @@ class Checkpoints:
     (loadable by `gpt2kit generate` and transformers) plus `trainer.pt` (optimizer, schedule,
     RNG). A folder is written under a temporary name and renamed when complete, then the index
     (`checkpoints.json`) and the `latest`/`best` links are replaced atomically, and only then are
-    old folders deleted: a crash or a full disk at any point leaves the last good one in place."""
+    old folders deleted: a crash or a full disk at any point leaves the last good one in place, and
+    the next save removes the folders such a crash left half written or half deleted."""
 
     def __init__(self, out_dir: str | os.PathLike, keep_last: int = 2):
         self.out = Path(out_dir)
@@ -727,9 +729,11 @@ class Checkpoints:
         self._link("latest", name)
         if best:
             self._link("best", best)
-        for e in entries:
-            if e["name"] not in keep:
-                shutil.rmtree(self.root / e["name"], ignore_errors=True)
+        # Besides the checkpoints dropped from the index: what a process killed while saving left,
+        # a half-written temporary folder or a half-deleted old one (the index never names them)
+        for folder in list(self.root.iterdir()):
+            if folder.name not in keep and re.fullmatch(r"\.?step_\d+(\.tmp)?", folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
         return final
 
     def _link(self, link: str, name: str) -> None:
