@@ -515,6 +515,20 @@ def test_wikitext_articles_and_limit(data_dir):
     assert task.documents(limit=1) == docs[:1]
 
 
+def test_a_wikitext_equation_line_does_not_start_an_article(tmp_path):
+    """WikiText-2's test set has formula lines that look like level-1 headings (` = 1 <unk> / s ... = ` in
+    "Constant k filter"); an article's heading comes after a blank line, these come straight after text."""
+    text = (" \n = Constant k filter = \n \n Constant k filters are image filters . \n \n = = = <unk> <unk> = = = \n"
+            " \n The prototype has a cut @-@ off frequency of \n = 1 <unk> / s and a nominal <unk> k = \n"
+            " 1 <unk> . This is produced by a filter half @-@ section with <unk> L \n = 1 <unk> and <unk> C = \n"
+            " 1 <unk> . \n \n = The <unk> = \n \n \" The <unk> \" is an episode of Doctor Who . \n")
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.tokens").write_text(text)
+    docs = get_task("wikitext2")(tmp_path).documents()
+    assert [d.lstrip(" \n").split("\n")[0] for d in docs] == ["= Constant k filter = ", "= The <unk> = "]
+    assert "".join(docs) == text
+
+
 # ----------------------------------------------------------------------------- detokenizers
 
 @pytest.mark.parametrize("name, original, expected", [

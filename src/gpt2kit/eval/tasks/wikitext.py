@@ -22,13 +22,18 @@ SOURCE = ("the WikiText release (Salesforce/MetaMind: wikitext-{n}-v1.zip / wiki
 
 def split_articles(text: str) -> list[str]:
     """The file's lines grouped into articles (from one level-1 heading to the next), each keeping
-    its lines' newlines; the blank lines before the first heading belong to the first article."""
+    its lines' newlines; the blank lines before the first heading belong to the first article.
+
+    A heading follows a blank line: WikiText-2's test set also has formula lines shaped like one
+    (` = 1 <unk> / s and a nominal <unk> k = `), right after a line of text."""
     articles: list[list[str]] = []
+    after_blank = True
     for line in text.splitlines(keepends=True):
-        heading = _ARTICLE_START.match(line.rstrip("\n"))
+        heading = after_blank and _ARTICLE_START.match(line.rstrip("\n"))
         if not articles or (heading and any(x.strip() for x in articles[-1])):  # blank lines join the next article
             articles.append([])
         articles[-1].append(line)
+        after_blank = not line.strip()
     return ["".join(a) for a in articles]
 
 
