@@ -788,3 +788,29 @@ def test_a_work_folder_that_cannot_lock_files_is_refused_before_any_request(site
     with pytest.raises(WebTextError, match=r"hosts\.bin: the work folder's file system does not lock files"):
         fetch_pages(tmp_path, local_cfg(robots=False))
     assert site.hits() == []
+
+
+@pytest.mark.parametrize("location", ["http://[::1/x", "http://news.test:80:80/", "/path\twith\x01control",
+                                      "http://a]b/", "http://[a/"])   # the last two pass httpx, not urlsplit
+def test_redirect_to_an_invalid_url_is_bad_url_after_one_request(location):
+    """A redirect whose Location cannot be a URL: one request and `bad_url` (read as a connection
+    error, it was retried as if the host were down, and reported so)."""
+    import asyncio
+
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(302, headers={"Location": location})
+
+    cfg = FetchConfig(robots=False, host_delay=0.0, retries=2, backoff=0.01)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await Fetcher(cfg, client, 4).get("http://93.184.216.34/start")
+
+    res = asyncio.run(go())
+    assert (res.status, res.attempts, seen) == ("bad_url", 1, ["/start"]), res
+    assert "location header" in res.error or location in res.error

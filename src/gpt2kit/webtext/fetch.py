@@ -333,7 +333,11 @@ class Fetcher:
             res.url, res.attempts, res.redirects = url, attempts, hop
             location = dict((k.lower(), v) for k, v in res.headers or []).get("location")
             if res.status == "http_error" and res.http_status in (301, 302, 303, 307, 308) and location:
-                current = urljoin(current, location.strip())
+                try:
+                    current = urljoin(current, location.strip())
+                except ValueError:    # httpx lets some through that urllib cannot split ("http://[a/")
+                    return Result("bad_url", url, current, error=f"redirect to {location!r}, which is not a URL",
+                                  attempts=attempts, redirects=hop)
                 continue
             return res
         return Result("too_many_redirects", url, current, attempts=attempts, redirects=self.cfg.max_redirects)
@@ -387,7 +391,14 @@ class Fetcher:
                    "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"}
         request = self.client.build_request("GET", target, headers=headers, extensions={"sni_hostname": host})
         async def exchange() -> Result:
-            response = await self.client.send(request, stream=True)
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.RemoteProtocolError as e:
+                # httpx parses a redirect's Location even when not following it, and fails the
+                # exchange on one that is not a URL: the server answered, the link is what is bad
+                if str(e).startswith("Invalid URL in location header"):
+                    return Result("bad_url", url, url, error=str(e))
+                raise
             try:
                 return await self._read(url, address, response, html_only, max_bytes)
             finally:
