@@ -427,6 +427,8 @@ def test_bad_inputs(shards, tmp_path, text_dir):
     # resuming a run that is already done, or from damaged files: one line naming what and where
     with pytest.raises(T.TrainError, match=r"already at step 2, past max_steps 1"):
         T.train(cfg_for(shards, run, max_steps=1, resume=True))
+    with pytest.raises(T.TrainError, match=r"pass a larger --max_steps to continue it \(with --lr_decay_steps 2 to keep"):
+        T.train(cfg_for(shards, run, max_steps=1, resume=True))
     done = T.train(cfg_for(shards, run, max_steps=2, resume=True))  # a requeued job: nothing to do, no error
     assert done["nothing_to_do"] and done["step"] == 2 and done["checkpoint"].endswith("step_0000002")
     state = run / "checkpoints" / "step_0000002" / T.TRAINER_STATE
@@ -474,6 +476,25 @@ def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(shards, tmp_path):
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
     assert [e.value for e in events.Scalars("loss")][10] == pytest.approx(losses(out)[11])  # the rerun's, not 99
     assert [e.step for e in events.Scalars("val_loss")] == [5, 10, 12]
+
+
+def test_a_resume_that_moves_the_learning_rate_says_so(shards, tmp_path, caplog):
+    # continuing a finished run with a larger max_steps ("pass a larger --max_steps to continue
+    # it") stretched its cosine: the learning rate jumped from min_lr back up, without a word
+    out = tmp_path / "run"
+    kw = dict(max_steps=4, warmup_steps=2, lr=1e-3, min_lr=1e-4, eval_interval=100)
+    T.train(cfg_for(shards, out, **kw))
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, out, **{**kw, "max_steps": 6}, resume=True))
+    assert ("learning rate at step 4 is 0.00055 in this schedule, 0.0001 in the checkpoint's (max_steps 6, was 4); "
+            "to keep the checkpoint's schedule, set lr_decay_steps = 4") in caplog.text
+    assert losses(out).keys() == set(range(1, 7))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):  # the advice taken: the same rate, no warning
+        T.train(cfg_for(shards, out, **{**kw, "max_steps": 8, "lr_decay_steps": 4}, resume=True))
+    assert "learning rate" not in caplog.text
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert lrs[7] == lrs[8] == 1e-4
 
 
 def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):

@@ -314,6 +314,31 @@ def _lr_for(cfg: TrainConfig, step: int) -> float:
                  decay_steps=cfg.lr_decay_steps or cfg.max_steps)
 
 
+_SCHEDULE = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "max_steps")
+
+
+def _decay_end(saved: dict, default: int) -> int:
+    """The step at which a saved run config's cosine decay ends (`default` where it is unknown)."""
+    return saved.get("lr_decay_steps") or saved.get("max_steps") or default
+
+
+def _warn_if_the_rate_moves(cfg: TrainConfig, saved: dict, step: int, source: Path) -> None:
+    """Warn where a resumed run's learning rate at `step` is not the one its checkpoint's run
+    would have used: a larger max_steps to continue a run stretches the cosine, and the rate jumps."""
+    if not all(k in saved for k in _SCHEDULE):
+        return
+    before = dataclasses.replace(cfg, **{k: saved[k] for k in _SCHEDULE})
+    now, then = _lr_for(cfg, step), _lr_for(before, step)
+    if now == then:
+        return
+    changed = ", ".join(f"{k} {getattr(cfg, k)}, was {saved[k]}" for k in _SCHEDULE if getattr(cfg, k) != saved[k])
+    decay = _decay_end(saved, step)
+    keep = (f"; to keep the checkpoint's schedule, set lr_decay_steps = {decay}"
+            if decay != (cfg.lr_decay_steps or cfg.max_steps) else "")
+    log.warning("%s: the learning rate at step %d is %g in this schedule, %g in the checkpoint's (%s)%s",
+                source, step, now, then, changed, keep)
+
+
 def _import_torch():
     import torch
 
@@ -1167,7 +1192,8 @@ def train(cfg: TrainConfig) -> dict:
         state = load_trainer_state(resume_from)
         if state["step"] > cfg.max_steps:
             raise TrainError(f"{resume_from}: the run is already at step {state['step']}, past max_steps "
-                             f"{cfg.max_steps}; pass a larger --max_steps to continue it")
+                             f"{cfg.max_steps}; pass a larger --max_steps to continue it (with --lr_decay_steps "
+                             f"{_decay_end(state.get('config', {}), state['step'])} to keep its learning-rate schedule)")
         if state["step"] == cfg.max_steps:  # done: a requeued job that resumes it has nothing to do
             if dist_.main:  # (said once, not once per rank)
                 log.info("%s: the run is already at max_steps %d: nothing to train", resume_from, cfg.max_steps)
@@ -1195,6 +1221,8 @@ def train(cfg: TrainConfig) -> dict:
         if seed != cfg.seed:  # a command-line --seed is not in the run's TOML: easy to leave out on --resume
             raise CheckpointError(f"{resume_from}: trained with seed {seed}, configured {cfg.seed}: the batches and "
                                   f"validation windows would change; pass --seed {seed}")
+        if dist_.main:
+            _warn_if_the_rate_moves(cfg, state.get("config", {}), state["step"], resume_from)
     else:
         state = None
         model, tokenizer = _build_model(cfg, meta)
