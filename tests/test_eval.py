@@ -629,6 +629,16 @@ def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
     ("Unilever 's second-quarter pre-tax profits fell 12 per cent to € 1.2bn ( $ 1.72bn ) due to restructuring "
      "costs .", "Unilever's second-quarter pre-tax profits fell 12 per cent to €1.2bn ($1.72bn) due to restructuring "
      "costs."),
+    # a quotation over several sentences leaves one of them with a lone quote, closing or opening
+    ("It was exciting end-to-end stuff , and I don 't think one spectator left the stadium dissatisfied , \" said "
+     "the Hibs manager .", "It was exciting end-to-end stuff, and I don't think one spectator left the stadium "
+     "dissatisfied,\" said the Hibs manager."),
+    ("He said to me , it 's better to kill them straight away , get rid of the evidence straight away . \"",
+     'He said to me, it\'s better to kill them straight away, get rid of the evidence straight away."'),
+    ('Ms Kitchen said : " It is a nightmare that we are all taking part in .',
+     'Ms Kitchen said: "It is a nightmare that we are all taking part in.'),
+    ('" I was poking about in the dashboard while the RSPCA man was trying to coax her out .',
+     '"I was poking about in the dashboard while the RSPCA man was trying to coax her out.'),
 ])
 def test_lm1b_detokenizes_held_out_sentences(original, expected):
     detokenized = dt.lm1b(original)

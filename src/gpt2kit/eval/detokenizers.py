@@ -47,12 +47,13 @@ def _attach_punctuation(text: str) -> str:
 def _pair_straight_quotes(line: str) -> str:
     """`a " quoted text " , b` -> `a "quoted text" , b`: among the line's space-separated `"`
     tokens, odd ones open (joined to the word after) and even ones close (joined to the word
-    before). Runs before punctuation is attached, which would hide a closing quote followed by
+    before), counting from the second when the first closes a quotation begun earlier. Runs before punctuation is attached, which would hide a closing quote followed by
     `,` or `.` and turn every later quote of the line around."""
     words = line.split(" ")
-    if '"' not in words:
+    quotes = [i for i, word in enumerate(words) if word == '"']
+    if not quotes:
         return line
-    out, opening, after_opening = [], True, False
+    out, opening, after_opening = [], not _closes_a_quotation_begun_before(words, quotes), False
     for word in words:
         quote = word == '"'
         joined = (not opening) if quote else after_opening
@@ -60,6 +61,15 @@ def _pair_straight_quotes(line: str) -> str:
         after_opening = quote and opening
         opening ^= quote
     return "".join(out)
+
+
+def _closes_a_quotation_begun_before(words: list[str], quotes: list[int]) -> bool:
+    """An odd number of quotes: a quotation runs over from the previous sentence of a shuffled 1BW
+    line (`... dissatisfied , " said the manager`) or on into the next one. The first quote closes
+    it when it ends the line or a lower-case word follows; a quotation starts with a capital."""
+    first = quotes[0]
+    after = words[first + 1] if first + 1 < len(words) else ""
+    return len(quotes) % 2 == 1 and first > 0 and (not after or after[:1].islower())
 
 
 # Penn Treebank's escapes for brackets, whole tokens: Stanford's tokenizer writes every bracket of CBT's books this
