@@ -497,6 +497,16 @@ def test_a_resume_that_moves_the_learning_rate_says_so(shards, tmp_path, caplog)
     assert lrs[7] == lrs[8] == 1e-4
 
 
+def test_optimizer_settings_given_on_resume_are_used(shards, tmp_path):
+    # the checkpoint's AdamW groups were loaded whole: --weight_decay, --beta1/2 and --eps given
+    # with --resume were silently replaced by the first run's (only lr, set every step, applied)
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=2))
+    T.train(cfg_for(shards, out, max_steps=3, weight_decay=0.5, beta1=0.8, beta2=0.9, eps=1e-6, resume=True))
+    groups = T.load_trainer_state(out / "latest")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in groups] == [(0.5, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
+
+
 def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):
     # a checkpoint off the log interval: the first record after resuming covers 1 step, not 4
     out = tmp_path / "run"

@@ -1503,6 +1503,8 @@ def _unsharded_copy(loss_mod, config, dist_: _Dist):
 # How this run's optimizer executes, not its state: an FSDP run's AdamW is not fused, an
 # unsharded one is, and a checkpoint of one layout resumes in the other.
 _EXECUTION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
+# This run's config, not the checkpoint's: a resume may change them (lr is set at every step).
+_CONFIGURED_OPTIONS = ("betas", "eps", "weight_decay")
 
 
 def _load_optimizer(optimizer, loss_mod, sd, fsdp: bool, source: Path) -> None:
@@ -1522,7 +1524,8 @@ def _load_optimizer(optimizer, loss_mod, sd, fsdp: bool, source: Path) -> None:
         for old, new in zip(group["params"], mine):
             if old in sd["state"]:
                 state[new] = sd["state"][old]
-        groups.append({**group, **{k: live[k] for k in _EXECUTION_OPTIONS if k in live}, "params": list(mine)})
+        groups.append({**group, **{k: live[k] for k in _EXECUTION_OPTIONS + _CONFIGURED_OPTIONS if k in live},
+                       "params": list(mine)})
     sd = {"state": state, "param_groups": groups}
     if not fsdp:
         optimizer.load_state_dict(sd)
