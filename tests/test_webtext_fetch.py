@@ -814,3 +814,28 @@ def test_redirect_to_an_invalid_url_is_bad_url_after_one_request(location):
     res = asyncio.run(go())
     assert (res.status, res.attempts, seen) == ("bad_url", 1, ["/start"]), res
     assert "location header" in res.error or location in res.error
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_a_robots_txt_past_the_size_limit_is_read_up_to_it(site, tmp_path, encoding):
+    """RFC 9309 §2.5: a crawler parses at least 500 KiB of robots.txt; what lies past its limit is
+    ignored, not a reason to forbid the whole site. The line the limit cuts is dropped too: cut,
+    `Allow: /bar-and-more` would become a wider `Allow: /b`."""
+    head = "User-agent: *\nDisallow: /private\n"
+    # the limit falls inside the Allow line of the next group of rules
+    text = (head + "# " + "x" * (512_000 - len(head) - 30) + "\nDisallow: /b\nAllow: /bar-and-more\n"
+            + "# padding\n" * 20_000)
+    body = text.encode()
+    assert body.index(b"Allow: /bar-and-more") + len("Allow: /b") < 512_000 < body.index(b"# padding")
+    headers = {"Content-Type": "text/plain"}
+    if encoding == "gzip":
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    site.routes[("news.test", "/robots.txt")] = (200, headers, body)
+    for p in ("/public", "/private/x", "/bar-and-more"):
+        site.routes[("news.test", p)] = (200, {"Content-Type": "text/html"}, page(article(18), "Big robots"))
+    make_links(tmp_path, [url(site, "news.test", p) for p in ("/public", "/private/x", "/bar-and-more")])
+    fetch_pages(tmp_path, local_cfg(max_bytes=5_000_000))
+    m = manifest(tmp_path)
+    assert {u.rsplit("/", 1)[1]: e["status"] for u, e in m.items()} == {
+        "public": "ok", "x": "robots_disallowed", "bar-and-more": "robots_disallowed"}
+    assert {p for _, p in site.hits()} == {"/robots.txt", "/public"}

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"gpt2kit-webtext/{__version__} (research corpus builder; obeys robots.txt)"
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+ROBOTS_LIMIT = 500 * 1024   # RFC 9309 §2.5: parse at least 500 KiB; the rest of a larger file is ignored
 STATUSES = ("ok", "not_html", "http_error", "too_large", "timeout", "connection_error", "dns_error",
             "blocked_address", "robots_disallowed", "too_many_redirects", "bad_url", "bad_encoding")
 
@@ -204,9 +205,11 @@ class BadEncoding(Exception):
 class BoundedDecoder:
     """Undo a gzip/deflate Content-Encoding without ever producing more than `limit` bytes."""
 
-    def __init__(self, encoding: str, limit: int):
+    def __init__(self, encoding: str, limit: int, cut: bool = False):
         self.limit = limit
         self.size = 0
+        self.cut = cut           # past the limit: keep what fits (`full`) instead of raising TooLarge
+        self.full = False
         enc = encoding.strip().lower()
         if enc in ("", "identity"):
             self.z = None
@@ -219,9 +222,12 @@ class BoundedDecoder:
             raise BadEncoding(f"unsupported Content-Encoding {encoding!r}")
 
     def _count(self, data: bytes) -> bytes:
+        room = self.limit - self.size
+        if len(data) > room:
+            if not self.cut:
+                raise TooLarge(f"body larger than {self.limit} bytes")
+            data, self.full = data[:room], True
         self.size += len(data)
-        if self.size > self.limit:
-            raise TooLarge(f"body larger than {self.limit} bytes")
         return data
 
     def feed(self, chunk: bytes) -> bytes:
@@ -230,7 +236,7 @@ class BoundedDecoder:
         out = []
         data = chunk
         try:
-            while data:
+            while data and not self.full:
                 piece = self.z.decompress(data, self.limit - self.size + 1)
                 out.append(self._count(piece))
                 data = self.z.unconsumed_tail
@@ -261,6 +267,7 @@ class Result:
     error: str | None = None
     attempts: int = 0
     redirects: int = 0
+    truncated: bool = False      # the body was cut at the limit (asked for with `cut`)
 
 
 def _ascii_host(url: str) -> str:
@@ -316,8 +323,9 @@ class Fetcher:
         return self.gates[host]
 
     async def get(self, url: str, *, check_robots: bool = True, html_only: bool = True,
-                  max_bytes: int | None = None) -> Result:
-        """GET `url`, following redirects; every hop is resolved, checked and (optionally) robots-checked."""
+                  max_bytes: int | None = None, cut: bool = False) -> Result:
+        """GET `url`, following redirects; every hop is resolved, checked and (optionally) robots-checked.
+        A body over `max_bytes` is `too_large`, or with `cut` kept up to it (`truncated`)."""
         current, attempts = url, 0
         for hop in range(self.cfg.max_redirects + 1):
             current = _ascii_host(current)
@@ -328,7 +336,7 @@ class Fetcher:
                 verdict, error = await self.robots_allow(current)
                 if verdict != "ok":
                     return Result(verdict, url, current, error=error, attempts=attempts, redirects=hop)
-            res = await self._with_retries(current, html_only, max_bytes or self.cfg.max_bytes)
+            res = await self._with_retries(current, html_only, max_bytes or self.cfg.max_bytes, cut)
             attempts += res.attempts
             res.url, res.attempts, res.redirects = url, attempts, hop
             location = dict((k.lower(), v) for k, v in res.headers or []).get("location")
@@ -342,7 +350,7 @@ class Fetcher:
             return res
         return Result("too_many_redirects", url, current, attempts=attempts, redirects=self.cfg.max_redirects)
 
-    async def _with_retries(self, url: str, html_only: bool, max_bytes: int) -> Result:
+    async def _with_retries(self, url: str, html_only: bool, max_bytes: int, cut: bool = False) -> Result:
         host = urlsplit(url).hostname or ""
         gate = self.gate(host)
         last: Retryable | None = None
@@ -354,7 +362,7 @@ class Fetcher:
                 await asyncio.sleep(pause)
             try:
                 async with gate.turn(self.global_slots):
-                    res = await self._request(url, html_only, max_bytes)
+                    res = await self._request(url, html_only, max_bytes, cut)
                 res.attempts = attempt + 1
                 return res
             except Retryable as e:
@@ -365,7 +373,7 @@ class Fetcher:
         res.attempts = self.cfg.retries + 1
         return res
 
-    async def _request(self, url: str, html_only: bool, max_bytes: int) -> Result:
+    async def _request(self, url: str, html_only: bool, max_bytes: int, cut: bool = False) -> Result:
         import httpx
 
         parts = urlsplit(url)
@@ -400,7 +408,7 @@ class Fetcher:
                     return Result("bad_url", url, url, error=str(e))
                 raise
             try:
-                return await self._read(url, address, response, html_only, max_bytes)
+                return await self._read(url, address, response, html_only, max_bytes, cut)
             finally:
                 await response.aclose()
 
@@ -415,7 +423,8 @@ class Fetcher:
         except httpx.HTTPError as e:
             return Result("connection_error", url, url, error=f"{type(e).__name__}: {e}")
 
-    async def _read(self, url: str, address: str, response, html_only: bool, max_bytes: int) -> Result:
+    async def _read(self, url: str, address: str, response, html_only: bool, max_bytes: int,
+                    cut: bool = False) -> Result:
         code = response.status_code
         raw_headers = response.headers.multi_items()
         res = Result("ok", url, url, http_status=code, reason=response.reason_phrase, address=address,
@@ -436,17 +445,20 @@ class Fetcher:
             length = int(response.headers.get("content-length", "0"))
         except ValueError:
             length = 0
-        if length > max_bytes:
+        if length > max_bytes and not cut:
             res.status, res.error = "too_large", f"Content-Length {length}"
             return res
         try:
-            decoder = BoundedDecoder(response.headers.get("content-encoding", ""), max_bytes)
+            decoder = BoundedDecoder(response.headers.get("content-encoding", ""), max_bytes, cut)
             chunks, raw = [], 0
             async for chunk in response.aiter_raw():
                 raw += len(chunk)
-                if raw > max_bytes:
+                if raw > max_bytes and not cut:
                     raise TooLarge(f"more than {max_bytes} bytes on the wire")
                 chunks.append(decoder.feed(chunk))
+                if decoder.full or raw > max_bytes:
+                    res.truncated = True
+                    break
         except TooLarge as e:
             res.status, res.error = "too_large", str(e)
             return res
@@ -470,9 +482,13 @@ class Fetcher:
         return ("ok", None) if rules.allowed(url) else ("robots_disallowed", None)
 
     async def _load_robots(self, origin: str) -> tuple[RobotsRules, Result]:
-        res = await self.get(origin + "/robots.txt", check_robots=False, html_only=False, max_bytes=500_000)
+        res = await self.get(origin + "/robots.txt", check_robots=False, html_only=False, max_bytes=ROBOTS_LIMIT,
+                             cut=True)
         if res.status == "ok":
-            rules = RobotsRules.parse((res.body or b"").decode("utf-8", "replace"), self.cfg.user_agent)
+            text = (res.body or b"").decode("utf-8", "replace")
+            if res.truncated:     # the line the limit cut could read wider than written: drop it
+                text = text[:text.rfind("\n") + 1]
+            rules = RobotsRules.parse(text, self.cfg.user_agent)
             if rules.crawl_delay:
                 self.gate(urlsplit(origin).hostname or "").raise_delay(min(rules.crawl_delay, self.cfg.max_crawl_delay))
         elif (res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500
