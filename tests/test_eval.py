@@ -610,6 +610,13 @@ def test_ptb_quotes_detokenizes_cbt_and_lambada_lines(original, expected):
      "24th Infantry Division in positions along the <unk> River."),
     (" It won 't win any new fans , but existing fans of ( <unk> ) <unk> 's work won 't be turning their backs ",
      "It won't win any new fans, but existing fans of (<unk>) <unk>'s work won't be turning their backs"),
+    # times and durations: WikiText splits every colon
+    (' " Kiss You " is an uptempo , upbeat power pop song which runs for a duration of 3 : 04 ( 3 minutes , four '
+     'seconds ) . ', '"Kiss You" is an uptempo, upbeat power pop song which runs for a duration of 3:04 (3 minutes, '
+     'four seconds).'),
+    (" The Americans finally spotted the Japanese carriers at 16 : 40 , some 200 miles ( 320 km ) east of Cape <unk> "
+     ", the northeastern tip of Luzon . ", "The Americans finally spotted the Japanese carriers at 16:40, some 200 "
+     "miles (320 km) east of Cape <unk>, the northeastern tip of Luzon."),
 ])
 def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
     detokenized = dt.wikitext(original)
@@ -639,6 +646,8 @@ def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
      'Ms Kitchen said: "It is a nightmare that we are all taking part in.'),
     ('" I was poking about in the dashboard while the RSPCA man was trying to coax her out .',
      '"I was poking about in the dashboard while the RSPCA man was trying to coax her out.'),
+    ("The Buccaneers ( 5-5 ) led 67-53 with 2 : 56 remaining on two free throws by Williams .",
+     "The Buccaneers (5-5) led 67-53 with 2:56 remaining on two free throws by Williams."),
 ])
 def test_lm1b_detokenizes_held_out_sentences(original, expected):
     detokenized = dt.lm1b(original)
