@@ -582,6 +582,29 @@ def test_what_a_kill_while_saving_left_is_removed_by_the_next_save(shards, tmp_p
     assert [e["name"] for e in json.loads((out / "checkpoints.json").read_text())["checkpoints"]] == ["step_0000006"]
 
 
+def test_a_damaged_checkpoint_removed_as_told_resumes_from_the_one_before(shards, tmp_path, caplog):
+    # "remove the folder (and its entry in checkpoints.json)" left "latest" and "best" naming it:
+    # the next resume failed with "not a training checkpoint", and only editing the JSON helped
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=6, eval_interval=2))
+    damaged = out / "checkpoints" / "step_0000006"
+    (damaged / T.TRAINER_STATE).write_bytes(b"garbage")
+    with pytest.raises(T.CheckpointError, match=rf"the checkpoint is damaged: remove {damaged} to resume from the "
+                                                r"one before it$"):
+        T.train(cfg_for(shards, out, max_steps=8, eval_interval=2, resume=True))
+    import shutil
+
+    shutil.rmtree(damaged)
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, out, max_steps=8, eval_interval=2, resume=True))
+    assert f"{damaged}: missing; resuming from the checkpoint before it ({out / 'checkpoints' / 'step_0000004'})" in caplog.text
+    assert f"resuming from {out / 'checkpoints' / 'step_0000004'} (step 4)" in caplog.text
+    index = json.loads((out / "checkpoints.json").read_text())
+    assert [e["name"] for e in index["checkpoints"]][-2:] == ["step_0000006", "step_0000008"]
+    assert all((out / "checkpoints" / e["name"]).is_dir() for e in index["checkpoints"])
+    assert (out / "best").resolve().is_dir() and (out / "latest").resolve() == (out / "checkpoints" / "step_0000008")
+
+
 def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     T.train(cfg_for(shards, out, max_steps=2))

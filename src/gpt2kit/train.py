@@ -718,8 +718,18 @@ class Checkpoints:
         return idx
 
     def latest(self) -> Path | None:
-        name = self.index()["latest"]
-        return self.root / name if name else None
+        """The index's latest checkpoint; where its folder was removed (a damaged one, as the error
+        that reports it says), the newest one before it that is still there."""
+        idx = self.index()
+        name = idx["latest"]
+        if not name or (self.root / name).is_dir():
+            return self.root / name if name else None
+        limit = next((e["step"] for e in idx["checkpoints"] if e["name"] == name), math.inf)
+        present = [e for e in self._present(idx["checkpoints"]) if e["step"] < limit]
+        return self.root / max(present, key=lambda e: e["step"])["name"] if present else None
+
+    def _present(self, entries: list[dict]) -> list[dict]:
+        return [e for e in entries if (self.root / e["name"]).is_dir()]
 
     def save(self, step: int, write_model, trainer_state: dict, val_loss: float | None) -> Path:
         torch = _import_torch()
@@ -744,7 +754,7 @@ class Checkpoints:
                                       f"the last good one is {self.root / last if last else 'none'}") from e
             raise
         idx = self.index()
-        entries = [e for e in idx["checkpoints"] if e["name"] != name]
+        entries = [e for e in self._present(idx["checkpoints"]) if e["name"] != name]
         entries.append({"name": name, "step": step, "val_loss": val_loss})
         scored = [e for e in entries if e["val_loss"] is not None]
         best = min(scored, key=lambda e: (e["val_loss"], -e["step"]))["name"] if scored else None
@@ -779,7 +789,7 @@ def load_trainer_state(folder: Path) -> dict:
     except Exception as e:  # pickle, zip and tensor errors alike: the file is damaged
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: unreadable training state ({reason[:120]}); the checkpoint is damaged: "
-                              f"remove {folder} (and its entry in {INDEX}) to resume from an earlier one") from None
+                              f"remove {folder} to resume from the one before it") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a gpt2kit training state (expected a dict with a 'step')")
     return state
@@ -1176,6 +1186,9 @@ def train(cfg: TrainConfig) -> dict:
     out = check_output_path(cfg.out_dir, folder=True, what="out_dir", error=TrainError)  # before the model is built
     ckpts = Checkpoints(out, cfg.keep_last)
     resume_from = ckpts.latest() if cfg.resume else None
+    if cfg.resume and dist_.main and ckpts.index()["latest"] not in (None, getattr(resume_from, "name", None)):
+        log.warning("%s: missing; resuming from the checkpoint before it (%s)",
+                    ckpts.root / ckpts.index()["latest"], resume_from or "none: starting over")
     if cfg.resume and dist_.enabled:
         _check_same_checkpoint(resume_from, dist_, out)
     if cfg.resume and resume_from is None:
