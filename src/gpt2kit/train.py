@@ -115,8 +115,8 @@ FIELD_HELP: dict[str, str] = {
     "batch_size": "sequences per optimizer step, over all ranks",
     "micro_batch_size": "sequences per forward pass and rank, the rest accumulated; 0: batch_size / ranks",
     "max_steps": "optimizer steps of the whole run (a resumed one included)",
-    "max_minutes": "stop with a checkpoint after this many minutes of this process (exit status 0, a "
-                   "configured end); 0: no limit",
+    "max_minutes": "stop with a checkpoint after this many minutes of training, counted from the first step "
+                   "(loading data and model, before it, is not; exit status 0, a configured end); 0: no limit",
     "lr": "peak learning rate, reached at the end of the warm-up",
     "min_lr": "learning rate at the end of the cosine decay and after",
     "warmup_steps": "steps of linear warm-up from lr / warmup_steps to lr",
