@@ -507,6 +507,15 @@ def test_optimizer_settings_given_on_resume_are_used(shards, tmp_path):
     assert [(g["weight_decay"], g["betas"], g["eps"]) for g in groups] == [(0.5, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
 
 
+def test_a_stop_off_the_log_interval_logs_its_last_step(shards, tmp_path):
+    # a run stopped between two log steps reported "loss nan" and left its last steps out of
+    # metrics.jsonl, though its checkpoint has them
+    out = tmp_path / "run"
+    s = T.train(cfg_for(shards, out, max_steps=100000, log_interval=1000, eval_interval=100000, max_minutes=0.001))
+    assert s["stopped"] == "time" and s["step"] < 1000 and math.isfinite(s["loss"])
+    assert list(losses(out)) == [s["step"]] and losses(out)[s["step"]] == s["loss"]
+
+
 def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):
     # a checkpoint off the log interval: the first record after resuming covers 1 step, not 4
     out = tmp_path / "run"

@@ -1412,7 +1412,13 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) > 60 * cfg.max_minutes
+            # All ranks stop together, for one reason (a signal may reach only some of them), and
+            # log their last step; a stop on the last step is no stop: the run is complete.
+            reason = _stop_reason(stop["signal"] or ("time" if out_of_time else None), dist_, device)
+            if reason and step < cfg.max_steps:
+                stopped = reason
+            if step % cfg.log_interval == 0 or step == cfg.max_steps or stopped:
                 last_loss = float(_all_mean(loss_sum / accum, dist_))
                 if dist_.main:
                     now = time.perf_counter()
@@ -1429,12 +1435,6 @@ def train(cfg: TrainConfig) -> dict:
                                         mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
             if bar is not None:
                 bar.update(1)
-            out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) > 60 * cfg.max_minutes
-            # all ranks stop together, for one reason (a signal may reach only some of them); a
-            # stop on the last step is no stop: the run is complete
-            reason = _stop_reason(stop["signal"] or ("time" if out_of_time else None), dist_, device)
-            if reason and step < cfg.max_steps:
-                stopped = reason
             val_loss = None
             if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopped:
                 val_loss = evaluate()
