@@ -644,6 +644,8 @@ def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
      'He said to me, it\'s better to kill them straight away, get rid of the evidence straight away."'),
     ('Ms Kitchen said : " It is a nightmare that we are all taking part in .',
      'Ms Kitchen said: "It is a nightmare that we are all taking part in.'),
+    ('In a 66-page decision , the judge said there had been " no conduct that showed wanton and reckless disregard .',
+     'In a 66-page decision, the judge said there had been "no conduct that showed wanton and reckless disregard.'),
     ('" I was poking about in the dashboard while the RSPCA man was trying to coax her out .',
      '"I was poking about in the dashboard while the RSPCA man was trying to coax her out.'),
     ("The Buccaneers ( 5-5 ) led 67-53 with 2 : 56 remaining on two free throws by Williams .",

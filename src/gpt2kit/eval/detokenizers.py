@@ -46,6 +46,9 @@ def _attach_punctuation(text: str) -> str:
     return _SPACE_AFTER_OPENING.sub(r"\1", text)
 
 
+_CLAUSE_ENDS = frozenset({",", ".", "?", "!", "..."})
+
+
 def _pair_straight_quotes(line: str) -> str:
     """`a " quoted text " , b` -> `a "quoted text" , b`: among the line's space-separated `"`
     tokens, odd ones open (joined to the word after) and even ones close (joined to the word
@@ -68,10 +71,13 @@ def _pair_straight_quotes(line: str) -> str:
 def _closes_a_quotation_begun_before(words: list[str], quotes: list[int]) -> bool:
     """An odd number of quotes: a quotation runs over from the previous sentence of a shuffled 1BW
     line (`... dissatisfied , " said the manager`) or on into the next one. The first quote closes
-    it when it ends the line or a lower-case word follows; a quotation starts with a capital."""
+    it when it ends the line, or comes after a clause's end and before a lower-case word (a quoted
+    sentence starts with a capital; a quoted phrase, `had been " no conduct`, follows a word)."""
     first = quotes[0]
+    if len(quotes) % 2 == 0 or first == 0:
+        return False
     after = words[first + 1] if first + 1 < len(words) else ""
-    return len(quotes) % 2 == 1 and first > 0 and (not after or after[:1].islower())
+    return not after or (words[first - 1] in _CLAUSE_ENDS and after[:1].islower())
 
 
 # Penn Treebank's escapes for brackets, whole tokens: Stanford's tokenizer writes every bracket of CBT's books this
