@@ -613,3 +613,27 @@ def test_top_logprobs_always_hold_the_chosen_token(client):
                                          logprobs=1, echo=True, stream=True)
     tops = [t for c in streamed for t in c.choices[0].logprobs.top_logprobs]
     assert tops == lp.top_logprobs
+
+
+def test_too_many_prompts_are_refused_before_they_are_tokenized(model):
+    # each prompt is checked against the context before it is tokenized, but thousands of them
+    # (or a batch sure to pass the token budget) were all tokenized on the event loop first,
+    # stalling every other request, and then refused
+    tok = Tokenizer.gpt2()
+    encoded = []
+    encode = tok.encode
+    tok.encode = lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+    with live(create_app(model, tok, model_name=NAME, max_batch_tokens=100)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["word " * 10] * 2000}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert "more than 128 completions" in r.json()["error"]["message"]
+        # 10 prompts of 1,000 bytes are at least 8 tokens each: 10 x (8 + 16) > 100 positions
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["word " * 200] * 10, "max_tokens": 16},
+                       timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "max_batch_tokens_exceeded", r.text
+        assert r.json()["error"]["param"] == "prompt" and "at least 240 token positions" in r.json()["error"]["message"]
+        assert encoded == []
+        # what may fit is tokenized and measured exactly: 10 x (1 + 9) = 100
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["word"] * 10, "max_tokens": 9},
+                       timeout=60)
+        assert r.status_code == 200 and len(encoded) == 10, r.text

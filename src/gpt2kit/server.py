@@ -222,7 +222,18 @@ class _Engine:
             raise APIError(400, unsupported[1], param=unsupported[0])
         if req.stream_options is not None and not req.stream:  # as OpenAI answers
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
-        sent = self._prompt_ids(req.prompt)
+        texts = self._prompt_list(req.prompt)
+        # refused before anything is tokenized (on the event loop): what is sure not to fit
+        if len(texts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"n: {len(texts)} prompts x n={req.n} asks for more than {MAX_CHOICES} "
+                                "completions in one request", param="n")
+        for text in texts:
+            if isinstance(text, str):
+                self._check_text_can_fit(text)
+        if req.max_tokens:  # (null: to the end of the context, which a prompt may already fill)
+            self._check_batch_tokens(len(texts), req.n, max(map(self._at_least_tokens, texts)), req.max_tokens,
+                                     at_least=True)
+        sent = self._prompt_ids(texts)
         # GPT-2 was trained with <|endoftext|> between documents: an empty prompt starts a new one
         prompts = [ids or [self.tokenizer.eot_token] for ids in sent]
         longest = max(len(p) for p in prompts)
@@ -236,9 +247,6 @@ class _Engine:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or not all(stops):
             raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
-        if len(prompts) * req.n > MAX_CHOICES:
-            raise APIError(400, f"n: {len(prompts)} prompts x n={req.n} asks for more than {MAX_CHOICES} "
-                                "completions in one request", param="n")
         self._check_batch_tokens(len(prompts), req.n, longest, max_tokens)
         if self.active + self.waiting + self.admitted >= self.max_concurrency + self.max_waiting:
             raise APIError(429, f"the server is busy ({self.waiting + self.admitted} requests waiting); retry later",
@@ -252,11 +260,13 @@ class _Engine:
             job.admitted = False
             self.admitted -= 1
 
-    def _check_batch_tokens(self, n_prompts: int, n: int, longest: int, max_tokens: int) -> None:
+    def _check_batch_tokens(self, n_prompts: int, n: int, longest: int, max_tokens: int, *,
+                            at_least: bool = False) -> None:
         """Refuse a request whose decoding batch would hold more than `max_batch_tokens` positions:
         its prompts x n rows share one KV cache of (longest prompt + max_tokens) positions per row
         (`generate._Window`), allocated at once; too large a one would exhaust the memory of
-        every client's server. max_tokens 0 decodes nothing: the echo scores prompts one by one."""
+        every client's server. max_tokens 0 decodes nothing: the echo scores prompts one by one.
+        `at_least`: `longest` is a lower bound (the prompts are not tokenized yet)."""
         rows = n_prompts * n
         need = rows * (longest + max_tokens)
         if max_tokens == 0 or need <= self.max_batch_tokens:
@@ -267,15 +277,18 @@ class _Engine:
             param = "prompt"
         else:
             param = "max_tokens"
+        bound = "at least " if at_least else ""
         raise APIError(400, f"{param}: this request needs {rows} completion{'s' if rows > 1 else ''} "
-                            f"({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}) x ({longest} "
+                            f"({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}) x ({bound}{longest} "
                             f"{'longest ' if n_prompts > 1 else ''}prompt + "
-                            f"{max_tokens} completion tokens) = {need:,} token positions at once, and this server "
-                            f"allows {self.max_batch_tokens:,} per request. Reduce n, the prompts or max_tokens, "
+                            f"{max_tokens} completion tokens) = {bound}{need:,} token positions at once, and this "
+                            f"server allows {self.max_batch_tokens:,} per request. Reduce n, the prompts or max_tokens, "
                             f"or start the server with a larger --max-batch-tokens (create_app(max_batch_tokens=...))",
                        param=param, code="max_batch_tokens_exceeded")
 
-    def _prompt_ids(self, prompt: Any) -> list[list[int]]:
+    @staticmethod
+    def _prompt_list(prompt: Any) -> list[str | list[int]]:
+        """The request's prompts, each a string or a list of token ids."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -283,10 +296,18 @@ class _Engine:
         if not prompt:
             raise APIError(400, "prompt: expected a non-empty string, list of strings or list of token ids",
                            param="prompt")
+        return prompt
+
+    def _at_least_tokens(self, prompt: str | list[int]) -> int:
+        """Tokens the prompt conditions on, at least, without tokenizing it (an empty one: 1)."""
+        if not isinstance(prompt, str):
+            return max(len(prompt), 1)
+        return max(-(-len(prompt.encode("utf-8", errors="surrogatepass")) // self.max_token_bytes), 1)
+
+    def _prompt_ids(self, prompt: list[str | list[int]]) -> list[list[int]]:
         rows = []
         for i, p in enumerate(prompt):
             if isinstance(p, str):
-                self._check_text_can_fit(p)
                 try:
                     ids = self.tokenizer.encode(p, allowed_special="all")
                 except InvalidTextError as e:  # a lone surrogate, which JSON can escape
@@ -302,9 +323,9 @@ class _Engine:
         return rows
 
     def _check_text_can_fit(self, text: str) -> None:
-        n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
-        at_least = -(-n_bytes // self.max_token_bytes)
+        at_least = self._at_least_tokens(text)
         if at_least > self.n_ctx:
+            n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
             raise APIError(400, f"This model's maximum context length is {self.n_ctx} tokens, however your prompt "
                                 f"is {n_bytes:,} bytes, at least {at_least:,} tokens. Please reduce your prompt.",
                            param="prompt", code="context_length_exceeded")
