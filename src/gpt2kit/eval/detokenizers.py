@@ -52,8 +52,9 @@ _CLAUSE_ENDS = frozenset({",", ".", "?", "!", "..."})
 def _pair_straight_quotes(line: str) -> str:
     """`a " quoted text " , b` -> `a "quoted text" , b`: among the line's space-separated `"`
     tokens, odd ones open (joined to the word after) and even ones close (joined to the word
-    before), counting from the second when the first closes a quotation begun earlier. Runs before punctuation is attached, which would hide a closing quote followed by
-    `,` or `.` and turn every later quote of the line around."""
+    before), counting from the second when the first closes a quotation begun earlier. Runs
+    before punctuation is attached, which would hide a closing quote followed by `,` or `.` and
+    turn every later quote of the line around."""
     words = line.split(" ")
     quotes = [i for i, word in enumerate(words) if word == '"']
     if not quotes:
