@@ -839,3 +839,45 @@ def test_a_robots_txt_past_the_size_limit_is_read_up_to_it(site, tmp_path, encod
     assert {u.rsplit("/", 1)[1]: e["status"] for u, e in m.items()} == {
         "public": "ok", "x": "robots_disallowed", "bar-and-more": "robots_disallowed"}
     assert {p for _, p in site.hits()} == {"/robots.txt", "/public"}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_retry_after_holds_the_whole_host(site, tmp_path, shared):
+    """A 429's Retry-After asks the client, not one URL, to wait: no request to that host starts
+    before it has passed (the other links of the host went on at --host-delay). With the stage's
+    shared schedule, and in a Fetcher on its own."""
+    starts: list[tuple[str, float]] = []
+
+    def route(name, limited=False):
+        def answer(handler):
+            starts.append((name, time.monotonic()))
+            if limited and len([n for n, _ in starts if n == name]) == 1:
+                return 429, {"Retry-After": "1"}, b"slow down"
+            return 200, {"Content-Type": "text/html"}, page(article(19), name)
+        return answer
+
+    for name in ("h1", "h2", "h3"):
+        site.routes[("news.test", f"/{name}")] = route(name, limited=name == "h1")
+    links = [url(site, "news.test", f"/{name}") for name in ("h1", "h2", "h3")]
+    cfg = local_cfg(robots=False, per_host=2, host_delay=0.2, backoff=0.01)
+    if shared:
+        make_links(tmp_path, links)
+        fetch_pages(tmp_path, cfg)
+        assert {e["status"] for e in manifest(tmp_path).values()} == {"ok"}
+    else:
+        import asyncio
+
+        import httpx
+
+        async def go():
+            async with httpx.AsyncClient(trust_env=False) as client:
+                fetcher = Fetcher(cfg, client, 4)
+                first = asyncio.create_task(fetcher.get(links[0]))
+                await asyncio.sleep(0.05)                      # h1 first, as the stage's queue would
+                rest = asyncio.gather(*(fetcher.get(u) for u in links[1:]))
+                return [await first, *await rest]
+
+        assert [r.status for r in asyncio.run(go())] == ["ok"] * 3
+    first = starts[0]
+    assert first[0] == "h1" and len(starts) == 4
+    assert all(t - first[1] >= 0.9 for _, t in starts[1:]), [(n, round(t - first[1], 2)) for n, t in starts]

@@ -319,7 +319,8 @@ class Fetcher:
 
     def gate(self, host: str) -> HostGate:
         if host not in self.gates:
-            self.gates[host] = HostGate(host, self.cfg.per_host, self.cfg.host_delay, self.shared)
+            self.gates[host] = HostGate(host, self.cfg.per_host, self.cfg.host_delay, self.shared,
+                                        max_hold=self.cfg.max_crawl_delay)
         return self.gates[host]
 
     async def get(self, url: str, *, check_robots: bool = True, html_only: bool = True,
@@ -367,6 +368,8 @@ class Fetcher:
                 return res
             except Retryable as e:
                 last = e
+                if e.retry_after is not None:
+                    gate.hold(e.retry_after)     # the host's answer to us, not to this URL alone
                 log.debug("%s: attempt %d: %s", url, attempt + 1, e)
         assert last is not None
         res = last.result or Result(last.status, url, url, error=str(last))

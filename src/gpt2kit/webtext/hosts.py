@@ -7,8 +7,9 @@ its requests in flight) is therefore kept in one file, `WORK/_state/fetch/hosts.
 fetch processes share, and read and changed under POSIX record locks:
 
 - a record of 24 bytes per host slot (`_SLOTS` slots chosen by a hash of the host name): the
-  host's 64-bit hash, the wall-clock time of its latest request start, and its delay (the largest
-  any process has used: `--host-delay`, or a robots.txt Crawl-delay one process has read);
+  host's 64-bit hash, the wall-clock time of its latest request start (moved later to make the
+  host's Retry-After pause), and its delay (the largest any process has used: `--host-delay`, or
+  a robots.txt Crawl-delay one process has read);
 - after the records, `per_host` lock bytes per slot: a request in flight holds one of its host's
   bytes locked. The kernel drops the locks of a process that dies, so a crash or a kill leaves no
   host blocked, and a resumed run needs nothing cleaned up.
@@ -68,30 +69,34 @@ class SharedSchedule:
     def _write(self, slot: int, key: int, last: float, delay: float) -> None:
         os.pwrite(self.fd, _RECORD.pack(key, last, delay), slot * _RECORD.size)
 
-    def claim(self, host: str, delay: float, *, take: bool) -> float:
-        """Seconds until `host` may see its next request start; 0 when it may now, in which case,
-        if `take`, that start is recorded (no other process can then start one within the delay)."""
+    def claim(self, host: str, delay: float, *, take: bool, cap: float) -> float:
+        """Seconds until `host` may see its next request start (at most `cap`); 0 when it may now,
+        in which case, if `take`, that start is recorded (no other process can then start one
+        within the delay)."""
         key, slot = self._slot(host)
         with self.mutex, self._record(slot) as (owner, last, stored):
             if owner != key and owner != 0:
                 # another host holds the slot: wait out its spacing as if it were ours, then take over
-                wait = _wait(last, stored, time.time())
+                wait = _wait(last, stored, time.time(), cap)
                 new_delay = delay
             else:
                 new_delay = max(delay, stored)
-                wait = _wait(last, new_delay, time.time())
+                wait = _wait(last, new_delay, time.time(), cap)
             if wait == 0 and take:
                 self._write(slot, key, time.time(), new_delay)
             return wait
 
-    def raise_delay(self, host: str, delay: float) -> None:
-        """Record a delay a process has learned (robots.txt Crawl-delay) for the others."""
+    def slow_down(self, host: str, delay: float, hold: float = 0.0) -> None:
+        """Record for every process a delay one has learned (robots.txt Crawl-delay) and a pause
+        the host asked for (Retry-After: no start within `hold` seconds from now)."""
         key, slot = self._slot(host)
         with self.mutex, self._record(slot) as (owner, last, stored):
-            if owner in (key, 0):
-                self._write(slot, key, last if owner else -math.inf, max(delay, stored))
-            else:   # the slot is another host's for now: its spacing may grow, ours must not shrink
-                self._write(slot, owner, last, max(delay, stored))
+            if owner not in (key, 0):
+                key = owner     # another host's slot for now: its spacing may grow, ours must not shrink
+            delay = max(delay, stored)
+            if hold > 0:        # recorded as the start that lets the next one come `hold` from now
+                last = max(last, time.time() + hold - delay)
+            self._write(slot, key, last, delay)
 
     def take_turn(self, host: str, per_host: int) -> int | None:
         """Hold one of the host's `per_host` in-flight places; its lock offset, or None if all are taken."""
@@ -135,10 +140,10 @@ def _open_lockable(path: str) -> int:
     return fd
 
 
-def _wait(last: float, delay: float, now: float) -> float:
-    # never more than the delay itself: a clock set back (or another machine's ahead of ours)
-    # must not stall the host for the difference
-    return max(0.0, min(last + delay - now, delay))
+def _wait(last: float, delay: float, now: float, cap: float) -> float:
+    # never more than the longest wait the host can ask for: a clock set back (or another
+    # machine's ahead of ours) must not stall the host for the difference
+    return max(0.0, min(last + delay - now, max(delay, cap)))
 
 
 _OPEN: dict[tuple[int, str], SharedSchedule] = {}
@@ -168,21 +173,32 @@ def open_schedule(path: str | os.PathLike | None) -> Iterator[SharedSchedule | N
 
 
 class HostGate:
-    """At most `per_host` requests in flight to a host, starts at least `delay` seconds apart:
-    within this process, and, given a shared schedule, across all processes that share it."""
+    """At most `per_host` requests in flight to a host, starts at least `delay` seconds apart and
+    none within a pause the host asked for (`max_hold` at most): within this process, and, given a
+    shared schedule, across all processes that share it."""
 
-    def __init__(self, host: str, per_host: int, delay: float, shared: SharedSchedule | None = None):
+    def __init__(self, host: str, per_host: int, delay: float, shared: SharedSchedule | None = None,
+                 max_hold: float = 0.0):
         self.host = host
         self.per_host = per_host
         self.slots = asyncio.Semaphore(per_host)
         self.delay = delay
         self.shared = shared
+        self.max_hold = max_hold
         self.last_start = -math.inf
 
     def raise_delay(self, delay: float) -> None:
         self.delay = max(self.delay, delay)
         if self.shared is not None:
-            self.shared.raise_delay(self.host, self.delay)
+            self.shared.slow_down(self.host, self.delay)
+
+    def hold(self, seconds: float) -> None:
+        """Start nothing for `seconds` (capped at `max_hold`): the host answered Retry-After."""
+        seconds = min(seconds, self.max_hold)
+        if self.shared is not None:
+            self.shared.slow_down(self.host, self.delay, seconds)
+        else:
+            self.last_start = max(self.last_start, time.monotonic() + seconds - self.delay)
 
     @contextlib.asynccontextmanager
     async def turn(self, global_slots: asyncio.Semaphore):
@@ -209,7 +225,7 @@ class HostGate:
 
     def _claim(self, take: bool) -> float:
         if self.shared is not None:
-            return self.shared.claim(self.host, self.delay, take=take)
+            return self.shared.claim(self.host, self.delay, take=take, cap=self.max_hold)
         wait = max(0.0, self.last_start + self.delay - time.monotonic())
         if wait == 0 and take:
             self.last_start = time.monotonic()
