@@ -637,3 +637,21 @@ def test_too_many_prompts_are_refused_before_they_are_tokenized(model):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["word"] * 10, "max_tokens": 9},
                        timeout=60)
         assert r.status_code == 200 and len(encoded) == 10, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_while_its_prompts_are_scored_frees_its_slot(tok, stream):
+    # echo + logprobs scores the prompts one forward pass each before any token is drawn: a client
+    # that hung up there kept the slot until every prompt was scored (60 x 50 ms here)
+    app = create_app(tiny_model(SlowGPT2), tok, model_name=NAME, max_concurrency=1)
+    with live(app) as url:
+        body = {"model": NAME, "prompt": [f"prompt {i}" for i in range(60)], "max_tokens": 0, "echo": True,
+                "logprobs": 0, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+                assert next(r.iter_lines()).startswith("data: {")
+                r.close()  # hang up after the first echo
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+        assert_slot_comes_back(url)

@@ -338,6 +338,8 @@ class _Engine:
         req = job.request
         if req.echo:
             for p, ids in enumerate(job.sent):
+                if cancel.is_set():  # the client went away: one forward pass per prompt is left undone
+                    return
                 scored = (prompt_logprobs(self.model, ids, req.logprobs or 0)
                           if req.logprobs is not None and ids else None)
                 for j in range(req.n):
