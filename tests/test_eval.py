@@ -554,6 +554,7 @@ def test_a_wikitext_equation_line_does_not_start_an_article(tmp_path):
 ])
 def test_detokenizer_known_pairs(name, original, expected):
     assert dt.detokenize(name, original) == expected
+    assert only_spaces_moved(name, original, expected)
 
 
 # Paper §3.1: the de-tokenizers are invertible. Besides moving spaces, each one only writes some of the dataset's
@@ -564,13 +565,22 @@ TOKEN_SUBSTITUTIONS = {
                    (r"(?i)-LSB-", "["), (r"(?i)-RSB-", "]"), (r"(?i)-LCB-", "{"), (r"(?i)-RCB-", "}")],
     "wikitext": [(r"@-@", "-"), (r"@,@", ","), (r"@\.@", ".")],
     "lm1b": [],
+    "ptb": [(r"(?<!\S)N(?!\S)", "1"), (r"\\/", "/")],
 }
 
 
 def only_spaces_moved(name: str, original: str, detokenized: str) -> bool:
     for pattern, replacement in TOKEN_SUBSTITUTIONS[name]:
         original = re.sub(pattern, replacement, original)
-    return original.split() != detokenized.split() and "".join(original.split()) == "".join(detokenized.split())
+    return "".join(original.split()) == "".join(detokenized.split())
+
+
+@pytest.mark.parametrize("name, text", [("wikitext", WIKITEXT), ("ptb", PTB), ("lm1b", ONE_BW),
+                                        ("ptb_quotes", "\n".join(LAMBADA_PLAIN)), ("ptb_quotes", _cbt_file())])
+def test_detokenizers_keep_every_line_and_character_of_the_fixture_files(name, text):
+    detokenized = dt.detokenize(name, text)
+    assert detokenized.count("\n") == text.count("\n")
+    assert all(only_spaces_moved(name, a, b) for a, b in zip(text.split("\n"), detokenized.split("\n")))
 
 
 @pytest.mark.parametrize("original, expected", [
