@@ -655,3 +655,17 @@ def test_a_client_gone_while_its_prompts_are_scored_frees_its_slot(tok, stream):
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
         assert_slot_comes_back(url)
+
+
+def test_a_body_that_is_not_a_json_object_says_what_is_expected(url):
+    # `curl -d '{...}'` sends form content-type: FastAPI then reads no JSON, and the client was told
+    # "body: Input should be a valid dictionary or object to extract fields from"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = json.dumps({"model": NAME, "prompt": "x", "max_tokens": 1})
+    for content, content_type in ((body, "application/x-www-form-urlencoded"), (body, None),
+                                  ("[1, 2]", "application/json"), ("", "application/json")):
+        r = httpx.post(f"{url}/v1/completions", content=content,
+                       headers={**headers, **({"content-type": content_type} if content_type else {})})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == ("body: expected a JSON object (the completion's fields), "
+                                                "sent with Content-Type: application/json"), r.text

@@ -582,15 +582,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in e.get("loc", ()) if p != "body"]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if not loc:  # no body, or not an object: FastAPI reads JSON only under a JSON content type
+        return ("body: expected a JSON object (the completion's fields), sent with "
+                "Content-Type: application/json"), None
     if e.get("type") == "extra_forbidden":
-        return f"{'.'.join(loc)}: unknown or unsupported field", loc[0] if loc else None
+        return f"{'.'.join(loc)}: unknown or unsupported field", loc[0]
     # a union (prompt) reports one error per member: name the field and what it accepts
-    if loc and loc[0] == "prompt":
+    if loc[0] == "prompt":
         return ("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
                 "token ids"), "prompt"
     # loc may go on with a union member's name ("stop", "str"): the field is what a client knows
-    field_name = loc[0] if loc else "body"
-    return f"{field_name}: {e.get('msg', 'invalid value')}", (loc[0] if loc else None)
+    return f"{loc[0]}: {e.get('msg', 'invalid value')}", loc[0]
 
 
 # ----------------------------------------------------------------------------- the app
