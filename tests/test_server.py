@@ -669,3 +669,15 @@ def test_a_body_that_is_not_a_json_object_says_what_is_expected(url):
         assert r.status_code == 400
         assert r.json()["error"]["message"] == ("body: expected a JSON object (the completion's fields), "
                                                 "sent with Content-Type: application/json"), r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_0_gives_the_chosen_token_alone(client, stream):
+    # "up to logprobs+1 elements": with logprobs=0, each top_logprobs entry is the chosen token
+    # alone (vLLM answers the same); it was null, a TypeError for a client indexing it
+    r = client.completions.create(model=NAME, prompt="Zero alternatives", max_tokens=5, temperature=1.5, seed=2,
+                                  logprobs=0, echo=True, stream=stream)
+    lps = [c.choices[0].logprobs for c in r] if stream else [r.choices[0].logprobs]
+    tokens, chosen, tops = ([x for lp in lps for x in getattr(lp, k)] for k in ("tokens", "token_logprobs", "top_logprobs"))
+    assert len(tokens) == len(tops) == 2 + 5 and tops[0] is None  # (the first prompt token has no context)
+    assert tops[1:] == [{t: lp} for t, lp in zip(tokens[1:], chosen[1:])]

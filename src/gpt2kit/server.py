@@ -419,13 +419,13 @@ class _Engine:
             for t, lp, top in zip(ids, lps, tops):
                 choice.tokens.append(_token_str(self.tokenizer, t))
                 choice.token_logprobs.append(lp)
-                choice.top_logprobs.append(None if top is None else self._top(top, t, lp))
+                choice.top_logprobs.append(None if lp is None else self._top(top or {}, t, lp))
                 choice.text_offset.append(offsets.next(self.tokenizer.token_bytes(t)))
         return text
 
     def _top(self, top: dict[int, float], chosen: int, logprob: float) -> dict[str, float]:
         """The k best alternatives and, as OpenAI documents ("up to logprobs+1 elements"), the
-        chosen token: a client may look its own token up there."""
+        chosen token: a client may look its own token up there (with logprobs=0, it alone)."""
         return {_token_str(self.tokenizer, t): lp for t, lp in {**top, chosen: logprob}.items()}
 
     def _add_token(self, choice: _Choice, offsets: _Offsets, ev: TokenEvent, want_logprobs: bool) -> None:
@@ -436,8 +436,7 @@ class _Engine:
         if want_logprobs:
             choice.tokens.append(_token_str(self.tokenizer, ev.token_id))
             choice.token_logprobs.append(ev.logprob)
-            choice.top_logprobs.append(None if ev.top_logprobs is None
-                                       else self._top(ev.top_logprobs, ev.token_id, ev.logprob))
+            choice.top_logprobs.append(self._top(ev.top_logprobs or {}, ev.token_id, ev.logprob))
             choice.text_offset.append(offsets.next(self.tokenizer.token_bytes(ev.token_id)))
 
     def _usage(self, job: _Job, choices: list[_Choice]) -> dict[str, int]:
