@@ -751,10 +751,11 @@ def test_host_delay_and_crawl_delay_hold_across_processes_for_redirect_targets(s
                 for e in read_jsonl_zst(tmp_path / "fetch" / f"fetch-{k:05d}.manifest.jsonl.zst")]
     assert statuses == ["ok"] * 6
     starts = sorted(start for _, start, _ in hub)
-    assert len(starts) == 8                                          # 2 robots.txt (one per process) + 6 pages
+    robots = [p for p, _, _ in hub if p == "/robots.txt"]
+    assert len(starts) - len(robots) == 6 and 1 <= len(robots) <= 2  # the second shard asks too if it starts first
     gaps = [b - a for a, b in zip(starts, starts[1:])]   # as the server saw them: a little jitter
     assert min(gaps) >= 0.22, (gaps, sorted(hub, key=lambda r: r[1]))
-    # the second robots.txt may start before the first one's Crawl-delay is known; nothing after it
+    # a second robots.txt may start before the first one's Crawl-delay is known; nothing after it
     assert min(gaps[1:]) >= 0.52, (gaps, sorted(hub, key=lambda r: r[1]))
 
 
@@ -881,3 +882,37 @@ def test_retry_after_holds_the_whole_host(site, tmp_path, shared):
     first = starts[0]
     assert first[0] == "h1" and len(starts) == 4
     assert all(t - first[1] >= 0.9 for _, t in starts[1:]), [(n, round(t - first[1], 2)) for n, t in starts]
+
+
+def test_robots_txt_is_asked_once_for_all_shards(site, tmp_path):
+    """Every shard whose links redirect to a host needs its robots.txt; the stage asks the host
+    once (fetching it per shard spent a popular host's politeness budget on robots.txt). A 5xx
+    answer is not kept: the next shard asks again, a passing outage must not forbid the host."""
+    site.routes[("news.test", "/robots.txt")] = (200, {"Content-Type": "text/plain"},
+                                                 b"User-agent: *\nDisallow: /private/\n")
+    shards = [[url(site, "news.test", "/a1"), url(site, "other.test", "/page")],
+              [url(site, "news.test", "/a2"), url(site, "other.test", "/page2")],
+              [url(site, "news.test", "/private/secret")]]
+    make_shards(tmp_path, shards)
+    fetch_pages(tmp_path, local_cfg(retries=0))
+    assert len(site.hits("news.test", "/robots.txt")) == 1
+    assert len(site.hits("other.test", "/robots.txt")) == 2          # 503 each time: asked by each shard
+    statuses = {e["url"].split(str(site.port))[1]: e["status"] for k in range(3)
+                for e in read_jsonl_zst(tmp_path / "fetch" / f"fetch-{k:05d}.manifest.jsonl.zst")}
+    assert statuses == {"/a1": "ok", "/a2": "ok", "/private/secret": "robots_disallowed",
+                        "/page": "robots_disallowed", "/page2": "robots_disallowed"}
+
+
+def test_a_kept_robots_txt_expires_after_a_day(site, tmp_path, monkeypatch):
+    """RFC 9309 §2.4: a cached robots.txt is not used for more than 24 hours."""
+    import gpt2kit.webtext.fetch as fetch_module
+
+    make_shards(tmp_path, [[url(site, "news.test", "/a1")]])
+    fetch_pages(tmp_path, local_cfg())
+    WorkFolder(tmp_path).done_path("fetch", "fetch-00000").unlink()   # fetch the shard again...
+    from types import SimpleNamespace
+
+    later = SimpleNamespace(time=lambda: time.time() + 25 * 3600, monotonic=time.monotonic)
+    monkeypatch.setattr(fetch_module, "time", later)                           # ...a day later
+    fetch_pages(tmp_path, local_cfg())
+    assert len(site.hits("news.test", "/robots.txt")) == 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -39,16 +40,17 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .. import __version__
-from ..io import atomic_path
+from ..io import atomic_path, write_json
 from .hosts import HostGate, SharedSchedule, open_schedule
 from .robots import RobotsRules
 from .work import (Runner, WebTextError, WorkFolder, check_int, check_seconds, config_dict, read_jsonl_zst, run_tasks,
-                   shard_name, write_jsonl_zst)
+                   shard_name, stable_hash, write_jsonl_zst)
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"gpt2kit-webtext/{__version__} (research corpus builder; obeys robots.txt)"
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+ROBOTS_TTL_S = 24 * 3600
 ROBOTS_LIMIT = 500 * 1024   # RFC 9309 §2.5: parse at least 500 KiB; the rest of a larger file is ignored
 STATUSES = ("ok", "not_html", "http_error", "too_large", "timeout", "connection_error", "dns_error",
             "blocked_address", "robots_disallowed", "too_many_redirects", "bad_url", "bad_encoding")
@@ -307,10 +309,12 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class Fetcher:
-    def __init__(self, cfg: FetchConfig, client, concurrency: int, shared: SharedSchedule | None = None):
+    def __init__(self, cfg: FetchConfig, client, concurrency: int, shared: SharedSchedule | None = None,
+                 robots_store: RobotsStore | None = None):
         self.cfg = cfg
         self.client = client
         self.shared = shared
+        self.robots_store = robots_store
         self.resolver = Resolver(cfg)
         self.global_slots = asyncio.Semaphore(concurrency)
         self.gates: dict[str, HostGate] = {}
@@ -485,24 +489,67 @@ class Fetcher:
         return ("ok", None) if rules.allowed(url) else ("robots_disallowed", None)
 
     async def _load_robots(self, origin: str) -> tuple[RobotsRules, Result]:
-        res = await self.get(origin + "/robots.txt", check_robots=False, html_only=False, max_bytes=ROBOTS_LIMIT,
-                             cut=True)
+        kept = self.robots_store.load(origin) if self.robots_store is not None else None
+        if kept is not None:
+            res, text = kept
+        else:
+            res, text = await self._fetch_robots(origin)
+            if self.robots_store is not None:
+                self.robots_store.save(origin, res, text)
         if res.status == "ok":
-            text = (res.body or b"").decode("utf-8", "replace")
-            if res.truncated:     # the line the limit cut could read wider than written: drop it
-                text = text[:text.rfind("\n") + 1]
             rules = RobotsRules.parse(text, self.cfg.user_agent)
             if rules.crawl_delay:
                 self.gate(urlsplit(origin).hostname or "").raise_delay(min(rules.crawl_delay, self.cfg.max_crawl_delay))
-        elif (res.status == "http_error" and res.http_status is not None and 400 <= res.http_status < 500
-              and res.http_status != 429):
+        elif _no_robots_txt(res):
             rules = RobotsRules()         # RFC 9309 §2.3.1.3: "unavailable" means no restrictions
-        # A 429 (after the retries) is a host asking for fewer requests, not one without a
-        # robots.txt: reading it as "no restrictions" would then crawl it freely. Like a 5xx, below.
         else:
             rules = RobotsRules(disallow_all=True)   # unreachable (5xx, network, refused address): crawl nothing
         res.body = None
         return rules, res
+
+    async def _fetch_robots(self, origin: str) -> tuple[Result, str]:
+        res = await self.get(origin + "/robots.txt", check_robots=False, html_only=False, max_bytes=ROBOTS_LIMIT,
+                             cut=True)
+        text = (res.body or b"").decode("utf-8", "replace") if res.status == "ok" else ""
+        if res.truncated:     # the line the limit cut could read wider than written: drop it
+            text = text[:text.rfind("\n") + 1]
+        return res, text
+
+
+class RobotsStore:
+    """robots.txt answers kept for every shard of the stage (`WORK/_state/fetch/robots/`): a host
+    that links from many shards redirect to is asked once, not once per shard. Only answers about
+    the host are kept, for a day (RFC 9309 §2.4): a robots.txt, or a 4xx (no restrictions). An
+    unreachable one is asked again by the next shard: a passing outage must not forbid the host."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _path(self, origin: str) -> Path:
+        return self.folder / f"{stable_hash(origin):016x}.json"
+
+    def load(self, origin: str) -> tuple[Result, str] | None:
+        try:
+            rec = json.loads(self._path(origin).read_text(encoding="utf-8"))
+            fetched, code, text = rec["fetched"], rec["http_status"], rec["text"]
+            if rec["origin"] != origin or not 0 <= time.time() - fetched < ROBOTS_TTL_S:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):   # none yet, or a damaged one: ask the host
+            return None
+        res = Result("ok" if code == 200 else "http_error", origin + "/robots.txt", rec["final_url"], http_status=code)
+        return res, text
+
+    def save(self, origin: str, res: Result, text: str) -> None:
+        if res.status == "ok" or _no_robots_txt(res):
+            write_json(self._path(origin), {"origin": origin, "fetched": time.time(), "http_status": res.http_status,
+                                            "final_url": res.final_url, "text": text}, indent=None)
+
+
+def _no_robots_txt(res: Result) -> bool:
+    """Whether a robots.txt answer says the host has none: a 4xx, but not a 429 (after the retries),
+    which is a host asking for fewer requests: read as "no restrictions", it would be crawled freely."""
+    code = res.http_status
+    return res.status == "http_error" and code is not None and 400 <= code < 500 and code != 429
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +561,7 @@ def _now() -> str:
 
 
 async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writer, bar,
-                     shared: SharedSchedule | None = None) -> list[dict]:
+                     shared: SharedSchedule | None = None, robots_store: RobotsStore | None = None) -> list[dict]:
     import httpx
 
     ssl_ctx = ssl.create_default_context()
@@ -524,7 +571,7 @@ async def _fetch_all(links: list[dict], cfg: FetchConfig, concurrency: int, writ
     manifest: list[dict] = []
     async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout, limits=limits,
                                  verify=ssl_ctx, cookies=_no_cookies()) as client:
-        fetcher = Fetcher(cfg, client, concurrency, shared)
+        fetcher = Fetcher(cfg, client, concurrency, shared, robots_store)
         by_host: dict[str, list[dict]] = defaultdict(list)
         for link in links:
             by_host[urlsplit(link["url"]).hostname or ""].append(link)
@@ -580,9 +627,10 @@ def _write_response(writer, res: Result, fetched_at: str) -> str:
 
 
 def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchConfig, concurrency: int,
-                progress: bool = False, schedule: str | None = None) -> dict:
+                progress: bool = False, state: str | None = None) -> dict:
     """Fetch the links of one shard; write its WARC file and manifest (both atomically). With
-    `schedule` (the file of `hosts.py`), per-host politeness holds with every process sharing it."""
+    `state` (the stage's `_state` folder), per-host politeness holds with every process sharing its
+    schedule (`hosts.py`), and robots.txt answers are shared by the shards (`RobotsStore`)."""
     from tqdm.auto import tqdm
     from warcio.warcwriter import WARCWriter
 
@@ -594,13 +642,18 @@ def fetch_shard(links_path: str, warc_path: str, manifest_path: str, cfg: FetchC
                                    "http-header-user-agent": cfg.user_agent, "robots": "obey" if cfg.robots else "ignore"}))
         with tqdm(total=len(links), desc=Path(warc_path).name.split('.')[0], unit="url", leave=False,
                   disable=not progress, dynamic_ncols=True) as bar:
-            with open_schedule(schedule) as shared:
-                manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, bar, shared))
+            store = RobotsStore(Path(state) / "robots") if state is not None else None
+            with open_schedule(_schedule_path(state)) as shared:
+                manifest = asyncio.run(_fetch_all(links, cfg, concurrency, writer, bar, shared, store))
     manifest.sort(key=lambda e: e["url"])
     write_jsonl_zst(manifest_path, manifest)
     counts = Counter(e["status"] for e in manifest)
     return {"urls": len(manifest), "bytes": sum(e["bytes"] for e in manifest),
             "status": {s: counts.get(s, 0) for s in STATUSES}}
+
+
+def _schedule_path(state: str | None) -> str | None:
+    return None if state is None else str(Path(state) / "hosts.bin")
 
 
 def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner()) -> dict:
@@ -613,15 +666,15 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     inline_progress = runner.progress and runner.workers == 1 and runner.engine == "local"
     out = wf.stage_dir("fetch")
     # one per-host schedule for every process of the stage: a redirect can lead any shard to any host
-    schedule = str(wf.state_dir("fetch") / "hosts.bin")
-    with open_schedule(schedule):
+    state = str(wf.state_dir("fetch"))
+    with open_schedule(_schedule_path(state)):
         pass                    # a file system that cannot lock it is refused here, before any request
     tasks = []
     for k in ids:
         name = shard_name("fetch", k)
         tasks.append((name, (str(wf.stage_dir("links") / f"{shard_name('links', k)}.jsonl.zst"),
                              str(out / f"{name}.warc.gz"), str(out / f"{name}.manifest.jsonl.zst"), cfg, per_process,
-                             inline_progress, schedule)))
+                             inline_progress, state)))
     totals, skipped = run_tasks(wf, "fetch", fetch_shard, tasks, runner, desc="fetch")
     wf.finish("fetch", ids, totals)
     return {**totals, "skipped_tasks": skipped}
