@@ -358,7 +358,9 @@ def test_serve_command(tmp_path, model, tok):
         assert e.value.body["param"] == "n"
     finally:
         proc.terminate()
-        proc.wait(10)
+        _, stderr = proc.communicate(timeout=10)
+    # the limits in force, the budget included (its default is derived from the model)
+    assert "2 requests at once, 3 waiting, 70 token positions per request (--max-batch-tokens)" in stderr, stderr
 
 
 def test_served_name_is_the_folders_even_for_dot(tmp_path, monkeypatch):

@@ -95,7 +95,11 @@ def run(args) -> int:
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
                      max_concurrency=args.max_concurrency, max_waiting=args.max_waiting,
                      max_batch_tokens=args.max_batch_tokens)
-    logging.getLogger(__name__).info("serving %s as %r on http://%s:%d/v1%s", args.model, name, args.host,
-                                     sock.getsockname()[1], " (API key required)" if args.api_key else "")
+    engine = app.state.engine
+    logging.getLogger(__name__).info(
+        "serving %s as %r on http://%s:%d/v1%s; %d requests at once, %d waiting, %s token positions per request "
+        "(--max-batch-tokens)", args.model, name, args.host, sock.getsockname()[1],
+        " (API key required)" if args.api_key else "", engine.max_concurrency, engine.max_waiting,
+        f"{engine.max_batch_tokens:,}")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
