@@ -659,8 +659,9 @@ def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir,
     assert r.stdout.strip()
 
 
-def _run_until(sig, argv: list[str], out: Path):
-    """Run `argv`; once its first step is logged, send it `sig` (None: let it end). (process, stdout, stderr)"""
+def _run_until(sig, argv: list[str], out: Path, *, again_after: float | None = None):
+    """Run `argv`; once its first step is logged, send it `sig` (None: let it end), and again
+    `again_after` seconds later if given. (process, stdout, stderr)"""
     proc = subprocess.Popen(argv, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if sig is not None:
         metrics = out / "metrics.jsonl"
@@ -668,6 +669,9 @@ def _run_until(sig, argv: list[str], out: Path):
         while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
             time.sleep(0.02)
         proc.send_signal(sig)
+        if again_after is not None:
+            time.sleep(again_after)
+            proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc, stdout, stderr
 
@@ -707,6 +711,18 @@ def test_ctrl_c_and_time_limit_exit_codes_and_the_resume_command(shards, tmp_pat
         assert r.returncode == 0, r.stderr
         assert f"resuming from {out / 'checkpoints' / f'step_{last:07d}'} (step {last})" in r.stderr
         assert max(losses(out)) > last
+
+
+def test_a_second_ctrl_c_stops_at_once(shards, tmp_path):
+    # Ctrl-C was swallowed until the step, the evaluation and the checkpoint were done, silently,
+    # and a second one did nothing: a run stuck there could only be killed
+    out = tmp_path / "out"
+    argv = _train_cmd(shards, out, "--max_steps", "100000", "--eval_interval", "100000", "--eval_batches", "2000")
+    # the second 1 s after the first, during the stop's evaluation (2000 batches: seconds)
+    proc, stdout, stderr = _run_until(signal.SIGINT, argv, out, again_after=1.0)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again: now, without one)" in stderr
+    assert stderr.splitlines()[-1] == "gpt2kit: interrupted" and not (out / "checkpoints").exists()
 
 
 def test_bf16_mfu_counts_the_fp32_units_where_bf16_multiplies_on_them(monkeypatch):

@@ -1357,7 +1357,13 @@ def train(cfg: TrainConfig) -> dict:
     stop = {"signal": None}
 
     def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: now (a checkpoint being written is left out whole)
+        stop["signal"] = name
+        if dist_.main:  # (os.write: a signal handler must not take the logging or tqdm locks)
+            os.write(2, f"\n{name}: stopping after this step, with a checkpoint (Ctrl-C again: now, "
+                        "without one)\n".encode())
 
     old_handlers = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
