@@ -916,3 +916,31 @@ def test_a_kept_robots_txt_expires_after_a_day(site, tmp_path, monkeypatch):
     monkeypatch.setattr(fetch_module, "time", later)                           # ...a day later
     fetch_pages(tmp_path, local_cfg())
     assert len(site.hits("news.test", "/robots.txt")) == 2
+
+
+def test_concurrency_is_the_total_on_a_running_dask_cluster(site, tmp_path):
+    """--concurrency is the number of requests in flight in total: on a running cluster
+    (--dask-address) it is shared among the cluster's worker threads, whatever --workers says
+    (it was divided by --workers, 1 unless given, so each of N workers took all of it)."""
+    from distributed import LocalCluster
+
+    in_flight, peak = [0], [0]
+
+    def slow(handler):
+        with site.lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.4)
+        with site.lock:
+            in_flight[0] -= 1
+        return 200, {"Content-Type": "text/html"}, page(article(21), "Slow")
+
+    hosts = [f"c{k}.test" for k in range(8)]
+    for h in hosts:
+        site.routes[(h, "/p")] = slow
+    make_shards(tmp_path, [[url(site, h, "/p") for h in hosts[:4]], [url(site, h, "/p") for h in hosts[4:]]])
+    cfg = local_cfg(robots=False, concurrency=2, resolve=tuple((h, "127.0.0.1") for h in hosts),
+                    read_timeout=3.0, total_timeout=10.0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        fetch_pages(tmp_path, cfg, Runner(engine="dask", dask_address=cluster.scheduler_address))
+    assert len(site.hits()) == 8 and peak[0] <= 2, peak

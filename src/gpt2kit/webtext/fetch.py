@@ -661,7 +661,7 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     wf = WorkFolder(work)
     ids = wf.shard_ids("links")
     wf.check_config("fetch", {**config_dict(cfg), "upstream": wf.fingerprint("links")})
-    per_process = max(1, -(-cfg.concurrency // runner.workers))
+    per_process = max(1, -(-cfg.concurrency // runner.task_slots()))
     # a second bar, per URL, where it can be drawn: in this process
     inline_progress = runner.progress and runner.workers == 1 and runner.engine == "local"
     out = wf.stage_dir("fetch")

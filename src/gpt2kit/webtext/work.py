@@ -252,20 +252,37 @@ class Runner:
         if self.engine not in ("local", "dask"):
             raise WebTextError(f"--engine: expected 'local' or 'dask', got {self.engine!r}")
 
+    def task_slots(self) -> int:
+        """How many tasks can run at once: `workers`, or on a running Dask cluster the threads of
+        its workers now (a limit shared by all tasks is divided by this)."""
+        if self.engine != "dask" or not self.dask_address:
+            return self.workers
+        client_class = _dask_client()
+        with client_class(self.dask_address) as client:
+            workers = client.scheduler_info()["workers"].values()
+            return max(1, sum(w.get("nthreads", 1) for w in workers))
+
+
+def _dask_client():
+    try:
+        from distributed import Client
+    except ImportError:
+        raise WebTextError("--engine dask needs the 'distributed' package (pip install 'gpt2kit[webtext]')") from None
+    return Client
+
 
 @contextlib.contextmanager
 def _executor(runner: Runner) -> Iterator[cf.Executor | None]:
     if runner.engine == "dask":
-        try:
-            from distributed import Client, LocalCluster
-        except ImportError:
-            raise WebTextError("--engine dask needs the 'distributed' package (pip install 'gpt2kit[webtext]')") from None
+        client_class = _dask_client()
+        from distributed import LocalCluster
+
         if runner.dask_address:
-            with Client(runner.dask_address) as client:
+            with client_class(runner.dask_address) as client:
                 yield client.get_executor()
         else:
             with LocalCluster(n_workers=runner.workers, threads_per_worker=1, processes=runner.workers > 1,
-                              dashboard_address=None) as cluster, Client(cluster) as client:
+                              dashboard_address=None) as cluster, client_class(cluster) as client:
                 yield client.get_executor()
     elif runner.workers == 1:
         yield None
