@@ -1362,8 +1362,9 @@ def train(cfg: TrainConfig) -> dict:
             raise KeyboardInterrupt  # a second Ctrl-C: now (a checkpoint being written is left out whole)
         stop["signal"] = name
         if dist_.main:  # (os.write: a signal handler must not take the logging or tqdm locks)
-            os.write(2, f"\n{name}: stopping after this step, with a checkpoint (Ctrl-C again: now, "
-                        "without one)\n".encode())
+            with contextlib.suppress(OSError):  # (stderr closed: the stop goes on all the same)
+                os.write(2, f"\n{name}: stopping after this step, with a checkpoint (Ctrl-C again: now, "
+                            "without one)\n".encode())
 
     old_handlers = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
