@@ -234,3 +234,20 @@ def test_process_logits_does_not_modify_its_input():
     wide = process_logits(half, params, previous=torch.tensor([[1, 2], [3, 4]]))
     assert wide.dtype == out.dtype == torch.float32
     assert torch.equal(wide, process_logits(half.float(), params, previous=torch.tensor([[1, 2], [3, 4]])))
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 5e-324, 1e-37, 1e300])
+def test_extreme_repetition_penalty_keeps_a_distribution(penalty):
+    # logits / 1e-300 overflow float32 to inf (softmax of inf - inf: nan, and multinomial raises);
+    # * 1e300 sends every seen negative logit to -inf (a row of only seen tokens: all -inf, nan)
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0], [-2.0, -1.0, -0.5, -3.0]])
+    previous = torch.tensor([[0, 2], [0, 1]]) if penalty < 1 else torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    out = apply_repetition_penalty(logits, previous, penalty)
+    probs = torch.softmax(out, dim=-1)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2))
+    if penalty < 1:  # the seen tokens' positive logits become the largest, by far
+        assert probs[0, [0, 2]].sum() > 0.999 and out[0].argmax() == 0
+    for temperature in (0.5, 1e-3):  # the filters after it keep it a distribution too
+        params = SamplingParams(temperature=temperature, repetition_penalty=penalty)
+        assert torch.isfinite(torch.softmax(process_logits(logits, params, previous), -1)).all()
+        sample(process_logits(logits, params, previous), torch.Generator().manual_seed(0))

@@ -83,7 +83,17 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     # a token counts as seen if any of its occurrences is a real (non-pad) one
     counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(1, previous, real)
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(counts > 0, penalized, logits)
+    out = torch.where(counts > 0, penalized, logits)
+    top = out.amax(dim=-1)
+    if not ((top > -_HUGE) & (top < _HUGE)).all():
+        # an extreme penalty overflowed a row's best logit to +-inf (or near it, where the
+        # temperature's division would): the same sums in float64, clamped to its range, then
+        # shifted so that each row's best is 0 (the same distribution), float32 again
+        wide = logits.double()
+        wide = torch.where(counts > 0, torch.where(wide > 0, wide / penalty, wide * penalty), wide)
+        wide = wide.clamp(-torch.finfo(torch.float64).max, torch.finfo(torch.float64).max)
+        out = (wide - wide.amax(dim=-1, keepdim=True)).to(logits.dtype)
+    return out
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -99,6 +109,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
+_HUGE = 1e30  # a best logit past this (either sign) is re-centred (see apply_repetition_penalty)
 _COLD = 1e-4  # temperatures below which logits are shifted before the division (see apply_temperature)
 
 
