@@ -516,6 +516,23 @@ def test_a_stop_off_the_log_interval_logs_its_last_step(shards, tmp_path):
     assert list(losses(out)) == [s["step"]] and losses(out)[s["step"]] == s["loss"]
 
 
+def test_a_resume_on_other_shards_of_the_same_tokenizer_says_so(shards, tmp_path, text_dir, caplog):
+    # only the tokenizer was compared: any corpus prepared with it (every GPT-2 one, for the gpt2
+    # tokenizer; a config's relative data path on another machine) resumed in silence, its batches
+    # other windows of other text
+    other = tmp_path / "other"
+    prepare([text_dir], other, tokenizer=str(shards / "tokenizer"), val_fraction=0.2, segment_chars=2000)
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=2))
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, out, max_steps=3, resume=True))
+    assert "other shards" not in caplog.text
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):
+        T.train(cfg_for(other, out, max_steps=4, resume=True))
+    assert (f"step_0000003: trained on other shards than {other} (the same tokenizer, other shard names or token "
+            "counts): the batches from step 3 on come from these") in caplog.text
+
+
 def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):
     # a checkpoint off the log interval: the first record after resuming covers 1 step, not 4
     out = tmp_path / "run"

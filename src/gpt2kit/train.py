@@ -939,15 +939,21 @@ def _every_rank(value, dist_: _Dist) -> list:
     return seen
 
 
+def data_content(meta: dict) -> str:
+    """A short hash of prepared shards' content as their meta.json describes it (tokenizer, shard
+    names and token counts), not of where their inputs were read from."""
+    import hashlib
+
+    content = json.dumps({"tokenizer": meta["tokenizer"]["fingerprint"], "splits": meta["splits"]}, sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:12]
+
+
 def _check_same_data(meta: dict, dist_: _Dist, folder: str) -> None:
     """Refuse, on every rank, shards that differ between machines (the same path, other
     contents): each rank would read its own corpus at the batch's offsets, silently. Compared
     by content (tokenizer, shard names and counts), not by meta.json, which records where the
     inputs were read from."""
-    import hashlib
-
-    content = json.dumps({"tokenizer": meta["tokenizer"]["fingerprint"], "splits": meta["splits"]}, sort_keys=True)
-    seen = _every_rank(hashlib.sha256(content.encode()).hexdigest()[:12], dist_)
+    seen = _every_rank(data_content(meta), dist_)
     if len(set(seen)) > 1:
         views = ", ".join(f"rank {r}: {h}" for r, h in enumerate(seen))
         raise TrainError(f"{folder}: the ranks read different prepared data ({views}); every machine needs the "
@@ -1236,6 +1242,9 @@ def train(cfg: TrainConfig) -> dict:
                                   f"validation windows would change; pass --seed {seed}")
         if dist_.main:
             _warn_if_the_rate_moves(cfg, state.get("config", {}), state["step"], resume_from)
+            if state.get("data_content", data_content(meta)) != data_content(meta):  # (a continued run may mean it)
+                log.warning("%s: trained on other shards than %s (the same tokenizer, other shard names or token "
+                            "counts): the batches from step %d on come from these", resume_from, cfg.data, state["step"])
     else:
         state = None
         model, tokenizer = _build_model(cfg, meta)
@@ -1335,6 +1344,7 @@ def train(cfg: TrainConfig) -> dict:
                 "step": step, "optimizer": optim_sd, "rng": rngs, "best_val_loss": best_val,
                 "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
                 "model_config": dataclasses.asdict(mc), "data_fingerprint": meta["tokenizer"]["fingerprint"],
+                "data_content": data_content(meta),
             }
 
             def write_model(folder: Path) -> None:
