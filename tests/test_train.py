@@ -94,6 +94,15 @@ def test_train_help_documents_every_key(cli):
     assert re.search(r"Exit status: 0 when .* max_minutes .* 130 after Ctrl-C \(SIGINT\) and 143 after SIGTERM", text)
 
 
+def test_a_flag_before_the_config_file_leaves_it_the_config():
+    # `gpt2kit train --resume run.toml` took run.toml for --resume's value: "resume expects bool"
+    from gpt2kit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--resume", "run.toml", "--compile", "--max_steps", "5", "--plot", "no"])
+    assert args.config == "run.toml" and not args.unknown_overrides
+    assert (vars(args)["cfg.resume"], vars(args)["cfg.compile"], vars(args)["cfg.plot"]) == ("true", "true", "no")
+
+
 def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     found = sorted(root.glob("*.toml"))

@@ -155,19 +155,19 @@ def config_fields() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
+# What a bool key accepts on the command line (any case).
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _coerce(key: str, value: Any, typ: type, source: str, parse: bool) -> Any:
     """`value` as `typ`: with `parse` (command-line text) strings are parsed, else type-checked."""
     if parse and isinstance(value, str) and typ is not str:
         text = value.strip()
         try:
             if typ is bool:
-                if text.lower() in ("true", "1", "yes"):
-                    return True
-                if text.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError
+                return BOOL_WORDS[text.lower()]
             return typ(text)
-        except ValueError:
+        except (ValueError, KeyError):
             raise ConfigError(f"{source}: {key} expects {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         t.add_argument(*flags, dest=f"cfg.{name}", default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
                        help=f"{FIELD_HELP[name]} (default: {shown})".replace("%", "%%"),
                        **({"nargs": "?", "const": "true"} if typ is bool else {}))
-    _collect_unknown(t)
+    _collect_unknown(t, [f for name, typ in config_fields().items() if typ is bool
+                         for f in {f"--{name}", f"--{name.replace('_', '-')}"}])
     t.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="the main job: Shakespeare -> BPE -> shards -> a trained GPT-2 in N minutes",
@@ -67,12 +68,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_demo)
 
 
-def _collect_unknown(parser: argparse.ArgumentParser) -> None:
+def _collect_unknown(parser: argparse.ArgumentParser, bool_flags: list[str]) -> None:
     """Keep unknown `--key` arguments for the handler, which names the valid keys in its error
-    (argparse would only say "unrecognized arguments")."""
+    (argparse would only say "unrecognized arguments"). A bare bool flag followed by a word that
+    is no bool value (`--resume run.toml`) leaves that word alone, for the config file."""
+    from ..train import BOOL_WORDS
+
     parse = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        for i in reversed(range(len(args) - 1)):
+            if args[i] in bool_flags and not args[i + 1].startswith("-") and args[i + 1].lower() not in BOOL_WORDS:
+                args.insert(i + 1, "true")
         ns, rest = parse(args, namespace)
         ns.unknown_overrides = rest
         return ns, []
