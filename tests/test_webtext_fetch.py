@@ -944,3 +944,28 @@ def test_concurrency_is_the_total_on_a_running_dask_cluster(site, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         fetch_pages(tmp_path, cfg, Runner(engine="dask", dask_address=cluster.scheduler_address))
     assert len(site.hits()) == 8 and peak[0] <= 2, peak
+
+
+def test_a_host_named_with_its_final_dot_is_the_same_host(site):
+    """`example.com.` is `example.com` (the resolver already says so): a redirect naming the host
+    with its final dot must wait its turn behind the host's other requests."""
+    import asyncio
+
+    import httpx
+
+    starts = []
+
+    def route(handler):
+        starts.append(time.monotonic())
+        return 200, {"Content-Type": "text/html"}, b"<html>ok</html>"
+
+    site.routes[("news.test", "/a")] = site.routes[("news.test.", "/b")] = route
+    cfg = local_cfg(robots=False, host_delay=0.3)
+
+    async def go():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            fetcher = Fetcher(cfg, client, 4)
+            return await asyncio.gather(fetcher.get(url(site, "news.test", "/a")), fetcher.get(url(site, "news.test.", "/b")))
+
+    assert [r.status for r in asyncio.run(go())] == ["ok", "ok"]
+    assert abs(starts[1] - starts[0]) >= 0.25, starts

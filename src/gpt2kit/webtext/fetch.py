@@ -322,6 +322,7 @@ class Fetcher:
         self.robots_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def gate(self, host: str) -> HostGate:
+        host = host.rstrip(".")     # `example.com.` names `example.com`: one host, one schedule
         if host not in self.gates:
             self.gates[host] = HostGate(host, self.cfg.per_host, self.cfg.host_delay, self.shared,
                                         max_hold=self.cfg.max_crawl_delay)
