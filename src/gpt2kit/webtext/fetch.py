@@ -527,7 +527,8 @@ class RobotsStore:
         self.folder = Path(folder)
 
     def _path(self, origin: str) -> Path:
-        return self.folder / f"{stable_hash(origin):016x}.json"
+        name = f"{stable_hash(origin):016x}"
+        return self.folder / name[:2] / f"{name}.json"    # 256 folders: millions of hosts in one is slow to list
 
     def load(self, origin: str) -> tuple[Result, str] | None:
         try:
