@@ -969,3 +969,19 @@ def test_a_host_named_with_its_final_dot_is_the_same_host(site):
 
     assert [r.status for r in asyncio.run(go())] == ["ok", "ok"]
     assert abs(starts[1] - starts[0]) >= 0.25, starts
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"origin": "%s", "fetched": 1e18, "http_status": 200}',
+                                    '{"origin": "%s", "fetched": "%s", "http_status": 200, "final_url": null, "text": 5}'])
+def test_a_damaged_kept_robots_txt_is_asked_again(site, tmp_path, damage):
+    from gpt2kit.webtext.fetch import RobotsStore
+
+    origin = f"http://news.test:{site.port}"
+    store = RobotsStore(tmp_path / "_state" / "fetch" / "robots")
+    path = store._path(origin)
+    path.parent.mkdir(parents=True)
+    path.write_text(damage.replace('"%s"', f'"{origin}"', 1).replace('"%s"', str(time.time())))
+    make_shards(tmp_path, [[url(site, "news.test", "/a1"), url(site, "news.test", "/private/secret")]])
+    fetch_pages(tmp_path, local_cfg())
+    assert [e["status"] for e in manifest(tmp_path).values()] == ["ok", "robots_disallowed"]
+    assert len(site.hits("news.test", "/robots.txt")) == 1

@@ -519,7 +519,7 @@ class Fetcher:
 
 class RobotsStore:
     """robots.txt answers kept for every shard of the stage (`WORK/_state/fetch/robots/`): a host
-    that links from many shards redirect to is asked once, not once per shard. Only answers about
+    that the links of many shards redirect to is asked once, not once per shard. Only answers about
     the host are kept, for a day (RFC 9309 §2.4): a robots.txt, or a 4xx (no restrictions). An
     unreachable one is asked again by the next shard: a passing outage must not forbid the host."""
 
@@ -534,7 +534,8 @@ class RobotsStore:
         try:
             rec = json.loads(self._path(origin).read_text(encoding="utf-8"))
             fetched, code, text = rec["fetched"], rec["http_status"], rec["text"]
-            if rec["origin"] != origin or not 0 <= time.time() - fetched < ROBOTS_TTL_S:
+            if (rec["origin"] != origin or not isinstance(text, str)
+                    or not 0 <= time.time() - fetched < ROBOTS_TTL_S):
                 return None
         except (OSError, ValueError, KeyError, TypeError):   # none yet, or a damaged one: ask the host
             return None
