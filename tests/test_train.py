@@ -685,9 +685,9 @@ def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir,
     assert r.stdout.strip()
 
 
-def _run_until(sig, argv: list[str], out: Path, *, again_after: float | None = None):
-    """Run `argv`; once its first step is logged, send it `sig` (None: let it end), and again
-    `again_after` seconds later if given. (process, stdout, stderr)"""
+def _run_until(sig, argv: list[str], out: Path, *, then=None):
+    """Run `argv`; once its first step is logged, send it `sig` (None: let it end), and `then`
+    = (signal, seconds) that signal so many seconds later. (process, stdout, stderr)"""
     proc = subprocess.Popen(argv, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if sig is not None:
         metrics = out / "metrics.jsonl"
@@ -695,9 +695,9 @@ def _run_until(sig, argv: list[str], out: Path, *, again_after: float | None = N
         while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
             time.sleep(0.02)
         proc.send_signal(sig)
-        if again_after is not None:
-            time.sleep(again_after)
-            proc.send_signal(sig)
+        if then is not None:
+            time.sleep(then[1])
+            proc.send_signal(then[0])
     stdout, stderr = proc.communicate(timeout=120)
     return proc, stdout, stderr
 
@@ -739,16 +739,23 @@ def test_ctrl_c_and_time_limit_exit_codes_and_the_resume_command(shards, tmp_pat
         assert max(losses(out)) > last
 
 
-def test_a_second_ctrl_c_stops_at_once(shards, tmp_path):
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_ctrl_c_stops_at_once(shards, tmp_path, second):
     # Ctrl-C was swallowed until the step, the evaluation and the checkpoint were done, silently,
-    # and a second one did nothing: a run stuck there could only be killed
+    # and a second one did nothing: a run stuck there could only be killed. A SIGTERM after it
+    # (torchrun's, which a Ctrl-C makes it send its workers) changes nothing: the stop is Ctrl-C's
     out = tmp_path / "out"
     argv = _train_cmd(shards, out, "--max_steps", "100000", "--eval_interval", "100000", "--eval_batches", "2000")
     # the second 1 s after the first, during the stop's evaluation (2000 batches: seconds)
-    proc, stdout, stderr = _run_until(signal.SIGINT, argv, out, again_after=1.0)
+    proc, stdout, stderr = _run_until(signal.SIGINT, argv, out, then=(getattr(signal, second), 1.0))
     assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.count("stopping after this step") == 1
     assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again: now, without one)" in stderr
-    assert stderr.splitlines()[-1] == "gpt2kit: interrupted" and not (out / "checkpoints").exists()
+    if second == "SIGINT":
+        assert stderr.splitlines()[-1] == "gpt2kit: interrupted" and not (out / "checkpoints").exists()
+    else:
+        assert stderr.splitlines()[-1].startswith("gpt2kit: stopped by SIGINT at step ")
+        assert (out / "checkpoints.json").exists()
 
 
 def test_bf16_mfu_counts_the_fp32_units_where_bf16_multiplies_on_them(monkeypatch):

@@ -1368,8 +1368,10 @@ def train(cfg: TrainConfig) -> dict:
 
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
-        if signum == signal.SIGINT and stop["signal"] is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: now (a checkpoint being written is left out whole)
+        if stop["signal"] is not None:  # already stopping: the first signal names the stop
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: now (a checkpoint being written is left out whole)
+            return
         stop["signal"] = name
         if dist_.main:  # (os.write: a signal handler must not take the logging or tqdm locks)
             with contextlib.suppress(OSError):  # (stderr closed: the stop goes on all the same)
