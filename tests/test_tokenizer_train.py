@@ -244,3 +244,36 @@ def test_jsonl_with_a_lone_surrogate_escape_is_a_clear_error(tmp_path):
     with pytest.raises(InputFileError, match=r"a.jsonl: line 3: field 'text' holds a lone surrogate U\+D800 at "
                                              r"character 6, not text$"):
         train_bpe([tmp_path / "a.jsonl"], vocab_size=300)
+
+
+def test_option_boundaries_are_exact(tmp_path):
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\n" * 5, encoding="utf-8")
+    # 256 bytes + 1 special: the smallest vocabulary there is, with no merges at all
+    tok = train_bpe([tmp_path / "t.txt"], vocab_size=257)
+    assert tok.n_vocab == 257 and tok.special_tokens == {ENDOFTEXT: 256} and len(tok.mergeable_ranks) == 256
+    for bad, message in [(dict(workers=0), r"^--workers must be at least 1, got 0$"),
+                         (dict(special_tokens=[ENDOFTEXT, ""]), r"^special tokens must be non-empty strings$")]:
+        with pytest.raises(TrainingError, match=message):
+            train_bpe([tmp_path / "t.txt"], vocab_size=300, **bad)
+
+
+def test_a_special_token_named_twice_is_one_token(tmp_path):
+    (tmp_path / "t.txt").write_text("the cat sat on the mat<|x|>the end\n" * 5, encoding="utf-8")
+    tok = train_bpe([tmp_path / "t.txt"], vocab_size=270, special_tokens=[ENDOFTEXT, "<|x|>", ENDOFTEXT])
+    # ids stay contiguous: 268 tokens from merges and bytes, then the two distinct specials
+    assert tok.special_tokens == {ENDOFTEXT: 268, "<|x|>": 269} and tok.n_vocab == 270
+    assert len(tok.mergeable_ranks) == 268
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_counting_in_many_batches_counts_each_document_once(tmp_path, monkeypatch, workers):
+    import gpt2kit.bpe_train as bpe_train
+
+    docs = [f"document {i} says hello<|endoftext|>world {i % 7}\n" for i in range(40)]
+    for i in range(4):
+        (tmp_path / f"{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[i::4]),
+                                              encoding="utf-8")
+    expected = count_text(docs, [ENDOFTEXT])
+    monkeypatch.setattr(bpe_train, "_BATCH_CHARS", 100)  # a batch every few documents
+    files = sorted(tmp_path.iterdir())
+    assert bpe_train.count_pretokens(files, workers=workers) == expected
