@@ -277,3 +277,14 @@ def test_counting_in_many_batches_counts_each_document_once(tmp_path, monkeypatc
     monkeypatch.setattr(bpe_train, "_BATCH_CHARS", 100)  # a batch every few documents
     files = sorted(tmp_path.iterdir())
     assert bpe_train.count_pretokens(files, workers=workers) == expected
+
+
+def test_a_text_file_cut_inside_its_last_character_is_refused(tmp_path):
+    from gpt2kit.corpus import iter_text_pieces
+
+    # a download cut short mid-character: the dangling bytes were silently dropped at EOF
+    bad = tmp_path / "cut.txt"
+    bad.write_bytes("ok line\n".encode() * 3 + "日".encode()[:2])
+    for block_bytes in (5, 1 << 20):
+        with pytest.raises(InputFileError, match=r"cut.txt: not valid UTF-8 at byte offset 24 \(byte 0xe6\)"):
+            list(iter_text_pieces(bad, block_bytes=block_bytes))
