@@ -101,3 +101,28 @@ def test_one_corpus_path_is_one_input(tmp_path):
     for one in (str(small), small):
         with pytest.raises(ConfigError, match=f"--corpus: {small.stat().st_size:,} bytes of text"):
             demo(1, out_dir=tmp_path / "out", corpus=one)
+
+
+def test_a_signal_during_training_ends_the_demo(tmp_path, shakespeare_files, monkeypatch, capsys):
+    # Ctrl-C (or a scheduler's SIGTERM) while it trains: the checkpoint is kept, and the demo stops
+    # there with the signal's exit code instead of evaluating, sampling and exiting 0
+    import gpt2kit.train
+    from gpt2kit.cli import main
+
+    real_train = gpt2kit.train.train
+
+    def train_stopped_by_sigterm(cfg):
+        return {**real_train(cfg), "stopped": "SIGTERM"}
+
+    monkeypatch.setattr(gpt2kit.train, "train", train_stopped_by_sigterm)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in shakespeare_files[:2]:
+        (corpus / p.name).write_text(p.read_text()[:30_000])
+    out = tmp_path / "demo"
+    code = main(["demo", "--minutes", "0.05", "--corpus", str(corpus), "--vocab-size", "300", "--preset", "tiny",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 143, err[-2000:]
+    assert "demo stopped by SIGTERM during training at step" in err and "checkpoint" in err
+    assert not (out / "report.json").exists() and not (out / "model").exists()

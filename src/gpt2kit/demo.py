@@ -237,6 +237,9 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
                        "eval_batches": max(1, 64 // cfg.batch_size)}, source="demo", base=cfg)
     log.info("4/5 training %s for ~%d steps (%.2f s/step measured)", _describe(cfg), max_steps, step_s)
     summary = train(cfg)
+    if summary["stopped"] in ("SIGINT", "SIGTERM"):
+        # the user (or a scheduler) asked it to stop, not to carry on evaluating and sampling
+        raise Stopped(summary["stopped"], summary["step"], summary["checkpoint"])
 
     log.info("5/5 measuring the held-out text")
     ckpt = Path(summary["checkpoint"])
@@ -274,6 +277,15 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
 
     write_json(out / "report.json", report)
     return report
+
+
+class Stopped(Exception):
+    """The demo's training was stopped by a signal (SIGINT or SIGTERM) after saving its checkpoint:
+    the demo ends there, without its report."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+        super().__init__(f"stopped by {signal_name} during training at step {step}; checkpoint {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 def _describe(cfg: TrainConfig) -> str:

@@ -177,11 +177,13 @@ def _resume_command(config: str | None, overrides: dict[str, str]) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..demo import demo, format_report
+    from ..demo import DEMO_VOCAB, Stopped, demo, format_report
 
-    from ..demo import DEMO_VOCAB
-
-    report = demo(minutes=args.minutes, out_dir=args.out, corpus=args.corpus, preset=args.preset,
-                  vocab_size=args.vocab_size or DEMO_VOCAB, threads=args.threads, seed=args.seed, progress=True)
+    try:
+        report = demo(minutes=args.minutes, out_dir=args.out, corpus=args.corpus, preset=args.preset,
+                      vocab_size=args.vocab_size or DEMO_VOCAB, threads=args.threads, seed=args.seed, progress=True)
+    except Stopped as e:
+        print(f"gpt2kit: demo {e} (no report: run `gpt2kit demo` again to start over)", file=sys.stderr)
+        return _EXIT_CODES[e.signal_name]
     print(format_report(report))
     return 0
