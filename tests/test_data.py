@@ -305,3 +305,33 @@ def test_sequential_windows_predict_every_token_once():
         wins = D.sequential_windows(n, T)
         targets = [t for s, length in wins for t in range(s + 1, s + 1 + length)]
         assert targets == list(range(1, n)) and all(length <= T for _, length in wins)
+
+
+def test_corpus_reader_edge_cases(tmp_path):
+    import io
+
+    import zstandard
+
+    from gpt2kit.corpus import iter_file_documents
+
+    # a bad byte on a later JSONL line is named by its offset in the file, not in its line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputFileError, match=r"bad.jsonl: not valid UTF-8 at byte offset 30 \(byte 0xe9\)"):
+        list(iter_file_documents(bad))
+    (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(InputFileError, match=r"num.jsonl: line 1: field 'text' must be a string"):
+        list(iter_file_documents(tmp_path / "num.jsonl"))
+    # Reddit's dumps are zstd with a window past the library's default limit (--long=31)
+    buf = io.BytesIO()
+    params = zstandard.ZstdCompressionParameters(window_log=28)
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(buf, closefd=False) as w:
+        w.write(b'{"text": "from a long-window dump"}\n')
+    assert zstandard.get_frame_parameters(buf.getvalue()).window_size == 1 << 28
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "RC_2019-01.zst").write_bytes(buf.getvalue())  # not a text suffix: not picked up
+    (folder / "RS.jsonl.zst").write_bytes(buf.getvalue())
+    (folder / "c.json").write_text('{"text": "a .json file of JSON lines"}\n')
+    assert [doc for _, doc in iter_documents([folder])] == ["from a long-window dump", "a .json file of JSON lines"]
+
