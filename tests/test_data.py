@@ -335,3 +335,25 @@ def test_corpus_reader_edge_cases(tmp_path):
     (folder / "c.json").write_text('{"text": "a .json file of JSON lines"}\n')
     assert [doc for _, doc in iter_documents([folder])] == ["from a long-window dump", "a .json file of JSON lines"]
 
+
+@pytest.mark.parametrize("name", ["t.txt.gz", "t.txt.zst", "t.jsonl.gz", "t.jsonl.zst"])
+def test_a_truncated_compressed_file_is_refused_not_read_in_part(tmp_path, name):
+    import zstandard
+
+    from gpt2kit.corpus import iter_file_documents, iter_text_pieces
+
+    # A download cut short: gzip's EOFError came out as a traceback from JSONL files, and a .zst
+    # stream ended early without any error, so the corpus silently lost its end.
+    text = "".join(json.dumps({"text": f"document {i}: " + "words " * 40}) + "\n" for i in range(500))
+    packed = gzip.compress(text.encode()) if name.endswith(".gz") else zstandard.ZstdCompressor().compress(text.encode())
+    path = tmp_path / name
+    path.write_bytes(packed[:len(packed) // 2])
+    readers = [lambda: list(iter_file_documents(path))]
+    if ".txt" in name:
+        readers.append(lambda: list(iter_text_pieces(path, block_bytes=4096)))
+    for read in readers:
+        with pytest.raises(InputFileError, match=rf"{name}: cannot read: .*(ended|truncated)"):
+            read()
+    path.write_bytes(packed)
+    assert "".join(iter_file_documents(path)) == (text if ".txt" in name else
+                                                  "".join(json.loads(line)["text"] for line in text.splitlines()))

@@ -57,8 +57,46 @@ def _open_binary(path: Path) -> BinaryIO:
 
         # Reddit's monthly dumps are compressed with --long=31: the window must be allowed.
         dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-        return io.BufferedReader(dctx.stream_reader(open(path, "rb"), closefd=True))  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdFrames(open(path, "rb"), dctx), buffer_size=1 << 20)
     return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. zstandard's stream_reader ends
+    quietly where a truncated file ends (a download cut short lost the corpus's end without a
+    word); this reader raises EOFError there, as gzip does."""
+
+    def __init__(self, f: BinaryIO, dctx) -> None:
+        self._f, self._dctx = f, dctx
+        self._frame = dctx.decompressobj()
+        self._in_frame = False  # bytes of the current frame have been read
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self._pos == len(self._out):
+            if self._frame.eof:  # the frame is complete; what follows may be another frame
+                rest = self._frame.unused_data
+                self._frame, self._in_frame = self._dctx.decompressobj(), bool(rest)
+                self._out, self._pos = self._frame.decompress(rest) if rest else b"", 0
+                continue
+            data = self._f.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("compressed file ended before the end of its zstd frame (truncated)")
+                return 0
+            self._in_frame = True
+            self._out, self._pos = self._frame.decompress(data), 0
+        n = min(len(buf), len(self._out) - self._pos)
+        buf[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def _base_suffix(path: Path) -> str:
@@ -133,7 +171,7 @@ def iter_file_documents(path: Path, *, field: str = "text") -> Iterator[str]:
             raise InputFileError(path, "no such file") from None
         with f:
             offset = 0
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in enumerate(_read_lines(f, path), 1):
                 line = decode_utf8(raw, path, offset)
                 offset += len(raw)
                 if not line.strip():
@@ -158,6 +196,18 @@ def iter_file_documents(path: Path, *, field: str = "text") -> Iterator[str]:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _read_lines(f: BinaryIO, path: Path) -> Iterator[bytes]:
+    lines = iter(f)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except Exception as e:  # OSError, EOFError (a truncated .gz or .zst), zstandard.ZstdError
+            raise InputFileError(path, f"cannot read: {e}") from None
+        yield line
 
 
 # A newline between two non-whitespace characters: GPT-2's pre-tokenizer makes it a piece of its
