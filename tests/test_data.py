@@ -247,25 +247,30 @@ def test_ctrl_c_with_workers_exits_130_and_the_rerun_resumes(tmp_path, caplog):
 
 def test_resume_refuses_a_progress_file_from_other_segmenting(corpus, tmp_path, monkeypatch):
     kw = dict(field="body", val_fraction=0.25, segment_chars=300, shard_tokens=256)
-    real_write = D._ShardWriter._write
-    calls = []
-
-    def crash_on_third(self, arr):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real_write(self, arr)
-
-    monkeypatch.setattr(D._ShardWriter, "_write", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        D.prepare([corpus], tmp_path / "cut", **kw)
-    monkeypatch.undo()
+    _interrupted_prepare(monkeypatch, 3, [corpus], tmp_path / "cut", **kw)
     progress = tmp_path / "cut" / "progress.json"
     state = json.loads(progress.read_text())
     del state["segmenting"]  # as an older gpt2kit wrote it
     progress.write_text(json.dumps(state))
     with pytest.raises(D.DataError, match="an unfinished run by an older gpt2kit, which cut segments differently"):
         D.prepare([corpus], tmp_path / "cut", **kw)
+
+
+def _interrupted_prepare(monkeypatch, n, *args, **kw):
+    """prepare(*args, **kw), stopped by a Ctrl-C during its n-th shard write."""
+    real_write = D._ShardWriter._write
+    calls = []
+
+    def write(self, arr):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        real_write(self, arr)
+
+    monkeypatch.setattr(D._ShardWriter, "_write", write)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare(*args, **kw)
+    monkeypatch.undo()
 
 
 def test_step_offsets_are_pure_and_micro_batches_partition_them():
@@ -357,3 +362,72 @@ def test_a_truncated_compressed_file_is_refused_not_read_in_part(tmp_path, name)
     path.write_bytes(packed)
     assert "".join(iter_file_documents(path)) == (text if ".txt" in name else
                                                   "".join(json.loads(line)["text"] for line in text.splitlines()))
+
+
+def test_step_offsets_reach_every_window_including_the_only_one():
+    # n_tokens == block_size + 1 holds exactly one window, at offset 0
+    assert D.step_offsets(0, 0, 17, 16, 4).tolist() == [0, 0, 0, 0]
+    # the last window (ending on the last token) is drawn like any other
+    assert set(D.step_offsets(0, 0, 18, 16, 64).tolist()) == {0, 1}
+
+
+def test_resume_after_a_shard_that_ends_where_a_segment_ends(tmp_path, monkeypatch):
+    # every document is 5 tokens with its <|endoftext|>: each 5-token shard ends at a segment end,
+    # and the resume point is the next segment, with none of its tokens on disk
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"x x x {c}"}) + "\n" for c in "abcdefgh"))
+    kw = dict(val_fraction=0, shard_tokens=5)
+    ref = D.prepare([corpus], tmp_path / "ref", **kw)
+    assert ref["splits"]["train"]["tokens"] == 40 and len(ref["splits"]["train"]["shards"]) == 8
+    _interrupted_prepare(monkeypatch, 4, [corpus], tmp_path / "cut", **kw)
+    assert D.prepare([corpus], tmp_path / "cut", **kw)["splits"] == ref["splits"]
+    for name in ref["splits"]["train"]["shards"]:
+        assert filecmp.cmp(tmp_path / "ref" / name, tmp_path / "cut" / name, shallow=False), name
+
+
+class _WideTokenizer:
+    """GPT-2's tokenizer posing as one of `n_vocab` tokens whose <|endoftext|> is the last id."""
+
+    def __init__(self, n_vocab):
+        self._tok, self.n_vocab, self.eot_token = Tokenizer.gpt2(), n_vocab, n_vocab - 1
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_uint16_shards_take_a_vocabulary_of_65536_but_not_more(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_load_tokenizer", lambda spec: _WideTokenizer(65536))
+    D.prepare([corpus], tmp_path / "ok", field="body", val_fraction=0)
+    stream = D.TokenStream(tmp_path / "ok", "train")
+    assert stream.window(0, 1).tolist() == [65535]  # the largest id survives the uint16 shard
+    monkeypatch.setattr(D, "_load_tokenizer", lambda spec: _WideTokenizer(65537))
+    with pytest.raises(D.DataError, match="65537 tokens do not fit uint16 shards"):
+        D.prepare([corpus], tmp_path / "big", field="body", val_fraction=0)
+
+
+def test_a_one_character_tail_is_its_own_segment():
+    assert D.split_segments("x" * 201, 100) == ["x" * 200, "x"]
+
+
+def test_an_input_that_changed_is_not_resumed_or_taken_as_prepared(tmp_path, monkeypatch):
+    doc = tmp_path / "a.txt"
+    doc.write_text("".join(f"Paragraph {i}, some words.\n\n" for i in range(400)))
+    kw = dict(val_fraction=0, shard_tokens=256, segment_chars=300)
+    _interrupted_prepare(monkeypatch, 2, [doc], tmp_path / "cut", **kw)
+    with open(doc, "a") as f:  # same path, more text: the resume point no longer means anything
+        f.write("One more paragraph.\n")
+    with pytest.raises(D.DataError, match="an unfinished run with other inputs or settings"):
+        D.prepare([doc], tmp_path / "cut", **kw)
+    D.prepare([doc], tmp_path / "done", **kw)
+    with open(doc, "a") as f:
+        f.write("And another.\n")
+    with pytest.raises(D.DataError, match="holds shards prepared with other inputs or settings"):
+        D.prepare([doc], tmp_path / "done", **kw)
+
+
+def test_a_shard_shorter_than_meta_json_says_is_refused(corpus, tmp_path):
+    D.prepare([corpus], tmp_path / "s", field="body", val_fraction=0, shard_tokens=300)
+    shard = tmp_path / "s" / D.shard_name("train", 0)
+    shard.write_bytes(shard.read_bytes()[:-2])  # one whole token less: sizes alone look fine
+    with pytest.raises(D.DataError, match=r"train shards hold \d+ tokens, meta.json says \d+"):
+        D.TokenStream(tmp_path / "s", "train")
