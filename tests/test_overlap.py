@@ -741,3 +741,37 @@ def test_checksums_of_large_filters_show_progress(planted, tmp_path, monkeypatch
     monkeypatch.setattr(overlap, "_BAR_BYTES", 1 << 40)
     open_filter(tmp_path / "f.bloom", progress=True)
     assert capsys.readouterr().err == ""  # and for small filters, which take no time
+
+
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+@pytest.mark.parametrize("scheme, bits", [
+    (overlap.HASH_SCHEME, [1829, 3378, 6563, 6822, 7081, 7340, 7440, 7599, 7858, 8117, 8376, 8635, 8989, 14600,
+                           16149, 20211, 21760]),
+    (overlap.HASH_SCHEME_V1, [93, 1781, 3469, 4497, 5157, 6185, 7873, 9561, 11249, 12937, 14625, 15653, 16313,
+                              17341, 19029, 20717, 22405]),
+])
+def test_bit_positions_are_stable_across_versions(scheme, bits, engine):
+    # Pinning the fingerprint is not enough: filters on disk must be probed at the bits they were
+    # built with (an odd k, so that where the second pair takes over is pinned too).
+    m, k = optimal_parameters(1000, 1e-5)
+    assert (m, k) == (24000, 17)
+    bf = BloomFilter(np.zeros(m // 8, dtype=np.uint8), capacity=1000, fpr_target=1e-5, m_bits=m, k_hashes=k,
+                     hash_scheme=scheme, engine=engine)
+    assert bf.add_text("The quick brown fox jumps over the lazy") == 1
+    assert np.flatnonzero(np.unpackbits(bf.bits, bitorder="little")).tolist() == bits
+
+
+def test_the_number_of_hashes_is_rounded_to_the_nearest():
+    # m/n ln 2 = 2.35 here: 2 hashes, not 3
+    assert optimal_parameters(1000, 0.2) == (3392, 2)
+
+
+def test_fingerprints_survive_the_word_cache_being_emptied(monkeypatch):
+    monkeypatch.setattr(overlap, "_MAX_WORD_CACHE", 12)
+    hasher = NgramHasher()
+    texts = ["one two three four five six seven eight nine", "one two three four five ten eleven twelve thirteen",
+             "one two three four five six seven eight nine"]
+    for text in texts:  # the second text's new words do not fit beside the first's: the cache starts over
+        ws = words(text)
+        h1, h2 = hasher.hashes(ws)
+        assert list(zip(h1.tolist(), h2.tolist())) == [fingerprint(g) for g in ngrams(ws)]
