@@ -817,15 +817,17 @@ def test_redirect_to_an_invalid_url_is_bad_url_after_one_request(location):
     assert "location header" in res.error or location in res.error
 
 
-@pytest.mark.parametrize("encoding", ["identity", "gzip"])
-def test_a_robots_txt_past_the_size_limit_is_read_up_to_it(site, tmp_path, encoding):
+@pytest.mark.parametrize("encoding, eol", [("identity", "\n"), ("gzip", "\n"), ("identity", "\r"), ("identity", "\r\n")],
+                         ids=["LF", "LF-gzip", "CR", "CRLF"])
+def test_a_robots_txt_past_the_size_limit_is_read_up_to_it(site, tmp_path, encoding, eol):
     """RFC 9309 §2.5: a crawler parses at least 500 KiB of robots.txt; what lies past its limit is
     ignored, not a reason to forbid the whole site. The line the limit cuts is dropped too: cut,
-    `Allow: /bar-and-more` would become a wider `Allow: /b`."""
-    head = "User-agent: *\nDisallow: /private\n"
+    `Allow: /bar-and-more` would become a wider `Allow: /b`. RFC 9309 §2.2 lets lines end in CR
+    alone (old Mac files): cutting only at the last LF dropped all of such a file, allowing the whole site."""
+    head = f"User-agent: *{eol}Disallow: /private{eol}"
     # the limit falls inside the Allow line of the next group of rules
-    text = (head + "# " + "x" * (512_000 - len(head) - 30) + "\nDisallow: /b\nAllow: /bar-and-more\n"
-            + "# padding\n" * 20_000)
+    text = (head + "# " + "x" * (512_000 - len(head) - 30) + f"{eol}Disallow: /b{eol}Allow: /bar-and-more{eol}"
+            + f"# padding{eol}" * 20_000)
     body = text.encode()
     assert body.index(b"Allow: /bar-and-more") + len("Allow: /b") < 512_000 < body.index(b"# padding")
     headers = {"Content-Type": "text/plain"}

@@ -513,7 +513,9 @@ class Fetcher:
                              cut=True)
         text = (res.body or b"").decode("utf-8", "replace") if res.status == "ok" else ""
         if res.truncated:     # the line the limit cut could read wider than written: drop it
-            text = text[:text.rfind("\n") + 1]
+            # A line may end in CR alone (RFC 9309 §2.2, as RobotsRules.parse's splitlines() reads
+            # it): cutting at the last LF only would drop all of a CR-only file, i.e. allow everything.
+            text = text[:max(text.rfind("\n"), text.rfind("\r")) + 1]
         return res, text
 
 
