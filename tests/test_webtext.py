@@ -596,6 +596,36 @@ def test_dedup_and_shard_stages(tmp_path, runner):
     assert (tmp_path / "funnel.png").stat().st_size > 1000
 
 
+def test_task_slots_count_every_thread_of_a_running_cluster(monkeypatch):
+    """A limit shared by all tasks (--concurrency) is divided by the cluster's threads. They were
+    counted from scheduler_info(), which on distributed 2025.5-2026.6 lists only 5 workers unless
+    asked for more: on 12 workers each task took 12/5 times its share. nthreads() lists them all."""
+    from gpt2kit.webtext import work as work_module
+
+    threads = {f"tcp://10.0.0.{k}:4000": 2 for k in range(12)}
+
+    class FakeClient:
+        def __init__(self, address):
+            assert address == "tcp://sched:8786"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def scheduler_info(self, n_workers=5, **kw):   # the default of those releases
+            shown = list(threads)[:n_workers] if n_workers >= 0 else list(threads)
+            return {"workers": {a: {"nthreads": threads[a]} for a in shown}}
+
+        def nthreads(self, workers=None):
+            return dict(threads)
+
+    monkeypatch.setattr(work_module, "_dask_client", lambda: FakeClient)
+    assert Runner(workers=3, engine="dask", dask_address="tcp://sched:8786").task_slots() == 24
+    assert Runner(workers=3, engine="dask").task_slots() == 3    # its own LocalCluster: --workers of 1 thread
+
+
 def test_dedup_memory_does_not_grow_with_the_longest_url(tmp_path):
     """URLs are not held as a fixed-width array: one 20,000-character URL among 1,000 documents
     must not cost 1,000 x 20,000 x 4 bytes on disk and again in memory."""

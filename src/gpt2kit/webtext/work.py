@@ -259,8 +259,9 @@ class Runner:
             return self.workers
         client_class = _dask_client()
         with client_class(self.dask_address) as client:
-            workers = client.scheduler_info()["workers"].values()
-            return max(1, sum(w.get("nthreads", 1) for w in workers))
+            # nthreads() lists every worker; scheduler_info() lists only 5 by default on distributed
+            # 2025.5-2026.6, which on a larger cluster would hand each task several times its share.
+            return max(1, sum(client.nthreads().values()))
 
 
 def _dask_client():
