@@ -103,6 +103,29 @@ def test_a_flag_before_the_config_file_leaves_it_the_config():
     assert (vars(args)["cfg.resume"], vars(args)["cfg.compile"], vars(args)["cfg.plot"]) == ("true", "true", "no")
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["r.toml", "--progress", "off"], "progress expects bool, got 'off'"),
+    (["--progress", "off", "r.toml"], "progress expects bool, got 'off'"),
+    (["r.toml", "--progress", "2"], "progress expects bool, got '2'"),
+])
+def test_a_bad_bool_value_is_named_as_such(cli, tmp_path, argv, error):
+    # the config-file rule for `--resume run.toml` took any word that is no bool value for the
+    # config: "unknown key 'off'", "unknown key 'r.toml'"; only a .toml name or an existing file is
+    (tmp_path / "r.toml").write_text('model = "tiny"\n')
+    r = cli("train", *argv, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(error), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_bool_flag_before_an_existing_config_without_toml_suffix(tmp_path):
+    from gpt2kit.cli import build_parser
+
+    run = tmp_path / "run.cfg"
+    run.write_text('model = "tiny"\n')
+    args = build_parser().parse_args(["train", "--resume", str(run)])
+    assert args.config == str(run) and vars(args)["cfg.resume"] == "true" and not args.unknown_overrides
+
+
 def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     found = sorted(root.glob("*.toml"))

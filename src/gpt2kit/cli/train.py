@@ -70,16 +70,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _collect_unknown(parser: argparse.ArgumentParser, bool_flags: list[str]) -> None:
     """Keep unknown `--key` arguments for the handler, which names the valid keys in its error
-    (argparse would only say "unrecognized arguments"). A bare bool flag followed by a word that
-    is no bool value (`--resume run.toml`) leaves that word alone, for the config file."""
+    (argparse would only say "unrecognized arguments"). A bare bool flag followed by the config
+    file (`--resume run.toml`) leaves the file alone. Only a word that names a config (a .toml
+    name or an existing file) counts as one: any other word stays the flag's value, so that
+    `--progress off` is refused as a bad bool value, not as an unknown key 'off'."""
     from ..train import BOOL_WORDS
 
     parse = parser.parse_known_args
 
+    def is_config(word: str) -> bool:  # (a file named `yes` in the working folder is still a value)
+        return word.lower() not in BOOL_WORDS and (word.lower().endswith(".toml") or os.path.isfile(word))
+
     def parse_known_args(args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         for i in reversed(range(len(args) - 1)):
-            if args[i] in bool_flags and not args[i + 1].startswith("-") and args[i + 1].lower() not in BOOL_WORDS:
+            if args[i] in bool_flags and not args[i + 1].startswith("-") and is_config(args[i + 1]):
                 args.insert(i + 1, "true")
         ns, rest = parse(args, namespace)
         ns.unknown_overrides = rest
