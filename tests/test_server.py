@@ -64,6 +64,15 @@ def tiny_model(cls=GPT2) -> GPT2:
     return model
 
 
+def counting_tokenizer() -> tuple[Tokenizer, list[int]]:
+    """A GPT-2 tokenizer that records the length of every text it encodes."""
+    tok = Tokenizer.gpt2()
+    encoded = []
+    encode = tok.encode
+    tok.encode = lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+    return tok, encoded
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.gpt2()
@@ -477,10 +486,7 @@ def test_a_client_gone_while_in_line_gives_its_place_back(tok, stream):
 def test_a_huge_prompt_is_refused_without_tokenizing_it_on_the_event_loop(model):
     # tokenizing megabytes in the request handler stalled every other request (6 MB: /health
     # answered after 1 s); no text of more bytes than n_ctx tokens of the longest token can fit
-    tok = Tokenizer.gpt2()
-    encoded = []
-    encode = tok.encode
-    tok.encode = lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+    tok, encoded = counting_tokenizer()
     with live(create_app(model, tok, model_name=NAME)) as url:
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["short", "word " * 400_000]}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
@@ -621,10 +627,7 @@ def test_too_many_prompts_are_refused_before_they_are_tokenized(model):
     # each prompt is checked against the context before it is tokenized, but thousands of them
     # (or a batch sure to pass the token budget) were all tokenized on the event loop first,
     # stalling every other request, and then refused
-    tok = Tokenizer.gpt2()
-    encoded = []
-    encode = tok.encode
-    tok.encode = lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+    tok, encoded = counting_tokenizer()
     with live(create_app(model, tok, model_name=NAME, max_batch_tokens=100)) as url:
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["word " * 10] * 2000}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
@@ -683,3 +686,30 @@ def test_logprobs_0_gives_the_chosen_token_alone(client, stream):
     tokens, chosen, tops = ([x for lp in lps for x in getattr(lp, k)] for k in ("tokens", "token_logprobs", "top_logprobs"))
     assert len(tokens) == len(tops) == 2 + 5 and tops[0] is None  # (the first prompt token has no context)
     assert tops[1:] == [{t: lp} for t, lp in zip(tokens[1:], chosen[1:])]
+
+
+def test_a_null_max_tokens_batch_past_the_budget_is_refused_before_tokenizing(model):
+    # max_tokens null completes every row to the end of the context: prompts x n x n_ctx positions,
+    # known before any prompt is tokenized; the budget was checked only for a given max_tokens, so
+    # 128 prompts of 100 KB were all tokenized on the event loop (~1 s stall) and then refused
+    tok, encoded = counting_tokenizer()
+    with live(create_app(model, tok, model_name=NAME, max_batch_tokens=100)) as url:
+        assert model.config.n_ctx == 64
+        for prompt, n, param in ((["word " * 10] * 2, 1, "prompt"), ("word " * 10, 2, "n"), ("word", 2, "n")):
+            r = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"model": NAME, "prompt": prompt, "n": n, "max_tokens": None})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "max_batch_tokens_exceeded", r.text
+            assert encoded == []
+            error = r.json()["error"]
+            assert error["param"] == param and "128 token positions" in error["message"], error
+            assert "max_tokens null" in error["message"] and "allows 100" in error["message"], error
+        # one row to the end of the context fits: tokenized, and answered
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"model": NAME, "prompt": "word " * 60, "max_tokens": None, "temperature": 0})
+        assert r.status_code == 200 and len(encoded) == 1, r.text
+        assert r.json()["usage"]["total_tokens"] == 64
+        # token ids are measured without tokenizing: prompts that fill the context leave nothing to
+        # decode, and an echo of them is scored one by one (no batch), as before
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"model": NAME, "prompt": [[7] * 64] * 2, "max_tokens": None, "echo": True, "logprobs": 0})
+        assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 2, r.text

@@ -230,9 +230,14 @@ class _Engine:
         for text in texts:
             if isinstance(text, str):
                 self._check_text_can_fit(text)
-        if req.max_tokens:  # (null: to the end of the context, which a prompt may already fill)
-            self._check_batch_tokens(len(texts), req.n, max(map(self._at_least_tokens, texts)), req.max_tokens,
-                                     at_least=True)
+        at_least = max(map(self._at_least_tokens, texts))
+        if req.max_tokens:
+            self._check_batch_tokens(len(texts), req.n, at_least, req.max_tokens, at_least=True)
+        elif req.max_tokens is None and at_least < self.n_ctx:
+            # null: every row decodes to the end of the context, rows x n_ctx positions whatever
+            # the prompts' lengths; unless a prompt may already fill it (then nothing is decoded,
+            # or the prompt is too long: both are told exactly once it is tokenized)
+            self._check_to_the_context(len(texts), req.n)
         sent = self._prompt_ids(texts)
         # GPT-2 was trained with <|endoftext|> between documents: an empty prompt starts a new one
         prompts = [ids or [self.tokenizer.eot_token] for ids in sent]
@@ -285,6 +290,20 @@ class _Engine:
                             f"server allows {self.max_batch_tokens:,} per request. Reduce n, the prompts or max_tokens, "
                             f"or start the server with a larger --max-batch-tokens (create_app(max_batch_tokens=...))",
                        param=param, code="max_batch_tokens_exceeded")
+
+    def _check_to_the_context(self, n_prompts: int, n: int) -> None:
+        """`_check_batch_tokens` for max_tokens null, before anything is tokenized."""
+        rows = n_prompts * n
+        need = rows * self.n_ctx
+        if need <= self.max_batch_tokens:
+            return
+        param = "n" if n > 1 else "prompt" if n_prompts > 1 else "max_tokens"
+        raise APIError(400, f"{param}: max_tokens null completes each of this request's {rows} completion"
+                            f"{'s' if rows > 1 else ''} ({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}) "
+                            f"to the end of the {self.n_ctx:,}-token context: {need:,} token positions at once, and "
+                            f"this server allows {self.max_batch_tokens:,} per request. Give max_tokens, reduce n or "
+                            f"the prompts, or start the server with a larger --max-batch-tokens "
+                            f"(create_app(max_batch_tokens=...))", param=param, code="max_batch_tokens_exceeded")
 
     @staticmethod
     def _prompt_list(prompt: Any) -> list[str | list[int]]:
