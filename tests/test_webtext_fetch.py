@@ -987,3 +987,42 @@ def test_a_damaged_kept_robots_txt_is_asked_again(site, tmp_path, damage):
     fetch_pages(tmp_path, local_cfg())
     assert [e["status"] for e in manifest(tmp_path).values()] == ["ok", "robots_disallowed"]
     assert len(site.hits("news.test", "/robots.txt")) == 1
+
+
+# Real NFS and CIFS lines as /proc/self/mountinfo shows them (options shortened).
+_MOUNTINFO = """\
+25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro
+40 25 0:50 / /shared rw,relatime shared:30 - nfs fs1:/export rw,vers=3,hard,proto=tcp,nolock,local_lock=all,addr=10.0.0.2
+41 25 0:51 / /locked rw,relatime shared:31 - nfs fs1:/other rw,vers=3,hard,proto=tcp,local_lock=none,addr=10.0.0.2
+42 25 0:52 / /v4 rw,relatime shared:32 - nfs4 fs2:/ rw,vers=4.2,hard,proto=tcp,local_lock=posix,addr=10.0.0.3
+43 25 0:53 / /smb rw,relatime shared:33 - cifs //nas/share rw,vers=3.0,nobrl,cache=strict
+44 25 0:54 / /my\\040work rw,relatime shared:34 - nfs4 fs2:/w rw,vers=4.2,hard,proto=tcp,local_lock=none,addr=10.0.0.3
+"""
+
+
+@pytest.mark.parametrize("device, reason", [
+    ((0, 50), "nfs mount /shared (fs1:/export) with nolock"), ((0, 51), None),
+    ((0, 52), "nfs4 mount /v4 (fs2:/) with local_lock=posix"), ((0, 53), "cifs mount /smb (//nas/share) with nobrl"),
+    ((0, 54), None), ((8, 1), None), ((9, 9), None)])
+def test_mounts_whose_locks_stay_on_this_machine_are_recognized(device, reason):
+    """NFS mounted with -o nolock (or local_lock=posix|all) and CIFS with nobrl lock files, so the
+    schedule's lock check passes, but only among this machine's processes: fetch processes on
+    other machines would silently stop sharing the per-host schedule."""
+    from gpt2kit.webtext.hosts import local_lock_reason
+
+    assert local_lock_reason(_MOUNTINFO, *device) == reason
+
+
+def test_a_cluster_is_warned_when_the_schedule_locks_stay_on_one_machine(tmp_path, monkeypatch, caplog):
+    from gpt2kit.webtext import fetch as fetch_module
+    from gpt2kit.webtext.hosts import locks_local_only
+
+    assert locks_local_only(tmp_path) is None            # the test machine's own disk (or tmpfs)
+    monkeypatch.setattr(fetch_module, "locks_local_only", lambda path: "nfs mount /w (fs:/w) with nolock")
+    for runner, warned in ((Runner(workers=4), False), (Runner(engine="dask"), False),
+                           (Runner(engine="dask", dask_address="tcp://sched:8786"), True)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            fetch_module.warn_if_locks_local(str(tmp_path / "hosts.bin"), runner)
+        assert bool(caplog.records) is warned, runner
+    assert "hosts.bin" in caplog.text and "nolock" in caplog.text and "other machines" in caplog.text

@@ -41,7 +41,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .. import __version__
 from ..io import atomic_path, write_json
-from .hosts import HostGate, SharedSchedule, open_schedule
+from .hosts import HostGate, SharedSchedule, locks_local_only, open_schedule
 from .robots import RobotsRules
 from .work import (Runner, WebTextError, WorkFolder, check_int, check_seconds, config_dict, read_jsonl_zst, run_tasks,
                    shard_name, stable_hash, write_jsonl_zst)
@@ -661,6 +661,20 @@ def _schedule_path(state: str | None) -> str | None:
     return None if state is None else str(Path(state) / "hosts.bin")
 
 
+def warn_if_locks_local(schedule: str, runner: Runner) -> None:
+    """Say so when a running cluster's processes may sit on other machines and the schedule's file
+    system keeps its locks on each machine (NFS -o nolock): every machine would keep its own
+    schedule and hosts get each machine's share of requests. A warning, not an error: a cluster can
+    run on one machine, and this reads only this machine's mount (the workers' may differ)."""
+    if runner.engine != "dask" or not runner.dask_address:
+        return              # every process runs on this machine: local locks are shared locks
+    reason = locks_local_only(schedule)
+    if reason:
+        log.warning("%s: the work folder's file system (%s) keeps its locks on each machine: fetch "
+                    "processes on other machines will not share the per-host schedule (remount it "
+                    "with locking, or run the stage on one machine)", schedule, reason)
+
+
 def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner()) -> dict:
     """Run the fetch stage over all links shards; returns its totals."""
     wf = WorkFolder(work)
@@ -674,6 +688,7 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     state = str(wf.state_dir("fetch"))
     with open_schedule(_schedule_path(state)):
         pass                    # a file system that cannot lock it is refused here, before any request
+    warn_if_locks_local(_schedule_path(state), runner)
     tasks = []
     for k in ids:
         name = shard_name("fetch", k)

@@ -17,7 +17,8 @@ fetch processes share, and read and changed under POSIX record locks:
 Two hosts whose hashes fall in one slot share one schedule while both are active: slower, never
 less polite. The file is sparse (a few KB on disk for thousands of hosts). Wall-clock times let
 processes on several machines share it (a Dask cluster over a shared file system with POSIX
-locks, such as NFS); spacing between two machines is then exact to within their clock difference.
+locks, such as NFS mounted with locking: `nolock` keeps locks on each machine, see
+`locks_local_only`); spacing between two machines is then exact to within their clock difference.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import errno
 import fcntl
 import math
 import os
+import re
 import struct
 import threading
 import time
@@ -138,6 +140,40 @@ def _open_lockable(path: str) -> int:
             raise WebTextError(f"{path}: the work folder's file system does not lock files ({e.strerror}); "
                                "fetch processes share this file under POSIX locks") from None
     return fd
+
+
+def locks_local_only(path: str | os.PathLike) -> str | None:
+    """Why POSIX locks on `path` hold only among this machine's processes, or None where nothing
+    says so (or not Linux). Such a mount passes `_open_lockable`'s check, since locking works, but
+    processes on other machines never see the locks: they would share no schedule at all."""
+    try:
+        device = os.stat(path).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            mountinfo = f.read()
+    except OSError:
+        return None
+    return local_lock_reason(mountinfo, os.major(device), os.minor(device))
+
+
+# Mount options that keep locks on the client: NFS's nolock (shown as local_lock=all too) and
+# local_lock=posix never ask the server's lock manager; CIFS's nobrl never sends byte-range locks.
+_LOCAL_LOCK_OPTIONS = {"nfs": ("nolock", "local_lock=all", "local_lock=posix"), "cifs": ("nobrl",), "smb3": ("nobrl",)}
+
+
+def local_lock_reason(mountinfo: str, major: int, minor: int) -> str | None:
+    """The /proc/self/mountinfo line of device major:minor, read for options that keep locks local."""
+    for line in mountinfo.splitlines():
+        mount, sep, fs = line.partition(" - ")       # optional fields end at a lone "-" (proc(5))
+        mount, fs = mount.split(), fs.split()
+        if not sep or len(mount) < 6 or len(fs) < 3 or mount[2] != f"{major}:{minor}":
+            continue
+        fstype = fs[0]
+        options = set(mount[5].split(",")) | set(fs[2].split(","))   # per mount, then per file system
+        for option in _LOCAL_LOCK_OPTIONS.get("nfs" if fstype.startswith("nfs") else fstype, ()):
+            if option in options:
+                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount[4])   # \040 is a space
+                return f"{fstype} mount {where} ({fs[1]}) with {option}"
+    return None
 
 
 def _wait(last: float, delay: float, now: float, cap: float) -> float:
