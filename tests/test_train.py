@@ -708,9 +708,8 @@ def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir,
     assert r.stdout.strip()
 
 
-def _run_until(sig, argv: list[str], out: Path, *, then=None):
-    """Run `argv`; once its first step is logged, send it `sig` (None: let it end), and `then`
-    = (signal, seconds) that signal so many seconds later. (process, stdout, stderr)"""
+def _run_until(sig, argv: list[str], out: Path):
+    """Run `argv`; once its first step is logged, send it `sig` (None: let it end). (process, stdout, stderr)"""
     proc = subprocess.Popen(argv, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if sig is not None:
         metrics = out / "metrics.jsonl"
@@ -718,9 +717,6 @@ def _run_until(sig, argv: list[str], out: Path, *, then=None):
         while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
             time.sleep(0.02)
         proc.send_signal(sig)
-        if then is not None:
-            time.sleep(then[1])
-            proc.send_signal(then[0])
     stdout, stderr = proc.communicate(timeout=120)
     return proc, stdout, stderr
 
@@ -762,23 +758,63 @@ def test_ctrl_c_and_time_limit_exit_codes_and_the_resume_command(shards, tmp_pat
         assert max(losses(out)) > last
 
 
-@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
-def test_a_second_ctrl_c_stops_at_once(shards, tmp_path, second):
+@pytest.mark.parametrize("second, torchrun, stops_at_once", [
+    ("SIGINT", False, True), ("SIGINT", True, True),
+    ("SIGTERM", True, True),  # torchrun's, after the user's second Ctrl-C reached it: it forwards one SIGINT, then SIGTERM
+    ("SIGTERM", False, False),  # a process manager's, while a Ctrl-C stop is on its way: that stop goes on
+])
+def test_a_second_ctrl_c_stops_at_once(shards, tmp_path, monkeypatch, capfd, second, torchrun, stops_at_once):
     # Ctrl-C was swallowed until the step, the evaluation and the checkpoint were done, silently,
-    # and a second one did nothing: a run stuck there could only be killed. A SIGTERM after it
-    # (torchrun's, which a Ctrl-C makes it send its workers) changes nothing: the stop is Ctrl-C's
+    # and a second one did nothing: a run stuck there could only be killed. Both signals are
+    # raised from inside a step (each handler runs before raise_signal returns): no timing
+    import gpt2kit.data as data
+
     out = tmp_path / "out"
-    argv = _train_cmd(shards, out, "--max_steps", "100000", "--eval_interval", "100000", "--eval_batches", "2000")
-    # the second 1 s after the first, during the stop's evaluation (2000 batches: seconds)
-    proc, stdout, stderr = _run_until(signal.SIGINT, argv, out, then=(getattr(signal, second), 1.0))
-    assert proc.returncode == 130, stderr[-2000:]
-    assert stderr.count("stopping after this step") == 1
-    assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again: now, without one)" in stderr
-    if second == "SIGINT":
-        assert stderr.splitlines()[-1] == "gpt2kit: interrupted" and not (out / "checkpoints").exists()
+    get_batch, calls = data.get_batch, []
+
+    def in_a_step(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            if torchrun:  # (set only now: at the start, train() would open a process group)
+                monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(getattr(signal, second))
+        return get_batch(*a)
+
+    monkeypatch.setattr(data, "get_batch", in_a_step)
+    cfg = cfg_for(shards, out, max_steps=100000, eval_interval=100000)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    if stops_at_once:
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+        assert not (out / "checkpoints").exists()
     else:
-        assert stderr.splitlines()[-1].startswith("gpt2kit: stopped by SIGINT at step ")
-        assert (out / "checkpoints.json").exists()
+        s = T.train(cfg)
+        assert s["stopped"] == "SIGINT" and (out / "checkpoints.json").exists()
+        # saved at once, unevaluated: no val loss of an earlier step passes for the stop's
+        assert s["val_loss"] is None and "val_loss" not in (out / "metrics.jsonl").read_text()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+    err = capfd.readouterr().err
+    assert err.count("stopping after this step") == 1
+    assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again: now, without one)" in err
+
+
+def test_ctrl_c_under_torchrun_saves_the_checkpoint_before_torchrun_kills_the_workers(shards, tmp_path):
+    # torchrun forwards the Ctrl-C it got to its workers (in sessions of their own, the terminal's
+    # reaches only torchrun) and SIGKILLs them --shutdown-timeout seconds later: a stop that
+    # evaluated 60,000 batches before saving was killed there, without its checkpoint
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--shutdown-timeout", "20", "-m", "gpt2kit",
+            *_train_cmd(shards, out, "--max_steps", "100000", "--eval_interval", "100000", "--eval_batches", "60000")[3:]]
+    proc, stdout, stderr = _run_until(signal.SIGINT, argv, out)
+    assert proc.returncode == 1, stderr[-3000:]  # torchrun's own code for a run its signal ended
+    assert "SIGKILL" not in stderr, stderr[-3000:]
+    stop = next(line for line in stderr.splitlines() if line.startswith("gpt2kit: stopped by SIGINT at step "))
+    step = int(stop.split(" at step ")[1].split()[0])
+    assert json.loads((out / "checkpoints.json").read_text())["latest"] == f"step_{step:07d}"
+    assert (out / "checkpoints" / f"step_{step:07d}" / "model.safetensors").is_file()
+    assert "the same torchrun launch, its command ending in: -m gpt2kit train " in stop
 
 
 def test_bf16_mfu_counts_the_fp32_units_where_bf16_multiplies_on_them(monkeypatch):

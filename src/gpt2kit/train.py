@@ -1369,8 +1369,13 @@ def train(cfg: TrainConfig) -> dict:
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
         if stop["signal"] is not None:  # already stopping: the first signal names the stop
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: now (a checkpoint being written is left out whole)
+            # A second Ctrl-C: now (a checkpoint being written is left out whole). Under torchrun
+            # the workers have sessions of their own, so the terminal's Ctrl-C reaches torchrun
+            # alone, which forwards the first as SIGINT and answers a second with SIGTERM: that
+            # SIGTERM is the user's second Ctrl-C. Elsewhere a SIGTERM during a Ctrl-C stop (a
+            # process manager's) lets the stop that is under way finish with its checkpoint.
+            if signum == signal.SIGINT or (stop["signal"] == "SIGINT" and "TORCHELASTIC_RUN_ID" in os.environ):
+                raise KeyboardInterrupt
             return
         stop["signal"] = name
         if dist_.main:  # (os.write: a signal handler must not take the logging or tqdm locks)
@@ -1455,7 +1460,11 @@ def train(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.update(1)
             val_loss = None
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopped:
+            # A signal's stop saves at once, without its evaluation: torchrun SIGKILLs its workers
+            # --shutdown-timeout seconds (30) after forwarding the signal, and a long evaluation
+            # (eval_batches) there lost the checkpoint. The time limit's stop keeps it: nothing kills.
+            signal_stop = stopped in ("SIGINT", "SIGTERM")
+            if (step % cfg.eval_interval == 0 or step == cfg.max_steps or stopped) and not signal_stop:
                 val_loss = evaluate()
                 if val_loss is not None:
                     last_val = val_loss
@@ -1463,7 +1472,7 @@ def train(cfg: TrainConfig) -> dict:
                     if dist_.main:
                         monitor.log({"step": step, "val_loss": val_loss})
                         monitor.refresh_plot()
-            if cfg.sample_interval and step % cfg.sample_interval == 0:
+            if cfg.sample_interval and step % cfg.sample_interval == 0 and not signal_stop:
                 # sharded blocks all-gather their weights in forward: rank 0 alone would run
                 # collectives the others never join, so it samples from a gathered copy
                 sampler = _unsharded_copy(loss_mod, mc, dist_) if cfg.fsdp and dist_.enabled else raw_model
@@ -1487,7 +1496,9 @@ def train(cfg: TrainConfig) -> dict:
         monitor.close()
     elapsed = time.perf_counter() - t_start
     summary = {
-        "step": step, "start_step": start_step, "loss": last_loss, "val_loss": last_val,
+        # (a signal's stop is not evaluated: an earlier step's val loss would pass for the last one's)
+        "step": step, "start_step": start_step, "loss": last_loss,
+        "val_loss": None if stopped in ("SIGINT", "SIGTERM") else last_val,
         "best_val_loss": best_val if best_val < math.inf else None, "stopped": stopped,
         "elapsed_s": elapsed, "tokens_per_s": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
         "checkpoint": str(ckpts.latest()) if dist_.main and saved_at >= 0 else None,
