@@ -775,3 +775,45 @@ def test_fingerprints_survive_the_word_cache_being_emptied(monkeypatch):
         ws = words(text)
         h1, h2 = hasher.hashes(ws)
         assert list(zip(h1.tolist(), h2.tolist())) == [fingerprint(g) for g in ngrams(ws)]
+
+
+def test_half_overlap_is_not_above_half_and_equal_passages_keep_the_first(tmp_path):
+    es = ExactSet()
+    es.add_text("a b c d e f g h i")
+    es.add_text("r s t u v w x y")
+    test = tmp_path / "test.jsonl"
+    docs = ["a b c d e f g h i x y",              # 2 of 4 8-grams: exactly half, not above it
+            "a b c d e f g h",                    # 1 of 1
+            "a b c d e f g h q r s t u v w x y"]  # two 1-gram runs of equal length, at words 0 and 9
+    test.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (r,) = query({"f": es}, [test], top=1).results
+    assert r.share_docs_above_50 == pytest.approx(1 / 3)
+    (p,) = r.top_passages
+    assert (p.document, p.start_word, p.words) == (0, 0, 9)
+    # among passages of equal length, the first found stays (a later one does not displace it)
+    (tmp_path / "one.txt").write_text(docs[2])
+    (r,) = query({"f": es}, [tmp_path / "one.txt"], top=1).results
+    assert [(p.start_word, p.text) for p in r.top_passages] == [(0, "a b c d e f g h")]
+
+
+def test_the_upper_bound_of_the_false_positive_rate_is_wilsons():
+    from scipy.stats import binomtest
+
+    for hits, n in [(1, 1000), (7, 1_000_000), (500, 1000), (999, 1000)]:
+        # one-sided 95% = the upper end of the two-sided 90% Wilson score interval
+        expected = binomtest(hits, n).proportion_ci(confidence_level=0.90, method="wilson").high
+        assert overlap._upper95(hits, n) == pytest.approx(expected, rel=1e-4)
+
+
+def test_filters_of_different_hash_schemes_are_not_merged(tmp_path):
+    # same size, k and capacity, but their bits mean different 8-grams: an OR of them would answer
+    # for neither
+    m, k = optimal_parameters(100, 1e-3)
+    for name, scheme in (("v2.bloom", overlap.HASH_SCHEME), ("v1.bloom", overlap.HASH_SCHEME_V1)):
+        bf = BloomFilter(np.zeros(m // 8, dtype=np.uint8), capacity=100, fpr_target=1e-3, m_bits=m, k_hashes=k,
+                         hash_scheme=scheme)
+        bf.add_text("one two three four five six seven eight")
+        bf.save(tmp_path / name)
+    with pytest.raises(OverlapError, match=r"different parameters \(hash_scheme: "):
+        merge_filters([tmp_path / "v2.bloom", tmp_path / "v1.bloom"], tmp_path / "both.bloom")
+    assert not (tmp_path / "both.bloom").exists()
