@@ -18,6 +18,7 @@ import uvicorn
 
 from gpt2kit.generate import generate, prompt_logprobs
 from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit import server
 from gpt2kit.server import create_app
 from gpt2kit.tokenizer import Tokenizer
 
@@ -584,25 +585,107 @@ def test_a_request_past_the_batch_token_budget_is_refused(tok):
         create_app(model, tok, model_name=NAME, max_batch_tokens=0)
 
 
-def test_the_default_batch_token_budget_comes_from_the_models_size(tok):
-    # default: as many positions as make a KV cache the size of the model's weights (never less
-    # than one completion of the whole context); 4 layers x 64 wide, 512 positions: 6,736
-    torch.manual_seed(0)
+def test_the_default_batch_token_budget_comes_from_the_memory_at_hand(tok, monkeypatch):
+    # default: the memory free at startup, a safety fraction of it shared by --max-concurrency
+    # requests (each may hold its budget at once), less the sampling buffers of the most rows a
+    # request may have, over the bytes one position holds; it was a KV cache the size of the
+    # weights (6,751 positions for gpt2), which refused n=7 with max_tokens null on any machine
     config = GPT2Config(n_layer=4, n_head=2, n_embd=64, n_ctx=512)
-    want = config.num_params() // (2 * 4 * 64)
-    assert want == 6736
-    with live(create_app(GPT2(config).eval(), tok, model_name=NAME)) as url:
+    model = GPT2(config).eval()
+    position = (2 * 4 * 64 + 12 * 64) * 4  # float32 keys and values of 4 layers, one layer's activations
+    rows = server.MAX_CHOICES * config.vocab_size * 40  # each row's logits and sampling buffers
+    gib = 2**30
+    assert server.default_max_batch_tokens(model, 4, memory=4 * gib) == int((4 * gib * 0.5 / 4 - rows) // position)
+    assert server.default_max_batch_tokens(model, 8, memory=4 * gib) == int((4 * gib * 0.5 / 8 - rows) // position)
+    # at least one whole-context completion, at most what the largest request can ask for
+    assert server.default_max_batch_tokens(model, 4, memory=gib) == 512
+    assert server.default_max_batch_tokens(model, 1, memory=1024 * gib) == server.MAX_CHOICES * 512
+    # a bf16 model's cache is bf16 where it runs (not on CPU, where new_kv_cache widens it to fp32)
+    half = GPT2(config).to(torch.bfloat16).eval()
+    assert server.default_max_batch_tokens(half, 8, memory=4 * gib) == server.default_max_batch_tokens(
+        model, 8, memory=4 * gib)
+    monkeypatch.setattr(half, "new_kv_cache", lambda *a, **kw: GPT2.new_kv_cache(half, *a, dtype=torch.bfloat16, **kw))
+    assert server.default_max_batch_tokens(half, 8, memory=4 * gib) == int((4 * gib * 0.5 / 8 - rows) // (position // 2))
+    # create_app asks the device: here the CPU, as /health and the refusals then tell
+    monkeypatch.setattr(server, "available_memory", lambda device: 3 * gib if torch.device(device).type == "cpu" else 0)
+    want = int((3 * gib * 0.5 / 4 - rows) // position)
+    with live(create_app(model, tok, model_name=NAME)) as url:
         assert httpx.get(f"{url}/health").json()["max_batch_tokens"] == want
-        body = {"model": NAME, "prompt": "Hi", "max_tokens": None, "n": 14}  # 14 x 512 = 7,168 positions
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
-        assert f"allows {want:,}" in r.json()["error"]["message"]
-        r = httpx.post(f"{url}/v1/completions", json={**body, "n": 13, "max_tokens": 2}, timeout=30)
-        assert r.status_code == 200 and len(r.json()["choices"]) == 13
-    # a model too small for one whole-context completion by that rule still serves one
-    small = GPT2(GPT2Config(n_layer=8, n_head=1, n_embd=8, n_ctx=1024, vocab_size=256))
-    assert small.config.num_params() // (2 * 8 * 8) < 1024
-    assert create_app(small, tok).state.engine.max_batch_tokens == 1024
+        r = httpx.post(f"{url}/v1/completions", timeout=30,
+                       json={"model": NAME, "prompt": ["Hi"] * 16, "n": 4, "max_tokens": None})  # 32,768 positions
+        assert want < 32768 and r.status_code == 400 and f"allows {want:,}" in r.json()["error"]["message"], r.text
+    # where the memory is not known, the earlier rule: a KV cache the size of the weights
+    monkeypatch.setattr(server, "available_memory", lambda device: None)
+    assert create_app(model, tok).state.engine.max_batch_tokens == config.num_params() // (2 * 4 * 64) == 6736
+
+
+def test_the_memory_at_hand_is_read_from_the_device(tmp_path, monkeypatch):
+    gib = 2**30
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(server, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(server, "_CGROUP", str(tmp_path / "no-cgroup"))
+    assert server.available_memory("cpu") == 20000000 * 1024
+    # a container's memory limit is what the server may use, not the host's
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{3 * gib}\n")
+    (cgroup / "memory.current").write_text(f"{gib}\n")
+    monkeypatch.setattr(server, "_CGROUP", str(cgroup))
+    assert server.available_memory("cpu") == 2 * gib
+    (cgroup / "memory.max").write_text("max\n")
+    assert server.available_memory("cpu") == 20000000 * 1024
+    # no MemAvailable (an old kernel, another system): the free pages the OS tells, else None
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    sysconf = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(server.os, "sysconf", lambda name: sysconf[name])
+    assert server.available_memory("cpu") == 4096 * 1000
+    monkeypatch.setattr(server, "_MEMINFO", str(tmp_path / "absent"))
+    assert server.available_memory("cpu") == 4096 * 1000
+    del sysconf["SC_AVPHYS_PAGES"]
+    assert server.available_memory("cpu") is None
+    # CUDA: the driver's free memory and what torch's allocator holds unused
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    assert server.available_memory("cuda:0") == 11 * gib
+
+
+def test_the_startup_line_says_where_the_default_budget_comes_from(model, tok, monkeypatch, caplog):
+    import argparse
+    import logging
+
+    import gpt2kit.generate
+    from gpt2kit.cli import serve
+
+    monkeypatch.setattr(gpt2kit.generate, "load_for_inference", lambda *a, **kw: (model, tok))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: sockets[0].close())
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    for memory, basis in ((3 * 2**30, "default: from 50% of the 3.0 GiB free on cpu"),
+                          (None, "default: the memory free is unknown, a KV cache the size of the weights")):
+        monkeypatch.setattr(server, "available_memory", lambda device: memory)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gpt2kit.cli.serve"):
+            assert serve.run(parser.parse_args(["serve", "--model", "m", "--port", "0"])) == 0
+        want = server.default_max_batch_tokens(model, 4, memory=memory)
+        assert f"4 requests at once, 256 waiting, {want:,} token positions per request (--max-batch-tokens; {basis})" \
+            in caplog.text, caplog.text
+
+
+def test_ordinary_requests_pass_the_default_budget(tok):
+    # what a KV cache the size of the weights refused (here 3,400 positions): n=7 to the end of the
+    # context, n=64 short completions of a 100-token prompt; a tiny model leaves them room anywhere
+    if (server.available_memory("cpu") or 0) < 4 * 2**30:
+        pytest.skip("less than 4 GiB of memory available")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=8, n_head=2, n_embd=32, n_ctx=1024)
+    assert config.num_params() // (2 * 8 * 32) < 7 * 1024
+    with live(create_app(GPT2(config).eval(), tok, model_name=NAME)) as url:
+        for prompt, n, max_tokens in (([7] * 1020, 7, None), ([7] * 100, 64, 16), ("Hi", 64, 2)):
+            r = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"model": NAME, "prompt": prompt, "n": n, "max_tokens": max_tokens})
+            assert r.status_code == 200 and len(r.json()["choices"]) == n, r.text
 
 
 def test_top_logprobs_always_hold_the_chosen_token(client):

@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -46,20 +47,82 @@ if TYPE_CHECKING:
     from .model import GPT2
     from .tokenizer import Tokenizer
 
-__all__ = ["create_app", "CompletionRequest", "APIError", "default_max_batch_tokens"]
+__all__ = ["create_app", "CompletionRequest", "APIError", "default_max_batch_tokens", "available_memory"]
 
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 128  # completions per request (prompts x n): they decode as one batch
 
 
-def default_max_batch_tokens(model: "GPT2") -> int:
-    """Token positions one request may hold at once unless told otherwise: as many as make a KV
-    cache the size of the model's weights in the cache's dtype (2 x n_layer x n_embd numbers per
-    position; ~6,700 for gpt2, ~10,100 for gpt2-xl), and at least one whole-context completion.
-    From the shapes, not the parameters: an inference form keeps its weights outside them."""
+# Of the memory free at startup, the share the token budget plans on: the rest is headroom for
+# what the count below leaves out (a padded prompt's attention scores where no fused kernel takes
+# the mask, the allocator's fragmentation and caches, the server's own growth).
+MEMORY_FRACTION = 0.5
+# Bytes per vocabulary entry of one row's logits and sampling buffers, alive together at a step:
+# the logits and their float32 copy, top_p's sorted copy, int64 order, probabilities and sums,
+# the masks, log-probabilities for `logprobs`
+ROW_BYTES_PER_VOCAB = 40
+_MEMINFO = "/proc/meminfo"
+_CGROUP = "/sys/fs/cgroup"  # (v2) a container's limit, which MemAvailable does not show
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def available_memory(device: "torch.device | str") -> int | None:
+    """Bytes that tensors on `device` may still take, or None where the system does not tell.
+    CUDA: the driver's free memory and what torch's allocator holds unused; elsewhere (the CPU,
+    and MPS, whose memory is the system's) MemAvailable, within a cgroup's limit."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = None
+    for line in (_read(_MEMINFO) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024  # kB
+    if available is None:  # no /proc, or a kernel before 3.14: the pages the OS calls free
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, KeyError):  # (macOS has no SC_AVPHYS_PAGES)
+            return None
+    limit, used = _read(os.path.join(_CGROUP, "memory.max")), _read(os.path.join(_CGROUP, "memory.current"))
+    if limit and used and limit.strip().isdigit() and used.strip().isdigit():
+        available = min(available, max(int(limit) - int(used), 0))
+    return available
+
+
+def default_max_batch_tokens(model: "GPT2", max_concurrency: int = 1, *, memory: int | None = None) -> int:
+    """Token positions one request may hold at once unless told otherwise: `MEMORY_FRACTION` of
+    the memory available on the model's device (`memory`, default `available_memory`; read once
+    the weights are there) shared by `max_concurrency` requests, each of which may hold its
+    budget at once, less the sampling buffers of the most rows a request can have, over the
+    bytes a position holds: its keys and values in every layer in the KV cache's dtype, and one
+    layer's activations while the prompt is read. At least one whole-context completion, at most
+    what the largest request can ask for (`MAX_CHOICES` whole contexts). Where the memory is not
+    known: a KV cache the size of the model's weights (from the shapes, not the parameters: an
+    inference form keeps its weights outside them)."""
     c = model.config
-    return max(c.n_ctx, c.num_params() // (2 * c.n_layer * c.n_embd))
+    most = MAX_CHOICES * c.n_ctx
+    if memory is None:
+        memory = available_memory(model.transformer.wte.weight.device)
+    if memory is None:
+        return min(most, max(c.n_ctx, c.num_params() // (2 * c.n_layer * c.n_embd)))
+    # the dtype new_kv_cache picks (float32 on CPU for a half-precision model): no wider than that
+    # are the activations, which are the model's dtype
+    itemsize = model.new_kv_cache(1, 1).k.element_size()
+    # keys + values per layer; activations of one layer: residual, layer norm, q/k/v, attention
+    # output, the MLP's 4x-wide hidden layer and its GELU
+    per_position = (2 * c.n_layer + 12) * c.n_embd * itemsize
+    share = memory * MEMORY_FRACTION / max_concurrency - MAX_CHOICES * c.vocab_size * ROW_BYTES_PER_VOCAB
+    return min(most, max(c.n_ctx, int(share // per_position)))
 
 
 class APIError(Exception):
@@ -620,11 +683,12 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
     """The FastAPI app serving `model` under the name `model_name`. With `api_key`, every /v1
     request needs `Authorization: Bearer <api_key>`. A request whose prompts x n completions
     would hold more than `max_batch_tokens` token positions at once (each row: its longest
-    prompt + max_tokens) is refused with a 400; default `default_max_batch_tokens(model)`."""
+    prompt + max_tokens) is refused with a 400; default `default_max_batch_tokens(model,
+    max_concurrency)`, from the memory free on the model's device now."""
     if api_key is not None and not api_key.strip():  # "Authorization: Bearer " with nothing after it would pass
         raise ValueError("api_key: empty; pass a key, or None for no key")
     if max_batch_tokens is None:
-        max_batch_tokens = default_max_batch_tokens(model)
+        max_batch_tokens = default_max_batch_tokens(model, max_concurrency)
     if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens: expected an integer >= 1, got {max_batch_tokens!r}")
     model.eval()

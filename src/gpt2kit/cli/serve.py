@@ -26,9 +26,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="token positions one request may hold at once, (prompts x n) x (longest prompt + "
                         "max_tokens): its KV cache is allocated for them all, and a larger request is refused "
-                        "with a 400 rather than exhausting the memory (up to --max-concurrency requests hold "
-                        "theirs at once). Default: a KV cache the size of the model's weights, at least one "
-                        "whole-context completion (~6,700 for gpt2, ~10,100 for gpt2-xl); /health reports it")
+                        "with a 400 rather than exhausting the memory. Default: from the memory free on the "
+                        "model's device once it is loaded (CUDA: the GPU's free memory; CPU: MemAvailable), half of "
+                        "it shared by the --max-concurrency requests that may hold theirs at once, at least one "
+                        "whole-context completion (gpt2 in fp32 with 20 GiB free: ~22,000); the startup line and "
+                        "/health report it")
     p.set_defaults(func=run)
 
 
@@ -73,7 +75,7 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..server import MEMORY_FRACTION, available_memory, create_app, default_max_batch_tokens
     except ImportError as e:  # the server is an extra
         raise GPT2KitError(f"serve needs the 'serve' extra (pip install 'gpt2kit[serve]'): {e}") from None
     if args.api_key is not None and not args.api_key.strip():
@@ -92,14 +94,21 @@ def run(args) -> int:
                                             "machine can use the model", args.host)
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     name = args.model_name or served_name(args.model)
+    budget, basis = args.max_batch_tokens, ""
+    if budget is None:  # said on the startup line: the number depends on what the device had free
+        device = model.transformer.wte.weight.device
+        memory = available_memory(device)
+        budget = default_max_batch_tokens(model, args.max_concurrency, memory=memory)
+        basis = (f"; default: from {MEMORY_FRACTION:.0%} of the {memory / 2**30:.1f} GiB free on {device}"
+                 if memory is not None else "; default: the memory free is unknown, a KV cache the size of the weights")
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,
                      max_concurrency=args.max_concurrency, max_waiting=args.max_waiting,
-                     max_batch_tokens=args.max_batch_tokens)
+                     max_batch_tokens=budget)
     engine = app.state.engine
     logging.getLogger(__name__).info(
         "serving %s as %r on http://%s:%d/v1%s; %d requests at once, %d waiting, %s token positions per request "
-        "(--max-batch-tokens)", args.model, name, args.host, sock.getsockname()[1],
+        "(--max-batch-tokens%s)", args.model, name, args.host, sock.getsockname()[1],
         " (API key required)" if args.api_key else "", engine.max_concurrency, engine.max_waiting,
-        f"{engine.max_batch_tokens:,}")
+        f"{engine.max_batch_tokens:,}", basis)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
