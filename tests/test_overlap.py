@@ -441,6 +441,9 @@ def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "short.bloom").write_bytes(data[:-8])
     with pytest.raises(FilterFileError, match="truncated"):
         open_filter(tmp_path / "short.bloom")
+    (tmp_path / "long.bloom").write_bytes(data + b"\0" * 8)  # e.g. two uploads written into one file
+    with pytest.raises(FilterFileError, match=r"long.bloom: file is \d+ bytes, header promises \d+ \(truncated or appended to\)"):
+        open_filter(tmp_path / "long.bloom")
 
     _filled(1_000, 1e-4).save(tmp_path / "other.bloom")
     with pytest.raises(OverlapError, match=r"cannot merge .*different parameters \(m_bits"):
@@ -817,3 +820,14 @@ def test_filters_of_different_hash_schemes_are_not_merged(tmp_path):
     with pytest.raises(OverlapError, match=r"different parameters \(hash_scheme: "):
         merge_filters([tmp_path / "v2.bloom", tmp_path / "v1.bloom"], tmp_path / "both.bloom")
     assert not (tmp_path / "both.bloom").exists()
+
+
+def test_passages_name_their_document_and_hold_all_their_words(tmp_path):
+    es = ExactSet()
+    es.add_text("a b c d e f g h i")
+    test = tmp_path / "test.jsonl"
+    docs = ["nothing to see here at all in this one", "q a b c d e f g h i z"]
+    test.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (r,) = query({"f": es}, [test]).results
+    (p,) = r.top_passages
+    assert (p.document, p.start_word, p.words, p.text) == (1, 1, 9, "a b c d e f g h i")
