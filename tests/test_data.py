@@ -431,3 +431,16 @@ def test_a_shard_shorter_than_meta_json_says_is_refused(corpus, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-2])  # one whole token less: sizes alone look fine
     with pytest.raises(D.DataError, match=r"train shards hold \d+ tokens, meta.json says \d+"):
         D.TokenStream(tmp_path / "s", "train")
+
+
+def test_a_tokenizer_without_endoftext_is_refused_before_anything_is_written(tmp_path):
+    from gpt2kit.bpe_train import train_bpe
+
+    (tmp_path / "c.txt").write_text("the cat sat on the mat. the dog sat on the log.\n" * 20)
+    train_bpe([tmp_path / "c.txt"], vocab_size=270, special_tokens=["<|sep|>"]).save(tmp_path / "tok")
+    # refused after the output folder and its tokenizer/ were written, naming neither the tokenizer
+    # nor what it lacked beyond "this vocabulary has no <|endoftext|> token"
+    with pytest.raises(D.DataError, match=rf"^tokenizer {tmp_path / 'tok'}: has no <\|endoftext\|> token, which "
+                                          "prepare puts between documents"):
+        D.prepare([tmp_path / "c.txt"], tmp_path / "out", tokenizer=str(tmp_path / "tok"), val_fraction=0)
+    assert not (tmp_path / "out").exists()

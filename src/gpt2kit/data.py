@@ -316,6 +316,11 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     tok = _load_tokenizer(tokenizer)
     if tok.n_vocab > np.iinfo(DTYPE).max + 1:
         raise DataError(f"tokenizer {tokenizer}: {tok.n_vocab} tokens do not fit uint16 shards (at most 65536)")
+    from .tokenizer import ENDOFTEXT
+
+    if ENDOFTEXT not in tok.special_tokens:
+        raise DataError(f"tokenizer {tokenizer}: has no {ENDOFTEXT} token, which prepare puts between documents; "
+                        f"train one with {ENDOFTEXT} among its special tokens")
     settings = {
         "tokenizer_fingerprint": tok.fingerprint, "field": field, "val_fraction": val_fraction,
         "shard_tokens": shard_tokens, "segment_chars": segment_chars, "sources": _sources(paths),
