@@ -796,3 +796,30 @@ def test_a_null_max_tokens_batch_past_the_budget_is_refused_before_tokenizing(mo
         r = httpx.post(f"{url}/v1/completions", timeout=60,
                        json={"model": NAME, "prompt": [[7] * 64] * 2, "max_tokens": None, "echo": True, "logprobs": 0})
         assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 2, r.text
+
+
+def test_prompts_are_tokenized_off_the_event_loop(model):
+    # 128 prompts of 100 KB each fit the context check and the budget, so they must be tokenized
+    # to be measured: on the event loop that stalled every other client for ~1 s
+    import asyncio
+
+    tok = Tokenizer.gpt2()
+    encode, on_loop = tok.encode, []
+
+    def recording_encode(text, **kw):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(len(text))
+        except RuntimeError:  # no loop running in this thread: a worker's
+            pass
+        return encode(text, **kw)
+
+    tok.encode = recording_encode
+    with live(create_app(model, tok, model_name=NAME)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["Hello world", "Hi"], "max_tokens": 2,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["Hello", "word " * 70],
+                                                      "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and "(71 in your prompt" in r.json()["error"]["message"]
+    assert on_loop == []

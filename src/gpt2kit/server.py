@@ -277,6 +277,21 @@ class _Engine:
     # -- validation
 
     def plan(self, req: CompletionRequest) -> _Job:
+        """The request checked and tokenized, holding a place in the line (see `drop_admission`)."""
+        texts = self._checked_prompts(req)
+        return self._admit(req, self._prompt_ids(texts))
+
+    async def plan_async(self, req: CompletionRequest) -> _Job:
+        """`plan` for the event loop: the prompts are tokenized in a worker thread (the tokenizer
+        releases the GIL), since megabytes of prompts that pass the checks before tokenizing would
+        stall every other client for as long; what may be refused without tokenizing is refused first."""
+        texts = self._checked_prompts(req)
+        if any(isinstance(t, str) for t in texts):
+            return self._admit(req, await asyncio.to_thread(self._prompt_ids, texts))
+        return self._admit(req, self._prompt_ids(texts))
+
+    def _checked_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
+        """The request's prompts, after every check that needs no tokenizing."""
         if req.model != self.name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
@@ -301,7 +316,20 @@ class _Engine:
             # the prompts' lengths; unless a prompt may already fill it (then nothing is decoded,
             # or the prompt is too long: both are told exactly once it is tokenized)
             self._check_to_the_context(len(texts), req.n)
-        sent = self._prompt_ids(texts)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
+        self._check_not_busy()
+        return texts
+
+    def _check_not_busy(self) -> None:
+        if self.active + self.waiting + self.admitted >= self.max_concurrency + self.max_waiting:
+            raise APIError(429, f"the server is busy ({self.waiting + self.admitted} requests waiting); retry later",
+                           type="server_busy", code="rate_limit_exceeded")
+
+    def _admit(self, req: CompletionRequest, sent: list[list[int]]) -> _Job:
+        """The checks that need the prompts' tokens, then a place in the line: on the event loop
+        (the admission count is not locked)."""
         # GPT-2 was trained with <|endoftext|> between documents: an empty prompt starts a new one
         prompts = [ids or [self.tokenizer.eot_token] for ids in sent]
         longest = max(len(p) for p in prompts)
@@ -312,13 +340,8 @@ class _Engine:
                                 f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
                            param="max_tokens" if longest < self.n_ctx else "prompt",
                            code="context_length_exceeded")
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
         self._check_batch_tokens(len(prompts), req.n, longest, max_tokens)
-        if self.active + self.waiting + self.admitted >= self.max_concurrency + self.max_waiting:
-            raise APIError(429, f"the server is busy ({self.waiting + self.admitted} requests waiting); retry later",
-                           type="server_busy", code="rate_limit_exceeded")
+        self._check_not_busy()  # again: others may have been admitted while this one was tokenized
         self.admitted += 1
         return _Job(req, prompts, sent, max_tokens, admitted=True)
 
@@ -740,7 +763,7 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
-        job = engine.plan(req)
+        job = await engine.plan_async(req)
         if req.stream:
             return _ClosingStream(engine.stream(job), media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache"}, on_close=lambda: engine.drop_admission(job))
