@@ -767,6 +767,8 @@ def test_bit_positions_are_stable_across_versions(scheme, bits, engine):
 def test_the_number_of_hashes_is_rounded_to_the_nearest():
     # m/n ln 2 = 2.35 here: 2 hashes, not 3
     assert optimal_parameters(1000, 0.2) == (3392, 2)
+    # m = 1,437,759 by the formula, rounded up to whole uint64 words: never fewer bits than it asks for
+    assert optimal_parameters(100_000, 1e-3)[0] == 1_437_760
 
 
 def test_fingerprints_survive_the_word_cache_being_emptied(monkeypatch):
