@@ -306,6 +306,7 @@ def test_bad_options_are_refused_before_any_work(planted, tmp_path, monkeypatch)
     for kwargs, message in [
         (dict(fpr=0.0), r"--fpr must be in \[1e-15, 1\), got 0.0"),  # --auto: refused before its counting pass
         (dict(fpr=float("nan")), "--fpr must be in"),
+        (dict(fpr=1.0), r"--fpr must be in \[1e-15, 1\), got 1.0"),  # the upper end is open
         (dict(capacity=0), "--capacity must be a whole number >= 1, got 0"),
         (dict(capacity=2.5), "--capacity must be a whole number >= 1, got 2.5"),
         (dict(capacity=10**400), "capacity must be at most 2"),
@@ -833,3 +834,12 @@ def test_passages_name_their_document_and_hold_all_their_words(tmp_path):
     (r,) = query({"f": es}, [test]).results
     (p,) = r.top_passages
     assert (p.document, p.start_word, p.words, p.text) == (1, 1, 9, "a b c d e f g h i")
+
+
+def test_an_overfill_stops_the_build_when_it_happens_not_at_the_end(tmp_path):
+    # 30 documents of 200 distinct 8-grams into a filter for 500, then a line that cannot be read:
+    # the fill check stops the build long before it (a check only at the end would reach the line)
+    lines = [json.dumps({"text": " ".join(f"w{d}x{i}" for i in range(207))}) for d in range(30)] + ["{broken"]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(OverfullError, match="more than its capacity 500; rebuild with a larger --capacity"):
+        build_filter([tmp_path / "train.jsonl"], tmp_path / "f.bloom", capacity=500, fpr=1e-3)
