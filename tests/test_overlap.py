@@ -843,3 +843,10 @@ def test_an_overfill_stops_the_build_when_it_happens_not_at_the_end(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(OverfullError, match="more than its capacity 500; rebuild with a larger --capacity"):
         build_filter([tmp_path / "train.jsonl"], tmp_path / "f.bloom", capacity=500, fpr=1e-3)
+
+
+def test_auto_capacity_counts_no_negative_8_grams_for_short_documents(tmp_path):
+    docs = [_distinct_words_text(1, 20)] + ["two words"] * 10  # 13 8-grams, and 10 documents of none
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    s = build_filter([tmp_path / "t.jsonl"], tmp_path / "auto.bloom", fpr=1e-6)
+    assert s.ngrams == 13 and s.stats["capacity"] == auto_capacity(13, 1e-6)

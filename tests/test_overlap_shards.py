@@ -1,7 +1,13 @@
 """Overlap analysis over `gpt2kit prepare` token shard folders."""
 from __future__ import annotations
 
+import shutil
+
+import pytest
+
 from gpt2kit import overlap
+from gpt2kit.bpe_train import train_bpe
+from gpt2kit.errors import InputFileError
 from gpt2kit.data import prepare
 from gpt2kit.overlap import build_filter, iter_shard_documents, query
 
@@ -57,3 +63,13 @@ def test_a_long_document_in_shards_is_not_held_as_tokens(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert doc == " ".join(words)
     assert peak < 4 * len(doc) + 1_000_000, (peak, len(doc))  # the ids as a list: ~36 bytes per token
+
+
+def test_a_shard_folder_with_another_tokenizer_is_refused(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat and the dog sat on the log\n" * 30)
+    prepare([tmp_path / "corpus.txt"], tmp_path / "prep", val_fraction=0)
+    # its tokenizer/ replaced: the ids would be decoded into some other text
+    shutil.rmtree(tmp_path / "prep" / "tokenizer")
+    train_bpe([tmp_path / "corpus.txt"], vocab_size=300).save(tmp_path / "prep" / "tokenizer")
+    with pytest.raises(InputFileError, match=r"meta.json: tokenizer fingerprint does not match the folder's tokenizer/"):
+        list(iter_shard_documents(tmp_path / "prep"))
