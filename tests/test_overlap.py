@@ -850,3 +850,15 @@ def test_auto_capacity_counts_no_negative_8_grams_for_short_documents(tmp_path):
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     s = build_filter([tmp_path / "t.jsonl"], tmp_path / "auto.bloom", fpr=1e-6)
     assert s.ngrams == 13 and s.stats["capacity"] == auto_capacity(13, 1e-6)
+
+
+def test_a_passage_text_is_marked_cut_only_past_80_words(tmp_path):
+    for n_words, ending in [(80, "w79"), (81, "w79 …")]:
+        text = " ".join(f"w{i}" for i in range(n_words))
+        es = ExactSet()
+        es.add_text(text)
+        (tmp_path / "t.txt").write_text(text)
+        (r,) = query({"f": es}, [tmp_path / "t.txt"]).results
+        (p,) = r.top_passages
+        assert p.words == n_words and p.text.startswith("w0 w1 ") and p.text.endswith(ending)
+        assert len(p.text.removesuffix(" …").split()) == 80
