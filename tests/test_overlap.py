@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -862,3 +863,31 @@ def test_a_passage_text_is_marked_cut_only_past_80_words(tmp_path):
         (p,) = r.top_passages
         assert p.words == n_words and p.text.startswith("w0 w1 ") and p.text.endswith(ending)
         assert len(p.text.removesuffix(" …").split()) == 80
+
+
+def test_a_header_whose_sizes_disagree_is_one_error(tmp_path):
+    # payload_bytes (and the file) 8 bytes short of m_bits / 8: the memory map would fail with
+    # numpy's bare "mmap length is greater than file size"
+    ok = _filled(1_000, 1e-3)
+    ok.save(tmp_path / "ok.bloom")
+    bad = _with_header(tmp_path / "ok.bloom", tmp_path / "bad.bloom", payload_bytes=ok.m // 8 - 8)
+    bad.write_bytes(bad.read_bytes()[:-8])
+    with pytest.raises(FilterFileError, match=rf"bad.bloom: inconsistent header: m_bits={ok.m}, k_hashes={ok.k}, "
+                                              rf"payload_bytes={ok.m // 8 - 8}"):
+        open_filter(bad, verify=False)
+
+
+def test_the_noise_of_the_fill_estimate_is_never_below_one_item():
+    assert overlap.estimate_noise(0, 6400, 7) == 1.0  # an empty filter: the delta method says 0
+
+
+def test_each_file_of_a_test_set_gets_its_own_overlap(tmp_path):
+    es = ExactSet()
+    es.add_text("a b c d e f g h i")
+    folder = tmp_path / "test"
+    folder.mkdir()
+    (folder / "x.txt").write_text("a b c d e f g h i")  # 2 of 2 8-grams
+    (folder / "y.txt").write_text("a b c d e f g h z y x w")  # 1 of 5
+    (r,) = query({"f": es}, [folder]).results
+    assert [(Path(f["file"]).name, f["ngrams"], f["hits"], f["percent"]) for f in r.files] == [
+        ("x.txt", 2, 2, 100.0), ("y.txt", 5, 1, 20.0)]
