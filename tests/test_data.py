@@ -431,6 +431,9 @@ def test_a_shard_shorter_than_meta_json_says_is_refused(corpus, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-2])  # one whole token less: sizes alone look fine
     with pytest.raises(D.DataError, match=r"train shards hold \d+ tokens, meta.json says \d+"):
         D.TokenStream(tmp_path / "s", "train")
+    shard.write_bytes(b"")  # emptied (a copy onto a full disk): numpy cannot memory-map it
+    with pytest.raises(D.DataError, match=r"train shards hold \d+ tokens, meta.json says \d+"):
+        D.TokenStream(tmp_path / "s", "train")
 
 
 def test_a_tokenizer_without_endoftext_is_refused_before_anything_is_written(tmp_path):
