@@ -447,3 +447,20 @@ def test_a_tokenizer_without_endoftext_is_refused_before_anything_is_written(tmp
                                           "prepare puts between documents"):
         D.prepare([tmp_path / "c.txt"], tmp_path / "out", tokenizer=str(tmp_path / "tok"), val_fraction=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, monkeypatch, caplog):
+    # `prepare data/ --out data/tokens`: on the rerun, data/tokens/meta.json, progress.json and
+    # tokenizer/*.json were inputs too, so the same command was refused ("other inputs or
+    # settings"), a finished folder and an interrupted one alike
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.txt").write_text("".join(f"Paragraph {j} of file {i}, some words.\n\n" for j in range(300)))
+    kw = dict(val_fraction=0.1, segment_chars=500, shard_tokens=1000)
+    _interrupted_prepare(monkeypatch, 3, [data], data / "tokens", **kw)
+    caplog.set_level("INFO", logger="gpt2kit.data")
+    meta = D.prepare([data], data / "tokens", **kw)
+    assert "resuming after" in caplog.text
+    assert [s["path"].rsplit("/", 1)[1] for s in meta["settings"]["sources"]] == ["0.txt", "1.txt", "2.txt"]
+    assert D.prepare([data], data / "tokens", **kw) == meta

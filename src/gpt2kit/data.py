@@ -312,7 +312,9 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
             raise DataError(f"{name} must be at least 1, got {value}")
     period = val_period(val_fraction)
     out = check_output_path(out, folder=True, what="output folder", error=DataError)
-    paths = expand_inputs(inputs)
+    # `prepare data/ --out data/tokens`: what an earlier run wrote there (meta.json, progress.json,
+    # tokenizer/*.json) is not corpus, and reading it made a rerun look like one of other inputs
+    paths = [p for p in expand_inputs(inputs) if not p.resolve().is_relative_to(out.resolve())]
     tok = _load_tokenizer(tokenizer)
     if tok.n_vocab > np.iinfo(DTYPE).max + 1:
         raise DataError(f"tokenizer {tokenizer}: {tok.n_vocab} tokens do not fit uint16 shards (at most 65536)")
