@@ -79,6 +79,7 @@ def test_split_segments_work_is_linear_in_text_without_blank_lines():
 
 def test_val_split_is_every_kth_segment():
     assert D.val_period(0.05) == 20 and D.val_period(0) == 0
+    assert D.val_period(0.15) == 7  # 1 / 0.15 = 6.67 rounds to 7, not down to 6
     splits = [D.split_of(i, 20) for i in range(100)]
     assert splits.count("val") == 5 and splits[10] == "val" and splits[11] == "train"
     with pytest.raises(D.DataError):
