@@ -102,6 +102,29 @@ def test_cpu_linear_paths_agree_for_few_and_many_rows():
                 fast(bad)
 
 
+@pytest.mark.parametrize("block", [64, 100, 150])
+def test_a_wide_mkl_packed_linear_multiplies_block_by_block(monkeypatch, block):
+    # a layer much wider than _PACKED_BLOCK is packed (and multiplied) in blocks of output
+    # features, each written into its columns of one output: the same numbers as one product
+    if not kernels.mkl_packing_works():
+        return
+    monkeypatch.setattr(kernels, "_PACKED_BLOCK", block)
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(301, 96, generator=g), torch.randn(301, generator=g)
+    for bias in (None, b):
+        packed = kernels.MKLPackedLinear(w, bias)
+        spans = [(a, e) for a, e, _ in packed.blocks]
+        assert spans[0][0] == 0 and spans[-1][1] == 301 and all(e == a2 for (_, e), (a2, _) in zip(spans, spans[1:]))
+        assert len(spans) == max(1, round(301 / block))
+        for rows in (64, 200):
+            x = torch.randn(rows, 96, generator=g)
+            assert torch.equal(packed(x), F.linear(x, w, bias))
+        x = torch.randn(5, 96, generator=g)
+        torch.testing.assert_close(packed(x), F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        again = pickle.loads(pickle.dumps(packed))
+        assert len(again.blocks) == len(spans) and torch.equal(again(x), packed(x))
+
+
 def test_mkl_packed_linear_equals_f_linear():
     # torch's x86 Linux wheels link MKL: the packed product must be there, and be F.linear's, bit for bit
     if torch.backends.mkl.is_available() and sys.platform == "linux":
@@ -122,7 +145,7 @@ def test_mkl_packed_linear_equals_f_linear():
         x = torch.randn(70, 2, 96, generator=g)[:, 0]  # a strided view
         assert torch.equal(packed(x), F.linear(x.contiguous(), w, bias))
     again = pickle.loads(pickle.dumps(packed))  # packed anew from the weight
-    assert torch.equal(again(x), packed(x)) and again.packed.data_ptr() != packed.packed.data_ptr()
+    assert torch.equal(again(x), packed(x)) and again.blocks[0][2].data_ptr() != packed.blocks[0][2].data_ptr()
     w.add_(1.0)  # the packed copy is a copy
     assert not torch.equal(packed(x), F.linear(x, w, bias))
     for bad in (torch.randn(3, 95), torch.randn(3, 96).double(), torch.randn(96)):

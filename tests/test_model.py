@@ -323,3 +323,32 @@ def test_dropout_only_in_training():
         steps = torch.cat([model(ids[:, :4], kv_cache=cache), *(model(ids[:, t:t + 1], kv_cache=cache)
                                                                 for t in range(4, 8))], 1)
         torch.testing.assert_close(steps, model(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_prompt_output_layer_by_blocks_matches_transformers(monkeypatch, padded):
+    # fp32 CPU inference on 512-3072 rows: the 50257-wide output layer is multiplied block by block
+    # into the columns of the logits (kernels.logits_by_blocks); the logits stay transformers'
+    from gpt2kit import kernels
+
+    calls = []
+    blocks = kernels.logits_by_blocks
+    monkeypatch.setattr(kernels, "logits_by_blocks", lambda *a: calls.append(a[0].shape) or blocks(*a))
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=1, n_ctx=1024, vocab_size=50257,
+                        padded_vocab_multiple=64 if padded else 1)
+    model = randomize_(GPT2(config).eval())
+    hf = hf_twin(model)
+    for shape in ((1, 600), (3, 200), (1, 100)):  # the last: too few rows, one product
+        ids = torch.randint(0, 50257, shape)
+        with torch.no_grad():
+            ours, theirs = model(ids), hf(ids).logits
+            assert ours.shape == (*shape, 50257)
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+            # the same numbers as the one product (up to the order MKL sums in)
+            h = model.hidden_states(ids)
+            torch.testing.assert_close(ours, torch.nn.functional.linear(h, model.lm_head.weight)[..., :50257],
+                                       atol=1e-6, rtol=1e-6)
+    assert [tuple(s[:-1]) for s in calls] == [(1, 600), (3, 200)]
+    with torch.enable_grad():  # training: the one product, differentiable
+        model(torch.randint(0, 50257, (1, 600))).sum().backward()
+    assert len(calls) == 2 and model.transformer.wte.weight.grad is not None

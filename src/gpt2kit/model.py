@@ -372,6 +372,8 @@ class TiedLMHead(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if kernels.logits_by_blocks_applies(h, self.weight):  # a prompt in fp32 CPU inference
+            return kernels.logits_by_blocks(h, self.weight, self.vocab_size)  # (B, T, V), faster there
         logits = F.linear(h, self.weight)  # (B, T, Vp)
         if logits.shape[-1] != self.vocab_size:
             logits = logits[..., : self.vocab_size].contiguous()  # (B, T, V)
