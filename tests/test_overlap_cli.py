@@ -292,3 +292,20 @@ def test_query_json_with_out_dir_prints_only_json(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == json.loads((tmp_path / "rep" / "report.json").read_text())
     assert f"wrote {tmp_path / 'rep' / 'report.md'}" in r.stderr
+
+
+def test_a_report_folder_inside_a_test_set_is_not_read_on_the_next_run(cli, tmp_path):
+    # `overlap query f.exact data --out-dir data/report`, twice: the second run read the first
+    # one's report.json as a test document ('data/report/report.json: line 1: not valid JSON')
+    train, a, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "f.exact"), str(train))
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / a.name).write_text(a.read_text())
+    outputs = []
+    for _ in range(2):
+        r = cli("overlap", "query", str(tmp_path / "f.exact"), str(data), "--out-dir", str(data / "report"), "--json")
+        assert r.returncode == 0, r.stderr
+        outputs.append(json.loads(r.stdout))
+    assert outputs[0] == outputs[1] and (data / "report" / "report.json").exists()

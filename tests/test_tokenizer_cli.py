@@ -92,3 +92,17 @@ def test_arguments_that_are_not_utf8_are_named(cli, tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr == f"gpt2kit: error: {message}\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_train_into_a_folder_inside_its_corpus_twice(cli, tmp_path):
+    # `tokenizer train --out data/tok data`, twice: the second run read the first one's
+    # encoder.json as corpus ('expected a JSON object with a 'text' field')
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("the cat sat on the mat, and the dog sat on the log.\n" * 40)
+    made = []
+    for _ in range(2):
+        r = cli("tokenizer", "train", "--vocab-size", "300", "--out", str(data / "tok"), "--no-progress", str(data))
+        assert r.returncode == 0, r.stderr
+        made.append((data / "tok" / "vocab.bpe").read_text())
+    assert made[0] == made[1]

@@ -1520,9 +1520,11 @@ def _label(path: str | os.PathLike) -> str:
 
 def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
           test_sets: str | os.PathLike | Sequence[str | os.PathLike], *, top: int = 10,
-          field: str = "text", split: str = "train", verify: bool = True, progress: bool = False) -> OverlapReport:
+          field: str = "text", split: str = "train", verify: bool = True, progress: bool = False,
+          exclude: str | os.PathLike | None = None) -> OverlapReport:
     """Percent of each test set's 8-grams in each filter, per file and per document, with the
-    longest overlapping passages. `filters` are paths, or {name: path or opened filter}."""
+    longest overlapping passages. `filters` are paths, or {name: path or opened filter}. Files
+    under `exclude` (the report's own folder, when it lies inside a test set's) are not read."""
     from tqdm import tqdm
 
     top = _whole(top, "--top", 0)
@@ -1550,7 +1552,9 @@ def query(filters: str | os.PathLike | Sequence[str | os.PathLike] | dict,
         doc_index: dict[Path, int] = {}
         counter = itertools.count()
         any_doc = False
+        skip = None if exclude is None else Path(exclude).resolve()
         docs = ((path, doc) for path in expand_sources([ts])
+                if skip is None or not Path(path).resolve().is_relative_to(skip)
                 for doc in iter_source_documents(path, field=field, split=split))
         for path, doc in tqdm(docs, desc=label, unit=" doc", disable=not progress):
             any_doc = True

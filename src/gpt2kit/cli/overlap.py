@@ -132,7 +132,7 @@ def _query(args: argparse.Namespace) -> int:
     if not tests:
         raise OverlapError("query: no test sets given (text/JSONL files or folders after the filters)")
     report = query(filters, tests, top=args.top, field=args.field, split=args.split, verify=not args.no_verify,
-                   progress=True)
+                   progress=True, exclude=args.out_dir)  # a rerun must not read the last one's report
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:

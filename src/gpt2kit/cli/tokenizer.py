@@ -143,13 +143,15 @@ def _train(args: argparse.Namespace) -> int:
     import time
 
     from ..bpe_train import train_bpe
-
+    from ..corpus import expand_inputs
     from ..io import check_output_path
 
     specials = [_text_arg(s, "--special") for s in args.special] if args.special is not None else ["<|endoftext|>"]
-    check_output_path(args.out, folder=True, what="--out")
+    out = check_output_path(args.out, folder=True, what="--out")
+    # `train --out data/tok data/`: a rerun must not learn from the last run's vocabulary files
+    inputs = [p for p in expand_inputs(args.inputs) if not p.resolve().is_relative_to(out.resolve())]
     start = time.perf_counter()
-    tok = train_bpe(args.inputs, vocab_size=args.vocab_size, special_tokens=specials, field=args.field,
+    tok = train_bpe(inputs, vocab_size=args.vocab_size, special_tokens=specials, field=args.field,
                     workers=args.workers, progress=not args.no_progress)
     tok.save(args.out)
     print(f"trained {len(tok.merges)} merges in {time.perf_counter() - start:.1f} s: vocabulary {tok.n_vocab} "
