@@ -673,11 +673,11 @@ def test_the_startup_line_says_where_the_default_budget_comes_from(model, tok, m
             in caplog.text, caplog.text
 
 
-def test_ordinary_requests_pass_the_default_budget(tok):
+def test_ordinary_requests_pass_the_default_budget(tok, monkeypatch):
     # what a KV cache the size of the weights refused (here 3,400 positions): n=7 to the end of the
-    # context, n=64 short completions of a 100-token prompt; a tiny model leaves them room anywhere
-    if (server.available_memory("cpu") or 0) < 4 * 2**30:
-        pytest.skip("less than 4 GiB of memory available")
+    # context, n=64 short completions of a 100-token prompt; a tiny model leaves them room on any
+    # machine with 4 GiB free (as this one is said to have, whatever the machine running the test)
+    monkeypatch.setattr(server, "available_memory", lambda device: 4 * 2**30)
     torch.manual_seed(0)
     config = GPT2Config(n_layer=8, n_head=2, n_embd=32, n_ctx=1024)
     assert config.num_params() // (2 * 8 * 32) < 7 * 1024
