@@ -441,3 +441,29 @@ def test_the_readme_import_of_generate_is_callable(before):
     code = README_IMPORTS.format(before=before)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_inference_forms_prompt_gelu_runs_over_the_product_itself(monkeypatch):
+    # fp32 prompts: the MLP's bias + GELU is written over c_fc's fresh product (one (N, 4C) tensor,
+    # as the trainable model does), not into a second one; with a gradient to carry, out of place
+    from gpt2kit import kernels
+
+    if not kernels.available(torch.float32):
+        pytest.fail("gpt2kit's CPU kernels did not build")
+    in_place, out_of_place = [], []
+    real_, real = kernels.bias_gelu_, kernels.bias_gelu
+    monkeypatch.setattr(kernels, "bias_gelu_", lambda x, b: in_place.append(x.shape) or real_(x, b))
+    monkeypatch.setattr(kernels, "bias_gelu", lambda x, b: out_of_place.append(x.shape) or real(x, b))
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=1, n_ctx=128, vocab_size=300)).eval()
+    fast = optimize_for_cpu(model)
+    ids = torch.randint(0, 300, (2, 100))
+    with torch.no_grad():
+        want = model(ids)
+        in_place.clear()
+        torch.testing.assert_close(fast(ids), want, atol=1e-5, rtol=1e-5)
+    assert in_place == [(200, 256)] * 2 and out_of_place == []
+    x = torch.randn(200, 64, requires_grad=True)
+    y = fast.transformer.h[0].mlp.c_fc(x)  # a gradient through the inference form's layer
+    y.sum().backward()
+    assert out_of_place == [(200, 256)] and x.grad is not None

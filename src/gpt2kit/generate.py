@@ -538,7 +538,11 @@ class _CPULinear(torch.nn.Module):
         elif self.widen:
             y = self._widened(flat)
         elif self.gelu and kernels.bias_folds(flat, self.bias):  # the bias added in the GELU's pass
-            y = kernels.bias_gelu(F.linear(flat, self.weight), self.bias)
+            y = F.linear(flat, self.weight)
+            if torch.is_grad_enabled() and y.requires_grad:
+                y = kernels.bias_gelu(y, self.bias)
+            else:  # over the fresh product itself, as the model's MLP does: one (N, 4C) tensor, not two
+                y = kernels.bias_gelu_(y, self.bias)
         else:
             y = F.linear(flat, self.weight, self.bias)
             y = kernels.gelu(y) if self.gelu else y
