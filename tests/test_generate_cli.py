@@ -81,3 +81,29 @@ def test_sampling_options_with_greedy_are_refused_not_ignored(checkpoint, capsys
                                           f"--preset greedy or --temperature 0); drop them, or sample\n"
     assert main(["generate", "--model", str(folder), "x", "--greedy", "--temperature", "0", "--max-new-tokens", "2",
                  "--repetition-penalty", "1.2"]) == 0  # the penalty applies to greedy too
+
+
+def test_openai_penalties_and_logit_bias_from_the_command_line(checkpoint, capsys):
+    folder, model, tok = checkpoint
+    plain = generate(model, tok, "The sea", max_new_tokens=10, do_sample=False)[0]
+    banned = plain.token_ids[0]
+    args = ["generate", "--model", str(folder), "The sea", "--greedy", "--max-new-tokens", "10",
+            "--frequency-penalty", "1.5", "--presence-penalty", "0.5", "--logit-bias", f"{banned}=-100",
+            "--logit-bias", "13=2.5"]
+    want = generate(model, tok, "The sea", max_new_tokens=10, do_sample=False, frequency_penalty=1.5,
+                    presence_penalty=0.5, logit_bias={banned: -100.0, 13: 2.5})[0]
+    assert want.token_ids[0] != banned
+    for extra in ([], ["--no-stream"], ["--json"]):  # the streamed path passes the options on too
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr().out
+        assert (json.loads(out)["token_ids"] == want.token_ids) if extra == ["--json"] else out == want.text + "\n"
+    for bad, message in (("13", "expected ID=VALUE"), ("x=1", "expected ID=VALUE"), ("13=big", "expected ID=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(folder), "x", "--logit-bias", bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "x", "--logit-bias=-3=1"]) == 2
+    assert capsys.readouterr().err == "gpt2kit: error: logit_bias: token ids must be integers >= 0, got -3\n"
+    assert main(["generate", "--model", str(folder), "x", "--logit-bias", "99999=1"]) == 2
+    assert "logit_bias: token id 99999 is not in the model's vocabulary" in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "x", "--presence-penalty", "nan"]) == 2
+    assert capsys.readouterr().err == "gpt2kit: error: presence_penalty: expected a finite number, got nan\n"

@@ -175,8 +175,10 @@ def test_bad_requests_get_clear_errors(client, url):
         client.completions.create(model=NAME, prompt="Hello", temperature=5)
     with pytest.raises(openai.NotFoundError, match="The model 'gpt-4' does not exist"):
         client.completions.create(model="gpt-4", prompt="Hello")
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty: not supported by this server"):
-        client.completions.create(model=NAME, prompt="Hello", frequency_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty: Input should be less than or equal to 2"):
+        client.completions.create(model=NAME, prompt="Hello", frequency_penalty=2.5)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty: Input should be greater than or equal to -2"):
+        client.completions.create(model=NAME, prompt="Hello", presence_penalty=-3)
     with pytest.raises(openai.BadRequestError, match="best_of: not supported"):
         client.completions.create(model=NAME, prompt="Hello", best_of=3)
     with pytest.raises(openai.BadRequestError, match="colour: unknown or unsupported field"):
@@ -206,6 +208,33 @@ def test_bad_requests_get_clear_errors(client, url):
     r = httpx.post(f"{url}/v1/chat/completions", json={}, headers=headers)
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
+
+
+def test_penalties_and_logit_bias_are_openais(client, url, model, tok):
+    plain = generate(model, tok, "Hello world", max_new_tokens=12, do_sample=False)[0]
+    for extra in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0, "frequency_penalty": -0.5},
+                  {"logit_bias": {str(plain.token_ids[0]): -100, "13": 4.0}}):
+        r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=12, temperature=0, **extra)
+        bias = {int(k): v for k, v in extra.get("logit_bias", {}).items()}
+        want = generate(model, tok, "Hello world", max_new_tokens=12, do_sample=False,
+                        presence_penalty=extra.get("presence_penalty"),
+                        frequency_penalty=extra.get("frequency_penalty"), logit_bias=bias or None)[0]
+        assert r.choices[0].text == want.text
+        assert want.text != plain.text, extra  # each option changes this model's greedy text
+    forced = client.completions.create(model=NAME, prompt="Hi", max_tokens=3, seed=1, logit_bias={"1000": 100})
+    assert forced.choices[0].text == tok.decode([1000] * 3)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for bias, message in (({"abc": 1}, "logit_bias: 'abc' is not a token id; expected integers from 0 to 50256"),
+                          ({"50257": 1}, "logit_bias: '50257' is not a token id"),
+                          ({"-1": 1}, "logit_bias: '-1' is not a token id"),
+                          ({"9" * 5000: 1}, "logit_bias: '9999"),
+                          ({"5": 101}, 'logit_bias["5"]: Input should be less than or equal to 100'),
+                          ({"5": "x"}, 'logit_bias["5"]: Input should be a valid number'),
+                          ([5], "logit_bias: Input should be a valid dictionary")):
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "logit_bias": bias},
+                       headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
+        assert r.json()["error"]["param"] == "logit_bias"
 
 
 def test_a_prompt_that_is_not_unicode_is_a_400(url):

@@ -95,11 +95,14 @@ class StepOutput:
 
 def sampling_params(*, preset: str | None = None, temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, repetition_penalty: float | None = None,
-                    do_sample: bool | None = None) -> SamplingParams:
+                    do_sample: bool | None = None, presence_penalty: float | None = None,
+                    frequency_penalty: float | None = None,
+                    logit_bias: dict[int, float] | None = None) -> SamplingParams:
     """A preset (default: plain sampling at T=1) with the options that are not None replaced."""
     base = SamplingParams.from_preset(preset) if preset else SamplingParams()
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty, do_sample=do_sample)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                 do_sample=do_sample, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                 logit_bias=logit_bias)
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -162,12 +165,17 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
     with torch.inference_mode():
         window = _Window(model, history, pad_id, max_new_tokens)
         penalize = params.repetition_penalty != 1.0
+        sampled = None  # (B, V) how often each row sampled each token: OpenAI's penalties count these
+        if params.presence_penalty or params.frequency_penalty:
+            sampled = torch.zeros(window.logits.shape, dtype=torch.int32, device=window.device)
         for step in range(max_new_tokens):
             previous = previous_mask = None
             if penalize:  # the repetition penalty looks at every row's real tokens so far
                 previous, previous_mask = _left_pad(history, pad_id, window.device)
             tokens = select_tokens(window.logits, params, previous=previous, previous_mask=previous_mask,
-                                   generator=generator)  # (B,)
+                                   sampled_counts=sampled, generator=generator)  # (B,)
+            if sampled is not None:
+                sampled[torch.arange(len(history), device=window.device), tokens] += 1
             out = StepOutput(tokens.tolist(), None, None)
             if top_logprobs is not None:
                 logp = torch.log_softmax(window.logits.float(), dim=-1)  # (B, V)
@@ -329,6 +337,10 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
     if model.config.vocab_size > tokenizer.n_vocab:
         raise GenerationError(f"the model has {model.config.vocab_size} output tokens but the tokenizer only "
                               f"{tokenizer.n_vocab}: they do not belong together")
+    too_big = [t for t, _ in params.logit_bias if t >= model.config.vocab_size]
+    if too_big:
+        raise GenerationError(f"logit_bias: token id {too_big[0]} is not in the model's vocabulary "
+                              f"(ids 0 to {model.config.vocab_size - 1})")
     if not rows:
         return
     if max_new_tokens == 0:
@@ -369,19 +381,24 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
              top_p: float | None = None, repetition_penalty: float | None = None,
              do_sample: bool | None = None, preset: str | None = None,
              stop: str | Iterable[str] | None = None, seed: int | None = None, n: int = 1,
-             stop_at_eot: bool = True, top_logprobs: int | None = None) -> list[Completion]:
+             stop_at_eot: bool = True, top_logprobs: int | None = None,
+             presence_penalty: float | None = None, frequency_penalty: float | None = None,
+             logit_bias: dict[int, float] | None = None) -> list[Completion]:
     """Complete each prompt `n` times; returns len(prompts) * n `Completion`s, prompt by prompt.
 
     Sampling starts from `preset` ("paper" = top-k 40 as in the paper's samples, "greedy",
     "nucleus", "pure"; default: plain sampling at temperature 1) and the options given replace its
-    fields; `do_sample=False` or `temperature=0` is greedy. The same `seed` with the same prompts
+    fields; `do_sample=False` or `temperature=0` is greedy. `presence_penalty`, `frequency_penalty`
+    and `logit_bias` ({token id: value}) are the OpenAI API's. The same `seed` with the same prompts
     and `n` gives the same text; a prompt sampled in another batch (other prompts, another `n`)
     draws other tokens, as every row's draws come from the one seeded generator.
 
     >>> generate(model, tok, "The meaning of life is", preset="paper", seed=0)[0].text  # doctest: +SKIP
     """
     params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, do_sample=do_sample)
+                             repetition_penalty=repetition_penalty, do_sample=do_sample,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             logit_bias=logit_bias)
     _check_options(max_new_tokens, n, stop)
     prompt_ids = [_prompt_ids(model, tokenizer, p, i) for i, p in enumerate(_as_list(prompts))]
     results = [Completion("", [], "length", i // n, prompt_ids[i // n], top_logprobs=[] if top_logprobs else None)
@@ -406,13 +423,17 @@ def stream_generate(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequenc
                     top_p: float | None = None, repetition_penalty: float | None = None,
                     do_sample: bool | None = None, preset: str | None = None,
                     stop: str | Iterable[str] | None = None, seed: int | None = None,
-                    stop_at_eot: bool = True) -> Iterator[str]:
+                    stop_at_eot: bool = True, presence_penalty: float | None = None,
+                    frequency_penalty: float | None = None,
+                    logit_bias: dict[int, float] | None = None) -> Iterator[str]:
     """Yield the text of one completion of `prompt` piece by piece as it is generated; the pieces
     join to exactly `generate(...)[0].text` with the same options, and never split a character."""
     if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
         raise GenerationError("stream_generate: expected one prompt (a string or a list of token ids)")
     params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, do_sample=do_sample)
+                             repetition_penalty=repetition_penalty, do_sample=do_sample,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             logit_bias=logit_bias)
     for ev in iter_generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, params=params,
                             stop=stop, seed=seed, stop_at_eot=stop_at_eot):
         if ev.text:

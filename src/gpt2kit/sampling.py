@@ -1,10 +1,13 @@
 """Turning next-token logits into a token: pure functions, applied in a fixed order.
 
-    logits (B, V) -> repetition penalty -> temperature -> top-k -> top-p -> sample | argmax
+    logits (B, V) -> logit bias -> repetition penalty -> presence/frequency penalties
+                  -> temperature -> top-k -> top-p -> sample | argmax
 
 Each filter takes and returns a (B, V) float tensor and never modifies its input; filtered-out
 tokens get -inf. The model knows nothing of them (STYLE.md, principle 6). The order is the one
-of OpenAI's released sampler (temperature, then top-k) and of `transformers` (penalty first).
+of OpenAI's released sampler (temperature, then top-k) and of `transformers` (penalties first).
+The logit bias and the presence/frequency penalties are the OpenAI API's: additive, in logit
+units, the penalties counting the tokens sampled so far (not the prompt's).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ import torch
 from .errors import GPT2KitError
 
 __all__ = [
-    "SamplingError", "SamplingParams", "PRESETS", "apply_repetition_penalty", "apply_temperature",
-    "top_k_filter", "top_p_filter", "process_logits", "sample", "select_tokens",
+    "SamplingError", "SamplingParams", "PRESETS", "apply_logit_bias", "apply_repetition_penalty",
+    "apply_presence_frequency", "apply_temperature", "top_k_filter", "top_p_filter", "process_logits",
+    "sample", "select_tokens",
 ]
 
 
@@ -35,6 +39,13 @@ class SamplingParams:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     do_sample: bool = True
+    # OpenAI's: minus presence_penalty once, and frequency_penalty per occurrence, for every token
+    # sampled so far (negative values favour repeats)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> a number added to its logit (OpenAI's logit_bias: -100 bans a token, 100
+    # forces it); a dict given here is kept as sorted (id, bias) pairs, so params stay hashable
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -48,6 +59,11 @@ class SamplingParams:
         if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
                 and self.repetition_penalty > 0):
             raise SamplingError(f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise SamplingError(f"{name}: expected a finite number, got {value!r}")
+        object.__setattr__(self, "logit_bias", _checked_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +75,23 @@ class SamplingParams:
         if name not in PRESETS:
             raise SamplingError(f"sampling preset: expected one of {', '.join(PRESETS)}, got {name!r}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _checked_bias(bias) -> tuple[tuple[int, float], ...]:
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = list(pairs)
+    except TypeError:
+        raise SamplingError(f"logit_bias: expected a mapping of token id to number, got {bias!r}") from None
+    out: dict[int, float] = {}
+    for pair in pairs:
+        token, value = pair if isinstance(pair, tuple) and len(pair) == 2 else (pair, None)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise SamplingError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise SamplingError(f"logit_bias[{token}]: expected a finite number, got {value!r}")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
 
 
 PRESETS: dict[str, SamplingParams] = {
@@ -94,6 +127,28 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
         wide = wide.clamp(-torch.finfo(torch.float64).max, torch.finfo(torch.float64).max)
         out = (wide - wide.amax(dim=-1, keepdim=True)).to(logits.dtype)
     return out
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add each (token id, value) of `bias` to that token's logit in every row."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], device=logits.device)
+    if int(ids.max()) >= logits.shape[-1]:
+        raise SamplingError(f"logit_bias: token id {int(ids.max())} is not in the vocabulary "
+                            f"({logits.shape[-1]} tokens)")
+    values = torch.tensor([v for _, v in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, values.expand(logits.shape[0], -1))
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logit[j] - counts[j] * frequency - (counts[j] > 0) * presence, where
+    `counts` (B, V) says how often each token was sampled so far in that row."""
+    if presence == 0 and frequency == 0:
+        return logits
+    penalty = counts.to(logits.dtype) * frequency + (counts > 0).to(logits.dtype) * presence
+    return logits - penalty
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -137,12 +192,17 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor | None = None,
-                   previous_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   previous_mask: torch.Tensor | None = None, sampled_counts: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """All filters of `params`, in order, on float32 logits (B, V). Greedy skips temperature and the
-    truncation filters (they cannot change the argmax) but keeps the repetition penalty."""
-    logits = logits.float()
+    truncation filters (they cannot change the argmax) but keeps the bias and the penalties.
+    `previous` (B, L) holds each row's tokens so far (the repetition penalty's), `sampled_counts`
+    (B, V) how often each token was sampled so far (the presence/frequency penalties')."""
+    logits = apply_logit_bias(logits.float(), params.logit_bias)
     if previous is not None:
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty, previous_mask)
+    if sampled_counts is not None:
+        logits = apply_presence_frequency(logits, sampled_counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return logits
     logits = apply_temperature(logits, params.temperature)
@@ -157,10 +217,10 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 
 def select_tokens(logits: torch.Tensor, params: SamplingParams, *, previous: torch.Tensor | None = None,
-                  previous_mask: torch.Tensor | None = None,
+                  previous_mask: torch.Tensor | None = None, sampled_counts: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token of each row (B,): argmax when greedy, else a draw after the filters."""
-    processed = process_logits(logits, params, previous, previous_mask)
+    processed = process_logits(logits, params, previous, previous_mask, sampled_counts)
     if params.greedy:
         return processed.argmax(dim=-1)
     return sample(processed, generator)

@@ -2,8 +2,8 @@
 
 Endpoints: `POST /v1/completions` (the legacy completions API: prompt as string, list of strings,
 token ids or lists of token ids; max_tokens, temperature, top_p, n, stop, seed, logprobs, echo,
-stream as server-sent events ending in `data: [DONE]`; `top_k` and `repetition_penalty` as
-extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+stream as server-sent events ending in `data: [DONE]`, presence_penalty, frequency_penalty,
+logit_bias; `top_k` and `repetition_penalty` as extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
 
 Concurrency: each request runs in a worker thread (torch releases the GIL in its kernels), at most
 `max_concurrency` at once; the rest wait in line, and past `max_waiting` the server answers 429.
@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Awaitable, Iterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -144,13 +144,14 @@ class StreamOptions(BaseModel):
 
 # Fields whose explicit null means "the default", as OpenAI's API reads it (its client sends
 # null for an argument passed as None); max_tokens' null keeps its own meaning (to the context).
-_NULL_IS_DEFAULT = ("prompt", "temperature", "top_p", "n", "stream", "echo", "repetition_penalty")
+_NULL_IS_DEFAULT = ("prompt", "temperature", "top_p", "n", "stream", "echo", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty")
 
 
 class CompletionRequest(BaseModel):
     """The body of POST /v1/completions. Unknown fields are refused rather than silently ignored;
     OpenAI's fields that this server does not implement are accepted at their no-op values only
-    (penalties 0, best_of 1, an empty logit_bias, no suffix), which clients send by default."""
+    (best_of 1, no suffix), which clients send by default."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     model: str
@@ -168,9 +169,10 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # token id (as a string: JSON's keys are) -> a value added to its logit, as OpenAI's API takes it
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -183,11 +185,6 @@ class CompletionRequest(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field asking for something this server does not do."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name, f"{name}: not supported by this server (only 0); use repetition_penalty"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias: not supported by this server (only null or {})"
         if self.best_of not in (None, 1):
             return "best_of", "best_of: not supported by this server (only 1); use n"
         if self.suffix:
@@ -298,6 +295,7 @@ class _Engine:
         unsupported = req.unsupported()
         if unsupported is not None:
             raise APIError(400, unsupported[1], param=unsupported[0])
+        self._check_logit_bias(req.logit_bias)
         if req.stream_options is not None and not req.stream:  # as OpenAI answers
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
         texts = self._prompt_list(req.prompt)
@@ -321,6 +319,13 @@ class _Engine:
             raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
         self._check_not_busy()
         return texts
+
+    def _check_logit_bias(self, bias: dict[str, float] | None) -> None:
+        n_vocab = min(self.tokenizer.n_vocab, self.model.config.vocab_size)
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit() and len(key) < 10 and int(key) < n_vocab):
+                raise APIError(400, f"logit_bias: {key!r} is not a token id; expected integers from 0 to "
+                                    f"{n_vocab - 1} as keys", param="logit_bias")
 
     def _check_not_busy(self) -> None:
         if self.active + self.waiting + self.admitted >= self.max_concurrency + self.max_waiting:
@@ -455,7 +460,9 @@ class _Engine:
             return
         params = sampling_params(temperature=req.temperature, top_k=1 if req.top_p == 0 else req.top_k,
                                  top_p=req.top_p if 0 < req.top_p < 1 else None,  # 0: the top token only
-                                 repetition_penalty=req.repetition_penalty, do_sample=req.temperature > 0)
+                                 repetition_penalty=req.repetition_penalty, do_sample=req.temperature > 0,
+                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                 logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
         for ev in iter_generate(self.model, self.tokenizer, job.prompts, max_new_tokens=job.max_tokens,
                                 params=params, stop=req.stop, seed=req.seed, n=req.n,
                                 top_logprobs=req.logprobs, cancel=cancel):
@@ -695,6 +702,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if loc[0] == "prompt":
         return ("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
                 "token ids"), "prompt"
+    if loc[0] == "logit_bias" and len(loc) > 1:  # name the token whose value is wrong
+        return f"logit_bias[{json.dumps(loc[1])}]: {e.get('msg', 'invalid value')}", "logit_bias"
     # loc may go on with a union member's name ("stop", "str"): the field is what a client knows
     return f"{loc[0]}: {e.get('msg', 'invalid value')}", loc[0]
 

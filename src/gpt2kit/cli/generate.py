@@ -34,6 +34,12 @@ def register(subparsers) -> None:
                    help="sample from the smallest set of tokens with probability >= P (nucleus)")
     p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                    help="> 1 makes tokens already present less likely (CTRL's penalty)")
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                   help="subtract X from the logit of every token sampled so far (OpenAI's; -2 to 2 there)")
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                   help="subtract X per time a token was sampled so far (OpenAI's; -2 to 2 there)")
+    p.add_argument("--logit-bias", action="append", default=None, metavar="ID=VALUE", type=_bias_pair,
+                   help="add VALUE to token ID's logit (repeatable; -100 bans the token, 100 forces it)")
     p.add_argument("--greedy", action="store_true", help="always take the most probable token")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a sample where TEXT appears (repeatable)")
@@ -48,10 +54,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _bias_pair(text: str) -> tuple[int, float]:
+    token, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=VALUE (a token id and a number, e.g. 50256=-100), "
+                                         f"got {text!r}") from None
+
+
+_SAMPLING = ("preset", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "presence_penalty",
+             "frequency_penalty", "logit_bias")
+
+
 def _options(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, preset=args.preset, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                do_sample=False if args.greedy else None, stop=args.stop, seed=args.seed)
+                do_sample=False if args.greedy else None, stop=args.stop, seed=args.seed,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                logit_bias=None if args.logit_bias is None else dict(args.logit_bias))
 
 
 def _sample_header(i: int, total: int) -> str:
@@ -90,9 +113,7 @@ def _respond(model, tokenizer, prompt: str, args, out) -> None:
     # the same time) follow. The same seed gives the same samples as --no-stream and --json.
     out.write(_sample_header(0, args.num_samples))
     rest = [""] * args.num_samples
-    params = sampling_params(preset=opts.pop("preset"), temperature=opts.pop("temperature"),
-                             top_k=opts.pop("top_k"), top_p=opts.pop("top_p"),
-                             repetition_penalty=opts.pop("repetition_penalty"), do_sample=opts.pop("do_sample"))
+    params = sampling_params(**{k: opts.pop(k) for k in _SAMPLING})
     for ev in iter_generate(model, tokenizer, [prompt], n=args.num_samples, params=params, **opts):
         if ev.index == 0:
             out.write(ev.text)
@@ -132,8 +153,7 @@ def run(args) -> int:
         raise GPT2KitError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
     _check_greedy(args)
     opts = _options(args)
-    sampling_params(**{k: opts[k] for k in ("preset", "temperature", "top_k", "top_p", "repetition_penalty",
-                                            "do_sample")})  # bad options fail before the model loads
+    sampling_params(**{k: opts[k] for k in _SAMPLING})  # bad options fail before the model loads
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     out = sys.stdout
     if args.interactive:

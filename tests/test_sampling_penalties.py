@@ -1,0 +1,180 @@
+"""The OpenAI API's sampling controls: logit_bias and the presence/frequency penalties, as filters
+(against transformers' bias processor and the API's documented formula) and through the decoding
+loop (against a cache-free reference loop on transformers' model)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2kit.generate import GenerationError, generate, stream_generate
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.sampling import (
+    SamplingError,
+    SamplingParams,
+    apply_logit_bias,
+    apply_presence_frequency,
+    process_logits,
+    select_tokens,
+)
+from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.weights import hf_config_dict, to_hf_state_dict
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    torch.manual_seed(1)
+    m = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=64)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)  # sharp distributions: greedy choices are not decided by rounding
+    return m
+
+
+@pytest.fixture(scope="module")
+def hf(model) -> transformers.GPT2LMHeadModel:
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(model.config)))
+    m.load_state_dict(to_hf_state_dict(model), strict=False)
+    return m.eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_bias=st.integers(1, 6))
+def test_logit_bias_matches_transformers_sequence_bias(seed, n_bias):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 50, generator=g) * 3
+    ids = torch.randperm(50, generator=g)[:n_bias].tolist()
+    values = (torch.rand(n_bias, generator=g) * 200 - 100).tolist()
+    params = SamplingParams(logit_bias=dict(zip(ids, values)))
+    ours = apply_logit_bias(logits, params.logit_bias)
+    processor = transformers.SequenceBiasLogitsProcessor(sequence_bias=[[[i], v] for i, v in zip(ids, values)])
+    theirs = processor(torch.zeros((3, 1), dtype=torch.long), logits.clone())
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.equal(ours, logits)
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    # mu[j] - c[j] * frequency - (c[j] > 0) * presence, written out element by element
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 7)).astype(np.float32)
+    counts = np.array([[0, 1, 3, 0, 2, 0, 0], [5, 0, 0, 0, 0, 1, 0]], dtype=np.int32)
+    for presence, frequency in ((0.5, 0.0), (0.0, 1.25), (-0.7, 0.3), (2.0, -2.0)):
+        want = logits.copy()
+        for b in range(2):
+            for j in range(7):
+                want[b, j] -= counts[b, j] * frequency + (1.0 if counts[b, j] > 0 else 0.0) * presence
+        out = apply_presence_frequency(torch.from_numpy(logits), torch.from_numpy(counts), presence, frequency)
+        np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=1e-6)
+    same = torch.from_numpy(logits)
+    assert apply_presence_frequency(same, torch.from_numpy(counts), 0.0, 0.0) is same
+
+
+def test_params_check_and_normalise_the_new_fields():
+    p = SamplingParams(logit_bias={7: 1, 3: -2.5})
+    assert p.logit_bias == ((3, -2.5), (7, 1.0))
+    assert hash(p) == hash(SamplingParams(logit_bias=((7, 1.0), (3, -2.5))))  # stays a hashable value
+    for kwargs, field in (({"presence_penalty": float("nan")}, "presence_penalty"),
+                          ({"frequency_penalty": "1"}, "frequency_penalty"),
+                          ({"frequency_penalty": True}, "frequency_penalty"),
+                          ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+                          ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+                          ({"logit_bias": {5: float("inf")}}, r"logit_bias\[5\]"),
+                          ({"logit_bias": 5}, "logit_bias")):
+        with pytest.raises(SamplingError, match=field):
+            SamplingParams(**kwargs)
+    with pytest.raises(SamplingError, match="token id 60 is not in the vocabulary"):
+        apply_logit_bias(torch.zeros(1, 50), SamplingParams(logit_bias={60: 1.0}).logit_bias)
+
+
+def test_greedy_keeps_the_bias_and_the_penalties():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    counts = torch.tensor([[1, 0, 0]])
+    greedy = SamplingParams(do_sample=False, presence_penalty=0.5)
+    assert select_tokens(logits, greedy, sampled_counts=counts).item() == 1
+    assert select_tokens(logits, SamplingParams(do_sample=False, logit_bias={2: 5})).item() == 2
+    # the bias comes before the penalty, both before the temperature
+    p = SamplingParams(temperature=2.0, frequency_penalty=1.0, logit_bias={0: 1.0})
+    torch.testing.assert_close(process_logits(logits, p, sampled_counts=counts), torch.tensor([[1.0, 0.95, 0.0]]))
+
+
+def reference_greedy(hf, prompt: list[int], steps: int, presence: float, frequency: float,
+                     bias: dict[int, float]) -> list[int]:
+    """Greedy decoding as the API documents it, one full forward pass per token (no cache)."""
+    ids, out = list(prompt), []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+        for j, v in bias.items():
+            logits[j] += v
+        for j in set(out):
+            logits[j] -= out.count(j) * frequency + presence
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("presence, frequency, bias", [
+    (0.0, 2.0, {}),
+    (1.5, 0.0, {}),
+    (0.4, 0.8, {}),
+    (-2.0, 0.0, {}),
+    (0.0, 0.0, "first-banned"),
+])
+def test_greedy_decoding_matches_a_reference_loop(model, hf, tok, presence, frequency, bias):
+    prompt = tok.encode("the the the cat sat on the mat")
+    plain = generate(model, tok, prompt, max_new_tokens=20, do_sample=False, stop_at_eot=False)[0].token_ids
+    if bias == "first-banned":
+        bias = {plain[0]: -100.0, plain[1]: 3.0}
+    ours = generate(model, tok, prompt, max_new_tokens=20, do_sample=False, stop_at_eot=False,
+                    presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias)[0].token_ids
+    assert ours == reference_greedy(hf, prompt, 20, presence, frequency, bias)
+    assert ours != plain  # each setting changes this model's greedy text: the test can fail
+
+
+def test_penalties_count_sampled_tokens_not_the_prompt(model, hf, tok):
+    # a prompt whose greedy next token already occurs in it (this model's greedy text repeats)
+    start = tok.encode("the cat sat on the mat")
+    cont = generate(model, tok, start, max_new_tokens=30, do_sample=False, stop_at_eot=False)[0].token_ids
+    k = next(k for k in range(1, 30) if cont[k] in start + cont[:k])
+    prompt, repeat = start + cont[:k], cont[k]
+    first = generate(model, tok, prompt, max_new_tokens=1, do_sample=False, presence_penalty=2.0,
+                     frequency_penalty=2.0)[0].token_ids
+    assert first == [repeat]  # the prompt's tokens are not "sampled so far"
+    # had the prompt counted, the penalty would have moved this token (the test can fail)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1]
+    for j in set(prompt):
+        logits[j] -= prompt.count(j) * 2.0 + 2.0
+    assert int(logits.argmax()) != repeat
+    # and each row counts its own samples: a batch gives each prompt what it gets alone
+    prompts = [tok.encode("the the the"), tok.encode("A longer and different prompt")]
+    together = generate(model, tok, prompts, max_new_tokens=12, do_sample=False, frequency_penalty=1.0)
+    alone = [generate(model, tok, [p], max_new_tokens=12, do_sample=False, frequency_penalty=1.0)[0] for p in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_a_large_bias_forces_or_bans_a_token_when_sampling(model, tok):
+    forced = generate(model, tok, "Hello", max_new_tokens=10, seed=0, logit_bias={1000: 100.0}, stop_at_eot=False)
+    assert forced[0].token_ids == [1000] * 10
+    sampled = generate(model, tok, "Hello", max_new_tokens=30, seed=0, temperature=1.5, stop_at_eot=False)
+    banned = set(sampled[0].token_ids[:3])
+    again = generate(model, tok, "Hello", max_new_tokens=30, seed=0, temperature=1.5, stop_at_eot=False,
+                     logit_bias={t: -100.0 for t in banned})
+    assert not banned & set(again[0].token_ids)
+    text = "".join(stream_generate(model, tok, "Hello", max_new_tokens=10, seed=0, logit_bias={1000: 100.0},
+                                   stop_at_eot=False))
+    assert text == forced[0].text
+
+
+def test_a_bias_for_a_token_the_model_lacks_is_refused(model, tok):
+    with pytest.raises(GenerationError, match="logit_bias: token id 50257 is not in the model's vocabulary"):
+        generate(model, tok, "Hello", max_new_tokens=2, logit_bias={50257: 1.0})
