@@ -16,8 +16,9 @@ import pytest
 import torch
 import uvicorn
 
-from gpt2kit.generate import generate, prompt_logprobs
+from gpt2kit.generate import generate, iter_generate, prompt_logprobs
 from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.sampling import SamplingParams
 from gpt2kit import server
 from gpt2kit.server import create_app
 from gpt2kit.tokenizer import Tokenizer
@@ -179,8 +180,8 @@ def test_bad_requests_get_clear_errors(client, url):
         client.completions.create(model=NAME, prompt="Hello", frequency_penalty=2.5)
     with pytest.raises(openai.BadRequestError, match="presence_penalty: Input should be greater than or equal to -2"):
         client.completions.create(model=NAME, prompt="Hello", presence_penalty=-3)
-    with pytest.raises(openai.BadRequestError, match="best_of: not supported"):
-        client.completions.create(model=NAME, prompt="Hello", best_of=3)
+    with pytest.raises(openai.BadRequestError, match=r"best_of: must be at least n \(3\), got 2"):
+        client.completions.create(model=NAME, prompt="Hello", best_of=2, n=3)
     with pytest.raises(openai.BadRequestError, match="colour: unknown or unsupported field"):
         client.completions.create(model=NAME, prompt="Hello", extra_body={"colour": "blue"})
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -235,6 +236,63 @@ def test_penalties_and_logit_bias_are_openais(client, url, model, tok):
                        headers=headers)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
         assert r.json()["error"]["param"] == "logit_bias"
+
+
+def _mean_logprob(model, prompt: list[int], completion: list[int]) -> float:
+    """The ranking best_of documents, computed here from one forward pass over the whole text."""
+    logprobs, _ = prompt_logprobs(model, prompt + completion)
+    return sum(logprobs[len(prompt):]) / len(completion)
+
+
+def test_best_of_returns_the_most_probable_candidates(client, url, model, tok):
+    prompt = tok.encode("Once upon a time")
+    for seed in range(20):  # a seed whose best candidate is not the first: the choice is visible
+        cands = generate(model, tok, prompt, n=5, max_new_tokens=6, seed=seed, temperature=1.5, stop_at_eot=False)
+        scores = [_mean_logprob(model, prompt, c.token_ids) for c in cands]
+        order = sorted(range(5), key=lambda i: -scores[i])
+        if order[0] != 0 and order[:2] != [0, 1]:
+            break
+    assert len(set(scores)) == 5
+    r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, seed=seed, temperature=1.5,
+                                  best_of=5, n=2, logprobs=1)
+    assert [c.text for c in r.choices] == [cands[i].text for i in order[:2]]
+    assert [c.index for c in r.choices] == [0, 1]
+    for c, i in zip(r.choices, order):
+        assert c.logprobs.token_logprobs == pytest.approx(prompt_logprobs(model, prompt + cands[i].token_ids)[0][-6:],
+                                                          abs=1e-4)
+    assert r.usage.completion_tokens == 5 * 6  # every candidate's tokens count
+    one = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, seed=seed,
+                                    temperature=1.5, best_of=5)  # n 1, no logprobs asked
+    assert [c.text for c in one.choices] == [cands[order[0]].text] and one.choices[0].logprobs is None
+    echo = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, seed=seed,
+                                     temperature=1.5, best_of=5, echo=True)
+    assert echo.choices[0].text == "Once upon a time" + cands[order[0]].text
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body, message in (({"best_of": 3, "stream": True}, "best_of: cannot stream when best_of > n"),
+                          ({"best_of": 0}, "best_of: Input should be greater than or equal to 1"),
+                          ({"best_of": 65, "prompt": ["a", "b"]},
+                           "best_of: 2 prompts x best_of=65 asks for more than 128 completions")):
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", **body}, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
+        assert r.json()["error"]["param"] == "best_of"
+    # best_of == n chooses nothing, and may stream
+    streamed = client.completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0, best_of=1, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == generate(model, tok, "Hi", max_new_tokens=4,
+                                                                    do_sample=False)[0].text
+
+
+def test_best_of_counts_the_end_of_text_token(model, tok):
+    # a candidate ended by <|endoftext|> is ranked with that token's log-probability too: an
+    # empty completion is not "perfect" (mean 0 over no tokens)
+    from gpt2kit.server import _best, _Choice
+
+    one, two = _Choice(text="a", logprob_sum=-3.0, scored_tokens=1), _Choice(text="b", logprob_sum=-4.0, scored_tokens=2)
+    assert _best([one, two], 2, 1) == [two]  # per token: -2 beats -3 (in total, -3 would beat -4)
+    assert _best([one, two, two, one], 2, 1) == [two, two]  # prompt by prompt
+    events = list(iter_generate(model, tok, "x", max_new_tokens=3, top_logprobs=0, seed=0,
+                                params=SamplingParams(logit_bias={tok.eot_token: 100.0})))
+    assert len(events) == 1 and events[0].token_id is None and events[0].finish_reason == "stop"
+    assert events[0].logprob == pytest.approx(prompt_logprobs(model, tok.encode("x") + [tok.eot_token])[0][-1])
 
 
 def test_a_prompt_that_is_not_unicode_is_a_400(url):

@@ -74,7 +74,9 @@ class Completion:
 @dataclass
 class TokenEvent:
     """One step of one sample: the text it makes printable (possibly ""), the token behind it,
-    and on its last event the finish reason. `index` is prompt_index * n + sample number."""
+    and on its last event the finish reason. `index` is prompt_index * n + sample number. A sample
+    ended by <|endoftext|> ends with an event whose token_id is None (the token is not part of the
+    text) and whose logprob, when asked, is that token's."""
 
     index: int
     text: str
@@ -366,7 +368,7 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
             top = out.top[i] if out.top is not None else None
             if stop_at_eot and token == tokenizer.eot_token:
                 finished[i] = True
-                yield TokenEvent(i, trackers[i].finish(), None, None, None, "stop")
+                yield TokenEvent(i, trackers[i].finish(), None, lp, None, "stop")
                 continue
             piece = trackers[i].push(token)
             reason = "stop" if trackers[i].stopped else "length" if step == max_new_tokens else None

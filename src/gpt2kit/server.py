@@ -3,7 +3,7 @@
 Endpoints: `POST /v1/completions` (the legacy completions API: prompt as string, list of strings,
 token ids or lists of token ids; max_tokens, temperature, top_p, n, stop, seed, logprobs, echo,
 stream as server-sent events ending in `data: [DONE]`, presence_penalty, frequency_penalty,
-logit_bias; `top_k` and `repetition_penalty` as extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+logit_bias, best_of; `top_k` and `repetition_penalty` as extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
 
 Concurrency: each request runs in a worker thread (torch releases the GIL in its kernels), at most
 `max_concurrency` at once; the rest wait in line, and past `max_waiting` the server answers 429.
@@ -150,8 +150,8 @@ _NULL_IS_DEFAULT = ("prompt", "temperature", "top_p", "n", "stream", "echo", "re
 
 class CompletionRequest(BaseModel):
     """The body of POST /v1/completions. Unknown fields are refused rather than silently ignored;
-    OpenAI's fields that this server does not implement are accepted at their no-op values only
-    (best_of 1, no suffix), which clients send by default."""
+    OpenAI's field that this server does not implement (suffix: GPT-2 only continues text) is
+    accepted at its no-op values only (null or ""), which clients send by default."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     model: str
@@ -173,7 +173,9 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     # token id (as a string: JSON's keys are) -> a value added to its logit, as OpenAI's API takes it
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    best_of: int | None = None
+    # completions generated per prompt, of which the n with the highest mean log-probability per
+    # token are returned (OpenAI's; null: n)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
 
     @model_validator(mode="before")
@@ -185,11 +187,14 @@ class CompletionRequest(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field asking for something this server does not do."""
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of: not supported by this server (only 1); use n"
         if self.suffix:
             return "suffix", "suffix: not supported by this server (only null or \"\")"
         return None
+
+    @property
+    def candidates(self) -> int:
+        """Completions generated per prompt: best_of, or n."""
+        return self.n if self.best_of is None else self.best_of
 
 
 # ----------------------------------------------------------------------------- one request's work
@@ -214,6 +219,9 @@ class _Choice:
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
     completion_tokens: int = 0
+    # log p of the tokens sampled (<|endoftext|> included) and their count: how best_of ranks
+    logprob_sum: float = 0.0
+    scored_tokens: int = 0
 
     def logprobs_json(self, start: int = 0) -> dict[str, Any]:
         return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
@@ -234,7 +242,8 @@ class _Job:
 
     @property
     def n_choices(self) -> int:
-        return len(self.prompts) * self.request.n
+        """Completions generated: prompts x best_of (or n)."""
+        return len(self.prompts) * self.request.candidates
 
 
 class _Offsets:
@@ -296,24 +305,29 @@ class _Engine:
         if unsupported is not None:
             raise APIError(400, unsupported[1], param=unsupported[0])
         self._check_logit_bias(req.logit_bias)
+        if req.candidates < req.n:
+            raise APIError(400, f"best_of: must be at least n ({req.n}), got {req.best_of}", param="best_of")
+        if req.stream and req.candidates > req.n:  # the best are known only once all are done
+            raise APIError(400, "best_of: cannot stream when best_of > n", param="best_of")
         if req.stream_options is not None and not req.stream:  # as OpenAI answers
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
         texts = self._prompt_list(req.prompt)
         # refused before anything is tokenized (on the event loop): what is sure not to fit
-        if len(texts) * req.n > MAX_CHOICES:
-            raise APIError(400, f"n: {len(texts)} prompts x n={req.n} asks for more than {MAX_CHOICES} "
-                                "completions in one request", param="n")
+        count, what = (req.n, "n") if req.best_of is None else (req.best_of, "best_of")
+        if len(texts) * count > MAX_CHOICES:
+            raise APIError(400, f"{what}: {len(texts)} prompts x {what}={count} asks for more than {MAX_CHOICES} "
+                                "completions in one request", param=what)
         for text in texts:
             if isinstance(text, str):
                 self._check_text_can_fit(text)
         at_least = max(map(self._at_least_tokens, texts))
         if req.max_tokens:
-            self._check_batch_tokens(len(texts), req.n, at_least, req.max_tokens, at_least=True)
+            self._check_batch_tokens(len(texts), req.candidates, at_least, req.max_tokens, at_least=True)
         elif req.max_tokens is None and at_least < self.n_ctx:
             # null: every row decodes to the end of the context, rows x n_ctx positions whatever
             # the prompts' lengths; unless a prompt may already fill it (then nothing is decoded,
             # or the prompt is too long: both are told exactly once it is tokenized)
-            self._check_to_the_context(len(texts), req.n)
+            self._check_to_the_context(len(texts), req.candidates)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or not all(stops):
             raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
@@ -345,7 +359,7 @@ class _Engine:
                                 f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
                            param="max_tokens" if longest < self.n_ctx else "prompt",
                            code="context_length_exceeded")
-        self._check_batch_tokens(len(prompts), req.n, longest, max_tokens)
+        self._check_batch_tokens(len(prompts), req.candidates, longest, max_tokens)
         self._check_not_busy()  # again: others may have been admitted while this one was tokenized
         self.admitted += 1
         return _Job(req, prompts, sent, max_tokens, admitted=True)
@@ -452,8 +466,8 @@ class _Engine:
                     return
                 scored = (prompt_logprobs(self.model, ids, req.logprobs or 0)
                           if req.logprobs is not None and ids else None)
-                for j in range(req.n):
-                    yield "echo", (p * req.n + j, ids, scored)
+                for j in range(req.candidates):
+                    yield "echo", (p * req.candidates + j, ids, scored)
         if job.max_tokens == 0:
             for i in range(job.n_choices):
                 yield "token", TokenEvent(i, "", None, None, None, "length")
@@ -464,8 +478,9 @@ class _Engine:
                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                  logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
         for ev in iter_generate(self.model, self.tokenizer, job.prompts, max_new_tokens=job.max_tokens,
-                                params=params, stop=req.stop, seed=req.seed, n=req.n,
-                                top_logprobs=req.logprobs, cancel=cancel):
+                                params=params, stop=req.stop, seed=req.seed, n=req.candidates,
+                                top_logprobs=0 if req.logprobs is None and req.candidates > req.n else req.logprobs,
+                                cancel=cancel):
             yield "token", ev
             if cancel.is_set():
                 return
@@ -542,6 +557,9 @@ class _Engine:
 
     def _add_token(self, choice: _Choice, offsets: _Offsets, ev: TokenEvent, want_logprobs: bool) -> None:
         choice.text += ev.text
+        if ev.logprob is not None:
+            choice.logprob_sum += ev.logprob
+            choice.scored_tokens += 1
         if ev.token_id is None:
             return
         choice.completion_tokens += 1
@@ -569,11 +587,12 @@ class _Engine:
                 self._add_token(choices[item.index], offsets[item.index], item, want)
                 if item.finish_reason:
                     choices[item.index].finish_reason = item.finish_reason
+        best = _best(choices, job.request.candidates, job.request.n)
         return {
             "id": job.id, "object": "text_completion", "created": job.created, "model": self.name,
             "choices": [{"text": c.text, "index": i, "logprobs": c.logprobs_json() if want else None,
-                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-            "usage": self._usage(job, choices),
+                         "finish_reason": c.finish_reason} for i, c in enumerate(best)],
+            "usage": self._usage(job, choices),  # every candidate's tokens, as OpenAI counts them
         }
 
     async def stream(self, job: _Job) -> AsyncIterator[str]:
@@ -615,6 +634,19 @@ class _Engine:
         except APIError as e:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
+
+
+def _best(choices: list[_Choice], candidates: int, n: int) -> list[_Choice]:
+    """Each prompt's n candidates with the highest mean log-probability per sampled token (ties:
+    the earlier one), in that order; all of them, in order, when there is nothing to choose."""
+    if candidates == n:
+        return choices
+    best = []
+    for start in range(0, len(choices), candidates):
+        group = choices[start:start + candidates]
+        ranked = sorted(range(candidates), key=lambda i: -group[i].logprob_sum / max(group[i].scored_tokens, 1))
+        best += [group[i] for i in ranked[:n]]
+    return best
 
 
 class _ClosingStream(StreamingResponse):
