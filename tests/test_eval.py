@@ -312,6 +312,21 @@ def test_greedy_requests_of_different_lengths_batched_together_keep_their_contex
         assert b.logprob == pytest.approx(a.logprob, rel=1e-5)
 
 
+def test_a_long_continuation_riding_along_a_short_context_never_overruns_the_context(model, hf, tokenizer):
+    """One batch: a generation from n_ctx - 8 tokens, and one from 5 tokens whose loglikelihood request (40 tokens)
+    is teacher-forced beside it. Each row fits the context; left padded to the longest context, then fed the
+    longest continuation, the batch would not."""
+    n_ctx = model.config.n_ctx
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda n: tuple(torch.randint(0, 50000, (n,), generator=g).tolist())
+    long_ctx, short_ctx, cont = tokens(n_ctx - 8), tokens(5), tokens(40)
+    reqs = [GreedyGeneration(long_ctx, 8), GreedyGeneration(short_ctx, 8), Loglikelihood(short_ctx, cont)]
+    alone = [Scorer(model, tokenizer, batch_size=1, progress=False).score([r])[0] for r in reqs]
+    together = Scorer(model, tokenizer, batch_size=2, progress=False).score(reqs)
+    assert [r.tokens for r in together[:2]] == [r.tokens for r in alone[:2]]
+    assert together[2].logprob == pytest.approx(hf_continuation(hf, list(short_ctx), list(cont))[0], rel=1e-4)
+
+
 def test_greedy_generation_stops_and_cuts(model, tokenizer):
     ids = tuple(tokenizer.encode_ordinary("Hello"))
     free = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(ids, 10)])[0]

@@ -364,6 +364,11 @@ class Scorer:
         width = max(map(len, rows))
         # teacher-forced sequences: (item, sequence, tokens to feed after the context)
         forced = [(b, s, s.ids[len(ctx):]) for b, (ctx, _, seqs) in enumerate(batch) for s in seqs]
+        if len(batch) > 1 and width + max([max_new] + [len(f) for _, _, f in forced]) > self.n_ctx:
+            # the longest context's padding, then the longest forced continuation (of a shorter context),
+            # would overrun the model's context, though each row alone fits: decode the halves apart
+            half = len(batch) // 2
+            return self._greedy_batch(batch[:half], requests) + self._greedy_batch(batch[half:], requests)
         ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L), left padded
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, r in enumerate(rows):
