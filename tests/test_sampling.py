@@ -21,6 +21,7 @@ from gpt2kit.sampling import (
     SamplingError,
     SamplingParams,
     apply_repetition_penalty,
+    apply_temperature,
     process_logits,
     sample,
     select_tokens,
@@ -251,3 +252,60 @@ def test_extreme_repetition_penalty_keeps_a_distribution(penalty):
         params = SamplingParams(temperature=temperature, repetition_penalty=penalty)
         assert torch.isfinite(torch.softmax(process_logits(logits, params, previous), -1)).all()
         sample(process_logits(logits, params, previous), torch.Generator().manual_seed(0))
+
+
+def test_a_token_seen_in_a_real_position_is_penalized_wherever_its_pad_copies_are():
+    # the oracle: transformers' processor on the real tokens alone (pads removed); a token in a pad
+    # position and a real one, in either order, is seen (a count that kept only the last
+    # occurrence's flag would miss rows 0 and 2), one only in pad positions is not (4 in row 3)
+    logits = torch.randn(4, 12, generator=torch.Generator().manual_seed(0)) * 3
+    previous = torch.tensor([[3, 3, 5, 7], [3, 5, 7, 3], [9, 1, 1, 9], [2, 4, 2, 6]])
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1]])
+    expected = torch.cat([
+        RepetitionPenaltyLogitsProcessor(penalty=1.7)(previous[r][mask[r].bool()][None], logits[r:r + 1].clone())
+        for r in range(4)])
+    torch.testing.assert_close(apply_repetition_penalty(logits, previous, 1.7, mask), expected, rtol=0, atol=0)
+    # process_logits hands the mask on (greedy returns the penalized logits themselves)
+    greedy = SamplingParams(do_sample=False, repetition_penalty=1.7)
+    torch.testing.assert_close(process_logits(logits, greedy, previous, mask), expected, rtol=0, atol=0)
+
+
+def test_greedy_decoding_applies_the_repetition_penalty():
+    # token 0 is the argmax, already seen; penalty 2 halves its logit below token 1's (as in
+    # transformers, where the penalty is a logits processor that greedy search applies too)
+    logits = torch.tensor([[2.0, 1.5, -1.0, 0.0]])
+    previous = torch.tensor([[0, 2]])
+    for params in (SamplingParams(do_sample=False, repetition_penalty=2.0),
+                   SamplingParams(temperature=0.0, repetition_penalty=2.0)):
+        assert select_tokens(logits, params, previous=previous).tolist() == [1]
+        assert process_logits(logits, params, previous).tolist() == [[1.0, 1.5, -2.0, 0.0]]
+    assert select_tokens(logits, SamplingParams(do_sample=False), previous=previous).tolist() == [0]
+
+
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    # the docstring's rule and transformers' TopKLogitsWarper: a tie at the k-th place keeps all of it
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0], [5.0, 5.0, 4.0, 1.0, 1.0, 1.0]])
+    for k, kept in ((2, [[True, True, True, True, False, False], [True, True, False, False, False, False]]),
+                    (1, [[True, False, False, False, False, False], [True, True, False, False, False, False]]),
+                    (4, [[True, True, True, True, False, False], [True, True, True, True, True, True]])):
+        ours = torch.isfinite(top_k_filter(logits, k))
+        assert ours.tolist() == kept
+        assert torch.equal(ours, torch.isfinite(TopKLogitsWarper(top_k=k)(ids, logits.clone())))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_p", 0), ("top_p", 0.0), ("top_p", "0.9"), ("top_p", -0.1), ("top_k", True), ("top_k", 2.0),
+    ("temperature", math.inf), ("temperature", "1"), ("repetition_penalty", math.inf),
+    ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
+])
+def test_out_of_range_options_are_refused_naming_the_field(field, value):
+    with pytest.raises(SamplingError, match=f"^{field}: expected "):
+        SamplingParams(**{field: value})
+
+
+def test_apply_temperature_refuses_zero_and_negative():
+    # zero means greedy, which never calls it; called directly, 0 would divide into nan
+    for t in (0.0, -0.5):
+        with pytest.raises(SamplingError, match="temperature: expected > 0 for sampling"):
+            apply_temperature(torch.randn(2, 5), t)
