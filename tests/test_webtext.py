@@ -61,6 +61,9 @@ def long_window_zst(data: bytes) -> bytes:
     ("http://user:pw@example.com./a b", "http://example.com/a%20b"),
     ("http://example.com/?q=a&amp;r=b", "http://example.com/?q=a&r=b"),
     ("http://BÜCHER.de/ü", "http://xn--bcher-kva.de/%C3%BC"),
+    ("http://ex.com/x?UTM_Source=r&FBCLID=z&id=7", "http://ex.com/x?id=7"),     # tracking names in any case
+    ("http://[2001:DB8::1]:8080/x", "http://[2001:db8::1]:8080/x"),             # an IPv6 literal keeps its brackets
+    ("https://[2001:db8::1]:443/", "https://[2001:db8::1]/"),
 ])
 def test_canonicalize_url(raw, canon):
     assert canonicalize_url(raw) == canon
@@ -136,6 +139,47 @@ def test_links_filters_dedups_and_keeps_highest_karma(tmp_path):
             assert shard_of(r["url"], 3) == k
 
 
+def test_links_of_one_url_keep_the_best_post_and_count_every_post(tmp_path):
+    """Of posts of one URL: the highest karma, then the earliest, then the smallest subreddit name, in
+    whichever order the posts come; `posts` counts them all, within and across dumps."""
+    from gpt2kit.webtext.links import better
+
+    hi, lo = {"score": 9, "created_utc": 5, "subreddit": "b"}, {"score": 8, "created_utc": 1, "subreddit": "a"}
+    early, late = {"score": 9, "created_utc": 4, "subreddit": "z"}, {"score": 9, "created_utc": 6, "subreddit": "a"}
+    tie_a, tie_b = {"score": 9, "created_utc": 5, "subreddit": "alpha"}, {"score": 9, "created_utc": 5, "subreddit": "beta"}
+    for x, y, best in ((hi, lo, hi), (early, late, early), (tie_a, tie_b, tie_a)):
+        assert better(x, y) is best and better(y, x) is best
+    dumps = [tmp_path / f"RS_2017-0{m}.ndjson" for m in (7, 8)]
+    for d, rows in zip(dumps, ([post("http://a.example/1", 5, subreddit="s"), post("http://a.example/1", 6, subreddit="t")],
+                               [post("http://a.example/1", 4, subreddit="u"), post("http://a.example/1", 7, subreddit="v")])):
+        d.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for order in (dumps, dumps[::-1]):
+        work = tmp_path / f"w-{order[0].stem}"
+        collect_links(work, order, LinksConfig(shards=1))
+        [rec] = read_jsonl_zst(work / "links" / "links-00000.jsonl.zst")
+        assert (rec["score"], rec["subreddit"], rec["posts"]) == (7, "v", 4)
+
+
+def test_links_block_by_the_posts_domain_field_and_drop_over_18_when_asked(tmp_path):
+    rows = [post("http://a.example/1", domain="YouTube.com"),      # Reddit's domain field names a blocked host
+            post("http://a.example/2", over_18=True), post("http://a.example/3")]
+    dump = tmp_path / "d.ndjson"
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    kept = collect_links(tmp_path / "w1", [dump], LinksConfig(shards=1))
+    assert (kept["blocked_domain"], kept["over_18"], kept["links"]) == (1, 0, 2)
+    dropped = collect_links(tmp_path / "w2", [dump], LinksConfig(shards=1, drop_over_18=True))
+    assert (dropped["blocked_domain"], dropped["over_18"], dropped["links"]) == (1, 1, 1)
+
+
+def test_links_of_ipv6_hosts_sit_in_the_shard_their_host_names(tmp_path):
+    hosts = [f"[2001:db8::{i:x}]" for i in range(1, 9)]
+    dump = zst_dump(tmp_path / "d.zst", [post(f"http://{h}/p") for h in hosts])
+    assert collect_links(tmp_path / "w", [dump], LinksConfig(shards=4))["links"] == 8
+    for k in range(4):
+        for r in read_jsonl_zst(tmp_path / "w" / "links" / f"links-{k:05d}.jsonl.zst"):
+            assert shard_of(r["url"], 4) == k, r["url"]
+
+
 def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
     rows = [post(f"http://site{i}.example/p") for i in range(3000)]   # several zstd blocks
     full = zst_dump(tmp_path / "full.zst", rows)
@@ -204,9 +248,11 @@ def test_links_non_finite_numbers_are_bad_lines_not_a_crash(tmp_path):
              b'{"url": "http://a.example/2", "score": "inf", "created_utc": 1500000000}',
              b'{"url": "http://a.example/3", "score": 5, "created_utc": -Infinity}',
              b'{"url": "http://a.example/4", "score": 5, "created_utc": "nan"}',
+             b'{"url": "http://a.example/5", "score": 5, "created_utc": true}',      # booleans are not numbers either
+             b'{"url": "http://a.example/6", "score": true, "created_utc": 1500000000}',
              json.dumps(post("http://a.example/ok")).encode()]
     totals = links_of_lines(tmp_path, lines)
-    assert (totals["lines"], totals["bad_lines"], totals["kept"], totals["links"]) == (5, 4, 1, 1)
+    assert (totals["lines"], totals["bad_lines"], totals["kept"], totals["links"]) == (7, 6, 1, 1)
 
 
 def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
