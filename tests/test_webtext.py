@@ -180,6 +180,25 @@ def test_links_of_ipv6_hosts_sit_in_the_shard_their_host_names(tmp_path):
             assert shard_of(r["url"], 4) == k, r["url"]
 
 
+def test_links_cutoff_is_utc_whatever_the_machines_time_zone():
+    """--cutoff 2017-12-01 is midnight UTC (1512086400), not midnight where the crawl happens to run."""
+    import os
+    import time
+
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        assert LinksConfig(cutoff="2017-12-01").cutoff_timestamp() == 1512086400
+        assert LinksConfig(cutoff="2017-12-01T00:00:00+01:00").cutoff_timestamp() == 1512086400 - 3600
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
 def test_links_truncated_and_corrupt_dumps_are_counted_not_fatal(tmp_path):
     rows = [post(f"http://site{i}.example/p") for i in range(3000)]   # several zstd blocks
     full = zst_dump(tmp_path / "full.zst", rows)
