@@ -106,4 +106,13 @@ def test_openai_penalties_and_logit_bias_from_the_command_line(checkpoint, capsy
     assert main(["generate", "--model", str(folder), "x", "--logit-bias", "99999=1"]) == 2
     assert "logit_bias: token id 99999 is not in the model's vocabulary" in capsys.readouterr().err
     assert main(["generate", "--model", str(folder), "x", "--presence-penalty", "nan"]) == 2
-    assert capsys.readouterr().err == "gpt2kit: error: presence_penalty: expected a finite number, got nan\n"
+    assert capsys.readouterr().err == "gpt2kit: error: presence_penalty: expected a number from -1e+06 to 1e+06, got nan\n"
+    assert main(["generate", "--model", str(folder), "x", "--logit-bias", "13=1e39"]) == 2  # was a traceback
+    assert capsys.readouterr().err.startswith("gpt2kit: error: logit_bias[13]: expected a number from -1e+06")
+
+
+def test_interactive_checks_the_logit_bias_before_the_first_prompt(cli, checkpoint):
+    folder, _, _ = checkpoint
+    r = cli("generate", "--model", str(folder), "--interactive", "--logit-bias", "99999=1", input="")
+    assert r.returncode == 2 and "logit_bias: token id 99999 is not in the model's vocabulary" in r.stderr
+    assert "prompt>" not in r.stderr and r.stdout == ""

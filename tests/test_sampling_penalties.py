@@ -88,6 +88,8 @@ def test_params_check_and_normalise_the_new_fields():
                           ({"logit_bias": {-1: 1.0}}, "logit_bias"),
                           ({"logit_bias": {"5": 1.0}}, "logit_bias"),
                           ({"logit_bias": {5: float("inf")}}, r"logit_bias\[5\]"),
+                          ({"logit_bias": {5: 1e39}}, r"logit_bias\[5\]: expected a number from -1e\+06 to 1e\+06"),
+                          ({"frequency_penalty": -2e6}, "frequency_penalty: expected a number from -1e"),
                           ({"logit_bias": 5}, "logit_bias")):
         with pytest.raises(SamplingError, match=field):
             SamplingParams(**kwargs)
@@ -106,13 +108,31 @@ def test_greedy_keeps_the_bias_and_the_penalties():
     torch.testing.assert_close(process_logits(logits, p, sampled_counts=counts), torch.tensor([[1.0, 0.95, 0.0]]))
 
 
+def test_the_filters_apply_in_the_documented_order():
+    # bias -> repetition penalty (transformers' processors, in that order) -> presence/frequency
+    # (the formula) -> temperature; each order gives other numbers on these logits
+    logits = torch.tensor([[1.0, -2.0, 0.5, 3.0, -0.25]])
+    previous = torch.tensor([[0, 1, 1, 4]])
+    counts = torch.tensor([[1, 2, 0, 0, 1]])
+    p = SamplingParams(temperature=0.5, repetition_penalty=2.0, presence_penalty=0.3, frequency_penalty=0.7,
+                       logit_bias={0: 2.0, 1: 1.5, 4: 1.0})
+    want = transformers.SequenceBiasLogitsProcessor(sequence_bias=[[[0], 2.0], [[1], 1.5], [[4], 1.0]])(
+        previous, logits.clone())
+    want = transformers.RepetitionPenaltyLogitsProcessor(penalty=2.0)(previous, want)
+    want = (want - counts * 0.7 - (counts > 0) * 0.3) / 0.5
+    torch.testing.assert_close(process_logits(logits, p, previous=previous, sampled_counts=counts), want)
+
+
 def reference_greedy(hf, prompt: list[int], steps: int, presence: float, frequency: float,
-                     bias: dict[int, float]) -> list[int]:
-    """Greedy decoding as the API documents it, one full forward pass per token (no cache)."""
-    ids, out = list(prompt), []
+                     bias: dict[int, float], n_ctx: int | None = None) -> list[int]:
+    """Greedy decoding as the API documents it, one full forward pass per token (no cache); past
+    `n_ctx` the window keeps its last 3/4, as gpt2kit's decoding slides it."""
+    ids, out, start = list(prompt), [], 0
     for _ in range(steps):
+        if n_ctx is not None and len(ids) - start > n_ctx:
+            start = len(ids) - (n_ctx - n_ctx // 4)
         with torch.no_grad():
-            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+            logits = hf(torch.tensor([ids[start:]])).logits[0, -1].double()
         for j, v in bias.items():
             logits[j] += v
         for j in set(out):
@@ -138,6 +158,15 @@ def test_greedy_decoding_matches_a_reference_loop(model, hf, tok, presence, freq
                     presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias)[0].token_ids
     assert ours == reference_greedy(hf, prompt, 20, presence, frequency, bias)
     assert ours != plain  # each setting changes this model's greedy text: the test can fail
+
+
+def test_the_counts_outlive_the_sliding_window(model, hf, tok):
+    # 70 new tokens after a 20-token prompt on a 64-token context: the window slides, and the
+    # penalties still count every token sampled since the start
+    prompt = tok.encode("the the the cat sat on the mat and the dog sat on the log by the door")
+    ours = generate(model, tok, prompt, max_new_tokens=70, do_sample=False, stop_at_eot=False,
+                    presence_penalty=0.3, frequency_penalty=0.7)[0].token_ids
+    assert ours == reference_greedy(hf, prompt, 70, 0.3, 0.7, {}, n_ctx=64)
 
 
 def test_penalties_count_sampled_tokens_not_the_prompt(model, hf, tok):

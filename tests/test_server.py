@@ -250,8 +250,10 @@ def test_best_of_returns_the_most_probable_candidates(client, url, model, tok):
         cands = generate(model, tok, prompt, n=5, max_new_tokens=6, seed=seed, temperature=1.5, stop_at_eot=False)
         scores = [_mean_logprob(model, prompt, c.token_ids) for c in cands]
         order = sorted(range(5), key=lambda i: -scores[i])
-        if order[0] != 0 and order[:2] != [0, 1]:
+        if order[0] != 0:
             break
+    else:
+        pytest.fail("no seed puts another candidate than the first on top")
     assert len(set(scores)) == 5
     r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, seed=seed, temperature=1.5,
                                   best_of=5, n=2, logprobs=1)
@@ -275,10 +277,36 @@ def test_best_of_returns_the_most_probable_candidates(client, url, model, tok):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", **body}, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
         assert r.json()["error"]["param"] == "best_of"
-    # best_of == n chooses nothing, and may stream
+    # best_of == n chooses nothing, and may stream; best_of 1 (which some clients always send) is n
+    r = client.completions.create(model=NAME, prompt="Hi", max_tokens=4, seed=2, best_of=1, n=3)
+    assert [c.text for c in r.choices] == [c.text for c in generate(model, tok, "Hi", max_new_tokens=4, seed=2, n=3)]
     streamed = client.completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0, best_of=1, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == generate(model, tok, "Hi", max_new_tokens=4,
                                                                     do_sample=False)[0].text
+
+
+def test_best_of_ranks_candidates_of_other_lengths_with_their_end_of_text(client, model, tok):
+    # candidates that <|endoftext|> ends early are ranked by the mean over their tokens and that one
+    eot, prompt = tok.eot_token, tok.encode("Once upon a time")
+
+    def mean(c, with_eot):
+        ids = c.token_ids + ([eot] if with_eot and c.finish_reason == "stop" else [])
+        return sum(prompt_logprobs(model, prompt + ids)[0][len(prompt):]) / max(len(ids), 1)
+
+    bias = {eot: 9.0}  # (the bias steers the sampling; the ranking reads the model's own log-probabilities)
+    for seed in range(40):
+        cands = generate(model, tok, prompt, n=6, max_new_tokens=8, seed=seed, logit_bias=bias)
+        best = max(range(6), key=lambda i: (mean(cands[i], True), -i))
+        # the case that tells the rules apart: without the <|endoftext|>, or in total, another would win
+        if (best != max(range(6), key=lambda i: (mean(cands[i], False), -i))
+                and len({len(c.token_ids) for c in cands}) > 1):
+            break
+    else:
+        pytest.fail("no seed gives candidates whose ranking depends on their <|endoftext|>")
+    r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, seed=seed, best_of=6,
+                                  logit_bias={str(eot): 9.0})
+    assert r.choices[0].text == cands[best].text and r.choices[0].finish_reason == cands[best].finish_reason
+    assert r.usage.completion_tokens == sum(len(c.token_ids) for c in cands)
 
 
 def test_best_of_counts_the_end_of_text_token(model, tok):
@@ -668,6 +696,13 @@ def test_a_request_past_the_batch_token_budget_is_refused(tok):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         r = httpx.post(f"{url}/v1/completions", timeout=30, json={"model": NAME, "prompt": five, "max_tokens": 55})
         assert r.status_code == 200
+        # best_of decides how many rows decode: the error names it, with the number the client sent
+        for max_tokens, tokens_said in ((20, "x best_of=4) x (at least 5"), (None, "x best_of=4) to the end")):
+            r = httpx.post(f"{url}/v1/completions", timeout=30,
+                           json={"model": NAME, "prompt": five, "max_tokens": max_tokens, "best_of": 4, "n": 2})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "best_of", r.text
+            assert tokens_said in error["message"] and "Reduce best_of" in error["message"].replace("reduce", "Reduce")
     with pytest.raises(ValueError, match="max_batch_tokens: expected an integer >= 1, got 0"):
         create_app(model, tok, model_name=NAME, max_batch_tokens=0)
 

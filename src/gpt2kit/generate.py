@@ -271,6 +271,14 @@ class _TextTracker:
         return 0
 
 
+def check_logit_bias(model: "GPT2", params: SamplingParams) -> None:
+    """Refuse a logit bias for a token the model does not have, before any work."""
+    too_big = [t for t, _ in params.logit_bias if t >= model.config.vocab_size]
+    if too_big:
+        raise GenerationError(f"logit_bias: token id {too_big[0]} is not in the model's vocabulary "
+                              f"(ids 0 to {model.config.vocab_size - 1})")
+
+
 def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int], index: int) -> list[int]:
     n_vocab = min(tokenizer.n_vocab, model.config.vocab_size)
     if isinstance(prompt, str):
@@ -339,10 +347,7 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
     if model.config.vocab_size > tokenizer.n_vocab:
         raise GenerationError(f"the model has {model.config.vocab_size} output tokens but the tokenizer only "
                               f"{tokenizer.n_vocab}: they do not belong together")
-    too_big = [t for t, _ in params.logit_bias if t >= model.config.vocab_size]
-    if too_big:
-        raise GenerationError(f"logit_bias: token id {too_big[0]} is not in the model's vocabulary "
-                              f"(ids 0 to {model.config.vocab_size - 1})")
+    check_logit_bias(model, params)
     if not rows:
         return
     if max_new_tokens == 0:

@@ -12,6 +12,7 @@ units, the penalties counting the tokens sampled so far (not the prompt's).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -61,8 +62,8 @@ class SamplingParams:
             raise SamplingError(f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise SamplingError(f"{name}: expected a finite number, got {value!r}")
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and abs(value) <= _MAX_SHIFT):
+                raise SamplingError(f"{name}: expected a number from {-_MAX_SHIFT:g} to {_MAX_SHIFT:g}, got {value!r}")
         object.__setattr__(self, "logit_bias", _checked_bias(self.logit_bias))
 
     @property
@@ -77,6 +78,12 @@ class SamplingParams:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
+# The largest logit bias or presence/frequency penalty taken: far past any logit's range (OpenAI
+# allows +-100 and +-2), while the shifted logits stay far from float32's overflow (a bias of
+# 1e39 made the softmax's input inf, and sampling raised).
+_MAX_SHIFT = 1e6
+
+
 def _checked_bias(bias) -> tuple[tuple[int, float], ...]:
     pairs = bias.items() if isinstance(bias, dict) else bias
     try:
@@ -88,8 +95,9 @@ def _checked_bias(bias) -> tuple[tuple[int, float], ...]:
         token, value = pair if isinstance(pair, tuple) and len(pair) == 2 else (pair, None)
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
             raise SamplingError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise SamplingError(f"logit_bias[{token}]: expected a finite number, got {value!r}")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and abs(value) <= _MAX_SHIFT):
+            raise SamplingError(f"logit_bias[{token}]: expected a number from {-_MAX_SHIFT:g} to {_MAX_SHIFT:g}, "
+                                f"got {value!r}")
         out[token] = float(value)
     return tuple(sorted(out.items()))
 
@@ -133,12 +141,19 @@ def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) 
     """Add each (token id, value) of `bias` to that token's logit in every row."""
     if not bias:
         return logits
-    ids = torch.tensor([t for t, _ in bias], device=logits.device)
-    if int(ids.max()) >= logits.shape[-1]:
-        raise SamplingError(f"logit_bias: token id {int(ids.max())} is not in the vocabulary "
+    if bias[-1][0] >= logits.shape[-1]:  # (pairs sorted by id)
+        raise SamplingError(f"logit_bias: token id {bias[-1][0]} is not in the vocabulary "
                             f"({logits.shape[-1]} tokens)")
-    values = torch.tensor([v for _, v in bias], dtype=logits.dtype, device=logits.device)
+    ids, values = _bias_tensors(bias, logits.dtype, logits.device)
     return logits.index_add(-1, ids, values.expand(logits.shape[0], -1))
+
+
+@functools.lru_cache(maxsize=8)
+def _bias_tensors(bias: tuple[tuple[int, float], ...], dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # built once per decoding, not at every step: a bias over the whole vocabulary is 50k pairs
+    ids = torch.tensor([t for t, _ in bias], device=device)
+    return ids, torch.tensor([v for _, v in bias], dtype=dtype, device=device)
 
 
 def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,

@@ -174,7 +174,7 @@ class CompletionRequest(BaseModel):
     # token id (as a string: JSON's keys are) -> a value added to its logit, as OpenAI's API takes it
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # completions generated per prompt, of which the n with the highest mean log-probability per
-    # token are returned (OpenAI's; null: n)
+    # token are returned (OpenAI's; null or 1: n, as clients that always send best_of 1 mean it)
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
 
@@ -192,9 +192,14 @@ class CompletionRequest(BaseModel):
         return None
 
     @property
+    def counted_by(self) -> str:
+        """The field that says how many completions are generated per prompt: n or best_of."""
+        return "n" if self.best_of in (None, 1) else "best_of"
+
+    @property
     def candidates(self) -> int:
         """Completions generated per prompt: best_of, or n."""
-        return self.n if self.best_of is None else self.best_of
+        return self.n if self.best_of in (None, 1) else self.best_of
 
 
 # ----------------------------------------------------------------------------- one request's work
@@ -313,21 +318,22 @@ class _Engine:
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
         texts = self._prompt_list(req.prompt)
         # refused before anything is tokenized (on the event loop): what is sure not to fit
-        count, what = (req.n, "n") if req.best_of is None else (req.best_of, "best_of")
-        if len(texts) * count > MAX_CHOICES:
-            raise APIError(400, f"{what}: {len(texts)} prompts x {what}={count} asks for more than {MAX_CHOICES} "
-                                "completions in one request", param=what)
+        what = req.counted_by
+        if len(texts) * req.candidates > MAX_CHOICES:
+            raise APIError(400, f"{what}: {len(texts)} prompts x {what}={req.candidates} asks for more than "
+                                f"{MAX_CHOICES} completions in one request", param=what)
         for text in texts:
             if isinstance(text, str):
                 self._check_text_can_fit(text)
         at_least = max(map(self._at_least_tokens, texts))
         if req.max_tokens:
-            self._check_batch_tokens(len(texts), req.candidates, at_least, req.max_tokens, at_least=True)
+            self._check_batch_tokens(len(texts), req.candidates, at_least, req.max_tokens, at_least=True,
+                                     what=req.counted_by)
         elif req.max_tokens is None and at_least < self.n_ctx:
             # null: every row decodes to the end of the context, rows x n_ctx positions whatever
             # the prompts' lengths; unless a prompt may already fill it (then nothing is decoded,
             # or the prompt is too long: both are told exactly once it is tokenized)
-            self._check_to_the_context(len(texts), req.candidates)
+            self._check_to_the_context(len(texts), req.candidates, req.counted_by)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or not all(stops):
             raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
@@ -338,7 +344,8 @@ class _Engine:
         n_vocab = min(self.tokenizer.n_vocab, self.model.config.vocab_size)
         for key in bias or {}:
             if not (key.isascii() and key.isdigit() and len(key) < 10 and int(key) < n_vocab):
-                raise APIError(400, f"logit_bias: {key!r} is not a token id; expected integers from 0 to "
+                shown = key if len(key) <= 20 else key[:20] + "..."
+                raise APIError(400, f"logit_bias: {shown!r} is not a token id; expected integers from 0 to "
                                     f"{n_vocab - 1} as keys", param="logit_bias")
 
     def _check_not_busy(self) -> None:
@@ -359,7 +366,7 @@ class _Engine:
                                 f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
                            param="max_tokens" if longest < self.n_ctx else "prompt",
                            code="context_length_exceeded")
-        self._check_batch_tokens(len(prompts), req.candidates, longest, max_tokens)
+        self._check_batch_tokens(len(prompts), req.candidates, longest, max_tokens, what=req.counted_by)
         self._check_not_busy()  # again: others may have been admitted while this one was tokenized
         self.admitted += 1
         return _Job(req, prompts, sent, max_tokens, admitted=True)
@@ -371,42 +378,43 @@ class _Engine:
             self.admitted -= 1
 
     def _check_batch_tokens(self, n_prompts: int, n: int, longest: int, max_tokens: int, *,
-                            at_least: bool = False) -> None:
+                            at_least: bool = False, what: str = "n") -> None:
         """Refuse a request whose decoding batch would hold more than `max_batch_tokens` positions:
         its prompts x n rows share one KV cache of (longest prompt + max_tokens) positions per row
         (`generate._Window`), allocated at once; too large a one would exhaust the memory of
         every client's server. max_tokens 0 decodes nothing: the echo scores prompts one by one.
-        `at_least`: `longest` is a lower bound (the prompts are not tokenized yet)."""
+        `at_least`: `longest` is a lower bound (the prompts are not tokenized yet). `what`: the
+        field that asked for n completions per prompt (n, or best_of)."""
         rows = n_prompts * n
         need = rows * (longest + max_tokens)
         if max_tokens == 0 or need <= self.max_batch_tokens:
             return
         if n > 1:
-            param = "n"
+            param = what
         elif n_prompts > 1 or longest >= self.max_batch_tokens:
             param = "prompt"
         else:
             param = "max_tokens"
         bound = "at least " if at_least else ""
         raise APIError(400, f"{param}: this request needs {rows} completion{'s' if rows > 1 else ''} "
-                            f"({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}) x ({bound}{longest} "
+                            f"({n_prompts} prompt{'s' if n_prompts > 1 else ''} x {what}={n}) x ({bound}{longest} "
                             f"{'longest ' if n_prompts > 1 else ''}prompt + "
                             f"{max_tokens} completion tokens) = {bound}{need:,} token positions at once, and this "
-                            f"server allows {self.max_batch_tokens:,} per request. Reduce n, the prompts or max_tokens, "
+                            f"server allows {self.max_batch_tokens:,} per request. Reduce {what}, the prompts or max_tokens, "
                             f"or start the server with a larger --max-batch-tokens (create_app(max_batch_tokens=...))",
                        param=param, code="max_batch_tokens_exceeded")
 
-    def _check_to_the_context(self, n_prompts: int, n: int) -> None:
+    def _check_to_the_context(self, n_prompts: int, n: int, what: str = "n") -> None:
         """`_check_batch_tokens` for max_tokens null, before anything is tokenized."""
         rows = n_prompts * n
         need = rows * self.n_ctx
         if need <= self.max_batch_tokens:
             return
-        param = "n" if n > 1 else "prompt" if n_prompts > 1 else "max_tokens"
+        param = what if n > 1 else "prompt" if n_prompts > 1 else "max_tokens"
         raise APIError(400, f"{param}: max_tokens null completes each of this request's {rows} completion"
-                            f"{'s' if rows > 1 else ''} ({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}) "
+                            f"{'s' if rows > 1 else ''} ({n_prompts} prompt{'s' if n_prompts > 1 else ''} x {what}={n}) "
                             f"to the end of the {self.n_ctx:,}-token context: {need:,} token positions at once, and "
-                            f"this server allows {self.max_batch_tokens:,} per request. Give max_tokens, reduce n or "
+                            f"this server allows {self.max_batch_tokens:,} per request. Give max_tokens, reduce {what} or "
                             f"the prompts, or start the server with a larger --max-batch-tokens "
                             f"(create_app(max_batch_tokens=...))", param=param, code="max_batch_tokens_exceeded")
 

@@ -143,7 +143,7 @@ def _check_greedy(args) -> None:
 def run(args) -> int:
     from ..corpus import decode_utf8
     from ..errors import GPT2KitError
-    from ..generate import load_for_inference, sampling_params
+    from ..generate import check_logit_bias, load_for_inference, sampling_params
 
     if args.num_samples < 1:
         raise GPT2KitError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
@@ -153,8 +153,9 @@ def run(args) -> int:
         raise GPT2KitError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
     _check_greedy(args)
     opts = _options(args)
-    sampling_params(**{k: opts[k] for k in _SAMPLING})  # bad options fail before the model loads
+    params = sampling_params(**{k: opts[k] for k in _SAMPLING})  # bad options fail before the model loads
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    check_logit_bias(model, params)  # before the first prompt is read (--interactive)
     out = sys.stdout
     if args.interactive:
         tty = sys.stdin.isatty()
