@@ -454,6 +454,50 @@ def test_extract_page_verdicts():
     assert not is_wikipedia_copy(html(f"<p>{ENGLISH} See the Wikipedia article for more.</p>"), ENGLISH)
 
 
+def test_extract_keeps_pages_of_at_least_100_words_by_default():
+    """OpenWebText's 128-token minimum, as the default --min-words 100."""
+    pages = {n: html("<p>" + " ".join(ENGLISH.split()[:n]) + "</p>") for n in (99, 100)}
+    for n, page in pages.items():   # the fixture: every word of the paragraph is extracted, nothing more
+        assert len(extract_page(page, "http://n.example/a", ExtractConfig(min_words=0))[1].split()) == n
+    assert extract_page(pages[100], "http://n.example/a", ExtractConfig())[0] == "kept"
+    assert extract_page(pages[99], "http://n.example/a", ExtractConfig())[0] == "too_short"
+
+
+def test_looks_binary_counts_control_bytes_other_than_whitespace():
+    from gpt2kit.webtext.extract import looks_binary
+
+    # escape bytes (0x1b, between 13 and 32) in markup: 10 of 100 bytes is over 5%, 5 of 100 is not
+    assert looks_binary(b"<html>" + b"\x1b" * 10 + b"a" * 84)
+    assert not looks_binary(b"<html>" + b"\x1b" * 5 + b"a" * 89)
+    assert not looks_binary(b"<p>" + b"\t\n\x0b\x0c\r" * 40)     # tab, LF, VT, FF, CR are text
+    assert not looks_binary(b"") and not looks_binary(b" \r\n ")     # nothing at all is not binary
+
+
+def test_decode_html_byte_order_marks_and_a_utf16_meta_tag():
+    import codecs
+
+    from gpt2kit.webtext.extract import decode_html
+
+    text = "<p>café</p>"
+    for bom, codec in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        assert decode_html(bom + text.encode(codec), "text/html; charset=windows-1252") == text, codec
+    # a page whose ASCII meta tag could be read is not UTF-16: undeclared, its bytes go to trafilatura
+    latin = "<html><head><meta charset='utf-16'></head><body>café au lait</body></html>".encode("cp1252")
+    assert len(latin) % 2 == 0 and decode_html(latin) == latin
+
+
+def test_clean_text_boilerplate_length_limit_and_whitespace():
+    twelve = "Click here to read the whole story of the flood in town"
+    assert len(twelve.split()) == 12
+    assert clean_text(twelve) == ""                              # 12 words: short enough to be furniture
+    assert clean_text(twelve + " today") == twelve + " today"    # 13: text
+    assert clean_text("Copyright 2017 Example Media Group\nReal\u00a0\u00a0text\u200bhere.") == "Real text here."
+    # ... and the stage's default limit is that one
+    page = html(f"<p>{ENGLISH}</p><p>{twelve}</p><p>{twelve} today</p>")
+    verdict, text, _ = extract_page(page, "http://n.example/a", ExtractConfig())
+    assert verdict == "kept" and text.endswith(f"floors.\n{twelve} today"), text[-200:]
+
+
 ACCENTED = ENGLISH.replace("old town", "naïve café “old town” — résumé")
 
 
@@ -561,6 +605,32 @@ def test_exact_hash_normalizes_case_space_punctuation():
 def _words(rng, n):
     vocab = [f"w{i}" for i in range(3000)]
     return [rng.choice(vocab) for _ in range(n)]
+
+
+def test_exact_hash_uses_compatibility_normalization():
+    # NFKC folds ligatures, circled and full-width forms into their plain letters and digits
+    assert text_hash("\ufb01nance \u2460 \uff21BC") == text_hash("finance 1 abc")
+
+
+def test_dedup_defaults_are_openwebtexts():
+    cfg = DedupConfig()
+    assert (cfg.threshold, cfg.num_perm, cfg.ngram) == (0.5, 128, 5)
+    assert lsh_params(cfg.threshold, cfg.num_perm) == (25, 5)
+
+
+def test_candidate_pairs_of_a_large_bucket_pair_each_row_with_its_leader_and_its_neighbours():
+    keys = np.zeros((12, 1), dtype=np.uint64)      # one band, every row in one bucket
+    want = {(0, j) for j in range(1, 12)} | {(i, j) for j in range(12) for i in range(max(0, j - 8), j)}
+    assert {tuple(p) for p in candidate_pairs(keys).tolist()} == want
+
+
+def test_near_duplicates_a_row_similar_only_to_a_dropped_row_is_kept():
+    """A ~ B and B ~ C but not A ~ C: B goes as A's duplicate, and C stays, since no kept row is like it."""
+    a = np.arange(128, dtype=np.uint32)
+    b = np.where(np.arange(128) < 80, a, a + 1000).astype(np.uint32)             # 80/128 like A
+    c = np.where(np.arange(128) < 32, a, np.where(np.arange(128) < 80, a + 2000, b)).astype(np.uint32)
+    assert [(x == y).sum() for x, y in ((a, b), (b, c), (a, c))] == [80, 80, 32]
+    assert near_duplicates(np.stack([a, b, c]), 0.5, 25, 5).tolist() == [-1, 0, -1]
 
 
 def test_minhash_estimates_jaccard_and_lsh_matches_datasketch():
