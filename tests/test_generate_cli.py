@@ -75,7 +75,8 @@ def test_sampling_options_with_greedy_are_refused_not_ignored(checkpoint, capsys
     folder, _, _ = checkpoint
     for args, flags in ((["--greedy", "--temperature", "0.7"], "--temperature"),
                         (["--preset", "greedy", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p"),
-                        (["--temperature", "0", "--top-k", "5"], "--top-k")):
+                        (["--temperature", "0", "--top-k", "5"], "--top-k"),
+                        (["--greedy", "--min-p", "0.1"], "--min-p")):
         assert main(["generate", "--model", str(folder), "x", *args]) == 2
         assert capsys.readouterr().err == f"gpt2kit: error: {flags}: no effect with greedy decoding (--greedy, " \
                                           f"--preset greedy or --temperature 0); drop them, or sample\n"
@@ -97,6 +98,10 @@ def test_openai_penalties_and_logit_bias_from_the_command_line(checkpoint, capsy
         assert main([*args, *extra]) == 0
         out = capsys.readouterr().out
         assert (json.loads(out)["token_ids"] == want.token_ids) if extra == ["--json"] else out == want.text + "\n"
+    assert main(["generate", "--model", str(folder), "The sea", "--max-new-tokens", "6", "--seed", "4", "--temperature",
+                 "1.5", "--min-p", "0.2", "--json"]) == 0
+    want = generate(model, tok, "The sea", max_new_tokens=6, seed=4, temperature=1.5, min_p=0.2, preset="paper")[0]
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
     for bad, message in (("13", "expected ID=VALUE"), ("x=1", "expected ID=VALUE"), ("13=big", "expected ID=VALUE")):
         with pytest.raises(SystemExit) as e:
             main(["generate", "--model", str(folder), "x", "--logit-bias", bad])

@@ -1,6 +1,7 @@
-"""The OpenAI API's sampling controls: logit_bias and the presence/frequency penalties, as filters
-(against transformers' bias processor and the API's documented formula) and through the decoding
-loop (against a cache-free reference loop on transformers' model)."""
+"""Sampling controls beyond the paper's top-k: the OpenAI API's logit_bias and presence/frequency
+penalties, as filters (against transformers' bias processor and the API's documented formula) and
+through the decoding loop (against a cache-free reference loop on transformers' model), and min-p
+(against transformers' warper)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +18,7 @@ from gpt2kit.sampling import (
     SamplingParams,
     apply_logit_bias,
     apply_presence_frequency,
+    min_p_filter,
     process_logits,
     select_tokens,
 )
@@ -207,3 +209,32 @@ def test_a_large_bias_forces_or_bans_a_token_when_sampling(model, tok):
 def test_a_bias_for_a_token_the_model_lacks_is_refused(model, tok):
     with pytest.raises(GenerationError, match="logit_bias: token id 50257 is not in the model's vocabulary"):
         generate(model, tok, "Hello", max_new_tokens=2, logit_bias={50257: 1.0})
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), min_p=st.sampled_from([0.0, 1e-4, 0.01, 0.05, 0.1, 0.3, 0.9, 1.0]),
+       scale=st.sampled_from([0.5, 3.0, 20.0]))
+def test_min_p_matches_transformers(seed, min_p, scale):
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(seed)) * scale
+    theirs = transformers.MinPLogitsWarper(min_p=min_p)(torch.zeros((4, 1), dtype=torch.long), logits.clone()) \
+        if min_p > 0 else logits
+    ours = min_p_filter(logits, min_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
+    assert torch.isfinite(ours.amax(dim=-1)).all()  # the most probable token always stays
+
+
+def test_min_p_comes_after_the_temperature_and_limits_sampling(model, tok):
+    # min-p reads the distribution the temperature made: at T = 2 more tokens pass than at T = 1
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(process_logits(logits, SamplingParams(min_p=0.3))).tolist() == [[False, False, True, True]]
+    assert torch.isinf(process_logits(logits, SamplingParams(min_p=0.3, temperature=2.0))).tolist() == \
+        [[False, False, False, True]]
+    # with min_p = 1 only the most probable token may be drawn: sampling is greedy
+    greedy = generate(model, tok, "Hello", max_new_tokens=12, do_sample=False, stop_at_eot=False)[0].token_ids
+    assert generate(model, tok, "Hello", max_new_tokens=12, seed=3, temperature=1.5, min_p=1.0,
+                    stop_at_eot=False)[0].token_ids == greedy
+    assert generate(model, tok, "Hello", max_new_tokens=12, seed=3, temperature=1.5,
+                    stop_at_eot=False)[0].token_ids != greedy
+    with pytest.raises(SamplingError, match=r"min_p: expected a number in \[0, 1\]"):
+        SamplingParams(min_p=1.5)

@@ -222,6 +222,9 @@ def test_penalties_and_logit_bias_are_openais(client, url, model, tok):
                         frequency_penalty=extra.get("frequency_penalty"), logit_bias=bias or None)[0]
         assert r.choices[0].text == want.text
         assert want.text != plain.text, extra  # each option changes this model's greedy text
+    r = client.completions.create(model=NAME, prompt="Hi", max_tokens=8, seed=5, extra_body={"min_p": 0.3})
+    assert r.choices[0].text == generate(model, tok, "Hi", max_new_tokens=8, seed=5, min_p=0.3)[0].text
+    assert r.choices[0].text != generate(model, tok, "Hi", max_new_tokens=8, seed=5)[0].text
     forced = client.completions.create(model=NAME, prompt="Hi", max_tokens=3, seed=1, logit_bias={"1000": 100})
     assert forced.choices[0].text == tok.decode([1000] * 3)
     headers = {"Authorization": f"Bearer {KEY}"}

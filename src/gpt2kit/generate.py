@@ -96,13 +96,13 @@ class StepOutput:
 
 
 def sampling_params(*, preset: str | None = None, temperature: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None, repetition_penalty: float | None = None,
+                    top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
                     do_sample: bool | None = None, presence_penalty: float | None = None,
                     frequency_penalty: float | None = None,
                     logit_bias: dict[int, float] | None = None) -> SamplingParams:
     """A preset (default: plain sampling at T=1) with the options that are not None replaced."""
     base = SamplingParams.from_preset(preset) if preset else SamplingParams()
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                  do_sample=do_sample, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                  logit_bias=logit_bias)
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
@@ -385,7 +385,7 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
 
 def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str | Sequence[int]], *,
              max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None,
+             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
              do_sample: bool | None = None, preset: str | None = None,
              stop: str | Iterable[str] | None = None, seed: int | None = None, n: int = 1,
              stop_at_eot: bool = True, top_logprobs: int | None = None,
@@ -402,7 +402,7 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
 
     >>> generate(model, tok, "The meaning of life is", preset="paper", seed=0)[0].text  # doctest: +SKIP
     """
-    params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
+    params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty, do_sample=do_sample,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              logit_bias=logit_bias)
@@ -427,7 +427,7 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
 
 def stream_generate(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int], *,
                     max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None, repetition_penalty: float | None = None,
+                    top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
                     do_sample: bool | None = None, preset: str | None = None,
                     stop: str | Iterable[str] | None = None, seed: int | None = None,
                     stop_at_eot: bool = True, presence_penalty: float | None = None,
@@ -437,7 +437,7 @@ def stream_generate(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequenc
     join to exactly `generate(...)[0].text` with the same options, and never split a character."""
     if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
         raise GenerationError("stream_generate: expected one prompt (a string or a list of token ids)")
-    params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p,
+    params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty, do_sample=do_sample,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              logit_bias=logit_bias)

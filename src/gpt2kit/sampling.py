@@ -1,11 +1,12 @@
 """Turning next-token logits into a token: pure functions, applied in a fixed order.
 
     logits (B, V) -> logit bias -> repetition penalty -> presence/frequency penalties
-                  -> temperature -> top-k -> top-p -> sample | argmax
+                  -> temperature -> top-k -> top-p -> min-p -> sample | argmax
 
 Each filter takes and returns a (B, V) float tensor and never modifies its input; filtered-out
 tokens get -inf. The model knows nothing of them (STYLE.md, principle 6). The order is the one
-of OpenAI's released sampler (temperature, then top-k) and of `transformers` (penalties first).
+of OpenAI's released sampler (temperature, then top-k) and of `transformers` (penalties first,
+min-p last).
 The logit bias and the presence/frequency penalties are the OpenAI API's: additive, in logit
 units, the penalties counting the tokens sampled so far (not the prompt's).
 """
@@ -22,7 +23,8 @@ from .errors import GPT2KitError
 
 __all__ = [
     "SamplingError", "SamplingParams", "PRESETS", "apply_logit_bias", "apply_repetition_penalty",
-    "apply_presence_frequency", "apply_temperature", "top_k_filter", "top_p_filter", "process_logits",
+    "apply_presence_frequency", "apply_temperature", "top_k_filter", "top_p_filter", "min_p_filter",
+    "process_logits",
     "sample", "select_tokens",
 ]
 
@@ -38,6 +40,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    # keep the tokens at least min_p times as probable as the most probable one (Nguyen et al., 2024)
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     do_sample: bool = True
     # OpenAI's: minus presence_penalty once, and frequency_penalty per occurrence, for every token
@@ -57,6 +61,9 @@ class SamplingParams:
             raise SamplingError(f"top_k: expected an integer >= 1 (or None), got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p: expected a number in (0, 1] (or None), got {self.top_p!r}")
+        if self.min_p is not None and (isinstance(self.min_p, bool)
+                                       or not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1)):
+            raise SamplingError(f"min_p: expected a number in [0, 1] (or None), got {self.min_p!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
                 and self.repetition_penalty > 0):
             raise SamplingError(f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}")
@@ -206,6 +213,17 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Keep the tokens whose probability is at least `min_p` times the most probable one's (which
+    always stays), -inf elsewhere."""
+    if not min_p:
+        return logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    # in log space: p < min_p * p_max for tokens far below the best, where probabilities underflow
+    drop = logp < logp.amax(dim=-1, keepdim=True) + math.log(min_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor | None = None,
                    previous_mask: torch.Tensor | None = None, sampled_counts: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -222,7 +240,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch
         return logits
     logits = apply_temperature(logits, params.temperature)
     logits = top_k_filter(logits, params.top_k)
-    return top_p_filter(logits, params.top_p)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Endpoints: `POST /v1/completions` (the legacy completions API: prompt as string, list of strings,
 token ids or lists of token ids; max_tokens, temperature, top_p, n, stop, seed, logprobs, echo,
 stream as server-sent events ending in `data: [DONE]`, presence_penalty, frequency_penalty,
-logit_bias, best_of; `top_k` and `repetition_penalty` as extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+logit_bias, best_of; `top_k`, `min_p` and `repetition_penalty` as extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
 
 Concurrency: each request runs in a worker thread (torch releases the GIL in its kernels), at most
 `max_concurrency` at once; the rest wait in line, and past `max_waiting` the server answers 429.
@@ -160,6 +160,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
     top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     n: int = Field(1, ge=1, le=64)
     stream: bool = False
@@ -482,6 +483,7 @@ class _Engine:
             return
         params = sampling_params(temperature=req.temperature, top_k=1 if req.top_p == 0 else req.top_k,
                                  top_p=req.top_p if 0 < req.top_p < 1 else None,  # 0: the top token only
+                                 min_p=req.min_p,
                                  repetition_penalty=req.repetition_penalty, do_sample=req.temperature > 0,
                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                  logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most probable tokens")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="sample from the smallest set of tokens with probability >= P (nucleus)")
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="sample among the tokens at least P times as probable as the most probable one")
     p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                    help="> 1 makes tokens already present less likely (CTRL's penalty)")
     p.add_argument("--presence-penalty", type=float, default=None, metavar="X",
@@ -65,13 +67,13 @@ def _bias_pair(text: str) -> tuple[int, float]:
                                          f"got {text!r}") from None
 
 
-_SAMPLING = ("preset", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "presence_penalty",
-             "frequency_penalty", "logit_bias")
+_SAMPLING = ("preset", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample",
+             "presence_penalty", "frequency_penalty", "logit_bias")
 
 
 def _options(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, preset=args.preset, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 do_sample=False if args.greedy else None, stop=args.stop, seed=args.seed,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 logit_bias=None if args.logit_bias is None else dict(args.logit_bias))
@@ -133,7 +135,7 @@ def _check_greedy(args) -> None:
     if not (args.greedy or args.preset == "greedy" or args.temperature == 0):
         return
     given = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
-                                      ("--top-p", args.top_p)) if value is not None]
+                                      ("--top-p", args.top_p), ("--min-p", args.min_p)) if value is not None]
     given = [f for f in given if not (f == "--temperature" and args.temperature == 0)]  # 0 means greedy too
     if given:
         raise GPT2KitError(f"{', '.join(given)}: no effect with greedy decoding (--greedy, --preset greedy "
