@@ -631,6 +631,8 @@ def test_near_duplicates_a_row_similar_only_to_a_dropped_row_is_kept():
     c = np.where(np.arange(128) < 32, a, np.where(np.arange(128) < 80, a + 2000, b)).astype(np.uint32)
     assert [(x == y).sum() for x, y in ((a, b), (b, c), (a, c))] == [80, 80, 32]
     assert near_duplicates(np.stack([a, b, c]), 0.5, 25, 5).tolist() == [-1, 0, -1]
+    # a row like two kept rows is the duplicate of the first of them, the one of the highest priority
+    assert near_duplicates(np.stack([a, c, b]), 0.5, 25, 5).tolist() == [-1, -1, 0]
 
 
 def test_minhash_estimates_jaccard_and_lsh_matches_datasketch():
@@ -916,6 +918,37 @@ def test_run_refuses_a_late_stage_option_before_the_first_stage(tmp_path, kw):
         run(tmp_path / "w", [dump], links_cfg=LinksConfig(shards=1),
             **{name: {"extract_cfg": ExtractConfig, "dedup_cfg": DedupConfig}[name](**v) for name, v in kw.items()})
     assert not (tmp_path / "w" / "_state").exists()
+
+
+def test_run_hands_each_stage_its_own_options(tmp_path, monkeypatch):
+    from gpt2kit.webtext import FetchConfig, ShardConfig, pipeline, run
+
+    shard_cfgs = []
+    write = pipeline.write_shards
+    monkeypatch.setattr(pipeline, "write_shards", lambda work, cfg, runner: shard_cfgs.append(cfg) or write(work, cfg, runner))
+    dump = zst_dump(tmp_path / "d.zst", [post("http://a.example/1", score=0)])   # no link survives: no network
+    seen = []
+    results = run(tmp_path / "w", [dump], links_cfg=LinksConfig(shards=1), fetch_cfg=FetchConfig(retries=5),
+                  extract_cfg=ExtractConfig(min_words=7), dedup_cfg=DedupConfig(threshold=0.8),
+                  shard_cfg=ShardConfig(top_domains=3), on_stage=lambda name, totals: seen.append(name))
+    assert seen == list(results) == ["links", "fetch", "extract", "dedup", "shard"]
+    recorded = {st: json.loads((tmp_path / "w" / "_state" / st / "config.json").read_text())
+                for st in ("fetch", "extract", "dedup")}
+    assert (recorded["fetch"]["retries"], recorded["extract"]["min_words"], recorded["dedup"]["threshold"]) == (5, 7, 0.8)
+    assert shard_cfgs == [ShardConfig(top_domains=3)]     # recorded nowhere: it shapes only the report
+
+
+def test_the_report_lists_as_many_top_domains_as_asked(tmp_path):
+    from gpt2kit.webtext import ShardConfig
+
+    rng = random.Random(5)
+    _extract_stage(tmp_path, [[doc(f"http://{h}.example/{i}", " ".join(_words(rng, 60)), 5)
+                               for h, n in (("a", 3), ("b", 2), ("c", 1)) for i in range(n)]])
+    dedup_documents(tmp_path, DedupConfig())
+    write_shards(tmp_path, ShardConfig(top_domains=2))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["top_domains"] == [["a.example", 3], ["b.example", 2]]
+    assert report["funnel"]["after exact dedup"] == report["funnel"]["final documents"] == 6
 
 
 def test_long_window_dumps_need_the_long_window(tmp_path):
