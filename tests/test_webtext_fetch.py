@@ -537,6 +537,11 @@ ROBOTS_CASES = [
     ("Disallow: /caf%C3%A9", "/café", False),                 # compared percent-encoded (RFC 9309 §2.2.2)
     ("Disallow: /%62%61%7A", "/baz", False),
     ("Disallow: /\nAllow: /robots.txt", "/robots.txt", True),
+    ("Disallow: /", "/robots.txt", True),                       # implicitly allowed (RFC 9309 §2.2.2)
+    ("Disallow: /folder\nAllow: /folder", "/folder/page", True),  # a tie goes to allow in either order
+    ("Disallow: /fish*", "/fish", False),                      # `*` matches no character too
+    ("Disallow: /caf%c3%a9", "/café", False),                  # escapes compare without regard to case
+    ("Disallow: /café", "/caf%C3%A9", False),
 ]
 
 
@@ -563,6 +568,24 @@ def test_robots_groups_for_our_token_are_merged_and_win_over_star():
     other = RobotsRules.parse(text, "somebot/2.0")
     assert [other.allowed(f"http://site.test/{p}") for p in ("a", "d")] == [False, False]
     assert other.crawl_delay is None
+
+
+def test_robots_group_lines_delays_and_stray_rules():
+    from gpt2kit.webtext.robots import RobotsRules
+
+    ua = "gpt2kit-webtext/1.0"
+    # consecutive user-agent lines open one group: its rules are every named agent's
+    for agents in ("gpt2kit-webtext\nUser-agent: otherbot", "otherbot\nUser-agent: gpt2kit-webtext"):
+        robots = RobotsRules.parse(f"User-agent: {agents}\nDisallow: /x\n", ua)
+        assert not robots.allowed("http://site.test/x") and robots.allowed("http://site.test/y"), agents
+    # of several groups that name us, the longest Crawl-delay holds: never less polite than one asks
+    two = RobotsRules.parse("User-agent: gpt2kit-webtext\nCrawl-delay: 3\n\nUser-agent: gpt2kit\nCrawl-delay: 7\n", ua)
+    assert two.crawl_delay == 7.0
+    for bad in ("inf", "nan", "-1", "soon"):
+        assert RobotsRules.parse(f"User-agent: *\nCrawl-delay: {bad}\n", ua).crawl_delay is None, bad
+    # rules before any user-agent line belong to no group
+    stray = RobotsRules.parse("Disallow: /\nUser-agent: *\nDisallow: /x\n", ua)
+    assert stray.allowed("http://site.test/y") and not stray.allowed("http://site.test/x")
 
 
 def test_robots_allow_before_disallow_is_obeyed_by_the_fetcher(site, tmp_path):
