@@ -1049,3 +1049,40 @@ def test_a_cluster_is_warned_when_the_schedule_locks_stay_on_one_machine(tmp_pat
             fetch_module.warn_if_locks_local(str(tmp_path / "hosts.bin"), runner)
         assert bool(caplog.records) is warned, runner
     assert "hosts.bin" in caplog.text and "nolock" in caplog.text and "other machines" in caplog.text
+
+
+def test_a_host_wait_is_capped_when_the_clock_went_back():
+    """A start recorded 1000 s in the future (a clock set back, another machine's clock ahead) waits at
+    most the longest the host can ask: its delay or the Retry-After cap, whichever is longer."""
+    from gpt2kit.webtext.hosts import _wait
+
+    assert _wait(last=10.0, delay=2.0, now=11.0, cap=5.0) == 1.0
+    assert _wait(last=1000.0, delay=2.0, now=0.0, cap=5.0) == 5.0
+    assert _wait(last=1000.0, delay=10.0, now=0.0, cap=5.0) == 10.0
+    assert _wait(last=0.0, delay=2.0, now=5.0, cap=5.0) == 0.0
+
+
+def test_a_shared_schedule_keeps_the_longest_delay_and_a_hold_from_now(tmp_path):
+    from gpt2kit.webtext.hosts import open_schedule
+
+    with open_schedule(tmp_path / "hosts.bin") as s:
+        s.slow_down("slow.test", 5.0)          # a Crawl-delay one process read
+        s.slow_down("slow.test", 1.0)          # a smaller one learned later does not shrink it
+        assert s.claim("slow.test", 1.0, take=True, cap=60.0) == 0.0
+        assert 4.5 < s.claim("slow.test", 1.0, take=False, cap=60.0) <= 5.0
+        # Retry-After: 3 s from now, whatever the delay
+        s.slow_down("held.test", 1.0, hold=3.0)
+        assert 2.5 < s.claim("held.test", 1.0, take=False, cap=60.0) <= 3.0
+        # --per-host 2: two places in flight, not a third
+        places = [s.take_turn("busy.test", 2) for _ in range(3)]
+        assert places[0] is not None and places[1] is not None and places[2] is None
+        for p in places[:2]:
+            s.end_turn(p)
+
+
+def test_a_retry_after_is_held_at_most_max_hold():
+    from gpt2kit.webtext.hosts import HostGate
+
+    gate = HostGate("h.test", per_host=1, delay=0.5, max_hold=2.0)
+    gate.hold(3600.0)
+    assert 1.5 < gate._claim(take=False) <= 2.0
