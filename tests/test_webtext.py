@@ -618,6 +618,14 @@ def test_dedup_defaults_are_openwebtexts():
     assert lsh_params(cfg.threshold, cfg.num_perm) == (25, 5)
 
 
+def test_band_keys_differ_exactly_where_a_bands_rows_differ():
+    sigs = np.tile(np.arange(128, dtype=np.uint32), (4, 1))
+    for row, column in ((1, 0), (2, 4), (3, 5)):        # the first and last rows of band 0, the first of band 1
+        sigs[row, column] += 7
+    keys = band_keys(sigs, 25, 5)
+    assert [[b for b in range(25) if keys[row, b] != keys[0, b]] for row in (1, 2, 3)] == [[0], [0], [1]]
+
+
 def test_candidate_pairs_of_a_large_bucket_pair_each_row_with_its_leader_and_its_neighbours():
     keys = np.zeros((12, 1), dtype=np.uint64)      # one band, every row in one bucket
     want = {(0, j) for j in range(1, 12)} | {(i, j) for j in range(12) for i in range(max(0, j - 8), j)}
