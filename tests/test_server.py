@@ -150,7 +150,7 @@ def test_n_samples_seed_and_stop(client, model, tok):
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
-def test_logprobs_and_echo(client, model, tok):
+def test_logprobs_and_echo(client, url, model, tok):
     r = client.completions.create(model=NAME, prompt="Score every token", max_tokens=0, echo=True, logprobs=2)
     c = r.choices[0]
     ids = tok.encode("Score every token")
@@ -162,6 +162,19 @@ def test_logprobs_and_echo(client, model, tok):
     assert c.logprobs.text_offset == [0, 5, 11]
     g = client.completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0, logprobs=1).choices[0]
     assert len(g.logprobs.tokens) == 4 and "".join(g.logprobs.tokens) == g.text
+    # offsets count from the start of the prompt's text, echoed or not (as OpenAI's API does)
+    assert g.logprobs.text_offset == [2 + len("".join(g.logprobs.tokens[:i])) for i in range(4)]
+    for stream in (False, True):
+        body = {"model": NAME, "prompt": [tok.encode("Hi"), [40, 1101, 257]], "max_tokens": 3, "temperature": 0, "logprobs": 0,
+                "n": 2, "stream": stream}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")] if stream else [r.json()]
+        offsets = {}
+        for e in events:
+            for c in e["choices"]:
+                offsets.setdefault(c["index"], []).extend(c["logprobs"]["text_offset"])
+        firsts = {i: o[0] for i, o in offsets.items()}
+        assert firsts == {0: 2, 1: 2, 2: len(tok.decode([40, 1101, 257])), 3: len(tok.decode([40, 1101, 257]))}
     # greedy: each chosen token is its step's most probable one
     assert all(lp == pytest.approx(max(top.values())) for lp, top in zip(g.logprobs.token_logprobs, g.logprobs.top_logprobs))
 

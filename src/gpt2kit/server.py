@@ -585,10 +585,18 @@ class _Engine:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
+    def _offsets(self, job: _Job) -> list[_Offsets]:
+        """Where each choice's text_offset counts from: as OpenAI's API does, the start of the
+        prompt's text, also when the prompt is not echoed (an echo then advances it)."""
+        if job.request.echo:
+            return [_Offsets() for _ in range(job.n_choices)]
+        lengths = [len(self.tokenizer.decode(ids)) for ids in job.sent] if job.request.logprobs is not None else None
+        return [_Offsets(lengths[i // job.request.candidates] if lengths else 0) for i in range(job.n_choices)]
+
     async def complete(self, job: _Job) -> dict[str, Any]:
         want = job.request.logprobs is not None
         choices = [_Choice() for _ in range(job.n_choices)]
-        offsets = [_Offsets() for _ in choices]
+        offsets = self._offsets(job)
         async for kind, item in self.run(job):
             if kind == "echo":
                 index, ids, scored = item
@@ -611,7 +619,7 @@ class _Engine:
         opts = job.request.stream_options
         usage = opts is not None and opts.include_usage
         choices = [_Choice() for _ in range(job.n_choices)]
-        offsets = [_Offsets() for _ in choices]
+        offsets = self._offsets(job)
 
         def chunk(index: int, text: str, finish_reason: str | None, start: int) -> str:
             c = choices[index]
