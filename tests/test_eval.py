@@ -165,6 +165,10 @@ def hf_continuation(hf, ctx: list[int], cont: list[int]) -> tuple[float, list[in
     return sum(float(lp[p, t]) for p, t in zip(pos, cont)), [int(lp[p].argmax()) for p in pos]
 
 
+def assert_logprobs_match_transformers(hf, requests, results) -> None:
+    for r, q in zip(results, requests, strict=True):
+        assert r.logprob == pytest.approx(hf_continuation(hf, list(q.context), list(q.continuation))[0], rel=1e-4)
+
 # ----------------------------------------------------------------------------- scorers vs transformers
 
 def test_rolling_windows_score_every_token_once_with_enough_context():
@@ -231,8 +235,7 @@ def test_shared_contexts_batched_together_never_overrun_the_context(model, hf, t
     reqs = [Loglikelihood(tuple(long_ctx), tuple(tokens(2))) for _ in range(3)]
     reqs += [Loglikelihood(tuple(short_ctx), tuple(tokens(n_ctx // 2))) for _ in range(3)]
     res = Scorer(model, tokenizer, batch_size=8, progress=False).loglikelihood(reqs)
-    for r, q in zip(res, reqs):
-        assert r.logprob == pytest.approx(hf_continuation(hf, list(q.context), list(q.continuation))[0], rel=1e-4)
+    assert_logprobs_match_transformers(hf, reqs, res)
 
 
 def test_a_context_longer_than_the_model_keeps_its_most_recent_tokens_that_fit(model, hf, tokenizer):
@@ -337,6 +340,125 @@ def test_greedy_generation_stops_and_cuts(model, tokenizer):
     assert tokenizer.decode(list(cut.tokens)).startswith(cut.text) and len(cut.tokens) < 10
 
 
+def test_greedy_check_needs_every_continuation_token_to_be_the_argmax(model, hf, tokenizer):
+    ctx = tokenizer.encode_ordinary("The quick brown fox jumps over the")
+    _, (g0,) = hf_continuation(hf, ctx, [0])  # the argmax after the context
+    other = (g0 + 1) % 50000
+    _, (_, g1) = hf_continuation(hf, ctx, [g0, 0])  # the argmax after context + g0
+    _, (_, h1) = hf_continuation(hf, ctx, [other, 0])
+    conts = [(g0, g1), (g0, (g1 + 1) % 50000), (other, h1)]  # both argmax; second token wrong; first wrong
+    res = Scorer(model, tokenizer, progress=False).loglikelihood([Loglikelihood(tuple(ctx), c) for c in conts])
+    assert [r.is_greedy for r in res] == [True, False, False]
+
+
+def test_requests_reading_one_sequence_from_different_positions(model, hf, tokenizer):
+    """log p(a b | c) and log p(b | c a) read one input sequence from two positions: each reads its own."""
+    ctx = tuple(tokenizer.encode_ordinary("It was a dark and stormy night"))
+    cont = tuple(tokenizer.encode_ordinary(" and the rain fell in torrents"))
+    reqs = [Loglikelihood(ctx, cont), Loglikelihood(ctx + cont[:3], cont[3:])]
+    assert_logprobs_match_transformers(hf, reqs, Scorer(model, tokenizer, progress=False).loglikelihood(reqs))
+
+def test_a_continuation_as_long_as_the_context_fits(model, hf, tokenizer):
+    """n_ctx continuation tokens after <|endoftext|> (or the context's last token) are n_ctx inputs: they fit."""
+    n_ctx = model.config.n_ctx
+    g = torch.Generator().manual_seed(1)
+    cont = tuple(torch.randint(0, 50000, (n_ctx,), generator=g).tolist())
+    ctx = tuple(torch.randint(0, 50000, (5,), generator=g).tolist())
+    scorer = Scorer(model, tokenizer, progress=False)
+    res = scorer.loglikelihood([Loglikelihood((), cont), Loglikelihood(ctx, cont)])
+    assert res[0].logprob == pytest.approx(hf_continuation(hf, [tokenizer.eot_token], list(cont))[0], rel=1e-4)
+    assert res[1].logprob == pytest.approx(hf_continuation(hf, list(ctx[-1:]), list(cont))[0], rel=1e-4)
+    with pytest.raises(ScoringError, match=f"a continuation of {n_ctx + 1} tokens does not fit the context of {n_ctx}"):
+        scorer.loglikelihood([Loglikelihood((), cont + (11,))])
+
+
+def test_shared_contexts_of_different_lengths_in_one_batch(model, hf, tokenizer):
+    """Two contexts, each with several continuations, left padded into one batch: the pads are not attended."""
+    short = tuple(tokenizer.encode_ordinary("Once upon a time"))
+    long = tuple(tokenizer.encode_ordinary("The results of the experiment were published in a journal and"))
+    conts = [tuple(tokenizer.encode_ordinary(c)) for c in (" the end", " a story", " nobody read them")]
+    reqs = [Loglikelihood(ctx, c) for ctx in (short, long) for c in conts]
+    res = Scorer(model, tokenizer, batch_size=8, progress=False).loglikelihood(reqs)
+    assert_logprobs_match_transformers(hf, reqs, res)
+
+
+def test_greedy_generation_from_a_context_longer_than_the_model(model, hf, tokenizer):
+    """It keeps the last n_ctx - max_new_tokens context tokens: the generation then ends at the context's end."""
+    n_ctx = model.config.n_ctx
+    ctx = tokenizer.encode_ordinary(PTB)[:2 * n_ctx]
+    res = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(tuple(ctx), 5)])[0]
+    kept = ctx[-(n_ctx - 5):]
+    plain = hf.generate(torch.tensor([kept]), max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(kept):]
+    assert list(res.tokens) == plain.tolist()
+    assert res.logprob == pytest.approx(hf_continuation(hf, kept, plain.tolist())[0], rel=1e-4)
+    for bad in (0, n_ctx):
+        with pytest.raises(ScoringError, match=f"max_new_tokens must be in \\[1, {n_ctx}\\), got {bad}"):
+            Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(tuple(ctx), bad)])
+
+
+def test_greedy_generation_cuts_at_the_earliest_stop_and_keeps_the_tokens_before_it(model, hf, tokenizer):
+    """Several stop strings and a stop regex: the text ends at the first match of any of them; the answer keeps
+    the tokens whose text starts before the cut, with their log-probability (none when the text starts there)."""
+    ids = tuple(tokenizer.encode_ordinary("Once upon a time"))
+    free = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(ids, 10)])[0]
+    pieces = [tokenizer.decode([t]) for t in free.tokens]
+    assert "".join(pieces) == free.text and all(len(p) >= 4 for p in pieces[:5]) and len(pieces[1]) >= 9
+    starts = [len("".join(pieces[:k])) for k in range(len(pieces))]
+    early, late = pieces[1][:4], pieces[4][:4]  # e.g. " fas", " Log": the cut falls where token 1 starts
+    assert (free.text.find(early), free.text.find(late)) == (starts[1], starts[4])
+    # two stops that token 1 completes at once, one character and six characters into it (" fascinating": "fa",
+    # "nat"): the earlier one cuts, whether it is a string or the regex
+    first, second = pieces[1][1:3], pieces[1][6:9]
+    assert (free.text.find(first), free.text.find(second)) == (starts[1] + 1, starts[1] + 6)
+    # a stop that only the token after the last one allowed would complete: no cut
+    beyond = pieces[2][-2:] + pieces[3][:2]
+    assert free.text.find(beyond) == starts[3] - 2
+    cases = [((late, second, first), None, starts[1] + 1, 10), ((second,), re.escape(first), starts[1] + 1, 10),
+             ((early,), re.escape(late), starts[1], 10), ((pieces[0][:3],), None, 0, 10), ((beyond,), None, starts[3], 3)]
+    reqs = [GreedyGeneration(ids, n, stop=stop, stop_regex=regex) for stop, regex, _, n in cases]
+    res = Scorer(model, tokenizer, batch_size=4, progress=False).greedy(reqs)
+    for r, (_, _, cut, _) in zip(res, cases):
+        kept = [t for t, s in zip(free.tokens, starts) if s < cut]
+        assert (r.text, list(r.tokens)) == (free.text[:cut], kept)
+        assert r.logprob == pytest.approx(hf_continuation(hf, list(ids), kept)[0] if kept else 0.0, rel=1e-4, abs=1e-9)
+
+
+def test_greedy_generation_ends_at_endoftext(model, tokenizer):
+    """A path that generates <|endoftext|> ends there: the answer holds neither the token nor its text."""
+    import copy
+
+    eot = tokenizer.eot_token
+    ids = tokenizer.encode_ordinary("Once upon a time")
+    free = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration(tuple(ids), 6)])[0].tokens
+    ending = copy.deepcopy(model)
+    with torch.no_grad():  # <|endoftext|> now just beats the third token (tied embeddings: its logit too)
+        ending.transformer.wte.weight[eot] = 1.01 * ending.transformer.wte.weight[free[2]]
+    x, logprob = list(ids), 0.0
+    with torch.no_grad():  # the reference: a plain greedy loop over full forwards
+        while x[-1] != eot:
+            lp = torch.log_softmax(ending(torch.tensor([x]))[0, -1].double(), -1)
+            x.append(int(lp.argmax()))
+            logprob += float(lp[x[-1]])
+    assert x[len(ids):] == [*free[:2], eot]
+    res = Scorer(ending, tokenizer, progress=False).greedy([GreedyGeneration(tuple(ids), 6)])[0]
+    assert res.tokens == free[:2] and res.text == tokenizer.decode(list(free[:2]))
+    assert res.logprob == pytest.approx(logprob - float(lp[eot]), rel=1e-4)
+
+
+def test_log_softmax_runs_in_float32_for_a_bfloat16_model(model, tokenizer):
+    """bf16 log-probabilities would be rounded to 8 bits of mantissa (steps of 1/16 near -10)."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ctx = tuple(tokenizer.encode_ordinary("The quick brown fox jumps over the"))
+    reqs = [Loglikelihood(ctx, (t,)) for t in (1000, 2000, 3000, 4000)]
+    ours = Scorer(half, tokenizer, progress=False).loglikelihood(reqs)
+    full = Scorer(model, tokenizer, progress=False).loglikelihood(reqs)
+    for r, f in zip(ours, full):
+        assert r.logprob == pytest.approx(f.logprob, abs=1.0)  # the same model, in bf16
+        assert float(torch.tensor(r.logprob).to(torch.bfloat16)) != r.logprob  # not a bf16 number
+
+
 # ----------------------------------------------------------------------------- tasks on fixtures
 
 def test_every_table3_task_runs_on_its_real_format(model, tokenizer, data_dir):
@@ -360,6 +482,17 @@ def test_every_table3_task_runs_on_its_real_format(model, tokenizer, data_dir):
     m = res["text8"]["metrics"]
     assert m["bpc"] == pytest.approx(-m["logprob"] / math.log(2) / len(TEXT8))
 
+
+def test_perplexity_units_and_aggregates_by_hand(tmp_path):
+    """Perplexity per word, bits per byte or per character over the original text's units, and the perplexity per
+    BPE token beside them, from the summed log-probabilities of all documents."""
+    scores = [{"logprob": -10.0, "tokens": 5, "units": 4}, {"logprob": -6.0, "tokens": 3, "units": 6}]
+    words = get_task("ptb")(tmp_path).aggregate(scores)
+    assert words == {"logprob": -16.0, "units": 10, "tokens": 8, "token_ppl": pytest.approx(math.exp(16 / 8)),
+                     "ppl": pytest.approx(math.exp(16 / 10))}
+    assert get_task("enwik8")(tmp_path).aggregate(scores)["bpb"] == pytest.approx(16 / math.log(2) / 10)
+    assert get_task("text8")(tmp_path).aggregate(scores)["bpc"] == pytest.approx(16 / math.log(2) / 10)
+    assert get_task("enwik8")(tmp_path).units("café\n") == 6 and get_task("text8")(tmp_path).units("café\n") == 5
 
 def test_lambada_metrics_match_a_straightforward_computation(model, hf, tokenizer, data_dir):
     res = evaluate(model, tokenizer, ["lambada"], data_dir, batch_size=2, progress=False)["lambada"]["metrics"]
@@ -566,6 +699,11 @@ def test_a_wikitext_equation_line_does_not_start_an_article(tmp_path):
     ("lm1b", '" We are very pleased with the result , " he said .', '"We are very pleased with the result," he said.'),
     ("ptb_quotes", "`` i 'm sorry , '' he said . `` did n't you know ? ''",
      '"i\'m sorry," he said. "didn\'t you know?"'),
+    ("wikitext", " turnout was 50 % , up from 45 % . ", "turnout was 50%, up from 45%."),
+    ("lm1b", "He was the # 1 seed .", "He was the #1 seed."),
+    ("lm1b", "SCHOOLS ISN 'T OVER , IT 'S SUMMER .", "SCHOOLS ISN'T OVER, IT'S SUMMER."),
+    # a lone quote that starts the line opens a quotation, whatever follows
+    ("lm1b", '" and so it goes on , he said .', '"and so it goes on, he said.'),
 ])
 def test_detokenizer_known_pairs(name, original, expected):
     assert dt.detokenize(name, original) == expected
@@ -615,6 +753,8 @@ def test_detokenizers_keep_every_line_and_character_of_the_fixture_files(name, t
     ("give me a minute to change and i 'll meet you at the docks . '' she 'd forced those words through her teeth",
      'give me a minute to change and i\'ll meet you at the docks." she\'d forced those words through her teeth'),
     ("the girls ' dresses -lrb- blue ones -rrb- were ready .", "the girls' dresses (blue ones) were ready."),
+    # a single quotation opening the line
+    ("` Off with her head ! ' the Queen shouted .", "'Off with her head!' the Queen shouted."),
 ])
 def test_ptb_quotes_detokenizes_cbt_and_lambada_lines(original, expected):
     detokenized = dt.ptb_quotes(original)
@@ -642,6 +782,8 @@ def test_ptb_quotes_detokenizes_cbt_and_lambada_lines(original, expected):
     (" The Americans finally spotted the Japanese carriers at 16 : 40 , some 200 miles ( 320 km ) east of Cape <unk> "
      ", the northeastern tip of Luzon . ", "The Americans finally spotted the Japanese carriers at 16:40, some 200 "
      "miles (320 km) east of Cape <unk>, the northeastern tip of Luzon."),
+    # a formula line that starts with `=` but does not end with one is text, not a heading
+    (" = 3 @.@ 5 m / s ", "= 3.5 m / s"),
 ])
 def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
     detokenized = dt.wikitext(original)
@@ -675,6 +817,8 @@ def test_wikitext_detokenizes_headings_and_split_negations(original, expected):
      '"I was poking about in the dashboard while the RSPCA man was trying to coax her out.'),
     ("The Buccaneers ( 5-5 ) led 67-53 with 2 : 56 remaining on two free throws by Williams .",
      "The Buccaneers (5-5) led 67-53 with 2:56 remaining on two free throws by Williams."),
+    # an ellipsis ends a clause too: the quote after it closes
+    ('I thought it was over ... " not yet , she said .', 'I thought it was over..." not yet, she said.'),
 ])
 def test_lm1b_detokenizes_held_out_sentences(original, expected):
     detokenized = dt.lm1b(original)
