@@ -191,6 +191,10 @@ def test_answer_normalization_and_f1_known_values():
     assert tm.answer_f1("the", "a") == 1.0  # both normalize to nothing
     assert tm.answer_f1("", "white") == 0.0
     assert tm.answer_em("The Cat.", "cat") == 1.0
+    # a token counts as often as both answers have it: 2 shared "cat"s, P 2/3, R 2/2
+    assert tm.answer_f1("the cat the cat", "cat cat cat") == pytest.approx(2 * (2 / 3) / (2 / 3 + 1))
+    # an article becomes a space, as in the official script (’ is not ASCII punctuation: it stays)
+    assert tm.normalize_answer("rock’a’billy") == "rock’ ’billy"
 
 
 def test_coqa_leave_one_out_known_values():
@@ -219,6 +223,7 @@ def test_rouge_matches_the_packages_reference_example():
     assert r["rouge2"] == pytest.approx(100 * 4 / 15)  # 2 shared bigrams: P 2/7, R 2/8
     assert r["rougeL"] == pytest.approx(100 * 0.5882352941176471)  # the rouge-score README's value
     assert tm.rouge_f1(["runs quickly"], ["running quick"])["rouge1"] == pytest.approx(50.0)  # stemming on
+    assert all(math.isnan(v) for v in tm.rouge_f1([], []).values())  # nothing measured is not a score of 0
 
 
 def test_rouge_lsum_takes_the_reference_as_the_target():
@@ -242,6 +247,10 @@ def test_corpus_bleu_known_value_and_signature():
     # (and reference and hypothesis are not interchangeable)
     short = tm.corpus_bleu(["the cat sat on the mat today"], ["the cat sat on the mat"])["bleu"]
     assert short == pytest.approx(100 * math.exp(1 - 7 / 6))
+    # corpus BLEU pools the n-gram counts of all sentences (it is not the mean of sentence BLEUs: 100 and 0 here):
+    # 1-grams 6/8, 2-grams 4/6, 3-grams 2/4, 4-grams 1/2
+    pooled = tm.corpus_bleu(["a b c d", "e f g h"], ["a b c d", "e f x y"])["bleu"]
+    assert pooled == pytest.approx(100 * (6 / 8 * 4 / 6 * 2 / 4 * 1 / 2) ** 0.25)
 
 
 def test_first_sentences_and_confidence():
@@ -251,10 +260,24 @@ def test_first_sentences_and_confidence():
     assert tm.first_sentences("It cost $3.5 m. in 2010 vs. 2009. Then", 2) == [
         "It cost $3.5 m. in 2010 vs. 2009.", "Then"]
     assert tm.first_sentences("One.\nTwo\n\nThree. Four.", 3) == ["One.", "Two", "Three."]
+    # closing quotes and brackets stay with the sentence they end
+    assert tm.first_sentences('She said "Go home." (It rained.) Then he left.', 3) == [
+        'She said "Go home."', "(It rained.)", "Then he left."]
     assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 1) == 100.0  # ceil -> 1 answer
     assert tm.top_confidence_accuracy([0.1, 0.9, 0.5, 0.3], [1, 1, 0, 0], 75) == pytest.approx(100 / 3)
     # a fraction of an answer rounds up: 50% of 5 answers is the top 3, not the top 2
     assert tm.top_confidence_accuracy([0.9, 0.8, 0.7, 0.1, 0.2], [1, 1, 0, 0, 0], 50) == pytest.approx(200 / 3)
+
+
+def test_transfer_table_shows_the_papers_numbers_only_beside_its_largest_model():
+    results = {"coqa": {"metrics": {"f1": 12.5, "em": math.nan, "questions": 3}},
+               "lambada": {"metrics": {"ppl": 40.0}}}  # a Table 3 task: not in this table
+    table = tm.format_transfer(results, model_name="mine", paper_size="1542M").split("\n")
+    assert table == ["| task | metric | mine | paper 1542M |", "|---|---|---|---|", "| coqa | f1 | 12.50 | 55.00 |",
+                     "| coqa | em | - | - |", "| coqa | questions | 3 | - |"]
+    smaller = tm.format_transfer(results, model_name="mine", paper_size="117M").split("\n")
+    assert smaller[2:] == ["| coqa | f1 | 12.50 | - |", "| coqa | em | - | - |", "| coqa | questions | 3 | - |"]
+    assert tm.format_transfer({"lambada": results["lambada"]}) == ""
 
 
 def test_a_missing_metric_package_is_a_clear_error(monkeypatch, tmp_path):
@@ -539,6 +562,27 @@ def test_wmt_bleu_of_the_generated_lines(model, tokenizer, data_dir):
     expected = tm.corpus_bleu([d[2] for d in docs], [c.text.strip() for c in comps])["bleu"]
     assert out["wmt14-fr-en"]["metrics"] == {"bleu": pytest.approx(expected), "sentences": 3}
     assert out["wmt14-fr-en"]["protocol"]["bleu_signature"].startswith("nrefs:1")
+
+
+def test_generation_requests_keep_the_end_of_a_long_context_and_their_own_seed(model, tokenizer):
+    """A context too long for the prompt loses its start (`truncate="left"`, the default), the suffix stays whole,
+    an empty prompt is <|endoftext|>; requests that differ only in their seed are sampled apart, each as it would
+    be on its own."""
+    n_ctx = model.config.n_ctx
+    g = torch.Generator().manual_seed(5)
+    long = tuple(torch.randint(0, 50000, (n_ctx + 40,), generator=g).tolist())
+    short = tuple(tokenizer.encode_ordinary("Once upon a time"))
+    sampled = dict(do_sample=True, top_k=5)
+    reqs = [Generation(long, 20), Generation(long, 20, suffix=(13,)), Generation((), 20),
+            Generation(short, 20, seed=1, **sampled), Generation(short, 20, seed=2, **sampled)]
+    res = Scorer(model, tokenizer, batch_size=4, progress=False).score(reqs)
+    prompts = [list(long[-(n_ctx - 20):]), list(long[-(n_ctx - 21):]) + [13], [tokenizer.eot_token]]
+    for r, c in zip(res[:3], generate(model, tokenizer, prompts, max_new_tokens=20, do_sample=False, top_logprobs=0)):
+        assert r.tokens == tuple(c.token_ids) and r.logprob == pytest.approx(sum(c.logprobs), rel=1e-4)
+    for r, seed in zip(res[3:], (1, 2)):
+        alone = generate(model, tokenizer, [list(short)], max_new_tokens=20, seed=seed, **sampled)[0]
+        assert r.tokens == tuple(alone.token_ids)
+    assert res[3].tokens != res[4].tokens
 
 
 def test_generation_request_errors(model, tokenizer):
