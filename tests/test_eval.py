@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2kit.eval import (GreedyGeneration, Loglikelihood, MissingDataError, RollingLoglikelihood, RollingResult,
-                          Scorer, Task, TaskError, evaluate, format_table3, get_task, register_task, rolling_windows,
-                          task_names)
+from gpt2kit.eval import (GenerationResult, GreedyGeneration, Loglikelihood, MissingDataError, RollingLoglikelihood,
+                          RollingResult, Scorer, Task, TaskError, evaluate, format_table3, get_task, register_task,
+                          rolling_windows, task_names)
 from gpt2kit.eval.scoring import ScoringError
 from gpt2kit.eval import detokenizers as dt
 from gpt2kit.eval.tasks.enwik8 import decode_cut
@@ -421,6 +421,23 @@ def test_greedy_generation_cuts_at_the_earliest_stop_and_keeps_the_tokens_before
         kept = [t for t, s in zip(free.tokens, starts) if s < cut]
         assert (r.text, list(r.tokens)) == (free.text[:cut], kept)
         assert r.logprob == pytest.approx(hf_continuation(hf, list(ids), kept)[0] if kept else 0.0, rel=1e-4, abs=1e-9)
+
+
+def test_a_cut_after_a_character_split_across_tokens_keeps_all_of_its_bytes(model, tokenizer):
+    """"é" generated as its two byte tokens, then " au": cut at " au", the answer keeps both bytes of "é" (the text of
+    each starts before the cut), and their log-probabilities."""
+    from gpt2kit.eval.scoring import _Path
+
+    split_e = [tokenizer.mergeable_ranks[bytes([b])] for b in "é".encode()]
+    caf, rest = tokenizer.encode_ordinary("Caf"), tokenizer.encode_ordinary(" au lait")
+    tokens = [*caf, *split_e, *rest]
+    logprobs = [-1.0 - k for k in range(len(tokens))]
+    assert tokenizer.decode(tokens) == "Café au lait"
+    scorer = Scorer(model, tokenizer, progress=False)
+    path = _Path([0], tokens, logprobs)
+    scorer._check_finished(path, [GreedyGeneration((1,), 20, stop=(" au",))])
+    kept = len(caf) + 2
+    assert path.done[0] == GenerationResult("Café", tuple(tokens[:kept]), sum(logprobs[:kept]))
 
 
 def test_greedy_generation_ends_at_endoftext(model, tokenizer):

@@ -16,6 +16,7 @@ Shape legend: B rows in a batch, L padded length, C n_embd, P selected positions
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import re
@@ -457,13 +458,18 @@ class Scorer:
             n = len(tokens[:r.max_new_tokens])
             if cut >= 0:
                 text_i = text[:cut]
-                # the tokens whose text starts before the cut
+                # the tokens whose text starts before the cut (every byte of a character split across
+                # tokens: a prefix ending inside one leaves it out, where decode() would count a U+FFFD)
                 n = next((k for k in range(1, len(tokens) + 1)
-                          if len(self.tokenizer.decode(tokens[:k])) >= cut), len(tokens))
+                          if len(self._whole_characters(tokens[:k])) >= cut), len(tokens))
                 n = n if cut > 0 else 0
             else:
                 text_i = self.tokenizer.decode(tokens[:n])
             path.done[i] = GenerationResult(text_i, tuple(tokens[:n]), float(sum(path.logprobs[:n])))
+
+    def _whole_characters(self, tokens: list[int]) -> str:
+        """The text of `tokens` without a character that their last bytes only begin."""
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(self.tokenizer.decode_bytes(tokens))
 
     # ------------------------------------------------------------------------- generation (generate.py)
 
