@@ -118,8 +118,14 @@ def test_shakespeare_matches_tiktoken_and_hf(shakespeare_files, fast, ref, tik, 
 
 
 def test_every_code_point_splits_as_in_tiktoken(fast, ref, tik):
+    import regex
+
     every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
-    for text in (every, " ".join(every[::7]) + "a".join(every[3::11]) + "1".join(every[5::13])):
+    # beside most characters a different split gives the same ids (no merge joins them to their
+    # neighbours), but not before a contraction: a letter keeps "'s" whole, anything else takes "'"
+    letters_and_numbers = regex.findall(r"[\p{L}\p{N}]", every)
+    contractions = "'s ".join(letters_and_numbers)
+    for text in (every, " ".join(every[::7]) + "a".join(every[3::11]) + "1".join(every[5::13]), contractions):
         expected = tik.encode_ordinary(text)
         assert fast.encode_ordinary(text) == expected
         assert ref.encode_ordinary(text) == expected
@@ -392,9 +398,18 @@ _UNSUPPORTED_SETTINGS = {
     "ignore_merges": (lambda d: d["model"].update(ignore_merges=True), "'model.ignore_merges' is true"),
     "lstrip": (lambda d: d["added_tokens"][0].update(lstrip=True), r"'added_tokens\[0\].lstrip' is true"),
     "not_special": (lambda d: d["added_tokens"][0].update(special=False), r"'added_tokens\[0\].special' is false"),
+    "rstrip": (lambda d: d["added_tokens"][0].update(rstrip=True), r"'added_tokens\[0\].rstrip' is true"),
+    "single_word": (lambda d: d["added_tokens"][0].update(single_word=True), r"'added_tokens\[0\].single_word' is true"),
+    "two_byte_levels": (lambda d: d.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [_BYTE_LEVEL, _BYTE_LEVEL]}),
+                        r"'pre_tokenizer' is \{\"type\":\"Sequence\".*: expected exactly one 'ByteLevel' pre-tokenizer"),
+    "prefix": (lambda d: d["model"].update(continuing_subword_prefix="x"), r"'model.continuing_subword_prefix' is \"x\""),
+    "decoder": (lambda d: d.update(decoder={"type": "WordPiece", "prefix": "##", "cleanup": True}), r"'decoder' is \{\"type\":\"WordPiece\""),
+    "padding": (lambda d: d.update(padding={"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None,
+                                            "pad_id": 50256, "pad_type_id": 0, "pad_token": ENDOFTEXT}), r"'padding' is \{"),
 }
 
-_CHANGES_IDS_OF_HELLO = {"normalizer", "add_prefix_space", "use_regex", "split", "template", "truncation", "suffix"}
+_CHANGES_IDS_OF_HELLO = {"normalizer", "add_prefix_space", "use_regex", "split", "template", "truncation", "suffix",
+                         "two_byte_levels", "padding"}
 
 
 @pytest.fixture(scope="module")
@@ -430,8 +445,11 @@ def test_tokenizer_json_as_transformers_and_the_hub_write_it_loads(gpt2_saved, t
         decoder={**_BYTE_LEVEL, "add_prefix_space": True}))
     sequence = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "seq.json", lambda d: d.update(
         pre_tokenizer={"type": "Sequence", "pretokenizers": [_BYTE_LEVEL]}))
+    # older files have no use_regex in their ByteLevel steps: HF's default for it is true
+    no_use_regex = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "old.json", lambda d: d.update(
+        pre_tokenizer={k: v for k, v in _BYTE_LEVEL.items() if k != "use_regex"}))
     text = " ".join(DIVERSE)
-    for path in (tmp_path / "hf" / "tokenizer.json", hub_style, sequence):
+    for path in (tmp_path / "hf" / "tokenizer.json", hub_style, sequence, no_use_regex):
         tok = Tokenizer.from_tokenizer_json(path)
         assert tok.fingerprint == fast.fingerprint
         assert tok.encode(text, allowed_special="all") == HFTokenizer.from_file(str(path)).encode(text).ids
@@ -480,14 +498,17 @@ def test_a_bad_merge_is_named_in_the_merges_file(tmp_path):
     from gpt2kit.tokenizer import bytes_to_unicode
 
     encoder = {c: b for b, c in bytes_to_unicode().items()} | {"ab": 256, "abc": 257}
+    three = {c: b for b, c in bytes_to_unicode().items()} | {"ab": 256, "bc": 257, "abc": 258}
     cases = [
         ("#version: 0.2\na b\n\na x\n", r"vocab.bpe: line 4: merge 2 \(a x\): the result 'ax' is not in the vocabulary"),
         ("#version: 0.2\na b\nab \u4e00\n", r"vocab.bpe: line 3: merge part '\u4e00' holds"),
         ("#version: 0.2\nab c\na b\n", r"vocab.bpe: line 3: merge 2 \(a b\): result id 256 does not follow the previous merge's id 257"),
         ("#version: 0.2\nzz a\n", r"vocab.bpe: line 2: merge 1 \(zz a\): 'zz' is not in the vocabulary"),
+        # two merges that make the same token: the second's id cannot follow the first's
+        ("#version: 0.2\na b\nb c\nab c\na bc\n", r"vocab.bpe: line 5: merge 4 \(a bc\): result id 258 does not follow the previous merge's id 258"),
     ]
     for merges, message in cases:
-        enc, bpe = _vocab_files(tmp_path, encoder, merges)
+        enc, bpe = _vocab_files(tmp_path, three if "bc" in merges else encoder, merges)
         with pytest.raises(InputFileError, match=message):
             Tokenizer.from_files(enc, bpe)
 
@@ -567,3 +588,38 @@ def test_encode_batch_names_the_text_it_refuses(fast, ref):
                 tok.encode_batch(texts, num_threads=threads)
         with pytest.raises(TokenizerError, match=r"^texts\[2\]: expected text \(str\), got bytes$"):
             tok.encode_batch(["\ud800", "ok", b"bytes"])
+        # of several, the first is named, with its own position
+        for threads in (None, 1, 3):
+            with pytest.raises(InvalidTextError, match=r"^texts\[3\]: text is not valid Unicode: lone surrogate U\+DC00 at character 1 "):
+                tok.encode_batch(["a", "b", "c", "x\udc00", "d", "e", "f", "yy\ud800"], num_threads=threads)
+
+
+def test_reference_engines_of_different_vocabularies_do_not_share_cached_pieces(ref):
+    # by hand: h+e (256), l+l (257), he+ll (258): "hello" is [hell, o] here, one token in GPT-2
+    ranks = {bytes([b]): b for b in range(256)} | {b"he": 256, b"ll": 257, b"hell": 258}
+    tiny = Tokenizer(ranks, [(b"h", b"e"), (b"l", b"l"), (b"he", b"ll")], {}, engine="reference")
+    assert ref.encode("hello") == [31373]
+    assert tiny.encode("hello") == [258, ord("o")]
+    assert ref.encode("hello") == [31373]
+
+
+def test_reference_cache_around_its_length_limit_matches_tiktoken(ref, tik):
+    # pieces either side of the 64-character cache limit, each after its one-shorter neighbour
+    for n in range(60, 70):
+        for text in ("x" * n, " " + "ab" * (n // 2), "1" * n):
+            assert ref.encode_ordinary(text) == tik.encode_ordinary(text), (n, text)
+
+
+def test_allowed_special_as_one_string_is_refused_not_read_as_characters(fast, ref):
+    for tok in (fast, ref):
+        with pytest.raises(TokenizerError, match=r"^allowed_special must be 'all' or a set of special tokens, got '<\|endoftext\|>'$"):
+            tok.encode("a<|endoftext|>", allowed_special=ENDOFTEXT)
+
+
+def test_tokenizer_json_special_token_without_a_usable_id_is_named(gpt2_saved, tmp_path):
+    for bad in (None, -1, "50256"):
+        path = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "tokenizer.json",
+                                      lambda d: d["added_tokens"][0].update(id=bad))
+        with pytest.raises(InputFileError, match=rf"tokenizer.json: special token '<\|endoftext\|>' has id {re.escape(repr(bad))}; "
+                                                 "expected a non-negative integer$"):
+            Tokenizer.from_tokenizer_json(path)
