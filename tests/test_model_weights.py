@@ -173,20 +173,22 @@ def test_openai_tf_checkpoint_fixture():
     assert_same_logits(ours, hf, vocab=37)
 
 
-def test_crc32c_matches_reference():
-    def reference(data: bytes) -> int:
-        crc = 0xFFFFFFFF
-        for byte in data:
-            crc ^= byte
-            for _ in range(8):
-                crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        return crc ^ 0xFFFFFFFF
+def _crc32c_bitwise(data: bytes) -> int:
+    """CRC32C bit by bit, as its definition reads."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
 
+
+def test_crc32c_matches_reference():
     assert crc32c(b"123456789") == 0xE3069283  # the standard check value
     rng = np.random.default_rng(0)
     for n in (0, 1, 5, 64, 1000, 4099):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert crc32c(data) == reference(data)
+        assert crc32c(data) == _crc32c_bitwise(data)
         assert crc32c(data) != zlib.crc32(data) or n == 0
 
 
@@ -211,6 +213,7 @@ def test_resolution_hf_cache_and_offline_message(tmp_path, monkeypatch):
     # the current name wins when both are there
     hf.save_pretrained(tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "def")
     assert resolve("openai-community/gpt2").parent.parent.name == "models--openai-community--gpt2"
+    assert resolve("gpt2").parent.parent.name == "models--openai-community--gpt2"
     with pytest.raises(WeightsError, match="no such folder"):
         GPT2.from_pretrained(str(tmp_path / "nowhere" / "x"))
     with pytest.raises(WeightsError, match="no model here: expected config.json"):
@@ -409,6 +412,8 @@ def test_saving_over_an_earlier_save_leaves_no_stale_weights(tmp_path, monkeypat
     old = hf_model(seed=0)
     old.save_pretrained(tmp_path, max_shard_size="10KB")  # index + shards
     (tmp_path / "pytorch_model.bin").write_bytes(b"an older save's weights")
+    (tmp_path / "pytorch_model.bin.index.json").write_text('{"weight_map": {"x": "pytorch_model-00001-of-00002.bin"}}')
+    (tmp_path / "pytorch_model-00001-of-00002.bin").write_bytes(b"an older save's shard")
     torch.manual_seed(5)
     new = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50257, n_ctx=16)).eval()
     new.save_pretrained(tmp_path, tokenizer=Tokenizer.gpt2())
@@ -482,3 +487,199 @@ def test_layer_norm_epsilon_and_dropout_travel_with_the_config(tmp_path):
     config = tmp_path / "theirs" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "n_ctx": 1024}))
     assert GPT2.from_pretrained(str(tmp_path / "theirs")).config.n_ctx == 16
+
+
+def test_causal_mask_buffers_of_older_saves_are_skipped(tmp_path):
+    # transformers 2.x-4.2x saved each layer's causal mask (attn.bias) and attn.masked_bias, with the
+    # `transformer.` prefix from GPT2LMHeadModel and without it from GPT2Model; transformers still
+    # loads such files, ignoring both
+    hf = hf_model()
+    mask = torch.tril(torch.ones(1, 1, 16, 16, dtype=torch.bool))
+    for name, prefix in (("prefixed", "transformer."), ("bare", "")):
+        folder = tmp_path / name
+        hf.save_pretrained(folder)
+
+        def add_buffers(sd, prefix=prefix):
+            if not prefix:
+                for k in list(sd):
+                    sd[k.removeprefix("transformer.")] = sd.pop(k)
+            for i in range(CFG.n_layer):
+                sd[f"{prefix}h.{i}.attn.bias"] = mask.clone()
+                sd[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        rewrite_tensors(folder, add_buffers)
+        with torch.no_grad():
+            theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()(ids()).logits
+            assert torch.equal(theirs, hf(ids()).logits)
+        assert_same_logits(GPT2.from_pretrained(str(folder)), hf)
+
+
+@pytest.mark.parametrize("key, value", [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                                        ("tie_word_embeddings", False), ("n_inner", 32), ("add_cross_attention", True),
+                                        ("activation_function", "gelu")])
+def test_gpt2_variants_this_model_does_not_implement_are_refused(tmp_path, key, value):
+    # transformers builds and saves each of these; the first two have GPT-2's tensors and shapes,
+    # so only the config tells that their attention is not GPT-2's
+    hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16, **{key: value})
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[key] == value
+    with pytest.raises(WeightsError, match=rf"config.json: {key}={value!r} is not supported \(expected one of "):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_explicit_gpt2_settings_load_and_other_model_types_are_refused(tmp_path):
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16, n_inner=64,
+        activation_function="gelu_pytorch_tanh")).eval()
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["n_inner"] == 64
+    assert_same_logits(GPT2.from_pretrained(str(tmp_path)), hf)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "gpt_neox"}))
+    with pytest.raises(WeightsError, match=r"config.json: model_type is 'gpt_neox', expected 'gpt2'$"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_refs_main_picks_the_snapshot_not_the_newest_folder(tmp_path, monkeypatch):
+    # as huggingface_hub resolves a name offline: the revision refs/main names, even if an older
+    # (or another branch's) snapshot folder was written later
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    base = tmp_path / "hub" / "models--someone--tiny"
+    hf_model(seed=0).save_pretrained(base / "snapshots" / "main-rev")
+    hf_model(seed=1).save_pretrained(base / "snapshots" / "other-rev")
+    os.utime(base / "snapshots" / "main-rev", (1_000_000, 1_000_000))
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("main-rev\n")
+    assert resolve("someone/tiny") == base / "snapshots" / "main-rev"
+    assert_same_logits(GPT2.from_pretrained("someone/tiny"), hf_model(seed=0))
+
+
+def test_safetensors_win_over_a_bin_in_the_same_folder_as_in_transformers(tmp_path):
+    hf_model(seed=0).save_pretrained(tmp_path)
+    torch.save(hf_model(seed=1).state_dict(), tmp_path / "pytorch_model.bin")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert_same_logits(GPT2.from_pretrained(str(tmp_path)), theirs)
+    assert_same_logits(GPT2.from_pretrained(str(tmp_path)), hf_model(seed=0))
+
+
+def test_a_failed_save_leaves_the_earlier_weights_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    GPT2(CFG).save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 100)  # what a writer leaves when the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        GPT2(CFG).save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+# A tensor bundle written by hand from the formats' specifications (LevelDB's table format,
+# tensorflow/core/protobuf/tensor_bundle.proto), for what the TensorFlow-made fixture cannot show:
+# other dtypes, bad entries, big-endian headers, sliced tensors.
+
+def _masked(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: int | bytes) -> bytes:
+    if isinstance(payload, int):
+        return _varint(number << 3) + _varint(payload)
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
+    return body + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")  # one restart, at 0
+
+
+def write_bundle(prefix: Path, arrays: dict[str, np.ndarray], *, dtypes: dict | None = None, header_extra: bytes = b"",
+                 entry_extra: dict[str, bytes] | None = None, size_delta: dict[str, int] | None = None) -> None:
+    tf_dtype = {np.float32: 1, np.float64: 2, np.int32: 3, np.int64: 9, np.float16: 19}
+    data, entries = b"", [(b"", _field(1, 1) + header_extra)]
+    for name in sorted(arrays):
+        raw = np.ascontiguousarray(arrays[name]).astype(arrays[name].dtype.newbyteorder("<")).tobytes()
+        shape = b"".join(_field(2, _field(1, d)) for d in arrays[name].shape)
+        value = (_field(1, (dtypes or {}).get(name, tf_dtype[arrays[name].dtype.type])) + _field(2, shape)
+                 + _field(4, len(data)) + _field(5, len(raw) + (size_delta or {}).get(name, 0))
+                 + b"\x35" + _masked(_crc32c_bitwise(raw)).to_bytes(4, "little") + (entry_extra or {}).get(name, b""))
+        entries.append((name.encode(), value))
+        data += raw
+    table = bytearray()
+
+    def put(block: bytes) -> bytes:
+        handle = _varint(len(table)) + _varint(len(block))
+        table.extend(block + b"\x00" + _masked(_crc32c_bitwise(block + b"\x00")).to_bytes(4, "little"))
+        return handle
+
+    data_handle = put(_block(entries))
+    meta_handle = put(_block([]))
+    index_handle = put(_block([(entries[-1][0], data_handle)]))
+    footer = (meta_handle + index_handle).ljust(40, b"\x00") + (0xDB4775248B80FB57).to_bytes(8, "little")
+    Path(f"{prefix}.index").write_bytes(bytes(table) + footer)
+    Path(f"{prefix}.data-00000-of-00001").write_bytes(data)
+
+
+def test_tf_checkpoints_of_every_stored_dtype_read_as_stored(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"a/f32": rng.standard_normal((3, 4)).astype(np.float32), "b/f64": rng.standard_normal(5),
+              "c/f16": rng.standard_normal((2, 2)).astype(np.float16), "d/i32": np.arange(-3, 3, dtype=np.int32),
+              "e/i64": np.array([2**40, -7], dtype=np.int64), "f/scalar": np.float32(1.5).reshape(())}
+    write_bundle(tmp_path / "model.ckpt", arrays)
+    back = read_tf_checkpoint(tmp_path / "model.ckpt")
+    assert sorted(back) == sorted(arrays)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape
+        np.testing.assert_array_equal(back[name], array)
+    # and the fixture's GPT-2, rewritten by hand, loads as TensorFlow's file does
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "hparams.json").write_bytes((FIXTURE / "hparams.json").read_bytes())
+    ref = np.load(FIXTURE / "reference.npz")
+    write_bundle(folder / "model.ckpt", {k.replace(".", "/"): ref[k] for k in ref.files})
+    x = ids(37)
+    with torch.no_grad():
+        assert torch.equal(GPT2.from_pretrained(str(folder))(x), GPT2.from_pretrained(str(FIXTURE))(x))
+
+
+def test_bad_tf_bundle_entries_are_named(tmp_path):
+    prefix = tmp_path / "model.ckpt"
+    arrays = {"model/wte": np.ones((4, 2), dtype=np.float32)}
+    write_bundle(prefix, arrays, size_delta={"model/wte": -4})
+    with pytest.raises(WeightsError, match=r"model.ckpt.index: tensor 'model/wte' has 28 bytes, shape \[4, 2\] needs 32$"):
+        read_tf_checkpoint(prefix)
+    write_bundle(prefix, arrays, dtypes={"model/wte": 2})  # float64 in the entry: 64 bytes needed
+    with pytest.raises(WeightsError, match=r"tensor 'model/wte' has 32 bytes, shape \[4, 2\] needs 64$"):
+        read_tf_checkpoint(prefix)
+    write_bundle(prefix, arrays, dtypes={"model/wte": 7})  # DT_STRING
+    with pytest.raises(WeightsError, match=r"tensor 'model/wte' has TensorFlow dtype 7, expected float32/16/64 or int32/64"):
+        read_tf_checkpoint(prefix)
+    write_bundle(prefix, arrays, header_extra=_field(2, 1))  # endianness = BIG
+    with pytest.raises(WeightsError, match=r"model.ckpt.index: big-endian checkpoints are not supported$"):
+        read_tf_checkpoint(prefix)
+    write_bundle(prefix, arrays, entry_extra={"model/wte": _field(7, _field(1, _field(1, 0) + _field(2, 2)))})
+    with pytest.raises(WeightsError, match=r"tensor 'model/wte' is partitioned into slices; not supported"):
+        read_tf_checkpoint(prefix)
+
+
+def test_a_tf_checkpoint_with_a_variable_gpt2_lacks_is_refused(tmp_path):
+    ref = np.load(FIXTURE / "reference.npz")
+    (tmp_path / "hparams.json").write_bytes((FIXTURE / "hparams.json").read_bytes())
+    arrays = {k.replace(".", "/"): ref[k] for k in ref.files} | {"model/h0/attn/c_attn/w/Adam": ref["model.h0.attn.c_attn.w"]}
+    write_bundle(tmp_path / "model.ckpt", arrays)
+    with pytest.raises(WeightsError, match=r"model.ckpt.index: unexpected tensor 'model/h0/attn/c_attn/w/Adam' \(not a GPT-2 variable\)"):
+        GPT2.from_pretrained(str(tmp_path))
