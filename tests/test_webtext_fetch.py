@@ -642,6 +642,9 @@ def test_ipv6_literal_host_header_keeps_its_brackets():
     ("64:ff9b::7f00:1", False),           # NAT64 (RFC 6052) of 127.0.0.1
     ("64:ff9b::a00:5", False),
     ("64:ff9b::5db8:d822", True),         # what DNS64 answers for a public site on an IPv6-only host
+    ("::ffff:93.184.216.34", True),       # IPv4-mapped (RFC 4291 §2.5.5.2): the public IPv4 host itself
+    ("::ffff:10.0.0.1", False),
+    ("4000::1", False),                   # reserved by IETF (outside 2000::/3), though not a private range
 ])
 def test_ipv6_addresses_that_carry_an_ipv4_address_are_judged_by_it(address, allowed):
     assert address_allowed(address, None) is allowed
