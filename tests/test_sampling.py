@@ -309,3 +309,12 @@ def test_apply_temperature_refuses_zero_and_negative():
     for t in (0.0, -0.5):
         with pytest.raises(SamplingError, match="temperature: expected > 0 for sampling"):
             apply_temperature(torch.randn(2, 5), t)
+
+
+def test_sample_draws_from_bf16_logits_as_from_their_float32_values():
+    # a bf16 model's logits handed straight to sample: the softmax is taken in float32 (in bf16 its
+    # probabilities would be rounded to 8 bits, and the same generator would draw other tokens)
+    logits = (torch.randn(2000, 300, generator=torch.Generator().manual_seed(0)) * 2).bfloat16()
+    a = sample(logits, torch.Generator().manual_seed(3))
+    b = sample(logits.float(), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
