@@ -623,3 +623,26 @@ def test_tokenizer_json_special_token_without_a_usable_id_is_named(gpt2_saved, t
         with pytest.raises(InputFileError, match=rf"tokenizer.json: special token '<\|endoftext\|>' has id {re.escape(repr(bad))}; "
                                                  "expected a non-negative integer$"):
             Tokenizer.from_tokenizer_json(path)
+
+
+def test_a_tokenizer_json_path_loads_and_a_lone_special_token_is_the_saved_eos(tmp_path, fast):
+    # a vocabulary whose one special token is not <|endoftext|>: transformers must see it as
+    # bos/eos/unk (its GPT-2 defaults would name a token this vocabulary does not have)
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer(fast.mergeable_ranks, fast.merges, {"<|doc|>": 50256})
+    tok.save(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    assert (auto.eos_token, auto.bos_token, auto.unk_token, auto.eos_token_id) == ("<|doc|>",) * 3 + (50256,)
+    loaded = Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    assert loaded.fingerprint == tok.fingerprint and loaded.special_tokens == {"<|doc|>": 50256}
+    with pytest.raises(TokenizerError, match=r"^this vocabulary has no <\|endoftext\|> token$"):
+        tok.eot_token
+
+
+def test_a_vocabulary_token_that_no_merge_makes_is_refused(gpt2_saved, tmp_path):
+    # HF would never produce it (only merges build tokens), yet it would take an id
+    path = _edited_tokenizer_json(gpt2_saved / "tokenizer.json", tmp_path / "tokenizer.json",
+                                  lambda d: d["model"]["vocab"].update({"\u0120xyzzy": 50257}))
+    with pytest.raises(InputFileError, match=r"tokenizer.json: 1 tokens are neither bytes, merge results nor special tokens$"):
+        Tokenizer.from_tokenizer_json(path)
