@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -195,8 +196,13 @@ def test_crc32c_matches_reference():
 def test_resolution_hf_cache_and_offline_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    downloads = []  # offline means no hub request at all, not one that fails
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: downloads.append(repo))
     with pytest.raises(WeightsError) as e:
         GPT2.from_pretrained("gpt2-medium")
+    assert downloads == []
     msg = str(e.value)
     assert "config.json and model.safetensors" in msg and "https://huggingface.co/openai-community/gpt2-medium" in msg
     assert str(tmp_path / "hub" / "models--openai-community--gpt2-medium" / "snapshots") in msg
@@ -218,6 +224,14 @@ def test_resolution_hf_cache_and_offline_message(tmp_path, monkeypatch):
         GPT2.from_pretrained(str(tmp_path / "nowhere" / "x"))
     with pytest.raises(WeightsError, match="no model here: expected config.json"):
         GPT2.from_pretrained(str(tmp_path))
+    # a relative path that is not there is a missing folder, not a hub name
+    monkeypatch.chdir(tmp_path)
+    for missing in ("runs/demo/model", "./model", "../model"):
+        with pytest.raises(WeightsError, match=rf"^{re.escape(missing)}: no such folder$"):
+            GPT2.from_pretrained(missing)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"weights.safetensors: expected a model folder .*, got a file$"):
+        GPT2.from_pretrained(str(tmp_path / "weights.safetensors"))
 
 
 @pytest.fixture
@@ -639,7 +653,9 @@ def test_tf_checkpoints_of_every_stored_dtype_read_as_stored(tmp_path):
     arrays = {"a/f32": rng.standard_normal((3, 4)).astype(np.float32), "b/f64": rng.standard_normal(5),
               "c/f16": rng.standard_normal((2, 2)).astype(np.float16), "d/i32": np.arange(-3, 3, dtype=np.int32),
               "e/i64": np.array([2**40, -7], dtype=np.int64), "f/scalar": np.float32(1.5).reshape(())}
-    write_bundle(tmp_path / "model.ckpt", arrays)
+    # fields a newer TensorFlow might add (numbers unknown here, fixed64 and fixed32) are skipped
+    unknown = b"\x79" + (2**63 + 5).to_bytes(8, "little") + b"\x85\x01" + (7).to_bytes(4, "little")
+    write_bundle(tmp_path / "model.ckpt", arrays, entry_extra={name: unknown for name in arrays})
     back = read_tf_checkpoint(tmp_path / "model.ckpt")
     assert sorted(back) == sorted(arrays)
     for name, array in arrays.items():
@@ -683,3 +699,43 @@ def test_a_tf_checkpoint_with_a_variable_gpt2_lacks_is_refused(tmp_path):
     write_bundle(tmp_path / "model.ckpt", arrays)
     with pytest.raises(WeightsError, match=r"model.ckpt.index: unexpected tensor 'model/h0/attn/c_attn/w/Adam' \(not a GPT-2 variable\)"):
         GPT2.from_pretrained(str(tmp_path))
+
+
+def test_a_sharded_index_without_a_weight_map_is_named(hf_folder):
+    (hf_folder / "model.safetensors").rename(hf_folder / "model-00001-of-00001.safetensors")
+    (hf_folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(WeightsError, match=r"model.safetensors.index.json: expected a 'weight_map' object$"):
+        GPT2.from_pretrained(str(hf_folder))
+
+
+def test_a_bin_holding_a_training_checkpoint_is_named(hf_folder):
+    # {"model": state_dict, "step": ...}: loads with weights_only=True, but is not a state dict
+    (hf_folder / "model.safetensors").unlink()
+    torch.save({"model": hf_model().state_dict(), "step": 100}, hf_folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin: expected a dict of tensor names to tensors$"):
+        GPT2.from_pretrained(str(hf_folder))
+
+
+def test_devices_a_machine_lacks_are_refused_before_reading_weights(hf_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(WeightsError, match=r"^device 'cuda': CUDA is not available \(no GPU, or a CPU-only torch build\)$"):
+        GPT2.from_pretrained(str(hf_folder), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(WeightsError, match=r"^device 'cuda:2': this machine has 2 CUDA device\(s\)$"):
+        GPT2.from_pretrained(str(hf_folder), device="cuda:2")
+    with pytest.raises(WeightsError, match=r"^device 'gpu': expected cpu, cuda or cuda:N$"):
+        GPT2.from_pretrained(str(hf_folder), device="gpu")
+
+
+def test_config_of_a_preset_name_needs_no_files(tmp_path, monkeypatch):
+    from gpt2kit.model import PRESETS
+    from gpt2kit.weights import config_of
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert config_of("tiny") == PRESETS["tiny"]
+    assert config_of("gpt2-medium").n_layer == 24  # the released sizes are presets too
+    with pytest.raises(WeightsError, match=r"^not a preset \(.*tiny.*\) nor a readable model: "):
+        config_of("tiny-typo")
