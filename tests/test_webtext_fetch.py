@@ -1089,3 +1089,23 @@ def test_a_retry_after_is_held_at_most_max_hold():
     gate = HostGate("h.test", per_host=1, delay=0.5, max_hold=2.0)
     gate.hold(3600.0)
     assert 1.5 < gate._claim(take=False) <= 2.0
+
+
+def test_retry_after_dates_are_gmt_whatever_zone_they_name(monkeypatch):
+    # an HTTP-date is GMT (RFC 9110); "-0000" (which email.utils reads as "no zone") was taken as
+    # this machine's local time: hours off wherever that is not UTC
+    from email.utils import formatdate
+
+    from gpt2kit.webtext.fetch import _retry_after
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        soon = time.time() + 120
+        for text in (formatdate(soon, usegmt=True), formatdate(soon, usegmt=True).replace("GMT", "-0000"),
+                     formatdate(soon, usegmt=True).replace("GMT", "+0000")):
+            assert 100 < _retry_after(text) <= 120, text
+        assert _retry_after("30") == 30.0 and _retry_after("-5") == 0.0 and _retry_after("soon") is None
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
