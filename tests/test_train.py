@@ -240,6 +240,64 @@ def test_loss_falls_outputs_checkpoints_and_finetune(shards, tmp_path):
         T.train(cfg_for(shards, tmp_path / "ft3", init_from=str(out / "latest"), max_steps=2, n_layer=3))
 
 
+def _reference_run(init: Path, shards, *, steps, lrs, micro, batch, clip, wd, betas, eps):
+    """A plain PyTorch loop: torch.optim.AdamW with no decay on biases and LayerNorm gains, the
+    given learning rates, 1/accum-scaled micro-batches, clip_grad_norm_. (losses, norms, model)"""
+    from gpt2kit import data as D
+
+    model = GPT2.from_pretrained(str(init))
+    named = dict(model.named_parameters())
+    no_decay = [p for n, p in named.items() if n.endswith(".bias") or ".ln_" in n]
+    decay = [p for n, p in named.items() if not (n.endswith(".bias") or ".ln_" in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            betas=betas, eps=eps, foreach=False)
+    stream = TokenStream(shards, "train")
+    block, accum = model.config.n_ctx, batch // micro
+    out_losses, norms = [], []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lrs[step]
+        offsets = D.step_offsets(1337, step, len(stream), block, batch)
+        total = 0.0
+        for i in range(accum):
+            x, y = (torch.from_numpy(a) for a in D.get_batch(stream, offsets[i * micro:(i + 1) * micro], block))
+            loss = F.cross_entropy(model(x).reshape(-1, model.config.vocab_size), y.reshape(-1))
+            (loss / accum).backward()
+            total += loss.item()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        opt.step()
+        opt.zero_grad()
+        out_losses.append(total / accum)
+    return out_losses, norms, model
+
+
+def test_a_run_equals_a_plain_pytorch_loop(shards, tmp_path):
+    # Nothing else checks the arithmetic of a step against an independent loop: a run with the
+    # loss not divided by the accumulation, weight decay on every tensor, beta1 and beta2 swapped
+    # or the cosine ending a step late only "learned" in the other tests.
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384, n_ctx=32)).save_pretrained(str(init))
+    lr, min_lr = 3e-3, 3e-4
+    lrs = [lr / 2, lr, lr, (lr + min_lr) / 2, min_lr, min_lr]  # warm-up 2, cosine to step 4, then the floor
+    settings = dict(micro=2, batch=8, clip=0.8, wd=0.5, betas=(0.8, 0.9), eps=1e-4)
+    want, norms, ref = _reference_run(init, shards, steps=6, lrs=lrs, **settings)
+    assert min(norms) < settings["clip"] < max(norms), norms  # steps with and without clipping
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, init_from=str(init), max_steps=6, lr=lr, min_lr=min_lr, warmup_steps=2,
+                    lr_decay_steps=4, micro_batch_size=2, grad_clip=0.8, weight_decay=0.5, beta1=0.8, beta2=0.9,
+                    eps=1e-4, tensorboard=False))
+    recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    for r, loss, norm, rate in zip(recs, want, norms, lrs):
+        assert r["lr"] == pytest.approx(rate, rel=1e-12), r
+        assert r["loss"] == pytest.approx(loss, rel=1e-5), (r, loss)
+        assert r["grad_norm"] == pytest.approx(norm, rel=1e-4), (r, norm)
+    trained = GPT2.from_pretrained(str(out / "latest")).state_dict()
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(trained[name], p, atol=2e-6, rtol=1e-4, msg=name)
+
+
 def test_compiled_run_equals_eager(shards, tmp_path):
     # `compile = true` trains the same model: the losses of a few steps agree with eager mode
     # to float rounding (inductor reorders sums), and fall.
