@@ -238,3 +238,14 @@ def test_min_p_comes_after_the_temperature_and_limits_sampling(model, tok):
                     stop_at_eot=False)[0].token_ids != greedy
     with pytest.raises(SamplingError, match=r"min_p: expected a number in \[0, 1\]"):
         SamplingParams(min_p=1.5)
+
+
+def test_the_frequency_penalty_grows_with_each_repeat(model, hf, tok):
+    # a token pushed up by a bias is taken again and again: each repeat must cost `frequency` more
+    # (a count that stopped at 1 would make the penalty a presence penalty, and the token never stop)
+    prompt = tok.encode("the cat sat on the mat")
+    favoured = tok.encode(" dog")[0]
+    ours = generate(model, tok, prompt, max_new_tokens=12, do_sample=False, stop_at_eot=False,
+                    frequency_penalty=1.0, logit_bias={favoured: 8.0})[0].token_ids
+    assert ours == reference_greedy(hf, prompt, 12, 0.0, 1.0, {favoured: 8.0})
+    assert 2 <= ours.count(favoured) < 12  # taken more than once, and stopped by the growing penalty
