@@ -961,3 +961,79 @@ def test_prompts_are_tokenized_off_the_event_loop(model):
                                                       "max_tokens": 1}, timeout=60)
         assert r.status_code == 400 and "(71 in your prompt" in r.json()["error"]["message"]
     assert on_loop == []
+
+
+def test_echoed_best_of_candidates_keep_their_prompt_and_offsets(url, tok):
+    # best_of > n with echo: each prompt's candidates are echoed that prompt, and the completion's
+    # text_offset goes on from the end of the echoed text (not from 0 again)
+    prompts = ["Hi", "Hello there", "Hey"]
+    body = {"model": NAME, "prompt": prompts, "max_tokens": 3, "temperature": 0, "logprobs": 0, "best_of": 3, "n": 2}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    plain = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30).json()["choices"]
+    r = httpx.post(f"{url}/v1/completions", json={**body, "echo": True}, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == len(plain) == 6
+    for i, (prompt, c) in enumerate(zip([p for p in prompts for _ in range(2)], choices)):
+        assert c["text"] == prompt + plain[i]["text"]
+        offsets, n_prompt = c["logprobs"]["text_offset"], len(tok.encode(prompt))
+        assert len(offsets) == n_prompt + 3
+        assert offsets[0] == 0 and offsets[n_prompt:] == plain[i]["logprobs"]["text_offset"], offsets
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_token_without_text_of_its_own_still_gets_its_logprobs(url, tok, stream):
+    # a lone lead byte of a UTF-8 character prints nothing until the next token: its chunk is
+    # still sent (with its logprobs), or a streaming client loses the token
+    lead = tok.mergeable_ranks[b"\xe2"]
+    body = {"model": NAME, "prompt": "x", "max_tokens": 3, "temperature": 0, "logprobs": 0,
+            "logit_bias": {str(lead): 100}, "stream": stream}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")] if stream else [r.json()]
+    tokens = [t for e in events for c in e["choices"] for t in c["logprobs"]["tokens"]]
+    assert tokens == ["bytes:\\xe2"] * 3
+
+
+def test_the_line_admits_exactly_max_concurrency_plus_max_waiting(model, tok):
+    engine = create_app(model, tok, model_name=NAME, max_concurrency=1, max_waiting=2).state.engine
+    req = server.CompletionRequest(model=NAME, prompt="x", max_tokens=1)
+    engine.active, engine.waiting = 1, 1  # one place left
+    engine.drop_admission(engine.plan(req))
+    engine.waiting = 2  # none left
+    with pytest.raises(server.APIError) as e:
+        engine.plan(req)
+    assert e.value.status == 429 and engine.admitted == 0
+
+
+def test_boundaries_of_the_request_checks(url, tok):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(**fields):
+        return httpx.post(f"{url}/v1/completions", json={"model": NAME, **fields}, headers=headers, timeout=60)
+
+    r = post(prompt="Hello", best_of=2, n=3)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    # exactly MAX_CHOICES completions are allowed, one more is not
+    r = post(prompt=["a", "b"], n=64, max_tokens=0)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 128, r.text
+    r = post(prompt=["a", "b", "c"], n=43, max_tokens=0)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = post(prompt=[[5, -1]], max_tokens=1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "token id -1" in r.text
+    # digits of other scripts are not a token id (int() would read "\u0661" as 1)
+    r = post(prompt="x", max_tokens=1, logit_bias={"\u0661": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    # top_p 0 keeps only the most probable token (OpenAI's reading): greedy whatever the temperature
+    greedy = post(prompt="Once", max_tokens=8, temperature=0).json()["choices"][0]["text"]
+    for seed in range(3):
+        assert post(prompt="Once", max_tokens=8, temperature=1.5, top_p=0, seed=seed).json()["choices"][0]["text"] == greedy
+
+
+def test_a_text_one_byte_past_what_the_context_can_hold_is_not_tokenized(model):
+    tok, encoded = counting_tokenizer()
+    longest = max(len(t) for t in tok.mergeable_ranks)  # bytes in GPT-2's longest token
+    with live(create_app(model, tok, model_name=NAME)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "a" * (64 * longest + 1)}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "at least 65 tokens" in r.json()["error"]["message"] and encoded == []
