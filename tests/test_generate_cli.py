@@ -121,3 +121,10 @@ def test_interactive_checks_the_logit_bias_before_the_first_prompt(cli, checkpoi
     r = cli("generate", "--model", str(folder), "--interactive", "--logit-bias", "99999=1", input="")
     assert r.returncode == 2 and "logit_bias: token id 99999 is not in the model's vocabulary" in r.stderr
     assert "prompt>" not in r.stderr and r.stdout == ""
+
+
+def test_a_bad_num_samples_is_named_by_its_flag(checkpoint, capsys):
+    folder, _, _ = checkpoint
+    for value in ("0", "-1"):
+        assert main(["generate", "--model", str(folder), "x", "--num-samples", value]) == 2
+        assert capsys.readouterr().err == f"gpt2kit: error: --num-samples: expected an integer >= 1, got {value}\n"
