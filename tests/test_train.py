@@ -296,6 +296,16 @@ def test_a_run_equals_a_plain_pytorch_loop(shards, tmp_path):
     trained = GPT2.from_pretrained(str(out / "latest")).state_dict()
     for name, p in ref.state_dict().items():
         torch.testing.assert_close(trained[name], p, atol=2e-6, rtol=1e-4, msg=name)
+    # the validation loss: the mean over eval_batches x batch_size fixed windows of the val split
+    from gpt2kit import data as D
+
+    val = TokenStream(shards, "val")
+    block = min(32, len(val) - 1)
+    x, y = (torch.from_numpy(a) for a in D.get_batch(val, D.step_offsets(1337, 0, len(val), block, 2 * 8, stream=1), block))
+    with torch.no_grad():
+        want_val = F.cross_entropy(ref(x).reshape(-1, 384), y.reshape(-1)).item()
+    vals = [r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert vals == [pytest.approx(want_val, rel=1e-5)]
 
 
 def test_compiled_run_equals_eager(shards, tmp_path):
@@ -597,6 +607,56 @@ def test_optimizer_settings_given_on_resume_are_used(shards, tmp_path):
     assert [(g["weight_decay"], g["betas"], g["eps"]) for g in groups] == [(0.5, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
 
 
+def test_max_minutes_counts_minutes_of_training(shards, tmp_path, monkeypatch):
+    # a clock that moves one second per reading: a 1-minute budget stops at the first step
+    # whose check reads past 60 s, and logs that step
+    import itertools
+    import types
+
+    ticks = itertools.count(1000.0, 1.0)
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    out = tmp_path / "run"
+    s = T.train(cfg_for(shards, out, max_steps=1000, max_minutes=1, eval_interval=1000, peak_tflops=1.0,
+                        tensorboard=False))
+    recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert s["stopped"] == "time" and s["step"] == recs[-1]["step"] and len(recs) > 2, (s, recs)
+    assert recs[-2]["time_s"] <= 61 < recs[-1]["time_s"] <= 63, recs[-3:]
+
+
+def test_checkpoints_come_every_checkpoint_interval_steps(shards, tmp_path):
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=5, checkpoint_interval=2, eval_interval=1000, keep_last=10, tensorboard=False))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004", "step_0000005"]
+
+
+def test_the_seed_seeds_the_initialization(shards, tmp_path):
+    # a from-scratch model is the model's own initialization under torch.manual_seed(seed): a
+    # step at a rate of 1e-20 leaves it there
+    for seed in (5, 6):
+        out = tmp_path / str(seed)
+        T.train(cfg_for(shards, out, seed=seed, max_steps=1, lr=1e-20, min_lr=0.0, warmup_steps=0, weight_decay=0.0,
+                        eval_interval=1000, tensorboard=False))
+        torch.manual_seed(seed)
+        want = GPT2(GPT2Config.from_preset("tiny", n_layer=2, n_head=2, n_embd=32, vocab_size=384)).state_dict()
+        got = GPT2.from_pretrained(str(out / "latest")).state_dict()
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p, atol=1e-12, rtol=0, msg=name)
+
+
+def test_the_best_validation_loss_survives_a_resume(shards, tmp_path):
+    # a resumed run's best_val_loss (its summary, the next checkpoint's state) counts the
+    # evaluations before the checkpoint too: a resumed run whose losses rise keeps the old best
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=10, eval_interval=10))
+    s = T.train(cfg_for(shards, out, max_steps=11, eval_interval=10, lr=0.5, min_lr=0.5, resume=True))
+    vals = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r}
+    assert list(vals) == [10, 11] and vals[11] > vals[10], vals
+    assert s["best_val_loss"] == vals[10]
+    assert T.load_trainer_state(out / "latest")["best_val_loss"] == vals[10]
+    assert os.readlink(out / "best") == "checkpoints/step_0000010"
+
+
 def test_a_stop_off_the_log_interval_logs_its_last_step(shards, tmp_path):
     # a run stopped between two log steps reported "loss nan" and left its last steps out of
     # metrics.jsonl, though its checkpoint has them
@@ -644,6 +704,8 @@ def test_bad_config_files_and_values(tmp_path):
                                 ("grad_clip", "nan", "grad_clip must not be negative"),
                                 ("dropout", "1", r"dropout must be in \[0, 1\)"),
                                 ("lr", "0", "lr must be positive"),
+                                ("min_lr", "1e-3", r"expected 0 <= min_lr <= lr, got min_lr=0.001, lr=0.0006"),
+                                ("min_lr", "-1e-5", r"expected 0 <= min_lr <= lr, got min_lr=-1e-05"),
                                 ("lr_decay_steps", "5", r"lr_decay_steps \(5\) ends the cosine decay before the warm-up"),
                                 # numpy's seed sequences take no negative seed: a traceback at the first batch
                                 ("seed", "-5", r"seed must be in \[0, 2\*\*63\), got -5"),
