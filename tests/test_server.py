@@ -1037,3 +1037,22 @@ def test_a_text_one_byte_past_what_the_context_can_hold_is_not_tokenized(model):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "a" * (64 * longest + 1)}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert "at least 65 tokens" in r.json()["error"]["message"] and encoded == []
+
+
+def test_each_sampling_field_reaches_the_decoding(client, model, tok):
+    # the server's result equals generate()'s with the same option (generate's own are checked
+    # against transformers), and differs without it: a field that is dropped or swapped fails
+    favoured = tok.encode(" dog")[0]
+    bias = {favoured: 12.0}
+    r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=12, temperature=0,
+                                  frequency_penalty=1.5, logit_bias={str(favoured): 12.0})
+    want = generate(model, tok, "Hello world", max_new_tokens=12, do_sample=False, frequency_penalty=1.5, logit_bias=bias)
+    other = generate(model, tok, "Hello world", max_new_tokens=12, do_sample=False, presence_penalty=1.5, logit_bias=bias)
+    assert r.choices[0].text == want[0].text != other[0].text
+    r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=12, temperature=0,
+                                  extra_body={"repetition_penalty": 3.0})
+    want = generate(model, tok, "Hello world", max_new_tokens=12, do_sample=False, repetition_penalty=3.0)[0].text
+    assert r.choices[0].text == want != generate(model, tok, "Hello world", max_new_tokens=12, do_sample=False)[0].text
+    r = client.completions.create(model=NAME, prompt="Hi", max_tokens=8, seed=5, temperature=1.5, extra_body={"top_k": 3})
+    want = generate(model, tok, "Hi", max_new_tokens=8, seed=5, temperature=1.5, top_k=3)[0].text
+    assert r.choices[0].text == want != generate(model, tok, "Hi", max_new_tokens=8, seed=5, temperature=1.5)[0].text
