@@ -15,6 +15,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from starlette.requests import ClientDisconnect
 
 from gpt2kit.generate import generate, iter_generate, prompt_logprobs
 from gpt2kit.model import GPT2, GPT2Config
@@ -1056,3 +1057,24 @@ def test_each_sampling_field_reaches_the_decoding(client, model, tok):
     r = client.completions.create(model=NAME, prompt="Hi", max_tokens=8, seed=5, temperature=1.5, extra_body={"top_k": 3})
     want = generate(model, tok, "Hi", max_new_tokens=8, seed=5, temperature=1.5, top_k=3)[0].text
     assert r.choices[0].text == want != generate(model, tok, "Hi", max_new_tokens=8, seed=5, temperature=1.5)[0].text
+
+
+def test_a_stream_that_never_starts_gives_its_place_back(model, tok):
+    # the client is gone before the response starts: the event generator never runs (so never
+    # joins the line), and only the response's own cleanup can drop the job's admission
+    engine = create_app(model, tok, model_name=NAME, max_concurrency=1, max_waiting=0).state.engine
+    job = engine.plan(server.CompletionRequest(model=NAME, prompt="x", max_tokens=1, stream=True))
+    assert engine.admitted == 1
+    response = server._ClosingStream(engine.stream(job), media_type="text/event-stream",
+                                     on_close=lambda: engine.drop_admission(job))
+
+    async def send(message):
+        raise OSError("the connection is gone")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(ClientDisconnect):  # (starlette's name for the OSError a send raised)
+        asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert engine.admitted == 0 and engine.active == 0
+    engine.drop_admission(engine.plan(server.CompletionRequest(model=NAME, prompt="x", max_tokens=1)))  # no 429
