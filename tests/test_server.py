@@ -1078,3 +1078,14 @@ def test_a_stream_that_never_starts_gives_its_place_back(model, tok):
         asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
     assert engine.admitted == 0 and engine.active == 0
     engine.drop_admission(engine.plan(server.CompletionRequest(model=NAME, prompt="x", max_tokens=1)))  # no 429
+
+
+def test_the_context_error_names_the_prompt_only_when_it_leaves_no_room(url):
+    # a prompt that fills the 64-token context alone is the prompt's fault; one token less, max_tokens'
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for length, param in ((64, "prompt"), (63, "max_tokens")):
+        body = {"model": NAME, "prompt": [40] * length, "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == param, r.text
+        assert f"requested {length + 2} tokens ({length} in your prompt; 2 for the completion)" in error["message"]
