@@ -467,3 +467,20 @@ def test_the_inference_forms_prompt_gelu_runs_over_the_product_itself(monkeypatc
     y = fast.transformer.h[0].mlp.c_fc(x)  # a gradient through the inference form's layer
     y.sum().backward()
     assert out_of_place == [(200, 256)] and x.grad is not None
+
+
+def test_text_held_back_at_the_last_token_is_not_lost(model, tok):
+    # the sample's end (max_new_tokens) releases what was held back: the start of a stop string
+    # that never came, or the bytes of a character the last token left unfinished
+    full = generate(model, tok, "Hello", max_new_tokens=10, do_sample=False)[0]
+    assert full.finish_reason == "length" and full.text == tok.decode(full.token_ids)
+    held = generate(model, tok, "Hello", max_new_tokens=10, do_sample=False, stop=full.text[-1] + "\x01never")[0]
+    assert held.text == full.text and held.finish_reason == "length"
+    lead = tok.mergeable_ranks[b"\xe2"]  # a character's first byte, never finished
+    cut = generate(model, tok, "Hello", max_new_tokens=2, do_sample=False, logit_bias={lead: 100.0})[0]
+    assert cut.token_ids == [lead, lead] and cut.text == "\ufffd\ufffd"
+
+
+def test_top_logprobs_0_gives_logprobs_without_alternatives(model, tok):
+    c = generate(model, tok, "Hello", max_new_tokens=3, do_sample=False, top_logprobs=0)[0]
+    assert len(c.logprobs) == 3 and c.top_logprobs is None
