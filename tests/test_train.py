@@ -595,6 +595,11 @@ def test_a_resume_that_moves_the_learning_rate_says_so(shards, tmp_path, caplog)
     assert "learning rate" not in caplog.text
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
     assert lrs[7] == lrs[8] == 1e-4
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):  # another floor: no lr_decay_steps would keep it
+        T.train(cfg_for(shards, out, **{**kw, "max_steps": 9, "lr_decay_steps": 4, "min_lr": 2e-4}, resume=True))
+    assert ("learning rate at step 8 is 0.0002 in this schedule, 0.0001 in the checkpoint's (min_lr 0.0002, was "
+            "0.0001, max_steps 9, was 8)\n") in caplog.text
 
 
 def test_optimizer_settings_given_on_resume_are_used(shards, tmp_path):
@@ -647,14 +652,28 @@ def test_the_best_validation_loss_survives_a_resume(shards, tmp_path):
     # a resumed run's best_val_loss (its summary, the next checkpoint's state) counts the
     # evaluations before the checkpoint too: a resumed run whose losses rise keeps the old best
     out = tmp_path / "run"
-    T.train(cfg_for(shards, out, max_steps=10, eval_interval=10))
-    s = T.train(cfg_for(shards, out, max_steps=11, eval_interval=10, lr=0.5, min_lr=0.5, resume=True))
+    T.train(cfg_for(shards, out, max_steps=10, eval_interval=10, keep_last=1))
+    s = T.train(cfg_for(shards, out, max_steps=11, eval_interval=10, lr=0.5, min_lr=0.5, keep_last=1, resume=True))
     vals = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "val_loss" in r}
     assert list(vals) == [10, 11] and vals[11] > vals[10], vals
     assert s["best_val_loss"] == vals[10]
     assert T.load_trainer_state(out / "latest")["best_val_loss"] == vals[10]
     assert os.readlink(out / "best") == "checkpoints/step_0000010"
+    # keep_last 1 keeps the latest and, besides it, the best
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000010", "step_0000011"]
+
+
+def test_evaluations_leave_the_training_run_alone(shards, tmp_path):
+    # evaluating in eval mode draws no dropout masks and switches dropout back on after: a run
+    # evaluated at every step trains exactly as one never evaluated
+    runs = {}
+    for every in (1, 1000):
+        out = tmp_path / str(every)
+        T.train(cfg_for(shards, out, max_steps=4, dropout=0.2, eval_interval=every, checkpoint_interval=1000,
+                        tensorboard=False))
+        runs[every] = losses(out)
+    assert runs[1] == runs[1000] and len(runs[1]) == 4
 
 
 def test_a_stop_off_the_log_interval_logs_its_last_step(shards, tmp_path):
