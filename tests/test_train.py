@@ -626,6 +626,11 @@ def test_max_minutes_counts_minutes_of_training(shards, tmp_path, monkeypatch):
     recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert s["stopped"] == "time" and s["step"] == recs[-1]["step"] and len(recs) > 2, (s, recs)
     assert recs[-2]["time_s"] <= 61 < recs[-1]["time_s"] <= 63, recs[-3:]
+    # the budget running out on the last step is no stop: the run is complete
+    ticks = itertools.count(1000.0, 1.0)
+    s2 = T.train(cfg_for(shards, tmp_path / "last", max_steps=s["step"], max_minutes=1, eval_interval=1000,
+                         peak_tflops=1.0, tensorboard=False))
+    assert s2["step"] == s["step"] and s2["stopped"] is None, s2
 
 
 def test_checkpoints_come_every_checkpoint_interval_steps(shards, tmp_path):
@@ -723,6 +728,7 @@ def test_bad_config_files_and_values(tmp_path):
                                 ("grad_clip", "nan", "grad_clip must not be negative"),
                                 ("dropout", "1", r"dropout must be in \[0, 1\)"),
                                 ("lr", "0", "lr must be positive"),
+                                ("keep_last", "0", "keep_last must be at least 1, got 0"),  # ([-0:] keeps all)
                                 ("min_lr", "1e-3", r"expected 0 <= min_lr <= lr, got min_lr=0.001, lr=0.0006"),
                                 ("min_lr", "-1e-5", r"expected 0 <= min_lr <= lr, got min_lr=-1e-05"),
                                 ("lr_decay_steps", "5", r"lr_decay_steps \(5\) ends the cosine decay before the warm-up"),
