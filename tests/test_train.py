@@ -653,6 +653,26 @@ def test_the_seed_seeds_the_initialization(shards, tmp_path):
             torch.testing.assert_close(got[name], p, atol=1e-12, rtol=0, msg=name)
 
 
+def test_the_seed_seeds_the_dropout_masks(shards, tmp_path, monkeypatch):
+    # with the batches and the initial weights held fixed, two seeds differ in their dropout alone
+    from gpt2kit import data as D
+
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384, n_ctx=32)).save_pretrained(str(init))
+    step_offsets = D.step_offsets
+    monkeypatch.setattr(D, "step_offsets", lambda seed, *a, **kw: step_offsets(1337, *a, **kw))
+    runs = {}
+    for dropout in (0.0, 0.2):
+        for seed in (5, 6):
+            out = tmp_path / f"{dropout}-{seed}"
+            T.train(cfg_for(shards, out, init_from=str(init), seed=seed, dropout=dropout, max_steps=2,
+                            eval_interval=1000, tensorboard=False))
+            runs[dropout, seed] = losses(out)
+    assert runs[0.0, 5] == runs[0.0, 6]
+    assert runs[0.2, 5][1] != runs[0.2, 6][1]
+
+
 def test_the_best_validation_loss_survives_a_resume(shards, tmp_path):
     # a resumed run's best_val_loss (its summary, the next checkpoint's state) counts the
     # evaluations before the checkpoint too: a resumed run whose losses rise keeps the old best
