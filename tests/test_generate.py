@@ -484,3 +484,8 @@ def test_text_held_back_at_the_last_token_is_not_lost(model, tok):
 def test_top_logprobs_0_gives_logprobs_without_alternatives(model, tok):
     c = generate(model, tok, "Hello", max_new_tokens=3, do_sample=False, top_logprobs=0)[0]
     assert len(c.logprobs) == 3 and c.top_logprobs is None
+
+
+def test_generate_tokens_with_no_steps_yields_nothing(model):
+    # the cache holds the prompt and the tokens still to be fed back: with none to come, the prompt alone
+    assert list(generate_tokens(model, [[1, 2, 3], [4]], GREEDY, max_new_tokens=0)) == []
