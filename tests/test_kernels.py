@@ -1168,3 +1168,148 @@ def test_layer_norm_add_bumps_the_version_of_the_x_it_adds_into():
         torch.testing.assert_close(h, F.layer_norm(x - 1, (32,), ln.weight, ln.bias), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         x.sum().backward()
+
+
+def test_kernels_refuse_a_bias_or_targets_they_would_misread():
+    # each of these reaches a kernel as a raw pointer: a float64 bias read as float32, a strided
+    # one read as contiguous, int32 targets read as int64 or a negative target read before its row
+    # would give wrong numbers without a word
+    if not CAN_BUILD:
+        return
+    x, w, b = torch.randn(2, 8), torch.randn(5, 8), torch.randn(5)
+    for bad in (b.double(), torch.randn(10)[::2]):
+        with pytest.raises(ValueError, match=r"^matvec: bias must be a contiguous \(5,\) torch.float32"):
+            kernels.matvec(x, w, bad)
+    ln = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        for bad in (torch.randn(8).double(), torch.randn(8, device="meta")):
+            with pytest.raises(ValueError, match="^layer_norm_add_: "):
+                kernels.layer_norm_add_(torch.randn(3, 8), ln, bad)
+    qkv = torch.randn(1, 4, 384)
+    for bad in (torch.randn(384).double(), torch.randn(384, device="meta")):
+        with pytest.raises(ValueError, match="^training_attention: .*bias"):
+            kernels.training_attention(qkv, 2, bad)
+    logits = torch.randn(3, 5)
+    for bad in (torch.tensor([0, -1, 2]), torch.tensor([0, 1, 2], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="^softmax_xent_: "):
+            kernels.softmax_xent_(logits.clone(), bad)
+    assert kernels.softmax_xent_(torch.randn(0, 5), torch.zeros(0, dtype=torch.int64)).shape == (0,)
+
+
+def test_attention_kernel_scope_looks_at_keys_and_values_too():
+    # the kernel reads k and v by their row strides with a contiguous last dimension, in fp32,
+    # and computes no gradient: q alone passing is not enough
+    q = torch.randn(1, 2, 4, 64)
+    strided = torch.randn(1, 2, 64, 4).transpose(2, 3)  # (1, 2, 4, 64), last dimension not contiguous
+    assert kernels.causal_attention_applies(q, q, q) == CAN_BUILD
+    assert not kernels.causal_attention_applies(q, strided, q)
+    assert not kernels.causal_attention_applies(q, q, strided)
+    assert not kernels.causal_attention_applies(q, q.double(), q)
+    assert not kernels.causal_attention_applies(q, q, q.bfloat16())
+    assert not kernels.causal_attention_applies(q, q.clone().requires_grad_(), q)
+    assert not kernels.causal_attention_applies(q, q, q.clone().requires_grad_())
+
+
+def test_bias_gelu_broadcasts_a_bias_longer_than_the_last_dimension_through_pytorch():
+    x, b = torch.randn(4, 1), torch.randn(6)  # (4, 1) + (6,) -> (4, 6): not the kernel's layout
+    assert torch.equal(kernels.bias_gelu(x, b), kernels.gelu(x + b))
+    assert kernels.bias_gelu(torch.randn(0, 6), b).shape == (0, 6)
+    assert kernels.bias_gelu(torch.randn(3, 0), torch.randn(0)).shape == (3, 0)  # (no rows of zero columns to count)
+
+
+def test_layer_norm_add_honours_the_layer_norms_eps_and_shape():
+    if not CAN_BUILD:
+        return
+    g = torch.Generator().manual_seed(1)
+    for C in (64, 70):
+        ln = torch.nn.LayerNorm(C, eps=0.5)  # comparable to the rows' variance: eps must sit inside the root
+        x = torch.randn(4, C, generator=g) * 0.5
+        with torch.no_grad():
+            h = kernels.layer_norm_add_(x.clone(), ln, None)
+        torch.testing.assert_close(h, F.layer_norm(x, (C,), ln.weight, ln.bias, eps=0.5), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # a LayerNorm over more than the last dimension, or without weights: PyTorch's
+        assert not kernels.layer_norm_add_applies(torch.randn(3, 2, 8), torch.nn.LayerNorm((2, 8)))
+        assert not kernels.layer_norm_add_applies(torch.randn(3, 8), torch.nn.LayerNorm(8, elementwise_affine=False))
+        assert not kernels.layer_norm_add_applies(torch.randn(3, 8), torch.nn.LayerNorm(8, bias=False))
+        assert kernels.layer_norm_add_applies(torch.randn(3, 8), torch.nn.LayerNorm(8)) == CAN_BUILD
+
+
+def test_sum_of_squares_and_adamw_decline_what_they_would_misread():
+    # both read raw pointers over numel() floats: a strided tensor, a moment of another shape or a
+    # short row of coefficients would be read wrong, so they decline (the caller then uses PyTorch)
+    g = torch.Generator().manual_seed(0)
+    t, u = torch.randn(6, 10, generator=g), torch.randn(70, generator=g)
+    got = kernels.sum_of_squares([t, u])
+    if not CAN_BUILD:
+        assert got is None
+        return
+    assert got == pytest.approx(float(t.double().pow(2).sum() + u.double().pow(2).sum()), rel=1e-6)
+    assert kernels.sum_of_squares([t[:, ::2], u]) is None
+    assert kernels.sum_of_squares([t.double()]) is None
+    p, grad, m, v = (torch.randn(32, generator=g) for _ in range(4))
+    v = v.abs()
+    coefficients = [(0.99, 0.1, 0.999, 0.001, 0.1, 1e-8, -0.01)]
+    before = [x.clone() for x in (p, m, v)]
+    for args in (([p], [grad], [m], [v[:16]], coefficients),  # a moment of another shape
+                 ([p], [grad], [m], [v], [coefficients[0][:6]]),  # six coefficients, not seven
+                 ([p], [torch.randn(64, generator=g)[::2]], [m], [v], coefficients),  # a strided gradient
+                 ([p], [grad], [m], [], coefficients)):  # a list too short
+        assert not kernels.adamw_(*args)
+        assert all(torch.equal(x, y) for x, y in zip((p, m, v), before))  # nothing written
+    assert kernels.adamw_([p], [grad], [m], [v], coefficients)
+    assert not torch.equal(p, before[0])
+
+
+def test_bf16_linear_widened_leaves_gradients_at_bf16_precision_and_forward_ad_alike():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 40, generator=g, requires_grad=True)
+    w, b = torch.randn(24, 40, generator=g, requires_grad=True), torch.randn(24, generator=g, requires_grad=True)
+    y = kernels.bf16_linear_widened(x, w, b)
+    y.backward(torch.randn(2, 7, 24, generator=g).bfloat16())
+    for grad in (x.grad, w.grad, b.grad):  # fp32 tensors holding bf16 numbers, as autocast leaves them
+        assert grad.dtype == torch.float32 and torch.equal(grad, grad.bfloat16().float())
+    import torch.autograd.forward_ad as fwAD
+
+    with torch.no_grad(), fwAD.dual_level():  # forward-mode AD: the same numbers through PyTorch's ops
+        dual = kernels.bf16_linear_widened(fwAD.make_dual(x.detach(), torch.ones_like(x)), w.detach(), b.detach())
+        primal = fwAD.unpack_dual(dual).primal
+    assert primal.dtype == torch.bfloat16 and torch.equal(primal, y.detach())
+
+
+def test_prompt_attention_folds_only_a_contiguous_bias():
+    x, w, b = torch.randn(2, 5, 128), torch.randn(384, 128), torch.randn(768)
+    with torch.no_grad():
+        assert kernels.prompt_attention_folds_bias(x, w, b[:384], 2) == CAN_BUILD
+        assert not kernels.prompt_attention_folds_bias(x, w, b[::2], 2)  # read as contiguous: refused
+        assert not kernels.prompt_attention_folds_bias(x, w[:, :64], b[:384], 2)
+
+
+def test_bf16_results_round_ties_to_even():
+    # sums exactly halfway between two bf16 numbers (1 + k/256, k odd: bf16 steps by 2/256 there)
+    # round to the even one, as PyTorch rounds; rounding halves up would still be within half an ulp
+    if not CAN_BUILD:
+        return
+    k = torch.tensor([1.0, 3.0, 5.0, 7.0, -1.0, -3.0])
+    x = torch.zeros(6, 40)
+    x[:, 0], x[:, 37] = k.sign(), k / 256  # (col 37: in the tail past two 16- or 32-lane vectors)
+    w = torch.zeros(5, 40)
+    w[:, 0] = w[:, 37] = 1.0
+    want = (x @ w.t()).bfloat16()  # the exact sums, rounded by PyTorch
+    assert want[0, 0] == 1.0 and want[1, 0] == 1 + 4 / 256
+    for variant in _bf16_kernels():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "native_bf16", lambda: variant == "native")
+            assert torch.equal(kernels.matvec(x.bfloat16(), w.bfloat16()), want), variant
+    # the GELU kernel over every bf16 number (among the results some exactly halfway), bit for bit
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    got, want = kernels.gelu(every), kernels.gelu(every.float()).bfloat16()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_bf16_runs_on_fp32_units_only_on_cpus_without_bf16_arithmetic(monkeypatch):
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    assert kernels.bf16_on_fp32_units(torch.bfloat16, "cpu")
+    assert not kernels.bf16_on_fp32_units(torch.bfloat16, "cuda")  # a GPU has its own bf16 units
+    assert not kernels.bf16_on_fp32_units(torch.float16, "cpu") and not kernels.bf16_on_fp32_units(torch.float32, "cpu")
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    assert not kernels.bf16_on_fp32_units(torch.bfloat16, "cpu")
