@@ -1089,3 +1089,63 @@ def test_the_context_error_names_the_prompt_only_when_it_leaves_no_room(url):
         error = r.json()["error"]
         assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == param, r.text
         assert f"requested {length + 2} tokens ({length} in your prompt; 2 for the completion)" in error["message"]
+
+
+def test_each_field_past_its_bounds_is_a_400_naming_it(url):
+    # the bounds OpenAI documents (and those the decoding needs), each one step past its edge;
+    # strict types: a number sent as a string, or a bool for an integer, is refused, not coerced
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for fields, param, message in (
+            ({"temperature": -0.1}, "temperature", "temperature: Input should be greater than or equal to 0"),
+            ({"top_p": 1.01}, "top_p", "top_p: Input should be less than or equal to 1"),
+            ({"top_k": 0}, "top_k", "top_k: Input should be greater than or equal to 1"),
+            ({"min_p": 1.01}, "min_p", "min_p: Input should be less than or equal to 1"),
+            ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty: Input should be greater than 0"),
+            ({"n": 0}, "n", "n: Input should be greater than or equal to 1"),
+            ({"n": 65}, "n", "n: Input should be less than or equal to 64"),
+            ({"logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
+            ({"seed": -(2**63) - 1}, "seed", "seed: Input should be greater than or equal to -9223372036854775808"),
+            ({"logit_bias": {"5": -100.5}}, "logit_bias", 'logit_bias["5"]: Input should be greater than or equal to -100'),
+            ({"best_of": 129}, "best_of", "best_of: Input should be less than or equal to 128"),
+            ({"max_tokens": "5"}, "max_tokens", "max_tokens: Input should be a valid integer"),
+            ({"temperature": "0.5"}, "temperature", "temperature: Input should be a valid number"),
+            ({"n": True}, "n", "n: Input should be a valid integer"),
+            ({"stream": True, "stream_options": {"include_usage": True, "extra": 1}}, "stream_options",
+             "stream_options.extra: unknown or unsupported field"),
+            ({"suffix": "and then"}, "suffix", 'suffix: not supported by this server (only null or "")'),
+            ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop: expected up to 4 non-empty strings"),
+            ({"stop": ["a", ""]}, "stop", "stop: expected up to 4 non-empty strings"),
+            ({"prompt": []}, "prompt", "prompt: expected a non-empty string, list of strings or list of token ids"),
+            ({"prompt": 5}, "prompt", "prompt: expected a string, a list of strings, a list of token ids or a list "
+                                      "of lists of token ids"),
+            ({"prompt": [[1, 50257]]}, "prompt", "prompt: token id 50257 is outside the vocabulary [0, 50257)")):
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1, **fields},
+                       headers=headers, timeout=30)
+        assert r.status_code == 400, (fields, r.text)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["message"] == message, (fields, r.text)
+    # at the edges themselves, and null for the fields whose null is their default: accepted
+    for fields in ({"temperature": 0, "top_p": 1, "top_k": 1, "min_p": 1, "logprobs": 20, "seed": -(2**63),
+                    "logit_bias": {"5": -100}, "stop": ["a", "b", "c", "d"]},
+                   {"prompt": None, "repetition_penalty": None, "n": 64, "best_of": 128, "max_tokens": 0}):
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1, **fields},
+                       headers=headers, timeout=30)
+        assert r.status_code == 200, (fields, r.text)
+
+
+def test_models_and_the_key_check_at_their_edges(url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(f"{url}/v1/models/{NAME}", headers=headers)
+    assert r.json() == {"id": NAME, "object": "model", "created": 0, "owned_by": "gpt2kit", "context_length": 64}
+    r = httpx.get(f"{url}/v1/models/gpt-4", headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found" and r.json()["error"]["param"] == "model"
+    # the scheme is case-insensitive (RFC 7235), the token read stripped
+    for authorization in (f"bearer {KEY}", f"BEARER  {KEY}"):
+        r = httpx.get(f"{url}/v1/models", headers={"Authorization": authorization})
+        assert r.status_code == 200, authorization
+    assert httpx.get(f"{url}/v1").status_code == 401  # /v1 itself is behind the key too
+    # a wrong method says which ones the route takes
+    r = httpx.get(f"{url}/v1/completions", headers=headers)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    with pytest.raises(ValueError, match="max_batch_tokens: expected an integer >= 1, got True"):
+        create_app(GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)), Tokenizer.gpt2(), max_batch_tokens=True)
+
