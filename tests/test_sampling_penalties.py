@@ -249,3 +249,48 @@ def test_the_frequency_penalty_grows_with_each_repeat(model, hf, tok):
                     frequency_penalty=1.0, logit_bias={favoured: 8.0})[0].token_ids
     assert ours == reference_greedy(hf, prompt, 12, 0.0, 1.0, {favoured: 8.0})
     assert 2 <= ours.count(favoured) < 12  # taken more than once, and stopped by the growing penalty
+
+
+def test_logit_bias_takes_numpy_and_torch_numbers_as_python_ones():
+    # ids straight from argsort or topk: a prompt takes them, the bias refused them
+    want = SamplingParams(logit_bias={3: 1.0, 5: -1.5, 7: 2.0, 9: 4.0}).logit_bias
+    got = SamplingParams(logit_bias={np.int64(5): np.float32(-1.5), torch.tensor(7): torch.tensor(2.0),
+                                     3: 1, np.int32(9): torch.tensor(4)}).logit_bias
+    assert got == want and all(type(t) is int and type(v) is float for t, v in got)
+    for bad, message in (({np.bool_(True): 1.0}, "token ids must be integers"),
+                         ({torch.tensor(True): 1.0}, "token ids must be integers"),
+                         ({np.float64(2.0): 1.0}, "token ids must be integers"),
+                         ({2: torch.tensor([1.0, 2.0])}, r"logit_bias\[2\]"),
+                         ({2: torch.tensor(False)}, r"logit_bias\[2\]"),
+                         ({2: np.float32("nan")}, r"logit_bias\[2\]")):
+        with pytest.raises(SamplingError, match=message):
+            SamplingParams(logit_bias=bad)
+
+
+def test_apply_logit_bias_checks_pairs_it_did_not_get_from_sampling_params():
+    # unsorted or negative pairs reached the tensor indexing: an IndexError here, a device-side
+    # assert that breaks the CUDA context on a GPU
+    with pytest.raises(SamplingError, match="token id 20 is not in the vocabulary"):
+        apply_logit_bias(torch.zeros(1, 10), ((20, 1.0), (3, 1.0)))
+    with pytest.raises(SamplingError, match="token ids must be integers >= 0, got -1"):
+        apply_logit_bias(torch.zeros(1, 10), ((-1, 1.0),))
+    out = apply_logit_bias(torch.zeros(2, 10), {7: 2.0, 3: 1.0})  # a mapping, as SamplingParams takes
+    assert out.tolist() == [[0, 0, 0, 1.0, 0, 0, 0, 2.0, 0, 0]] * 2
+
+
+def test_a_bias_is_turned_into_tensors_once_per_decoding_not_per_step(model, tok):
+    # a bias over the whole vocabulary (a whitelist) cost ~5 ms a token when rehashed and added
+    # pair by pair at every step; its hash is computed once and its dense row built once
+    import gpt2kit.sampling as sampling
+
+    sampling._dense_bias.cache_clear()
+    bias = {t: -100.0 for t in range(50257) if t != 1000}
+    out = generate(model, tok, "Hello", max_new_tokens=8, seed=0, logit_bias=bias, stop_at_eot=False)
+    assert out[0].token_ids == [1000] * 8
+    info = sampling._dense_bias.cache_info()
+    assert info.misses == 1 and info.hits >= 7
+    params = SamplingParams(logit_bias=bias)
+    assert params.logit_bias.__dict__.get("hash") is None
+    hash(params.logit_bias)
+    first = params.logit_bias.__dict__["hash"]
+    assert hash(params.logit_bias) == first == hash(tuple(params.logit_bias))
