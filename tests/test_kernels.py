@@ -1215,6 +1215,10 @@ def test_bias_gelu_broadcasts_a_bias_longer_than_the_last_dimension_through_pyto
     assert torch.equal(kernels.bias_gelu(x, b), kernels.gelu(x + b))
     assert kernels.bias_gelu(torch.randn(0, 6), b).shape == (0, 6)
     assert kernels.bias_gelu(torch.randn(3, 0), torch.randn(0)).shape == (3, 0)  # (no rows of zero columns to count)
+    if CAN_BUILD:
+        empty = torch.randn(3, 0)
+        with torch.no_grad():
+            assert kernels.bias_gelu_(empty, torch.randn(0)) is empty
 
 
 def test_layer_norm_add_honours_the_layer_norms_eps_and_shape():
@@ -1238,7 +1242,7 @@ def test_sum_of_squares_and_adamw_decline_what_they_would_misread():
     # both read raw pointers over numel() floats: a strided tensor, a moment of another shape or a
     # short row of coefficients would be read wrong, so they decline (the caller then uses PyTorch)
     g = torch.Generator().manual_seed(0)
-    t, u = torch.randn(6, 10, generator=g), torch.randn(70, generator=g)
+    t, u = torch.randn(6, 10, generator=g), torch.randn(150001, generator=g)  # u: three blocks of 65536, the last short
     got = kernels.sum_of_squares([t, u])
     if not CAN_BUILD:
         assert got is None
@@ -1313,3 +1317,64 @@ def test_bf16_runs_on_fp32_units_only_on_cpus_without_bf16_arithmetic(monkeypatc
     assert not kernels.bf16_on_fp32_units(torch.float16, "cpu") and not kernels.bf16_on_fp32_units(torch.float32, "cpu")
     monkeypatch.setattr(kernels, "native_bf16", lambda: True)
     assert not kernels.bf16_on_fp32_units(torch.bfloat16, "cpu")
+
+
+def test_elf_completeness_checks_section_headers_and_every_loaded_segment(tmp_path):
+    # the cache's check before dlopen, on the kernels' own library cut at the places it looks at
+    import struct
+
+    if not CAN_BUILD:
+        return
+    whole = open(kernels._library()._name, "rb").read()
+    phoff, shoff = struct.unpack_from("<QQ", whole, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", whole, 0x36)
+    loads = [struct.unpack_from("<IIQQQQ", whole, phoff + i * phentsize) for i in range(phnum)]
+    last = max((offset + filesz, offset) for kind, _, offset, _, _, filesz in loads if kind == 1)
+    assert shoff + shnum * shentsize == len(whole) and last[0] < shoff  # (the usual layout)
+
+    def complete(data: bytes) -> bool:
+        path = tmp_path / "lib.so"
+        path.write_bytes(data)
+        return kernels._elf_complete(path)
+
+    assert complete(whole)
+    assert not complete(whole[:-1])  # the section header table cut short
+    # no section headers at all (stripped; legal), and the last loaded segment cut short
+    stripped = bytearray(whole[:last[0]])
+    struct.pack_into("<Q", stripped, 0x28, 0)
+    struct.pack_into("<H", stripped, 0x3C, 0)
+    assert complete(bytes(stripped))
+    assert not complete(bytes(stripped[:(last[0] + last[1]) // 2]))
+    assert not complete(whole[:63])  # shorter than an ELF header
+    assert complete(b"not an ELF file at all, but long enough to hold its header: " * 2)  # the loader judges
+
+
+def test_kernels_check_every_operand_not_only_the_first():
+    if not CAN_BUILD:
+        return
+    x, w, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+    for args in ((x, w.clone().requires_grad_(), b), (x, w, b.clone().requires_grad_())):
+        with pytest.raises(ValueError, match="^matvec: .*gradient"):  # its result would have no graph
+            kernels.matvec(*args)
+    q = torch.randn(1, 2, 5, 64)
+    with pytest.raises(ValueError, match="^causal_attention: "):  # values for fewer keys than the keys
+        kernels.causal_attention(q, q, q[:, :, :4])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, generator=g)
+    targets = torch.tensor([4, 0, 6, 1, 2, 5])[::2]  # a strided view: 4, 6, 2
+    want = kernels.softmax_xent_(logits.clone(), targets.contiguous())
+    torch.testing.assert_close(kernels.softmax_xent_(logits.clone(), targets), want, rtol=0, atol=0)
+
+
+def test_logits_by_blocks_writes_every_column_without_reading_what_was_there(monkeypatch):
+    # the output is a fresh torch.empty: whatever it holds must never reach the logits (fresh
+    # pages happen to be zeros, so here it holds NaNs); a weight with padded rows past n_out
+    monkeypatch.setattr(kernels, "_PACKED_BLOCK", 16)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 3, 24, generator=g), torch.randn(64, 24, generator=g)
+    for n_out in (64, 61, 40):
+        got = kernels.logits_by_blocks(h, w, n_out)
+        assert got.shape == (2, 3, n_out)
+        torch.testing.assert_close(got, F.linear(h, w[:n_out]), atol=1e-5, rtol=1e-5)
