@@ -474,6 +474,12 @@ def test_fetch_resumes_without_refetching_finished_shards(site, tmp_path):
     ("max_crawl_delay", float("nan"), "max_crawl_delay: expected a finite number of seconds >= 0, got nan"),
     ("user_agent", "bot\r\nX-Injected: 1", "--user-agent: expected one line of printable text"),
     ("resolve", (("news.test", "localhost"),), "--resolve: expected HOST:ADDRESS with an IP address, got news.test:localhost"),
+    ("concurrency", 0, "--concurrency: expected an integer >= 1, got 0"),
+    ("per_host", 0, "--per-host: expected an integer >= 1, got 0"),
+    ("max_bytes", 0, "--max-bytes: expected an integer >= 1, got 0"),
+    ("total_timeout", 0.0, "--total-timeout: expected a finite number of seconds > 0, got 0.0"),
+    ("user_agent", "   ", "--user-agent: expected one line of printable text"),
+    ("allow_private", ("127.0.0.0/8", "intranet"), "--allow-private: "),
 ])
 def test_fetch_refuses_bad_options_before_any_request_or_state(site, tmp_path, field, value, message):
     from gpt2kit.webtext import WebTextError
@@ -1109,3 +1115,372 @@ def test_retry_after_dates_are_gmt_whatever_zone_they_name(monkeypatch):
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+# ---------------------------------------------------------------------------------------------
+# One Fetcher against an in-memory transport: what each answer becomes. Names resolve through
+# `resolve=` (public addresses: the transport answers them, no traffic leaves this process).
+
+MOCK_HOSTS = (("public.test", "93.184.216.34"), ("other.test", "93.184.216.35"), ("internal.test", "10.1.2.3"))
+HTML = {"Content-Type": "text/html"}
+
+
+def answer(code: int, headers: dict | None = None, body: bytes = b"", *, declared: bool = True):
+    """A response whose body streams as a server's would (in chunks), with its length declared or not."""
+    import httpx
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for k in range(0, len(body), 4096):
+                yield body[k:k + 4096]
+
+    framing = {"Content-Length": str(len(body))} if declared else {"Transfer-Encoding": "chunked"}
+    return httpx.Response(code, headers={**(headers or {}), **framing}, stream=Body())
+
+
+def mock_get(handler, target: str, **kw):
+    """Fetcher.get(target) with `handler` answering every request, on a FetchConfig made of `kw`."""
+    import asyncio
+
+    import httpx
+
+    cfg = FetchConfig(**{"resolve": MOCK_HOSTS, "robots": False, "host_delay": 0.0, "retries": 1, "backoff": 0.01, **kw})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await Fetcher(cfg, client, 4).get(target)
+
+    return asyncio.run(go())
+
+
+def routes(table: dict, seen: list):
+    """A handler answering (Host, path?query) from `table`: a Response, or a list of them served in turn."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        key = (request.headers["host"], request.url.raw_path.decode())
+        seen.append(key)
+        answer = table.get(key, httpx.Response(404))
+        return answer.pop(0) if isinstance(answer, list) else answer
+
+    return handler
+
+
+def test_https_goes_to_the_checked_address_with_the_name_for_tls_and_keeps_the_query():
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers["host"], request.extensions.get("sni_hostname")))
+        return answer(200, HTML, b"<html>ok</html>")
+
+    res = mock_get(handler, "https://public.test/search?q=flood&page=2")
+    assert (res.status, res.body, res.address) == ("ok", b"<html>ok</html>", "93.184.216.34")
+    assert seen == [("https://93.184.216.34/search?q=flood&page=2", "public.test", "public.test")]
+    for bad in ("http:///no-host", "ftp://public.test/file", "http://public.test:99999/x"):   # no request at all
+        res = mock_get(handler, bad)
+        assert (res.status, res.attempts) == ("bad_url", 0 if "99999" not in bad else 1), (bad, res)
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_every_redirect_is_followed_and_a_relative_one_from_where_it_was_answered(code):
+    import httpx
+
+    seen = []
+    handler = routes({("public.test", "/start"): httpx.Response(code, headers={"Location": "http://other.test/a/b"}),
+                      ("other.test", "/a/b"): httpx.Response(302, headers={"Location": "c?x=1"}),
+                      ("other.test", "/a/c?x=1"): answer(200, HTML, b"<html>c</html>")}, seen)
+    res = mock_get(handler, "http://public.test/start")
+    assert (res.status, res.final_url, res.redirects, res.attempts) == ("ok", "http://other.test/a/c?x=1", 2, 3), res
+    assert res.url == "http://public.test/start" and res.body == b"<html>c</html>"
+
+
+def test_attempts_add_up_over_the_hops_of_a_redirect():
+    import httpx
+
+    seen = []
+    handler = routes({("public.test", "/start"): [httpx.Response(503), httpx.Response(302, headers={"Location": "/next"})],
+                      ("public.test", "/next"): answer(200, HTML, b"<html>n</html>")}, seen)
+    res = mock_get(handler, "http://public.test/start")
+    assert (res.status, res.attempts, res.redirects) == ("ok", 3, 1)
+    assert seen == [("public.test", "/start")] * 2 + [("public.test", "/next")]
+
+
+def test_a_redirect_target_is_checked_against_its_robots_txt():
+    import httpx
+
+    seen = []
+    handler = routes({("public.test", "/robots.txt"): answer(200, {}, b"User-agent: *\nDisallow: /private\n"),
+                      ("public.test", "/start"): httpx.Response(302, headers={"Location": "/private/x"}),
+                      ("public.test", "/private/x"): answer(200, HTML, b"<html>no</html>")}, seen)
+    res = mock_get(handler, "http://public.test/start", robots=True)
+    assert (res.status, res.final_url, res.redirects) == ("robots_disallowed", "http://public.test/private/x", 1), res
+    assert ("public.test", "/private/x") not in seen
+
+
+@pytest.mark.parametrize("code, status, attempts", [(500, "ok", 2), (503, "ok", 2), (204, "http_error", 1),
+                                                    (206, "http_error", 1), (404, "http_error", 1)])
+def test_5xx_is_retried_and_only_a_200_is_a_page(code, status, attempts):
+    import httpx
+
+    seen = []
+    page_ = answer(200, HTML, b"<html>p</html>")
+    handler = routes({("public.test", "/p"): [answer(code, HTML, b"<html>x</html>"), page_]}, seen)
+    res = mock_get(handler, "http://public.test/p")
+    assert (res.status, res.attempts) == (status, attempts)
+    assert res.http_status == (200 if status == "ok" else code)
+
+
+def test_after_the_last_retry_the_servers_answer_is_reported():
+    import httpx
+
+    res = mock_get(lambda request: httpx.Response(503, headers={"Retry-After": "0"}), "http://public.test/p", retries=2)
+    assert (res.status, res.http_status, res.attempts) == ("http_error", 503, 3)
+
+
+@pytest.mark.parametrize("ctype, status", [(None, "ok"), ("application/xhtml+xml", "ok"), ("Text/HTML; Charset=UTF-8", "ok"),
+                                           ("application/pdf", "not_html"), ("text/plain", "not_html")])
+def test_pages_are_told_by_their_content_type(ctype, status):
+    import httpx
+
+    headers = {} if ctype is None else {"Content-Type": ctype}
+    res = mock_get(lambda request: answer(200, headers, b"<html>p</html>"), "http://public.test/p")
+    assert res.status == status
+    if status == "not_html":
+        assert res.error == ctype.lower() and res.body is None
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_the_body_limit_is_inclusive(declared):
+    import httpx
+
+    for size, status in ((1000, "ok"), (1001, "too_large")):
+        body = b"<html>" + b"x" * (size - 6)
+        res = mock_get(lambda request: answer(200, HTML, body, declared=declared),
+                       "http://public.test/p", max_bytes=1000)
+        assert res.status == status, (size, res)
+        assert res.body == (body if status == "ok" else None)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "GZIP", "deflate"])
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_stored_headers_describe_the_stored_body(encoding, declared):
+    """The body is kept decoded: the headers say nothing of the encoding or of the chunks it came
+    in, and give the length of what is stored (the WARC record's payload)."""
+    import zlib
+
+    import httpx
+
+    body = page(article(22), "Encoded")
+    wire = zlib.compress(body) if encoding == "deflate" else gzip.compress(body)
+    headers = {**HTML, "Content-Encoding": encoding, "X-Kept": "yes"}
+    res = mock_get(lambda request: answer(200, headers, wire, declared=declared),
+                   "http://public.test/p")
+    assert (res.status, res.body) == ("ok", body)
+    framing = [(k.lower(), v) for k, v in res.headers
+               if k.lower() in ("content-length", "content-encoding", "transfer-encoding")]
+    assert framing == [("content-length", str(len(body)))]
+    assert ("x-kept", "yes") in [(k.lower(), v) for k, v in res.headers]
+
+
+@pytest.mark.parametrize("encoding, wire", [("br", b"\x1b\x03"), ("gzip", b"\x1f\x8b\x08\x00not gzip at all")])
+def test_a_body_that_cannot_be_decoded_is_bad_encoding(encoding, wire):
+    import httpx
+
+    res = mock_get(lambda request: answer(200, {**HTML, "Content-Encoding": encoding}, wire),
+                   "http://public.test/p", retries=2)
+    assert (res.status, res.attempts, res.body) == ("bad_encoding", 1, None)
+
+
+def test_pauses_between_attempts_double_and_follow_retry_after_up_to_the_cap(monkeypatch):
+    """The pause before attempt k is --backoff * 2^(k-1), or the server's Retry-After if longer,
+    capped at max_crawl_delay (an hour's Retry-After must not stall a slot for an hour)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import httpx
+
+    import gpt2kit.webtext.fetch as fetch_module
+
+    pauses = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        pauses.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(fetch_module, "asyncio", SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
+    res = mock_get(lambda request: httpx.Response(503), "http://public.test/p", retries=3, backoff=0.01)
+    assert (res.status, res.attempts) == ("http_error", 4)
+    assert pauses == pytest.approx([0.01, 0.02, 0.04])
+    pauses.clear()
+    seen = []
+    handler = routes({("public.test", "/p"): [httpx.Response(429, headers={"Retry-After": "3600"}),
+                                              httpx.Response(503, headers={"Retry-After": "0.03"}),
+                                              answer(200, HTML, b"<html>p</html>")]}, seen)
+    res = mock_get(handler, "http://public.test/p", retries=2, backoff=0.01, max_crawl_delay=0.05)
+    assert (res.status, res.attempts) == ("ok", 3)
+    assert pauses == pytest.approx([0.05, 0.03])
+
+
+def test_a_name_that_does_not_resolve_is_not_retried():
+    import asyncio
+    import socket
+
+    import httpx
+
+    cfg = FetchConfig(robots=False, host_delay=0.0, retries=2, backoff=0.01)
+    seen, lookups = [], []
+
+    async def go():
+        async def getaddrinfo(host, port, **kw):
+            lookups.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        asyncio.get_running_loop().getaddrinfo = getaddrinfo
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200))) as client:
+            fetcher = Fetcher(cfg, client, 4)
+            return [await fetcher.get(f"http://nowhere.test/{k}") for k in range(2)]
+
+    results = asyncio.run(go())
+    assert [(r.status, r.attempts) for r in results] == [("dns_error", 1), ("dns_error", 1)]
+    assert "nowhere.test" in results[0].error and lookups == ["nowhere.test"] and seen == []   # asked once
+
+
+def test_resolver_names_are_case_blind_and_an_empty_or_unencodable_answer_is_refused():
+    import asyncio
+    import socket
+
+    from gpt2kit.webtext.fetch import Refused
+
+    r = Resolver(FetchConfig(resolve=(("News.Test.", "93.184.216.34"),)))
+    real = asyncio.get_event_loop_policy
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        real_getaddrinfo = loop.getaddrinfo
+
+        async def getaddrinfo(host, port, **kw):
+            if host == "empty.test":
+                return []
+            if len(host) > 63:
+                return await real_getaddrinfo(host, port, **kw)    # IDNA refuses it before any lookup
+            raise socket.gaierror(socket.EAI_NONAME, f"{host}: not in the test's DNS")
+
+        loop.getaddrinfo = getaddrinfo
+        assert await r.resolve("news.test") == "93.184.216.34"
+        assert await r.resolve("NEWS.test.") == "93.184.216.34"
+        with pytest.raises(Refused, match="empty.test resolves to nothing"):
+            await r.resolve("empty.test")
+        with pytest.raises(socket.gaierror):
+            await r.resolve("a" * 64 + ".test")
+
+    assert real is asyncio.get_event_loop_policy
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("code, status", [(400, "ok"), (404, "ok"), (410, "ok"), (429, "robots_disallowed"),
+                                          (500, "robots_disallowed"), (503, "robots_disallowed")])
+def test_a_robots_txt_error_allows_all_unless_the_host_is_failing_or_busy(code, status):
+    """RFC 9309 §2.3.1.3-4: a 4xx robots.txt means none (crawl freely), a 5xx means the host is
+    unreachable (crawl nothing); a 429 is read as the host asking for fewer requests."""
+    import httpx
+
+    seen = []
+    handler = routes({("public.test", "/robots.txt"): httpx.Response(code),
+                      ("public.test", "/p"): answer(200, HTML, b"<html>p</html>")}, seen)
+    res = mock_get(handler, "http://public.test/p", robots=True, retries=0)
+    assert res.status == status
+    assert (("public.test", "/p") in seen) is (status == "ok")
+
+
+def test_a_robots_txt_redirected_to_a_refused_address_forbids_the_host():
+    """The host answered; its robots.txt just cannot be read: its pages are robots_disallowed, not
+    `blocked_address` (which says the host itself may not be reached)."""
+    import httpx
+
+    seen = []
+    handler = routes({("public.test", "/robots.txt"): httpx.Response(301, headers={"Location": "http://internal.test/robots.txt"}),
+                      ("public.test", "/p"): answer(200, HTML, b"<html>p</html>")}, seen)
+    res = mock_get(handler, "http://public.test/p", robots=True)
+    assert (res.status, res.final_url) == ("robots_disallowed", "http://public.test/p")
+    assert seen == [("public.test", "/robots.txt")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage around the fetcher
+
+
+@pytest.mark.parametrize("kept, used", [("fresh", True), ("future", False), ("other-origin", False)])
+def test_a_kept_robots_txt_is_used_only_for_its_origin_and_its_day(site, tmp_path, kept, used):
+    """A kept answer fetched 'in the future' (a clock set back) is not trusted for a day more, nor an
+    answer filed under this origin's name for another one."""
+    from gpt2kit.webtext.fetch import RobotsStore
+
+    origin = f"http://news.test:{site.port}"
+    store = RobotsStore(tmp_path / "_state" / "fetch" / "robots")
+    record = {"origin": origin, "fetched": time.time(), "http_status": 200, "final_url": origin + "/robots.txt",
+              "text": "User-agent: *\nAllow: /\n"}
+    if kept == "future":
+        record["fetched"] += 3600
+    if kept == "other-origin":
+        record["origin"] = f"http://blog.test:{site.port}"
+    store._path(origin).parent.mkdir(parents=True)
+    store._path(origin).write_text(json.dumps(record))
+    make_shards(tmp_path, [[url(site, "news.test", "/a1"), url(site, "news.test", "/private/secret")]])
+    fetch_pages(tmp_path, local_cfg())
+    assert [e["status"] for e in manifest(tmp_path).values()] == ["ok", "ok" if used else "robots_disallowed"]
+    assert len(site.hits("news.test", "/robots.txt")) == (0 if used else 1)
+
+
+def test_a_missing_robots_txt_is_asked_once_for_all_shards(site, tmp_path):
+    """A 404 is an answer about the host (no restrictions) and is kept like a robots.txt."""
+    make_shards(tmp_path, [[url(site, "news.test", "/a1")], [url(site, "news.test", "/a2")]])
+    site.routes.pop(("news.test", "/robots.txt"))
+    fetch_pages(tmp_path, local_cfg())
+    assert len(site.hits("news.test", "/robots.txt")) == 1
+    assert {e["status"] for k in range(2) for e in read_jsonl_zst(tmp_path / "fetch" / f"fetch-{k:05d}.manifest.jsonl.zst")} == {"ok"}
+
+
+def test_proxies_from_the_environment_are_ignored(site, tmp_path, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")     # nothing listens there
+    make_links(tmp_path, [url(site, "news.test", "/a1")])
+    fetch_pages(tmp_path, local_cfg(robots=False))
+    assert manifest(tmp_path)[url(site, "news.test", "/a1")]["status"] == "ok"
+    assert site.hits() == [("news.test", "/a1")]
+
+
+def test_warc_records_name_the_address_and_the_robots_policy(site, tmp_path):
+    from warcio.archiveiterator import ArchiveIterator
+
+    make_links(tmp_path, [url(site, "news.test", "/a1")])
+    fetch_pages(tmp_path, local_cfg(robots=False))
+    with open(tmp_path / "fetch" / "fetch-00000.warc.gz", "rb") as f:
+        records = [(r.rec_type, r.rec_headers.get_header("WARC-IP-Address"), r.content_stream().read())
+                   for r in ArchiveIterator(f)]
+    assert [(t, ip) for t, ip, _ in records] == [("warcinfo", None), ("response", "127.0.0.1")]
+    assert b"robots: ignore" in records[0][2]
+    entry = manifest(tmp_path)[url(site, "news.test", "/a1")]
+    assert (entry["score"], entry["created_utc"], entry["subreddit"]) == (5, 1500000000, "news")
+
+
+def test_an_unexpected_error_fails_its_url_not_the_shard(site, tmp_path, monkeypatch):
+    real_get = Fetcher.get
+
+    async def get(self, target, **kw):
+        if target.endswith("/a1"):
+            raise RuntimeError("a server that breaks the client")
+        return await real_get(self, target, **kw)
+
+    monkeypatch.setattr(Fetcher, "get", get)
+    make_links(tmp_path, [url(site, "news.test", "/a1"), url(site, "news.test", "/a2")])
+    fetch_pages(tmp_path, local_cfg(robots=False))
+    m = manifest(tmp_path)
+    assert m[url(site, "news.test", "/a1")]["status"] == "connection_error"
+    assert "RuntimeError: a server that breaks the client" in m[url(site, "news.test", "/a1")]["error"]
+    assert m[url(site, "news.test", "/a2")]["status"] == "ok"
