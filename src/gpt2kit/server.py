@@ -439,18 +439,23 @@ class _Engine:
 
     def _prompt_ids(self, prompt: list[str | list[int]]) -> list[list[int]]:
         rows = []
+        # a model with fewer tokens than its tokenizer cannot embed the others (an IndexError, a 500)
+        n_vocab = min(self.tokenizer.n_vocab, self.model.config.vocab_size)
         for i, p in enumerate(prompt):
+            where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
             if isinstance(p, str):
                 try:
                     ids = self.tokenizer.encode(p, allowed_special="all")
                 except InvalidTextError as e:  # a lone surrogate, which JSON can escape
-                    where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
                     raise APIError(400, f"{where}: {e}", param="prompt") from None
+                if ids and max(ids) >= n_vocab:
+                    raise APIError(400, f"{where}: its text encodes to token id {max(ids)}, but the model has "
+                                        f"{self.model.config.vocab_size} tokens", param="prompt")
             else:
-                bad = [t for t in p if not 0 <= t < self.tokenizer.n_vocab]
+                bad = [t for t in p if not 0 <= t < n_vocab]
                 if bad:
                     raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
-                                        f"[0, {self.tokenizer.n_vocab})", param="prompt")
+                                        f"[0, {n_vocab})", param="prompt")
                 ids = list(p)
             rows.append(ids)
         return rows
@@ -753,7 +758,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return ("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
                 "token ids"), "prompt"
     if loc[0] == "logit_bias" and len(loc) > 1:  # name the token whose value is wrong
-        return f"logit_bias[{json.dumps(loc[1])}]: {e.get('msg', 'invalid value')}", "logit_bias"
+        key = str(loc[1]) if len(str(loc[1])) <= 20 else str(loc[1])[:20] + "..."
+        return f"logit_bias[{json.dumps(key)}]: {e.get('msg', 'invalid value')}", "logit_bias"
     # loc may go on with a union member's name ("stop", "str"): the field is what a client knows
     return f"{loc[0]}: {e.get('msg', 'invalid value')}", loc[0]
 
