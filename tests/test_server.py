@@ -1149,3 +1149,144 @@ def test_models_and_the_key_check_at_their_edges(url):
     with pytest.raises(ValueError, match="max_batch_tokens: expected an integer >= 1, got True"):
         create_app(GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)), Tokenizer.gpt2(), max_batch_tokens=True)
 
+
+def test_the_memory_at_hand_is_never_negative_and_its_fallback_is_bounded(tmp_path, monkeypatch):
+    # a container using more than its limit (memory.current past memory.max, as happens while the
+    # kernel reclaims) has nothing to spare, not a negative amount
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("1000\n")
+    (cgroup / "memory.current").write_text("1500\n")
+    monkeypatch.setattr(server, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(server, "_CGROUP", str(cgroup))
+    assert server.available_memory("cpu") == 0
+    # memory unknown: a KV cache the size of the weights, still at least one whole-context
+    # completion and at most MAX_CHOICES of them
+    monkeypatch.setattr(server, "available_memory", lambda device: None)
+    small = GPT2(GPT2Config(vocab_size=16, n_layer=4, n_head=1, n_embd=8, n_ctx=1024))
+    assert small.config.num_params() // (2 * 4 * 8) < 1024
+    assert server.default_max_batch_tokens(small) == 1024
+    wide = GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8))
+    assert wide.config.num_params() // (2 * 1 * 8) > server.MAX_CHOICES * 8
+    assert server.default_max_batch_tokens(wide) == server.MAX_CHOICES * 8
+
+
+def test_text_offset_of_a_character_split_across_tokens(url, tok):
+    # "€" is three byte tokens: they all start where the character does, and the next token
+    # after it (offsets count characters of the text, decoded incrementally)
+    euro = [tok.mergeable_ranks[bytes([b])] for b in "€".encode()]
+    x = tok.encode("x")
+    body = {"model": NAME, "prompt": [euro + x], "max_tokens": 0, "echo": True, "logprobs": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    c = r.json()["choices"][0]
+    assert c["text"] == "€x" and c["logprobs"]["text_offset"] == [0, 0, 0, 1], r.text
+
+
+def test_a_busy_server_refuses_before_tokenizing(model):
+    tok, encoded = counting_tokenizer()
+    engine = create_app(model, tok, model_name=NAME, max_concurrency=1, max_waiting=0).state.engine
+    engine.active = 1
+    with pytest.raises(server.APIError) as e:
+        engine.plan(server.CompletionRequest(model=NAME, prompt="x " * 20, max_tokens=1))
+    assert e.value.status == 429 and encoded == [] and engine.admitted == 0
+
+
+def test_the_context_and_budget_errors_at_their_edges(model, tok):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with live(create_app(model, tok, model_name=NAME, api_key=KEY, max_batch_tokens=64)) as url:
+        def post(**body):
+            return httpx.post(f"{url}/v1/completions", json={"model": NAME, **body}, headers=headers, timeout=30)
+
+        # max_tokens null with a prompt past the context: nothing is left for the completion (not a
+        # negative number of tokens)
+        r = post(prompt=[7] * 70, max_tokens=None)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert "requested 70 tokens (70 in your prompt; 0 for the completion)" in r.json()["error"]["message"], r.text
+        # one row to the end of the context is exactly the budget's 64 positions: allowed
+        r = post(prompt="Hi", max_tokens=None, temperature=0)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 64, r.text
+    # a prompt as long as the budget leaves no room for any completion: the prompt's fault
+    with live(create_app(model, tok, model_name=NAME, api_key=KEY, max_batch_tokens=60)) as url:
+        for prompt, param in (([7] * 60, "prompt"), ([7] * 59, "max_tokens")):
+            r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 2},
+                           headers=headers, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_top_p_reaches_the_decoding(client, model, tok):
+    r = client.completions.create(model=NAME, prompt="Hi", max_tokens=8, seed=5, temperature=1.5, top_p=0.5)
+    want = generate(model, tok, "Hi", max_new_tokens=8, seed=5, temperature=1.5, top_p=0.5)[0].text
+    assert r.choices[0].text == want != generate(model, tok, "Hi", max_new_tokens=8, seed=5, temperature=1.5)[0].text
+
+
+def test_usage_counts_every_prompt(client, tok):
+    # an empty prompt is conditioned on <|endoftext|>: one token read
+    r = client.completions.create(model=NAME, prompt=["Hello world", "", "Hi"], max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == 2 + 1 + 1 and r.usage.completion_tokens == 9 and r.usage.total_tokens == 13
+
+
+class BrokenGPT2(GPT2):
+    def hidden_states(self, *args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_generation_is_a_500_and_frees_its_slot(tok, stream):
+    app = create_app(tiny_model(BrokenGPT2), tok, model_name=NAME, max_concurrency=1)
+    with live(app) as url:
+        for _ in range(2):  # the slot came back: the second one is answered too
+            r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2, "stream": stream},
+                           timeout=30)
+            if stream:  # the response had started: the error is the last event before [DONE]
+                assert r.status_code == 200
+                events = r.text.split("\n\n")
+                assert events[-2:] == ["data: [DONE]", ""]
+                error = json.loads(events[-3][6:])["error"]
+            else:
+                assert r.status_code == 500
+                error = r.json()["error"]
+            assert error["type"] == "server_error"
+            assert error["message"] == "generation failed: the device fell over"
+        assert httpx.get(f"{url}/health").json()["active"] == 0
+
+
+def test_serve_options_checked_and_passed_on(model, tok, monkeypatch, caplog, capsys):
+    import logging
+
+    import gpt2kit.generate
+    from gpt2kit.cli import main
+
+    for flags, message in ((["--port", "65536"], "--port: expected 0..65535, got 65536"),
+                           (["--port", "-1"], "--port: expected 0..65535, got -1"),
+                           (["--max-concurrency", "0"], "--max-concurrency: expected an integer >= 1, got 0")):
+        assert main(["serve", "--model", "no-model", *flags]) == 2  # (before any model is loaded)
+        assert capsys.readouterr().err == f"gpt2kit: error: {message}\n"
+    monkeypatch.setattr(gpt2kit.generate, "load_for_inference", lambda *a, **kw: (model, tok))
+    bound = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: bound.append(
+        (sockets[0].family, sockets[0].getsockname()[0], self.config.app.state.engine.name)) or sockets[0].close())
+    with caplog.at_level(logging.INFO, logger="gpt2kit.cli.serve"):
+        assert main(["serve", "--model", "some/folder", "--host", "::1", "--port", "0", "--model-name", "custom",
+                     "--api-key", "k", "--max-waiting", "0", "--max-batch-tokens", "99"]) == 0
+    assert bound == [(socket.AF_INET6, "::1", "custom")]
+    assert "serving some/folder as 'custom' on http://::1:" in caplog.text, caplog.text
+    assert "/v1 (API key required); 4 requests at once, 0 waiting, 99 token positions per request" in caplog.text
+
+
+def test_served_requests_leave_nothing_counted(model, tok):
+    # a job's place is given back both when it joins the line and when its response ends: the
+    # second time must not give back a place it no longer holds (the line would then admit more)
+    app = create_app(model, tok, model_name=NAME, max_concurrency=1, max_waiting=0)
+    engine = app.state.engine
+    with live(app) as url:
+        for stream in (False, True, False):
+            r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2, "stream": stream},
+                           timeout=30)
+            assert r.status_code == 200, r.text
+        assert (engine.admitted, engine.waiting, engine.active) == (0, 0, 0)
+    job = engine.plan(server.CompletionRequest(model=NAME, prompt="x", max_tokens=1))
+    engine.drop_admission(job)
+    engine.drop_admission(job)
+    assert engine.admitted == 0
