@@ -11,7 +11,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2kit.generate import GenerationError, generate, stream_generate
+from gpt2kit.generate import GenerationError, generate, prompt_logprobs, stream_generate
 from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.sampling import (
     SamplingError,
@@ -294,3 +294,14 @@ def test_a_bias_is_turned_into_tensors_once_per_decoding_not_per_step(model, tok
     hash(params.logit_bias)
     first = params.logit_bias.__dict__["hash"]
     assert hash(params.logit_bias) == first == hash(tuple(params.logit_bias))
+
+
+def test_logprobs_are_the_models_own_before_the_bias_penalties_and_temperature(model, tok):
+    # as the README says (and vLLM does): a token forced by a bias of 100 shows how likely the
+    # model found it, not ~0
+    out = generate(model, tok, "Hello", max_new_tokens=5, seed=0, logit_bias={1000: 100.0}, temperature=0.5,
+                   presence_penalty=1.0, frequency_penalty=0.5, stop_at_eot=False, top_logprobs=0)[0]
+    assert out.token_ids == [1000] * 5
+    raw, _ = prompt_logprobs(model, out.prompt_token_ids + out.token_ids)
+    np.testing.assert_allclose(out.logprobs, raw[-5:], rtol=0, atol=1e-4)
+    assert max(out.logprobs) < -1.0
