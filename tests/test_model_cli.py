@@ -46,3 +46,38 @@ def test_model_convert_openai_release_to_hf(cli, tmp_path):
                          (tmp_path / "file" / "hf", f"{tmp_path / 'file'} is a file, not a folder")):
         r = cli("model", "convert", str(FIXTURE), str(bad))
         assert r.returncode == 2 and r.stderr == f"gpt2kit: error: OUT {bad}: {message}\n"
+
+
+def test_model_info_text_of_a_billion_parameter_preset_and_a_tiny_folder(capsys):
+    from gpt2kit.cli import main
+
+    assert main(["model", "info", "gpt2-xl"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["heads"] == "25 (head size 64)" and lines["vocab"] == "50257" and lines["context"] == "1024"
+    assert lines["params"] == "1,557,611,200 (1.56B); without the tied token embedding 1,477,200,000 (1.48B)"
+    # keys and values of 48 layers of 1600 floats per token
+    assert lines["kv"] == "cache   fp32 600.0 KiB, bf16 300.0 KiB, fp16 300.0 KiB per token of context"
+    assert main(["model", "info", str(FIXTURE)]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["heads"] == "2 (head size 4)" and lines["vocab"] == "37"
+    assert lines["kv"] == "cache   fp32 128 B, bf16 64 B, fp16 64 B per token of context"
+    assert main(["model", "info", str(FIXTURE), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == {"fp32": 128, "bf16": 64, "fp16": 64}
+
+
+def test_model_convert_writes_the_dtype_asked_and_the_tokenizer(tmp_path, capsys):
+    import torch
+    from safetensors import safe_open
+
+    from gpt2kit.cli import main
+    from gpt2kit.model import GPT2, GPT2Config
+    from gpt2kit.tokenizer import Tokenizer
+
+    source = tmp_path / "source"
+    GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8)).save_pretrained(str(source), Tokenizer.gpt2())
+    assert main(["model", "convert", str(source), str(tmp_path / "out"), "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.endswith("(bf16), with tokenizer files\n")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    copied = Tokenizer.from_pretrained(tmp_path / "out")
+    assert copied.encode("Hello world") == Tokenizer.gpt2().encode("Hello world")
