@@ -1484,3 +1484,21 @@ def test_an_unexpected_error_fails_its_url_not_the_shard(site, tmp_path, monkeyp
     assert m[url(site, "news.test", "/a1")]["status"] == "connection_error"
     assert "RuntimeError: a server that breaks the client" in m[url(site, "news.test", "/a1")]["error"]
     assert m[url(site, "news.test", "/a2")]["status"] == "ok"
+
+
+def test_per_host_requests_to_one_host_are_in_flight_together(site, tmp_path):
+    """--per-host 2: a host's second link does not wait for its first to be answered (each answer
+    here waits until both requests have arrived)."""
+    both = threading.Barrier(2, timeout=5)
+
+    def together(handler):
+        try:
+            both.wait()
+        except threading.BrokenBarrierError:
+            return 503, {}, b"alone"
+        return 200, {"Content-Type": "text/html"}, page(article(23), "Together")
+
+    site.routes[("news.test", "/t1")] = site.routes[("news.test", "/t2")] = together
+    make_links(tmp_path, [url(site, "news.test", "/t1"), url(site, "news.test", "/t2")])
+    fetch_pages(tmp_path, local_cfg(robots=False, per_host=2, retries=0, read_timeout=10.0, total_timeout=10.0))
+    assert [e["status"] for e in manifest(tmp_path).values()] == ["ok", "ok"]
