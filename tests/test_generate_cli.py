@@ -128,3 +128,50 @@ def test_a_bad_num_samples_is_named_by_its_flag(checkpoint, capsys):
     for value in ("0", "-1"):
         assert main(["generate", "--model", str(folder), "x", "--num-samples", value]) == 2
         assert capsys.readouterr().err == f"gpt2kit: error: --num-samples: expected an integer >= 1, got {value}\n"
+
+
+def test_top_k_and_repetition_penalty_reach_the_decoding(checkpoint, capsys):
+    # (--top-k overrides the paper preset's 40; the penalty applies to greedy decoding too)
+    folder, model, tok = checkpoint
+    for flags, options in ((["--top-k", "3", "--temperature", "1.5", "--seed", "5"],
+                            dict(top_k=3, temperature=1.5, seed=5, preset="paper")),
+                           (["--greedy", "--repetition-penalty", "3.0"], dict(repetition_penalty=3.0, do_sample=False))):
+        for extra in ([], ["--json"]):
+            assert main(["generate", "--model", str(folder), "The sea", "--max-new-tokens", "10", *flags, *extra]) == 0
+            out = capsys.readouterr().out
+            want = generate(model, tok, "The sea", max_new_tokens=10, **options)[0]
+            assert (json.loads(out)["token_ids"] == want.token_ids) if extra else out == want.text + "\n"
+        without = {k: v for k, v in options.items() if k not in ("top_k", "repetition_penalty")}
+        assert want.token_ids != generate(model, tok, "The sea", max_new_tokens=10, **without)[0].token_ids
+
+
+def test_max_new_tokens_interactive_and_the_default_prompt(checkpoint, capsys):
+    folder, model, tok = checkpoint
+    assert main(["generate", "--model", str(folder), "x", "--max-new-tokens", "-1"]) == 2
+    assert capsys.readouterr().err == "gpt2kit: error: --max-new-tokens: expected an integer >= 0, got -1\n"
+    assert main(["generate", "--model", str(folder), "x", "--max-new-tokens", "0", "--no-stream"]) == 0
+    assert capsys.readouterr().out == "\n"  # nothing generated, and no error
+    assert main(["generate", "--model", str(folder), "x", "--interactive"]) == 2
+    assert capsys.readouterr().err == "gpt2kit: error: --interactive reads its prompts from stdin: give no PROMPT argument\n"
+    # no PROMPT: an empty document is continued
+    assert main(["generate", "--model", str(folder), "--greedy", "--max-new-tokens", "6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    want = generate(model, tok, "", max_new_tokens=6, do_sample=False)[0]
+    assert row["prompt"] == "" and row["token_ids"] == want.token_ids
+
+
+def test_stop_cuts_each_output_where_its_text_appears(checkpoint, capsys):
+    folder, model, tok = checkpoint
+    full = generate(model, tok, "The sea", max_new_tokens=12, do_sample=False)[0].text
+    stop = full[4:7]
+    want = generate(model, tok, "The sea", max_new_tokens=12, do_sample=False, stop=stop)[0]
+    assert want.text == full[:full.index(stop)] and want.finish_reason == "stop"
+    for extra in ([], ["--no-stream"], ["--json"]):
+        assert main(["generate", "--model", str(folder), "The sea", "--greedy", "--max-new-tokens", "12",
+                     "--stop", "no such text", "--stop", stop, *extra]) == 0
+        out = capsys.readouterr().out
+        if extra == ["--json"]:
+            row = json.loads(out)
+            assert row["text"] == want.text and row["finish_reason"] == "stop"
+        else:
+            assert out == want.text + "\n"
