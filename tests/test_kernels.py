@@ -1345,7 +1345,7 @@ def test_elf_completeness_checks_section_headers_and_every_loaded_segment(tmp_pa
     struct.pack_into("<H", stripped, 0x3C, 0)
     assert complete(bytes(stripped))
     assert not complete(bytes(stripped[:(last[0] + last[1]) // 2]))
-    assert not complete(whole[:63])  # shorter than an ELF header
+    assert not complete(whole[:63]) and not complete(whole[:50])  # shorter than an ELF header
     assert complete(b"not an ELF file at all, but long enough to hold its header: " * 2)  # the loader judges
 
 
@@ -1378,3 +1378,99 @@ def test_logits_by_blocks_writes_every_column_without_reading_what_was_there(mon
         got = kernels.logits_by_blocks(h, w, n_out)
         assert got.shape == (2, 3, n_out)
         torch.testing.assert_close(got, F.linear(h, w[:n_out]), atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_kernels_take_rows_far_below_zero():
+    # the row maximum is taken over the real elements only (not the zero lanes past a row's end):
+    # logits and scores all far below 0 must not underflow to a 0 / 0
+    if not CAN_BUILD:
+        return
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 17, generator=g) - 1000  # 17: one vector and a tail
+    targets = torch.tensor([0, 16, 5])
+    grad = logits.clone()
+    nll = kernels.softmax_xent_(grad, targets)
+    torch.testing.assert_close(nll.double(), F.cross_entropy(logits.double(), targets, reduction="none"))
+    torch.testing.assert_close(grad.double(), torch.softmax(logits.double(), -1) - F.one_hot(targets, 17))
+    qkv = torch.randn(1, 21, 3 * 64, generator=g)
+    q, k, v = (t.view(1, 21, 1, 64).transpose(1, 2) for t in qkv.split(64, dim=2))
+    q, k = q.abs() + 3, k - 5  # every score q . k / 8 about -150: exp underflows fp32 below the max
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(kernels.causal_attention(q, k, v).double(), want.reshape(1, 21, 64), atol=1e-4, rtol=1e-4)
+    out = kernels.training_attention(torch.cat([q, k, v], 3).transpose(1, 2).reshape(1, 21, 192), 1)
+    torch.testing.assert_close(out.double(), want.reshape(1, 21, 64), atol=1e-4, rtol=1e-4)
+
+
+def test_matvec_takes_the_bf16_kernel_the_cpu_has(monkeypatch):
+    # the two bf16 kernels differ on denormal inputs: VDPBF16PS (native) treats them as zero, the
+    # widening kernel multiplies them exactly, so this tells which one ran (the native one on a
+    # CPU without AVX512-BF16 would stop the process on an illegal instruction)
+    if not CAN_BUILD:
+        return
+    x = torch.zeros(1, 16)
+    x[0, 3] = 2.0 ** -130  # a denormal in fp32 and in bf16
+    x, w = x.bfloat16(), torch.ones(2, 16).bfloat16()
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    assert torch.equal(kernels.matvec(x, w), torch.full((1, 2), 2.0 ** -130).bfloat16())
+    if torch.cpu._is_avx512_bf16_supported():
+        monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+        assert torch.equal(kernels.matvec(x, w), torch.zeros(1, 2).bfloat16())
+
+
+def test_tensors_off_the_cpu_never_reach_the_kernels():
+    # (meta tensors stand in for a GPU's: no data pointer a CPU kernel could read)
+    meta = dict(device="meta")
+    x, b = torch.randn(4, 128, **meta), torch.randn(128, **meta)
+    assert kernels.gelu(x).device.type == "meta" and kernels.gelu(x.bfloat16()).device.type == "meta"
+    assert not kernels.bias_folds(x, b) and not kernels.bias_folds(torch.randn(4, 128), b)
+    assert kernels.bias_gelu(x, b).device.type == "meta"
+    q = torch.randn(1, 2, 4, 64, **meta)
+    with torch.no_grad():
+        assert not kernels.causal_attention_applies(q, q, q)
+        assert not kernels.layer_norm_add_applies(x, torch.nn.LayerNorm(128, **meta))
+        assert not kernels.layer_norm_add_applies(x, torch.nn.LayerNorm(128))
+        assert not kernels.prompt_attention_folds_bias(x, torch.randn(384, 128, **meta), torch.randn(384, **meta), 2)
+    assert not kernels.training_attention_applies(torch.randn(1, 4, 384, **meta), 2)
+    assert kernels.sum_of_squares([torch.randn(4), x]) is None
+    if CAN_BUILD:
+        with pytest.raises(ValueError, match="^matvec: expected contiguous CPU x"):
+            kernels.matvec(torch.randn(2, 128, **meta), torch.randn(4, 128))
+        q = torch.randn(1, 2, 4, 64)
+        with pytest.raises(ValueError, match="^causal_attention: .*bias"):  # (its data pointer: null, no bias)
+            kernels.causal_attention(q, q, q, bias=torch.randn(384, **meta))
+    p = torch.randn(16, **meta)
+    assert not kernels.adamw_([p], [p], [p], [p], [(1.0, 0.1, 0.999, 0.001, 0.1, 1e-8, -0.01)])
+
+
+def test_the_kernels_exp_is_within_two_ulps():
+    # exp512 (every softmax and GELU here): rows [0, z] give p = e^z / (1 + e^z), which for z << 0
+    # is e^z itself; measured 1.46 ulp at most (a degree-6 polynomial: 2.4, rounding n = z / ln 2
+    # down instead of to nearest: 6.8)
+    if not CAN_BUILD:
+        return
+    z = torch.linspace(-80, 0, 200001)
+    grad = torch.stack([torch.zeros_like(z), z], 1)
+    kernels.softmax_xent_(grad, torch.zeros(len(z), dtype=torch.int64))
+    exact = torch.sigmoid(z.double())
+    assert ((grad[:, 1].double() - exact).abs() / exact).max() <= 2 * 2.0 ** -23
+
+
+def test_adamw_kernel_takes_torchs_lerp_form_at_a_weight_of_one_half():
+    # torch.lerp(m, g, w) is m + w (g - m) below w = 0.5 and g - (1 - w)(g - m) from 0.5 on: with
+    # beta1 = 0.5 the fused AdamW's moments take the second form, bit for bit
+    from gpt2kit.train import adamw_step_cpu
+
+    if not CAN_BUILD:
+        return
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(64, generator=g), [torch.randn(64, generator=g) for _ in range(3)]
+    runs = []
+    for kernel in (True, False):
+        p = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([p], lr=0.1, betas=(0.5, 0.9), fused=True)
+        for grad in grads:
+            p.grad = grad.clone()
+            assert adamw_step_cpu(opt) if kernel else opt.step() is None
+        runs.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    for ours, torchs in zip(*runs):
+        assert torch.equal(ours, torchs)
