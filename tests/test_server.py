@@ -1290,3 +1290,40 @@ def test_served_requests_leave_nothing_counted(model, tok):
     engine.drop_admission(job)
     engine.drop_admission(job)
     assert engine.admitted == 0
+
+
+def test_n_choices_keep_their_order_when_nothing_is_chosen(url, model, tok):
+    # best_of ranks candidates by their mean log-probability; with best_of null (or == n) there is
+    # nothing to choose, and the n samples come back in the order drawn, even with logprobs asked
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 6, "seed": 3, "temperature": 1.5, "n": 4, "logprobs": 0}
+    want = generate(model, tok, "Hi", max_new_tokens=6, seed=3, temperature=1.5, n=4, top_logprobs=0)
+    means = [sum(c.logprobs) / len(c.logprobs) for c in want]
+    assert means != sorted(means, reverse=True)  # (ranked, they would come back in another order)
+    for extra in ({}, {"best_of": 4}):
+        r = httpx.post(f"{url}/v1/completions", json={**body, **extra}, headers=headers, timeout=30)
+        assert [c["text"] for c in r.json()["choices"]] == [c.text for c in want], r.text
+
+
+def test_the_app_serves_the_model_in_eval_mode(tok):
+    # dropout left on would make greedy decoding random
+    model = GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_ctx=8, dropout=0.5)).train()
+    create_app(model, tok, model_name=NAME, max_batch_tokens=8)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_a_huge_prompt_with_a_lone_surrogate_is_measured_not_a_500(url, tok):
+    # refused for its length before tokenizing; its size counts the surrogate's bytes as they are
+    longest = max(len(t) for t in tok.mergeable_ranks)
+    prompt = "\ud800" + "a" * (64 * longest)
+    r = httpx.post(f"{url}/v1/completions", content=json.dumps({"model": NAME, "prompt": prompt}), timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})  # (as \ud800)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert f"your prompt is {3 + 64 * longest:,} bytes, at least 65 tokens" in r.json()["error"]["message"]
+
+
+def test_the_servers_key_is_read_stripped(model, tok):
+    # a key read from a file or a variable often ends in a newline; the client's token is stripped too
+    with live(create_app(model, tok, model_name=NAME, api_key=f" {KEY}\n")) as url:
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer other"}).status_code == 401
