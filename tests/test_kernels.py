@@ -1215,6 +1215,8 @@ def test_bias_gelu_broadcasts_a_bias_longer_than_the_last_dimension_through_pyto
     assert torch.equal(kernels.bias_gelu(x, b), kernels.gelu(x + b))
     assert kernels.bias_gelu(torch.randn(0, 6), b).shape == (0, 6)
     assert kernels.bias_gelu(torch.randn(3, 0), torch.randn(0)).shape == (3, 0)  # (no rows of zero columns to count)
+    s = torch.tensor(0.5)  # a 0-d x: no last dimension to fold the bias along
+    assert torch.equal(kernels.bias_gelu(s, b[:1]), kernels.gelu(s + b[:1]))
     if CAN_BUILD:
         empty = torch.randn(3, 0)
         with torch.no_grad():
@@ -1430,6 +1432,7 @@ def test_tensors_off_the_cpu_never_reach_the_kernels():
         assert not kernels.layer_norm_add_applies(x, torch.nn.LayerNorm(128, **meta))
         assert not kernels.layer_norm_add_applies(x, torch.nn.LayerNorm(128))
         assert not kernels.prompt_attention_folds_bias(x, torch.randn(384, 128, **meta), torch.randn(384, **meta), 2)
+        assert not kernels.prompt_attention_folds_bias(x, torch.randn(384, 128), torch.randn(384), 2)
     assert not kernels.training_attention_applies(torch.randn(1, 4, 384, **meta), 2)
     assert kernels.sum_of_squares([torch.randn(4), x]) is None
     if CAN_BUILD:
