@@ -1459,7 +1459,7 @@ def test_warc_records_name_the_address_and_the_robots_policy(site, tmp_path):
     from warcio.archiveiterator import ArchiveIterator
 
     make_links(tmp_path, [url(site, "news.test", "/a1")])
-    fetch_pages(tmp_path, local_cfg(robots=False))
+    totals = fetch_pages(tmp_path, local_cfg(robots=False))
     with open(tmp_path / "fetch" / "fetch-00000.warc.gz", "rb") as f:
         records = [(r.rec_type, r.rec_headers.get_header("WARC-IP-Address"), r.content_stream().read())
                    for r in ArchiveIterator(f)]
@@ -1467,6 +1467,7 @@ def test_warc_records_name_the_address_and_the_robots_policy(site, tmp_path):
     assert b"robots: ignore" in records[0][2]
     entry = manifest(tmp_path)[url(site, "news.test", "/a1")]
     assert (entry["score"], entry["created_utc"], entry["subreddit"]) == (5, 1500000000, "news")
+    assert totals["bytes"] == entry["bytes"] == len(records[1][2]) > 0
 
 
 def test_an_unexpected_error_fails_its_url_not_the_shard(site, tmp_path, monkeypatch):
@@ -1502,3 +1503,38 @@ def test_per_host_requests_to_one_host_are_in_flight_together(site, tmp_path):
     make_links(tmp_path, [url(site, "news.test", "/t1"), url(site, "news.test", "/t2")])
     fetch_pages(tmp_path, local_cfg(robots=False, per_host=2, retries=0, read_timeout=10.0, total_timeout=10.0))
     assert [e["status"] for e in manifest(tmp_path).values()] == ["ok", "ok"]
+
+
+
+def test_a_connection_is_never_reused_for_another_name(tmp_path):
+    """Two names on one address, against a server that keeps connections open: every request gets
+    a connection of its own (a TLS connection checked for one name must not carry another's)."""
+    peers = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            peers.append((self.headers["Host"].split(":")[0], self.client_address))
+            body = page(article(24), "Kept open")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        make_links(tmp_path, [f"http://{h}:{port}/p" for h in ("news.test", "blog.test", "other.test")])
+        fetch_pages(tmp_path, local_cfg(robots=False, concurrency=1, per_host=1))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert {e["status"] for e in manifest(tmp_path).values()} == {"ok"}
+    assert len(peers) == 3 and len({address for _, address in peers}) == 3, peers
