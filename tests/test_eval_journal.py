@@ -149,6 +149,12 @@ def test_fingerprint_reads_the_requests_the_config_and_weights_beyond_their_star
     with torch.no_grad():
         wte.view(-1)[step * 4000] += 1.0
     assert step * 4000 > 4096 and fingerprint(other, a, {}) != fingerprint(model, a, {})
+    # the same numbers in another dtype (`gpt2kit eval --dtype bfloat16` rounds every product otherwise)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    assert fingerprint(rounded, a, {}) != fingerprint(copy.deepcopy(rounded).to(torch.bfloat16), a, {})
 
 
 # ----------------------------------------------------------------------------- evaluate
