@@ -62,7 +62,9 @@ def test_model_info_text_of_a_billion_parameter_preset_and_a_tiny_folder(capsys)
     assert lines["heads"] == "2 (head size 4)" and lines["vocab"] == "37"
     assert lines["kv"] == "cache   fp32 128 B, bf16 64 B, fp16 64 B per token of context"
     assert main(["model", "info", str(FIXTURE), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == {"fp32": 128, "bf16": 64, "fp16": 64}
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_cache_bytes_per_token"] == {"fp32": 128, "bf16": 64, "fp16": 64}
+    assert info["params_without_token_embedding"] == info["params"] - 37 * 8 == 1888
 
 
 def test_model_convert_writes_the_dtype_asked_and_the_tokenizer(tmp_path, capsys):
