@@ -1327,3 +1327,27 @@ def test_the_servers_key_is_read_stripped(model, tok):
     with live(create_app(model, tok, model_name=NAME, api_key=f" {KEY}\n")) as url:
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer other"}).status_code == 401
+
+
+def test_a_stream_ended_by_end_of_text_says_so(url, tok):
+    # <|endoftext|> adds no text: its event still carries the finish_reason, or a streaming client
+    # never learns why (nor that) the choice ended
+    body = {"model": NAME, "prompt": "x", "max_tokens": 5, "logit_bias": {str(tok.eot_token): 100}, "n": 2}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    plain = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30).json()
+    assert [(c["text"], c["finish_reason"]) for c in plain["choices"]] == [("", "stop")] * 2
+    r = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, headers=headers, timeout=30)
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    assert sorted((c["index"], c["text"], c["finish_reason"]) for e in events for c in e["choices"]) == [
+        (0, "", "stop"), (1, "", "stop")]
+
+
+def test_usage_only_when_asked_and_the_401s_challenge(url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "x", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": False}}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    assert events and all(e["choices"] and "usage" not in e for e in events), events
+    # a 401 names the scheme it expects (RFC 7235), as OpenAI's does
+    r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
