@@ -1251,6 +1251,8 @@ def test_sum_of_squares_and_adamw_decline_what_they_would_misread():
         return
     assert got == pytest.approx(float(t.double().pow(2).sum() + u.double().pow(2).sum()), rel=1e-6)
     assert kernels.sum_of_squares([t[:, ::2], u]) is None
+    # block totals add in double: 2^28 + 1, which fp32 would round to 2^28
+    assert kernels.sum_of_squares([torch.full((65536,), 64.0), torch.ones(1)]) == 2 ** 28 + 1
     assert kernels.sum_of_squares([t.double()]) is None
     p, grad, m, v = (torch.randn(32, generator=g) for _ in range(4))
     v = v.abs()
@@ -1477,3 +1479,22 @@ def test_adamw_kernel_takes_torchs_lerp_form_at_a_weight_of_one_half():
         runs.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
     for ours, torchs in zip(*runs):
         assert torch.equal(ours, torchs)
+
+
+def test_fused_kernels_take_only_the_exact_modules_and_dtypes_they_implement():
+    x, b = torch.randn(4, 6), torch.randn(6)
+    assert not kernels.bias_folds(x, b.double())  # a float64 bias read as fp32 would be garbage
+    assert torch.equal(kernels.bias_gelu(x, b.double()), kernels.gelu(x + b.double()))
+    assert not kernels.bias_folds(x.double(), b)
+
+    class Scaled(torch.nn.LayerNorm):  # a LayerNorm whose forward does more: not the kernel's arithmetic
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert not kernels.layer_norm_add_applies(x, Scaled(8))
+        for name in ("weight", "bias"):  # parameters the kernel would read as contiguous
+            ln = torch.nn.LayerNorm(8)
+            setattr(ln, name, torch.nn.Parameter(torch.randn(16)[::2]))
+            assert not kernels.layer_norm_add_applies(x, ln)
