@@ -5,6 +5,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +233,7 @@ def test_without_kernels_inference_falls_back_to_pytorch(tmp_path):
         broken = _run(code, CXX="/bin/false", GPT2KIT_CACHE=str(tmp_path))  # the build fails
         assert broken.stdout.split() == ["False", "_InputMajorLinear", "True"], broken.stderr
         assert "could not build gpt2kit's CPU kernels" in broken.stderr
+        assert not list((tmp_path / "kernels").iterdir())  # no half-built file left behind
     unusable = tmp_path / "file"
     unusable.write_text("a file where the cache folder should be")
     no_cache = _run(code, GPT2KIT_CACHE=str(unusable / "sub"))
@@ -239,7 +241,8 @@ def test_without_kernels_inference_falls_back_to_pytorch(tmp_path):
     if CAN_BUILD:  # a fresh cache folder: the kernel is built there and used
         built = _run(code, GPT2KIT_CACHE=str(tmp_path))
         assert built.stdout.split() == ["True", "_CPULinear", "True"], built.stderr
-        assert list((tmp_path / "kernels").glob("gpt2kit-*.so"))
+        (library,) = (tmp_path / "kernels").glob("gpt2kit-*.so")
+        assert library.stat().st_mode & 0o777 == 0o644  # readable by others sharing the cache, as installed
 
 
 def test_optimized_model_decodes_like_the_original():
@@ -1498,3 +1501,19 @@ def test_fused_kernels_take_only_the_exact_modules_and_dtypes_they_implement():
             ln = torch.nn.LayerNorm(8)
             setattr(ln, name, torch.nn.Parameter(torch.randn(16)[::2]))
             assert not kernels.layer_norm_add_applies(x, ln)
+
+
+def test_a_cached_library_of_another_user_is_not_loaded(tmp_path):
+    # loading a shared object runs its code: one that another user put in the cache folder is refused
+    import os
+
+    if not CAN_BUILD or os.getuid() != 0:  # (only root can give a file to another user)
+        return
+    ours = Path(kernels._library()._name)
+    theirs = tmp_path / "kernels" / ours.name  # the name this very build has
+    theirs.parent.mkdir()
+    theirs.write_bytes(ours.read_bytes())
+    os.chown(theirs, 12345, 12345)
+    code = "import logging, torch; logging.basicConfig(); from gpt2kit import kernels; print(kernels.available(torch.float32))"
+    run = _run(code, GPT2KIT_CACHE=str(tmp_path))
+    assert run.stdout.split() == ["False"] and "belongs to another user" in run.stderr, run.stderr
