@@ -1363,6 +1363,8 @@ def test_kernels_check_every_operand_not_only_the_first():
     for args in ((x, w.clone().requires_grad_(), b), (x, w, b.clone().requires_grad_())):
         with pytest.raises(ValueError, match="^matvec: .*gradient"):  # its result would have no graph
             kernels.matvec(*args)
+    with pytest.raises(ValueError, match=r"^matvec: expected contiguous CPU x \(M<=16"):  # no rows at all
+        kernels.matvec(torch.randn(0, 8), w)
     q = torch.randn(1, 2, 5, 64)
     with pytest.raises(ValueError, match="^causal_attention: "):  # values for fewer keys than the keys
         kernels.causal_attention(q, q, q[:, :, :4])
