@@ -1352,3 +1352,33 @@ def test_usage_only_when_asked_and_the_401s_challenge(url):
     # a 401 names the scheme it expects (RFC 7235), as OpenAI's does
     r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_model_with_fewer_tokens_than_its_tokenizer_gets_400s_not_500s(tok):
+    # ids the tokenizer makes but the model cannot embed failed inside the worker: "generation failed"
+    torch.manual_seed(0)
+    small = GPT2(GPT2Config(vocab_size=300, n_layer=1, n_head=1, n_embd=8, n_ctx=32)).eval()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with live(create_app(small, tok, model_name=NAME, api_key=KEY)) as url:
+        def post(**body):
+            return httpx.post(f"{url}/v1/completions", json={"model": NAME, "max_tokens": 2, **body},
+                              headers=headers, timeout=30)
+
+        r = post(prompt=["a", "Hello"])  # "Hello" is token 15496
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert r.json()["error"]["message"] == "prompt[1]: its text encodes to token id 15496, but the model has 300 tokens"
+        r = post(prompt=[[299], [300]])
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == "prompt: token id 300 is outside the vocabulary [0, 300)"
+        assert max(tok.encode("a b")) < 300
+        r = post(prompt="a b", temperature=0)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_a_bad_logit_bias_value_names_its_key_briefly(url):
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 1,
+                                                  "logit_bias": {"A" * 100_000: "x"}},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "logit_bias", r.text
+    assert error["message"].startswith('logit_bias["' + "A" * 20 + '..."]: ') and len(error["message"]) < 200
