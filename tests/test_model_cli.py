@@ -60,6 +60,7 @@ def test_model_info_text_of_a_billion_parameter_preset_and_a_tiny_folder(capsys)
     assert main(["model", "info", str(FIXTURE)]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert lines["heads"] == "2 (head size 4)" and lines["vocab"] == "37"
+    assert lines["params"] == "2,184 (2.2K); without the tied token embedding 1,888 (1.9K)"
     assert lines["kv"] == "cache   fp32 128 B, bf16 64 B, fp16 64 B per token of context"
     assert main(["model", "info", str(FIXTURE), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -83,7 +83,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _human(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"  # (a test-sized model was "0.0M")
 
 
 def _bytes(n: int) -> str:
