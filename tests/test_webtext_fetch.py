@@ -1112,6 +1112,7 @@ def test_retry_after_dates_are_gmt_whatever_zone_they_name(monkeypatch):
                      formatdate(soon, usegmt=True).replace("GMT", "+0000")):
             assert 100 < _retry_after(text) <= 120, text
         assert _retry_after("30") == 30.0 and _retry_after("-5") == 0.0 and _retry_after("soon") is None
+        assert _retry_after(formatdate(time.time() - 3600, usegmt=True)) == 0.0     # a date already past
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
@@ -1407,6 +1408,38 @@ def test_a_robots_txt_redirected_to_a_refused_address_forbids_the_host():
     res = mock_get(handler, "http://public.test/p", robots=True)
     assert (res.status, res.final_url) == ("robots_disallowed", "http://public.test/p")
     assert seen == [("public.test", "/robots.txt")]
+
+
+@pytest.mark.parametrize("failure", ["timeout", "connection_error", "dns_error"])
+def test_a_host_unreachable_for_its_robots_txt_is_reported_as_unreachable(failure):
+    """When robots.txt cannot be asked because the host cannot be reached, its pages say why
+    (timeout, connection_error, dns_error), not robots_disallowed: a rerun may get them."""
+    import asyncio
+    import socket
+
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if failure == "timeout":
+            raise httpx.ReadTimeout("no answer", request=request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    cfg = FetchConfig(resolve=MOCK_HOSTS, host_delay=0.0, retries=1, backoff=0.01)
+
+    async def go():
+        async def getaddrinfo(host, port, **kw):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        asyncio.get_running_loop().getaddrinfo = getaddrinfo
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await Fetcher(cfg, client, 4).get("http://gone.test/p" if failure == "dns_error" else "http://public.test/p")
+
+    res = asyncio.run(go())
+    assert res.status == failure and res.error
+    assert seen == ([] if failure == "dns_error" else ["/robots.txt", "/robots.txt"])   # never the page
 
 
 # ---------------------------------------------------------------------------------------------
