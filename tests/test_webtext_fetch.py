@@ -1224,8 +1224,6 @@ def test_a_redirect_target_is_checked_against_its_robots_txt():
 @pytest.mark.parametrize("code, status, attempts", [(500, "ok", 2), (503, "ok", 2), (204, "http_error", 1),
                                                     (206, "http_error", 1), (404, "http_error", 1)])
 def test_5xx_is_retried_and_only_a_200_is_a_page(code, status, attempts):
-    import httpx
-
     seen = []
     page_ = answer(200, HTML, b"<html>p</html>")
     handler = routes({("public.test", "/p"): [answer(code, HTML, b"<html>x</html>"), page_]}, seen)
@@ -1244,8 +1242,6 @@ def test_after_the_last_retry_the_servers_answer_is_reported():
 @pytest.mark.parametrize("ctype, status", [(None, "ok"), ("application/xhtml+xml", "ok"), ("Text/HTML; Charset=UTF-8", "ok"),
                                            ("application/pdf", "not_html"), ("text/plain", "not_html")])
 def test_pages_are_told_by_their_content_type(ctype, status):
-    import httpx
-
     headers = {} if ctype is None else {"Content-Type": ctype}
     res = mock_get(lambda request: answer(200, headers, b"<html>p</html>"), "http://public.test/p")
     assert res.status == status
@@ -1255,8 +1251,6 @@ def test_pages_are_told_by_their_content_type(ctype, status):
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 def test_the_body_limit_is_inclusive(declared):
-    import httpx
-
     for size, status in ((1000, "ok"), (1001, "too_large")):
         body = b"<html>" + b"x" * (size - 6)
         res = mock_get(lambda request: answer(200, HTML, body, declared=declared),
@@ -1272,8 +1266,6 @@ def test_stored_headers_describe_the_stored_body(encoding, declared):
     in, and give the length of what is stored (the WARC record's payload)."""
     import zlib
 
-    import httpx
-
     body = page(article(22), "Encoded")
     wire = zlib.compress(body) if encoding == "deflate" else gzip.compress(body)
     headers = {**HTML, "Content-Encoding": encoding, "X-Kept": "yes"}
@@ -1288,8 +1280,6 @@ def test_stored_headers_describe_the_stored_body(encoding, declared):
 
 @pytest.mark.parametrize("encoding, wire", [("br", b"\x1b\x03"), ("gzip", b"\x1f\x8b\x08\x00not gzip at all")])
 def test_a_body_that_cannot_be_decoded_is_bad_encoding(encoding, wire):
-    import httpx
-
     res = mock_get(lambda request: answer(200, {**HTML, "Content-Encoding": encoding}, wire),
                    "http://public.test/p", retries=2)
     assert (res.status, res.attempts, res.body) == ("bad_encoding", 1, None)
@@ -1357,7 +1347,6 @@ def test_resolver_names_are_case_blind_and_an_empty_or_unencodable_answer_is_ref
     from gpt2kit.webtext.fetch import Refused
 
     r = Resolver(FetchConfig(resolve=(("News.Test.", "93.184.216.34"),)))
-    real = asyncio.get_event_loop_policy
 
     async def go():
         loop = asyncio.get_running_loop()
@@ -1378,7 +1367,6 @@ def test_resolver_names_are_case_blind_and_an_empty_or_unencodable_answer_is_ref
         with pytest.raises(socket.gaierror):
             await r.resolve("a" * 64 + ".test")
 
-    assert real is asyncio.get_event_loop_policy
     asyncio.run(go())
 
 
