@@ -732,19 +732,19 @@ def test_the_default_batch_token_budget_comes_from_the_memory_at_hand(tok, monke
     config = GPT2Config(n_layer=4, n_head=2, n_embd=64, n_ctx=512)
     model = GPT2(config).eval()
     position = (2 * 4 * 64 + 12 * 64) * 4  # float32 keys and values of 4 layers, one layer's activations
-    rows = server.MAX_CHOICES * config.vocab_size * 40  # each row's logits and sampling buffers
+    rows = server.MAX_CHOICES * config.vocab_size * 56  # each row's logits and sampling buffers
     gib = 2**30
     assert server.default_max_batch_tokens(model, 4, memory=4 * gib) == int((4 * gib * 0.5 / 4 - rows) // position)
-    assert server.default_max_batch_tokens(model, 8, memory=4 * gib) == int((4 * gib * 0.5 / 8 - rows) // position)
+    assert server.default_max_batch_tokens(model, 8, memory=7 * gib) == int((7 * gib * 0.5 / 8 - rows) // position)
     # at least one whole-context completion, at most what the largest request can ask for
     assert server.default_max_batch_tokens(model, 4, memory=gib) == 512
     assert server.default_max_batch_tokens(model, 1, memory=1024 * gib) == server.MAX_CHOICES * 512
     # a bf16 model's cache is bf16 where it runs (not on CPU, where new_kv_cache widens it to fp32)
     half = GPT2(config).to(torch.bfloat16).eval()
-    assert server.default_max_batch_tokens(half, 8, memory=4 * gib) == server.default_max_batch_tokens(
-        model, 8, memory=4 * gib)
+    assert server.default_max_batch_tokens(half, 8, memory=7 * gib) == server.default_max_batch_tokens(
+        model, 8, memory=7 * gib)
     monkeypatch.setattr(half, "new_kv_cache", lambda *a, **kw: GPT2.new_kv_cache(half, *a, dtype=torch.bfloat16, **kw))
-    assert server.default_max_batch_tokens(half, 8, memory=4 * gib) == int((4 * gib * 0.5 / 8 - rows) // (position // 2))
+    assert server.default_max_batch_tokens(half, 8, memory=7 * gib) == int((7 * gib * 0.5 / 8 - rows) // (position // 2))
     # create_app asks the device: here the CPU, as /health and the refusals then tell
     monkeypatch.setattr(server, "available_memory", lambda device: 3 * gib if torch.device(device).type == "cpu" else 0)
     want = int((3 * gib * 0.5 / 4 - rows) // position)

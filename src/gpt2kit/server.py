@@ -60,8 +60,10 @@ MAX_CHOICES = 128  # completions per request (prompts x n): they decode as one b
 MEMORY_FRACTION = 0.5
 # Bytes per vocabulary entry of one row's logits and sampling buffers, alive together at a step:
 # the logits and their float32 copy, top_p's sorted copy, int64 order, probabilities and sums,
-# the masks, log-probabilities for `logprobs`
-ROW_BYTES_PER_VOCAB = 40
+# the masks, log-probabilities for `logprobs`; with every option on, the penalties' counts and
+# their float copies, the bias row and min_p's log-probabilities too (measured: a step with all
+# of them peaks 41 bytes above its logits and counts, one with top_p and top_k 33)
+ROW_BYTES_PER_VOCAB = 56
 _MEMINFO = "/proc/meminfo"
 _CGROUP = "/sys/fs/cgroup"  # (v2) a container's limit, which MemAvailable does not show
 
