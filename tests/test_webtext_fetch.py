@@ -395,10 +395,12 @@ def test_user_agent_and_per_host_delay(site, tmp_path):
     site.routes[("news.test", "/ua2")] = site.routes[("news.test", "/ua")]
     site.routes[("news.test", "/ua3")] = site.routes[("news.test", "/ua")]
     make_links(tmp_path, [url(site, "news.test", p) for p in ("/ua", "/ua2", "/ua3")])
-    fetch_pages(tmp_path, local_cfg(host_delay=0.3, robots=False, per_host=3))
+    # (times as the server's handler threads see them: under load a late first handler shrinks a
+    # gap by tens of ms, so the delay is long enough to tell from none or half of it)
+    fetch_pages(tmp_path, local_cfg(host_delay=0.5, robots=False, per_host=3))
     assert len(seen) == 3 and all(ua.startswith("gpt2kit-webtext/") for ua, _ in seen)
     times = sorted(t for _, t in seen)
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.25
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.38
 
 
 def test_max_redirects_is_the_number_of_redirects_followed(site, tmp_path):
@@ -774,9 +776,9 @@ def test_host_delay_and_crawl_delay_hold_across_processes_for_redirect_targets(s
     """Two processes whose links all redirect to one host: every request to it, robots.txt
     included, starts --host-delay after the one before, and once its robots.txt has been read,
     Crawl-delay after, whichever process sends it."""
-    shards, hosts, hub = hub_site(site, hub_robots=b"User-agent: *\nCrawl-delay: 0.6\n", answer_s=0.0)
+    shards, hosts, hub = hub_site(site, hub_robots=b"User-agent: *\nCrawl-delay: 0.8\n", answer_s=0.0)
     make_shards(tmp_path, shards)
-    cfg = local_cfg(resolve=tuple((h, "127.0.0.1") for h in hosts), host_delay=0.3, per_host=2,
+    cfg = local_cfg(resolve=tuple((h, "127.0.0.1") for h in hosts), host_delay=0.4, per_host=2,
                     read_timeout=3.0, total_timeout=10.0)
     fetch_pages(tmp_path, cfg, Runner(workers=2))
     statuses = [e["status"] for k in range(2)
@@ -786,9 +788,9 @@ def test_host_delay_and_crawl_delay_hold_across_processes_for_redirect_targets(s
     robots = [p for p, _, _ in hub if p == "/robots.txt"]
     assert len(starts) - len(robots) == 6 and 1 <= len(robots) <= 2  # the second shard asks too if it starts first
     gaps = [b - a for a, b in zip(starts, starts[1:])]   # as the server saw them: a little jitter
-    assert min(gaps) >= 0.22, (gaps, sorted(hub, key=lambda r: r[1]))
+    assert min(gaps) >= 0.28, (gaps, sorted(hub, key=lambda r: r[1]))
     # a second robots.txt may start before the first one's Crawl-delay is known; nothing after it
-    assert min(gaps[1:]) >= 0.52, (gaps, sorted(hub, key=lambda r: r[1]))
+    assert min(gaps[1:]) >= 0.68, (gaps, sorted(hub, key=lambda r: r[1]))
 
 
 def test_per_host_limit_holds_across_processes_for_redirect_targets(site, tmp_path):
@@ -994,7 +996,7 @@ def test_a_host_named_with_its_final_dot_is_the_same_host(site):
         return 200, {"Content-Type": "text/html"}, b"<html>ok</html>"
 
     site.routes[("news.test", "/a")] = site.routes[("news.test.", "/b")] = route
-    cfg = local_cfg(robots=False, host_delay=0.3)
+    cfg = local_cfg(robots=False, host_delay=0.5)
 
     async def go():
         async with httpx.AsyncClient(trust_env=False) as client:
@@ -1002,7 +1004,7 @@ def test_a_host_named_with_its_final_dot_is_the_same_host(site):
             return await asyncio.gather(fetcher.get(url(site, "news.test", "/a")), fetcher.get(url(site, "news.test.", "/b")))
 
     assert [r.status for r in asyncio.run(go())] == ["ok", "ok"]
-    assert abs(starts[1] - starts[0]) >= 0.25, starts
+    assert abs(starts[1] - starts[0]) >= 0.38, starts  # (a late handler thread: tens of ms)
 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"origin": "%s", "fetched": 1e18, "http_status": 200}',
