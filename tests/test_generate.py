@@ -489,3 +489,42 @@ def test_top_logprobs_0_gives_logprobs_without_alternatives(model, tok):
 def test_generate_tokens_with_no_steps_yields_nothing(model):
     # the cache holds the prompt and the tokens still to be fed back: with none to come, the prompt alone
     assert list(generate_tokens(model, [[1, 2, 3], [4]], GREEDY, max_new_tokens=0)) == []
+
+
+def test_a_tiny_context_slides_to_all_but_its_last_token():
+    # n_ctx // 4 is 0 below 4 positions: the window still drops at least one token when it slides
+    m = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=3), seed=4)
+    got = [out.tokens[0] for out in generate_tokens(m, [[100, 101]], GREEDY, max_new_tokens=8)]
+    history, start, want = [100, 101], 0, []
+    with torch.no_grad():
+        for _ in range(8):
+            if len(history) - start > 3:
+                start = len(history) - 2
+            history.append(int(m(torch.tensor([history[start:]]))[0, -1].argmax()))
+            want.append(history[-1])
+    assert got == want
+
+
+def test_option_errors_refuse_bools_and_non_strings(model, tok):
+    # True is an int to Python; a stop list of numbers would fail inside str.find
+    for kw, msg in ((dict(max_new_tokens=True), "max_new_tokens: expected an integer >= 0, got True"),
+                    (dict(n=True), "n: expected an integer >= 1, got True"),
+                    (dict(stop=[1]), r"stop: expected non-empty strings, got \[1\]")):
+        with pytest.raises(GenerationError, match=msg):
+            generate(model, tok, "x", **{"max_new_tokens": 2, **kw})
+    assert generate(model, tok, [], max_new_tokens=2) == []  # no prompts: no work, no error
+    with pytest.raises(GenerationError, match="prompt 0: token id True is invalid"):
+        generate(model, tok, [True, 995], max_new_tokens=2)  # one prompt of ids, not two prompts
+
+
+def test_prompt_token_bounds_are_exact(tok, caplog):
+    # a text whose last token is the model's first missing id is refused; a prompt of exactly
+    # n_ctx tokens is kept whole, without a warning
+    small_vocab = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=16, vocab_size=300))
+    with pytest.raises(GenerationError, match="prompt 0: its text encodes to token id 300"):
+        generate(small_vocab, tok, tok.decode([299, 300]), max_new_tokens=2)
+    assert generate(small_vocab, tok, tok.decode([299]), max_new_tokens=1)[0].prompt_token_ids == [299]
+    ids = list(range(100, 116))
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.generate"):
+        out = generate(small_vocab, tok, [ids], max_new_tokens=2, do_sample=False)[0]
+    assert out.prompt_token_ids == ids and "longer than the context" not in caplog.text
