@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_split_segments_work_is_linear_in_text_without_blank_lines():
 def test_val_split_is_every_kth_segment():
     assert D.val_period(0.05) == 20 and D.val_period(0) == 0
     assert D.val_period(0.15) == 7  # 1 / 0.15 = 6.67 rounds to 7, not down to 6
+    assert D.val_period(0.5) == 2  # the upper bound itself is allowed: every other segment
     splits = [D.split_of(i, 20) for i in range(100)]
     assert splits.count("val") == 5 and splits[10] == "val" and splits[11] == "train"
     with pytest.raises(D.DataError):
@@ -110,6 +112,15 @@ def test_prepare_formats_eot_between_documents_and_metadata(corpus, tmp_path):
     total_chars = sum(len(d) for _, d in iter_documents([corpus], field="body"))
     assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == total_chars
     assert {s["path"].rsplit("/", 1)[1] for s in meta["settings"]["sources"]} == {"a.txt", "b.txt.gz", "c.jsonl"}
+    # Whole segments are counted in the split that holds them, the folder carries the tokenizer that
+    # made it, and a finished run leaves no progress file behind.
+    assert meta["splits"]["val"]["segments"] == len(pieces)
+    n_segments = sum(len(D.split_segments(d, 500)) for _, d in iter_documents([corpus], field="body"))
+    assert meta["splits"]["train"]["segments"] + meta["splits"]["val"]["segments"] == n_segments
+    assert (train.chars, val.chars) == (meta["splits"]["train"]["chars"], meta["splits"]["val"]["chars"])
+    assert meta["tokenizer"]["eot_token"] == tok.eot_token
+    assert Tokenizer.from_pretrained(str(tmp_path / "s" / "tokenizer")).fingerprint == tok.fingerprint
+    assert not (tmp_path / "s" / "progress.json").exists()
     # A rerun finds the finished folder and does nothing.
     assert D.prepare([corpus], tmp_path / "s", field="body", val_fraction=0.25, segment_chars=500, shard_tokens=700) == meta
 
@@ -147,7 +158,7 @@ def test_prepare_resume_after_interruption_and_workers_give_identical_shards(cor
 
 def test_prepare_bad_inputs(tmp_path, corpus):
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(GPT2KitError, match="no text"):
+    with pytest.raises(GPT2KitError, match=rf"^{re.escape(str(tmp_path / 'empty.txt'))}: .*no text"):
         D.prepare([tmp_path / "empty.txt"], tmp_path / "out")
     (tmp_path / "small.txt").write_text("too small for a split")
     with pytest.raises(D.DataError, match="too little text for a validation split"):
@@ -279,12 +290,15 @@ def test_step_offsets_are_pure_and_micro_batches_partition_them():
     assert np.array_equal(a, D.step_offsets(7, 3, 1000, 16, 12))
     assert not np.array_equal(a, D.step_offsets(7, 4, 1000, 16, 12))
     assert not np.array_equal(a, D.step_offsets(7, 3, 1000, 16, 12, stream=1))
+    # the validation stream is not the training stream shifted by a step
+    assert not np.array_equal(D.step_offsets(7, 2, 1000, 16, 12, stream=1), a)
     assert a.min() >= 0 and a.max() <= 1000 - 17
     one = np.concatenate(D.micro_offsets(a, rank=0, world_size=1, grad_accum=3))
     two = np.concatenate([m for r in range(2) for m in D.micro_offsets(a, rank=r, world_size=2, grad_accum=2)])
     assert np.array_equal(one, a) and np.array_equal(two, a)
-    with pytest.raises(D.DataError, match="does not divide"):
-        D.micro_offsets(a, rank=0, world_size=5, grad_accum=1)
+    for offsets, world_size in ((a, 5), (a[:0], 1)):  # an empty batch gives no micro-batches to train on
+        with pytest.raises(D.DataError, match="does not divide"):
+            D.micro_offsets(offsets, rank=0, world_size=world_size, grad_accum=1)
     with pytest.raises(D.DataError, match="fewer than one training window"):
         D.step_offsets(0, 0, 10, 16, 1)
 
@@ -304,6 +318,8 @@ def test_get_batch_targets_are_inputs_shifted_and_windows_cross_shards(tmp_path)
     xs, ys = D.get_batch(stream, np.array([0, 25, 91]), 8)
     xr, yr = D.get_batch(tokens, np.array([0, 25, 91]), 8)
     assert np.array_equal(xs, xr) and np.array_equal(ys, yr)
+    # a window inside one shard is int64 too (torch takes no uint16), not a view of the memmap
+    assert stream.window(3, 5).dtype == np.int64 and D.get_batch(stream, np.array([2]), 8)[0].dtype == np.int64
 
 
 def test_sequential_windows_predict_every_token_once():
@@ -465,3 +481,54 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path,
     assert "resuming after" in caplog.text
     assert [s["path"].rsplit("/", 1)[1] for s in meta["settings"]["sources"]] == ["0.txt", "1.txt", "2.txt"]
     assert D.prepare([data], data / "tokens", **kw) == meta
+
+
+def test_prepare_refuses_zero_sizes_from_the_python_api_too(corpus, tmp_path):
+    # the CLI checks its flags, but a 0 passed to prepare() made no shard fill (shard_tokens) or
+    # no segment end (segment_chars, an endless loop)
+    for name in ("shard_tokens", "segment_chars"):
+        with pytest.raises(D.DataError, match=f"^{name} must be at least 1, got 0$"):
+            D.prepare([corpus], tmp_path / "out", field="body", **{name: 0})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_folder_is_not_taken_as_prepared_with_other_settings(corpus, tmp_path):
+    kw = dict(field="body", val_fraction=0, shard_tokens=700, segment_chars=500)
+    D.prepare([corpus], tmp_path / "s", **kw)
+    for change in ({"field": "text"}, {"shard_tokens": 701}, {"segment_chars": 501}):
+        with pytest.raises(D.DataError, match="holds shards prepared with other inputs or settings"):
+            D.prepare([corpus], tmp_path / "s", **{**kw, **change})
+
+
+def test_a_shard_is_written_as_soon_as_it_is_full(tmp_path):
+    # progress is saved after an add that wrote a shard: a full shard held back until the next
+    # segment would be tokenized again after an interruption
+    w = D._ShardWriter(tmp_path, "train", 5, None)
+    assert w.add(0, np.arange(3, dtype=D.DTYPE), 10) is False
+    assert w.add(2, np.arange(2, dtype=D.DTYPE), 20) is True
+    assert w.disk == {"shards": ["train_000000.bin"], "tokens": 5, "chars": 30, "segments": 2, "next_segment": 3,
+                      "skip": 0}
+    assert w.add(3, np.arange(7, dtype=D.DTYPE), 40) is True  # 5 of its 7 tokens are on disk
+    assert w.disk == {"shards": ["train_000000.bin", "train_000001.bin"], "tokens": 10, "chars": 30, "segments": 2,
+                      "next_segment": 3, "skip": 5}
+    w.finish()
+    assert (w.tokens, w.chars, w.segments, w.disk["next_segment"]) == (12, 70, 3, 4)
+    assert np.fromfile(tmp_path / "train_000001.bin", dtype=D.DTYPE).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_damaged_or_foreign_shard_folders_are_named(corpus, tmp_path):
+    folder = tmp_path / "s"
+    D.prepare([corpus], folder, field="body", val_fraction=0, shard_tokens=300)
+    with pytest.raises(D.DataError, match=rf"^{re.escape(str(folder))}: no split 'test'$"):
+        D.TokenStream(folder, "test")
+    shard = folder / D.shard_name("train", 1)
+    shard.unlink()
+    with pytest.raises(InputFileError, match=rf"{shard.name}: shard listed in meta.json is missing"):
+        D.TokenStream(folder, "train")
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format": "other"}))
+    with pytest.raises(InputFileError, match="meta.json: expected format 'gpt2kit-shards', got 'other'"):
+        D.read_meta(folder)
+    (folder / "meta.json").write_text(json.dumps(meta)[:40])  # cut short
+    with pytest.raises(InputFileError, match="meta.json: cannot read JSON"):
+        D.read_meta(folder)
