@@ -528,3 +528,36 @@ def test_prompt_token_bounds_are_exact(tok, caplog):
     with caplog.at_level(logging.WARNING, logger="gpt2kit.generate"):
         out = generate(small_vocab, tok, [ids], max_new_tokens=2, do_sample=False)[0]
     assert out.prompt_token_ids == ids and "longer than the context" not in caplog.text
+
+
+def test_end_of_text_releases_held_text_and_reports_its_logprob(tok):
+    m = eot_model(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64), tok.eot_token)
+    # a character's first byte first (biased), then <|endoftext|> (the penalty took the bias back):
+    # the unfinished character held back comes out as the sample ends
+    lead = tok.mergeable_ranks[b"\xe2"]
+    c = generate(m, tok, "Hello", max_new_tokens=5, do_sample=False, logit_bias={lead: 150.0},
+                 frequency_penalty=100.0)[0]
+    assert (c.token_ids, c.text, c.finish_reason) == ([lead], "\ufffd", "stop")
+    pieces = list(stream_generate(m, tok, "Hello", max_new_tokens=5, do_sample=False, logit_bias={lead: 150.0},
+                                  frequency_penalty=100.0))
+    assert pieces == ["\ufffd"]
+    with torch.no_grad():  # a less certain <|endoftext|>: its logprob is not 0
+        m.transformer.ln_f.bias.mul_(0.05)
+        want = torch.log_softmax(m(torch.tensor([tok.encode("Hello")]))[0, -1].float(), -1)[tok.eot_token].item()
+    events = list(iter_generate(m, tok, "Hello", max_new_tokens=5, params=GREEDY, top_logprobs=0))
+    assert [(e.token_id, e.finish_reason) for e in events] == [(None, "stop")]
+    assert want < -1 and events[0].logprob == pytest.approx(want, abs=1e-4)
+    # stream_generate honours stop_at_eot=False as generate does
+    on = "".join(stream_generate(m, tok, "Hello", max_new_tokens=3, do_sample=False, stop_at_eot=False))
+    assert on == "<|endoftext|>" * 3
+
+
+def test_seed_and_stream_prompt_errors(model, tok):
+    for bad in (True, 2**64, -(2**63) - 1, 1.0):
+        with pytest.raises(GenerationError, match=r"seed: expected an integer in \[-2\*\*63, 2\*\*64\)"):
+            generate(model, tok, "x", max_new_tokens=2, seed=bad)
+    for edge in (2**64 - 1, -(2**63)):  # what torch's generator takes, both ends
+        a = generate(model, tok, "x", max_new_tokens=4, seed=edge)[0].token_ids
+        assert a == generate(model, tok, "x", max_new_tokens=4, seed=edge)[0].token_ids
+    with pytest.raises(GenerationError, match="stream_generate: expected one prompt"):
+        list(stream_generate(model, tok, ["a", "b"], max_new_tokens=2))
