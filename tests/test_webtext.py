@@ -5,7 +5,9 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -885,6 +887,8 @@ def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
     (DedupConfig, {"num_perm": -4}, "--num-perm: expected an integer >= 1, got -4"),
     (DedupConfig, {"ngram": 0}, "ngram: expected an integer >= 1, got 0"),
     (DedupConfig, {"seed": -1}, "seed: expected an integer in [0, 2**32), got -1"),
+    (Runner, {"workers": True}, "--workers: expected an integer >= 1, got True"),   # a bool is no count
+    (Runner, {"engine": "spark"}, "--engine: expected 'local' or 'dask', got 'spark'"),
 ])
 def test_configs_refuse_bad_values_when_made(cls, kwargs, message):
     # when made: `run` builds every config first, so a bad value of a late stage costs no fetching
@@ -989,3 +993,59 @@ def test_the_examples_in_the_webtext_docstrings_hold():
     for module in (dedup, extract, fetch, links, robots):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_a_missing_or_damaged_shard_is_named(tmp_path):
+    path = tmp_path / "s.jsonl.zst"
+    with pytest.raises(WebTextError, match=rf"^{re.escape(str(path))}: no such shard$"):
+        list(read_jsonl_zst(path))
+    path.write_bytes(b"not zstd at all")
+    with pytest.raises(WebTextError, match=rf"^{re.escape(str(path))}: damaged zstd shard"):
+        list(read_jsonl_zst(path))
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"n": 1}\n{"n": \n'))
+    with pytest.raises(WebTextError, match=rf"^{re.escape(str(path))}: line 2: not valid JSON"):
+        list(read_jsonl_zst(path))
+
+
+def test_a_stage_start_removes_a_killed_runs_temporary_files_and_guards_its_options(tmp_path):
+    wf = WorkFolder(tmp_path / "w")
+    (tmp_path / "w" / "links" / "sub").mkdir(parents=True)
+    left = [tmp_path / "w" / "links" / ".links-00000.jsonl.zst.x1.tmp", tmp_path / "w" / "links" / "sub" / ".a.x2.tmp"]
+    for p in left + [tmp_path / "w" / "links" / "links-00001.jsonl.zst"]:
+        p.write_bytes(b"x")
+    wf.check_config("links", {"a": 1, "b": [1, 2]})
+    assert not any(p.exists() for p in left) and (tmp_path / "w" / "links" / "links-00001.jsonl.zst").exists()
+    wf.check_config("links", {"a": 1, "b": [1, 2]})     # the same options: a rerun goes on
+    with pytest.raises(WebTextError, match=r"config.json: this stage was started with other options \(differs in: a, c\)"):
+        wf.check_config("links", {"a": 2, "b": [1, 2], "c": 0})
+
+
+def _count_task(parent_pid, n):
+    return {"tasks": 1, "n": n, "in_worker": int(os.getpid() != parent_pid), "ok": True, "status": {"a": n, "b": 0}}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_tasks_skips_done_tasks_and_sums_the_counts_of_all(tmp_path, workers):
+    from gpt2kit.webtext.work import run_tasks
+
+    wf = WorkFolder(tmp_path)
+    wf.mark_done("stage", "t0", {"tasks": 1, "n": 0, "in_worker": 0, "status": {"a": 5}})   # done by an earlier run
+    tasks = [(f"t{n}", (os.getpid(), n)) for n in range(4)]
+    totals, skipped = run_tasks(wf, "stage", _count_task, tasks, Runner(workers=workers))
+    # the totals count the skipped task too; flags are not counted; more than one worker: other processes
+    assert skipped == 1
+    assert totals == {"tasks": 4, "n": 6, "in_worker": 3 if workers > 1 else 0, "status": {"a": 11}}
+
+
+def test_run_hands_every_stage_the_work_folder_and_the_runner(tmp_path, monkeypatch):
+    from gpt2kit.webtext import pipeline, run
+
+    calls = []
+    for name in ("collect_links", "fetch_pages", "extract_texts", "dedup_documents", "write_shards"):
+        monkeypatch.setattr(pipeline, name, lambda work, *rest, _name=name: calls.append((_name, work, rest[-1])) or
+                            {"by": _name})
+    runner = Runner(workers=3)
+    results = run(tmp_path / "w", [tmp_path / "d.zst"], runner=runner)
+    assert [c[0] for c in calls] == ["collect_links", "fetch_pages", "extract_texts", "dedup_documents", "write_shards"]
+    assert all(work == tmp_path / "w" and r is runner for _, work, r in calls)
+    assert results == {stage: {"by": by} for stage, (by, _, _) in zip(["links", "fetch", "extract", "dedup", "shard"], calls)}
