@@ -532,3 +532,17 @@ def test_damaged_or_foreign_shard_folders_are_named(corpus, tmp_path):
     (folder / "meta.json").write_text(json.dumps(meta)[:40])  # cut short
     with pytest.raises(InputFileError, match="meta.json: cannot read JSON"):
         D.read_meta(folder)
+
+
+def test_an_error_while_writing_stops_the_worker_processes_before_it_is_raised(corpus, tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    def full_disk(self, arr):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(D._ShardWriter, "_write", full_disk)
+    with pytest.raises(OSError, match="No space left") as e:
+        D.prepare([corpus], tmp_path / "out", field="body", shard_tokens=50, workers=2)
+    # the traceback (held here, as by a caller that logs it) keeps prepare's frame alive: the pool is
+    # shut down by prepare itself, not whenever its generator is collected
+    assert e.value is not None and mp.active_children() == []
