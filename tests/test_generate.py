@@ -509,6 +509,7 @@ def test_option_errors_refuse_bools_and_non_strings(model, tok):
     # True is an int to Python; a stop list of numbers would fail inside str.find
     for kw, msg in ((dict(max_new_tokens=True), "max_new_tokens: expected an integer >= 0, got True"),
                     (dict(n=True), "n: expected an integer >= 1, got True"),
+                    (dict(n="2"), "n: expected an integer >= 1, got '2'"),  # checked before any use
                     (dict(stop=[1]), r"stop: expected non-empty strings, got \[1\]")):
         with pytest.raises(GenerationError, match=msg):
             generate(model, tok, "x", **{"max_new_tokens": 2, **kw})
@@ -561,3 +562,50 @@ def test_seed_and_stream_prompt_errors(model, tok):
         assert a == generate(model, tok, "x", max_new_tokens=4, seed=edge)[0].token_ids
     with pytest.raises(GenerationError, match="stream_generate: expected one prompt"):
         list(stream_generate(model, tok, ["a", "b"], max_new_tokens=2))
+
+
+@pytest.mark.parametrize("kernels_built", [True, False], ids=["kernels", "no-kernels"])
+def test_inference_forms_of_a_padded_training_model_keep_the_logits(kernels_built, monkeypatch):
+    # wte padded to 320 rows for 300 tokens: the output layer reads the first 300 only; a model
+    # handed over in training mode (dropout 0.5) is evaluated, as eval mode, whatever its flag
+    if not kernels_built:
+        monkeypatch.setattr(gpt2kit.kernels, "_library", lambda: None)
+        monkeypatch.setattr(gpt2kit.kernels, "available", lambda dtype: False)
+    model = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=16, vocab_size=300, padded_vocab_multiple=64,
+                              dropout=0.5)).train()
+    ids = torch.tensor([[0, 299, 17, 5], [250, 1, 2, 3]])
+    fast = optimize_for_cpu(model)
+    with torch.no_grad():
+        want = model.eval()(ids)  # (2, 4, 300)
+        torch.testing.assert_close(fast(ids), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(ids[:1, -1:]), model(ids[:1, -1:]), atol=1e-5, rtol=1e-5)  # one row
+        q = quantize_int8(model)(ids)
+    assert q.shape == want.shape and (q - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_a_float16_model_is_left_as_it_is(model):
+    half = peaked(model.config).half()  # no fast CPU form for float16 (see load_for_inference)
+    assert optimize_for_cpu(half) is half and type(half.transformer.h[0].mlp.c_fc) is gpt2kit.model.Linear
+
+
+def test_load_for_inference_options_and_a_missing_tokenizer(tmp_path, tok, caplog):
+    from gpt2kit.errors import GPT2KitError
+    from gpt2kit.generate import load_for_inference
+
+    torch.manual_seed(0)
+    GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_ctx=16)).save_pretrained(str(tmp_path / "gpt2"))  # no tokenizer
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.generate"):
+        fast, found = load_for_inference(str(tmp_path / "gpt2"))
+    assert "holds no tokenizer files: using GPT-2's released vocabulary" in caplog.text
+    assert found.encode("Hello world") == tok.encode("Hello world") and not fast.training
+    assert type(fast.transformer.h[0].mlp.c_fc) is not gpt2kit.model.Linear  # the CPU inference form
+    q, _ = load_for_inference(str(tmp_path / "gpt2"), quantize="int8")
+    assert isinstance(q.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+    with pytest.raises(GenerationError, match=r"dtype: expected one of float32, bfloat16, float16, got 'bf16'"):
+        load_for_inference(str(tmp_path / "gpt2"), dtype="bf16")
+    with pytest.raises(GenerationError, match=r"quantize: expected 'int8' \(or nothing\), got 'int4'"):
+        load_for_inference(str(tmp_path / "gpt2"), quantize="int4")
+    # a model with another vocabulary cannot borrow GPT-2's
+    GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_ctx=16, vocab_size=300)).save_pretrained(str(tmp_path / "own"))
+    with pytest.raises(GPT2KitError, match="folder holds no encoder.json"):
+        load_for_inference(str(tmp_path / "own"))
