@@ -1212,3 +1212,237 @@ def test_resume_between_fsdp_and_unsharded_runs(shards, tmp_path):
     for run in (sharded, plain):  # the optimizer's moments carried over: the uninterrupted run's losses
         got = losses(run)
         assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in want), (run.name, got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each key's range, the checkpoint index, what may differ between machines
+
+
+@pytest.mark.parametrize("keys, bad, good, message", [
+    (("batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches", "keep_last"), "0", "1",
+     "must be at least 1, got 0"),
+    (("micro_batch_size", "warmup_steps", "lr_decay_steps", "n_layer", "n_head", "n_embd", "block_size",
+      "sample_interval", "checkpoint_interval", "threads"), "-1", "0", "must not be negative, got -1"),
+    (("max_minutes", "weight_decay", "grad_clip", "eps", "peak_tflops"), "-1", "0", "must not be negative, got -1.0"),
+    (("max_minutes", "weight_decay", "grad_clip", "eps", "peak_tflops"), "nan", "0", "must not be negative, got nan"),
+    (("dropout", "beta1", "beta2"), "-0.1", "0", r"must be in \[0, 1\), got -0.1"),
+    (("dropout", "beta1", "beta2"), "1", "0.99", r"must be in \[0, 1\), got 1.0"),
+])
+def test_every_key_is_refused_past_its_range_and_accepted_at_its_bound(keys, bad, good, message):
+    # only some keys of each rule were tried: a key dropped from its rule (a batch_size of 0, a
+    # negative eps) passed, as did a bound moved by one (a warmup_steps of 0 refused)
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"^command line: {key} {message}$"):
+            T.load_config(None, [f"--{key}", bad])
+        assert getattr(T.load_config(None, [f"--{key}", good]), key) == float(good), key
+    # the other bounds, reached: a seed of 0 and of 2**63 - 1, a decay ending with the warm-up,
+    # min_lr equal to lr and to 0
+    cfg = T.load_config(None, ["--seed", "0", "--warmup_steps", "5", "--lr_decay_steps", "5", "--min_lr", "6e-4"])
+    assert (cfg.seed, cfg.lr_decay_steps, cfg.min_lr) == (0, 5, cfg.lr)
+    assert T.load_config(None, ["--seed", str(2**63 - 1), "--min_lr", "0"]).seed == 2**63 - 1
+
+
+def test_bool_words_toml_types_and_config_file_errors(tmp_path):
+    for word, value in (("TRUE", True), (" yes ", True), ("No", False), ("0", False), ("1", True)):
+        assert T.load_config(None, ["--resume", word]).resume is value, word
+    # TOML's true is no int (bool is an int subclass in Python), 1 is no bool
+    p = tmp_path / "run.toml"
+    p.write_text("max_steps = true\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: max_steps expects int, got bool True$"):
+        T.load_config(p)
+    p.write_text("resume = 1\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: resume expects bool, got int 1$"):
+        T.load_config(p)
+    p.write_text("lr = \n")
+    with pytest.raises(ConfigError, match=rf"^{p}: not valid TOML \("):
+        T.load_config(p)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'none.toml'}: no such config file$"):
+        T.load_config(tmp_path / "none.toml")
+    with pytest.raises(ConfigError, match=r"^expected --key value, got '--'$"):
+        T.parse_overrides(["--lr", "1", "--"])
+
+
+def test_checkpoint_index_ties_a_step_saved_again_and_an_interrupted_save(tmp_path):
+    ck = T.Checkpoints(tmp_path, keep_last=1)
+
+    def write(text):
+        return lambda folder: (folder / "w.txt").write_text(text)
+
+    ck.save(1, write("1"), {"step": 1}, 2.0)
+    ck.save(2, write("2"), {"step": 2}, 2.0)  # a tie: the later checkpoint is the best, and no other is kept
+    idx = ck.index()
+    assert (idx["best"], [e["name"] for e in idx["checkpoints"]]) == ("step_0000002", ["step_0000002"])
+    assert sorted(p.name for p in ck.root.iterdir()) == ["step_0000002"]
+    # the same step saved again (a resume from an earlier checkpoint): replaced, listed once
+    ck.save(2, write("again"), {"step": 2}, 1.5)
+    assert ck.index()["checkpoints"] == [{"name": "step_0000002", "step": 2, "val_loss": 1.5}]
+    assert (ck.root / "step_0000002" / "w.txt").read_text() == "again"
+    assert T.load_trainer_state(ck.latest()) == {"step": 2}
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C while saving: no CheckpointError, nothing left
+        ck.save(3, interrupted, {"step": 3}, 1.0)
+    assert sorted(p.name for p in ck.root.iterdir()) == ["step_0000002"] and ck.index()["latest"] == "step_0000002"
+    (tmp_path / T.INDEX).write_text('{"latest": null}')
+    with pytest.raises(T.CheckpointError, match=r"checkpoints.json: not a checkpoint index \(expected keys checkpoints, "
+                                                r"latest, best\)"):
+        ck.latest()
+
+
+def test_a_folder_without_a_training_state_is_named(tmp_path):
+    with pytest.raises(T.CheckpointError, match=rf"^{tmp_path}: not a training checkpoint \(no trainer.pt\)$"):
+        T.load_trainer_state(tmp_path)
+    for state in ([1, 2], {"optimizer": {}}):
+        torch.save(state, tmp_path / T.TRAINER_STATE)
+        with pytest.raises(T.CheckpointError, match=r"trainer.pt: not a gpt2kit training state \(expected a dict with "
+                                                    r"a 'step'\)$"):
+            T.load_trainer_state(tmp_path)
+
+
+def test_settings_that_may_differ_between_machines_and_those_that_may_not(monkeypatch):
+    # paths, hardware and what only rank 0 uses may differ; any other key is refused, and
+    # init_from only as given or not (its weights are compared once loaded)
+    first: list = []
+    monkeypatch.setattr(T, "_every_rank", lambda value, dist_: [first[0] if first else first.append(value) or value, value])
+    dist_ = T._Dist(rank=0, world=2, enabled=True)
+    here = T.make_config({"data": "a", "init_from": "m"})
+    T._check_same_settings(here, dist_)  # (rank 0's view, recorded)
+    T._check_same_settings(T.make_config({
+        "data": "b", "out_dir": "o2", "device": "cpu", "threads": 3, "progress": False, "tensorboard": False,
+        "plot": False, "peak_tflops": 5.0, "keep_last": 7, "init_from": "/elsewhere/m"}), dist_)
+    for key, value in (("lr", 1e-3), ("init_from", ""), ("eval_batches", 3), ("seed", 1)):
+        with pytest.raises(T.TrainError, match=rf"^the ranks run different settings: {key} \(rank 0: "):
+            T._check_same_settings(T.make_config({"data": "a", "init_from": "m", key: value}), dist_)
+
+
+def test_the_gpu_of_each_local_rank_and_a_machine_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert T._resolve_device(T.make_config({"device": "cuda"}), 1) == torch.device("cuda", 1)
+    with pytest.raises(T.TrainError, match=r"local rank 2 has no GPU: this machine has 2 GPU\(s\)"):
+        T._resolve_device(T.make_config({"device": "cuda"}), 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert T._resolve_device(T.make_config({"device": "auto"}), 0) == torch.device("cpu")
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(T.TrainError, match=rf"^device '{device}': CUDA is not available$"):
+            T._resolve_device(T.make_config({"device": device}), 0)
+
+
+def test_mfu_is_the_throughput_times_the_flops_per_token_over_the_peak(shards, tmp_path):
+    # only "0 < mfu" was checked: the attention term or the output layer left out of the FLOPs passed
+    assert T.flops_per_token(GPT2Config.from_preset("gpt2"), 1024) == 854_438_400  # 6 x 123.5M + 12 x 12 x 768 x 1024
+    fpt = 6 * (12 * 2 * 32**2 + 384 * 32) + 12 * 2 * 32 * 32  # the run's model: 2 layers of width 32, 32 tokens
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=3, peak_tflops=1e-3, eval_interval=1000, tensorboard=False))
+    recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "mfu" in r]
+    assert len(recs) == 3
+    for r in recs:
+        assert r["mfu"] == pytest.approx(r["tok_per_s"] * fpt / 1e9, rel=1e-3, abs=1e-4), r
+
+
+def test_the_last_step_is_logged_off_the_log_interval(shards, tmp_path):
+    out = tmp_path / "run"
+    s = T.train(cfg_for(shards, out, max_steps=5, log_interval=2, eval_interval=1000, tensorboard=False))
+    assert list(losses(out)) == [2, 4, 5] and s["loss"] == losses(out)[5]
+
+
+def test_samples_come_from_the_step_s_seed_and_leave_the_run_alone(shards, tmp_path):
+    # a sample at step s is sample_text's with seed + s, after the prompt; sampling changes
+    # neither the training's random streams (dropout) nor its mode
+    from gpt2kit.tokenizer import Tokenizer
+
+    runs = {}
+    for every in (0, 1):
+        out = tmp_path / str(every)
+        T.train(cfg_for(shards, out, max_steps=2, dropout=0.2, sample_interval=every, sample_tokens=6,
+                        sample_prompt="KING", checkpoint_interval=1, keep_last=5, eval_interval=1000, tensorboard=False))
+        runs[every] = losses(out)
+    assert runs[0] == runs[1]
+    samples = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "sample" in r]
+    assert [r["step"] for r in samples] == [1, 2]
+    tok = Tokenizer.from_pretrained(str(out / "latest"))
+    for r in samples:
+        model = GPT2.from_pretrained(str(out / "checkpoints" / f"step_{r['step']:07d}"))
+        assert r["sample"].startswith("KING") and r["sample"] == T.sample_text(model, tok, "KING", 6, seed=1337 + r["step"])
+    state = torch.get_rng_state()
+    for training in (True, False):
+        model.train(training)
+        T.sample_text(model, tok, "", 4, seed=1)
+        assert model.training is training and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("stopped, rank, code", [(None, 0, 0), ("time", 0, 0), ("SIGTERM", 0, 143), ("SIGINT", 1, 130),
+                                                 ("nothing", 0, 0), ("nothing", 1, 0)])
+def test_what_the_train_command_prints_for_each_end(monkeypatch, capsys, stopped, rank, code):
+    # the summary line and the stop line, from rank 0 alone; a time stop is a configured end,
+    # not named in the summary as a signal's is
+    from gpt2kit.cli import build_parser
+
+    summary = {"step": 7, "start_step": 2, "elapsed_s": 1.0, "tokens_per_s": 1000.0, "loss": 2.5, "val_loss": None,
+               "checkpoint": "o/checkpoints/step_0000007", "stopped": stopped, "max_steps": 9, "rank": rank}
+    if stopped == "nothing":
+        summary = {"step": 9, "nothing_to_do": True, "checkpoint": "o/checkpoints/step_0000009", "rank": rank}
+    monkeypatch.setattr(T, "train", lambda cfg: summary)
+    args = build_parser().parse_args(["train", "--resume", "--max_steps", "9", "--max_minutes", "0.5"])
+    assert args.func(args) == code
+    out, err = capsys.readouterr()
+    if rank:
+        assert (out, err) == ("", "")
+    elif stopped == "nothing":
+        assert out == "nothing to train: o/checkpoints/step_0000009 is at step 9, the configured max_steps\n"
+    else:
+        assert out.startswith("trained 5 steps to step 7 in 1.0 s (1,000 tok/s): loss 2.5000; checkpoint "
+                              "o/checkpoints/step_0000007")
+        assert out.endswith("step_0000007; stopped by SIGTERM\n" if stopped == "SIGTERM" else "step_0000007\n")
+        why = {None: None, "time": "the time limit (max_minutes 0.5)", "SIGTERM": "SIGTERM"}[stopped]
+        assert err == ("" if why is None else f"gpt2kit: stopped by {why} at step 7 of 9; checkpoint "
+                       "o/checkpoints/step_0000007; resume with: gpt2kit train --max_steps 9 --max_minutes 0.5 --resume\n")
+
+
+def test_init_from_a_model_of_another_tokenizer_is_refused(shards, tmp_path, text_dir):
+    # a model whose vocabulary is large enough, but whose tokenizer is not the shards' one: its
+    # token ids mean other text, and fine-tuning went on in silence
+    from gpt2kit.bpe_train import train_bpe
+
+    sample = tmp_path / "t.txt"
+    sample.write_text(next(text_dir.iterdir()).read_text()[:5000])
+    other = train_bpe([sample], vocab_size=300)
+    GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=400, n_ctx=32)).save_pretrained(str(tmp_path / "m"),
+                                                                                               tokenizer=other)
+    with pytest.raises(T.TrainError, match=rf"init_from {tmp_path / 'm'}: its tokenizer differs from the one that made "
+                                           rf"the shards in {shards} \(vocabulary mismatch\); prepare the data with "
+                                           rf"--tokenizer {tmp_path / 'm'}$"):
+        T.train(cfg_for(shards, tmp_path / "run", init_from=str(tmp_path / "m"), max_steps=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_context_from_block_size_and_an_old_checkpoint_s_schedule(tmp_path, caplog):
+    # a block_size past the preset's context widens the new model's; a fine-tuned model keeps its own
+    assert [T._model_config(T.make_config({"block_size": b}), 384).n_ctx for b in (0, 64, 200)] == [128, 128, 200]
+    # a checkpoint whose saved config lacks schedule keys (an older run's): no warning, no KeyError
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):
+        T._warn_if_the_rate_moves(T.make_config({"max_steps": 50}), {"lr": 1.0, "max_steps": 10}, 5, tmp_path)
+    assert not caplog.text
+
+
+def test_a_block_past_a_fine_tuned_model_s_context_and_another_dropout_on_resume(shards, tmp_path):
+    init = tmp_path / "init"
+    GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384, n_ctx=16)).save_pretrained(str(init))
+    with pytest.raises(T.TrainError, match=r"^block_size 32 exceeds the model's context n_ctx=16$"):
+        T.train(cfg_for(shards, tmp_path / "ft", init_from=str(init), max_steps=1))
+    out = tmp_path / "run"
+    s = T.train(cfg_for(shards, out, max_steps=2, eval_interval=1))
+    assert s["best_checkpoint"] == str(out / "best") and s["checkpoint"] == str(out / "checkpoints" / "step_0000002")
+    with pytest.raises(T.CheckpointError, match=r"step_0000002: trained with dropout 0.0, configured 0.1$"):
+        T.train(cfg_for(shards, out, max_steps=3, dropout=0.1, resume=True))
+
+
+def test_a_bool_word_stays_the_flag_s_value_where_a_file_has_its_name(tmp_path, monkeypatch):
+    from gpt2kit.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yes").write_text('model = "tiny"\n')
+    args = build_parser().parse_args(["train", "--resume", "yes"])
+    assert args.config is None and vars(args)["cfg.resume"] == "yes" and not args.unknown_overrides
