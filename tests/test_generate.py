@@ -609,3 +609,17 @@ def test_load_for_inference_options_and_a_missing_tokenizer(tmp_path, tok, caplo
     GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_ctx=16, vocab_size=300)).save_pretrained(str(tmp_path / "own"))
     with pytest.raises(GPT2KitError, match="folder holds no encoder.json"):
         load_for_inference(str(tmp_path / "own"))
+
+
+def test_smaller_models_inplace_forms_and_empty_token_prompts(model, tok):
+    # a model with fewer tokens than its tokenizer generates (its own ids only)
+    small_vocab = peaked(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=16, vocab_size=300))
+    out = generate(small_vocab, tok, [[5, 299]], max_new_tokens=4, do_sample=False)[0]
+    assert len(out.token_ids) == 4 and max(out.token_ids) < 300
+    copy_ = peaked(model.config)
+    assert optimize_for_cpu(copy_, inplace=True) is copy_  # load_for_inference's form: no second copy
+    with torch.no_grad():  # a bf16 model is quantized from float32 weights
+        q = quantize_int8(peaked(model.config).to(torch.bfloat16))(torch.tensor([[1, 2]]))
+    assert q.dtype == torch.float32 and q.shape == (1, 2, model.config.vocab_size)
+    with pytest.raises(GenerationError, match="every prompt needs 1 to n_ctx=64 tokens"):
+        list(generate_tokens(model, [[1], []], GREEDY, max_new_tokens=2))
