@@ -108,6 +108,8 @@ def test_prepare_formats_eot_between_documents_and_metadata(corpus, tmp_path):
     assert pieces and all(p not in text for p in pieces)
     segs = D.split_segments((corpus / "a.txt").read_text(), 500)
     assert pieces[0] == segs[2]  # period 4: the segment with index 2 is the first held out
+    # consecutive segments of one document in one split are not separated
+    assert text.startswith("<|endoftext|>" + segs[0] + segs[1] + "<|endoftext|>" + segs[3] + segs[4] + segs[5] + "<|endoftext|>")
     assert meta["splits"]["val"]["chars"] == sum(len(p) for p in pieces)
     total_chars = sum(len(d) for _, d in iter_documents([corpus], field="body"))
     assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == total_chars
