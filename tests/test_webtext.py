@@ -380,6 +380,9 @@ def test_links_rerun_is_resumable_and_guards_options(tmp_path):
         collect_links(tmp_path / "w2", [tmp_path / "nope.zst"])
     with pytest.raises(WebTextError, match="stage 'fetch' has not finished; run `gpt2kit webtext fetch"):
         extract_texts(tmp_path / "empty")
+    with pytest.raises(WebTextError,
+                       match=rf"stage 'shards' has not finished; run `gpt2kit webtext shard {re.escape(str(tmp_path))}` first"):
+        WorkFolder(tmp_path).complete("shards")     # the stage is named shards, its command shard
 
 
 def test_links_shows_progress_inside_a_dump(tmp_path, capsys):
@@ -771,6 +774,8 @@ def test_task_slots_count_every_thread_of_a_running_cluster(monkeypatch):
     monkeypatch.setattr(work_module, "_dask_client", lambda: FakeClient)
     assert Runner(workers=3, engine="dask", dask_address="tcp://sched:8786").task_slots() == 24
     assert Runner(workers=3, engine="dask").task_slots() == 3    # its own LocalCluster: --workers of 1 thread
+    threads.clear()     # no worker has joined the cluster yet: still one slot, not a division by zero
+    assert Runner(workers=3, engine="dask", dask_address="tcp://sched:8786").task_slots() == 1
 
 
 def test_dedup_memory_does_not_grow_with_the_longest_url(tmp_path):
@@ -888,6 +893,7 @@ def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
     (DedupConfig, {"ngram": 0}, "ngram: expected an integer >= 1, got 0"),
     (DedupConfig, {"seed": -1}, "seed: expected an integer in [0, 2**32), got -1"),
     (Runner, {"workers": True}, "--workers: expected an integer >= 1, got True"),   # a bool is no count
+    (Runner, {"workers": 0}, "--workers: expected an integer >= 1, got 0"),
     (Runner, {"engine": "spark"}, "--engine: expected 'local' or 'dask', got 'spark'"),
 ])
 def test_configs_refuse_bad_values_when_made(cls, kwargs, message):
