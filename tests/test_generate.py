@@ -623,3 +623,8 @@ def test_smaller_models_inplace_forms_and_empty_token_prompts(model, tok):
     assert q.dtype == torch.float32 and q.shape == (1, 2, model.config.vocab_size)
     with pytest.raises(GenerationError, match="every prompt needs 1 to n_ctx=64 tokens"):
         list(generate_tokens(model, [[1], []], GREEDY, max_new_tokens=2))
+
+
+def test_no_logprobs_unless_asked(model, tok):
+    c = generate(model, tok, "Hello", max_new_tokens=3, do_sample=False)[0]
+    assert len(c.token_ids) == 3 and c.logprobs == [] and c.top_logprobs is None
