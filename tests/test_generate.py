@@ -628,3 +628,25 @@ def test_smaller_models_inplace_forms_and_empty_token_prompts(model, tok):
 def test_no_logprobs_unless_asked(model, tok):
     c = generate(model, tok, "Hello", max_new_tokens=3, do_sample=False)[0]
     assert len(c.token_ids) == 3 and c.logprobs == [] and c.top_logprobs is None
+
+
+def test_a_prompt_as_a_numpy_array_or_tensor_is_one_prompt(model, tok):
+    # ids straight from a tokenizer's tensors: one such prompt was split into one prompt per id
+    # and crashed ("'numpy.int64' object is not iterable"); a 2-D one is a prompt per row
+    want = generate(model, tok, [15496, 995], max_new_tokens=4, temperature=0)
+    for prompt in (np.array([15496, 995]), torch.tensor([15496, 995]), [np.int64(15496), np.int64(995)],
+                   (15496, 995)):
+        got = generate(model, tok, prompt, max_new_tokens=4, temperature=0)
+        assert [c.token_ids for c in got] == [want[0].token_ids], prompt
+        assert "".join(stream_generate(model, tok, prompt, max_new_tokens=4, temperature=0)) == want[0].text
+    rows = generate(model, tok, torch.tensor([[15496, 995], [464, 3290]]), max_new_tokens=4, temperature=0)
+    assert [c.token_ids for c in rows] == [c.token_ids for c in generate(
+        model, tok, [[15496, 995], [464, 3290]], max_new_tokens=4, temperature=0)]
+    for bad, message in ((np.zeros((1, 1, 1), dtype=np.int64), "got 3 dimensions"),
+                         (5, "expected a string, a list of token ids or a list of them, got int"),
+                         ([1.5, 2], "prompt 0: token id 1.5 is invalid")):
+        with pytest.raises(GenerationError, match=message):
+            generate(model, tok, bad, max_new_tokens=1)
+    for bad in (torch.tensor([[1, 2]]), [[1, 2]], torch.tensor(5)):
+        with pytest.raises(GenerationError, match="stream_generate: expected one prompt"):
+            list(stream_generate(model, tok, bad, max_new_tokens=1))

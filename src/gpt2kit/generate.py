@@ -22,6 +22,7 @@ import functools
 import importlib
 import inspect
 import logging
+import numbers
 import operator
 import sys
 import threading
@@ -316,11 +317,31 @@ def _checked_token_ids(ids: list, n_vocab: int, index: int) -> list[int]:
     return out
 
 
+def _is_id(x) -> bool:
+    """Whether `x` stands for one token id (checked later): a number, numpy's too, or a 0-d tensor."""
+    return isinstance(x, numbers.Number) or (isinstance(x, torch.Tensor) and x.dim() == 0)
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "tolist"))  # (numpy)
+
+
 def _as_list(prompts) -> list:
-    """One prompt (a string or a list of token ids) or a list of them -> a list of prompts."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+    """One prompt (a string, a list of token ids, a 1-D array or tensor of them) or several (a list
+    of those, a 2-D array or tensor: one per row) -> a list of prompts."""
+    if isinstance(prompts, str):
         return [prompts]
-    return list(prompts)
+    if _is_array(prompts):
+        if prompts.ndim not in (1, 2):
+            raise GenerationError(f"prompts: expected a 1-D (one prompt) or 2-D (one per row) array of token "
+                                  f"ids, got {prompts.ndim} dimensions")
+        return [prompts.tolist()] if prompts.ndim == 1 else prompts.tolist()
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise GenerationError(f"prompts: expected a string, a list of token ids or a list of them, "
+                              f"got {type(prompts).__name__}") from None
+    return [prompts] if prompts and _is_id(prompts[0]) else prompts
 
 
 def _check_options(max_new_tokens: int, n: int, stop) -> list[str]:
@@ -435,8 +456,11 @@ def stream_generate(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequenc
                     logit_bias: dict[int, float] | None = None) -> Iterator[str]:
     """Yield the text of one completion of `prompt` piece by piece as it is generated; the pieces
     join to exactly `generate(...)[0].text` with the same options, and never split a character."""
-    if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
-        raise GenerationError("stream_generate: expected one prompt (a string or a list of token ids)")
+    if _is_array(prompt) and prompt.ndim == 1:
+        prompt = prompt.tolist()
+    if _is_array(prompt) or (not isinstance(prompt, str) and prompt and not _is_id(prompt[0])):
+        raise GenerationError("stream_generate: expected one prompt (a string, a list of token ids or a 1-D "
+                              "array of them)")
     params = sampling_params(preset=preset, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty, do_sample=do_sample,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
