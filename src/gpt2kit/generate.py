@@ -413,6 +413,8 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
              presence_penalty: float | None = None, frequency_penalty: float | None = None,
              logit_bias: dict[int, float] | None = None) -> list[Completion]:
     """Complete each prompt `n` times; returns len(prompts) * n `Completion`s, prompt by prompt.
+    A prompt is a string or token ids (a list, a 1-D numpy array or tensor); several are a list of
+    those or a 2-D array (a prompt per row).
 
     Sampling starts from `preset` ("paper" = top-k 40 as in the paper's samples, "greedy",
     "nucleus", "pure"; default: plain sampling at temperature 1) and the options given replace its
