@@ -576,6 +576,7 @@ def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(shards, tmp_path):
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
     assert [e.value for e in events.Scalars("loss")][10] == pytest.approx(losses(out)[11])  # the rerun's, not 99
     assert [e.step for e in events.Scalars("val_loss")] == [5, 10, 12]
+    assert "step" not in events.Tags()["scalars"]  # (the step is each scalar's x, not a curve of its own)
 
 
 def test_a_resume_that_moves_the_learning_rate_says_so(shards, tmp_path, caplog):
@@ -1446,3 +1447,33 @@ def test_a_bool_word_stays_the_flag_s_value_where_a_file_has_its_name(tmp_path, 
     (tmp_path / "yes").write_text('model = "tiny"\n')
     args = build_parser().parse_args(["train", "--resume", "yes"])
     assert args.config is None and vars(args)["cfg.resume"] == "yes" and not args.unknown_overrides
+
+
+def test_fine_tuning_with_dropout_sets_it_at_every_site(shards, tmp_path):
+    # the checkpoint's dropout (0) was replaced in the attention alone or in the nn.Dropout modules
+    # alone (residuals, MLP, embeddings): the run still differed by seed, with part of its dropout
+    from gpt2kit import data as D
+
+    init = tmp_path / "init"
+    GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384, n_ctx=32)).save_pretrained(str(init))
+    model, _ = T._build_model(cfg_for(shards, tmp_path / "run", init_from=str(init), dropout=0.2), D.read_meta(shards))
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    attention = [m.dropout for m in model.modules() if isinstance(getattr(m, "dropout", None), float)]
+    assert drops and attention and set(drops) == set(attention) == {0.2} and model.config.dropout == 0.2
+
+
+def test_shards_whose_tokenizer_folder_was_replaced_are_refused(shards, tmp_path, text_dir):
+    import shutil
+
+    from gpt2kit import data as D
+    from gpt2kit.bpe_train import train_bpe
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    folder = data / D.read_meta(data)["tokenizer"]["folder"]
+    shutil.rmtree(folder)
+    sample = tmp_path / "t.txt"
+    sample.write_text(next(text_dir.iterdir()).read_text()[:5000])
+    train_bpe([sample], vocab_size=300).save(folder)
+    with pytest.raises(T.TrainError, match=r"tokenizer: does not match the fingerprint in meta.json$"):
+        T.train(cfg_for(data, tmp_path / "run", max_steps=1))
