@@ -222,6 +222,9 @@ def test_bad_requests_get_clear_errors(client, url):
     assert r.status_code == 405 and "Method Not Allowed" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/chat/completions", json={}, headers=headers)
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "/v1/completions" in r.json()["error"]["message"]  # says where to go instead
+    r = httpx.post(f"{url}/v1/embeddings", json={}, headers=headers)
+    assert r.status_code == 404 and "Not Found" in r.json()["error"]["message"]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
 
 

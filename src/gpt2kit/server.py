@@ -4,6 +4,7 @@ Endpoints: `POST /v1/completions` (the legacy completions API: prompt as string,
 token ids or lists of token ids; max_tokens, temperature, top_p, n, stop, seed, logprobs, echo,
 stream as server-sent events ending in `data: [DONE]`, presence_penalty, frequency_penalty,
 logit_bias, best_of; `top_k`, `min_p` and `repetition_penalty` as extensions), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+`POST /v1/chat/completions` answers a 404 that points to the completions API (no chat format).
 
 Concurrency: each request runs in a worker thread (torch releases the GIL in its kernels), at most
 `max_concurrency` at once; the rest wait in line, and past `max_waiting` the server answers 429.
@@ -838,6 +839,13 @@ def create_app(model: "GPT2", tokenizer: "Tokenizer", *, model_name: str = "gpt2
             return await _unless_disconnected(engine.complete(job), request)
         finally:
             engine.drop_admission(job)
+
+    @v1.post("/chat/completions")
+    async def chat_completions() -> None:
+        # GPT-2 was trained on plain web text, with no roles or chat template: rather than invent
+        # one, say where the model's API is (a bare 404 leaves a chat client's user guessing)
+        raise APIError(404, "POST /v1/chat/completions: GPT-2 models have no chat format; send the "
+                       "conversation as text to POST /v1/completions", code="unsupported_endpoint")
 
     app.include_router(v1)
     return app
