@@ -288,3 +288,64 @@ def test_a_text_file_cut_inside_its_last_character_is_refused(tmp_path):
     for block_bytes in (5, 1 << 20):
         with pytest.raises(InputFileError, match=r"cut.txt: not valid UTF-8 at byte offset 24 \(byte 0xe6\)"):
             list(iter_text_pieces(bad, block_bytes=block_bytes))
+
+
+def test_without_special_tokens_text_is_counted_whole(tmp_path):
+    # no special tokens: nothing to cut at (an empty splitter cut between every two characters)
+    assert count_text(["the cat, the hat"]) == Counter({"the": 1, " cat": 1, ",": 1, " the": 1, " hat": 1})
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\n" * 5, encoding="utf-8")
+    tok = train_bpe([tmp_path / "t.txt"], vocab_size=260, special_tokens=[])
+    assert tok.special_tokens == {} and tok.n_vocab == 260
+    assert tok.merges == [(b"a", b"t"), (b"h", b"e"), (b"t", b"he"), (b" ", b"c")]
+
+
+def test_a_vocabulary_too_large_for_the_pair_keys_is_refused_before_counting(tmp_path, monkeypatch):
+    import gpt2kit.bpe_train as bpe_train
+
+    # a pair is keyed as left << 24 | right: every id must stay below 2**24
+    (tmp_path / "t.txt").write_text("ab ab ab\n", encoding="utf-8")
+    monkeypatch.setattr(bpe_train, "count_pretokens", lambda *a, **k: pytest.fail("counted before refusing"))
+    with pytest.raises(TrainingError, match=r"^--vocab-size must be below 16777216, got 16777216$"):
+        train_bpe([tmp_path / "t.txt"], vocab_size=1 << 24)
+    monkeypatch.undo()
+    tok = train_bpe([tmp_path / "t.txt"], vocab_size=(1 << 24) - 1)  # the largest: runs out of pairs at once
+    assert tok.merges == [(b"a", b"b"), (b" ", b"ab")]
+
+
+def test_running_out_of_pairs_is_a_warning_with_the_counts(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.bpe_train"):
+        learn_merges({"aaa": 5}, 2)
+        assert caplog.records == []  # all the merges asked for: nothing to say
+        learn_merges({"aaa": 5}, 5)
+    assert [r.getMessage() for r in caplog.records] == ["the corpus ran out of pairs after 2 merges (asked for 5)"]
+
+
+
+def test_cli_train_takes_the_field_and_the_special_tokens(tmp_path, capsys):
+    from gpt2kit.cli import main
+
+    lines = [json.dumps({"body": "the cat sat on the mat", "text": "zzz zzz zzz"}) for _ in range(5)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["tokenizer", "train", str(tmp_path / "a.jsonl"), "--vocab-size", "261", "--workers", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "body"), "--field", "body", "--special", "<|a|>", "--special", "<|b|>"]) == 0
+    tok = Tokenizer.from_pretrained(tmp_path / "body")
+    assert tok.special_tokens == {"<|a|>": 259, "<|b|>": 260}
+    assert tok.merges == [(b"a", b"t"), (b"h", b"e"), (b"t", b"he")]  # learned from "body" alone
+    # the defaults: the "text" field, and <|endoftext|> alone
+    assert main([*args, "--out", str(tmp_path / "text")]) == 0
+    tok = Tokenizer.from_pretrained(tmp_path / "text")
+    assert tok.merges == [(b"z", b"z"), (b"zz", b"z"), (b" ", b"zzz")]  # all "zzz zzz zzz" holds
+    assert tok.special_tokens == {ENDOFTEXT: 259}
+    assert capsys.readouterr().out.splitlines()[-1].startswith("trained 3 merges in ")
+
+
+def test_text_pieces_are_cut_only_once_they_reach_the_piece_size(tmp_path):
+    from gpt2kit.corpus import iter_text_pieces
+
+    # safe cuts every 6 characters: a piece ends at the first of them at or past piece_chars
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line{i}\n" for i in range(10)), encoding="utf-8")
+    pieces = list(iter_text_pieces(path, piece_chars=10, block_bytes=4))
+    assert pieces == ["line0\nline1\n", "line2\nline3\n", "line4\nline5\n", "line6\nline7\n", "line8\nline9\n"]
