@@ -721,6 +721,28 @@ def test_a_wikitext_equation_line_does_not_start_an_article(tmp_path):
     ("lm1b", "SCHOOLS ISN 'T OVER , IT 'S SUMMER .", "SCHOOLS ISN'T OVER, IT'S SUMMER."),
     # a lone quote that starts the line opens a quotation, whatever follows
     ("lm1b", '" and so it goes on , he said .', '"and so it goes on, he said.'),
+    # ... one after a clause's end closes it before a lower-case word (also after `?` or `!`), opens one before a
+    # capital (a quoted sentence), and closes one when it ends the line
+    ("lm1b", 'Are you sure ? " asked the man .', 'Are you sure?" asked the man.'),
+    ("lm1b", 'Get out ! " shouted the man .', 'Get out!" shouted the man.'),
+    ("lm1b", 'He left early . " This is not over , she said .', 'He left early. "This is not over, she said.'),
+    ("lm1b", 'It was not what I meant "', 'It was not what I meant"'),
+    # upper-case clitics, yen signs, a line's own surrounding whitespace (a CRLF file's \r)
+    ("lm1b", "I 'D RATHER STAY , WE 'LL SEE .", "I'D RATHER STAY, WE'LL SEE."),
+    ("lm1b", "The yen fell to ¥ 110 against the dollar .\r", "The yen fell to ¥110 against the dollar."),
+    # a colon between digits is a time, any other keeps its space after it
+    ("wikitext", " Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 ) ",
+     "Senjō no Valkyria 3: <unk> Chronicles (Japanese: 戦場のヴァルキュリア3)"),
+    # lines of `=` that are no heading (formula lines): nothing added, nothing dropped
+    ("wikitext", " = ", "="),
+    ("wikitext", " = = ", "= ="),
+    ("wikitext", " = = Gameplay = ", "= = Gameplay ="),
+    # a plural possessive ends the line
+    ("ptb", " the analysts ' ", "the analysts'"),
+    ("ptb_quotes", "she took the girls '", "she took the girls'"),
+    # a single quotation opening on a word that starts like a clitic ('S, 'D) is no clitic
+    ("ptb_quotes", "he said , ` Sorry ! ' and left .", "he said, 'Sorry!' and left."),
+    ("ptb_quotes", "he said , ` Dear me ! ' and left .", "he said, 'Dear me!' and left."),
 ])
 def test_detokenizer_known_pairs(name, original, expected):
     assert dt.detokenize(name, original) == expected
@@ -886,6 +908,16 @@ def test_detokenizing_never_changes_the_word_count(task, detok, data_dir, tokeni
     # and the de-tokenizer keeps every line: end-of-line units are unchanged too
     text = {"wikitext": WIKITEXT, "ptb": PTB, "lm1b": ONE_BW}[detok]
     assert dt.detokenize(detok, text).count("\n") == text.count("\n")
+
+
+def test_enwik8_and_text8_are_scored_as_written(data_dir, tokenizer):
+    """The character-level sets have no tokenization to undo: the model reads the original text, indentation,
+    markup and all."""
+    for name in ("enwik8", "text8"):
+        task = get_task(name)(data_dir)
+        (doc,) = task.documents()
+        assert task.requests(doc, tokenizer) == [RollingLoglikelihood(tuple(tokenizer.encode_ordinary(doc)))]
+        assert task.protocol()["detokenizer"] == "none"
 
 
 def test_a_last_line_without_its_newline_still_counts_its_end_of_sentence(tmp_path):
