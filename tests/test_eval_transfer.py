@@ -269,6 +269,53 @@ def test_first_sentences_and_confidence():
     assert tm.top_confidence_accuracy([0.9, 0.8, 0.7, 0.1, 0.2], [1, 1, 0, 0, 0], 50) == pytest.approx(200 / 3)
 
 
+def test_answer_normalization_in_the_official_order_and_articles_as_whole_words():
+    """The official script removes punctuation before articles ("the-end" is then one word, not an article), and
+    an article is a whole word at both ends (a word ending in "a" keeps it)."""
+    assert tm.normalize_answer("the-end") == "theend"
+    assert tm.normalize_answer("A pizza, a banana") == "pizza banana"
+
+
+def test_coqa_two_gold_answers_are_left_out_in_turn_and_none_is_an_error():
+    # leaving out "white" leaves "gray" (0), leaving out "gray" leaves "white" (1): the mean, not the best
+    assert tm.coqa_turn_scores(["white", "gray"], "white") == (0.5, 0.5)
+    with pytest.raises(ValueError, match="at least one gold answer"):
+        tm.coqa_turn_scores([], "white")
+
+
+def test_first_sentences_end_at_question_marks_wide_spaces_and_curly_quotes():
+    text = "Is it late?  Yes, it is. He said \u201cGo.\u201d \u201cNow?\u201d She left."
+    assert tm.first_sentences(text, 9) == ["Is it late?", "Yes, it is.", "He said \u201cGo.\u201d", "\u201cNow?\u201d",
+                                           "She left."]
+
+
+def test_metrics_of_nothing_and_of_unpaired_lists():
+    assert math.isnan(tm.top_confidence_accuracy([], [], 1))  # no answers: no accuracy, not 0%
+    with pytest.raises(ValueError):  # a summary without its reference is an error, not silently dropped
+        tm.rouge_f1(["a b", "c d"], ["a b"])
+
+
+def test_corpus_bleu_is_case_sensitive_and_smoothed_as_mteval():
+    # "The" is not "the" (sacrebleu's default, case:mixed): 1-grams 5/6, 2-grams 4/5, 3-grams 3/4, 4-grams 2/3
+    assert tm.corpus_bleu(["the cat sat on the mat"], ["The cat sat on the mat"])["bleu"] == pytest.approx(
+        100 * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25)
+    # no 4-gram right: the default 'exp' smoothing of mteval-v13a counts it as 1 / (2 * 2 4-grams), not as 0
+    assert tm.corpus_bleu(["a b c x e"], ["a b c d e"])["bleu"] == pytest.approx(
+        100 * (4 / 5 * 2 / 4 * 1 / 3 * 1 / 4) ** 0.25)
+
+
+def test_paper_numbers_are_the_papers():
+    """§3.5 (CoQA F1), Table 4 (CNN/DM, GPT-2 TL;DR: and the no-hint ablation), §3.7 (WMT14 BLEU), §3.8 (NQ exact
+    match, accuracy on the 1% most confident), §3.4 (Winograd)."""
+    assert tm.PAPER_TRANSFER == {
+        "coqa": {"f1": 55.0},
+        "cnndm": {"rouge1": 29.34, "rouge2": 8.27, "rougeL": 26.58, "nohint_rouge1": 21.58, "nohint_rouge2": 4.03,
+                  "nohint_rougeL": 19.47},
+        "wmt14-en-fr": {"bleu": 5.0}, "wmt14-fr-en": {"bleu": 11.5},
+        "nq": {"em": 4.1, "acc_top1pct": 63.1},
+        "winograd": {"acc_best": 70.70}}
+
+
 def test_transfer_table_shows_the_papers_numbers_only_beside_its_largest_model():
     results = {"coqa": {"metrics": {"f1": 12.5, "em": math.nan, "questions": 3}},
                "lambada": {"metrics": {"ppl": 40.0}}}  # a Table 3 task: not in this table
@@ -278,6 +325,11 @@ def test_transfer_table_shows_the_papers_numbers_only_beside_its_largest_model()
     smaller = tm.format_transfer(results, model_name="mine", paper_size="117M").split("\n")
     assert smaller[2:] == ["| coqa | f1 | 12.50 | - |", "| coqa | em | - | - |", "| coqa | questions | 3 | - |"]
     assert tm.format_transfer({"lambada": results["lambada"]}) == ""
+
+
+def test_transfer_table_leaves_out_what_is_not_a_number():
+    table = tm.format_transfer({"coqa": {"metrics": {"f1": 12.5, "decoding": "greedy"}}})
+    assert table.split("\n")[2:] == ["| coqa | f1 | 12.50 | - |"]
 
 
 def test_a_missing_metric_package_is_a_clear_error(monkeypatch, tmp_path):
