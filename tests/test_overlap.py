@@ -662,6 +662,13 @@ def _with_header(src, dst, **changes):
     (dict(payload_bytes="8"), "header field payload_bytes must be a whole number >= 0"),
     (dict(checksum=5), "header field checksum must be a string"),
     (dict(_raw=b"[1, 2]"), "header is not a JSON object"),
+    (dict(_raw=b"{not json"), "header is not valid JSON"),
+    (dict(n_added=True), "header field n_added must be a whole number >= 0, got True"),  # bool is an int
+    (dict(kind="cuckoo"), "header lacks fields [] or has unknown kind 'cuckoo'"),
+    (dict(ngram=5), "built with ngram=5, normalization 'nfkc-lower-alnum-words-v1'; this gpt2kit uses ngram=8"),
+    (dict(hash_scheme="md5"), "hash scheme 'md5' is not one of "),
+    (dict(n_documents=-1), "header field n_documents must be a count >= 0, got -1"),
+    (dict(n_documents="5"), "header field n_documents must be a count >= 0, got '5'"),
 ])
 def test_a_header_with_fields_of_the_wrong_type_is_one_error(tmp_path, changes, message):
     # such headers (a valid CRC: written by another tool, or edited) crashed with a TypeError or
@@ -931,3 +938,65 @@ def test_the_noise_of_the_fill_estimate_matches_its_scatter():
     assert 11 < predicted < 17  # sqrt(m (e^L - 1 - L)) / k with L = kn/m, plus the floor
     assert np.std(estimates) == pytest.approx(predicted, rel=0.3)
     assert np.mean(estimates) == pytest.approx(5_000, abs=8)
+
+
+def test_a_header_without_a_field_is_one_error(tmp_path):
+    _filled(1_000, 1e-3).save(tmp_path / "ok.bloom")
+    header = read_header(tmp_path / "ok.bloom")
+    del header["k_hashes"]
+    bad = _with_header(tmp_path / "ok.bloom", tmp_path / "bad.bloom", _raw=json.dumps(header).encode())
+    with pytest.raises(FilterFileError, match=re.escape("bad.bloom: header lacks fields ['k_hashes']")):
+        open_filter(bad, verify=False)
+
+
+def test_a_file_too_short_for_a_header_or_of_another_version_is_one_error(tmp_path):
+    import struct
+
+    (tmp_path / "stub.bloom").write_bytes(overlap.MAGIC + b"\x01")  # the magic, then nothing
+    with pytest.raises(FilterFileError, match="stub.bloom: not a gpt2kit overlap filter"):
+        open_filter(tmp_path / "stub.bloom")
+    _filled(1_000, 1e-3).save(tmp_path / "ok.bloom")
+    data = bytearray((tmp_path / "ok.bloom").read_bytes())
+    data[8:12] = struct.pack("<I", 2)
+    (tmp_path / "v2.bloom").write_bytes(data)
+    with pytest.raises(FilterFileError, match=re.escape("v2.bloom: unsupported filter container version 2 "
+                                                        "(expected 1)")):
+        open_filter(tmp_path / "v2.bloom")
+
+
+def test_the_numba_engine_asked_for_without_numba_is_one_error(monkeypatch):
+    # not a silent fall-back to the numpy path that was not asked for
+    monkeypatch.setattr(overlap, "_numba_kernels", lambda: None)
+    with pytest.raises(OverlapError, match=r"engine 'numba' needs the numba package: pip install 'gpt2kit\[overlap\]'"):
+        BloomFilter.new(capacity=10, engine="numba")
+
+
+def test_an_empty_exact_set_reads_back_empty(tmp_path):
+    ExactSet().save(tmp_path / "e.exact")
+    back = open_filter(tmp_path / "e.exact")
+    assert back.grams == set() and back.stats()["n_distinct"] == 0
+
+
+def test_a_merge_of_filters_of_the_earlier_scheme_stays_in_that_scheme(tmp_path):
+    # the merged file's header must name the scheme its bits were set with, or it is probed wrong
+    m, k = optimal_parameters(500, 1e-6)
+    for i, text in enumerate(["one two three four five six seven eight", "a b c d e f g h i"]):
+        old = BloomFilter(np.zeros(m // 8, dtype=np.uint8), capacity=500, fpr_target=1e-6, m_bits=m, k_hashes=k,
+                          hash_scheme=overlap.HASH_SCHEME_V1)
+        old.add_text(text)
+        old.save(tmp_path / f"v1_{i}.bloom")
+    merge_filters([tmp_path / "v1_0.bloom", tmp_path / "v1_1.bloom"], tmp_path / "m.bloom")
+    assert read_header(tmp_path / "m.bloom")["hash_scheme"] == overlap.HASH_SCHEME_V1
+    back = open_filter(tmp_path / "m.bloom")
+    assert back.contains_text("one two three four five six seven eight a b c d e f g h i").tolist() == \
+        [True] + [False] * 7 + [True, True]
+
+
+def test_the_fill_is_checked_again_after_a_check_that_passed(tmp_path):
+    # the first check comes at 500 8-grams, when ~8 distinct ones are in (a document of repeats);
+    # an overfill after that must still stop the build before the unreadable last line
+    repeats = json.dumps({"text": " ".join("a b c d e f g h".split() * 80)})
+    lines = [repeats] + [json.dumps({"text": " ".join(f"w{d}x{i}" for i in range(207))}) for d in range(30)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines + ["{broken"]) + "\n")
+    with pytest.raises(OverfullError, match="more than its capacity 500; rebuild with a larger --capacity"):
+        build_filter([tmp_path / "train.jsonl"], tmp_path / "f.bloom", capacity=500, fpr=1e-3)
