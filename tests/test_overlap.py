@@ -310,6 +310,7 @@ def test_bad_options_are_refused_before_any_work(planted, tmp_path, monkeypatch)
         (dict(fpr=1.0), r"--fpr must be in \[1e-15, 1\), got 1.0"),  # the upper end is open
         (dict(capacity=0), "--capacity must be a whole number >= 1, got 0"),
         (dict(capacity=2.5), "--capacity must be a whole number >= 1, got 2.5"),
+        (dict(capacity=True), "--capacity must be a whole number >= 1, got True"),  # bool is an int
         (dict(capacity=10**400), "capacity must be at most 2"),
         (dict(capacity=100, workers=0), "--workers must be a whole number >= 1, got 0"),
         (dict(capacity=100, out=tmp_path), "exists and is not a file"),
@@ -1000,3 +1001,61 @@ def test_the_fill_is_checked_again_after_a_check_that_passed(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(lines + ["{broken"]) + "\n")
     with pytest.raises(OverfullError, match="more than its capacity 500; rebuild with a larger --capacity"):
         build_filter([tmp_path / "train.jsonl"], tmp_path / "f.bloom", capacity=500, fpr=1e-3)
+
+
+def test_workers_refuse_empty_inputs_and_take_allow_overfill(tmp_path):
+    (tmp_path / "short.txt").write_text("only seven words in this short text")
+    with pytest.raises(OverlapError, match="short.txt: no 8-grams in the inputs"):
+        build_filter([tmp_path / "short.txt"], tmp_path / "f.bloom", capacity=10, workers=2)
+    assert not (tmp_path / "f.bloom").exists()
+    # each worker's half fits in the capacity, their union does not: the merge is allowed too
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": " ".join(f"w{d}x{i}" for i in range(57))}) + "\n"
+                                              for d in range(4)))
+    s = build_filter([tmp_path / "t.jsonl"], tmp_path / "f.bloom", capacity=120, fpr=1e-3, workers=2,
+                     allow_overfill=True)
+    assert s.ngrams == 200 and s.documents == 4 and s.stats["achieved_fpr"] > 1e-3
+
+
+def test_merge_and_query_need_a_filter(planted, tmp_path):
+    _, test, _, _ = planted
+    with pytest.raises(OverlapError, match="merge needs at least one filter"):
+        merge_filters([], tmp_path / "m.bloom")
+    with pytest.raises(OverlapError, match="query needs at least one filter and one test set"):
+        query([], [test])
+    ExactSet(["a b c d e f g h"]).save(tmp_path / "e.exact")
+    with pytest.raises(OverlapError, match="query needs at least one filter and one test set"):
+        query([tmp_path / "e.exact"], [])
+
+
+def test_filters_of_different_capacities_are_not_merged(tmp_path):
+    # same bits and hashes (capacities this close can round to the same m), but the merged header
+    # would claim one of the two capacities, and the fill check would hold the union to it
+    m, k = optimal_parameters(1_000, 1e-3)
+    for cap in (1_000, 1_001):
+        BloomFilter(np.zeros(m // 8, dtype=np.uint8), capacity=cap, fpr_target=1e-3, m_bits=m, k_hashes=k).save(
+            tmp_path / f"c{cap}.bloom")
+    with pytest.raises(OverlapError, match=r"different parameters \(capacity: 1000 vs 1001\)"):
+        merge_filters([tmp_path / "c1000.bloom", tmp_path / "c1001.bloom"], tmp_path / "m.bloom")
+
+
+def test_measure_fpr_queries_exactly_the_samples_asked_for():
+    full = BloomFilter.new(capacity=10, fpr=0.5)
+    full.bits[:] = 0xFF  # every 8-gram is a hit: the hit count is the number of queries
+    for samples in (1_000, (1 << 18) + 5):
+        r = measure_fpr(full, samples, seed=3)
+        assert (r["samples"], r["hits"], r["measured_fpr"], r["seed"]) == (samples, samples, 1.0, 3)
+
+
+def test_the_markdown_report_lists_the_filters_files_and_passages(tmp_path):
+    es = ExactSet()
+    es.add_text("one two three four five six seven eight nine ten")
+    bf = BloomFilter.new(capacity=100, fpr=1e-6)
+    bf.add_text("one two three four five six seven eight nine ten")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"text": "zz One two three four five six seven eight nine"}) + "\n")
+    md = query({"e": es, "b": bf}, [test]).to_markdown()
+    assert "| e | exact | 3 | 0 (exact) |" in md, md
+    assert re.search(r"\| b \| bloom \| 3 \| \d\.?\d*e-\d+ \(target 1e-06\) \|", md), md
+    assert f"| e | {test} | 3 | 66.67 |" in md and f"| b | {test} | 3 | 66.67 |" in md, md
+    assert "### test in e" in md and "### test in b" in md, md
+    assert f'- 9 words, {test} document 0, word 1: "one two three four five six seven eight nine"' in md, md
