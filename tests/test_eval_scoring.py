@@ -1,0 +1,157 @@
+"""The scorer's batching and sharing (batch sizes, length order, identical and shared work), its
+edge cases, and the registry and report helpers around it; the reference is the model's own full
+forward (the transformers parity tests are in test_eval.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2kit.eval import Loglikelihood, RollingLoglikelihood, Scorer, rolling_windows
+from gpt2kit.eval import scoring
+from gpt2kit.eval.scoring import ScoringError
+from gpt2kit.model import GPT2
+from gpt2kit.tokenizer import Tokenizer
+from conftest import save_sharp_tiny_model
+
+N_CTX = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tokenizer):
+    folder = save_sharp_tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer, seed=1234, n_ctx=N_CTX, scale=8.0)
+    return GPT2.from_pretrained(str(folder)).eval()
+
+
+def random_tokens(n: int, seed: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(0, 50000, (n,), generator=g).tolist())
+
+
+def full_forward_logprob(model, ctx, cont) -> float:
+    """log p(cont | ctx) from one unbatched forward over ctx + cont (its last token only a target)."""
+    ids = list(ctx) + list(cont)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
+    return sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+class Forwards:
+    """Records the (rows, length) of every `hidden_states` call and the rows of every KV-cache fork."""
+
+    def __init__(self, model, monkeypatch):
+        self.shapes: list[tuple[int, int]] = []
+        self.cached: list[bool] = []
+        original = model.hidden_states
+
+        def recording(input_ids, **kwargs):
+            self.shapes.append(tuple(input_ids.shape))
+            self.cached.append(kwargs.get("kv_cache") is not None)
+            return original(input_ids, **kwargs)
+
+        monkeypatch.setattr(model, "hidden_states", recording)
+
+
+# ----------------------------------------------------------------------------- options
+
+def test_a_batch_size_below_one_or_a_stride_outside_the_context_is_refused(model, tokenizer):
+    with pytest.raises(ScoringError, match="--batch-size must be at least 1, got 0"):
+        Scorer(model, tokenizer, batch_size=0, progress=False)
+    for bad in (0, -3, N_CTX + 1):
+        with pytest.raises(ScoringError, match=f"--stride must be between 1 and the context length {N_CTX}, got {bad}"):
+            Scorer(model, tokenizer, stride=bad, progress=False)
+    assert Scorer(model, tokenizer, progress=False).stride == N_CTX // 2  # the default: half the context
+    assert Scorer(model, tokenizer, stride=N_CTX, progress=False).stride == N_CTX
+
+
+def test_rolling_windows_examples():
+    assert rolling_windows(10, 4, 2) == [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    assert rolling_windows(11, 4, 4) == [(0, 4, 4), (4, 8, 4), (7, 11, 3)]
+    assert rolling_windows(3, 4, 1) == [(0, 3, 3)]  # shorter than the context: one window
+    assert rolling_windows(6, 4, 1) == [(0, 4, 4), (1, 5, 1), (2, 6, 1)]
+    assert rolling_windows(0, 4, 2) == []
+    with pytest.raises(ScoringError, match="got 0"):
+        rolling_windows(0, 4, 0)  # checked even with nothing to score
+
+
+def test_an_empty_continuation_is_refused(model, tokenizer):
+    with pytest.raises(ScoringError, match="a loglikelihood request has an empty continuation"):
+        Scorer(model, tokenizer, progress=False).loglikelihood([Loglikelihood((1, 2), ())])
+
+
+def test_progress_bars_show_only_when_asked_and_redraw_at_the_given_interval(model, tokenizer, monkeypatch):
+    """progress=True: tqdm's default redraw (0.1 s); a number: at most every that many seconds (a log file)."""
+    import tqdm.auto
+
+    bars = []
+
+    def recording(iterable, **kwargs):
+        bars.append((kwargs["desc"], kwargs["disable"], kwargs["mininterval"]))
+        return iterable
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    reqs = [Loglikelihood((1, 2, 3), (4,))]
+    for progress in (True, 30, 2.5, False):
+        Scorer(model, tokenizer, progress=progress).loglikelihood(reqs)
+    shown = [(disable, interval) for desc, disable, interval in bars if desc == "loglikelihood"]
+    assert shown[0::2] == [(False, 0.1), (False, 30.0), (False, 2.5), (True, 0.1)]  # a bar per kind of work
+    assert shown[1::2] == [(True, 0.1), (True, 30.0), (True, 2.5), (True, 0.1)]  # no shared contexts: no bar
+
+
+# ----------------------------------------------------------------------------- batching
+
+def test_batches_hold_at_most_batch_size_rows_longest_first(model, tokenizer, monkeypatch):
+    """Seven sequences of different lengths, batch size 3: batches of 3, 3, 1 rows, the longest sequences together
+    (so a batch pads little) and first; each answer is that of an unbatched forward."""
+    lengths = [5, 30, 12, 22, 8, 40, 17]
+    reqs = [Loglikelihood(random_tokens(n, seed=n), random_tokens(2, seed=100 + n)) for n in lengths]
+    calls = Forwards(model, monkeypatch)
+    res = Scorer(model, tokenizer, batch_size=3, progress=False).loglikelihood(reqs)
+    longest = sorted(lengths, reverse=True)
+    assert calls.shapes == [(3, longest[0] + 1), (3, longest[3] + 1), (1, longest[6] + 1)]
+    for r, q in zip(res, reqs):
+        assert r.logprob == pytest.approx(full_forward_logprob(model, q.context, q.continuation), rel=1e-4)
+
+
+def test_identical_requests_run_once(model, tokenizer, monkeypatch):
+    """The same request three times, and one reading the same sequence from a later position: one row."""
+    ctx, cont = random_tokens(10, seed=1), random_tokens(4, seed=2)
+    reqs = [Loglikelihood(ctx, cont)] * 3 + [Loglikelihood(ctx + cont[:2], cont[2:])]
+    calls = Forwards(model, monkeypatch)
+    res = Scorer(model, tokenizer, batch_size=8, progress=False).loglikelihood(reqs)
+    assert calls.shapes == [(1, len(ctx) + len(cont) - 1)]
+    assert res[0] == res[1] == res[2]
+    assert res[3].logprob == pytest.approx(full_forward_logprob(model, ctx + cont[:2], cont[2:]), rel=1e-4)
+
+
+def test_continuations_of_one_context_count_as_rows_of_the_batch(model, tokenizer, monkeypatch):
+    """Two contexts with three continuations each and a batch size of 3: each context runs once, in a batch of
+    its own (its three continuations fill the batch), and forks its KV cache into three rows."""
+    contexts = [random_tokens(20, seed=3), random_tokens(12, seed=4)]
+    reqs = [Loglikelihood(c, random_tokens(k + 1, seed=10 * k + j)) for j, c in enumerate(contexts) for k in range(3)]
+    calls = Forwards(model, monkeypatch)
+    res = Scorer(model, tokenizer, batch_size=3, progress=False).loglikelihood(reqs)
+    # the context but its last token, then from the cache the continuations after that token
+    assert calls.shapes == [(1, 19), (3, 3), (1, 11), (3, 3)]
+    for r, q in zip(res, reqs):
+        assert r.logprob == pytest.approx(full_forward_logprob(model, q.context, q.continuation), rel=1e-4)
+
+
+def test_rolling_log_probabilities_taken_through_the_output_layer_in_chunks(model, tokenizer, monkeypatch):
+    """`lm_head` runs on LOGIT_CHUNK positions at a time: chunks of 5 positions give the same sums."""
+    reqs = [RollingLoglikelihood(random_tokens(n, seed=n)) for n in (150, 23, 7)]
+    whole = Scorer(model, tokenizer, batch_size=2, stride=16, progress=False).rolling(reqs)
+    monkeypatch.setattr(scoring, "LOGIT_CHUNK", 5)
+    chunked = Scorer(model, tokenizer, batch_size=2, stride=16, progress=False).rolling(reqs)
+    for a, b in zip(whole, chunked):
+        assert b.logprob == pytest.approx(a.logprob, rel=1e-6) and b.n_tokens == a.n_tokens
+
+
+def test_an_empty_text_has_no_log_probability(model, tokenizer):
+    res = Scorer(model, tokenizer, progress=False).rolling([RollingLoglikelihood(()), RollingLoglikelihood((11,))])
+    assert (res[0].logprob, res[0].n_tokens) == (0.0, 0)
+    assert res[1].logprob == pytest.approx(full_forward_logprob(model, [tokenizer.eot_token], [11]), rel=1e-4)
