@@ -349,3 +349,49 @@ def test_text_pieces_are_cut_only_once_they_reach_the_piece_size(tmp_path):
     path.write_text("".join(f"line{i}\n" for i in range(10)), encoding="utf-8")
     pieces = list(iter_text_pieces(path, piece_chars=10, block_bytes=4))
     assert pieces == ["line0\nline1\n", "line2\nline3\n", "line4\nline5\n", "line6\nline7\n", "line8\nline9\n"]
+
+
+@pytest.mark.parametrize("name", ["t.txt.zst", "t.jsonl.zst"])
+def test_a_zstd_file_of_several_frames_is_read_to_its_end(tmp_path, name):
+    from gpt2kit.corpus import iter_file_documents, iter_text_pieces
+
+    # `cat a.zst b.zst > ab.zst`, or a compressor that ends a frame every so often: one stream
+    parts = [json.dumps({"text": f"part {i} " * 20}) + "\n" for i in range(3)]
+    path = tmp_path / name
+    path.write_bytes(b"".join(zstandard.ZstdCompressor().compress(p.encode()) for p in parts))
+    if ".txt" in name:
+        assert list(iter_file_documents(path)) == ["".join(parts)]
+        assert "".join(iter_text_pieces(path, block_bytes=64)) == "".join(parts)
+    else:
+        assert list(iter_file_documents(path)) == [json.loads(p)["text"] for p in parts]
+
+
+def test_a_zstd_frame_larger_than_the_read_buffer_is_read_whole(tmp_path):
+    from gpt2kit.corpus import iter_file_documents, iter_text_pieces
+
+    # ~1.7 MB of text compresses to a few KB: one read of the file decompresses to more than the
+    # 1 MiB buffer the reader is asked to fill
+    text = "".join(json.dumps({"text": f"line {i}: " + "words " * 30}) + "\n" for i in range(8000))
+    packed = zstandard.ZstdCompressor().compress(text.encode())
+    assert len(text) > 1 << 20 and len(packed) < 1 << 20
+    (tmp_path / "big.jsonl.zst").write_bytes(packed)
+    (tmp_path / "big.txt.zst").write_bytes(packed)
+    docs = list(iter_file_documents(tmp_path / "big.jsonl.zst"))
+    assert len(docs) == 8000 and docs[-1] == "line 7999: " + "words " * 30
+    assert "".join(iter_text_pieces(tmp_path / "big.txt.zst")) == text
+
+
+def test_a_folder_without_text_files_is_named(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "paper.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "docs" / ".notes.txt").write_text("hidden notes", encoding="utf-8")
+    with pytest.raises(InputFileError, match=r"docs: folder holds no \.txt/\.jsonl/\.json files \(optionally \.gz/\.zst\)$"):
+        train_bpe([tmp_path / "docs"], vocab_size=300)
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    # a string holding the field's name, or a number: not an object with that field
+    for line in ('"the text of a document"', "5", '["text"]'):
+        (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
+        with pytest.raises(InputFileError, match=r"a.jsonl: line 2: expected a JSON object with a 'text' field$"):
+            train_bpe([tmp_path / "a.jsonl"], vocab_size=300)
