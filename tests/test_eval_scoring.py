@@ -3,10 +3,13 @@ edge cases, and the registry and report helpers around it; the reference is the 
 forward (the transformers parity tests are in test_eval.py)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from gpt2kit.eval import Loglikelihood, RollingLoglikelihood, Scorer, rolling_windows
+from gpt2kit.eval import (GenerationResult, GreedyGeneration, Loglikelihood, RollingLoglikelihood, Scorer,
+                          rolling_windows)
 from gpt2kit.eval import scoring
 from gpt2kit.eval.scoring import ScoringError
 from gpt2kit.model import GPT2
@@ -38,6 +41,14 @@ def full_forward_logprob(model, ctx, cont) -> float:
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
     return sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+def plain_greedy(model, ctx, n: int) -> list[int]:
+    x = list(ctx)
+    with torch.no_grad():
+        for _ in range(n):
+            x.append(int(model(torch.tensor([x]))[0, -1].argmax()))
+    return x[len(ctx):]
 
 
 class Forwards:
@@ -155,3 +166,53 @@ def test_an_empty_text_has_no_log_probability(model, tokenizer):
     res = Scorer(model, tokenizer, progress=False).rolling([RollingLoglikelihood(()), RollingLoglikelihood((11,))])
     assert (res[0].logprob, res[0].n_tokens) == (0.0, 0)
     assert res[1].logprob == pytest.approx(full_forward_logprob(model, [tokenizer.eot_token], [11]), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- greedy generation
+
+def test_greedy_generation_from_an_empty_context_starts_after_endoftext(model, tokenizer):
+    res = Scorer(model, tokenizer, progress=False).greedy([GreedyGeneration((), 5),
+                                                           GreedyGeneration((tokenizer.eot_token,), 5)])
+    assert list(res[0].tokens) == plain_greedy(model, [tokenizer.eot_token], 5) == list(res[1].tokens)
+    assert res[0].logprob == pytest.approx(res[1].logprob, rel=1e-6)
+
+
+def test_endoftext_as_the_first_token_ends_the_generation_empty(model, tokenizer):
+    ids = tuple(tokenizer.encode_ordinary("Once upon a time"))
+    first = plain_greedy(model, ids, 1)[0]
+    eot = tokenizer.eot_token
+    ending = copy.deepcopy(model)
+    with torch.no_grad():  # <|endoftext|> now just beats the first token (tied embeddings: its logit too)
+        ending.transformer.wte.weight[eot] = 1.01 * ending.transformer.wte.weight[first]
+    assert plain_greedy(ending, ids, 1) == [eot]
+    res = Scorer(ending, tokenizer, progress=False).greedy([GreedyGeneration(ids, 6), GreedyGeneration(ids, 1)])
+    assert res[0] == res[1] == GenerationResult("", (), 0.0)
+
+
+def test_a_loglikelihood_request_whose_context_the_generation_would_cut_is_scored_whole(model, tokenizer, monkeypatch):
+    """A generation of 20 tokens keeps the last n_ctx - 20 tokens of its context; a loglikelihood request on a
+    longer context cannot ride along in that batch: it runs on its own and sees its whole context. One on a
+    context of exactly n_ctx - 20 tokens fits: it rides along."""
+    long, fits = random_tokens(N_CTX - 6, seed=7), random_tokens(N_CTX - 20, seed=17)
+    cont = random_tokens(3, seed=8)
+    calls = Forwards(model, monkeypatch)
+    res = Scorer(model, tokenizer, batch_size=1, progress=False).score(
+        [GreedyGeneration(long, 20), Loglikelihood(long, cont), GreedyGeneration(fits, 20), Loglikelihood(fits, cont)])
+    alone = [shape for shape, cached in zip(calls.shapes, calls.cached) if not cached]
+    assert alone == [(1, len(long) + len(cont) - 1)]
+    for r, ctx in ((res[1], long), (res[3], fits)):
+        assert r.logprob == pytest.approx(full_forward_logprob(model, ctx, cont), rel=1e-4)
+    assert list(res[0].tokens) == plain_greedy(model, long[-(N_CTX - 20):], 20)
+    assert list(res[2].tokens) == plain_greedy(model, fits, 20)
+
+
+def test_suppressing_a_first_token_for_one_request_leaves_the_others_alone(model, tokenizer):
+    """Requests on one context: one with its greedy first token suppressed, then a plain one and a loglikelihood
+    request that reads that token's probability (riding along in the same batch)."""
+    ctx = tuple(tokenizer.encode_ordinary("It was the best of times, it was the"))
+    first = plain_greedy(model, ctx, 1)[0]
+    reqs = [GreedyGeneration(ctx, 4, suppress_first=frozenset({first})), GreedyGeneration(ctx, 4),
+            Loglikelihood(ctx, (first,))]
+    res = Scorer(model, tokenizer, progress=False).score(reqs)
+    assert res[0].tokens[0] != first and list(res[1].tokens) == plain_greedy(model, ctx, 4)
+    assert res[2].is_greedy and res[2].logprob == pytest.approx(full_forward_logprob(model, ctx, (first,)), rel=1e-4)
