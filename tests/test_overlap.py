@@ -1011,9 +1011,11 @@ def test_workers_refuse_empty_inputs_and_take_allow_overfill(tmp_path):
     # each worker's half fits in the capacity, their union does not: the merge is allowed too
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": " ".join(f"w{d}x{i}" for i in range(57))}) + "\n"
                                               for d in range(4)))
-    s = build_filter([tmp_path / "t.jsonl"], tmp_path / "f.bloom", capacity=120, fpr=1e-3, workers=2,
+    # (into a folder that does not exist yet: the workers' shard files are written beside the output)
+    s = build_filter([tmp_path / "t.jsonl"], tmp_path / "new" / "f.bloom", capacity=120, fpr=1e-3, workers=2,
                      allow_overfill=True)
     assert s.ngrams == 200 and s.documents == 4 and s.stats["achieved_fpr"] > 1e-3
+    assert read_header(tmp_path / "new" / "f.bloom")["n_added"] == 200
 
 
 def test_merge_and_query_need_a_filter(planted, tmp_path):
@@ -1059,3 +1061,41 @@ def test_the_markdown_report_lists_the_filters_files_and_passages(tmp_path):
     assert f"| e | {test} | 3 | 66.67 |" in md and f"| b | {test} | 3 | 66.67 |" in md, md
     assert "### test in e" in md and "### test in b" in md, md
     assert f'- 9 words, {test} document 0, word 1: "one two three four five six seven eight nine"' in md, md
+
+
+def test_test_sets_are_labelled_by_their_shortest_unique_name(tmp_path):
+    import gzip
+
+    es = ExactSet(["a b c d e f g h"])
+    text = json.dumps({"text": "a b c d e f g h"}) + "\n"
+    for rel in ("x/test.jsonl", "y/test.jsonl", "x/test.txt", "z/data.jsonl"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text if rel.endswith(".jsonl") else "a b c d e f g h")
+    with gzip.open(tmp_path / "z" / "more.jsonl.gz", "wt") as f:
+        f.write(text)
+    rep = query({"f": es}, [tmp_path / "z" / "more.jsonl.gz", tmp_path / "z" / "data.jsonl"])
+    assert rep.test_sets == ["more", "data"]  # .gz and the format suffix are both dropped
+    rep = query({"f": es}, [tmp_path / "x" / "test.jsonl", tmp_path / "x" / "test.txt"])
+    assert rep.test_sets == ["test.jsonl", "test.txt"]  # the stems clash: the file names
+    rep = query({"f": es}, [tmp_path / "x" / "test.jsonl", tmp_path / "y" / "test.jsonl"])
+    assert rep.test_sets == [str(tmp_path / "x" / "test.jsonl"), str(tmp_path / "y" / "test.jsonl")]
+
+
+def test_top_0_keeps_no_passages_but_counts_every_hit(tmp_path):
+    es = ExactSet()
+    es.add_text("a b c d e f g h i")
+    (tmp_path / "t.txt").write_text("a b c d e f g h i z")
+    (r,) = query({"f": es}, [tmp_path / "t.txt"], top=0).results
+    assert r.top_passages == [] and (r.hits, r.ngrams) == (2, 3)
+
+
+def test_passages_count_documents_within_their_own_file(tmp_path):
+    es = ExactSet()
+    es.add_text("a b c d e f g h i")
+    folder = tmp_path / "test"
+    folder.mkdir()
+    (folder / "x.jsonl").write_text(json.dumps({"text": "nothing here at all in this one document"}) + "\n"
+                                    + json.dumps({"text": "a b c d e f g h i"}) + "\n")
+    (folder / "y.jsonl").write_text(json.dumps({"text": "a b c d e f g h"}) + "\n")
+    (r,) = query({"f": es}, [folder], top=5).results
+    assert [(Path(p.file).name, p.document, p.words) for p in r.top_passages] == [("x.jsonl", 1, 9), ("y.jsonl", 0, 8)]
