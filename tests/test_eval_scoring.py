@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from gpt2kit.eval import (GenerationResult, GreedyGeneration, Loglikelihood, RollingLoglikelihood, Scorer,
+from gpt2kit.eval import (Generation, GenerationResult, GreedyGeneration, Loglikelihood, RollingLoglikelihood, Scorer,
                           rolling_windows)
 from gpt2kit.eval import scoring
 from gpt2kit.eval.scoring import ScoringError
+from gpt2kit.generate import generate
 from gpt2kit.model import GPT2
 from gpt2kit.tokenizer import Tokenizer
 from conftest import save_sharp_tiny_model
@@ -216,3 +217,42 @@ def test_suppressing_a_first_token_for_one_request_leaves_the_others_alone(model
     res = Scorer(model, tokenizer, progress=False).score(reqs)
     assert res[0].tokens[0] != first and list(res[1].tokens) == plain_greedy(model, ctx, 4)
     assert res[2].is_greedy and res[2].logprob == pytest.approx(full_forward_logprob(model, ctx, (first,)), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- generation (generate.py)
+
+def test_a_suffix_may_fill_the_whole_prompt(model, tokenizer):
+    """max_new_tokens plus a suffix that fill the context exactly: the prompt is the suffix alone."""
+    suffix = random_tokens(N_CTX - 10, seed=9)
+    res = Scorer(model, tokenizer, progress=False).score([Generation(random_tokens(30, seed=10), 10, suffix=suffix)])
+    (alone,) = generate(model, tokenizer, [list(suffix)], max_new_tokens=10, do_sample=False, top_logprobs=0)
+    assert res[0].tokens == tuple(alone.token_ids)
+    with pytest.raises(ScoringError, match=f"a generation prompt suffix of 55 tokens leaves no room in the context "
+                                           f"of {N_CTX} for 10 new tokens"):
+        Scorer(model, tokenizer, progress=False).score([Generation((), 10, suffix=random_tokens(N_CTX - 9, seed=9))])
+
+
+def test_generation_refuses_max_new_tokens_outside_the_context_and_an_unknown_truncation(model, tokenizer):
+    scorer = Scorer(model, tokenizer, progress=False)
+    for bad in (0, -1, N_CTX):
+        with pytest.raises(ScoringError, match=f"max_new_tokens must be in \\[1, {N_CTX}\\), got {bad}"):
+            scorer.score([Generation((1, 2), bad)])
+    with pytest.raises(ScoringError, match="truncate: expected 'left' or 'right', got 'middle'"):
+        scorer.score([Generation((1, 2), 4, truncate="middle")])
+    assert scorer.score([Generation((1, 2), N_CTX - 1)])[0].tokens  # the most that fits after one token
+
+
+def test_generation_requests_with_different_options_are_decoded_apart(model, tokenizer):
+    """One call with requests that differ in one decoding option each: every answer is what `generate` gives that
+    request alone (greedy unless sampled; the sampling options left out take generate's defaults)."""
+    ctx = tuple(tokenizer.encode_ordinary("Once upon a time"))
+    options = [{}, {"max_new_tokens": 5}, {"stop": (" ",)}, {"seed": 3}, {"do_sample": True, "seed": 3},
+               {"do_sample": True, "seed": 3, "top_k": 2}, {"do_sample": True, "seed": 3, "temperature": 0.3}]
+    reqs = [Generation(ctx, **{"max_new_tokens": 12, **o}) for o in options]
+    res = Scorer(model, tokenizer, batch_size=8, progress=False).score(reqs)
+    for r, o in zip(res, options):
+        o = {"max_new_tokens": 12, "do_sample": False, **o, **({"stop": list(o["stop"])} if "stop" in o else {})}
+        (alone,) = generate(model, tokenizer, [list(ctx)], top_logprobs=0, **o)
+        assert (r.text, r.tokens) == (alone.text, tuple(alone.token_ids))
+        assert r.logprob == pytest.approx(sum(alone.logprobs), rel=1e-4)
+    assert len({r.tokens for r in res[3:]}) == 4  # the options made a difference
