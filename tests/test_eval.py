@@ -609,9 +609,87 @@ def test_lambada_plain_text_is_detokenized(tmp_path, tokenizer):
     assert docs[0] == ('"i\'m not going back there," she said. "not ever." he nodded and took her', " hand", "hand")
     raw = get_task("lambada")(tmp_path, detokenize=False).documents()
     assert raw[0][0].startswith("`` i 'm")
+    assert get_task("lambada")(tmp_path).protocol()["detokenizer"] == "ptb_quotes"
+    assert get_task("lambada")(tmp_path, detokenize=False).protocol()["detokenizer"] == "none"
     (tmp_path / "lambada_test.jsonl").write_text(json.dumps({"text": LAMBADA[0]}) + "\n")
     assert get_task("lambada")(tmp_path).documents()[0][2] == "house"  # OpenAI's file comes first
+    assert get_task("lambada")(tmp_path).protocol()["detokenizer"] == "none"  # and is natural text already
     assert get_task("lambada-original")(tmp_path).documents() == docs
+
+
+def test_lambada_whole_word_of_many_tokens_is_generated_to_its_end(model, tokenizer, tmp_path):
+    """The word protocol decodes as many tokens as the target takes: passages ending in a word the tiny model makes
+    up from 3 to 7 BPE tokens ("It was now" -> " rogue"+"reading"+"broad") are right."""
+    from gpt2kit.eval.tasks.lambada import WORD_END
+
+    passages = []
+    for ctx in ("It was two", "It was now", "It was ref"):
+        gen = Scorer(model, tokenizer, progress=False).greedy(
+            [GreedyGeneration(tuple(tokenizer.encode_ordinary(ctx)), 16, stop_regex=WORD_END)])[0].text
+        if re.fullmatch(r" [A-Za-z]+", gen) and 3 <= len(tokenizer.encode_ordinary(gen)) <= 7:
+            passages.append(ctx + gen)
+    assert len(passages) >= 2, "the tiny model no longer makes up long words after these contexts"
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    m = evaluate(model, tokenizer, ["lambada"], tmp_path, progress=False)["lambada"]["metrics"]
+    assert m["acc_word"] == 100.0
+    # a word ends at its first character that is neither a word character nor an apostrophe
+    stop = get_task("lambada")(tmp_path).requests(("It was", " don't", "don't"), tokenizer)[3].stop_regex
+    assert re.search(stop, " don't, he said").start() == len(" don't")
+    assert re.search(stop, " o'clock.").start() == len(" o'clock") and re.search(stop, " ours") is None
+
+
+def test_lambada_score_takes_each_metric_from_its_own_answer(tmp_path):
+    """The five answers of a passage, in the order of its requests: the word's log-probability, the last token
+    without and with the filter, the generated word without and with the filter."""
+    from gpt2kit.eval.requests import LoglikelihoodResult
+
+    doc = ("It was", " house", "house")
+    answers = [LoglikelihoodResult(-3.0, False, 1), LoglikelihoodResult(-1.0, True, 1),
+               LoglikelihoodResult(-1.0, False, 1), GenerationResult(" horse", (1,), -2.0),
+               GenerationResult(" house", (2,), -2.5)]
+    assert get_task("lambada")(tmp_path).score(doc, answers) == {
+        "logprob": -3.0, "acc_word": 0.0, "acc_word_stopfilter": 1.0, "acc_token": 1.0, "acc_token_stopfilter": 0.0}
+
+
+def test_lambada_passages_keep_their_lines_and_the_whitespace_before_the_word(tmp_path):
+    """The context is everything before the last word, over several lines too; the scored continuation is the
+    word with all the whitespace before it (nothing of the passage is lost), trailing whitespace is not."""
+    texts = ["He said:\nlook at the house", "look at the  house", "She baked the bread \n"]
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert get_task("lambada")(tmp_path).documents() == [("He said:\nlook at the", " house", "house"),
+                                                        ("look at the", "  house", "house"),
+                                                        ("She baked the", " bread", "bread")]
+    assert get_task("lambada")(tmp_path).documents(limit=2) == get_task("lambada")(tmp_path).documents()[:2]
+    # the plain-text release: a passage per non-blank line
+    (tmp_path / "lambada_test_plain_text.txt").write_text("he took her hand\n\n \nshe baked the bread\n")
+    assert [d[2] for d in get_task("lambada-original")(tmp_path).documents()] == ["hand", "bread"]
+
+
+def test_lambada_format_errors_name_the_line(tmp_path):
+    path = tmp_path / "lambada_test.jsonl"
+    for bad in ('{"txt": "a b"}', '["a b"]', '{"text": 5}', '{"text": null}', "not json"):
+        path.write_text("\n" + json.dumps({"text": "a b"}) + "\n\n" + bad + "\n")  # blank lines are skipped, not counted out
+        with pytest.raises(TaskError, match=r"lambada_test.jsonl: line 4: expected a JSON object with a \"text\" string"):
+            get_task("lambada")(tmp_path).documents()
+    path.write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": " house "}) + "\n")
+    with pytest.raises(TaskError, match="lambada_test.jsonl: passage 2 has no last word to predict"):
+        get_task("lambada")(tmp_path).documents()
+
+
+def test_lambada_stop_words_are_whole_words_in_every_form(tokenizer, tmp_path):
+    """The filter's token ids are exactly the stop words that are one token: with or without a space, lower-case
+    or capitalized, never the first piece of a longer one (" Wh" of " Whom", "H" of "Him")."""
+    from gpt2kit.eval.tasks.lambada import STOP_WORDS, stop_word_tokens
+
+    every, spaced = stop_word_tokens(tokenizer), stop_word_tokens(tokenizer, spaced_only=True)
+    assert {tokenizer.decode([i]).strip().lower() for i in every} <= STOP_WORDS
+    assert {tokenizer.encode_ordinary(form)[0] for form in ("the", " the", "The", " The", "It", " whom")} <= every
+    assert spaced < every and all(tokenizer.decode([i]).startswith(" ") for i in spaced)
+    # a whole target word, after one space or more, is filtered with every form; a piece inside one with spaced forms
+    task = get_task("lambada")(tmp_path)
+    assert task.requests(("It was", " the", "the"), tokenizer)[2].exclude == every
+    assert task.requests(("It was", "  the", "the"), tokenizer)[2].exclude == every
+    assert task.requests(("She met", " Bethany", "Bethany"), tokenizer)[2].exclude == spaced
 
 
 def test_cbt_substitutes_each_candidate_and_scores_the_rest_of_the_sentence(model, hf, tokenizer, data_dir):
