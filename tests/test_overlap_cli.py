@@ -309,3 +309,36 @@ def test_a_report_folder_inside_a_test_set_is_not_read_on_the_next_run(cli, tmp_
         assert r.returncode == 0, r.stderr
         outputs.append(json.loads(r.stdout))
     assert outputs[0] == outputs[1] and (data / "report" / "report.json").exists()
+
+
+def test_a_damaged_filter_is_refused_everywhere_unless_no_verify(cli, tmp_path):
+    # merge, fpr and info read the payload too: each checks it, and --no-verify skips the check
+    train, a, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--capacity", "5000", "--out", str(tmp_path / "p.bloom"), str(train))
+    assert r.returncode == 0, r.stderr
+    data = bytearray((tmp_path / "p.bloom").read_bytes())
+    data[HEADER_BYTES + 100] ^= 0xFF
+    (tmp_path / "bad.bloom").write_bytes(data)
+    for args in (("merge", str(tmp_path / "p.bloom"), str(tmp_path / "bad.bloom"), "--out", str(tmp_path / "m.bloom")),
+                 ("fpr", str(tmp_path / "bad.bloom"), "--samples", "1000"),
+                 ("info", str(tmp_path / "bad.bloom"))):
+        _one_line_error(cli("overlap", *args), "bad.bloom: payload checksum mismatch")
+    assert not (tmp_path / "m.bloom").exists()
+
+    r = cli("overlap", "merge", str(tmp_path / "p.bloom"), str(tmp_path / "bad.bloom"), "--out",
+            str(tmp_path / "m.bloom"), "--no-verify")
+    assert r.returncode == 0 and r.stdout.startswith("merged 2 filters -> "), r.stderr
+    r = cli("overlap", "fpr", str(tmp_path / "bad.bloom"), "--samples", "1000", "--no-verify")
+    assert r.returncode == 0 and r.stdout.startswith("0 of 1,000 random 8-grams"), r.stderr
+    r = cli("overlap", "query", str(tmp_path / "bad.bloom"), str(a), "--no-verify")
+    assert r.returncode == 0 and "| bad | 48.81 |" in r.stdout, r.stderr
+
+
+def test_query_and_fpr_name_what_they_lack(cli, tmp_path):
+    train, _, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "f.exact"), str(train))
+    assert r.returncode == 0, r.stderr
+    _one_line_error(cli("overlap", "query", str(tmp_path / "f.exact")),
+                    "query: no test sets given (text/JSONL files or folders after the filters)")
+    _one_line_error(cli("overlap", "fpr", str(tmp_path / "f.exact")),
+                    f"{tmp_path / 'f.exact'}: an exact set has no false positives; fpr needs a Bloom filter")
