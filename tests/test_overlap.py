@@ -1099,3 +1099,55 @@ def test_passages_count_documents_within_their_own_file(tmp_path):
     (folder / "y.jsonl").write_text(json.dumps({"text": "a b c d e f g h"}) + "\n")
     (r,) = query({"f": es}, [folder], top=5).results
     assert [(Path(p.file).name, p.document, p.words) for p in r.top_passages] == [("x.jsonl", 1, 9), ("y.jsonl", 0, 8)]
+
+
+def test_an_allowed_overfill_is_logged_as_a_warning(planted, tmp_path, caplog):
+    train, _, _, _ = planted
+    with caplog.at_level("WARNING", logger="gpt2kit.overlap"):
+        build_filter(train, tmp_path / "small.bloom", capacity=500, fpr=1e-6, allow_overfill=True)
+    (rec,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert re.match(r"warning: the filter holds ~[\d,]+ distinct 8-grams, more than its capacity 500: "
+                    r"false-positive rate \S+, target 1e-06$", rec.getMessage()), rec.getMessage()
+
+
+def test_the_json_report_gives_each_results_percent(tmp_path):
+    es = ExactSet()
+    es.add_text("a b c d e f g h i")
+    (tmp_path / "t.txt").write_text("a b c d e f g h i z")
+    (res,) = query({"f": es}, [tmp_path / "t.txt"]).to_json()["results"]
+    assert res["percent"] == pytest.approx(200 / 3) and (res["hits"], res["ngrams"]) == (2, 3)
+
+
+def test_the_numba_engine_counts_what_it_inserts():
+    rng = np.random.default_rng(2)
+    h1, h2 = rng.integers(0, 2**64, (2, 1_000), dtype=np.uint64)
+    for engine in ("numba", "numpy"):
+        bf = BloomFilter.new(capacity=2_000, fpr=1e-3, engine=engine)
+        bf.add_hashes(h1, h2)
+        bf.add_hashes(h1[:10], h2[:10])  # repeats count each time
+        assert bf.n_added == 1_010, engine
+
+
+def test_a_filter_whose_size_is_not_whole_uint64_words_is_one_error(tmp_path):
+    # 96 bits = 12 bytes: the memory map works, but counting the set bits reads uint64 words
+    _filled(1_000, 1e-3).save(tmp_path / "ok.bloom")
+    bad = _with_header(tmp_path / "ok.bloom", tmp_path / "bad.bloom", m_bits=96, payload_bytes=12)
+    bad.write_bytes(bad.read_bytes()[:HEADER_BYTES + 12])
+    with pytest.raises(FilterFileError, match="bad.bloom: inconsistent header: m_bits=96, k_hashes="):
+        open_filter(bad, verify=False)
+
+
+def test_a_missing_filter_or_a_folder_is_one_error(tmp_path):
+    with pytest.raises(FilterFileError, match="missing.bloom: no such file"):
+        open_filter(tmp_path / "missing.bloom")
+    with pytest.raises(FilterFileError, match=f"{re.escape(str(tmp_path))}: is a folder, expected a filter file"):
+        open_filter(tmp_path)
+
+
+def test_a_folder_whose_meta_json_is_not_a_shard_folders_is_read_as_text(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"format": "my-notes", "text": "x"}))  # read as one JSON document
+    (folder / "a.txt").write_text("one two three four five six seven eight nine")
+    s = build_filter([folder], tmp_path / "f.exact", exact=True)
+    assert (s.documents, s.ngrams) == (2, 2)
