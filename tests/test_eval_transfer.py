@@ -446,6 +446,60 @@ def test_winograd_substitution_and_requests(data_dir, tokenizer):
     assert tokenizer.decode(list(reqs[3].continuation)) == " feared violence."
 
 
+@pytest.mark.parametrize("text", ['{"version": "1.0"}', '{"data": {}}', '{"data": "abc"}'])
+def test_coqa_file_without_a_data_list_is_an_error(tmp_path, text):
+    (tmp_path / "coqa-dev-v1.0.json").write_text(text)
+    with pytest.raises(TaskError, match="coqa-dev-v1.0.json: expected CoQA's JSON"):
+        get_task("coqa")(tmp_path).documents()
+
+
+def test_cnndm_story_files_keep_paragraph_lines_and_need_both_parts(tmp_path):
+    folder = tmp_path / "cnndm"
+    folder.mkdir()
+    with pytest.raises(MissingDataError):  # a folder without .story files is not the dataset
+        get_task("cnndm")(tmp_path).path  # noqa: B018
+    (folder / "a.story").write_text(STORY)
+    (tmp_path / "cnndm_test.jsonl").write_text(_jsonl([{"article": "From JSONL.", "highlights": "One."}]))
+    assert get_task("cnndm")(tmp_path).documents()[0].text == "From JSONL."  # the JSONL split comes first
+    (tmp_path / "cnndm_test.jsonl").unlink()
+    assert get_task("cnndm")(tmp_path).documents()[0].text == (
+        "(CNN) -- The city council met on Monday to discuss the new park. Residents asked for more trees.\n"
+        "The mayor said the plan would be ready by spring. Work starts in May!")
+    for text in ("An article without highlights.\n", "@highlight\n\nA highlight without an article\n"):
+        (folder / "a.story").write_text(text)
+        with pytest.raises(TaskError, match="a.story: expected a .story file"):
+            get_task("cnndm")(tmp_path).documents()
+
+
+def test_cnndm_story_files_are_read_in_name_order(tmp_path):
+    (tmp_path / "cnndm").mkdir()
+    names = ["e", "b", "d", "a", "c", "f"]
+    for n in names:
+        (tmp_path / "cnndm" / f"{n}.story").write_text(f"Article {n}.\n\n@highlight\n\nHighlight {n}\n")
+    task = get_task("cnndm")(tmp_path)
+    assert [d.id for d in task.documents()] == sorted(names)
+    assert [d.id for d in task.documents(limit=2)] == ["a", "b"]
+
+
+def test_cnndm_jsonl_drops_blank_highlight_lines(tmp_path):
+    (tmp_path / "cnndm_test.jsonl").write_text(_jsonl([{"article": "Text.", "highlights": "First.\n\n Second. \n"},
+                                                       {"article": "Text.", "highlights": ["One.", " ", "Two."]}]))
+    docs = get_task("cnndm")(tmp_path).documents()
+    assert [d.highlights for d in docs] == [("First.", "Second."), ("One.", "Two.")]
+
+
+def test_cnndm_aggregate_scores_each_variant_and_averages_r1_r2_rl(data_dir):
+    ref = "The park opens in May.\nTrees are planted."
+    scores = [{"reference": ref, "hint": "The park opens.\nTrees in May.", "nohint": "Nothing here.",
+               "lead3": "Trees are planted in the park."}]
+    m = get_task("cnndm")(data_dir).aggregate(scores)
+    for variant, prefix in (("hint", ""), ("nohint", "nohint_"), ("lead3", "lead3_")):
+        r = tm.rouge_f1([ref], [scores[0][variant]])
+        assert {k: m[prefix + k] for k in r} == pytest.approx(r), variant
+        assert m[prefix + "avg"] == pytest.approx((r["rouge1"] + r["rouge2"] + r["rougeL"]) / 3), variant  # not Lsum
+    assert m["rougeLsum"] != pytest.approx(m["rougeL"])
+
+
 def test_hellaswag_context_and_endings(data_dir):
     items = get_task("hellaswag")(data_dir).documents()
     assert items[0].context == "Roof shingle removal: A man is sitting on a roof. He"
@@ -689,6 +743,10 @@ def test_bad_files_name_the_line(tmp_path):
     ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "endings": [1, 2, 3, 4]}, "hellaswag_val.jsonl: line 1"),
     ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "endings": "abcd"}, "hellaswag_val.jsonl: line 1"),
     ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "ctx_a": None}, "hellaswag_val.jsonl: line 1"),
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][2], "answers": COQA["data"][2]["answers"] * 2},
+     r"story 0: expected one answer per question in \"answers\" \(1 questions, 2 answers\)"),
+    ("cnndm", "cnndm_test.jsonl", {"article": 5, "highlights": "One."}, "cnndm_test.jsonl: line 1: expected"),
+    ("cnndm", "cnndm_test.jsonl", {"article": "Text.", "highlights": ["", " "]}, "cnndm_test.jsonl: line 1: expected"),
 ])
 def test_fields_of_the_wrong_type_name_the_story_or_line(tmp_path, task, file, row, message):
     """Wrong types and missing answers are one-line errors when the file is read, never a traceback and never
