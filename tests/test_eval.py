@@ -723,6 +723,39 @@ def test_cbt_format_errors_name_the_line(tmp_path):
         get_task("cbt-ne")(tmp_path).documents()
 
 
+def test_cbt_files_without_a_last_blank_line_or_with_crlf_read_the_same(tmp_path):
+    path = tmp_path / "cbtest_CN_valid_2000ex.txt"
+    path.write_text(_cbt_file())
+    questions = get_task("cbt-cn")(tmp_path).documents()
+    assert len(questions) == 2 and questions[1].candidates[-1] == "castle"
+    path.write_text(_cbt_file().rstrip("\n"))
+    assert get_task("cbt-cn")(tmp_path).documents() == questions
+    path.write_bytes(_cbt_file().replace("\n", "\r\n").encode())
+    assert get_task("cbt-cn")(tmp_path).documents() == questions
+    path.write_text(_cbt_file().replace("|castle", "|castle|"))  # an empty candidate is none
+    assert get_task("cbt-cn")(tmp_path).documents() == questions
+    assert get_task("cbt-cn")(tmp_path).documents(limit=1) == questions[:1]
+
+
+def test_cbt_without_detokenizing_scores_the_tokenized_text(data_dir):
+    task = get_task("cbt-cn")(data_dir, detokenize=False)
+    before, after = task.split(task.documents()[1])
+    assert before.endswith("about the mill . `` Who owns the ") and after == " ? '' asked the queen ."
+    assert task.protocol()["detokenizer"] == "none"
+    assert get_task("cbt-cn")(data_dir).protocol()["detokenizer"] == "ptb_quotes"
+
+
+@pytest.mark.parametrize("old, new, error", [
+    ("2 Sentence 2 ", "3 Sentence 2 ", "line 2: expected the line to start with its number 2"),
+    ("\tmiller\t\t", "\tmiller\t\t\t", "line 21: expected 'query with XXXXX<TAB>answer<TAB><TAB>c1|...|c10'"),
+    ("\tmiller\t\t", "\twolf\t\t", "line 21: the answer 'wolf' is not among the candidates"),
+])
+def test_cbt_line_errors(tmp_path, old, new, error):
+    (tmp_path / "cbtest_CN_valid_2000ex.txt").write_text(_cbt_file().replace(old, new, 1))
+    with pytest.raises(TaskError, match=re.escape(f"cbtest_CN_valid_2000ex.txt: {error}")):
+        get_task("cbt-cn")(tmp_path).documents()
+
+
 def test_enwik8_and_text8_standard_split(tmp_path):
     from gpt2kit.eval.tasks.enwik8 import FULL, TEST, standard_test_split
 
