@@ -1151,3 +1151,27 @@ def test_a_folder_whose_meta_json_is_not_a_shard_folders_is_read_as_text(tmp_pat
     (folder / "a.txt").write_text("one two three four five six seven eight nine")
     s = build_filter([folder], tmp_path / "f.exact", exact=True)
     assert (s.documents, s.ngrams) == (2, 2)
+
+
+
+def test_fingerprint_lanes_must_be_one_dimensional():
+    bf = BloomFilter.new(capacity=100, fpr=1e-3)
+    with pytest.raises(OverlapError, match=r"two 1-D arrays of equal length, got \(2, 3\) and \(2, 3\)"):
+        bf.add_hashes(np.ones((2, 3), np.uint64), np.ones((2, 3), np.uint64))
+
+
+def test_an_exact_set_counts_every_8_gram_it_inserts(tmp_path):
+    es = ExactSet()
+    assert es.add_text("a b c d e f g h i") == 2
+    assert es.add_text("a b c d e f g h") == 1  # a repeat counts again
+    assert (es.n_added, len(es.grams)) == (3, 2)
+    es.save(tmp_path / "e.exact")
+    assert read_header(tmp_path / "e.exact")["n_added"] == 3 and open_filter(tmp_path / "e.exact").n_added == 3
+
+
+def test_the_summary_line_of_a_build_gives_the_filter_size(tmp_path):
+    (tmp_path / "t.txt").write_text("one two three four five six seven eight nine")
+    line = build_filter([tmp_path / "t.txt"], tmp_path / "f.bloom", capacity=1_000_000, fpr=1e-8).line()
+    assert re.fullmatch(re.escape(f"{tmp_path / 'f.bloom'}: 2 8-grams from 1 documents, ~2 distinct (capacity "
+                                  "1,000,000); 38,340,288 bits, k=27, 4.6 MiB; false-positive rate now ")
+                        + r"\S+ \(target 1e-08\)", line), line
