@@ -1094,6 +1094,26 @@ def test_the_context_error_names_the_prompt_only_when_it_leaves_no_room(url):
         assert f"requested {length + 2} tokens ({length} in your prompt; 2 for the completion)" in error["message"]
 
 
+def test_max_tokens_past_the_context_is_a_context_error_before_tokenizing(model):
+    # max_tokens 100000 on a 64-token model was answered "start the server with a larger
+    # --max-batch-tokens", which cannot help: the batch check ran before the context's
+    tok, encoded = counting_tokenizer()
+    with live(create_app(model, tok, model_name=NAME, max_batch_tokens=1000)) as url:
+        for prompt in ("x", ["word " * 40] * 2):
+            r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 100000},
+                           timeout=30)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "context_length_exceeded", r.text
+            assert error["param"] == "max_tokens" and "maximum context length is 64 tokens" in error["message"]
+            assert "100000 for the completion" in error["message"] and "--max-batch-tokens" not in error["message"]
+        assert encoded == []  # refused before tokenizing
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 100000}, timeout=30)
+        assert "requested at least 100001 tokens (at least 1 in your prompt;" in r.json()["error"]["message"]
+        # within the context, the batch budget still speaks: 20 x (1 + 60) > 1000
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": ["x"] * 20, "max_tokens": 60}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "max_batch_tokens_exceeded", r.text
+
+
 def test_each_field_past_its_bounds_is_a_400_naming_it(url):
     # the bounds OpenAI documents (and those the decoding needs), each one step past its edge;
     # strict types: a number sent as a string, or a bool for an integer, is refused, not coerced

@@ -330,6 +330,10 @@ class _Engine:
             if isinstance(text, str):
                 self._check_text_can_fit(text)
         at_least = max(map(self._at_least_tokens, texts))
+        if req.max_tokens and at_least + req.max_tokens > self.n_ctx:
+            # past the context whatever the tokens: said as such before the batch check below, whose
+            # advice (a larger --max-batch-tokens) could not help
+            self._context_exceeded(at_least, req.max_tokens, at_least=any(isinstance(t, str) for t in texts))
         if req.max_tokens:
             self._check_batch_tokens(len(texts), req.candidates, at_least, req.max_tokens, at_least=True,
                                      what=req.counted_by)
@@ -365,15 +369,20 @@ class _Engine:
         longest = max(len(p) for p in prompts)
         max_tokens = max(self.n_ctx - longest, 0) if req.max_tokens is None else req.max_tokens
         if longest + max_tokens > self.n_ctx or longest > self.n_ctx:
-            raise APIError(400, f"This model's maximum context length is {self.n_ctx} tokens, however you "
-                                f"requested {longest + max_tokens} tokens ({longest} in your prompt; "
-                                f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
-                           param="max_tokens" if longest < self.n_ctx else "prompt",
-                           code="context_length_exceeded")
+            self._context_exceeded(longest, max_tokens)
         self._check_batch_tokens(len(prompts), req.candidates, longest, max_tokens, what=req.counted_by)
         self._check_not_busy()  # again: others may have been admitted while this one was tokenized
         self.admitted += 1
         return _Job(req, prompts, sent, max_tokens, admitted=True)
+
+    def _context_exceeded(self, longest: int, max_tokens: int, *, at_least: bool = False) -> None:
+        """OpenAI's answer to a prompt + completion past the context. `at_least`: `longest` is a
+        lower bound (the prompts are not tokenized yet)."""
+        bound = "at least " if at_least else ""
+        raise APIError(400, f"This model's maximum context length is {self.n_ctx} tokens, however you "
+                            f"requested {bound}{longest + max_tokens} tokens ({bound}{longest} in your prompt; "
+                            f"{max_tokens} for the completion). Please reduce your prompt or max_tokens.",
+                       param="max_tokens" if longest < self.n_ctx else "prompt", code="context_length_exceeded")
 
     def drop_admission(self, job: _Job) -> None:
         """The job joined the line, or will never run: it no longer holds a place. Idempotent."""
