@@ -538,6 +538,14 @@ def test_bad_inputs(shards, tmp_path, text_dir):
         with pytest.raises(T.CheckpointError, match=rf"{state}: unreadable training state .*the checkpoint is damaged"):
             T.train(cfg_for(shards, run, max_steps=4, resume=True))
     state.write_bytes(good)
+    # the weights damaged (the state intact): the same advice, which the loader's error alone lacked
+    weights = run / "checkpoints" / "step_0000002" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(T.CheckpointError, match=rf"{weights}: .*the checkpoint is damaged: remove "
+                                                rf"{weights.parent} to resume from the one before it$"):
+        T.train(cfg_for(shards, run, max_steps=4, resume=True))
+    weights.write_bytes(whole)
     (run / "checkpoints.json").write_text("{")
     with pytest.raises(T.CheckpointError, match="checkpoints.json: not a valid checkpoint index"):
         T.train(cfg_for(shards, run, max_steps=4, resume=True))

@@ -1223,7 +1223,11 @@ def train(cfg: TrainConfig) -> dict:
             return {"step": state["step"], "start_step": state["step"], "nothing_to_do": True,
                     "checkpoint": str(resume_from), "world_size": world, "out_dir": str(out),
                     "best_val_loss": state.get("best_val_loss"), "rank": dist_.rank}
-        model = GPT2.from_pretrained(str(resume_from))
+        try:
+            model = GPT2.from_pretrained(str(resume_from))
+        except GPT2KitError as e:  # its trainer state read, so a folder this run wrote, damaged since
+            raise CheckpointError(f"{e}; the checkpoint is damaged: remove {resume_from} to resume from the one "
+                                  f"before it") from None
         tokenizer = Tokenizer.from_pretrained(str(Path(cfg.data) / meta["tokenizer"]["folder"]))
         if state["data_fingerprint"] != meta["tokenizer"]["fingerprint"]:
             raise CheckpointError(f"{resume_from}: trained on shards of another tokenizer than {cfg.data} (vocabulary mismatch)")
