@@ -1024,6 +1024,11 @@ def test_a_stage_start_removes_a_killed_runs_temporary_files_and_guards_its_opti
     wf.check_config("links", {"a": 1, "b": [1, 2]})     # the same options: a rerun goes on
     with pytest.raises(WebTextError, match=r"config.json: this stage was started with other options \(differs in: a, c\)"):
         wf.check_config("links", {"a": 2, "b": [1, 2], "c": 0})
+    # options named as pacing may change (and are recorded anew); the others are still guarded
+    wf.check_config("links", {"a": 5, "b": [1, 2]}, pacing=("a",))
+    assert json.loads((tmp_path / "w" / "_state" / "links" / "config.json").read_text()) == {"a": 5, "b": [1, 2]}
+    with pytest.raises(WebTextError, match=r"\(differs in: b\); delete"):
+        wf.check_config("links", {"a": 6, "b": [1]}, pacing=("a",))
 
 
 def _count_task(parent_pid, n):

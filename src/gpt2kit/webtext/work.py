@@ -170,21 +170,28 @@ class WorkFolder:
     def shard_ids(self, stage: str) -> list[int]:
         return list(self.complete(stage)["shards"])
 
-    def check_config(self, stage: str, options: dict) -> None:
-        """Record the options of a stage on its first run; refuse a rerun with other options.
-        Called when a stage starts: takes the work folder's lock (one run per folder at a time)
-        and removes the temporary files of a killed earlier run."""
+    def check_config(self, stage: str, options: dict, pacing: tuple[str, ...] = ()) -> None:
+        """Record the options of a stage on its first run; refuse a rerun with other options,
+        except those named in `pacing` (how fast the work goes, not what it makes: a crawl may
+        resume with more requests in flight), which are recorded anew. Called when a stage
+        starts: takes the work folder's lock (one run per folder at a time) and removes the
+        temporary files of a killed earlier run."""
         self.lock()
         for tmp in self.stage_dir(stage).rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         path = self.state_dir(stage) / "config.json"
         if path.exists():
             old = json.loads(path.read_text(encoding="utf-8"))
-            if old != options:
-                changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+            changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+            if any(k not in pacing for k in changed):
                 raise WebTextError(
-                    f"{path}: this stage was started with other options (differs in: {', '.join(changed)}); "
-                    f"delete {self.state_dir(stage)} and {self.stage_dir(stage)} to redo it with the new ones")
+                    f"{path}: this stage was started with other options (differs in: "
+                    f"{', '.join(k for k in changed if k not in pacing)}); delete {self.state_dir(stage)} and "
+                    f"{self.stage_dir(stage)} to redo it with the new ones")
+            if changed:
+                log.info("%s: resuming with %s", stage,
+                         ", ".join(f"{k} {options.get(k)} (was {old.get(k)})" for k in changed))
+                write_json(path, options)
         else:
             write_json(path, options)
 
