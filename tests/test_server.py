@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,7 +19,7 @@ import uvicorn
 from starlette.requests import ClientDisconnect
 
 from gpt2kit.generate import generate, iter_generate, prompt_logprobs
-from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.model import GPT2, GPT2Config, PRESETS
 from gpt2kit.sampling import SamplingParams
 from gpt2kit import server
 from gpt2kit.server import create_app
@@ -756,6 +757,17 @@ def test_the_default_batch_token_budget_comes_from_the_memory_at_hand(tok, monke
         r = httpx.post(f"{url}/v1/completions", timeout=30,
                        json={"model": NAME, "prompt": ["Hi"] * 16, "n": 4, "max_tokens": None})  # 32,768 positions
         assert want < 32768 and r.status_code == 400 and f"allows {want:,}" in r.json()["error"]["message"], r.text
+    # the figure the README and `serve --help` give (built on the meta device: shapes only)
+    with torch.device("meta"):
+        gpt2 = GPT2(PRESETS["gpt2"]).eval()
+    said = round(server.default_max_batch_tokens(gpt2, 4, memory=20 * gib), -3)
+    assert said == 21000 and said >= 20 * 1024  # "enough for n=20 to the end of the context"
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"gpt2 in fp32 with 20 GiB free gets ~{said:,} positions" in readme
+    from gpt2kit.cli import build_parser
+    serve_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions
+                      if "--max-batch-tokens" in a.option_strings).help
+    assert f"gpt2 in fp32 with 20 GiB free: ~{said:,}" in serve_help
     # where the memory is not known, the earlier rule: a KV cache the size of the weights
     monkeypatch.setattr(server, "available_memory", lambda device: None)
     assert create_app(model, tok).state.engine.max_batch_tokens == config.num_params() // (2 * 4 * 64) == 6736

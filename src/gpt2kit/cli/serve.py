@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                         "with a 400 rather than exhausting the memory. Default: from the memory free on the "
                         "model's device once it is loaded (CUDA: the GPU's free memory; CPU: MemAvailable), half of "
                         "it shared by the --max-concurrency requests that may hold theirs at once, at least one "
-                        "whole-context completion (gpt2 in fp32 with 20 GiB free: ~22,000); the startup line and "
+                        "whole-context completion and at most 128 (a request's most completions) "
+                        "(gpt2 in fp32 with 20 GiB free: ~21,000); the startup line and "
                         "/health report it")
     p.set_defaults(func=run)
 
