@@ -342,3 +342,18 @@ def test_query_and_fpr_name_what_they_lack(cli, tmp_path):
                     "query: no test sets given (text/JSONL files or folders after the filters)")
     _one_line_error(cli("overlap", "fpr", str(tmp_path / "f.exact")),
                     f"{tmp_path / 'f.exact'}: an exact set has no false positives; fpr needs a Bloom filter")
+
+
+def test_field_names_the_jsonl_text_in_build_and_query(cli, tmp_path):
+    docs = [" ".join(f"w{i}" for i in range(20)), "nothing of it here at all in this",
+            "w0 w1 w2 w3 w4 w5 w6 w7 zz"]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"body": docs[0], "text": "short"}) + "\n")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"body": d, "text": docs[0]}) + "\n" for d in docs))
+    r = cli("overlap", "build", "--exact", "--field", "body", "--out", str(tmp_path / "f.exact"),
+            str(tmp_path / "train.jsonl"))
+    assert r.returncode == 0 and "exact set of 13 distinct 8-grams" in r.stdout, r.stderr
+    r = cli("overlap", "query", str(tmp_path / "f.exact"), str(tmp_path / "test.jsonl"), "--field", "body", "--json")
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)["results"]
+    assert (res["documents"], res["ngrams"], res["hits"]) == (3, 16, 14)
+    assert [p["words"] for p in res["top_passages"]] == [20, 8]  # --top is 10 unless given
