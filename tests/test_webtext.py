@@ -383,6 +383,9 @@ def test_links_rerun_is_resumable_and_guards_options(tmp_path):
     with pytest.raises(WebTextError,
                        match=rf"stage 'shards' has not finished; run `gpt2kit webtext shard {re.escape(str(tmp_path))}` first"):
         WorkFolder(tmp_path).complete("shards")     # the stage is named shards, its command shard
+    with pytest.raises(WebTextError,   # the command as it runs: links needs the dumps it reads
+                       match=rf"stage 'links' has not finished; run `gpt2kit webtext links {re.escape(str(tmp_path))} DUMP\.\.\.` first"):
+        WorkFolder(tmp_path).complete("links")
 
 
 def test_links_shows_progress_inside_a_dump(tmp_path, capsys):

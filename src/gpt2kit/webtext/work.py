@@ -160,8 +160,9 @@ class WorkFolder:
         """The `COMPLETE.json` record of a finished stage, or an error telling what to run."""
         path = self.complete_path(stage)
         if not path.exists():
+            dumps = " DUMP..." if stage == "links" else ""  # the Reddit dumps it reads: a required argument
             raise WebTextError(f"{self.root}: stage {stage!r} has not finished; run `gpt2kit webtext "
-                               f"{_CLI_NAME.get(stage, stage)} {self.root}` first")
+                               f"{_CLI_NAME.get(stage, stage)} {self.root}{dumps}` first")
         return json.loads(path.read_text(encoding="utf-8"))
 
     def fingerprint(self, stage: str) -> str:
