@@ -4,6 +4,7 @@ forward (the transformers parity tests are in test_eval.py)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def plain_greedy(model, ctx, n: int) -> list[int]:
 
 
 class Forwards:
-    """Records the (rows, length) of every `hidden_states` call and the rows of every KV-cache fork."""
+    """Records the (rows, length) of every `hidden_states` call, and whether it ran on a KV cache."""
 
     def __init__(self, model, monkeypatch):
         self.shapes: list[tuple[int, int]] = []
@@ -256,3 +257,106 @@ def test_generation_requests_with_different_options_are_decoded_apart(model, tok
         assert (r.text, r.tokens) == (alone.text, tuple(alone.token_ids))
         assert r.logprob == pytest.approx(sum(alone.logprobs), rel=1e-4)
     assert len({r.tokens for r in res[3:]}) == 4  # the options made a difference
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_only_a_task_class_can_be_registered_and_it_takes_the_name(tmp_path):
+    from gpt2kit.eval.registry import _REGISTRY, Task, TaskError, get_task, register_task
+
+    with pytest.raises(TaskError, match=r"@register_task\('test-not-a-task'\) must decorate a Task subclass"):
+        @register_task("test-not-a-task")
+        class NotATask:
+            pass
+    with pytest.raises(TaskError, match="must decorate a Task subclass"):
+        register_task("test-not-a-task")(lambda data_dir: None)
+    assert "test-not-a-task" not in _REGISTRY
+
+    @register_task("test-named")
+    class Named(Task):
+        data_files = ("a.txt",)
+
+    try:
+        assert get_task("test-named") is Named and Named.name == "test-named"
+        (tmp_path / "a.txt").write_text("x")
+        assert Named(tmp_path, detokenize=False).protocol() == {"file": str(tmp_path / "a.txt"), "detokenize": False}
+        assert Named(tmp_path).detokenize
+    finally:
+        del _REGISTRY["test-named"]
+
+
+def test_the_first_data_file_that_exists_is_used_and_a_folder_is_not_one(tmp_path):
+    from gpt2kit.eval.registry import MissingDataError, find_data_file
+
+    (tmp_path / "first.txt").mkdir()  # a folder of that name
+    (tmp_path / "second.txt").write_text("x")
+    (tmp_path / "third.txt").write_text("x")
+    names = ["first.txt", "second.txt", "third.txt"]
+    assert find_data_file("t", tmp_path, names, "here") == tmp_path / "second.txt"
+    with pytest.raises(MissingDataError) as e:
+        find_data_file("t", tmp_path, ["first.txt", "sub/none.txt"], "the dataset's site")
+    assert str(e.value) == (f"task 't': none of 'first.txt' or 'sub/none.txt' found in {tmp_path} "
+                            "(it is normally obtained from the dataset's site)")
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_released_size_names_only_the_released_shapes():
+    from gpt2kit.eval import released_size
+    from gpt2kit.model import GPT2Config
+
+    sizes = {name: released_size(GPT2Config.from_preset(name))
+             for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny")}
+    assert sizes == {"gpt2": "117M", "gpt2-medium": "345M", "gpt2-large": "762M", "gpt2-xl": "1542M", "tiny": None}
+    assert released_size(GPT2Config.from_preset("gpt2", n_ctx=512)) is None
+    assert released_size(GPT2Config.from_preset("gpt2", vocab_size=50304)) is None
+
+
+def _result(metrics, documents=2, requests=1, tokens=1):
+    return {"metrics": metrics, "counts": {"documents": documents, "requests": requests, "tokens": tokens}}
+
+
+def test_table3_lays_out_the_columns_in_the_papers_order():
+    from gpt2kit.eval import format_table3
+
+    lambada = {"ppl": 12.345, "acc_word_stopfilter": 50.0, "acc_word": 25.0, "acc_token_stopfilter": math.nan,
+               "acc_token": 75.0}
+    results = {"ptb": _result({"ppl": 65.854}, documents=1, requests=1, tokens=1),
+               "lambada": _result(lambada, documents=4, requests=12, tokens=300),
+               "cbt-cn": _result({"acc": math.nan})}
+    table = format_table3(results, model_name="mine", model_size="345M")
+    assert table.split("\n") == [
+        "| model | LAMBADA (PPL) | LAMBADA (ACC) | CBT-CN (ACC) | PTB (PPL) |",
+        "|---|---|---|---|---|",
+        "| mine | 12.35 | 50.00 | - | 65.85 |",
+        "| paper 345M | 15.60 | 55.48 | 92.35 | 47.33 |",
+        "",
+        "lambada ACC by protocol: whole word greedy + stop-word filter 50.00 (the ACC column), whole word greedy "
+        "25.00, last BPE token + stop-word filter -, last BPE token 75.00; last-word PPL 12.35",
+        "",
+        "ptb: 1 document, 1 request, 1 token",
+        "lambada: 4 documents, 12 requests, 300 tokens",
+        "cbt-cn: 2 documents, 1 request, 1 token"]
+    assert "paper" not in format_table3(results, model_size=None)
+    assert format_table3(results).split("\n")[2].startswith("| ours | ")
+    # LAMBADA as originally distributed: not a Table 3 column, its protocols still listed
+    original = format_table3({"lambada-original": _result(lambada, documents=1)}).split("\n")
+    assert original[:2] == ["", "lambada-original ACC by protocol: whole word greedy + stop-word filter 50.00 (the ACC "
+                                "column), whole word greedy 25.00, last BPE token + stop-word filter -, last BPE token "
+                                "75.00; last-word PPL 12.35"]
+    # a task outside Table 3: no table, only the counts
+    assert format_table3({"winograd": _result({"acc": 50.0})}, model_size="117M") == (
+        "\nwinograd: 2 documents, 1 request, 1 token")
+
+
+def test_results_document_holds_everything_and_the_papers_row():
+    from gpt2kit.eval import PAPER_TABLE3, results_document
+
+    results = {"ptb": _result({"ppl": 3.0})}
+    doc = results_document(results, model="gpt2", model_size="117M", options={"stride": 512}, seconds=1.23456)
+    assert doc == {"model": "gpt2", "paper_size": "117M", "options": {"stride": 512}, "seconds": 1.235,
+                   "tasks": results, "paper_table3": dict(zip(doc["paper_table3"], PAPER_TABLE3["117M"]))}
+    assert doc["paper_table3"]["PTB (PPL)"] == 65.85 and doc["paper_table3"]["1BW (PPL)"] == 75.20
+    assert list(doc["paper_table3"])[0] == "LAMBADA (PPL)" and len(doc["paper_table3"]) == 10
+    other = results_document(results, model="x", model_size=None, options={}, seconds=0.0)
+    assert other["paper_table3"] is None and other["paper_size"] is None
