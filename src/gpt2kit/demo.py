@@ -230,11 +230,17 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
         cfg = make_config({"batch_size": batch, "lr": cfg.lr * math.sqrt(batch / cfg.batch_size),
                            "min_lr": cfg.min_lr * math.sqrt(batch / cfg.batch_size)}, source="demo", base=cfg)
         step_s = _measure_step_time(cfg, n_vocab)
-    # Evaluations: 10 per run, 64 windows each.
-    max_steps = max(10, int(budget_s / step_s * 0.95))
-    cfg = make_config({"max_steps": max_steps, "max_minutes": minutes,
-                       "eval_interval": max(1, max_steps // 10), "warmup_steps": min(cfg.warmup_steps, max_steps // 10),
-                       "eval_batches": max(1, 64 // cfg.batch_size)}, source="demo", base=cfg)
+    # Evaluations of 64 windows each, and the checkpoints saved with them, come out of the budget
+    # too: up to 10 a run, at most ~10% of the budget (a forward pass costs about a third of a
+    # training step). Training stops one evaluation's time early, for the last one.
+    eval_batches = max(1, 64 // cfg.batch_size)
+    eval_s = eval_batches * step_s / 3
+    n_evals = max(1, min(10, int(0.1 * budget_s / eval_s)))
+    max_steps = max(10, int((0.95 * budget_s - n_evals * eval_s) / step_s))
+    cfg = make_config({"max_steps": max_steps, "max_minutes": max(budget_s - eval_s, 0.5 * budget_s) / 60,
+                       "eval_interval": max(1, max_steps // n_evals),
+                       "warmup_steps": min(cfg.warmup_steps, max_steps // 10),
+                       "eval_batches": eval_batches}, source="demo", base=cfg)
     log.info("4/5 training %s for ~%d steps (%.2f s/step measured)", _describe(cfg), max_steps, step_s)
     summary = train(cfg)
     if summary["stopped"] in ("SIGINT", "SIGTERM"):
@@ -296,11 +302,15 @@ def _describe(cfg: TrainConfig) -> str:
             f"batch {cfg.batch_size}, {cfg.dtype}")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n:,}"  # (a short run's 37,888 was "0.0M")
+
+
 def format_report(r: dict) -> str:
     lines = [
         "",
         f"gpt2kit demo: {r['model']}, {r['parameters'] / 1e6:.2f}M parameters, vocabulary {r['vocab_size']}",
-        f"  trained {r['steps']} steps ({r['tokens_trained'] / 1e6:.1f}M tokens) in {r['train_seconds']:.0f} s "
+        f"  trained {r['steps']} steps ({_count(r['tokens_trained'])} tokens) in {r['train_seconds']:.0f} s "
         f"({r['tokens_per_s']:,} tok/s); held-out text: {r['val_chars']:,} characters, {r['val_tokens']:,} tokens",
         "",
         f"  {'held-out text':<22}{'loss/token':>11}{'perplexity':>12}{'bits/char':>11}",
