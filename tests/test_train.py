@@ -78,6 +78,8 @@ def test_config_from_toml_and_overrides(tmp_path):
         T.load_config(None, ["--lr", "fast"])
     with pytest.raises(ConfigError, match="dtype must be"):
         T.load_config(None, {"dtype": "fp8"})
+    with pytest.raises(ConfigError, match="^overrides: lr expects float, got 'fast'"):  # from Python: no command line
+        T.load_config(None, {"lr": "fast"})
 
 
 def test_train_help_documents_every_key(cli):
@@ -549,6 +551,14 @@ def test_bad_inputs(shards, tmp_path, text_dir):
     (run / "checkpoints.json").write_text("{")
     with pytest.raises(T.CheckpointError, match="checkpoints.json: not a valid checkpoint index"):
         T.train(cfg_for(shards, run, max_steps=4, resume=True))
+
+
+def test_resume_with_nothing_to_resume_warns_naming_the_folder(shards, tmp_path, caplog):
+    # a requeued job's first start, or a mistyped out_dir: it trains from zero, and says so loudly
+    with caplog.at_level("WARNING", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, tmp_path / "typo", max_steps=1, resume=True))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'typo'}: no checkpoint to resume from; starting from scratch"]
 
 
 def test_an_out_dir_that_is_a_file_is_named_as_such(shards, tmp_path):

@@ -266,9 +266,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         if nested:
             raise ConfigError(f"{p}: expected a flat table of keys, found section [{nested[0]}]; valid keys: {', '.join(config_fields())}")
         cfg = make_config(values, source=str(p))
+    source = "overrides"  # a mapping from Python code; KEY=VALUE strings come from a command line
     if not isinstance(overrides, Mapping):
-        overrides = parse_overrides(overrides)
-    return make_config(overrides, source="command line", base=cfg, parse_strings=True) if overrides else cfg
+        overrides, source = parse_overrides(overrides), "command line"
+    return make_config(overrides, source=source, base=cfg, parse_strings=True) if overrides else cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1199,7 +1200,8 @@ def train(cfg: TrainConfig) -> dict:
         _check_same_checkpoint(resume_from, dist_, out)
     if cfg.resume and resume_from is None:
         if dist_.main:
-            log.info("%s: no checkpoint to resume from; starting from scratch", out)
+            # a warning: the first start of a requeued job, or a mistyped out_dir that trains from zero
+            log.warning("%s: no checkpoint to resume from; starting from scratch", out)
     elif not cfg.resume and ckpts.latest() is not None:
         raise TrainError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another out_dir")
 
