@@ -500,6 +500,95 @@ def test_cnndm_aggregate_scores_each_variant_and_averages_r1_r2_rl(data_dir):
     assert m["rougeLsum"] != pytest.approx(m["rougeL"])
 
 
+def test_wmt_files_in_the_archives_folders_crlf_and_blank_lines(tmp_path):
+    """newstest2014 in test-full/ (test-full.tgz), newstest2013 in dev/ (dev.tgz); \\r and spaces around a
+    sentence are not part of it, and a blank line pairs nothing."""
+    (tmp_path / "test-full").mkdir()
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test-full" / "newstest2014-fren-src.en.sgm").write_text(SGM_EN.replace(">It was", "> It was"))
+    (tmp_path / "test-full" / "newstest2014-fren-ref.fr.sgm").write_text(SGM_FR)
+    (tmp_path / "dev" / "newstest2013.en").write_bytes(b"Yes. \r\n\r\nNo.\r\n")
+    (tmp_path / "dev" / "newstest2013.fr").write_bytes(b" Oui.\r\n\r\nNon.\r\n")
+    task = get_task("wmt14-en-fr")(tmp_path, shots=2)
+    docs = task.documents()
+    assert len(docs) == 4 and docs[3][0] == "Yes. = Oui.\nNo. = Non.\nIt was a record. ="
+    assert task.protocol()["reference_file"] == str(tmp_path / "test-full" / "newstest2014-fren-ref.fr.sgm")
+    with pytest.raises(TaskError, match=r"newstest2013.en: expected at least 3 sentence pairs"):
+        get_task("wmt14-en-fr")(tmp_path, shots=3).documents()
+    zero = get_task("wmt14-en-fr")(tmp_path, shots=0).documents()  # zero-shot: the sentence and " =" alone
+    assert [d[0] for d in zero][:1] == ["Spectacular Wingsuit Jump Over Bogota ="] and len(zero) == 4
+    for lang in ("en", "fr"):  # dev.tgz has newstest2013 as SGML too, named without "fren"
+        (tmp_path / "dev" / f"newstest2013.{lang}").unlink()
+    (tmp_path / "dev" / "newstest2013-src.en.sgm").write_text(SGM_EN.replace("2014", "2013"))
+    (tmp_path / "dev" / "newstest2013-ref.fr.sgm").write_text(SGM_FR.replace("2014", "2013"))
+    task = get_task("wmt14-en-fr")(tmp_path, shots=1)
+    assert task.protocol()["examples"] == "first 1 pairs of newstest2013-src.en.sgm"
+    assert task.documents()[0][0].startswith("Spectacular Wingsuit Jump Over Bogota = Saut spectaculaire")
+
+
+def test_wmt_test_set_too_small_for_its_examples_or_without_segments(tmp_path, data_dir):
+    with pytest.raises(TaskError, match="--shots must be at least 0, got -1"):
+        get_task("wmt14-en-fr")(data_dir, shots=-1)
+    with pytest.raises(TaskError, match="expected more than 4 sentence pairs"):  # 4 pairs, all examples
+        get_task("wmt14-en-fr")(data_dir, shots=4).documents()
+    (tmp_path / "newstest2014-fren-src.en.sgm").write_text("<srcset>\n</srcset>\n")
+    (tmp_path / "newstest2014-fren-ref.fr.sgm").write_text(SGM_FR)
+    with pytest.raises(TaskError, match="src.en.sgm: expected SGML with <seg"):
+        get_task("wmt14-en-fr")(tmp_path, shots=1).documents()
+
+
+def test_nq_examples_from_the_train_file_leave_every_dev_question_scored(tmp_path, data_dir):
+    (tmp_path / "nq-open").mkdir()
+    (tmp_path / "nq-open" / "NQ-open.train.jsonl").write_text(_jsonl([
+        {"question": "who wrote hamlet", "answer": ["Shakespeare", "William Shakespeare"]},
+        {"question": "unused", "answer": ["x"]}]))
+    (tmp_path / "NQ-open.dev.jsonl").write_text(_jsonl(NQ[:2]))
+    task = get_task("nq")(tmp_path, shots=1)
+    assert [d[0] for d in task.documents()] == [  # the example shows the first gold answer
+        "Q: who wrote hamlet\nA: Shakespeare\n\nQ: who sings does he love me with reba\nA:",
+        "Q: who wrote hamlet\nA: Shakespeare\n\nQ: where is the bowling hall of fame located\nA:"]
+    assert task.protocol()["examples"] == "first 1 questions of NQ-open.train.jsonl"
+    zero = get_task("nq")(data_dir, shots=0).documents()
+    assert len(zero) == 5 and zero[0][0] == "Q: who sings does he love me with reba\nA:"
+    with pytest.raises(TaskError, match="expected more than 5 questions"):  # 5 dev questions, all examples
+        get_task("nq")(data_dir, shots=5).documents()
+
+
+def test_nq_and_coqa_aggregates_of_no_questions(tmp_path):
+    nq = get_task("nq")(tmp_path).aggregate([])
+    assert set(nq) == {"em", "questions", "acc_top1pct", "acc_top5pct", "acc_top10pct", "acc_top25pct",
+                       "acc_top50pct"}
+    assert nq["questions"] == 0 and all(math.isnan(v) for k, v in nq.items() if k != "questions")
+    coqa = get_task("coqa")(tmp_path).aggregate([])
+    assert coqa["questions"] == 0 and math.isnan(coqa["f1"]) and math.isnan(coqa["em"])
+
+
+def test_winograd_candidate_keeps_its_capital_at_a_sentence_start_only():
+    from gpt2kit.eval.tasks.winograd import substitute
+
+    assert substitute("He came back.", "He", 0, "The man") == "The man"  # the text's start
+    assert substitute("Stop! He came back.", "He", 6, "The man") == "The man"
+    assert substitute("The dog chased the cat. His owner laughed.", "His", 24, "The dog") == "The dog's"
+    assert substitute("Joan thanked Anna because she helped.", "she", 26, "Anna") == "Anna"  # a name, not "A"
+    assert substitute("Joan thanked Anna because she helped.", "she", 26, "An aunt") == "an aunt"
+
+
+def test_winograd_pronoun_found_whatever_its_case_and_aggregate(tmp_path):
+    row = {"text": "Tom hid from Bob. He was scared.", "pronoun": "he", "pronoun_loc": 18, "options": ["Tom", "Bob"],
+           "label": 0}
+    (tmp_path / "wsc273.jsonl").write_text(_jsonl([row]))
+    task = get_task("winograd")(tmp_path)
+    assert task.documents()[0].options == ("Tom", "Bob") and task.documents()[0].after == " was scared."
+    one = {"acc_full": 1.0, "acc_partial": 0.0}
+    other = {"acc_full": 0.0, "acc_partial": 1.0}
+    assert task.aggregate([one, one, other]) == {"acc_full": pytest.approx(200 / 3),
+                                                 "acc_partial": pytest.approx(100 / 3),
+                                                 "acc_best": pytest.approx(200 / 3), "schemas": 3}
+    assert task.aggregate([other, other, one])["acc_best"] == pytest.approx(200 / 3)  # the better one, either way
+    empty = task.aggregate([])
+    assert empty["schemas"] == 0 and math.isnan(empty["acc_full"]) and math.isnan(empty["acc_best"])
+
+
 def test_hellaswag_context_and_endings(data_dir):
     items = get_task("hellaswag")(data_dir).documents()
     assert items[0].context == "Roof shingle removal: A man is sitting on a roof. He"
@@ -745,6 +834,15 @@ def test_bad_files_name_the_line(tmp_path):
     ("hellaswag", "hellaswag_val.jsonl", {**HELLASWAG[0], "ctx_a": None}, "hellaswag_val.jsonl: line 1"),
     ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][2], "answers": COQA["data"][2]["answers"] * 2},
      r"story 0: expected one answer per question in \"answers\" \(1 questions, 2 answers\)"),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "label": -1}, "line 1: expected at least two \"options\" and a \"label\""),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "label": 2}, "line 1: expected at least two \"options\" and a \"label\""),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "options": ["Susan"], "label": 0}, "line 1: expected at least two"),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "options": ["Joan", 2]}, "line 1: expected .* as strings"),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "pronoun": ""}, "line 1: expected .* as strings"),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "text": "Joan thanked Susan for all the help she", "pronoun_loc": 36},
+     "line 1: nothing follows the pronoun"),
+    ("nq", "NQ-open.dev.jsonl", {"question": "q", "answer": []}, "NQ-open.dev.jsonl: line 1: expected"),
+    ("nq", "NQ-open.dev.jsonl", {"question": None, "answer": ["a"]}, "NQ-open.dev.jsonl: line 1: expected"),
     ("cnndm", "cnndm_test.jsonl", {"article": 5, "highlights": "One."}, "cnndm_test.jsonl: line 1: expected"),
     ("cnndm", "cnndm_test.jsonl", {"article": "Text.", "highlights": ["", " "]}, "cnndm_test.jsonl: line 1: expected"),
 ])
