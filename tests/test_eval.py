@@ -511,6 +511,19 @@ def test_perplexity_units_and_aggregates_by_hand(tmp_path):
     assert get_task("text8")(tmp_path).aggregate(scores)["bpc"] == pytest.approx(16 / math.log(2) / 10)
     assert get_task("enwik8")(tmp_path).units("café\n") == 6 and get_task("text8")(tmp_path).units("café\n") == 5
 
+def test_perplexity_tasks_record_their_detokenizer_unit_and_scoring(data_dir, tmp_path):
+    protocols = {name: get_task(name)(data_dir).protocol() for name in ("ptb", "wikitext2", "1bw", "enwik8", "text8")}
+    words = "words (+1 end-of-line per line)"
+    assert {name: (p["detokenizer"], p["unit"], p["scored_as"]) for name, p in protocols.items()} == {
+        "ptb": ("ptb", words, "one stream"), "wikitext2": ("wikitext", words, "one text per document"),
+        "1bw": ("lm1b", words, "one text per document"), "enwik8": ("none", "bytes", "one stream"),
+        "text8": ("none", "chars", "one stream")}
+    assert get_task("ptb")(data_dir, detokenize=False).protocol()["detokenizer"] == "none"
+    # an empty test set is no document (not one empty stream), which the evaluation refuses
+    (tmp_path / "ptb.test.txt").write_text("")
+    assert get_task("ptb")(tmp_path).documents() == []
+
+
 def test_lambada_metrics_match_a_straightforward_computation(model, hf, tokenizer, data_dir):
     res = evaluate(model, tokenizer, ["lambada"], data_dir, batch_size=2, progress=False)["lambada"]["metrics"]
     total, token_hits, word_hits = 0.0, 0, 0
@@ -771,6 +784,48 @@ def test_enwik8_and_text8_standard_split(tmp_path):
     assert docs == ["a" * 20_000]  # two 10,000-character documents, streamed as one text
 
 
+def test_decode_cut_drops_only_the_characters_split_by_the_cut():
+    assert decode_cut("é€x".encode()[1:]) == "€x" and decode_cut("€x".encode()[1:]) == "x"
+    assert decode_cut("xé€".encode()[:-1]) == "xé" and decode_cut(b"") == ""
+    # a character is at most 4 bytes: no more than 3 continuation bytes start a cut, and a byte that is no part of
+    # any UTF-8 character (0xC0, 0xFF) is an error anywhere
+    for data in (b"\x80" * 4 + b"abc", b"\xc0abc", b"ab\xffcd", b"ab\x80cd"):
+        with pytest.raises(UnicodeDecodeError):
+            decode_cut(data)
+
+
+def test_a_full_size_hutter_file_is_read_as_its_test_split(tmp_path, monkeypatch):
+    """(At 30 bytes instead of 100M.) The last 10 bytes are the test set, a character cut at its start dropped."""
+    from gpt2kit.eval.tasks import enwik8
+
+    monkeypatch.setattr(enwik8, "FULL", 30)
+    monkeypatch.setattr(enwik8, "TEST", 10)
+    (tmp_path / "enwik8").write_bytes(b"x" * 19 + "é".encode() + b"abc\ndef\ng")
+    assert get_task("enwik8")(tmp_path).documents(limit=2) == ["abc\ndef\n"]
+    (tmp_path / "text8").write_bytes(b"y" * 20 + b"abcde fghi")
+    assert get_task("text8")(tmp_path).documents() == ["abcde fghi"]
+
+
+def test_hutter_files_that_cannot_be_read_name_the_file(tmp_path):
+    from gpt2kit.errors import InputFileError
+
+    (tmp_path / "enwik8.zip").write_bytes(b"not a zip file")
+    with pytest.raises(InputFileError, match=r"enwik8.zip: cannot read 'enwik8'"):
+        get_task("enwik8")(tmp_path).documents()
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "text8.zip", "w") as z:
+        z.writestr("text8.txt", "a b")
+    with pytest.raises(InputFileError, match=r"text8.zip: cannot read 'text8'"):
+        get_task("text8")(tmp_path).documents()
+    (tmp_path / "enwik8").write_bytes(b"<page>\n ab\xffcd\n")
+    with pytest.raises(InputFileError, match=r"enwik8: not valid UTF-8 at byte 10 of the test split"):
+        get_task("enwik8")(tmp_path).documents()
+    (tmp_path / "text8").write_bytes("a café".encode())
+    with pytest.raises(InputFileError, match=r"text8: text8 must be ASCII \(a-z and space\); byte 5 is not"):
+        get_task("text8")(tmp_path).documents()
+
+
 def test_only_newlines_end_sentences_and_passages(tmp_path):
     """A 1BW sentence or a LAMBADA passage holding U+2028, U+0085 or a form feed stays one document with one
     end of line (str.splitlines would cut it in two, each scored without the other and counted as a line)."""
@@ -783,12 +838,39 @@ def test_only_newlines_end_sentences_and_passages(tmp_path):
     assert [d[2] for d in get_task("lambada")(tmp_path).documents()] == ["house", "bread"]
 
 
+def test_1bw_blank_lines_are_no_sentences(tmp_path):
+    (tmp_path / "news.en.heldout-00000-of-00050").write_text("A first sentence .\n\n \nA second one .\n")
+    assert get_task("1bw")(tmp_path).documents() == ["A first sentence .\n", "A second one .\n"]
+
+
+def test_hellaswag_label_must_index_an_ending(tmp_path):
+    item = {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "she", "endings": ["a", "b", "c", "d"]}
+    for label, ok in ((0, True), (3, True), (-1, False), (4, False)):
+        (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps({**item, "label": label}) + "\n")
+        if ok:
+            assert get_task("hellaswag")(tmp_path).documents()[0].label == label
+        else:
+            with pytest.raises(TaskError, match=f'hellaswag_val.jsonl: line 1: "label" {label} is not an index of the 4'):
+                get_task("hellaswag")(tmp_path).documents()
+
+
 def test_wikitext_articles_and_limit(data_dir):
     task = get_task("wikitext103")(data_dir)
     docs = task.documents()
     assert len(docs) == 2 and docs[1].startswith(" = Tower Building")
     assert "".join(docs) == WIKITEXT
     assert task.documents(limit=1) == docs[:1]
+
+
+def test_wikitext_counts_words_on_the_tokenized_file_when_both_are_there(tmp_path):
+    """The benchmark's word count is the tokenized file's (`1 @,@ 000` is three words): `wiki.test.tokens` is read
+    before `wiki.test.raw`, which is only a fallback."""
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(WIKITEXT)
+    assert get_task("wikitext2")(tmp_path).path.name == "wiki.test.raw"
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.tokens").write_text(WIKITEXT)
+    assert get_task("wikitext2")(tmp_path).path.name == "wiki.test.tokens"
 
 
 def test_a_wikitext_equation_line_does_not_start_an_article(tmp_path):
