@@ -1153,6 +1153,25 @@ def test_a_folder_whose_meta_json_is_not_a_shard_folders_is_read_as_text(tmp_pat
     assert (s.documents, s.ngrams) == (2, 2)
 
 
+def test_a_filter_at_its_capacity_is_refused_only_in_the_far_tail_of_the_noise():
+    # the allowance is meant to refuse a filter that holds exactly its capacity about 3 times in
+    # 100,000 (a normal tail): 3 standard deviations would refuse ~1 in 700
+    import math
+
+    for capacity, fpr in ((50, 1e-8), (1_000, 1e-3)):
+        m, k = optimal_parameters(capacity, fpr)
+        z = overlap.overfill_tolerance(capacity, m, k) / overlap.estimate_noise(capacity, m, k)
+        assert 0.5 * math.erfc(z / math.sqrt(2)) < 1e-4, (capacity, z)
+        z_auto = (auto_capacity(capacity, fpr) - capacity) / overlap.estimate_noise(capacity, m, k)
+        assert 0.5 * math.erfc(z_auto / math.sqrt(2)) < 1e-4, (capacity, z_auto)
+
+
+def test_the_seed_chooses_the_random_8_grams_of_measure_fpr():
+    bf = _filled(2_000, 0.2)
+    hits = {seed: measure_fpr(bf, 5_000, seed=seed)["hits"] for seed in (1, 2, 3)}
+    assert len(set(hits.values())) > 1, hits  # ~1,000 hits each: equal counts for all three would be chance
+    assert measure_fpr(bf, 5_000, seed=2)["hits"] == hits[2]
+
 
 def test_fingerprint_lanes_must_be_one_dimensional():
     bf = BloomFilter.new(capacity=100, fpr=1e-3)
