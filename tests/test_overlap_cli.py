@@ -357,3 +357,17 @@ def test_field_names_the_jsonl_text_in_build_and_query(cli, tmp_path):
     (res,) = json.loads(r.stdout)["results"]
     assert (res["documents"], res["ngrams"], res["hits"]) == (3, 16, 14)
     assert [p["words"] for p in res["top_passages"]] == [20, 8]  # --top is 10 unless given
+
+
+def test_fpr_takes_its_seed_and_1e6_samples_by_default(cli, tmp_path):
+    train, _, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--capacity", "2000", "--fpr", "0.3", "--out", str(tmp_path / "f.bloom"), str(train))
+    assert r.returncode == 0, r.stderr
+    lines = []
+    for seed in ("1", "2"):
+        r = cli("overlap", "fpr", str(tmp_path / "f.bloom"), "--samples", "2000", "--seed", seed)
+        assert r.returncode == 0, r.stderr
+        lines.append(r.stdout.split(" of ")[0])  # the hits: ~500 of 2,000 at this fill
+    assert lines[0] != lines[1] and 100 < int(lines[0]) < 1000, lines
+    r = cli("overlap", "fpr", str(tmp_path / "f.bloom"))  # the paper's 1M random 8-grams unless told
+    assert r.returncode == 0 and " of 1,000,000 random 8-grams reported present" in r.stdout, r.stderr
