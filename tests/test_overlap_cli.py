@@ -335,9 +335,12 @@ def test_a_damaged_filter_is_refused_everywhere_unless_no_verify(cli, tmp_path):
 
 
 def test_query_and_fpr_name_what_they_lack(cli, tmp_path):
-    train, _, _ = _corpus(tmp_path)
+    train, a, _ = _corpus(tmp_path)
     r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "f.exact"), str(train))
     assert r.returncode == 0, r.stderr
+    # filters are told from test sets by their magic bytes, wherever they stand
+    r = cli("overlap", "query", str(a), str(tmp_path / "f.exact"), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["table"] == {"f": {"setA": 143 / 293 * 100}}, r.stderr
     _one_line_error(cli("overlap", "query", str(tmp_path / "f.exact")),
                     "query: no test sets given (text/JSONL files or folders after the filters)")
     _one_line_error(cli("overlap", "fpr", str(tmp_path / "f.exact")),
