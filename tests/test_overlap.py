@@ -1186,6 +1186,7 @@ def test_an_exact_set_counts_every_8_gram_it_inserts(tmp_path):
     assert (es.n_added, len(es.grams)) == (3, 2)
     es.save(tmp_path / "e.exact")
     assert read_header(tmp_path / "e.exact")["n_added"] == 3 and open_filter(tmp_path / "e.exact").n_added == 3
+    assert read_header(tmp_path / "e.exact")["n_distinct"] == 2
 
 
 def test_the_summary_line_of_a_build_gives_the_filter_size(tmp_path):
@@ -1194,3 +1195,27 @@ def test_the_summary_line_of_a_build_gives_the_filter_size(tmp_path):
     assert re.fullmatch(re.escape(f"{tmp_path / 'f.bloom'}: 2 8-grams from 1 documents, ~2 distinct (capacity "
                                   "1,000,000); 38,340,288 bits, k=27, 4.6 MiB; false-positive rate now ")
                         + r"\S+ \(target 1e-08\)", line), line
+
+
+def test_the_report_counts_each_files_documents_and_names_each_filters_path(tmp_path):
+    ExactSet(["a b c d e f g h"]).save(tmp_path / "f.exact")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                              ["a b c d e f g h", "too short", "z a b c d e f g h"]))
+    js = query([tmp_path / "f.exact"], [tmp_path / "t.jsonl"]).to_json()
+    assert js["filters"][0]["path"] == str(tmp_path / "f.exact")
+    (row,) = js["results"][0]["files"]
+    assert (row["documents"], row["ngrams"], row["hits"]) == (3, 3, 2)
+
+
+def test_workers_read_the_field_they_are_given(tmp_path):
+    # by whole files (4 files, 2 workers) and by striping documents (1 file): the same filter as one process
+    docs = [json.dumps({"body": " ".join(f"w{d}x{i}" for i in range(20)), "text": "short"}) for d in range(4)]
+    for i, d in enumerate(docs):
+        (tmp_path / f"p{i}.jsonl").write_text(d + "\n")
+    (tmp_path / "one.jsonl").write_text("\n".join(docs) + "\n")
+    many = [tmp_path / f"p{i}.jsonl" for i in range(4)]
+    for inputs, name in ((many, "many"), ([tmp_path / "one.jsonl"], "one")):
+        s = build_filter(inputs, tmp_path / f"{name}2.bloom", capacity=1_000, field="body", workers=2)
+        assert (s.documents, s.ngrams) == (4, 52), name
+        build_filter(inputs, tmp_path / f"{name}1.bloom", capacity=1_000, field="body")
+        assert (tmp_path / f"{name}2.bloom").read_bytes() == (tmp_path / f"{name}1.bloom").read_bytes(), name
