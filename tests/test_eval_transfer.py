@@ -554,6 +554,11 @@ def test_nq_examples_from_the_train_file_leave_every_dev_question_scored(tmp_pat
         get_task("nq")(data_dir, shots=5).documents()
 
 
+def test_nq_numeric_answers_are_read_as_text(tmp_path):
+    (tmp_path / "NQ-open.dev.jsonl").write_text(_jsonl([{"question": "what year", "answer": [1972]}] * 2))
+    assert get_task("nq")(tmp_path, shots=1).documents()[0][1] == ("1972",)
+
+
 def test_nq_and_coqa_aggregates_of_no_questions(tmp_path):
     nq = get_task("nq")(tmp_path).aggregate([])
     assert set(nq) == {"em", "questions", "acc_top1pct", "acc_top5pct", "acc_top10pct", "acc_top25pct",
@@ -845,6 +850,9 @@ def test_bad_files_name_the_line(tmp_path):
     ("nq", "NQ-open.dev.jsonl", {"question": None, "answer": ["a"]}, "NQ-open.dev.jsonl: line 1: expected"),
     ("cnndm", "cnndm_test.jsonl", {"article": 5, "highlights": "One."}, "cnndm_test.jsonl: line 1: expected"),
     ("cnndm", "cnndm_test.jsonl", {"article": "Text.", "highlights": ["", " "]}, "cnndm_test.jsonl: line 1: expected"),
+    ("cnndm", "cnndm_test.jsonl", {"article": "Text.", "highlights": [1]}, "cnndm_test.jsonl: line 1: expected"),
+    ("coqa", "coqa-dev-v1.0.json", {**COQA["data"][2], "questions": ["What is the capital?"]}, "story 0: expected"),
+    ("winograd", "wsc273.jsonl", {**WSC[2], "pronoun_loc": "x"}, "wsc273.jsonl: line 1: expected"),
 ])
 def test_fields_of_the_wrong_type_name_the_story_or_line(tmp_path, task, file, row, message):
     """Wrong types and missing answers are one-line errors when the file is read, never a traceback and never
