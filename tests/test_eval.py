@@ -804,6 +804,8 @@ def test_a_full_size_hutter_file_is_read_as_its_test_split(tmp_path, monkeypatch
     assert get_task("enwik8")(tmp_path).documents(limit=2) == ["abc\ndef\n"]
     (tmp_path / "text8").write_bytes(b"y" * 20 + b"abcde fghi")
     assert get_task("text8")(tmp_path).documents() == ["abcde fghi"]
+    (tmp_path / "text8").write_bytes(b"y" * 21 + b"abcde fghi")  # any other size is a test set already
+    assert get_task("text8")(tmp_path).documents() == ["y" * 21 + "abcde fghi"]
 
 
 def test_hutter_files_that_cannot_be_read_name_the_file(tmp_path):
@@ -852,6 +854,13 @@ def test_hellaswag_label_must_index_an_ending(tmp_path):
         else:
             with pytest.raises(TaskError, match=f'hellaswag_val.jsonl: line 1: "label" {label} is not an index of the 4'):
                 get_task("hellaswag")(tmp_path).documents()
+    # blank lines are skipped, and counted in the line numbers
+    lines = ["", json.dumps({**item, "label": 1}), " ", json.dumps({**item, "label": 2}), "", json.dumps({**item, "label": 9})]
+    (tmp_path / "hellaswag_val.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(TaskError, match='hellaswag_val.jsonl: line 6: "label" 9'):
+        get_task("hellaswag")(tmp_path).documents()
+    (tmp_path / "hellaswag_val.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    assert [i.label for i in get_task("hellaswag")(tmp_path).documents()] == [1, 2]
 
 
 def test_wikitext_articles_and_limit(data_dir):
