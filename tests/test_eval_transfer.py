@@ -425,6 +425,12 @@ def test_only_newlines_end_lines_of_line_oriented_files(tmp_path):
     assert doc.highlights == ("It rained\u2028all day", "Then\x0cstopped")
 
 
+def test_wmt_and_nq_answers_are_one_greedy_line(data_dir, tokenizer):
+    for task in (get_task("wmt14-en-fr")(data_dir, shots=1), get_task("nq")(data_dir, shots=1)):
+        req, = task.requests(task.documents()[0], tokenizer)
+        assert req.stop == ("\n",) and not req.do_sample, task.name
+
+
 def test_nq_prompt(data_dir):
     docs = get_task("nq")(data_dir, shots=2).documents()
     assert len(docs) == 3
