@@ -845,7 +845,7 @@ def test_1bw_blank_lines_are_no_sentences(tmp_path):
     assert get_task("1bw")(tmp_path).documents() == ["A first sentence .\n", "A second one .\n"]
 
 
-def test_hellaswag_label_must_index_an_ending(tmp_path):
+def test_hellaswag_file_errors_name_the_line(tmp_path):
     item = {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "she", "endings": ["a", "b", "c", "d"]}
     for label, ok in ((0, True), (3, True), (-1, False), (4, False)):
         (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps({**item, "label": label}) + "\n")
@@ -854,6 +854,10 @@ def test_hellaswag_label_must_index_an_ending(tmp_path):
         else:
             with pytest.raises(TaskError, match=f'hellaswag_val.jsonl: line 1: "label" {label} is not an index of the 4'):
                 get_task("hellaswag")(tmp_path).documents()
+    for line in (json.dumps({**item, "label": "first"}), json.dumps([item]), '"text"'):  # a label, an object, needed
+        (tmp_path / "hellaswag_val.jsonl").write_text(line + "\n")
+        with pytest.raises(TaskError, match='hellaswag_val.jsonl: line 1: expected a HellaSwag object'):
+            get_task("hellaswag")(tmp_path).documents()
     # blank lines are skipped, and counted in the line numbers
     lines = ["", json.dumps({**item, "label": 1}), " ", json.dumps({**item, "label": 2}), "", json.dumps({**item, "label": 9})]
     (tmp_path / "hellaswag_val.jsonl").write_text("\n".join(lines) + "\n")
