@@ -1,6 +1,7 @@
 """Overlap analysis over `gpt2kit prepare` token shard folders."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -73,3 +74,20 @@ def test_a_shard_folder_with_another_tokenizer_is_refused(tmp_path):
     train_bpe([tmp_path / "corpus.txt"], vocab_size=300).save(tmp_path / "prep" / "tokenizer")
     with pytest.raises(InputFileError, match=r"meta.json: tokenizer fingerprint does not match the folder's tokenizer/"):
         list(iter_shard_documents(tmp_path / "prep"))
+
+
+def test_the_split_of_a_shard_folder_reaches_build_and_query(tmp_path, cli):
+    words = [f"w{i % 97}x{i % 89}" for i in range(3000)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(words[i:i + 60]) for i in range(0, len(words), 60)))
+    prepare([tmp_path / "corpus.txt"], tmp_path / "prep", shard_tokens=4000, segment_chars=500, val_fraction=0.3)
+    counts = {split: len(list(iter_shard_documents(tmp_path / "prep", split))) for split in ("train", "val")}
+    assert counts["train"] != counts["val"], counts
+    es = overlap.ExactSet(["a b c d e f g h"])
+    es.save(tmp_path / "f.exact")
+    for split, n in counts.items():
+        (r,) = query([tmp_path / "f.exact"], [tmp_path / "prep"], split=split).results
+        assert r.documents == n, split
+        r = cli("overlap", "query", str(tmp_path / "f.exact"), str(tmp_path / "prep"), "--split", split, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["documents"] == n, (split, r.stderr)
+    r = cli("overlap", "build", "--exact", "--split", "val", "--out", str(tmp_path / "val.exact"), str(tmp_path / "prep"))
+    assert r.returncode == 0 and f"from {counts['val']} documents" in r.stdout, r.stderr
