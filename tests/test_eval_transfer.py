@@ -13,7 +13,7 @@ from gpt2kit.eval import Generation, MissingDataError, Scorer, TaskError, evalua
 from gpt2kit.eval import transfer_metrics as tm
 from gpt2kit.eval.tasks.coqa import coqa_prompt, parse_coqa
 from gpt2kit.generate import generate
-from gpt2kit.model import GPT2
+from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.tokenizer import Tokenizer
 from conftest import save_sharp_tiny_model
 
@@ -224,6 +224,14 @@ def test_rouge_matches_the_packages_reference_example():
     assert r["rougeL"] == pytest.approx(100 * 0.5882352941176471)  # the rouge-score README's value
     assert tm.rouge_f1(["runs quickly"], ["running quick"])["rouge1"] == pytest.approx(50.0)  # stemming on
     assert all(math.isnan(v) for v in tm.rouge_f1([], []).values())  # nothing measured is not a score of 0
+
+
+def test_rouge_logs_nothing(caplog):
+    # rouge-score's implicitly made default tokenizer logged "Using default tokenizer." through
+    # absl on every call: printed three times in an evaluation run, where INFO logging is on
+    with caplog.at_level("DEBUG"):
+        tm.rouge_f1(["a b"], ["a c"])
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_rouge_lsum_takes_the_reference_as_the_target():
@@ -906,3 +914,15 @@ def test_metric_docstring_examples():
 
     result = doctest.testmod(tm)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_a_task_decoding_past_the_context_is_named_before_any_work(tokenizer, tmp_path, monkeypatch):
+    # WMT decodes up to 160 tokens: on a 128-token model the scorer stopped the whole run, midway,
+    # with "max_new_tokens must be in [1, 128), got 160", naming neither the task nor the cause
+    data_dir = write_transfer_datasets(tmp_path / "d")
+    small = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=128, vocab_size=tokenizer.n_vocab)).eval()
+    monkeypatch.setattr(Scorer, "score", lambda self, requests: pytest.fail("scored before the check"))
+    with pytest.raises(TaskError, match=r"^wmt14-en-fr: its protocol decodes up to 160 new tokens, which a model "
+                                        r"with a 128-token context cannot hold with a prompt; .* longer than 160 tokens$"):
+        evaluate(small, tokenizer, ["coqa", "wmt14-en-fr"], data_dir, limit=1, progress=False,
+                 task_options={"shots": 1})

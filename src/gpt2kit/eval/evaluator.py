@@ -43,6 +43,13 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         if not docs:  # else its metrics would be NaN: nothing was measured
             raise TaskError(f"{t.path}: no {t.name} documents in it (an empty file?)")
         per_doc = [t.requests(d, tokenizer) for d in docs]
+        # a protocol's decoding length that the model's context cannot hold: said for the task,
+        # before any task runs (the scorer would stop the whole run at its first such batch)
+        longest = max((r.max_new_tokens for rs in per_doc for r in rs if hasattr(r, "max_new_tokens")), default=0)
+        if longest >= scorer.n_ctx:
+            raise TaskError(f"{t.name}: its protocol decodes up to {longest} new tokens, which a model with a "
+                            f"{scorer.n_ctx}-token context cannot hold with a prompt; evaluate it with a model "
+                            f"whose context is longer than {longest} tokens")
         plan.append((t, docs, [len(r) for r in per_doc]))
         for r in per_doc:
             requests.extend(r)

@@ -124,7 +124,10 @@ def rouge_f1(references: Sequence[str], predictions: Sequence[str]) -> dict[str,
     Sentences are separated by newlines in both texts (ROUGE-Lsum reads them)."""
     rouge_scorer = require_extra("rouge_score.rouge_scorer", "rouge-score")
     keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    tokenizers = require_extra("rouge_score.tokenizers", "rouge-score")
+    # its default tokenizer, stemming, given explicitly: made implicitly, it logs "Using default
+    # tokenizer." through absl on every call (printed where INFO logging is on, as in the CLI)
+    scorer = rouge_scorer.RougeScorer(list(keys), tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     totals = dict.fromkeys(keys, 0.0)
     for ref, pred in zip(references, predictions, strict=True):
         s = scorer.score(ref, pred)
