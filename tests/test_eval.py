@@ -867,6 +867,12 @@ def test_hellaswag_file_errors_name_the_line(tmp_path):
     assert [i.label for i in get_task("hellaswag")(tmp_path).documents()] == [1, 2]
 
 
+def test_hellaswag_aggregate_averages_each_accuracy_and_counts_the_items(tmp_path):
+    scores = [{"acc": 1.0, "acc_norm": 0.0, "acc_token_norm": 1.0}, {"acc": 0.0, "acc_norm": 0.0, "acc_token_norm": 1.0}]
+    assert get_task("hellaswag")(tmp_path).aggregate(scores) == {"acc_norm": 0.0, "acc": 50.0, "acc_token_norm": 100.0,
+                                                                 "items": 2}
+
+
 def test_wikitext_articles_and_limit(data_dir):
     task = get_task("wikitext103")(data_dir)
     docs = task.documents()
