@@ -265,6 +265,7 @@ def test_first_sentences_and_confidence():
     text = 'The council met. "Why now?" she asked. Work starts in May! More text here.'
     assert tm.first_sentences(text, 3) == ["The council met.", '"Why now?" she asked.', "Work starts in May!"]
     assert tm.first_sentences("no end here", 3) == ["no end here"]
+    assert tm.first_sentences("One. Two. Three", 0) == [] and tm.first_sentences("One. Two. Three", 1) == ["One."]
     assert tm.first_sentences("It cost $3.5 m. in 2010 vs. 2009. Then", 2) == [
         "It cost $3.5 m. in 2010 vs. 2009.", "Then"]
     assert tm.first_sentences("One.\nTwo\n\nThree. Four.", 3) == ["One.", "Two", "Three."]
@@ -566,6 +567,9 @@ def test_nq_examples_from_the_train_file_leave_every_dev_question_scored(tmp_pat
     assert len(zero) == 5 and zero[0][0] == "Q: who sings does he love me with reba\nA:"
     with pytest.raises(TaskError, match="expected more than 5 questions"):  # 5 dev questions, all examples
         get_task("nq")(data_dir, shots=5).documents()
+    # a train file with fewer questions than the shots asked: an error, not a silently smaller K
+    with pytest.raises(TaskError, match=r"NQ-open.train.jsonl: expected at least 3 questions for the examples"):
+        get_task("nq")(tmp_path, shots=3).documents()
 
 
 def test_nq_numeric_answers_are_read_as_text(tmp_path):
@@ -590,6 +594,10 @@ def test_winograd_candidate_keeps_its_capital_at_a_sentence_start_only():
     assert substitute("The dog chased the cat. His owner laughed.", "His", 24, "The dog") == "The dog's"
     assert substitute("Joan thanked Anna because she helped.", "she", 26, "Anna") == "Anna"  # a name, not "A"
     assert substitute("Joan thanked Anna because she helped.", "she", 26, "An aunt") == "an aunt"
+    # a sentence that ends inside its quotes or brackets still ends there; a quoted word does not
+    assert substitute('He shouted "Stop." He ran.', "He", 18, "The man") == "The man"
+    assert substitute("(It rained.) He ran.", "He", 13, "The man") == "The man"
+    assert substitute('It was "odd" he said.', "he", 13, "The man") == "the man"
 
 
 def test_winograd_pronoun_found_whatever_its_case_and_aggregate(tmp_path):

@@ -95,6 +95,8 @@ def first_sentences(text: str, n: int) -> list[str]:
     ['He left.', '"Why?" she asked.', 'Then rain.']
     """
     out, start = [], 0
+    if n < 1:
+        return out
     for m in _SENTENCE_END.finditer(text):
         piece = text[start:m.end()].strip()
         start = m.end()

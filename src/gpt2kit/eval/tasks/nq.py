@@ -63,6 +63,8 @@ class NaturalQuestions(Task):
         train = self._train_file()
         if train is not None:
             examples = read_nq(train)[:self.shots]
+            if len(examples) < self.shots:  # (as WMT's newstest2013): fewer examples than asked is no K-shot run
+                raise TaskError(f"{train}: expected at least {self.shots} questions for the examples")
             return examples, dev, f"first {self.shots} questions of {train.name}"
         if len(dev) <= self.shots:
             raise TaskError(f"{self.path}: expected more than {self.shots} questions (the first ones are the "

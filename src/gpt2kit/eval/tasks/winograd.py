@@ -39,7 +39,8 @@ def substitute(text: str, pronoun: str, loc: int, option: str) -> str:
     """The candidate as it reads in place of the pronoun."""
     if pronoun.lower() in POSSESSIVE:
         option += "'s"
-    sentence_start = not text[:loc].strip() or text[:loc].rstrip()[-1] in ".!?"
+    before = text[:loc].rstrip().rstrip("\"'\u201d\u2019)")  # a sentence may end inside quotes: `"Stop." He`
+    sentence_start = not before or before[-1] in ".!?"
     if not sentence_start:
         option = _DETERMINER.sub(lambda m: m.group(1).lower(), option)
     return option
