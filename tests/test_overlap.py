@@ -1192,7 +1192,7 @@ def test_an_exact_set_counts_every_8_gram_it_inserts(tmp_path):
 def test_the_summary_line_of_a_build_gives_the_filter_size(tmp_path):
     (tmp_path / "t.txt").write_text("one two three four five six seven eight nine")
     line = build_filter([tmp_path / "t.txt"], tmp_path / "f.bloom", capacity=1_000_000, fpr=1e-8).line()
-    assert re.fullmatch(re.escape(f"{tmp_path / 'f.bloom'}: 2 8-grams from 1 documents, ~2 distinct (capacity "
+    assert re.fullmatch(re.escape(f"{tmp_path / 'f.bloom'}: 2 8-grams from 1 document, ~2 distinct (capacity "
                                   "1,000,000); 38,340,288 bits, k=27, 4.6 MiB; false-positive rate now ")
                         + r"\S+ \(target 1e-08\)", line), line
 

@@ -942,7 +942,8 @@ class BuildSummary:
 
     def line(self) -> str:
         s = self.stats
-        source = "" if self.documents is None else f" from {self.documents:,} documents"
+        source = "" if self.documents is None else \
+            f" from {self.documents:,} document{'' if self.documents == 1 else 's'}"
         if self.kind == "exact":
             return (f"{self.path}: exact set of {s['n_distinct']:,} distinct 8-grams "
                     f"({self.ngrams:,} inserted{source})")
