@@ -191,7 +191,7 @@ def test_the_schedule_is_fitted_to_the_budget(tmp_path, shakespeare_files, monke
     cfg = configs[-1]
     assert measured == [(32, 300)]
     assert (cfg.batch_size, cfg.lr, cfg.min_lr) == (32, DEMO_TRAIN["lr"], DEMO_TRAIN["min_lr"])
-    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches) == (5693, 569, 30, 2)
+    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches) == (5693, 570, 30, 2)
     assert cfg.max_minutes == pytest.approx((60 - 2 * 0.01 / 3) / 60)
     assert (cfg.seed, cfg.block_size, cfg.n_layer, cfg.data, cfg.out_dir) == (7, 64, 4, str(out / "data"), str(out / "run"))
     assert Tokenizer.from_pretrained(out / "tokenizer").n_vocab == 300
@@ -207,8 +207,9 @@ def test_the_schedule_is_fitted_to_the_budget(tmp_path, shakespeare_files, monke
     assert measured == [(32, 300), (4, 300)]
     assert cfg.batch_size == 4 and cfg.model == "tiny" and (cfg.n_layer, cfg.n_head, cfg.n_embd) == (0, 0, 0)
     assert cfg.lr == pytest.approx(DEMO_TRAIN["lr"] / 8 ** 0.5) and cfg.min_lr == pytest.approx(DEMO_TRAIN["min_lr"] / 8 ** 0.5)
-    # 16-batch evaluations of 0.67 s: 9 fit in 10% of the budget, 408 steps around them
-    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches, cfg.seed) == (408, 45, 30, 16, 1337)
+    # 16-batch evaluations of 0.67 s: 9 fit in 10% of the budget, 408 steps around them, the
+    # interval rounded up so that the last comes at max_steps (not a 10th, 3 steps later)
+    assert (cfg.max_steps, cfg.eval_interval, cfg.warmup_steps, cfg.eval_batches, cfg.seed) == (408, 46, 30, 16, 1337)
     assert cfg.max_minutes == pytest.approx((60 - 16 * 0.125 / 3) / 60)
 
     # A budget for fewer than 10 steps still trains 10 (and warms up within them), evaluating

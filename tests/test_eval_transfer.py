@@ -595,9 +595,11 @@ def test_winograd_candidate_keeps_its_capital_at_a_sentence_start_only():
     assert substitute("Joan thanked Anna because she helped.", "she", 26, "Anna") == "Anna"  # a name, not "A"
     assert substitute("Joan thanked Anna because she helped.", "she", 26, "An aunt") == "an aunt"
     # a sentence that ends inside its quotes or brackets still ends there; a quoted word does not
-    assert substitute('He shouted "Stop." He ran.', "He", 18, "The man") == "The man"
+    assert substitute('He shouted "Stop." He ran.', "He", 19, "The man") == "The man"
     assert substitute("(It rained.) He ran.", "He", 13, "The man") == "The man"
     assert substitute('It was "odd" he said.', "he", 13, "The man") == "the man"
+    assert substitute('"Why?" she asked the man.', "she", 7, "The woman") == "the woman"  # one sentence
+    assert substitute('Bob left. "He was tired," Ann said.', "He", 11, "The man") == "The man"  # a quote opens one
 
 
 def test_winograd_pronoun_found_whatever_its_case_and_aggregate(tmp_path):
@@ -934,3 +936,13 @@ def test_a_task_decoding_past_the_context_is_named_before_any_work(tokenizer, tm
                                         r"with a 128-token context cannot hold with a prompt; .* longer than 160 tokens$"):
         evaluate(small, tokenizer, ["coqa", "wmt14-en-fr"], data_dir, limit=1, progress=False,
                  task_options={"shots": 1})
+    # CNN/DM: 100 new tokens after its 5-token "\nTL;DR:" suffix need a context of 105
+    for n_ctx, refused in ((104, True), (105, False)):
+        model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=n_ctx, vocab_size=tokenizer.n_vocab)).eval()
+        if refused:
+            with pytest.raises(TaskError, match=r"^cnndm: its protocol decodes up to 100 new tokens after its 5-token "
+                                                r"prompt suffix, .* longer than 104 tokens$"):
+                evaluate(model, tokenizer, ["nq", "cnndm"], data_dir, limit=1, progress=False, task_options={"shots": 1})
+        else:
+            with pytest.raises(pytest.fail.Exception, match="scored before the check"):  # passes the check
+                evaluate(model, tokenizer, ["nq", "cnndm"], data_dir, limit=1, progress=False, task_options={"shots": 1})

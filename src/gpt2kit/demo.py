@@ -238,7 +238,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
     n_evals = max(1, min(10, int(0.1 * budget_s / eval_s)))
     max_steps = max(10, int((0.95 * budget_s - n_evals * eval_s) / step_s))
     cfg = make_config({"max_steps": max_steps, "max_minutes": max(budget_s - eval_s, 0.5 * budget_s) / 60,
-                       "eval_interval": max(1, max_steps // n_evals),
+                       "eval_interval": max(1, -(-max_steps // n_evals)),  # (the last is at max_steps)
                        "warmup_steps": min(cfg.warmup_steps, max_steps // 10),
                        "eval_batches": eval_batches}, source="demo", base=cfg)
     log.info("4/5 training %s for ~%d steps (%.2f s/step measured)", _describe(cfg), max_steps, step_s)

@@ -45,11 +45,15 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         per_doc = [t.requests(d, tokenizer) for d in docs]
         # a protocol's decoding length that the model's context cannot hold: said for the task,
         # before any task runs (the scorer would stop the whole run at its first such batch)
-        longest = max((r.max_new_tokens for rs in per_doc for r in rs if hasattr(r, "max_new_tokens")), default=0)
-        if longest >= scorer.n_ctx:
-            raise TaskError(f"{t.name}: its protocol decodes up to {longest} new tokens, which a model with a "
+        # (the scorer's rule: new tokens + the prompt's fixed suffix, or + 1 prompt token without one)
+        need = max(((r.max_new_tokens, len(getattr(r, "suffix", ())))
+                    for rs in per_doc for r in rs if hasattr(r, "max_new_tokens")),
+                   default=(0, 0), key=lambda m: m[0] + max(m[1], 1))
+        if need[0] + max(need[1], 1) > scorer.n_ctx:
+            fixed = f" after its {need[1]}-token prompt suffix" if need[1] else ""
+            raise TaskError(f"{t.name}: its protocol decodes up to {need[0]} new tokens{fixed}, which a model with a "
                             f"{scorer.n_ctx}-token context cannot hold with a prompt; evaluate it with a model "
-                            f"whose context is longer than {longest} tokens")
+                            f"whose context is longer than {need[0] + max(need[1], 1) - 1} tokens")
         plan.append((t, docs, [len(r) for r in per_doc]))
         for r in per_doc:
             requests.extend(r)

@@ -683,7 +683,7 @@ def fetch_pages(work, cfg: FetchConfig = FetchConfig(), runner: Runner = Runner(
     wf = WorkFolder(work)
     ids = wf.shard_ids("links")
     wf.check_config("fetch", {**config_dict(cfg), "upstream": wf.fingerprint("links")},
-                    pacing=("concurrency", "per_host", "host_delay"))
+                    pacing=("concurrency", "per_host"))  # (host_delay not: hosts.bin keeps the old as a floor)
     per_process = max(1, -(-cfg.concurrency // runner.task_slots()))
     # a second bar, per URL, where it can be drawn: in this process
     inline_progress = runner.progress and runner.workers == 1 and runner.engine == "local"

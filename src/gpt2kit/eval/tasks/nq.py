@@ -64,7 +64,8 @@ class NaturalQuestions(Task):
         if train is not None:
             examples = read_nq(train)[:self.shots]
             if len(examples) < self.shots:  # (as WMT's newstest2013): fewer examples than asked is no K-shot run
-                raise TaskError(f"{train}: expected at least {self.shots} questions for the examples")
+                raise TaskError(f"{train}: expected at least {self.shots} questions for the examples, "
+                                f"found {len(examples)}")
             return examples, dev, f"first {self.shots} questions of {train.name}"
         if len(dev) <= self.shots:
             raise TaskError(f"{self.path}: expected more than {self.shots} questions (the first ones are the "

@@ -39,8 +39,10 @@ def substitute(text: str, pronoun: str, loc: int, option: str) -> str:
     """The candidate as it reads in place of the pronoun."""
     if pronoun.lower() in POSSESSIVE:
         option += "'s"
-    before = text[:loc].rstrip().rstrip("\"'\u201d\u2019)")  # a sentence may end inside quotes: `"Stop." He`
-    sentence_start = not before or before[-1] in ".!?"
+    if pronoun.lower() == "i":  # always a capital: the punctuation before it tells
+        sentence_start = not text[:loc].strip() or text[:loc].rstrip()[-1] in ".!?"
+    else:  # the text's own capital says it, after quotes and brackets too (`"Why?" she asked`: none)
+        sentence_start = text[loc:loc + 1].isupper()
     if not sentence_start:
         option = _DETERMINER.sub(lambda m: m.group(1).lower(), option)
     return option
