@@ -78,6 +78,11 @@ def test_canonicalize_url(raw, canon):
     ("http://ex.com/x?next=/a%26b%3Dc&utm_source=x", "http://ex.com/x?next=/a%26b%3Dc"),
     ("http://ex.com/x?q=caf\u00e9 au lait&fbclid=1&", "http://ex.com/x?q=caf%C3%A9%20au%20lait"),
     ("http://ex.com/a%2fb/%7e", "http://ex.com/a%2Fb/%7E"),
+    ("http://ex.com/%aB/%Cd?q=%eF", "http://ex.com/%AB/%CD?q=%EF"),                  # escapes of mixed case too
+    ("http://ex.com/wiki/Talk:A_(b),c;d=e@f!$&'*+", "http://ex.com/wiki/Talk:A_(b),c;d=e@f!$&'*+"),   # sub-delims
+    ("http://ex.com/x?a[]=1&b=/c?d", "http://ex.com/x?a[]=1&b=/c?d"),
+    ("http://ex.com/x?utm%5Fsource=r&%66bclid=z&id=7", "http://ex.com/x?id=7"),      # a tracking name escaped
+    (" http://ex.com/x \n", "http://ex.com/x"),                                         # space around the URL
 ])
 def test_canonicalize_url_keeps_the_query_the_server_gets(raw, canon):
     """Only tracking parameters go and the rest is sorted: what the server receives is unchanged."""
