@@ -151,6 +151,37 @@ def test_inference_form_without_the_kernels_keeps_the_logits(model, tok, monkeyp
         generate(model, tok, "x", max_new_tokens=10, do_sample=False)[0].token_ids
 
 
+@pytest.mark.parametrize("form", ["optimize_for_cpu", "without the kernels", "quantize_int8"])
+def test_an_inference_form_refuses_to_be_saved_trained_or_converted(model, form, tmp_path, monkeypatch):
+    # its layers are copies that state_dict and .to() do not see: a save would lose them silently
+    if form == "without the kernels":
+        monkeypatch.setattr(gpt2kit.kernels, "_library", lambda: None)
+        monkeypatch.setattr(gpt2kit.kernels, "available", lambda dtype: False)
+    fast = quantize_int8(model) if form == "quantize_int8" else optimize_for_cpu(model)
+    assert isinstance(fast, GPT2) and fast.num_params() == model.num_params()
+    refusals = {
+        "save_pretrained": lambda: fast.save_pretrained(str(tmp_path / "saved")),
+        r"train\(\)": fast.train,
+        r"\.to\(torch.bfloat16\)": lambda: fast.to(torch.bfloat16),
+        r"\.to\(torch.float16\)": fast.half,
+        r"\.to\(meta\)": lambda: fast.to("meta"),
+        "conversion": fast.share_memory,
+    }
+    name = "quantize_int8" if form == "quantize_int8" else "optimize_for_cpu"
+    for what, call in refusals.items():
+        with pytest.raises(GenerationError, match=rf"^{what}: this model is an inference form \({name}, as load_for_in"):
+            call()
+    assert not (tmp_path / "saved").exists()
+    # what changes nothing is allowed, and the model still runs
+    assert fast.eval() is fast and fast.cpu() is fast and fast.float() is fast and fast.to("cpu", torch.float32) is fast
+    assert not fast.training
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        ref = model(ids)
+        atol = 0.05 * ref.abs().max().item() if form == "quantize_int8" else 1e-5  # int8 moves logits ~1%
+        torch.testing.assert_close(fast(ids), ref, atol=atol, rtol=0)
+
+
 def test_cache_and_sliding_window_match_a_cache_free_reference(tok):
     m = peaked(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=16), seed=1)
     prompt = list(range(100, 111))  # 11 tokens, then 30 new ones: the window slides twice

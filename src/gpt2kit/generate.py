@@ -29,20 +29,20 @@ import threading
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import kernels
 from .errors import GPT2KitError
+from .model import GPT2
 from .sampling import SamplingParams, select_tokens
 
 if TYPE_CHECKING:
-    from .model import GPT2
     from .tokenizer import Tokenizer
 
-__all__ = ["GenerationError", "Completion", "TokenEvent", "StepOutput", "generate", "stream_generate",
+__all__ = ["GenerationError", "InferenceFormError", "Completion", "TokenEvent", "StepOutput", "generate", "stream_generate",
            "iter_generate", "generate_tokens", "sampling_params", "prompt_logprobs", "load_for_inference",
            "quantize_int8", "optimize_for_cpu"]
 
@@ -617,6 +617,71 @@ class _CPULinear(torch.nn.Module):
 _CHUNK_ROWS = 4096  # weight rows widened at a time: 12 MB of fp32 for 768 inputs
 
 
+class InferenceFormError(GenerationError):
+    """Saving, training or converting a model in its CPU inference form."""
+
+
+def _inference_form(model: "GPT2", form: str) -> "GPT2":
+    """`model` (already converted) as an `_InferenceGPT2`: still a `GPT2`, but one that refuses
+    what would silently lose or ignore its converted layers."""
+    model.__class__ = _InferenceGPT2
+    model.inference_form = form
+    return model
+
+
+class _InferenceGPT2(GPT2):
+    """A GPT2 whose projections `optimize_for_cpu` or `quantize_int8` replaced by packed, int8 or
+    transposed copies that are not the model's Parameters: `state_dict` and `parameters()` no
+    longer hold them, `.to()` would convert only the rest. So it forwards and decodes, and
+    refuses, naming what to do instead, to be saved, trained or converted."""
+
+    inference_form = "optimize_for_cpu"
+
+    def _refuse(self, what: str, instead: str) -> InferenceFormError:
+        copies = "int8" if self.inference_form == "quantize_int8" else "packed"
+        return InferenceFormError(
+            f"{what}: this model is an inference form ({self.inference_form}, as load_for_inference returns it: "
+            f"its layers are {copies} copies, not parameters); {instead}")
+
+    def save_pretrained(self, folder: str, tokenizer: Any = None) -> None:
+        raise self._refuse("save_pretrained", "save the model that GPT2.from_pretrained loads (or the one you trained)")
+
+    def train(self, mode: bool = True) -> "GPT2":
+        if mode:
+            raise self._refuse("train()", "train the model that GPT2.from_pretrained loads")
+        return super().train(False)
+
+    def to(self, *args, **kwargs) -> "GPT2":
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        weight = self.transformer.wpe.weight
+        if (device is not None and torch.device(device) != weight.device) or (dtype is not None and dtype != weight.dtype):
+            raise self._refuse(f".to({device or dtype})", "load it in that form instead: load_for_inference(path, "
+                               "dtype=..., device=...)")
+        return self
+
+    def cpu(self) -> "GPT2":
+        return self.to("cpu")
+
+    def float(self) -> "GPT2":
+        return self.to(torch.float32)
+
+    def bfloat16(self) -> "GPT2":
+        return self.to(torch.bfloat16)
+
+    def half(self) -> "GPT2":
+        return self.to(torch.float16)
+
+    def double(self) -> "GPT2":
+        return self.to(torch.float64)
+
+    def _apply(self, fn, recurse=True):  # .cuda(), .share_memory(), ...: any other conversion
+        raise self._refuse("conversion", "load it in the form you need with load_for_inference(path, dtype=..., "
+                           "device=...)")
+
+    def num_params(self, *, include_embedding: bool = True) -> int:  # its own Parameters miss the layers
+        return self.config.num_params(include_embedding=include_embedding)
+
+
 @functools.cache
 def _packing_works(dtype: torch.dtype) -> bool:
     try:
@@ -633,8 +698,9 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
     fp32, when the kernel is there: this keeps a second, packed copy of those weights); on a CPU
     without bf16 arithmetic, bf16 prompts multiply in fp32 and attention runs in fp32. Without the kernel,
     fp32 weights are stored input-major for decoding instead (`_InputMajorLinear`). Inference
-    only: the parameters no longer train. Logits equal the original's up to float rounding. A
-    model in another dtype or on a GPU is returned as is."""
+    only: the result refuses `save_pretrained`, `train()` and dtype/device conversions (see
+    `_InferenceGPT2`). Logits equal the original's up to float rounding. A model in another dtype
+    or on a GPU is returned as is."""
     import copy
 
     weight = model.transformer.wte.weight
@@ -676,7 +742,7 @@ def optimize_for_cpu(model: "GPT2", *, inplace: bool = False) -> "GPT2":
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Dropout):
                 setattr(module, name, torch.nn.Identity())
-    return fast
+    return _inference_form(fast, "optimize_for_cpu")
 
 
 def quantize_int8(model: "GPT2") -> "GPT2":
@@ -698,7 +764,8 @@ def quantize_int8(model: "GPT2") -> "GPT2":
             m.__class__ = nn.Linear
     with warnings.catch_warnings():  # torch.ao announces its move to torchao; the API still works
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)
+        return _inference_form(torch.ao.quantization.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8),
+                               "quantize_int8")
 
 
 def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: str | None = None,
@@ -706,7 +773,8 @@ def load_for_inference(name_or_path: str, *, dtype: str | None = None, device: s
     """The model and tokenizer of a checkpoint (any folder or name `GPT2.from_pretrained` reads),
     in eval mode; `dtype` "float32" | "bfloat16" | "float16" (default: as stored, except that
     float16 weights run in float32 on a CPU, which has no float16 arithmetic), `quantize` None |
-    "int8" (CPU)."""
+    "int8" (CPU). On a CPU the model is an inference form (`optimize_for_cpu`, `quantize_int8`):
+    it runs and generates, but to save, train or convert, load with `GPT2.from_pretrained`."""
     from .model import GPT2
     from .tokenizer import Tokenizer
 
