@@ -115,7 +115,7 @@ def test_links_filters_dedups_and_keeps_highest_karma(tmp_path):
         post("http://news.example/a", 50, subreddit="c", created_utc=JULY_2017 - 10),   # same karma, earlier: kept
         post("http://news.example/b", 2),                                     # low karma
         post("http://news.example/c", 3, created_utc="1512086400"),           # 2017-12-01: not before the cutoff
-        post("http://news.example/d", 3, created_utc="1512086399"),           # string timestamps (old dumps)
+        post("http://news.example/d", "3", created_utc="1512086399"),         # string numbers (old dumps)
         post("https://www.reddit.com/r/x/comments/1/", 99, is_self=True),     # self post
         post("https://en.m.wikipedia.org/wiki/X", 99),                       # Wikipedia
         post("https://i.imgur.com/x.jpg", 99),                               # blocked media domain
@@ -136,7 +136,8 @@ def test_links_filters_dedups_and_keeps_highest_karma(tmp_path):
                            "http://other.example/x"]
     a = got["http://news.example/a"]
     assert (a["score"], a["subreddit"], a["posts"]) == (70, "z", 4)
-    assert got["http://news.example/d"]["created_utc"] == 1512086399
+    d = got["http://news.example/d"]
+    assert (d["score"], d["created_utc"]) == (3, 1512086399) and type(d["score"]) is type(d["created_utc"]) is int
     expect = {"lines": 18, "bad_lines": 2, "dump_files": 2, "kept": 7, "links": 4, "low_score": 1, "after_cutoff": 1,
               "self_post": 1, "wikipedia": 1, "blocked_domain": 1, "not_html": 2, "blocked_subreddit": 1, "bad_url": 1}
     assert {k: totals[k] for k in expect} == expect
@@ -244,6 +245,35 @@ def test_links_a_dump_without_a_final_newline_keeps_its_last_post(tmp_path, name
     assert (totals["lines"], totals["kept"], totals["links"], totals["truncated_files"]) == (3, 3, 3, 0)
 
 
+def test_links_read_every_frame_of_a_multi_frame_zstd_dump(tmp_path):
+    """Dumps compressed in parts (or joined with `cat a.zst b.zst`) hold several frames: all are read."""
+    frames = [long_window_zst(b"".join(json.dumps(post(f"http://s{k}-{i}.example/p")).encode() + b"\n" for i in range(3)))
+              for k in range(3)]
+    (tmp_path / "RS_2017-07.zst").write_bytes(b"".join(frames))
+    totals = collect_links(tmp_path / "w", [tmp_path / "RS_2017-07.zst"], LinksConfig(shards=1))
+    assert (totals["lines"], totals["links"], totals["truncated_files"]) == (9, 9, 0)
+
+
+@pytest.mark.parametrize("name, damage", [("RS.gz", "cut"), ("RS.bz2", "cut"), ("RS.xz", "cut"), ("RS.xz", "corrupt")])
+def test_links_a_damaged_compressed_dump_is_counted_not_fatal(tmp_path, name, damage):
+    """gzip, bz2 and xz end a cut-off stream with EOFError and xz corrupt data with LZMAError: counted, as for zstd."""
+    data = b"".join(json.dumps(post(f"http://site{i}.example/p")).encode() + b"\n" for i in range(3000))
+    pack = {".gz": gzip.compress, ".bz2": lambda d: bz2.compress(d, 1), ".xz": lzma.compress}[Path(name).suffix]
+    packed = pack(data)
+    k = len(packed) * 3 // 4
+    packed = packed[:k] if damage == "cut" else packed[:k] + bytes(b ^ 0x55 for b in packed[k:k + 64]) + packed[k + 64:]
+    (tmp_path / name).write_bytes(packed)
+    totals = collect_links(tmp_path / "w", [tmp_path / name], LinksConfig(shards=1))
+    assert totals["truncated_files"] == 1 and 0 < totals["links"] < 3000     # what came before the damage is kept
+
+
+def test_links_shards_are_sorted_by_url(tmp_path):
+    urls = [f"http://a.example/{c}" for c in "qwertyuiopasdfghjkl"]
+    dumps = [zst_dump(tmp_path / f"RS_2017-0{m}.zst", [post(u) for u in part]) for m, part in ((7, urls[:10]), (8, urls[10:]))]
+    collect_links(tmp_path / "w", dumps, LinksConfig(shards=1))
+    assert [r["url"] for r in read_jsonl_zst(tmp_path / "w" / "links" / "links-00000.jsonl.zst")] == sorted(urls)
+
+
 def test_a_shard_write_that_fails_leaves_the_previous_shard_whole(tmp_path):
     """A killed or failing writer must not leave a half shard under the final name (a rerun or the next
     stage would read it as complete)."""
@@ -303,6 +333,10 @@ def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
         p = tmp_path / "RC_2017-07.ndjson"
         p.write_text("".join(json.dumps({"body": "hi", "ups": 3}) + "\n" for _ in range(7)), encoding="utf-8")
         return p, "(7 lines, none a submission)"
+    if kind == "cut_after_comments":   # a few lines, none a submission, then the end of a cut-off download
+        p = tmp_path / "RC_2017-08.gz"
+        p.write_bytes(gzip.compress(b"".join(json.dumps({"body": "hi", "ups": 3}).encode() + b"\n" for _ in range(3)))[:-8])
+        return p, "(3 lines, none a submission, then Compressed file ended before the end-of-stream marker was reached)"
     assert kind == "cut_first_block"    # a download that stopped inside its first zstd block
     p = tmp_path / "RS_2017-10.zst"
     p.write_bytes(long_window_zst(b"".join(json.dumps(post(f"http://s{i}.example/")).encode() + b"\n"
@@ -310,7 +344,8 @@ def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
     return p, "(cannot read it: the last zstd frame is cut off)"
 
 
-@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "cut_first_block"])
+@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "cut_after_comments",
+                                  "cut_first_block"])
 def test_links_refuses_a_dump_without_submissions_before_writing_state(tmp_path, kind):
     bad, why = _no_submissions(tmp_path, kind)
     work = tmp_path / "w"
