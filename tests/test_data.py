@@ -158,6 +158,28 @@ def test_prepare_resume_after_interruption_and_workers_give_identical_shards(cor
         assert filecmp.cmp(tmp_path / "ref" / name, tmp_path / "par" / name, shallow=False)
 
 
+def test_workers_from_a_script_without_a_main_guard_are_refused_before_anything_runs(tmp_path, corpus):
+    # spawn's workers re-run the calling script: unguarded, each would redo its work, then fail
+    script = tmp_path / "script.py"
+    script.write_text(f"from gpt2kit.data import prepare\nprint('top level ran')\n"
+                      f"prepare([{str(corpus)!r}], {str(tmp_path / 'out')!r}, workers=2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and r.stdout == "top level ran\n", (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"gpt2kit.data.DataError: prepare(workers=2): its worker processes would each re-run {script} from the top "
+        f"(multiprocessing's spawn), which has no `if __name__ == \"__main__\":`: put the script's work under one, "
+        f"or pass workers=1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_that_dies_is_a_one_line_error(tmp_path):
+    segments = iter([D.Segment(index=0, split="train", boundary=True, text="hello")])
+    with pytest.raises(D.DataError, match=r"^prepare: a tokenizing worker process ended abruptly .* fewer workers "
+                                          r"than 2$"):
+        list(D._encode_in_pool(str(tmp_path / "no tokenizer here"), segments, 2))  # each worker fails to start
+
+
 def test_prepare_bad_inputs(tmp_path, corpus):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(GPT2KitError, match=rf"^{re.escape(str(tmp_path / 'empty.txt'))}: .*no text"):

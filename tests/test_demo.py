@@ -90,10 +90,23 @@ def test_a_small_corpus_still_gets_a_held_out_split(tmp_path, shakespeare_files,
     draws = []
     real_draw = gpt2kit.demo._draw_samples
     monkeypatch.setattr(gpt2kit.demo, "_draw_samples", lambda *a, **kw: draws.append(kw) or real_draw(*a, **kw))
+    # called from a script without a main guard, whose spawned workers would re-run it: prepare in
+    # this process (the demo picks its workers itself, the user did not ask for them)
+    import gpt2kit.data
+    from gpt2kit.errors import GPT2KitError
+
+    def unguarded(call):
+        raise GPT2KitError(f"{call}: no main guard")
+
+    prepared, real_prepare = [], gpt2kit.data.prepare
+    monkeypatch.setattr(gpt2kit.demo, "check_spawn_guard", unguarded)
+    monkeypatch.setattr(gpt2kit.data, "prepare", lambda *a, **kw: prepared.append(kw["workers"]) or real_prepare(*a, **kw))
     corpus = tmp_path / "small.txt"
     corpus.write_text(shakespeare_files[0].read_text()[:30_000])
+    threads = torch.get_num_threads()
     rep = demo(0.02, out_dir=tmp_path / "demo", corpus=[corpus], preset="tiny", vocab_size=300, samples=1,
-               overrides={"block_size": 32}, seed=5)
+               overrides={"block_size": 32}, seed=5, threads=threads + 1)
+    assert prepared == [1] and torch.get_num_threads() == threads  # the caller's setting is back
     assert rep["val_tokens"] > 0 and rep["val_chars"] > 1000 and math.isfinite(rep["val_loss"])
     # the report's numbers agree with each other: every held-out token but the first is predicted
     n, chars = rep["val_tokens"] - 1, rep["val_chars"]

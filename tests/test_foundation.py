@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from gpt2kit.corpus import expand_inputs, iter_documents, read_text, strip_gutenberg
-from gpt2kit.errors import InputFileError
+from gpt2kit.errors import GPT2KitError, InputFileError, check_spawn_guard
 from gpt2kit.io import atomic_path, atomic_write, write_json
 
 
@@ -151,3 +151,29 @@ def test_cli_os_errors_are_one_line(monkeypatch, capsys):
     monkeypatch.setattr(tokenizer_cli, "_train", refused)
     assert main(["tokenizer", "train", "--vocab-size", "300", "--out", "x", "y.txt"]) == 2
     assert capsys.readouterr().err == "gpt2kit: error: /data/out/vocab.bpe: No space left on device\n"
+
+
+@pytest.mark.parametrize("source, spec, refused", [
+    ("import gpt2kit\nprepare(...)\n", None, True),  # a script: spawn's workers would re-run it all
+    ("def main(): ...\nif __name__ == '__main__':\n    main()\n", None, False),
+    ("prepare(...)\n", "tools.script", True),  # python -m tools.script: re-imported by name, the same
+    ("prepare(...)\n", "gpt2kit.__main__", False),  # python -m gpt2kit: spawn leaves a package's __main__ alone
+    (None, None, False),  # an interactive session (no __file__)
+])
+def test_spawn_workers_from_an_unguarded_script_are_refused(tmp_path, monkeypatch, source, spec, refused):
+    import sys
+    import types
+    from importlib.machinery import ModuleSpec
+
+    main = types.ModuleType("__main__")
+    if source is not None:
+        (tmp_path / "script.py").write_text(source)
+        main.__file__ = str(tmp_path / "script.py")
+    main.__spec__ = ModuleSpec(spec, None) if spec else None
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    if refused:
+        with pytest.raises(GPT2KitError, match=rf"^prepare\(workers=2\): its worker processes would each re-run "
+                                               rf"{tmp_path / 'script.py'} from the top .* pass workers=1$"):
+            check_spawn_guard("prepare(workers=2)")
+    else:
+        check_spawn_guard("prepare(workers=2)")

@@ -734,6 +734,18 @@ def test_one_workers_error_stops_the_others():
     assert time.monotonic() - t0 < 30
 
 
+def _dies(progress=None):
+    import os
+
+    os._exit(3)  # killed (out of memory, say): no exception comes back, the pool is broken
+
+
+def test_a_worker_that_dies_is_a_one_line_error():
+    with pytest.raises(OverlapError, match=r"^a worker process ended abruptly \(killed, or out of memory\?\): run it "
+                                           r"again with fewer than 2 --workers$"):
+        overlap._map(_run_job, [(_dies,), (_dies,)], 2, desc="8-grams")
+
+
 def test_checksums_of_large_filters_show_progress(planted, tmp_path, monkeypatch, capsys):
     # verifying (query, fpr, merge, info) and writing a filter hash its whole payload: minutes
     # for a WebText filter (33 GiB), with nothing on the screen

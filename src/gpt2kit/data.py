@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .corpus import expand_inputs, iter_file_documents
-from .errors import GPT2KitError, InputFileError
+from .errors import GPT2KitError, InputFileError, check_spawn_guard
 from .io import atomic_path, check_output_path, write_json
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,9 @@ def _encode_in_pool(spec: str, segs: Iterator[Segment], workers: int) -> Iterato
         while in_flight:
             batch, future = in_flight.popleft()
             yield from zip(batch, future.result())
+    except cf.process.BrokenProcessPool:
+        raise DataError(f"prepare: a tokenizing worker process ended abruptly (killed, or out of memory?); "
+                        f"what is written so far resumes: run it again, with fewer workers than {workers}") from None
     finally:
         # Queued tasks are dropped; a worker finishes the task it holds (one still starting up
         # first finishes starting) and exits. Killing it instead could cut a result off midway
@@ -310,6 +313,8 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     for name, value in (("shard_tokens", shard_tokens), ("segment_chars", segment_chars), ("workers", workers)):
         if value < 1:
             raise DataError(f"{name} must be at least 1, got {value}")
+    if workers > 1:
+        check_spawn_guard(f"prepare(workers={workers})", DataError)
     period = val_period(val_fraction)
     out = check_output_path(out, folder=True, what="output folder", error=DataError)
     # `prepare data/ --out data/tokens`: what an earlier run wrote there (meta.json, progress.json,

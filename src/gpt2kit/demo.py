@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, GPT2KitError, check_spawn_guard
 from .io import check_output_path
 from .train import TrainConfig, _resolve_device, make_config, resolve_dtype
 
@@ -165,6 +165,19 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
     """Run the demo; return its report (also written to OUT/report.json)."""
     import torch
 
+    threads_before = torch.get_num_threads()
+    try:
+        return _demo(minutes, out_dir=out_dir, corpus=corpus, preset=preset, vocab_size=vocab_size, threads=threads,
+                     seed=seed, progress=progress, samples=samples, overrides=overrides)
+    finally:  # `threads` is the demo's setting, not the calling program's
+        torch.set_num_threads(threads_before)
+
+
+def _demo(minutes: float, *, out_dir: str | os.PathLike, corpus: str | os.PathLike | Sequence[str | os.PathLike] | None,
+          preset: str | None, vocab_size: int, threads: int, seed: int, progress: bool, samples: int,
+          overrides: dict[str, Any] | None) -> dict:
+    import torch
+
     from .bpe_train import train_bpe
     from .corpus import shakespeare
     from .data import TokenStream, prepare
@@ -200,6 +213,11 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
     if threads:
         torch.set_num_threads(threads)
     workers = max(1, min(os.cpu_count() or 1, 4))
+    try:  # prepare's workers would re-run an unguarded calling script: tokenize in this process then
+        check_spawn_guard("demo")
+        prepare_workers = workers
+    except GPT2KitError:
+        prepare_workers = 1
 
     log.info("1/5 learning a %d-token BPE vocabulary on %d file(s)", vocab_size, len(inputs))
     tok_dir = out / "tokenizer"
@@ -213,7 +231,7 @@ def demo(minutes: float = 10.0, *, out_dir: str | os.PathLike = "runs/demo",
         if read_meta(data_dir)["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
             shutil.rmtree(data_dir)
     meta = prepare(inputs, data_dir, tokenizer=str(tok_dir), val_fraction=DEMO_VAL_FRACTION,
-                   segment_chars=_segment_chars(inputs), workers=workers, progress=progress)
+                   segment_chars=_segment_chars(inputs), workers=prepare_workers, progress=progress)
     n_vocab = meta["tokenizer"]["n_vocab"]
 
     if run_dir.exists():

@@ -65,7 +65,7 @@ import numpy as np
 import regex
 
 from .corpus import expand_inputs, iter_file_documents
-from .errors import GPT2KitError, InputFileError
+from .errors import GPT2KitError, InputFileError, check_spawn_guard
 from .io import atomic_path, check_output_path, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -1097,6 +1097,8 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
     # everything that can be refused is refused before the first pass over the corpus
     inputs = _as_paths(inputs)
     workers = _whole(workers, "--workers", 1)
+    if workers > 1 and not exact:
+        check_spawn_guard(f"build_filter(workers={workers})", OverlapError)
     if exact:
         _refuse_with_exact(capacity=capacity, fpr=fpr, workers=workers, allow_overfill=allow_overfill)
     else:
@@ -1169,8 +1171,9 @@ def _map(fn, arglists: list[tuple], workers: int, *, desc: str, progress: bool =
         # spawn: workers must not inherit a parent's threads or locks (torch, tqdm)
         ctx = mp.get_context("spawn")
         read, stop = ctx.Value("q", 0), ctx.Value("b", 0)
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_share_count,
-                                    initargs=(read, stop)) as pool:
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_share_count,
+                                      initargs=(read, stop))
+        with pool, _broken_pool_is_an_error(workers):
             futures = [pool.submit(_in_worker, fn, *a) for a in arglists]
             running = set(futures)
             while running:
@@ -1183,6 +1186,17 @@ def _map(fn, arglists: list[tuple], workers: int, *, desc: str, progress: bool =
                         stop.value = 1
                         f.result()
             return [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def _broken_pool_is_an_error(workers: int):
+    import concurrent.futures as cf
+
+    try:
+        yield
+    except cf.process.BrokenProcessPool:
+        raise OverlapError(f"a worker process ended abruptly (killed, or out of memory?): run it again with fewer "
+                           f"than {workers} --workers") from None
 
 
 _shared = None  # in a worker process of `_map`: the parent's count of documents read, and its stop flag

@@ -1163,6 +1163,15 @@ _COMPARED = ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (steps, losses, checkpoint paths, timing)."""
     torch = _import_torch()
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:  # `threads` is this run's setting, not the calling program's
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig) -> dict:
+    torch = _import_torch()
     from . import data as D
 
     if not cfg.data:
