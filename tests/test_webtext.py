@@ -375,6 +375,11 @@ def test_links_a_bad_dump_among_good_ones_is_named(tmp_path):
                                                                                        "with url/score/created_utc, "
                                                                                        "plain or .zst/.gz/.bz2/.xz")
     assert f"{tmp_path / 'comments' / 'RC_2017-07.ndjson'} (7 lines, none a submission)" in msg and "\n" not in msg
+    assert f"{tmp_path / 'not_gzip' / 'RS_2011-01.gz'} (cannot read it" in msg and "not_zstd" not in msg   # the third, no more
+    with pytest.raises(WebTextError) as e:    # three: all named, none left to count
+        collect_links(tmp_path / "w", [good, *bads[:3]], LinksConfig(shards=1))
+    assert str(e.value).startswith("3 dumps hold no valid submission lines: ") and " more" not in str(e.value)
+    assert all(str(b) in str(e.value) for b in bads[:3])
 
 
 def test_links_stops_reading_a_dump_that_is_another_kind_of_file(tmp_path):
@@ -394,6 +399,26 @@ def test_links_stops_reading_a_dump_that_is_another_kind_of_file(tmp_path):
     # size is compared, see test_links_rerun_refuses_a_dump_replaced_since_it_was_read)
     ok.write_bytes(b"x" * ok.stat().st_size)
     assert collect_links(tmp_path / "w", [ok], LinksConfig(shards=1))["skipped_tasks"] == 2
+
+
+def test_links_a_dump_named_twice_is_read_once(tmp_path):
+    """A dump named as a file and again through its folder (or by another spelling) is one dump."""
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    dump = zst_dump(folder / "RS_2017-07.zst", [post("http://a.example/1"), post("http://a.example/1", 7)])
+    totals = collect_links(tmp_path / "w", [folder, dump, folder / ".." / "dumps" / dump.name], LinksConfig(shards=1))
+    assert (totals["dump_files"], totals["lines"], totals["links"]) == (1, 2, 1)
+    assert [r["posts"] for r in read_jsonl_zst(tmp_path / "w" / "links" / "links-00000.jsonl.zst")] == [2]
+    with pytest.raises(WebTextError, match="^links: no dump files given$"):
+        collect_links(tmp_path / "w2", [], LinksConfig(shards=1))
+
+
+def test_links_blocked_subreddits_match_in_any_case(tmp_path):
+    lines = [json.dumps(post(f"http://a.example/{i}", subreddit=s)).encode() for i, s in enumerate(("news", "NEWS", "pics"))]
+    dump = tmp_path / "d.ndjson"
+    dump.write_bytes(b"\n".join(lines) + b"\n")
+    totals = collect_links(tmp_path / "w", [dump], LinksConfig(shards=1, blocked_subreddits=("News",)))
+    assert (totals["blocked_subreddit"], totals["links"]) == (2, 1)
 
 
 def test_links_folder_without_dump_files_is_named(tmp_path):
@@ -416,6 +441,9 @@ def test_links_rerun_is_resumable_and_guards_options(tmp_path):
     assert again["skipped_tasks"] == 3 and again["links"] == 2
     with pytest.raises(WebTextError, match="other options .*min_score"):
         collect_links(tmp_path / "w", [dump], LinksConfig(shards=2, min_score=10))
+    other = zst_dump(tmp_path / "e.zst", [post("http://c.example/3")])    # a links stage of other dumps is another one
+    with pytest.raises(WebTextError, match=r"other options \(differs in: dumps\)"):
+        collect_links(tmp_path / "w", [dump, other], LinksConfig(shards=2))
     with pytest.raises(WebTextError, match="no such dump"):
         collect_links(tmp_path / "w2", [tmp_path / "nope.zst"])
     with pytest.raises(WebTextError, match="stage 'fetch' has not finished; run `gpt2kit webtext fetch"):
@@ -461,6 +489,9 @@ def test_links_rerun_refuses_a_dump_replaced_since_it_was_read(tmp_path):
         collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
     assert str(e.value).startswith(f"{dump}: changed since the links stage read it ({len(full) // 2:,} bytes then, "
                                    f"{len(full):,} now); delete {tmp_path / 'w' / '_state' / 'links'} and ")
+    dump.write_bytes(full[: len(full) // 4])     # a smaller file is another file too
+    with pytest.raises(WebTextError, match="changed since the links stage read it"):
+        collect_links(tmp_path / "w", [dump], LinksConfig(shards=2))
 
 
 # ---------------------------------------------------------------------------------------------
