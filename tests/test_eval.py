@@ -206,6 +206,17 @@ def test_word_perplexity_matches_transformers(model, hf, tokenizer, data_dir):
     assert res["metrics"]["units"] == words == 160
     assert res["metrics"]["ppl"] == pytest.approx(math.exp(-ref / words), rel=1e-4)
     assert res["protocol"]["stride"] == 32 and res["counts"]["documents"] == 1
+    # a model in training mode (with dropout) is scored as in eval mode, and left in training mode;
+    # one task may be named by a string
+    import dataclasses
+
+    from gpt2kit.model import GPT2
+
+    training = GPT2(dataclasses.replace(model.config, dropout=0.5))
+    training.load_state_dict(model.state_dict())
+    assert training.train().training
+    again = evaluate(training, tokenizer, "ptb", data_dir, batch_size=4, progress=False)["ptb"]
+    assert again["metrics"]["ppl"] == pytest.approx(res["metrics"]["ppl"], rel=1e-6) and training.training
 
 
 def test_loglikelihood_and_greedy_check_match_transformers(model, hf, tokenizer):

@@ -25,7 +25,7 @@ from gpt2kit.generate import (
 )
 import gpt2kit.model
 from gpt2kit.model import GPT2, GPT2Config
-from gpt2kit.sampling import SamplingParams
+from gpt2kit.sampling import SamplingError, SamplingParams
 from gpt2kit.tokenizer import Tokenizer
 from gpt2kit.weights import hf_config_dict, to_hf_state_dict
 
@@ -362,6 +362,46 @@ def test_edge_cases_and_errors(model, tok):
         generate(model, tok, "x", stop=[""])
     events = list(iter_generate(model, tok, "x", max_new_tokens=4, params=GREEDY))
     assert [e.finish_reason for e in events] == [None, None, None, "length"]
+    # bytes would be read as a list of byte values, i.e. token ids
+    for bad, named in ((b"Hello", "prompts"), (bytearray(b"Hi"), "prompts"), ([b"Hi"], "prompt 0")):
+        with pytest.raises(GenerationError, match=rf"^{named}: expected a string or token ids, got {type(bad).__name__ if named == 'prompts' else 'bytes'}: decode"):
+            generate(model, tok, bad, max_new_tokens=1)
+    with pytest.raises(GenerationError, match="^prompt 0: expected a string or token ids, got bytes"):
+        list(stream_generate(model, tok, b"Hi", max_new_tokens=1))
+    for bad in (-1, model.config.vocab_size + 1, "2", True, 1.0):
+        with pytest.raises(GenerationError, match=rf"^top_logprobs: expected an integer in \[0, {model.config.vocab_size}\]"):
+            generate(model, tok, "x", max_new_tokens=1, top_logprobs=bad)
+
+
+def test_numpy_and_torch_scalars_are_taken_as_numbers(model, tok):
+    # a sweep over np.arange / np.linspace, or a value read from a tensor
+    options = dict(max_new_tokens=5, n=2, seed=3, temperature=0.7, top_k=5, top_p=0.9, min_p=0.01,
+                   repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.25, top_logprobs=2)
+    as_numpy = {k: (np.int64(v) if isinstance(v, int) else np.float32(v)) for k, v in options.items()}
+    as_torch = {k: torch.tensor(v) for k, v in options.items()}
+    ref = [(c.token_ids, c.top_logprobs) for c in generate(model, tok, "Hi", **options)]
+    for scalars in (as_numpy, as_torch):
+        got = generate(model, tok, "Hi", **scalars)
+        assert [c.token_ids for c in got] == [r[0] for r in ref] and len(got) == 2
+    assert SamplingParams(temperature=np.float64(0.5), top_k=np.int32(3)) == SamplingParams(temperature=0.5, top_k=3)
+    with pytest.raises(SamplingError, match=r"top_k: expected an integer >= 1 \(or None\), got np.float64\(3.0\)"):
+        SamplingParams(top_k=np.float64(3.0))
+
+
+def test_a_model_in_training_mode_decodes_as_in_eval_mode(model, tok):
+    # a model just built, or mid-training, has dropout on: decoding must not sample dropout masks
+    import dataclasses
+
+    training = GPT2(dataclasses.replace(model.config, dropout=0.5))
+    training.load_state_dict(model.state_dict())
+    assert training.train().training
+    ref = generate(model, tok, "Hello", max_new_tokens=8, do_sample=False, top_logprobs=1)[0]
+    for _ in range(2):
+        got = generate(training, tok, "Hello", max_new_tokens=8, do_sample=False, top_logprobs=1)[0]
+        assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+        assert training.training  # and it is left as it was
+    assert prompt_logprobs(training, [1, 2, 3])[0] == pytest.approx(prompt_logprobs(model, [1, 2, 3])[0], abs=1e-5)
+    assert training.training
 
 
 

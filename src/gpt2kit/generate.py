@@ -17,6 +17,7 @@ spelling) finds this submodule once anything has imported it, and must still gen
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from . import kernels
 from .errors import GPT2KitError
 from .model import GPT2
-from .sampling import SamplingParams, select_tokens
+from .sampling import SamplingParams, as_integer, select_tokens
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -151,6 +152,20 @@ class _Window:
         self.logits = self.model.lm_head(h[:, -1])  # (B, V)
 
 
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in: decoding
+    and scoring from a model that is training, or was just built, must not sample dropout masks."""
+    training = getattr(model, "training", False)
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train(True)
+
+
 def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                     max_new_tokens: int, generator: torch.Generator | None = None, pad_id: int = 0,
                     top_logprobs: int | None = None, finished: Sequence[bool] | None = None,
@@ -165,7 +180,7 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
     history = [list(p) for p in prompts]
     keep = n_ctx - max(1, n_ctx // 4)  # tokens per row kept when the window slides
     done = finished if finished is not None else [False] * len(prompts)
-    with torch.inference_mode():
+    with torch.inference_mode(), eval_mode(model):
         window = _Window(model, history, pad_id, max_new_tokens)
         penalize = params.repetition_penalty != 1.0
         sampled = None  # (B, V) how often each row sampled each token: OpenAI's penalties count these
@@ -207,7 +222,7 @@ def prompt_logprobs(model: "GPT2", token_ids: Sequence[int], top_logprobs: int =
     context), and the `top_logprobs` best alternatives at each position: what the OpenAI API
     returns for an echoed prompt."""
     ids = torch.tensor([list(token_ids)], device=model.transformer.wte.weight.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), eval_mode(model):
         logp = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
         chosen = logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
         top: list[dict[int, float] | None] = [None]
@@ -282,6 +297,7 @@ def check_logit_bias(model: "GPT2", params: SamplingParams) -> None:
 
 def _prompt_ids(model: "GPT2", tokenizer: "Tokenizer", prompt: str | Sequence[int], index: int) -> list[int]:
     n_vocab = min(tokenizer.n_vocab, model.config.vocab_size)
+    _refuse_bytes(prompt, f"prompt {index}")
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt, allowed_special="all")
         if ids and max(ids) >= n_vocab:  # a model with fewer tokens than its tokenizer
@@ -326,9 +342,16 @@ def _is_array(x) -> bool:
     return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "tolist"))  # (numpy)
 
 
+def _refuse_bytes(prompt, what: str) -> None:
+    if isinstance(prompt, (bytes, bytearray, memoryview)):  # list() of them would be byte values as token ids
+        raise GenerationError(f"{what}: expected a string or token ids, got {type(prompt).__name__}: decode the "
+                              f"bytes to a string first")
+
+
 def _as_list(prompts) -> list:
     """One prompt (a string, a list of token ids, a 1-D array or tensor of them) or several (a list
     of those, a 2-D array or tensor: one per row) -> a list of prompts."""
+    _refuse_bytes(prompts, "prompts")
     if isinstance(prompts, str):
         return [prompts]
     if _is_array(prompts):
@@ -344,7 +367,8 @@ def _as_list(prompts) -> list:
     return [prompts] if prompts and _is_id(prompts[0]) else prompts
 
 
-def _check_options(max_new_tokens: int, n: int, stop) -> list[str]:
+def _check_options(max_new_tokens: int, n: int, stop) -> tuple[list[str], int, int]:
+    max_new_tokens, n = as_integer(max_new_tokens), as_integer(n)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -352,7 +376,7 @@ def _check_options(max_new_tokens: int, n: int, stop) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
         raise GenerationError(f"stop: expected non-empty strings, got {stop!r}")
-    return stops
+    return stops, max_new_tokens, n
 
 
 def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str | Sequence[int]], *,
@@ -363,12 +387,18 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
     """One `TokenEvent` per sampled token of every sample, in decoding order; each sample's last
     event carries its finish_reason. Prompts are strings or token id lists."""
     params = params or SamplingParams()
-    stops = _check_options(max_new_tokens, n, stop)
+    stops, max_new_tokens, n = _check_options(max_new_tokens, n, stop)
     rows = [_prompt_ids(model, tokenizer, p, i) for i, p in enumerate(_as_list(prompts)) for _ in range(n)]
     if model.config.vocab_size > tokenizer.n_vocab:
         raise GenerationError(f"the model has {model.config.vocab_size} output tokens but the tokenizer only "
                               f"{tokenizer.n_vocab}: they do not belong together")
     check_logit_bias(model, params)
+    if top_logprobs is not None:
+        top_logprobs = as_integer(top_logprobs)
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or \
+                not 0 <= top_logprobs <= model.config.vocab_size:
+            raise GenerationError(f"top_logprobs: expected an integer in [0, {model.config.vocab_size}] (or None), "
+                                  f"got {top_logprobs!r}")
     if not rows:
         return
     if max_new_tokens == 0:
@@ -377,6 +407,7 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
         return
     generator = None
     if seed is not None:
+        seed = as_integer(seed)
         if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
             raise GenerationError(f"seed: expected an integer in [-2**63, 2**64) (what torch's generator "
                                   f"takes), got {seed!r}")
@@ -429,7 +460,7 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
                              repetition_penalty=repetition_penalty, do_sample=do_sample,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              logit_bias=logit_bias)
-    _check_options(max_new_tokens, n, stop)
+    _, max_new_tokens, n = _check_options(max_new_tokens, n, stop)
     prompt_ids = [_prompt_ids(model, tokenizer, p, i) for i, p in enumerate(_as_list(prompts))]
     results = [Completion("", [], "length", i // n, prompt_ids[i // n], top_logprobs=[] if top_logprobs else None)
                for i in range(len(prompt_ids) * n)]

@@ -55,6 +55,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        # numpy and 0-d torch scalars (a sweep over np.linspace, say) are taken as the numbers they hold
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            object.__setattr__(self, name, as_real(getattr(self, name)))
+        object.__setattr__(self, "top_k", as_integer(self.top_k))
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
             raise SamplingError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
@@ -85,6 +89,29 @@ class SamplingParams:
         if name not in PRESETS:
             raise SamplingError(f"sampling preset: expected one of {', '.join(PRESETS)}, got {name!r}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def as_real(value):
+    """A real number given as a numpy or 0-d torch scalar, as a Python float; anything else
+    (None, a bool, a string, a Python number) as it is, for the caller's check to judge."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, numbers.Real):  # numpy's numbers register as such; numpy's bool does not
+        return float(value)
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.dtype.is_complex):
+        return float(value.item())
+    return value
+
+
+def as_integer(value):
+    """An integer given as a numpy or 0-d torch integer, as a Python int; anything else as it is."""
+    if isinstance(value, (bool, int)) or value is None:
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 # The largest logit bias or presence/frequency penalty taken: far past any logit's range (OpenAI

@@ -32,6 +32,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
 
     if limit is not None and limit < 1:
         raise TaskError(f"--limit must be at least 1, got {limit}")
+    if isinstance(tasks, str):  # one task's name, not its letters
+        tasks = [tasks]
     instances = [make_task(name, data_dir, detokenize=detokenize, **(task_options or {})) for name in tasks]
     for t in instances:
         t.path  # noqa: B018 -- raises MissingDataError naming the file and its source

@@ -157,7 +157,9 @@ class Scorer:
         from tqdm.auto import tqdm
 
         call, self._maps = self._maps, self._maps + 1
-        with torch.inference_mode():
+        from ..generate import eval_mode
+
+        with torch.inference_mode(), eval_mode(self.model):
             for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches,
                                            leave=False, mininterval=self.redraw)):
                 key = f"{call}:{b}"
