@@ -144,6 +144,15 @@ def test_dtype_auto_keeps_the_stored_one_and_names_are_accepted(tmp_path):
     for bad in ("bf16", "int8", torch.int8, 3):
         with pytest.raises(WeightsError, match=r"dtype .*: expected float32, bfloat16, float16 or auto"):
             GPT2.from_pretrained(str(tmp_path), dtype=bad)
+    # transformers 4's spelling, torch_dtype, is taken; an argument that is no field is named as such
+    assert GPT2.from_pretrained(str(tmp_path), torch_dtype="auto").transformer.wte.weight.dtype == torch.bfloat16
+    assert GPT2.from_pretrained(str(tmp_path), torch_dtype=torch.float16).transformer.wte.weight.dtype == torch.float16
+    with pytest.raises(WeightsError, match="^from_pretrained: dtype and torch_dtype given both; pass dtype alone$"):
+        GPT2.from_pretrained(str(tmp_path), dtype="float32", torch_dtype=torch.float16)
+    with pytest.raises(WeightsError, match=r"^from_pretrained: unexpected argument\(s\) n_layers, revision; it takes "
+                                           r"dtype, device and GPT2Config fields \(n_layer, n_head, "):
+        GPT2.from_pretrained(str(tmp_path), n_layers=2, revision="main")
+    assert GPT2.from_pretrained(str(tmp_path), dropout=0.25).config.dropout == 0.25
 
 
 def test_openai_tf_checkpoint_fixture():
@@ -224,6 +233,11 @@ def test_resolution_hf_cache_and_offline_message(tmp_path, monkeypatch):
         GPT2.from_pretrained(str(tmp_path / "nowhere" / "x"))
     with pytest.raises(WeightsError, match="no model here: expected config.json"):
         GPT2.from_pretrained(str(tmp_path))
+    # a training run's out_dir holds its models under best/ and latest/
+    hf.save_pretrained(tmp_path / "run" / "best")
+    with pytest.raises(WeightsError, match=rf"^{re.escape(str(tmp_path / 'run'))}: a training run's folder, not a "
+                                           rf"model: load {re.escape(str(tmp_path / 'run' / 'best'))}$"):
+        GPT2.from_pretrained(str(tmp_path / "run"))
     # a relative path that is not there is a missing folder, not a hub name
     monkeypatch.chdir(tmp_path)
     for missing in ("runs/demo/model", "./model", "../model"):

@@ -14,6 +14,7 @@ raise `WeightsError` naming the file and the tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import mmap
@@ -696,6 +697,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             raise WeightsError(f"{path}: expected a model folder (config.json + model.safetensors, or "
                                f"OpenAI's hparams.json + model.ckpt.*), got a file")
         if not _is_model_folder(path):
+            runs = [str(path / link) for link in ("best", "latest") if _is_model_folder(path / link)]
+            if runs:  # `gpt2kit train`'s out_dir
+                raise WeightsError(f"{path}: a training run's folder, not a model: load {' or '.join(runs)}")
             raise WeightsError(f"{path}: no model here: expected config.json with model.safetensors or "
                                f"pytorch_model.bin (Hugging Face), or {', '.join(TF_FILES)} (OpenAI)")
         return path
@@ -750,7 +754,16 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str
     """The model of a folder or name (see `GPT2.from_pretrained`), in eval mode, as transformers
     returns it: released configs carry dropout 0.1, which `model.train()` turns on. `dtype`: a
     torch dtype or its name; "auto" keeps the stored one; None (the default) is float32, as in
-    transformers 4 (training wants float32 weights whatever a checkpoint holds)."""
+    transformers 4 (training wants float32 weights whatever a checkpoint holds); transformers 4's
+    name for it, `torch_dtype`, is taken too. Other keyword arguments replace GPT2Config fields."""
+    if "torch_dtype" in overrides:
+        if dtype is not None:
+            raise WeightsError("from_pretrained: dtype and torch_dtype given both; pass dtype alone")
+        dtype = overrides.pop("torch_dtype")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GPT2Config)})
+    if unknown:
+        raise WeightsError(f"from_pretrained: unexpected argument(s) {', '.join(unknown)}; it takes dtype, device "
+                           f"and GPT2Config fields ({', '.join(f.name for f in dataclasses.fields(GPT2Config))})")
     dtype = check_dtype(dtype)
     device = check_device(device)
     folder = resolve(name_or_path)
