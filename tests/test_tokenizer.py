@@ -182,7 +182,9 @@ def test_decode_split_character(fast, ref):
 @pytest.mark.parametrize("bad", [50257, -1, 10**12, "7", 1.0, True, False])
 def test_unknown_ids_are_clear_errors(bad, fast, ref):
     for tok in (fast, ref):
-        with pytest.raises(UnknownTokenError, match=r"outside the vocabulary \(expected 0\.\.50256\)"):
+        said = "is outside the vocabulary (expected 0..50256)" if type(bad) is int else \
+            "is not an integer (expected one in 0..50256)"
+        with pytest.raises(UnknownTokenError, match=rf"^token id {re.escape(repr(bad))} {re.escape(said)}$"):
             tok.decode([15496, bad])
         with pytest.raises(UnknownTokenError):
             tok.token_bytes(bad)
@@ -473,9 +475,23 @@ def test_decode_takes_numpy_and_torch_integer_scalars(fast, ref):
             assert tok.token_bytes(ids[0]) == b"Hello"
         with pytest.raises(UnknownTokenError, match=r"^token id 50257 is outside the vocabulary"):
             tok.decode([np.int64(15496), np.int64(50257)])
-        for bad in (np.float64(5.0), np.True_):
-            with pytest.raises(UnknownTokenError, match="outside the vocabulary"):
+        for bad in (np.float64(5.0), np.True_, 15496.0, True):
+            with pytest.raises(UnknownTokenError, match=rf"^token id {re.escape(repr(bad))} is not an integer "
+                                                        r"\(expected one in 0\.\.50256\)$"):
                 tok.decode([bad])
+        # what is not one sequence of ids is named as such (a 2-D batch read as ids named a row as "an id")
+        for bad, said in ((None, "a sequence of token ids, got NoneType"), (15496, "a sequence of token ids, got int"),
+                          ("15496", "a sequence of token ids, got str"),
+                          (torch.tensor([[15496, 995]]), "a 1-D sequence of token ids, got 2 dimensions"),
+                          (np.int64(15496), "a 1-D sequence of token ids, got 0 dimensions")):
+            with pytest.raises(TokenizerError, match=rf"^decode: expected {said}"):
+                tok.decode(bad)
+        assert tok.decode_batch(torch.tensor([[15496, 995], [995, 15496]])) == ["Hello world", " worldHello"]
+        assert tok.decode_batch([[15496], []]) == ["Hello", ""]
+        for n in (0, -1, True, 1.5, "2"):
+            with pytest.raises(TokenizerError, match=rf"^num_threads: expected an integer >= 1 \(or None: one per "
+                                                     rf"CPU\), got {re.escape(repr(n))}$"):
+                tok.encode_batch(["a"], num_threads=n)
 
 
 def test_merges_files_with_crlf_line_ends_load_as_in_tiktoken_and_hf(tmp_path, fast):

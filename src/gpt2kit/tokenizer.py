@@ -401,9 +401,10 @@ def _token_id(i, n_vocab: int) -> int:
             k = operator.index(i)
         except TypeError:  # a float, a str, numpy's bool...
             pass
-    if k is None or not 0 <= k < n_vocab:
-        shown = repr(i) if k is None else k
-        raise UnknownTokenError(f"token id {shown} is outside the vocabulary (expected 0..{n_vocab - 1})")
+    if k is None:
+        raise UnknownTokenError(f"token id {i!r} is not an integer (expected one in 0..{n_vocab - 1})")
+    if not 0 <= k < n_vocab:
+        raise UnknownTokenError(f"token id {k} is outside the vocabulary (expected 0..{n_vocab - 1})")
     return k
 
 
@@ -633,6 +634,9 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TokenizerError("encode_batch expects a list of texts, got one str (use encode)")
         texts, allowed = list(texts), self._allowed(allowed_special)
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise TokenizerError(f"num_threads: expected an integer >= 1 (or None: one per CPU), got {num_threads!r}")
         for i, t in enumerate(texts):  # before the engines (the fast one takes len() of each)
             if not isinstance(t, str):
                 raise TokenizerError(f"texts[{i}]: expected text (str), got {type(t).__name__}")
@@ -643,7 +647,12 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of the tokens (possibly ending inside a UTF-8 character)."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
+        if getattr(ids, "ndim", 1) != 1:  # numpy arrays, torch tensors
+            raise TokenizerError(f"decode: expected a 1-D sequence of token ids, got {ids.ndim} dimensions "
+                                 f"(decode_batch decodes one sequence per row)")
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TokenizerError(f"decode: expected a sequence of token ids, got {type(ids).__name__}")
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         # tiktoken's core takes True for id 1: refuse bools first, as the reference path does.
         if isinstance(self._engine, _FastEngine) and bool not in set(map(type, ids)):
             try:
@@ -657,6 +666,10 @@ class Tokenizer:
         """The text of the tokens; a UTF-8 character split across the end (or any invalid byte
         sequence) becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        """`decode` of each sequence (a list of lists, or a 2-D array or tensor: one per row)."""
+        return [self.decode(ids) for ids in batch]
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes of one token."""
