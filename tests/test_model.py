@@ -116,6 +116,21 @@ def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *
     return scores.softmax(-1) @ v
 
 
+def test_loss_is_transformers_labels_loss():
+    model = randomize_(GPT2(small("gpt2")).eval())
+    hf = hf_twin(model)
+    ids, mask = left_padded_batch(503, [12, 7, 3], 12)
+    # the padding and each row's first real token (scored from a pad position) are left out
+    labels = ids.masked_fill((mask == 0) | (mask.cumsum(-1) == 1), -100)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=hf_position_ids(mask), labels=labels).loss
+        assert model.loss(ids, attention_mask=mask) == pytest.approx(ref.item(), abs=1e-5)  # padding left out
+        assert model.loss(ids, labels, attention_mask=mask) == pytest.approx(ref.item(), abs=1e-5)
+        assert model.loss(ids[:1]) == pytest.approx(hf(ids[:1], labels=ids[:1]).loss.item(), abs=1e-5)
+    with pytest.raises(ValueError, match=r"labels has shape \(3, 11\), expected input_ids' \(3, 12\)"):
+        model.loss(ids, labels[:, 1:])
+
+
 def test_pad_queries_see_a_key_so_no_nan_reaches_real_tokens(monkeypatch):
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     for past, T in ((0, 5), (2, 3), (4, 1)):

@@ -480,6 +480,23 @@ class GPT2(nn.Module):
                                kv_cache=kv_cache)
         return self.lm_head(h)
 
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean next-token cross-entropy (nats), as transformers' `model(input_ids,
+        labels=labels).loss`: position t is scored on labels[:, t + 1]; labels equal to -100 are
+        left out. `labels` default to input_ids. With an attention_mask, no padding is scored and
+        nothing is scored from a padding position (a row's first real token: it has no context).
+        Training uses gpt2kit.train's chunked loss instead, which never holds all the logits."""
+        labels = input_ids if labels is None else labels
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected input_ids' {tuple(input_ids.shape)}")
+        targets = labels[:, 1:]  # (B, T-1)
+        if attention_mask is not None:
+            scored = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+            targets = targets.masked_fill(~scored, -100)
+        logits = self(input_ids, attention_mask=attention_mask)[:, :-1]  # (B, T-1, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
     def _check_lengths(self, B: int, T: int, past: int, attention_mask: torch.Tensor | None,
                        position_ids: torch.Tensor | None, kv_cache: KVCache | None) -> None:
         if T == 0:
