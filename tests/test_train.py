@@ -55,6 +55,11 @@ def losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
+def val_losses(out) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r}
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, schedule, loss
 
@@ -103,6 +108,26 @@ def test_a_flag_before_the_config_file_leaves_it_the_config():
     args = build_parser().parse_args(["train", "--resume", "run.toml", "--compile", "--max_steps", "5", "--plot", "no"])
     assert args.config == "run.toml" and not args.unknown_overrides
     assert (vars(args)["cfg.resume"], vars(args)["cfg.compile"], vars(args)["cfg.plot"]) == ("true", "true", "no")
+
+
+def test_keys_take_dashes_and_a_prefix_of_a_key_is_an_unknown_key(monkeypatch):
+    # argparse's abbreviations would read a typo such as --max_step as --max_steps (or --lr_decay
+    # as --lr_decay_steps) and train with it: the error names the key that was given
+    from gpt2kit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--max-steps", "5", "--min-lr=0.1", "--max_minutes", "2"])
+    assert {k: v for k, v in vars(args).items() if k.startswith("cfg.")} == {
+        "cfg.max_steps": "5", "cfg.min_lr": "0.1", "cfg.max_minutes": "2"} and not args.unknown_overrides
+    monkeypatch.setattr(T, "train", lambda cfg: pytest.fail(f"trained with {cfg}"))
+    for key in ("--max_step", "--lr_decay", "--warmup"):
+        args = build_parser().parse_args(["train", key, "5"])
+        assert not any(name.startswith("cfg.") for name in vars(args))
+        with pytest.raises(ConfigError, match=rf"^command line: unknown key '{key}'; valid keys: data, "):
+            args.func(args)
+    # the key is named, not a stray word before it
+    args = build_parser().parse_args(["train", "run.toml", "stray", "--bogus", "1"])
+    with pytest.raises(ConfigError, match=r"^command line: unknown key '--bogus'; valid keys: "):
+        args.func(args)
 
 
 @pytest.mark.parametrize("argv, error", [
@@ -404,17 +429,27 @@ def test_torchrun_two_ranks_equal_one_process(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    # the validation loss too: each rank evaluates its half of the fixed windows, averaged over ranks
+    va, vb = val_losses(one), val_losses(two)
+    assert va.keys() == vb.keys() == {6} and abs(va[6] - vb[6]) < 1e-5, (va, vb)
     fpt = T.flops_per_token(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=384), 32)
     for rec in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()):
         if "mfu" in rec:
             assert rec["mfu"] == pytest.approx(rec["tok_per_s"] / 2 * fpt / (peak * 1e12), rel=1e-3, abs=1e-4)
+            assert rec["tokens"] == rec["step"] * 8 * 32  # the global batch's tokens, not one rank's
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000006"]
+    # each rank's random stream (dropout) is seeded with seed + rank, and saved in rank order (no
+    # dropout here: untouched since)
+    rngs = T.load_trainer_state(two / "latest")["rng"]
+    assert [torch.equal(s["cpu"], torch.Generator().manual_seed(1337 + r).get_state()) for r, s in enumerate(rngs)] == [True, True]
     assert r.stdout.count("trained 6 steps") == 1  # only rank 0 reports
+    assert r.stderr.count("batch 8 x 32 tokens (2 rank(s) over gloo, ddp x 2 micro x 2 accumulation)") == 1, r.stderr[-3000:]
     # fsdp = true: parameters sharded over the two ranks, same losses, one full checkpoint.
     fsdp = tmp_path / "fsdp"
     r = subprocess.run(cmd[:-4] + ["--out_dir", str(fsdp), "--fsdp", "true"] + cmd[-4:], env=_cli_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 8 x 32 tokens (2 rank(s) over gloo, fsdp x 2 micro x 2 accumulation)" in r.stderr, r.stderr[-3000:]
     c = losses(fsdp)
     assert all(abs(a[k] - c[k]) < 1e-5 for k in a), (a, c)
     full = T.load_trainer_state(fsdp / "latest")
@@ -466,6 +501,17 @@ def test_resume_notices_under_torchrun_come_once(shards, tmp_path):
     r = subprocess.run([*cmd[:-3], "--max_steps", "6", "--resume"], env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("saved with 1 rank(s), resuming with 2: RNG streams re-seeded") == 1, r.stderr
+    assert r.stderr.count(f"resuming from {run / 'checkpoints' / 'step_0000004'} (step 4)") == 1, r.stderr
+    assert r.stderr.count("the learning rate at step 4 is") == 1, r.stderr  # (max_steps 4 -> 6 stretches the cosine)
+    # re-seeded with seed + step + rank (no dropout here: untouched since)
+    rngs = T.load_trainer_state(run / "latest")["rng"]
+    assert [torch.equal(s["cpu"], torch.Generator().manual_seed(1337 + 4 + r).get_state()) for r, s in enumerate(rngs)] == [True, True]
+    # resumed by as many ranks as saved it: each rank continues its own stream
+    r = subprocess.run([*cmd[:-3], "--max_steps", "7", "--resume"], env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "re-seeded" not in r.stderr
+    after = T.load_trainer_state(run / "latest")
+    assert after["step"] == 7 and all(torch.equal(a["cpu"], b["cpu"]) for a, b in zip(after["rng"], rngs, strict=True))
 
 
 def _two_nodes(argv0, argv1, timeout=120, cwds=(None, None)):
@@ -865,6 +911,22 @@ def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------------------------------------
 # The whole path through the CLI
+
+
+def test_prepare_takes_the_val_fraction_s_bounds(shards, tmp_path, capsys):
+    # [0, 0.5], both ends included: 0 holds nothing out (a run then has no validation loss)
+    from gpt2kit.cli import main as cli_main
+    from gpt2kit.data import read_meta
+
+    (tmp_path / "t.txt").write_text("".join(f"KING. Speak, speak {i}: a word or two.\n\n" for i in range(300)))
+    held_out = {}
+    for fraction in ("0", "0.5"):
+        rc = cli_main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / fraction), "--tokenizer",
+                       str(shards.parent / "tok"), "--val-fraction", fraction, "--segment-chars", "500", "--workers", "1",
+                       "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+        held_out[fraction] = read_meta(tmp_path / fraction)["splits"]["val"]["tokens"]
+    assert held_out["0"] == 0 and held_out["0.5"] > 0
 
 
 def test_prepare_train_sigterm_generate_through_the_cli(cli, tmp_path, text_dir, shards):
@@ -1336,6 +1398,49 @@ def test_settings_that_may_differ_between_machines_and_those_that_may_not(monkey
             T._check_same_settings(T.make_config({"data": "a", "init_from": "m", key: value}), dist_)
 
 
+def test_the_strongest_stop_reason_on_any_rank_stops_every_rank(monkeypatch):
+    # a signal may reach some ranks only (or one rank's clock passes max_minutes first): all of
+    # them stop at the same step, for the strongest reason any of them has
+    import torch.distributed as dist
+
+    other = {}
+
+    def all_reduce(t, op):  # the other rank's contribution, reduced as a backend does
+        reduce = {dist.ReduceOp.SUM: torch.add, dist.ReduceOp.MAX: torch.maximum, dist.ReduceOp.MIN: torch.minimum}[op]
+        t.copy_(reduce(t, torch.full_like(t, other["value"])))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    dist_ = T._Dist(rank=0, world=2, enabled=True)
+    for mine, theirs, want in ((None, None, None), (None, "SIGINT", "SIGINT"), ("time", None, "time"),
+                               ("time", "SIGTERM", "SIGTERM"), ("SIGINT", "SIGTERM", "SIGINT")):
+        other["value"] = float(T._STOP_REASONS.index(theirs))
+        assert T._stop_reason(mine, dist_, "cpu") == want, (mine, theirs)
+    other["value"] = 3.0  # the loss of the other rank: the logged loss is the ranks' mean
+    assert float(T._all_mean(torch.tensor(1.0), dist_)) == 2.0
+
+
+def test_under_torchrun_even_one_rank_runs_distributed(monkeypatch):
+    # a one-GPU torchrun launch takes the code path of many (DDP, collectives); a plain process does not
+    import torch.distributed as dist
+
+    for key in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert T._init_distributed("cpu") == T._Dist() and not dist.is_initialized()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    for key, value in {"TORCHELASTIC_RUN_ID": "one", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert T._init_distributed("cpu") == T._Dist(rank=0, world=1, local_rank=0, enabled=True)
+        assert dist.get_backend() == "gloo"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_the_gpu_of_each_local_rank_and_a_machine_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -1399,7 +1504,8 @@ def test_what_the_train_command_prints_for_each_end(monkeypatch, capsys, stopped
     # not named in the summary as a signal's is
     from gpt2kit.cli import build_parser
 
-    summary = {"step": 7, "start_step": 2, "elapsed_s": 1.0, "tokens_per_s": 1000.0, "loss": 2.5, "val_loss": None,
+    summary = {"step": 7, "start_step": 2, "elapsed_s": 1.0, "tokens_per_s": 1000.0, "loss": 2.5,
+               "val_loss": 2.75 if stopped is None else None,  # (a signal's stop is not evaluated)
                "checkpoint": "o/checkpoints/step_0000007", "stopped": stopped, "max_steps": 9, "rank": rank}
     if stopped == "nothing":
         summary = {"step": 9, "nothing_to_do": True, "checkpoint": "o/checkpoints/step_0000009", "rank": rank}
@@ -1412,7 +1518,8 @@ def test_what_the_train_command_prints_for_each_end(monkeypatch, capsys, stopped
     elif stopped == "nothing":
         assert out == "nothing to train: o/checkpoints/step_0000009 is at step 9, the configured max_steps\n"
     else:
-        assert out.startswith("trained 5 steps to step 7 in 1.0 s (1,000 tok/s): loss 2.5000; checkpoint "
+        val = ", val loss 2.7500" if stopped is None else ""
+        assert out.startswith(f"trained 5 steps to step 7 in 1.0 s (1,000 tok/s): loss 2.5000{val}; checkpoint "
                               "o/checkpoints/step_0000007")
         assert out.endswith("step_0000007; stopped by SIGTERM\n" if stopped == "SIGTERM" else "step_0000007\n")
         why = {None: None, "time": "the time limit (max_minutes 0.5)", "SIGTERM": "SIGTERM"}[stopped]
