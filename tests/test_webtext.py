@@ -495,6 +495,34 @@ def test_links_rerun_refuses_a_dump_replaced_since_it_was_read(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# robots.txt (the RFC 9309 cases are in test_webtext_fetch.py)
+
+UA = "gpt2kit-webtext/1.0 (research)"
+
+
+@pytest.mark.parametrize("robots, url, allowed", [
+    ("User-agent: *\nDisallow: /fish*\n", "http://site.test/shop/fish", True),     # a pattern matches from the start
+    ("User-agent: *\nDisallow: /\n", "http://site.test", False),                   # no path is the path /
+    ("User-agent: *\nDisallow: /\n", "http://site.test?q=1", False),
+    ("User-agent: gpt\nDisallow: /\n", "http://site.test/a", True),                # `gpt` is no name of ours
+    ("User-agent: gpt2kit\nDisallow: /\n", "http://site.test/a", False),           # `gpt2kit` is our family's
+])
+def test_robots_rules_match_from_the_path_start_and_name_our_family(robots, url, allowed):
+    from gpt2kit.webtext.robots import RobotsRules
+
+    assert RobotsRules.parse(robots, UA).allowed(url) is allowed
+
+
+def test_robots_crawl_delay_closes_a_group_and_a_bad_one_keeps_the_last_good():
+    from gpt2kit.webtext.robots import RobotsRules
+
+    # a Crawl-delay ends the other bot's group as a rule would: the next user-agent line opens ours
+    after = RobotsRules.parse("User-agent: otherbot\nCrawl-delay: 5\nUser-agent: gpt2kit-webtext\nDisallow: /x\n", UA)
+    assert after.crawl_delay is None and not after.allowed("http://site.test/x")
+    assert RobotsRules.parse("User-agent: *\nCrawl-delay: 4\nCrawl-delay: soon\n", UA).crawl_delay == 4.0
+
+
+# ---------------------------------------------------------------------------------------------
 # extract
 
 
@@ -1034,16 +1062,30 @@ def test_the_report_lists_as_many_top_domains_as_asked(tmp_path):
     from gpt2kit.webtext import ShardConfig
 
     rng = random.Random(5)
-    docs = [doc(f"http://{h}.example/{i}", " ".join(_words(rng, 60)), 5) for h, n in (("a", 3), ("b", 2), ("c", 1))
-            for i in range(n)]
+    docs = [doc(f"http://{h}.example{port}/{i}", " ".join(_words(rng, 60)), 5)
+            for h, n, port in (("a", 3, ":8080"), ("b", 2, ""), ("c", 1, "")) for i in range(n)]
     for d in docs[3:5]:     # b's links redirect elsewhere: the domains counted are those of the links posted
         d["final_url"] = d["url"].replace("b.example", "b-cdn.example")
+    docs[0]["text"] = "Caf\u00e9 cr\u00e8me. " + docs[0]["text"]
+    docs.append(doc("http://d.example/1", docs[5]["text"], 1))     # an exact duplicate of c's page, with less karma
     _extract_stage(tmp_path, [docs])
+    WorkFolder(tmp_path).finish("fetch", [0], {"status": {"ok": 9, "timeout": 0, "http_error": 2}})
     dedup_documents(tmp_path, DedupConfig())
     write_shards(tmp_path, ShardConfig(top_domains=2))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["top_domains"] == [["a.example", 3], ["b.example", 2]]
+    assert report["top_domains"] == [["a.example", 3], ["b.example", 2]]     # host names, without the port
     assert report["funnel"]["after exact dedup"] == report["funnel"]["final documents"] == 6
+    assert (report["funnel"]["extracted documents"], report["funnel"]["fetched HTML"]) == (7, 9)
+    text_bytes = sum(len(d["text"].encode("utf-8")) for d in read_corpus(tmp_path))      # bytes, not characters
+    assert report["bytes"] == text_bytes > sum(len(d["text"]) for d in read_corpus(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert f"Final corpus: 6 documents, {text_bytes:,} bytes of text." in md
+    assert "Fetch statuses: ok 9, http_error 2\n" in md and "Pages dropped in extraction: none\n" in md
+    assert md.endswith("| domain | documents |\n|---|---:|\n| a.example | 3 |\n| b.example | 2 |\n")
+    # the final shards were made from this de-duplication: another one is not mixed into them
+    WorkFolder(tmp_path).finish("dedup", [0], {"docs": 1})
+    with pytest.raises(WebTextError, match=r"other options \(differs in: upstream\)"):
+        write_shards(tmp_path, ShardConfig(top_domains=2))
 
 
 def test_long_window_dumps_need_the_long_window(tmp_path):
@@ -1103,6 +1145,8 @@ def test_a_stage_start_removes_a_killed_runs_temporary_files_and_guards_its_opti
     assert json.loads((tmp_path / "w" / "_state" / "links" / "config.json").read_text()) == {"a": 5, "b": [1, 2]}
     with pytest.raises(WebTextError, match=r"\(differs in: b\); delete"):
         wf.check_config("links", {"a": 6, "b": [1]}, pacing=("a",))
+    with pytest.raises(WebTextError, match=r"\(differs in: b\); delete"):    # an option gone is a change too
+        wf.check_config("links", {"a": 5})
 
 
 def _count_task(parent_pid, n):
@@ -1120,6 +1164,16 @@ def test_run_tasks_skips_done_tasks_and_sums_the_counts_of_all(tmp_path, workers
     # the totals count the skipped task too; flags are not counted; more than one worker: other processes
     assert skipped == 1
     assert totals == {"tasks": 4, "n": 6, "in_worker": 3 if workers > 1 else 0, "status": {"a": 11}}
+
+
+def test_the_shard_of_a_host_is_the_same_everywhere_and_in_every_version():
+    """Links are bucketed by a hash of their host, and a resumed or distributed run must bucket alike:
+    the hash depends on neither the process (PYTHONHASHSEED) nor the byte order, nor may it change."""
+    from gpt2kit.webtext.links import host_shard
+    from gpt2kit.webtext.work import stable_hash
+
+    assert stable_hash("example.com") == 7360799068904473875
+    assert [host_shard(h, 16) for h in ("example.com", "news.test", "a.example")] == [3, 10, 12]
 
 
 def test_run_hands_every_stage_the_work_folder_and_the_runner(tmp_path, monkeypatch):
