@@ -162,7 +162,7 @@ def test_workers_from_a_script_without_a_main_guard_are_refused_before_anything_
     # spawn's workers re-run the calling script: unguarded, each would redo its work, then fail
     script = tmp_path / "script.py"
     script.write_text(f"from gpt2kit.data import prepare\nprint('top level ran')\n"
-                      f"prepare([{str(corpus)!r}], {str(tmp_path / 'out')!r}, workers=2)\n")
+                      f"prepare([{str(corpus)!r}], {str(tmp_path / 'out')!r}, field='body', val_fraction=0, workers=2)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and r.stdout == "top level ran\n", (r.stdout, r.stderr)
@@ -171,12 +171,17 @@ def test_workers_from_a_script_without_a_main_guard_are_refused_before_anything_
         f"(multiprocessing's spawn), which has no `if __name__ == \"__main__\":`: put the script's work under one, "
         f"or pass workers=1")
     assert not (tmp_path / "out").exists()
+    # a folder already prepared starts no worker: the same call returns it, as before
+    D.prepare([corpus], tmp_path / "out", field="body", val_fraction=0)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout == "top level ran\n", (r.stdout, r.stderr)
 
 
 def test_a_worker_that_dies_is_a_one_line_error(tmp_path):
     segments = iter([D.Segment(index=0, split="train", boundary=True, text="hello")])
-    with pytest.raises(D.DataError, match=r"^prepare: a tokenizing worker process ended abruptly .* fewer workers "
-                                          r"than 2$"):
+    with pytest.raises(D.DataError, match=r"^prepare: a tokenizing worker process failed \(its error is printed above\)"
+                                          r", was killed or ran out of memory; .*with fewer workers than 2; failed at "
+                                          r"its start: with the script's work under `if __name__ == \"__main__\":`\)$"):
         list(D._encode_in_pool(str(tmp_path / "no tokenizer here"), segments, 2))  # each worker fails to start
 
 

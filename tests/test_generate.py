@@ -174,6 +174,12 @@ def test_an_inference_form_refuses_to_be_saved_trained_or_converted(model, form,
     assert not (tmp_path / "saved").exists()
     # what changes nothing is allowed, and the model still runs
     assert fast.eval() is fast and fast.cpu() is fast and fast.float() is fast and fast.to("cpu", torch.float32) is fast
+    assert fast.to("cpu:0") is fast and fast.to(torch.device("cpu", 0)) is fast
+    from gpt2kit.weights import WeightsError, save_pretrained, to_hf_state_dict
+
+    for call in (lambda: save_pretrained(fast, tmp_path / "saved"), lambda: to_hf_state_dict(fast)):
+        with pytest.raises(WeightsError, match=rf"^this model is an inference form \({name}\), whose layers are not "):
+            call()
     assert not fast.training
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
@@ -368,7 +374,7 @@ def test_edge_cases_and_errors(model, tok):
             generate(model, tok, bad, max_new_tokens=1)
     with pytest.raises(GenerationError, match="^prompt 0: expected a string or token ids, got bytes"):
         list(stream_generate(model, tok, b"Hi", max_new_tokens=1))
-    for bad in (-1, model.config.vocab_size + 1, "2", True, 1.0):
+    for bad in (-1, model.config.vocab_size + 1, "2", True, 1.0, np.array([1, 2])):
         with pytest.raises(GenerationError, match=rf"^top_logprobs: expected an integer in \[0, {model.config.vocab_size}\]"):
             generate(model, tok, "x", max_new_tokens=1, top_logprobs=bad)
 
@@ -402,6 +408,18 @@ def test_a_model_in_training_mode_decodes_as_in_eval_mode(model, tok):
         assert training.training  # and it is left as it was
     assert prompt_logprobs(training, [1, 2, 3])[0] == pytest.approx(prompt_logprobs(model, [1, 2, 3])[0], abs=1e-5)
     assert training.training
+    # between the pieces of a stream the caller's code runs as it would without it: no inference
+    # mode, the model's own modes, and a mode the caller sets meanwhile stays set
+    stream = stream_generate(training, tok, "Hello", max_new_tokens=6, do_sample=False)
+    first = next(stream)
+    assert not torch.is_inference_mode_enabled() and training.training
+    training.eval()
+    assert first + "".join(stream) == generate(model, tok, "Hello", max_new_tokens=6, do_sample=False)[0].text
+    assert not training.training
+    training.train()
+    training.transformer.h[0].eval()  # a frozen block stays frozen
+    generate(training, tok, "Hello", max_new_tokens=2)
+    assert training.training and training.transformer.h[1].training and not training.transformer.h[0].training
 
 
 

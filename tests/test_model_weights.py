@@ -153,6 +153,11 @@ def test_dtype_auto_keeps_the_stored_one_and_names_are_accepted(tmp_path):
                                            r"dtype, device and GPT2Config fields \(n_layer, n_head, "):
         GPT2.from_pretrained(str(tmp_path), n_layers=2, revision="main")
     assert GPT2.from_pretrained(str(tmp_path), dropout=0.25).config.dropout == 0.25
+    assert GPT2.from_pretrained(str(tmp_path), dtype="float16", torch_dtype=None).transformer.wte.weight.dtype == \
+        torch.float16
+    for folder in (tmp_path, fixture):  # a bad value passed is not the file's fault
+        with pytest.raises(WeightsError, match=r"^from_pretrained: GPT2Config.n_layer: expected a positive integer"):
+            GPT2.from_pretrained(str(folder), n_layer="x")
 
 
 def test_openai_tf_checkpoint_fixture():

@@ -741,8 +741,9 @@ def _dies(progress=None):
 
 
 def test_a_worker_that_dies_is_a_one_line_error():
-    with pytest.raises(OverlapError, match=r"^a worker process ended abruptly \(killed, or out of memory\?\): run it "
-                                           r"again with fewer than 2 --workers$"):
+    with pytest.raises(OverlapError, match=r"^a worker process failed \(its error is printed above\), was killed or ran "
+                                           r"out of memory: run it again \(out of memory: with fewer than 2 workers; "
+                                           r"failed at its start: with the script's work under `if __name__ =="):
         overlap._map(_run_job, [(_dies,), (_dies,)], 2, desc="8-grams")
 
 

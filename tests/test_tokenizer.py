@@ -488,10 +488,20 @@ def test_decode_takes_numpy_and_torch_integer_scalars(fast, ref):
                 tok.decode(bad)
         assert tok.decode_batch(torch.tensor([[15496, 995], [995, 15496]])) == ["Hello world", " worldHello"]
         assert tok.decode_batch([[15496], []]) == ["Hello", ""]
-        for n in (0, -1, True, 1.5, "2"):
-            with pytest.raises(TokenizerError, match=rf"^num_threads: expected an integer >= 1 \(or None: one per "
-                                                     rf"CPU\), got {re.escape(repr(n))}$"):
+        for n in (-1, True, 1.5, "2"):
+            with pytest.raises(TokenizerError, match=rf"^num_threads: expected an integer >= 1 \(or 0 or None: one "
+                                                     rf"per CPU\), got {re.escape(repr(n))}$"):
                 tok.encode_batch(["a"], num_threads=n)
+        for n in (0, None, 1, np.int64(2)):
+            assert tok.encode_batch(["a b"], num_threads=n) == [[64, 275]]
+        assert tok.decode_batch([[15496], [995]], errors="strict", num_threads=4) == ["Hello", " world"]
+        with pytest.raises(TokenizerError, match=r"^batch\[0\]: decode: expected a sequence of token ids, got int"):
+            tok.decode_batch([15496, 995])
+        with pytest.raises(TokenizerError, match=r"^decode_batch: expected a 2-D batch .*, got 1 dimensions"):
+            tok.decode_batch(np.array([15496, 995]))
+        with pytest.raises(UnicodeDecodeError):
+            tok.decode(tok.encode(" \u2603")[:1], errors="strict")  # a character cut in two
+        assert tok.decode(tok.encode(" \u2603")[:1]) == " \ufffd"
 
 
 def test_merges_files_with_crlf_line_ends_load_as_in_tiktoken_and_hf(tmp_path, fast):

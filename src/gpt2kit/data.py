@@ -202,8 +202,10 @@ def _encode_in_pool(spec: str, segs: Iterator[Segment], workers: int) -> Iterato
             batch, future = in_flight.popleft()
             yield from zip(batch, future.result())
     except cf.process.BrokenProcessPool:
-        raise DataError(f"prepare: a tokenizing worker process ended abruptly (killed, or out of memory?); "
-                        f"what is written so far resumes: run it again, with fewer workers than {workers}") from None
+        raise DataError(f"prepare: a tokenizing worker process failed (its error is printed above), was killed or "
+                        f"ran out of memory; what is written so far resumes: run it again (out of memory: with fewer "
+                        f"workers than {workers}; failed at its start: with the script's work under "
+                        f"`if __name__ == \"__main__\":`)") from None
     finally:
         # Queued tasks are dropped; a worker finishes the task it holds (one still starting up
         # first finishes starting) and exits. Killing it instead could cut a result off midway
@@ -313,8 +315,6 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
     for name, value in (("shard_tokens", shard_tokens), ("segment_chars", segment_chars), ("workers", workers)):
         if value < 1:
             raise DataError(f"{name} must be at least 1, got {value}")
-    if workers > 1:
-        check_spawn_guard(f"prepare(workers={workers})", DataError)
     period = val_period(val_fraction)
     out = check_output_path(out, folder=True, what="output folder", error=DataError)
     # `prepare data/ --out data/tokens`: what an earlier run wrote there (meta.json, progress.json,
@@ -340,6 +340,8 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
                      meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
             return meta
         raise DataError(f"{out}: holds shards prepared with other inputs or settings; choose another --out")
+    if workers > 1:  # (a folder already prepared above starts no worker)
+        check_spawn_guard(f"prepare(workers={workers})", DataError)
     state = None
     if progress_path.exists():
         state = _read_json(progress_path)

@@ -213,15 +213,20 @@ def _demo(minutes: float, *, out_dir: str | os.PathLike, corpus: str | os.PathLi
     if threads:
         torch.set_num_threads(threads)
     workers = max(1, min(os.cpu_count() or 1, 4))
-    try:  # prepare's workers would re-run an unguarded calling script: tokenize in this process then
-        check_spawn_guard("demo")
-        prepare_workers = workers
+    try:  # worker processes that re-run the calling script (spawn, forkserver) would re-run an
+        check_spawn_guard("demo")  # unguarded one: do that work in this process then
+        guarded = True
     except GPT2KitError:
-        prepare_workers = 1
+        guarded = False
+    prepare_workers = workers if guarded else 1  # prepare's workers are spawned
+    import multiprocessing as mp
+
+    forks = (mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]) == "fork"
+    bpe_workers = workers if guarded or forks else 1  # train_bpe's use the default start method
 
     log.info("1/5 learning a %d-token BPE vocabulary on %d file(s)", vocab_size, len(inputs))
     tok_dir = out / "tokenizer"
-    tokenizer = train_bpe(inputs, vocab_size=vocab_size, workers=workers)
+    tokenizer = train_bpe(inputs, vocab_size=vocab_size, workers=bpe_workers)
     tokenizer.save(tok_dir)
 
     log.info("2/5 tokenizing into shards")

@@ -154,16 +154,30 @@ class _Window:
 
 @contextlib.contextmanager
 def eval_mode(model) -> Iterator[None]:
-    """The model in eval mode (no dropout) for the block, then back in the mode it was in: decoding
-    and scoring from a model that is training, or was just built, must not sample dropout masks."""
-    training = getattr(model, "training", False)
-    if training:
-        model.eval()
+    """The model, and each of its modules, in eval mode (no dropout) for the block, then each back
+    in the mode it was in: decoding and scoring from a model that is training, or was just built,
+    must not sample dropout masks. (A model in training mode is then not for several threads at
+    once: their blocks would switch its modes under each other.)"""
+    if not getattr(model, "training", False):  # as loaded or served: nothing to switch (and no walk
+        yield                                    # over its modules at every decoding step)
+        return
+    modes = [(m, m.training) for m in model.modules() if m.training]
+    for m, _ in modes:
+        m.training = False
     try:
         yield
     finally:
-        if training:
-            model.train(True)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _decoding(model):
+    """What a decoding step runs under, entered anew for each step: a generator that kept it across
+    its `yield`s would leave inference mode (and eval mode) on in the caller's code meanwhile."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    stack.enter_context(eval_mode(model))
+    return stack
 
 
 def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: SamplingParams, *,
@@ -180,13 +194,14 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
     history = [list(p) for p in prompts]
     keep = n_ctx - max(1, n_ctx // 4)  # tokens per row kept when the window slides
     done = finished if finished is not None else [False] * len(prompts)
-    with torch.inference_mode(), eval_mode(model):
+    with _decoding(model):
         window = _Window(model, history, pad_id, max_new_tokens)
         penalize = params.repetition_penalty != 1.0
         sampled = None  # (B, V) how often each row sampled each token: OpenAI's penalties count these
         if params.presence_penalty or params.frequency_penalty:
             sampled = torch.zeros(window.logits.shape, dtype=torch.int32, device=window.device)
-        for step in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        with _decoding(model):
             previous = previous_mask = None
             if penalize:  # the repetition penalty looks at every row's real tokens so far
                 previous, previous_mask = _left_pad(history, pad_id, window.device)
@@ -203,9 +218,10 @@ def generate_tokens(model: "GPT2", prompts: Sequence[Sequence[int]], params: Sam
                     out.top = [dict(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
             for row, t in zip(history, out.tokens):
                 row.append(t)
-            yield out
-            if all(done) or step == max_new_tokens - 1 or (cancel is not None and cancel.is_set()):
-                return
+        yield out
+        if all(done) or step == max_new_tokens - 1 or (cancel is not None and cancel.is_set()):
+            return
+        with _decoding(model):
             if window.full:  # only ever at n_ctx: the cache has room for max_new_tokens otherwise
                 # the window slides for the rows whose own context is full; shorter rows keep theirs,
                 # as they would decoding alone (a row's text must not depend on its batch-mates)
@@ -379,6 +395,16 @@ def _check_options(max_new_tokens: int, n: int, stop) -> tuple[list[str], int, i
     return stops, max_new_tokens, n
 
 
+def _checked_top_logprobs(top_logprobs, model: "GPT2") -> int | None:
+    if top_logprobs is None:
+        return None
+    k = as_integer(top_logprobs)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= model.config.vocab_size:
+        raise GenerationError(f"top_logprobs: expected an integer in [0, {model.config.vocab_size}] (or None), "
+                              f"got {top_logprobs!r}")
+    return k
+
+
 def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str | Sequence[int]], *,
                   max_new_tokens: int = 64, params: SamplingParams | None = None,
                   stop: str | Iterable[str] | None = None, seed: int | None = None, n: int = 1,
@@ -393,12 +419,7 @@ def iter_generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence
         raise GenerationError(f"the model has {model.config.vocab_size} output tokens but the tokenizer only "
                               f"{tokenizer.n_vocab}: they do not belong together")
     check_logit_bias(model, params)
-    if top_logprobs is not None:
-        top_logprobs = as_integer(top_logprobs)
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or \
-                not 0 <= top_logprobs <= model.config.vocab_size:
-            raise GenerationError(f"top_logprobs: expected an integer in [0, {model.config.vocab_size}] (or None), "
-                                  f"got {top_logprobs!r}")
+    top_logprobs = _checked_top_logprobs(top_logprobs, model)
     if not rows:
         return
     if max_new_tokens == 0:
@@ -461,6 +482,7 @@ def generate(model: "GPT2", tokenizer: "Tokenizer", prompts: str | Sequence[str 
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              logit_bias=logit_bias)
     _, max_new_tokens, n = _check_options(max_new_tokens, n, stop)
+    top_logprobs = _checked_top_logprobs(top_logprobs, model)
     prompt_ids = [_prompt_ids(model, tokenizer, p, i) for i, p in enumerate(_as_list(prompts))]
     results = [Completion("", [], "length", i // n, prompt_ids[i // n], top_logprobs=[] if top_logprobs else None)
                for i in range(len(prompt_ids) * n)]
@@ -685,7 +707,11 @@ class _InferenceGPT2(GPT2):
     def to(self, *args, **kwargs) -> "GPT2":
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         weight = self.transformer.wpe.weight
-        if (device is not None and torch.device(device) != weight.device) or (dtype is not None and dtype != weight.dtype):
+        if device is not None:  # "cpu" and "cpu:0" are one device
+            device = torch.device(device)
+            moves = device.type != weight.device.type or None not in (device.index, weight.device.index) and \
+                device.index != weight.device.index
+        if (device is not None and moves) or (dtype is not None and dtype != weight.dtype):
             raise self._refuse(f".to({device or dtype})", "load it in that form instead: load_for_inference(path, "
                                "dtype=..., device=...)")
         return self

@@ -1195,8 +1195,9 @@ def _broken_pool_is_an_error(workers: int):
     try:
         yield
     except cf.process.BrokenProcessPool:
-        raise OverlapError(f"a worker process ended abruptly (killed, or out of memory?): run it again with fewer "
-                           f"than {workers} --workers") from None
+        raise OverlapError(f"a worker process failed (its error is printed above), was killed or ran out of memory: "
+                           f"run it again (out of memory: with fewer than {workers} workers; failed at its start: "
+                           f"with the script's work under `if __name__ == \"__main__\":`)") from None
 
 
 _shared = None  # in a worker process of `_map`: the parent's count of documents read, and its stop flag

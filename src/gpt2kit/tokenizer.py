@@ -634,9 +634,15 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TokenizerError("encode_batch expects a list of texts, got one str (use encode)")
         texts, allowed = list(texts), self._allowed(allowed_special)
+        if num_threads is not None and not isinstance(num_threads, bool):
+            try:
+                num_threads = operator.index(num_threads)  # numpy's and torch's integers too
+            except TypeError:
+                pass  # refused below
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                        or num_threads < 1):
-            raise TokenizerError(f"num_threads: expected an integer >= 1 (or None: one per CPU), got {num_threads!r}")
+                                        or num_threads < 0):
+            raise TokenizerError(f"num_threads: expected an integer >= 1 (or 0 or None: one per CPU), got "
+                                 f"{num_threads!r}")
         for i, t in enumerate(texts):  # before the engines (the fast one takes len() of each)
             if not isinstance(t, str):
                 raise TokenizerError(f"texts[{i}]: expected text (str), got {type(t).__name__}")
@@ -662,14 +668,26 @@ class Tokenizer:
         table, n = self._id_to_bytes, self.n_vocab
         return b"".join([table[_token_id(i, n)] for i in ids])
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """The text of the tokens; a UTF-8 character split across the end (or any invalid byte
-        sequence) becomes U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        sequence) becomes U+FFFD (`errors` as in bytes.decode: "strict" raises instead)."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        """`decode` of each sequence (a list of lists, or a 2-D array or tensor: one per row)."""
-        return [self.decode(ids) for ids in batch]
+    def decode_batch(self, batch: Iterable[Iterable[int]], *, errors: str = "replace",
+                     num_threads: int | None = None) -> list[str]:
+        """`decode` of each sequence (a list of lists, or a 2-D array or tensor: one per row).
+        `num_threads` is tiktoken's argument, taken for its callers: decoding is a table lookup
+        per token, which one thread does at memory speed."""
+        if getattr(batch, "ndim", 2) != 2:
+            raise TokenizerError(f"decode_batch: expected a 2-D batch (one sequence of token ids per row), got "
+                                 f"{batch.ndim} dimensions")
+        out = []
+        for i, ids in enumerate(batch):
+            try:
+                out.append(self.decode(ids, errors=errors))
+            except TokenizerError as e:  # (an int here: a single sequence was passed as the batch)
+                raise type(e)(f"batch[{i}]: {e}") from None
+        return out
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes of one token."""

@@ -92,6 +92,10 @@ def check_tensors(shapes: dict[str, tuple[int, ...]], config: GPT2Config, source
 def to_hf_state_dict(model: "GPT2") -> dict[str, torch.Tensor]:
     """Our parameters under HF GPT2LMHeadModel names, Conv1D layout, without vocab padding;
     the tied `lm_head.weight` is left out (HF re-ties it)."""
+    form = getattr(model, "inference_form", None)
+    if form:  # gpt2kit.generate's: its layers are packed or int8 copies that the state dict lacks
+        raise WeightsError(f"this model is an inference form ({form}), whose layers are not parameters: save the "
+                           f"model that GPT2.from_pretrained loads (or the one you trained)")
     V = model.config.vocab_size
     out = {}
     for name, t in model.state_dict().items():
@@ -212,9 +216,17 @@ def config_from_hf(path: Path, **overrides: Any) -> GPT2Config:
                   vocab_size=d.get("vocab_size", 50257), n_ctx=d.get("n_positions", d.get("n_ctx", 1024)),
                   dropout=number("resid_pdrop", 0.0), layer_norm_epsilon=number("layer_norm_epsilon", 1e-5))
     try:
-        return GPT2Config(**{**fields, **overrides})
+        config = GPT2Config(**fields)
     except ConfigError as e:
         raise WeightsError(f"{path}: {e}") from None
+    return _overridden(config, overrides)
+
+
+def _overridden(config: GPT2Config, overrides: dict[str, Any]) -> GPT2Config:
+    try:
+        return dataclasses.replace(config, **overrides)
+    except ConfigError as e:  # a value passed to from_pretrained, not the file's
+        raise WeightsError(f"from_pretrained: {e}") from None
     except TypeError as e:
         raise WeightsError(f"{path}: {e}") from None
 
@@ -503,13 +515,14 @@ def config_from_hparams(hparams_path: Path, **overrides: Any) -> GPT2Config:
     """GPT2Config from OpenAI's hparams.json."""
     h = _read_json(hparams_path)
     try:
-        return GPT2Config(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"],
-                          vocab_size=h["n_vocab"], n_ctx=h["n_ctx"], **overrides)
+        config = GPT2Config(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"],
+                            vocab_size=h["n_vocab"], n_ctx=h["n_ctx"])
     except KeyError as e:
         raise WeightsError(f"{hparams_path}: missing key {e.args[0]!r} (expected n_vocab, n_ctx, n_embd, "
                            f"n_head, n_layer)") from None
     except (ConfigError, TypeError) as e:
         raise WeightsError(f"{hparams_path}: {e}") from None
+    return _overridden(config, overrides)
 
 
 def load_openai_folder(folder: Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -756,10 +769,11 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str
     torch dtype or its name; "auto" keeps the stored one; None (the default) is float32, as in
     transformers 4 (training wants float32 weights whatever a checkpoint holds); transformers 4's
     name for it, `torch_dtype`, is taken too. Other keyword arguments replace GPT2Config fields."""
-    if "torch_dtype" in overrides:
+    torch_dtype = overrides.pop("torch_dtype", None)
+    if torch_dtype is not None:
         if dtype is not None:
             raise WeightsError("from_pretrained: dtype and torch_dtype given both; pass dtype alone")
-        dtype = overrides.pop("torch_dtype")
+        dtype = torch_dtype
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GPT2Config)})
     if unknown:
         raise WeightsError(f"from_pretrained: unexpected argument(s) {', '.join(unknown)}; it takes dtype, device "
