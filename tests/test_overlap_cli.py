@@ -374,3 +374,49 @@ def test_fpr_takes_its_seed_and_1e6_samples_by_default(cli, tmp_path):
     assert lines[0] != lines[1] and 100 < int(lines[0]) < 1000, lines
     r = cli("overlap", "fpr", str(tmp_path / "f.bloom"))  # the paper's 1M random 8-grams unless told
     assert r.returncode == 0 and " of 1,000,000 random 8-grams reported present" in r.stdout, r.stderr
+
+
+def test_merge_refuses_an_overfilled_union_unless_allowed(cli, tmp_path):
+    # each half fits a capacity of 1,000; their union (1,758 distinct 8-grams) does not
+    train, _, _ = _corpus(tmp_path)
+    files = sorted(train.iterdir())
+    for name, part in (("p1", files[:3]), ("p2", files[3:])):
+        r = cli("overlap", "build", "--out", str(tmp_path / f"{name}.bloom"), "--capacity", "1000", "--fpr", "1e-3",
+                *map(str, part))
+        assert r.returncode == 0, r.stderr
+    args = ("overlap", "merge", str(tmp_path / "p1.bloom"), str(tmp_path / "p2.bloom"),
+            "--out", str(tmp_path / "m.bloom"))
+    _one_line_error(cli(*args), "more than its capacity 1,000", "or --allow-overfill")
+    assert not (tmp_path / "m.bloom").exists()
+    r = cli(*args, "--allow-overfill")
+    assert r.returncode == 0 and r.stdout.startswith("merged 2 filters -> "), r.stderr
+    assert "warning: the filter holds ~" in r.stderr and "more than its capacity 1,000" in r.stderr
+    assert "1,758 8-grams from 6 documents" in r.stdout and (tmp_path / "m.bloom").is_file()
+
+
+def test_fpr_reports_each_rate_in_its_place(cli, tmp_path):
+    import re
+
+    train, _, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--capacity", "2000", "--fpr", "0.3", "--out", str(tmp_path / "f.bloom"), str(train))
+    assert r.returncode == 0, r.stderr
+    r = cli("overlap", "fpr", str(tmp_path / "f.bloom"), "--samples", "2000", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    m = re.fullmatch(r"(\d+) of 2,000 random 8-grams reported present: measured false-positive rate (\S+) "
+                     r"\(95% upper bound (\S+)\); expected at this fill (\S+); configured bound (\S+)\n", r.stdout)
+    assert m, r.stdout
+    hits, measured, upper, expected, bound = int(m[1]), *map(float, m.groups()[1:])
+    assert measured == float(f"{hits / 2000:.3g}") and measured < upper < 1.5 * measured
+    info = json.loads(cli("overlap", "info", str(tmp_path / "f.bloom")).stdout)
+    assert expected == float(f"{info['stats']['achieved_fpr']:.3g}") and bound == 0.3
+    assert expected != bound  # the filter holds fewer 8-grams than its capacity
+
+
+def test_top_zero_keeps_no_passages(cli, tmp_path):
+    train, a, _ = _corpus(tmp_path)
+    r = cli("overlap", "build", "--exact", "--out", str(tmp_path / "f.exact"), str(train))
+    assert r.returncode == 0, r.stderr
+    r = cli("overlap", "query", str(tmp_path / "f.exact"), str(a), "--top", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)["results"]
+    assert res["hits"] == 143 and res["top_passages"] == []  # counted all the same, none kept
