@@ -82,7 +82,8 @@ def test_summary_lines():
     assert s("links", {"dump_files": 2, "lines": 12345, "bad_lines": 1000, "truncated_files": 1, "kept": 2000,
                        "links": 1500}, "W") == \
         "links: 2 dumps, 12,345 lines (1,000 bad, 1 truncated files), 2,000 posts kept, 1,500 unique links -> W/links"
-    assert s("links", {}, "W") == "links: 0 dumps, 0 lines (0 bad, 0 truncated files), 0 posts kept, 0 unique links -> W/links"
+    assert s("links", {}, "W") == \
+        "links: 0 dumps, 0 lines (0 bad, 0 truncated files), 0 posts kept, 0 unique links -> W/links"
     assert s("fetch", {"urls": 3000, "status": {"ok": 2500, "robots": 0, "http_404": 500}, "bytes": 1234567,
                        "skipped_tasks": 4}, "W") == \
         "fetch: 3,000 URLs (ok 2,500, http_404 500), 1,234,567 bytes -> W/fetch (4 tasks already done, skipped)"
@@ -108,7 +109,8 @@ def test_links_stage_end_to_end_prints_its_summary(tmp_path, capsys):
     assert main(["webtext", "links", str(work), str(dump), "--shards", "2", "--block-subreddit", "spam",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"links: 1 dumps, 5 lines (1 bad, 0 truncated files), 2 posts kept, 2 unique links -> {work}/links ["), out
+    assert out.startswith("links: 1 dumps, 5 lines (1 bad, 0 truncated files), 2 posts kept, "
+                          f"2 unique links -> {work}/links ["), out
     assert out.endswith(" s]\n") and out.count("\n") == 1
     # again: the stage is complete, nothing is redone, and the line says so
     assert main(["webtext", "links", str(work), str(dump), "--shards", "2", "--block-subreddit", "spam",
