@@ -123,6 +123,16 @@ def test_wikipedia_markers_in_the_markup_extraction_drops(markup):
     assert is_wikipedia_copy(page, "A flood is water where it is not wanted.")
 
 
+def test_wikipedia_markers_anywhere_in_a_long_text_or_a_long_head():
+    # the licence line closes a long copied text
+    assert is_wikipedia_copy(b"<p>a copy</p>", ENGLISH * 5 + "\nRetrieved from https://en.wikipedia.org/wiki/Flood")
+    # a head of inline styles before the canonical link of another language edition
+    style = "<style>" + ".mw-body { margin: 0 } " * 1000 + "</style>"
+    for host in ("en.wikipedia.org", "zh-min-nan.wikipedia.org", "be-tarask.m.wikipedia.org"):
+        page = html(f"<p>{ENGLISH}</p>", f"{style}<link rel='canonical' href='https://{host}/wiki/Flood'>")
+        assert len(page) > 20_000 and is_wikipedia_copy(page, ENGLISH), host
+
+
 @pytest.mark.parametrize("markup", [
     b"<p>Retrieved from <a href='https://example.org/flood'>the archive</a> in 2017.</p>",
     b"<p>Read <a href='https://en.wikipedia.org/wiki/Flood'>the Wikipedia article</a>.</p>",
@@ -176,6 +186,12 @@ def test_a_wikipedia_footer_far_below_the_article_marks_a_copy():
 ])
 def test_extract_page_drops_wikipedia_by_the_host_of_the_url(url, verdict):
     assert extract_page(html(f"<p>{ENGLISH}</p>"), url, ExtractConfig(min_words=40))[0] == verdict
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=windows-1252", 'text/html; charset="windows-1252"',
+                                          "text/html; charset='windows-1252'", "text/html;charset = windows-1252"])
+def test_decode_html_reads_the_header_charset_quoted_or_not(content_type):
+    assert decode_html("<p>“café”</p>".encode("cp1252"), content_type) == "<p>“café”</p>"
 
 
 def test_decode_html_falls_back_from_a_wrong_or_unknown_header_to_the_meta_tag():
