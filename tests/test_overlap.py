@@ -635,6 +635,28 @@ def test_merge_refuses_a_filter_named_twice(planted, tmp_path, monkeypatch):
     assert not (tmp_path / "m.bloom").exists()
 
 
+def test_out_never_replaces_an_input_or_a_file_that_is_no_filter(planted, tmp_path):
+    # a text file (even one being read) was silently replaced by the filter
+    (a, _), _, _, _ = planted
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = corpus / "doc.txt"
+    text.write_bytes(Path(a).read_bytes())
+    with pytest.raises(OverlapError, match=rf"^--out {re.escape(str(text))}: is one of the inputs; choose another"):
+        build_filter([corpus], text, capacity=20_000, fpr=1e-6)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(OverlapError, match=rf"^--out {re.escape(str(notes))}: exists and is not a gpt2kit filter"):
+        build_filter([corpus], notes, capacity=20_000, fpr=1e-6)
+    build_filter([corpus], tmp_path / "f.bloom", capacity=20_000, fpr=1e-6)
+    with pytest.raises(OverlapError, match="exists and is not a gpt2kit filter"):
+        merge_filters([tmp_path / "f.bloom"], notes)
+    assert text.read_bytes() == Path(a).read_bytes() and notes.read_text() == "my notes"
+    # a filter is rebuilt, or merged into, as before
+    build_filter([corpus], tmp_path / "f.bloom", capacity=20_000, fpr=1e-6)
+    merge_filters([tmp_path / "f.bloom"], tmp_path / "f.bloom")
+
+
 def _with_header(src, dst, **changes):
     """A copy of filter file `src` with header fields changed (None: removed) and a valid CRC: a
     file written by another tool or edited by hand, not damaged on disk."""

@@ -1062,6 +1062,15 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, what: str = "
     return check_output_path(path, folder=folder, what=what, error=OverlapError)
 
 
+def _check_replaceable(out: Path, inputs: Sequence[Path] = ()) -> None:
+    """An --out that exists may be a filter (rebuilt, or merged into), never one of a build's text
+    inputs or a file of another kind: it would be lost, replaced by the filter."""
+    if any(out.resolve() == Path(p).resolve() for p in inputs):
+        raise OverlapError(f"--out {out}: is one of the inputs; choose another file")
+    if out.is_file() and not is_filter_file(out):
+        raise OverlapError(f"--out {out}: exists and is not a gpt2kit filter; remove it or choose another file")
+
+
 def _whole(value, option: str, minimum: int) -> int:
     """`value` as an int, if it is a whole number >= `minimum` (1e6 and numpy integers are; 2.5 and
     True are not)."""
@@ -1109,6 +1118,7 @@ def build_filter(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
             optimal_parameters(capacity, fpr)
     out = check_output(out)
     files = expand_sources(inputs)
+    _check_replaceable(out, files)
     out.parent.mkdir(parents=True, exist_ok=True)
     jobs = _plan(files, 1 if exact else workers, field, split)
     if exact:
@@ -1275,6 +1285,7 @@ def merge_filters(paths: str | os.PathLike | Sequence[str | os.PathLike], out: s
     if len(paths) < 1:
         raise OverlapError("merge needs at least one filter")
     out = check_output(out)
+    _check_replaceable(out)
     seen = set()
     for p in paths:
         if Path(p).resolve() in seen:  # its bits would OR in harmlessly, but its counts add up twice
