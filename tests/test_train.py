@@ -622,6 +622,18 @@ def test_too_little_text_for_one_window_names_the_data_and_block_size(shards, tm
     assert not (tmp_path / "run").exists()  # refused before any output
 
 
+def test_a_validation_split_shorter_than_a_window_is_evaluated_in_windows_of_its_length(shards, tmp_path):
+    # windows of block_size + 1 tokens do not fit in it: the validation windows are as long as it allows
+    (tmp_path / "t.txt").write_text("".join(f"KING. Speak, speak {i}: a word or two.\n\n" for i in range(300)))
+    data = tmp_path / "data"
+    prepare([tmp_path / "t.txt"], data, tokenizer=str(shards.parent / "tok"), val_fraction=0.01, segment_chars=20, workers=1,
+            progress=False)
+    n_val = len(TokenStream(data, "val"))
+    assert 1 < n_val < 129
+    s = T.train(cfg_for(data, tmp_path / "run", block_size=128, max_steps=1, tensorboard=False))
+    assert s["val_loss"] is not None and 0 < s["val_loss"] < 2 * math.log(384)
+
+
 def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(shards, tmp_path):
     # the resumed writer purged events from the checkpoint's step on, though that step is not run
     # again: TensorBoard lost the loss and the validation loss of every step a run resumed from
@@ -801,6 +813,12 @@ def test_throughput_after_a_resume_counts_the_steps_run_since(shards, tmp_path):
     first = next(r for r in recs if r.get("step") == 8 and "tok_per_s" in r)
     tokens_per_step = first["tokens"] // 8
     assert first["tok_per_s"] * first["time_s"] <= 1.5 * tokens_per_step  # ~1 step's tokens in the time since start
+    # every record's rate covers the steps since the record before it (its time_s and tok_per_s come from one clock
+    # reading: exact up to the rounding of time_s to the millisecond, 1 ms at most on the difference)
+    logged = {r["step"]: r for r in recs if "tok_per_s" in r}
+    for a, b in ((4, 7), (8, 12)):
+        rate, took = logged[b]["tok_per_s"], logged[b]["time_s"] - logged[a]["time_s"]
+        assert abs(rate * took - (b - a) * tokens_per_step) <= rate * 0.001 + 1, (a, b, logged[a], logged[b])
 
 
 def test_bad_config_files_and_values(tmp_path):
