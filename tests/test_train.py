@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -831,6 +832,7 @@ def test_bad_config_files_and_values(tmp_path):
                                 ("grad_clip", "nan", "grad_clip must not be negative"),
                                 ("dropout", "1", r"dropout must be in \[0, 1\)"),
                                 ("lr", "0", "lr must be positive"),
+                                ("lr", "inf", "lr must be positive and finite, got inf"),  # trained to NaN
                                 ("keep_last", "0", "keep_last must be at least 1, got 0"),  # ([-0:] keeps all)
                                 ("min_lr", "1e-3", r"expected 0 <= min_lr <= lr, got min_lr=0.001, lr=0.0006"),
                                 ("min_lr", "-1e-5", r"expected 0 <= min_lr <= lr, got min_lr=-1e-05"),
@@ -888,6 +890,22 @@ def test_what_a_kill_while_saving_left_is_removed_by_the_next_save(shards, tmp_p
     assert [e["name"] for e in json.loads((out / "checkpoints.json").read_text())["checkpoints"]] == ["step_0000006"]
 
 
+def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path):
+    # lr inf (now refused) ran to the end with exit 0, NaN losses, and a NaN checkpoint as "best"
+    import torch
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    T.train(cfg_for(shards, out, max_steps=2, eval_interval=2, threads=threads + 1))
+    assert torch.get_num_threads() == threads  # the caller's setting is back
+    with pytest.raises(T.TrainError, match=rf"^step \d+: the training loss is nan: the run diverged \(lr 1e\+30 too "
+                                           rf"high\?\); nothing more is saved; the last checkpoint is "
+                                           rf"{re.escape(str(out / 'checkpoints' / 'step_0000002'))}$"):
+        T.train(cfg_for(shards, out, max_steps=6, eval_interval=2, log_interval=1, lr=1e30, resume=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert torch.get_num_threads() == threads
+
+
 def test_a_damaged_checkpoint_removed_as_told_resumes_from_the_one_before(shards, tmp_path, caplog):
     # "remove the folder (and its entry in checkpoints.json)" left "latest" and "best" naming it:
     # the next resume failed with "not a training checkpoint", and only editing the JSON helped
@@ -909,6 +927,14 @@ def test_a_damaged_checkpoint_removed_as_told_resumes_from_the_one_before(shards
     assert [e["name"] for e in index["checkpoints"]][-2:] == ["step_0000006", "step_0000008"]
     assert all((out / "checkpoints" / e["name"]).is_dir() for e in index["checkpoints"])
     assert (out / "best").resolve().is_dir() and (out / "latest").resolve() == (out / "checkpoints" / "step_0000008")
+    # with none left before it: said once, not twice ("missing" and then "no checkpoint to resume from")
+    caplog.clear()
+    for folder in (out / "checkpoints").iterdir():
+        shutil.rmtree(folder)
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, out, max_steps=2, eval_interval=2, resume=True))
+    assert "missing; resuming from the checkpoint before it (none: starting over)" in caplog.text
+    assert "no checkpoint to resume from" not in caplog.text
 
 
 def test_full_disk_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):

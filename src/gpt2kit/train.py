@@ -212,8 +212,8 @@ def _validate(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: {k} must be in [0, 1), got {getattr(cfg, k)}")
     if not 0 <= cfg.seed < 2**63:  # numpy's seed sequences refuse negatives; torch's, 2**64 and up
         raise ConfigError(f"{source}: seed must be in [0, 2**63), got {cfg.seed}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"{source}: lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.lr < math.inf:
+        raise ConfigError(f"{source}: lr must be positive and finite, got {cfg.lr}")
     if 0 < cfg.lr_decay_steps < cfg.warmup_steps:
         raise ConfigError(f"{source}: lr_decay_steps ({cfg.lr_decay_steps}) ends the cosine decay before the "
                           f"warm-up ends (warmup_steps {cfg.warmup_steps}); expected lr_decay_steps >= warmup_steps")
@@ -1160,6 +1160,14 @@ def _set_rng_state(state: dict, device) -> None:
 _COMPARED = ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
 
 
+def _check_finite(what: str, loss: float, step: int, cfg: TrainConfig, ckpts: "Checkpoints") -> None:
+    """Stop a run that diverged before it saves a checkpoint of NaN weights (as the best one)."""
+    if not math.isfinite(loss):
+        last = ckpts.latest()
+        raise TrainError(f"step {step}: the {what} is {loss}: the run diverged (lr {cfg.lr:g} too high?); nothing "
+                         f"more is saved; the last checkpoint is {last or 'none'}")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (steps, losses, checkpoint paths, timing)."""
     torch = _import_torch()
@@ -1202,13 +1210,14 @@ def _train(cfg: TrainConfig) -> dict:
     out = check_output_path(cfg.out_dir, folder=True, what="out_dir", error=TrainError)  # before the model is built
     ckpts = Checkpoints(out, cfg.keep_last)
     resume_from = ckpts.latest() if cfg.resume else None
-    if cfg.resume and dist_.main and ckpts.index()["latest"] not in (None, getattr(resume_from, "name", None)):
+    named = ckpts.index()["latest"]  # what the index names; resume_from: what is there
+    if cfg.resume and dist_.main and named not in (None, getattr(resume_from, "name", None)):
         log.warning("%s: missing; resuming from the checkpoint before it (%s)",
-                    ckpts.root / ckpts.index()["latest"], resume_from or "none: starting over")
+                    ckpts.root / named, resume_from or "none: starting over")
     if cfg.resume and dist_.enabled:
         _check_same_checkpoint(resume_from, dist_, out)
     if cfg.resume and resume_from is None:
-        if dist_.main:
+        if dist_.main and named is None:  # (else just said, with what is missing)
             # a warning: the first start of a requeued job, or a mistyped out_dir that trains from zero
             log.warning("%s: no checkpoint to resume from; starting from scratch", out)
     elif not cfg.resume and ckpts.latest() is not None:
@@ -1459,6 +1468,7 @@ def _train(cfg: TrainConfig) -> dict:
                 stopped = reason
             if step % cfg.log_interval == 0 or step == cfg.max_steps or stopped:
                 last_loss = float(_all_mean(loss_sum / accum, dist_))
+                _check_finite("training loss", last_loss, step, cfg, ckpts)  # (the same on every rank)
                 if dist_.main:
                     now = time.perf_counter()
                     tps = tokens_per_step * (step - logged_step) / max(now - t_last, 1e-9)
@@ -1482,6 +1492,7 @@ def _train(cfg: TrainConfig) -> dict:
             if (step % cfg.eval_interval == 0 or step == cfg.max_steps or stopped) and not signal_stop:
                 val_loss = evaluate()
                 if val_loss is not None:
+                    _check_finite("validation loss", val_loss, step, cfg, ckpts)
                     last_val = val_loss
                     best_val = min(best_val, val_loss)
                     if dist_.main:
