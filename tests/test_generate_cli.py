@@ -64,6 +64,8 @@ def test_stdin_prompt_interactive_and_errors(cli, checkpoint, capsys, monkeypatc
     assert r.stdout.decode() == "".join(w + "\n" for w in want)
     assert main(["generate", "--model", str(folder), "x", "--device", "bogus"]) == 2
     assert capsys.readouterr().err == "gpt2kit: error: device 'bogus': expected cpu, cuda or cuda:N\n"
+    assert main(["generate", "--model", str(folder), "x", "--device", "meta"]) == 2  # (was a traceback)
+    assert capsys.readouterr().err == "gpt2kit: error: device 'meta': expected cpu, cuda or cuda:N\n"
     assert main(["generate", "--model", str(folder), "x", "--device", "cuda:99"]) == 2  # no machine has that many
     assert capsys.readouterr().err.startswith("gpt2kit: error: device 'cuda:99': ")
     assert main(["generate", "--model", str(folder), "x", "--seed", str(2**70)]) == 2

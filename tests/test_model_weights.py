@@ -745,6 +745,9 @@ def test_devices_a_machine_lacks_are_refused_before_reading_weights(hf_folder, m
         GPT2.from_pretrained(str(hf_folder), device="cuda:2")
     with pytest.raises(WeightsError, match=r"^device 'gpu': expected cpu, cuda or cuda:N$"):
         GPT2.from_pretrained(str(hf_folder), device="gpu")
+    for other in ("meta", "mps", torch.device("meta")):  # torch knows them; gpt2kit does not run there
+        with pytest.raises(WeightsError, match=r"^device .*: expected cpu, cuda or cuda:N$"):
+            GPT2.from_pretrained(str(hf_folder), device=other)
 
 
 def test_config_of_a_preset_name_needs_no_files(tmp_path, monkeypatch):

@@ -318,3 +318,18 @@ def test_sample_draws_from_bf16_logits_as_from_their_float32_values():
     a = sample(logits, torch.Generator().manual_seed(3))
     b = sample(logits.float(), torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_nan_logits_are_one_error_not_a_traceback_or_nonsense():
+    # a checkpoint of diverged (NaN) weights: multinomial raised "probability tensor contains
+    # either inf, nan or element < 0", and greedy decoding printed whatever argmax chose
+    logits = torch.zeros(2, 5)
+    logits[1, 3] = float("nan")
+    with pytest.raises(SamplingError, match=r"^the next-token probabilities are NaN: the model's logits are NaN or "):
+        select_tokens(logits, SamplingParams())
+    with pytest.raises(SamplingError, match=r"^the model's logits are NaN \(damaged or diverged weights\?\)$"):
+        select_tokens(logits, SamplingParams(do_sample=False))
+    fine = torch.zeros(2, 5)
+    fine[:, 2] = 50.0
+    assert select_tokens(fine, SamplingParams()).tolist() == [2, 2]
+    assert select_tokens(fine, SamplingParams(do_sample=False)).tolist() == [2, 2]
