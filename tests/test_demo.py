@@ -72,6 +72,8 @@ def test_bad_options_fail_before_any_work(cli, tmp_path):
              (("--preset", "bogus"), "unknown model preset 'bogus'"),
              (("--out", str(tmp_path / "file")), "exists and is not a folder"),
              (("--vocab-size", "70000"), "--vocab-size: at most 65536 (token shards hold uint16 ids), got 70000"),
+             # 0 ran the demo with the default 4096 tokens
+             (("--vocab-size", "0"), "--vocab-size: at least 257 (the 256 bytes and <|endoftext|>), got 0"),
              ((), f"--corpus: {corpus.stat().st_size:,} bytes of text; the demo needs at least 10,000")]
     for args, message in cases:
         r = cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "out"), *args)

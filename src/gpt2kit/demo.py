@@ -188,6 +188,8 @@ def _demo(minutes: float, *, out_dir: str | os.PathLike, corpus: str | os.PathLi
         raise ConfigError(f"--minutes must be a positive number, got {minutes}")
     if vocab_size > 65536:  # (else found by prepare, after the vocabulary is learned)
         raise ConfigError(f"--vocab-size: at most 65536 (token shards hold uint16 ids), got {vocab_size}")
+    if vocab_size < 257:  # (else found once the corpus is read)
+        raise ConfigError(f"--vocab-size: at least 257 (the 256 bytes and <|endoftext|>), got {vocab_size}")
     t0 = time.perf_counter()
     out = check_output_path(out_dir, folder=True, what="--out")
     data_dir, run_dir = out / "data", out / "run"

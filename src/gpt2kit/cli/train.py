@@ -186,7 +186,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         report = demo(minutes=args.minutes, out_dir=args.out, corpus=args.corpus, preset=args.preset,
-                      vocab_size=args.vocab_size or DEMO_VOCAB, threads=args.threads, seed=args.seed, progress=True)
+                      vocab_size=DEMO_VOCAB if args.vocab_size is None else args.vocab_size, threads=args.threads, seed=args.seed, progress=True)
     except Stopped as e:
         print(f"gpt2kit: demo {e} (no report: run `gpt2kit demo` again to start over)", file=sys.stderr)
         return _EXIT_CODES[e.signal_name]

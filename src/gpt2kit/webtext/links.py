@@ -60,6 +60,9 @@ TRACKING_PARAMS = frozenset(
 )
 
 
+MAX_SHARDS = 4096  # a part file per shard per task: 10^8 of them ran the file system out of inodes
+
+
 @dataclass(frozen=True)
 class LinksConfig:
     min_score: int = 3
@@ -70,7 +73,7 @@ class LinksConfig:
     drop_over_18: bool = False
 
     def __post_init__(self):
-        check_int("--shards", self.shards, 1)
+        check_int("--shards", self.shards, 1, MAX_SHARDS)
         self.cutoff_timestamp()
         # a URL or an upper-case name here would match no post, and the option would do nothing
         for d in self.blocked_domains:

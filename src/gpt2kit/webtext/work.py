@@ -53,9 +53,11 @@ class WebTextError(GPT2KitError):
 # stage before the early stages spend hours; the messages name the CLI flag the value came from.
 
 
-def check_int(flag: str, value, minimum: int) -> None:
+def check_int(flag: str, value, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise WebTextError(f"{flag}: expected an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise WebTextError(f"{flag}: expected at most {maximum}, got {value!r}")
 
 
 def check_seconds(flag: str, value, *, zero_ok: bool) -> None:
