@@ -147,6 +147,19 @@ def test_prepare_resume_after_interruption_and_workers_give_identical_shards(cor
     assert len(progress["train"]["shards"]) + len(progress["val"]["shards"]) == 3
     with pytest.raises(D.DataError, match="unfinished"):
         D.TokenStream(tmp_path / "cut", "train")
+    # a recorded shard cut short (or gone) since: refused, not resumed over (meta.json then
+    # claimed tokens that the shards do not hold)
+    import shutil
+
+    shutil.copytree(tmp_path / "cut", tmp_path / "damaged")
+    first = tmp_path / "damaged" / progress["train"]["shards"][0]
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(D.DataError, match=rf"^{re.escape(str(first))}: 100 bytes, expected 512 \(a damaged shard of an "
+                                          rf"unfinished run\); delete {re.escape(str(tmp_path / 'damaged'))} to prepare"):
+        D.prepare([corpus], tmp_path / "damaged", **kw)
+    first.unlink()
+    with pytest.raises(D.DataError, match=rf"^{re.escape(str(first))}: missing, expected 512 "):
+        D.prepare([corpus], tmp_path / "damaged", **kw)
     calls.clear()
     resumed = D.prepare([corpus], tmp_path / "cut", **kw)
     assert len(calls) == len(ref["splits"]["train"]["shards"]) + len(ref["splits"]["val"]["shards"]) - 3

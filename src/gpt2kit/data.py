@@ -350,6 +350,13 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
         if state.get("segmenting") != _SEGMENTING:
             raise DataError(f"{progress_path}: an unfinished run by an older gpt2kit, which cut segments "
                             "differently; delete the folder or choose another --out")
+        for split in SPLITS:  # each a full shard when recorded: one cut short since would resume silently
+            for name in state[split]["shards"]:
+                size = (out / name).stat().st_size if (out / name).is_file() else None
+                if size != shard_tokens * np.dtype(DTYPE).itemsize:
+                    raise DataError(f"{out / name}: {'missing' if size is None else f'{size:,} bytes'}, expected "
+                                    f"{shard_tokens * np.dtype(DTYPE).itemsize:,} (a damaged shard of an unfinished "
+                                    f"run); delete {out} to prepare it again")
         log.info("%s: resuming after %s", out, ", ".join(f"{len(state[s]['shards'])} {s} shards" for s in SPLITS))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer")
