@@ -890,6 +890,20 @@ def test_what_a_kill_while_saving_left_is_removed_by_the_next_save(shards, tmp_p
     assert [e["name"] for e in json.loads((out / "checkpoints.json").read_text())["checkpoints"]] == ["step_0000006"]
 
 
+def test_a_resume_with_other_batches_says_so(shards, tmp_path, caplog):
+    # the docs promise a bit-exact resume; --block_size 16 on a block-32 run changed it silently
+    out = tmp_path / "run"
+    T.train(cfg_for(shards, out, max_steps=2, eval_interval=2))
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, out, max_steps=4, eval_interval=2, block_size=16, batch_size=4, resume=True))
+    assert (f"{out / 'checkpoints' / 'step_0000002'}: resumed with other batches (block_size 16, was 32; batch_size 4, "
+            f"was 8): from step 2 on, the run differs from one that was never stopped") in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, out, max_steps=6, eval_interval=2, block_size=16, batch_size=4, resume=True))
+    assert "resumed with other batches" not in caplog.text
+
+
 def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path):
     # lr inf (now refused) ran to the end with exit 0, NaN losses, and a NaN checkpoint as "best"
     import torch

@@ -1266,6 +1266,11 @@ def _train(cfg: TrainConfig) -> dict:
                                   f"validation windows would change; pass --seed {seed}")
         if dist_.main:
             _warn_if_the_rate_moves(cfg, state.get("config", {}), state["step"], resume_from)
+            changed = [f"{k} {getattr(cfg, k)}, was {state['config'][k]}" for k in ("block_size", "batch_size")
+                       if k in state.get("config", {}) and state["config"][k] != getattr(cfg, k)]
+            if changed:  # (a continued run may mean it: say that it is no longer the uninterrupted one)
+                log.warning("%s: resumed with other batches (%s): from step %d on, the run differs from one that "
+                            "was never stopped", resume_from, "; ".join(changed), state["step"])
             if state.get("data_content", data_content(meta)) != data_content(meta):  # (a continued run may mean it)
                 log.warning("%s: trained on other shards than %s (the same tokenizer, other shard names or token "
                             "counts): the batches from step %d on come from these", resume_from, cfg.data, state["step"])
