@@ -130,6 +130,10 @@ def test_a_bad_num_samples_is_named_by_its_flag(checkpoint, capsys):
     for value in ("0", "-1"):
         assert main(["generate", "--model", str(folder), "x", "--num-samples", value]) == 2
         assert capsys.readouterr().err == f"gpt2kit: error: --num-samples: expected an integer >= 1, got {value}\n"
+    # one batch: 10^8 samples grew memory silently until the process was killed
+    assert main(["generate", "--model", str(folder), "x", "--num-samples", "129"]) == 2
+    assert capsys.readouterr().err == ("gpt2kit: error: --num-samples: at most 128 (they decode as one batch), got 129; "
+                                       "run it again with another --seed for more\n")
 
 
 def test_top_k_and_repetition_penalty_reach_the_decoding(checkpoint, capsys):

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a sample where TEXT appears (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="the same seed and --num-samples give the same text")
-    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt, decoded as one batch (default 1, at most 128)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per sample (prompt, text, token ids, finish reason)")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
@@ -142,6 +142,9 @@ def _check_greedy(args) -> None:
                            "or --temperature 0); drop them, or sample")
 
 
+MAX_SAMPLES = 128  # the server's most completions per request, too
+
+
 def run(args) -> int:
     from ..corpus import decode_utf8
     from ..errors import GPT2KitError
@@ -149,6 +152,9 @@ def run(args) -> int:
 
     if args.num_samples < 1:
         raise GPT2KitError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
+    if args.num_samples > MAX_SAMPLES:  # one batch, with a KV cache row each: 10^8 ran out of memory, silently
+        raise GPT2KitError(f"--num-samples: at most {MAX_SAMPLES} (they decode as one batch), got {args.num_samples}; "
+                           f"run it again with another --seed for more")
     if args.interactive and args.prompt is not None:
         raise GPT2KitError("--interactive reads its prompts from stdin: give no PROMPT argument")
     if args.max_new_tokens < 0:
