@@ -236,10 +236,10 @@ def test_links_a_lone_surrogate_in_a_url_is_a_bad_url_not_a_crash(tmp_path):
     assert (totals["bad_url"], totals["bad_lines"], totals["kept"], totals["links"]) == (2, 1, 1, 1)
 
 
-@pytest.mark.parametrize("name", ["RS_2017-07.zst", "RS_2017-07.ndjson", "RS_2017-07.gz"])
+@pytest.mark.parametrize("name", ["RS_2017-07.zst", "RS_2017-07.ndjson", "RS_2017-07.gz", "RS_2017-07.ZST"])
 def test_links_a_dump_without_a_final_newline_keeps_its_last_post(tmp_path, name):
     data = b"\n".join(json.dumps(post(f"http://site{i}.example/p")).encode() for i in range(3))
-    packed = {".zst": long_window_zst, ".gz": gzip.compress}.get(Path(name).suffix, lambda d: d)(data)
+    packed = {".zst": long_window_zst, ".gz": gzip.compress}.get(Path(name).suffix.lower(), lambda d: d)(data)
     (tmp_path / name).write_bytes(packed)
     totals = collect_links(tmp_path / "w", [tmp_path / name], LinksConfig(shards=1))
     assert (totals["lines"], totals["kept"], totals["links"], totals["truncated_files"]) == (3, 3, 3, 0)
@@ -333,6 +333,10 @@ def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
         p = tmp_path / "RC_2017-07.ndjson"
         p.write_text("".join(json.dumps({"body": "hi", "ups": 3}) + "\n" for _ in range(7)), encoding="utf-8")
         return p, "(7 lines, none a submission)"
+    if kind == "urls_only":   # links without karma or time: no submissions either
+        p = tmp_path / "links.ndjson"
+        p.write_text("".join(json.dumps({"url": f"http://a.example/{i}"}) + "\n" for i in range(5)), encoding="utf-8")
+        return p, "(5 lines, none a submission)"
     if kind == "cut_after_comments":   # a few lines, none a submission, then the end of a cut-off download
         p = tmp_path / "RC_2017-08.gz"
         p.write_bytes(gzip.compress(b"".join(json.dumps({"body": "hi", "ups": 3}).encode() + b"\n" for _ in range(3)))[:-8])
@@ -344,7 +348,7 @@ def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
     return p, "(cannot read it: the last zstd frame is cut off)"
 
 
-@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "cut_after_comments",
+@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "urls_only", "cut_after_comments",
                                   "cut_first_block"])
 def test_links_refuses_a_dump_without_submissions_before_writing_state(tmp_path, kind):
     bad, why = _no_submissions(tmp_path, kind)
