@@ -904,6 +904,20 @@ def test_a_resume_with_other_batches_says_so(shards, tmp_path, caplog):
     assert "resumed with other batches" not in caplog.text
 
 
+def test_a_block_longer_than_the_presets_context_is_said(shards, tmp_path, caplog):
+    from gpt2kit.model import GPT2Config
+
+    n_ctx = GPT2Config.from_preset("tiny").n_ctx
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, tmp_path / "long", max_steps=1, batch_size=1, block_size=n_ctx + 8, eval_interval=5))
+    assert (f"block_size {n_ctx + 8} is longer than tiny's context ({n_ctx}): the model is built with n_ctx "
+            f"{n_ctx + 8}") in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, tmp_path / "short", max_steps=1, eval_interval=5))
+    assert "is longer than" not in caplog.text
+
+
 def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path):
     # lr inf (now refused) ran to the end with exit 0, NaN losses, and a NaN checkpoint as "best"
     import torch

@@ -1116,6 +1116,10 @@ def _build_model(cfg: TrainConfig, meta: dict):
                     m.dropout = cfg.dropout
     else:
         model = GPT2(_model_config(cfg, n_vocab))
+        preset = _model_config(dataclasses.replace(cfg, block_size=0), n_vocab).n_ctx
+        if model.config.n_ctx > preset:  # a typo (100000) made each step run for many minutes, unsaid
+            log.warning("block_size %d is longer than %s's context (%d): the model is built with n_ctx %d, and "
+                        "attention's cost grows with its square", cfg.block_size, cfg.model, preset, model.config.n_ctx)
     return model, tokenizer
 
 
