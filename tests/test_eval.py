@@ -219,6 +219,16 @@ def test_word_perplexity_matches_transformers(model, hf, tokenizer, data_dir):
     assert again["metrics"]["ppl"] == pytest.approx(res["metrics"]["ppl"], rel=1e-6) and training.training
 
 
+def test_a_data_dir_that_is_no_folder_is_named_as_such(model, tokenizer, tmp_path):
+    # it said "none of 'lambada_test.jsonl' ... found in X", as if the folder were there
+    from gpt2kit.eval.registry import TaskError
+
+    (tmp_path / "file").write_text("x")
+    for path, said in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "file", "not a folder")):
+        with pytest.raises(TaskError, match=rf"^{re.escape(str(path))}: {said}; expected the folder of the tasks' data"):
+            evaluate(model, tokenizer, ["lambada"], path, progress=False)
+
+
 def test_loglikelihood_and_greedy_check_match_transformers(model, hf, tokenizer):
     ctx = tokenizer.encode_ordinary("The quick brown fox jumps over the")
     conts = [tokenizer.encode_ordinary(" lazy dog"), tokenizer.encode_ordinary(" fence")]

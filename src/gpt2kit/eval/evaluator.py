@@ -34,6 +34,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         raise TaskError(f"--limit must be at least 1, got {limit}")
     if isinstance(tasks, str):  # one task's name, not its letters
         tasks = [tasks]
+    if not Path(data_dir).is_dir():  # (else: "none of lambada_test.jsonl ... found in" it)
+        raise TaskError(f"{data_dir}: {'not a folder' if Path(data_dir).exists() else 'no such folder'}; expected "
+                        f"the folder of the tasks' data files")
     instances = [make_task(name, data_dir, detokenize=detokenize, **(task_options or {})) for name in tasks]
     for t in instances:
         t.path  # noqa: B018 -- raises MissingDataError naming the file and its source
