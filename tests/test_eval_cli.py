@@ -60,7 +60,7 @@ def test_out_records_every_option_of_the_run(model_dir, data_dir, tmp_path, caps
     assert lambada["counts"]["documents"] == 2 and lambada["protocol"]["detokenizer"] == "none"
     # the table's row is named after the model's folder, even given with a trailing slash
     assert f"| {model_dir.name} | " in stdout, stdout
-    assert stdout.splitlines()[-1].startswith("evaluated 2 task(s), 3 documents in ")
+    assert stdout.splitlines()[-1].startswith("evaluated 2 tasks, 3 documents in ")
     assert stdout.splitlines()[-1].endswith(f"s; results in {out}")
     assert not list(tmp_path.glob("r.json.partial*"))  # the journal goes once the results are written
 
@@ -69,7 +69,7 @@ def test_defaults_detokenize_and_print_no_results_file(model_dir, data_dir, tmp_
     before = sorted(tmp_path.rglob("*"))
     assert _eval("--model", str(model_dir), "--tasks", "ptb", "--data-dir", str(data_dir), "--limit", "1") == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith("evaluated 1 task(s), 1 documents in ") and last.endswith("s"), last
+    assert last.startswith("evaluated 1 task, 1 document in ") and last.endswith("s"), last
     assert sorted(tmp_path.rglob("*")) == before  # no results file, no journal
     out = tmp_path / "r.json"
     assert _eval("--model", str(model_dir), "--tasks", "ptb", "--data-dir", str(data_dir), "--limit", "1",

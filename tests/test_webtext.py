@@ -333,6 +333,10 @@ def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
         p = tmp_path / "RC_2017-07.ndjson"
         p.write_text("".join(json.dumps({"body": "hi", "ups": 3}) + "\n" for _ in range(7)), encoding="utf-8")
         return p, "(7 lines, none a submission)"
+    if kind == "one_comment":   # "1 line", not "1 lines"
+        p = tmp_path / "RC_2017-09.ndjson"
+        p.write_text(json.dumps({"body": "hi", "ups": 3}) + "\n", encoding="utf-8")
+        return p, "(1 line, none a submission)"
     if kind == "urls_only":   # links without karma or time: no submissions either
         p = tmp_path / "links.ndjson"
         p.write_text("".join(json.dumps({"url": f"http://a.example/{i}"}) + "\n" for i in range(5)), encoding="utf-8")
@@ -348,7 +352,8 @@ def _no_submissions(tmp_path: Path, kind: str) -> tuple[Path, str]:
     return p, "(cannot read it: the last zstd frame is cut off)"
 
 
-@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "urls_only", "cut_after_comments",
+@pytest.mark.parametrize("kind", ["text", "not_zstd", "not_gzip", "empty", "comments", "one_comment", "urls_only",
+                                  "cut_after_comments",
                                   "cut_first_block"])
 def test_links_refuses_a_dump_without_submissions_before_writing_state(tmp_path, kind):
     bad, why = _no_submissions(tmp_path, kind)
@@ -939,7 +944,7 @@ def test_cli_block_options_are_not_silently_ignored(tmp_path, cli):
     r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--block-domain", "http://www.example.com/")
     assert r.returncode == 2 and r.stderr.startswith("gpt2kit: error: --block-domain: expected a host name"), r.stderr
     r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--block-domain", "WWW.Example.com")   # case is no error
-    assert r.returncode == 0 and "1 unique links" in r.stdout, r.stderr
+    assert r.returncode == 0 and "1 unique link " in r.stdout, r.stderr
 
 
 def test_cli_work_folder_that_is_a_file_is_named_as_such(tmp_path, cli):
@@ -959,7 +964,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path, cli):
     r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--cutoff", "last tuesday")
     assert r.returncode == 2 and "--cutoff" in r.stderr
     r = cli("webtext", "links", str(tmp_path / "w"), str(dump), "--shards", "2")
-    assert r.returncode == 0 and "1 unique links" in r.stdout, r.stderr
+    assert r.returncode == 0 and "1 unique link " in r.stdout, r.stderr
 
 
 def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
@@ -982,6 +987,8 @@ def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
 
 @pytest.mark.parametrize("cls, kwargs, message", [
     (LinksConfig, {"shards": 0}, "--shards: expected an integer >= 1, got 0"),
+    # a part file per shard per task: 10^8 wrote files until the inodes ran out
+    (LinksConfig, {"shards": 4097}, "--shards: expected at most 4096, got 4097"),
     (LinksConfig, {"cutoff": "yesterday"}, "--cutoff: expected an ISO date"),
     # values that would match no post at all, so the option would do nothing
     (LinksConfig, {"blocked_domains": ("https://example.com/",)},

@@ -81,7 +81,7 @@ def test_summary_lines():
     s = cli_webtext.summary
     assert s("links", {"dump_files": 2, "lines": 12345, "bad_lines": 1000, "truncated_files": 1, "kept": 2000,
                        "links": 1500}, "W") == \
-        "links: 2 dumps, 12,345 lines (1,000 bad, 1 truncated files), 2,000 posts kept, 1,500 unique links -> W/links"
+        "links: 2 dumps, 12,345 lines (1,000 bad, 1 truncated file), 2,000 posts kept, 1,500 unique links -> W/links"
     assert s("links", {}, "W") == \
         "links: 0 dumps, 0 lines (0 bad, 0 truncated files), 0 posts kept, 0 unique links -> W/links"
     assert s("fetch", {"urls": 3000, "status": {"ok": 2500, "robots": 0, "http_404": 500}, "bytes": 1234567,
@@ -90,13 +90,16 @@ def test_summary_lines():
     assert s("extract", {"pages": 2000, "docs": 1500, "dropped": {"language": 400, "short": 100, "empty": 0}}, "W") == \
         "extract: 2,000 pages -> 1,500 documents (dropped: language 400, short 100) -> W/extract"
     assert s("extract", {"pages": 1, "docs": 1, "dropped": {"short": 0}}, "W") == \
-        "extract: 1 pages -> 1 documents (dropped: none) -> W/extract"
+        "extract: 1 page -> 1 document (dropped: none) -> W/extract"
+    assert s("fetch", {"urls": 1, "status": {"ok": 0}, "bytes": 1}, "W") == "fetch: 1 URL (none), 1 byte -> W/fetch"
+    assert s("links", {"dump_files": 1, "lines": 1, "truncated_files": 1, "kept": 1, "links": 1}, "W") == \
+        "links: 1 dump, 1 line (0 bad, 1 truncated file), 1 post kept, 1 unique link -> W/links"
     assert s("dedup", {"docs_in": 5000, "exact_duplicates": 1200, "near_duplicates": 300, "docs": 3500,
                        "skipped_tasks": 0}, "W") == \
         "dedup: 5,000 documents, 1,200 exact and 300 near duplicates removed, 3,500 left -> W/dedup"
     assert s("shard", {"docs": 3500, "bytes": 10_000_000, "skipped_tasks": 1}, "W") == \
         ("shard: 3,500 documents, 10,000,000 bytes -> W/shards; report W/report.md, chart W/funnel.png "
-         "(1 tasks already done, skipped)")
+         "(1 task already done, skipped)")
 
 
 def test_links_stage_end_to_end_prints_its_summary(tmp_path, capsys):
@@ -109,7 +112,7 @@ def test_links_stage_end_to_end_prints_its_summary(tmp_path, capsys):
     assert main(["webtext", "links", str(work), str(dump), "--shards", "2", "--block-subreddit", "spam",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("links: 1 dumps, 5 lines (1 bad, 0 truncated files), 2 posts kept, "
+    assert out.startswith("links: 1 dump, 5 lines (1 bad, 0 truncated files), 2 posts kept, "
                           f"2 unique links -> {work}/links ["), out
     assert out.endswith(" s]\n") and out.count("\n") == 1
     # again: the stage is complete, nothing is redone, and the line says so

@@ -114,7 +114,7 @@ def reference(shared_site, tmp_path_factory):
 
 def test_webtext_run_end_to_end(shared_site, reference, cli):
     site, work, dump = shared_site, reference.work, reference.dump
-    assert "links: 1 dumps, 31 lines (2 bad" in reference.stdout and "shard: 6 documents" in reference.stdout, reference.stdout
+    assert "links: 1 dump, 31 lines (2 bad" in reference.stdout and "shard: 6 documents" in reference.stdout, reference.stdout
 
     docs = read_corpus(work)
     want = expected_docs(site.port)

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         for r in range(world):
             Path(f"{args.out}.partial" + (f".rank{r}" if world > 1 else "")).unlink(missing_ok=True)
     n_docs = sum(r["counts"]["documents"] for r in results.values())
-    print(f"evaluated {len(tasks)} task(s), {n_docs} documents in {seconds:.1f}s"
+    print(f"evaluated {len(tasks)} task{'' if len(tasks) == 1 else 's'}, {n_docs:,} document{'' if n_docs == 1 else 's'} "
+          f"in {seconds:.1f}s"
           + (f"; results in {args.out}" if args.out else ""))
     return 0
 

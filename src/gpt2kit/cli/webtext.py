@@ -179,26 +179,32 @@ def _dedup_cfg(a):
 
 def _resumed(totals: dict) -> str:
     n = totals.get("skipped_tasks", 0)
-    return f" ({n} tasks already done, skipped)" if n else ""
+    return f" ({_n(n, 'task')} already done, skipped)" if n else ""
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 page', '2 pages', '1,000 pages'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def summary(stage: str, t: dict, work) -> str:
     """The one line a stage ends with."""
+    g = lambda key: t.get(key, 0)  # noqa: E731
     if stage == "links":
-        return (f"links: {t.get('dump_files', 0)} dumps, {t.get('lines', 0):,} lines ({t.get('bad_lines', 0):,} bad, "
-                f"{t.get('truncated_files', 0)} truncated files), {t.get('kept', 0):,} posts kept, "
-                f"{t.get('links', 0):,} unique links -> {work}/links{_resumed(t)}")
+        return (f"links: {_n(g('dump_files'), 'dump')}, {_n(g('lines'), 'line')} ({g('bad_lines'):,} bad, "
+                f"{_n(g('truncated_files'), 'truncated file')}), {_n(g('kept'), 'post')} kept, "
+                f"{_n(g('links'), 'unique link')} -> {work}/links{_resumed(t)}")
     if stage == "fetch":
-        st = ", ".join(f"{k} {v:,}" for k, v in t.get("status", {}).items() if v)
-        return f"fetch: {t.get('urls', 0):,} URLs ({st}), {t.get('bytes', 0):,} bytes -> {work}/fetch{_resumed(t)}"
+        st = ", ".join(f"{k} {v:,}" for k, v in t.get("status", {}).items() if v) or "none"
+        return f"fetch: {_n(g('urls'), 'URL')} ({st}), {_n(g('bytes'), 'byte')} -> {work}/fetch{_resumed(t)}"
     if stage == "extract":
         dropped = ", ".join(f"{k} {v:,}" for k, v in t.get("dropped", {}).items() if v) or "none"
-        return (f"extract: {t.get('pages', 0):,} pages -> {t.get('docs', 0):,} documents "
+        return (f"extract: {_n(g('pages'), 'page')} -> {_n(g('docs'), 'document')} "
                 f"(dropped: {dropped}) -> {work}/extract{_resumed(t)}")
     if stage == "dedup":
-        return (f"dedup: {t.get('docs_in', 0):,} documents, {t.get('exact_duplicates', 0):,} exact and "
-                f"{t.get('near_duplicates', 0):,} near duplicates removed, {t.get('docs', 0):,} left -> {work}/dedup{_resumed(t)}")
-    return (f"shard: {t.get('docs', 0):,} documents, {t.get('bytes', 0):,} bytes -> {work}/shards; "
+        return (f"dedup: {_n(g('docs_in'), 'document')}, {g('exact_duplicates'):,} exact and "
+                f"{g('near_duplicates'):,} near duplicates removed, {g('docs'):,} left -> {work}/dedup{_resumed(t)}")
+    return (f"shard: {_n(g('docs'), 'document')}, {_n(g('bytes'), 'byte')} -> {work}/shards; "
             f"report {work}/report.md, chart {work}/funnel.png{_resumed(t)}")
 
 

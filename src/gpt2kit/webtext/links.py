@@ -316,8 +316,12 @@ def probe_dump(path: Path) -> str | None:
     if n >= PROBE_LINES:
         return f"none of its first {n:,} lines is a submission"
     if problems:
-        return f"cannot read it: {problems[0]}" if n == 0 else f"{n:,} lines, none a submission, then {problems[0]}"
-    return "it is empty" if n == 0 else f"{n:,} lines, none a submission"
+        return f"cannot read it: {problems[0]}" if n == 0 else f"{_lines(n)}, none a submission, then {problems[0]}"
+    return "it is empty" if n == 0 else f"{_lines(n)}, none a submission"
+
+
+def _lines(n: int) -> str:
+    return "1 line" if n == 1 else f"{n:,} lines"
 
 
 def _number(value) -> float | None:
