@@ -205,6 +205,16 @@ def test_prepare_bad_inputs(tmp_path, corpus):
     (tmp_path / "small.txt").write_text("too small for a split")
     with pytest.raises(D.DataError, match="too little text for a validation split"):
         D.prepare([tmp_path / "small.txt"], tmp_path / "out2", val_fraction=0.1)
+    # a run that fails so leaves nothing behind: full shards under final names looked done
+    assert not (tmp_path / "out2").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(D.DataError, match="too little text for a validation split"):
+        D.prepare([corpus], tmp_path / "kept", field="body", val_fraction=0.01, segment_chars=100_000, shard_tokens=50)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+    with pytest.raises(GPT2KitError, match="no text"):
+        D.prepare([tmp_path / "empty.txt"], tmp_path / "out6")
+    assert not (tmp_path / "out6").exists()
     D.prepare([corpus], tmp_path / "out3", field="body", val_fraction=0)
     with pytest.raises(D.DataError, match="other inputs or settings"):
         D.prepare([corpus], tmp_path / "out3", field="body", val_fraction=0.1)

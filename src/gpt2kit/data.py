@@ -23,9 +23,11 @@ single-process run would.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -358,6 +360,7 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
                                     f"{shard_tokens * np.dtype(DTYPE).itemsize:,} (a damaged shard of an unfinished "
                                     f"run); delete {out} to prepare it again")
         log.info("%s: resuming after %s", out, ", ".join(f"{len(state[s]['shards'])} {s} shards" for s in SPLITS))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer")
     writers = {s: _ShardWriter(out, s, shard_tokens, state and state[s]) for s in SPLITS}
@@ -390,13 +393,24 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], out: str | 
         encoded.close()  # stops the worker processes now, also on Ctrl-C or an error
         if bar is not None:
             bar.close()
+    problem: GPT2KitError | None = None
+    if writers["train"].tokens == 0:
+        problem = InputFileError(paths[0] if len(paths) == 1 else out, "the corpus holds no text")
+    elif period and writers["val"].tokens == 0:
+        problem = DataError(f"{out}: too little text for a validation split with val_fraction={val_fraction} "
+                            f"({writers['train'].segments} segments); lower --segment-chars or set --val-fraction 0")
+    if problem is not None:
+        if state is None:  # what this run wrote is of no use, and full shards under final names looked done
+            for name in (n for w in writers.values() for n in w.shards):
+                (out / name).unlink(missing_ok=True)
+            progress_path.unlink(missing_ok=True)
+            shutil.rmtree(out / "tokenizer", ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise problem
     for w in writers.values():
         w.finish()
-    if writers["train"].tokens == 0:
-        raise InputFileError(paths[0] if len(paths) == 1 else out, "the corpus holds no text")
-    if period and writers["val"].tokens == 0:
-        raise DataError(f"{out}: too little text for a validation split with val_fraction={val_fraction} "
-                        f"({writers['train'].segments} segments); lower --segment-chars or set --val-fraction 0")
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "dtype": "uint16",
         "tokenizer": {"fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab, "eot_token": eot,
