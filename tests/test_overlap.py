@@ -365,6 +365,10 @@ def test_file_round_trip_and_memory_map(tmp_path):
 
 def test_overfill_is_refused_or_reported(planted, tmp_path):
     train, _, _, _ = planted
+    # a filter with every bit set holds "more than it can count", not "~inf" 8-grams
+    with pytest.raises(OverfullError, match=r"^the filter holds more distinct 8-grams than it can count \(every bit "
+                                            r"set\), more than its capacity 1;"):
+        build_filter(train, tmp_path / "tiny.bloom", capacity=1, fpr=0.5)
     with pytest.raises(OverfullError, match="capacity 500"):
         build_filter(train, tmp_path / "small.bloom", capacity=500, fpr=1e-6)
     assert not (tmp_path / "small.bloom").exists()

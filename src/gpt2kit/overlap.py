@@ -1038,7 +1038,7 @@ def _fill(target: Filter, docs: Iterable[str], *, allow_overfill: bool, progress
                 s = target.stats()
                 if target.overfull(s) and not allow_overfill:
                     raise OverfullError(
-                        f"the filter holds ~{s['estimated_distinct']:,.0f} distinct 8-grams, more than its capacity "
+                        f"the filter holds {_held(s)}, more than its capacity "
                         f"{target.capacity:,}; rebuild with a larger --capacity (or --auto), or pass --allow-overfill "
                         f"to accept a false-positive rate above {target.fpr_target:g}")
                 # at most one new distinct 8-gram per inserted 8-gram: no need to look again sooner
@@ -1267,10 +1267,15 @@ def _require_ngrams(n: int, inputs: Sequence) -> None:
         raise OverlapError(f"{names}: no 8-grams in the inputs (documents need at least {NGRAM} words)")
 
 
+def _held(stats: dict) -> str:
+    n = stats["estimated_distinct"]  # inf once every bit is set: it could hold any number
+    return f"~{n:,.0f} distinct 8-grams" if math.isfinite(n) else "more distinct 8-grams than it can count (every bit set)"
+
+
 def _final_check(bf: BloomFilter, allow_overfill: bool) -> dict:
     s = bf.stats()
     if bf.overfull(s):
-        msg = (f"the filter holds ~{s['estimated_distinct']:,.0f} distinct 8-grams, more than its capacity "
+        msg = (f"the filter holds {_held(s)}, more than its capacity "
                f"{bf.capacity:,}: false-positive rate {s['achieved_fpr']:.3g}, target {bf.fpr_target:g}")
         if not allow_overfill:
             raise OverfullError(msg + "; use a larger --capacity (or --auto), or --allow-overfill")
