@@ -888,6 +888,14 @@ def test_task_slots_count_every_thread_of_a_running_cluster(monkeypatch):
     threads.clear()     # no worker has joined the cluster yet: still one slot, not a division by zero
     assert Runner(workers=3, engine="dask", dask_address="tcp://sched:8786").task_slots() == 1
 
+    def unreachable(address):  # what distributed raises after its connect timeout
+        raise OSError(f"Timed out trying to connect to {address} after 30 s")
+
+    monkeypatch.setattr(work_module, "_dask_client", lambda: unreachable)
+    with pytest.raises(WebTextError, match=r"^--dask-address tcp://bogus:1: no Dask scheduler reached there \(Timed "
+                                           r"out trying to connect to tcp://bogus:1 after 30 s\)$"):
+        Runner(engine="dask", dask_address="tcp://bogus:1").task_slots()
+
 
 def test_dedup_memory_does_not_grow_with_the_longest_url(tmp_path):
     """URLs are not held as a fixed-width array: one 20,000-character URL among 1,000 documents

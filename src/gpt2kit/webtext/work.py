@@ -267,8 +267,7 @@ class Runner:
         its workers now (a limit shared by all tasks is divided by this)."""
         if self.engine != "dask" or not self.dask_address:
             return self.workers
-        client_class = _dask_client()
-        with client_class(self.dask_address) as client:
+        with _dask_connect(self.dask_address) as client:
             # nthreads() lists every worker; scheduler_info() lists only 5 by default on distributed
             # 2025.5-2026.6, which on a larger cluster would hand each task several times its share.
             return max(1, sum(client.nthreads().values()))
@@ -282,6 +281,15 @@ def _dask_client():
     return Client
 
 
+def _dask_connect(address: str):
+    """A client of the scheduler at `address`, or a one-line error naming the option."""
+    client_class = _dask_client()
+    try:
+        return client_class(address)
+    except (OSError, TimeoutError, ValueError) as e:  # (distributed's "Timed out trying to connect ...")
+        raise WebTextError(f"--dask-address {address}: no Dask scheduler reached there ({e})") from None
+
+
 @contextlib.contextmanager
 def _executor(runner: Runner) -> Iterator[cf.Executor | None]:
     if runner.engine == "dask":
@@ -289,7 +297,7 @@ def _executor(runner: Runner) -> Iterator[cf.Executor | None]:
         from distributed import LocalCluster
 
         if runner.dask_address:
-            with client_class(runner.dask_address) as client:
+            with _dask_connect(runner.dask_address) as client:
                 yield client.get_executor()
         else:
             with LocalCluster(n_workers=runner.workers, threads_per_worker=1, processes=runner.workers > 1,
