@@ -135,3 +135,12 @@ def test_progress_is_a_live_bar_on_a_terminal_and_sparse_in_a_log(monkeypatch):
     assert _progress() is True
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # nohup, a scheduler: redrawn every 30 s
     assert _progress() == 30.0
+
+
+def test_a_data_dir_that_is_no_folder_is_said_before_the_model_loads(tmp_path, capsys):
+    # it said "none of 'lambada_test.jsonl' ... found in X", as if X were a folder without the file
+    (tmp_path / "file").write_text("x")
+    for path, said in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "file", "not a folder")):
+        assert _eval("--model", str(tmp_path / "no model"), "--tasks", "lambada", "--data-dir", str(path)) == 2
+        assert capsys.readouterr().err == (f"gpt2kit: error: {path}: {said}; expected the folder of the tasks' "
+                                           f"data files\n")

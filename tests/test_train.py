@@ -902,6 +902,15 @@ def test_a_resume_with_other_batches_says_so(shards, tmp_path, caplog):
     with caplog.at_level("INFO", logger="gpt2kit.train"):
         T.train(cfg_for(shards, out, max_steps=6, eval_interval=2, block_size=16, batch_size=4, resume=True))
     assert "resumed with other batches" not in caplog.text
+    # block_size 0 is the context: the same windows as naming it
+    from gpt2kit.model import GPT2Config
+
+    T.train(cfg_for(shards, tmp_path / "ctx", max_steps=1, eval_interval=5, block_size=0, batch_size=2))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt2kit.train"):
+        T.train(cfg_for(shards, tmp_path / "ctx", max_steps=2, eval_interval=5, batch_size=2, resume=True,
+                        block_size=GPT2Config.from_preset("tiny").n_ctx))
+    assert "resuming from" in caplog.text and "resumed with other batches" not in caplog.text
 
 
 def test_a_block_longer_than_the_presets_context_is_said(shards, tmp_path, caplog):
@@ -932,6 +941,13 @@ def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path)
         T.train(cfg_for(shards, out, max_steps=6, eval_interval=2, log_interval=1, lr=1e30, resume=True))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
     assert torch.get_num_threads() == threads
+    # a checkpoint on a step whose loss is not logged (or the last step's own update): the weights
+    # are checked before they are written
+    with pytest.raises(T.TrainError, match=rf"^step 1: the weights are NaN or infinite: the run diverged \(lr 1e\+39 "
+                                           rf"too high\?\); not saved; the last checkpoint is none$"):
+        T.train(cfg_for(shards, tmp_path / "one", max_steps=2, checkpoint_interval=1, eval_interval=5, log_interval=5,
+                        lr=1e39))
+    assert not (tmp_path / "one" / "checkpoints").exists() or not any((tmp_path / "one" / "checkpoints").iterdir())
 
 
 def test_a_damaged_checkpoint_removed_as_told_resumes_from_the_one_before(shards, tmp_path, caplog):

@@ -996,7 +996,7 @@ def test_cli_links_refuses_a_dump_without_submissions(tmp_path, cli):
 @pytest.mark.parametrize("cls, kwargs, message", [
     (LinksConfig, {"shards": 0}, "--shards: expected an integer >= 1, got 0"),
     # a part file per shard per task: 10^8 wrote files until the inodes ran out
-    (LinksConfig, {"shards": 4097}, "--shards: expected at most 4096, got 4097"),
+    (LinksConfig, {"shards": 65537}, "--shards: expected at most 65536, got 65537"),
     (LinksConfig, {"cutoff": "yesterday"}, "--cutoff: expected an ISO date"),
     # values that would match no post at all, so the option would do nothing
     (LinksConfig, {"blocked_domains": ("https://example.com/",)},

@@ -301,7 +301,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row from softmax(logits) (B, V) -> (B,)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # (multinomial's own error is a traceback; on CUDA, an assert)
+    # (multinomial's own error is a traceback; on CUDA, a device assert.) A NaN or inf logit makes its
+    # whole row NaN: one column tells.
+    if bool(probs[:, 0].isnan().any()):
         raise SamplingError("the next-token probabilities are NaN: the model's logits are NaN or infinite "
                             "(damaged or diverged weights?)")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -313,7 +315,8 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams, *, previous: tor
     """The next token of each row (B,): argmax when greedy, else a draw after the filters."""
     processed = process_logits(logits, params, previous, previous_mask, sampled_counts)
     if params.greedy:
-        if bool(processed.isnan().any()):  # argmax would pick one of the NaNs: nonsense text, no error
+        tokens = processed.argmax(dim=-1)  # argmax takes a NaN for the largest: nonsense text, no error
+        if bool(processed.gather(-1, tokens[:, None]).isnan().any()):
             raise SamplingError("the model's logits are NaN (damaged or diverged weights?)")
-        return processed.argmax(dim=-1)
+        return tokens
     return sample(processed, generator)

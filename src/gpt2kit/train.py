@@ -1116,10 +1116,6 @@ def _build_model(cfg: TrainConfig, meta: dict):
                     m.dropout = cfg.dropout
     else:
         model = GPT2(_model_config(cfg, n_vocab))
-        preset = _model_config(dataclasses.replace(cfg, block_size=0), n_vocab).n_ctx
-        if model.config.n_ctx > preset:  # a typo (100000) made each step run for many minutes, unsaid
-            log.warning("block_size %d is longer than %s's context (%d): the model is built with n_ctx %d, and "
-                        "attention's cost grows with its square", cfg.block_size, cfg.model, preset, model.config.n_ctx)
     return model, tokenizer
 
 
@@ -1162,6 +1158,18 @@ def _set_rng_state(state: dict, device) -> None:
 
 
 _COMPARED = ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
+
+
+def _all_finite(params, dist_, device) -> bool:
+    """Whether every parameter is finite, on every rank (an FSDP rank checks its own shard)."""
+    torch = _import_torch()
+    flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in params]
+    ok = (torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)).float()
+    if dist_.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
 
 
 def _check_finite(what: str, loss: float, step: int, cfg: TrainConfig, ckpts: "Checkpoints") -> None:
@@ -1270,8 +1278,10 @@ def _train(cfg: TrainConfig) -> dict:
                                   f"validation windows would change; pass --seed {seed}")
         if dist_.main:
             _warn_if_the_rate_moves(cfg, state.get("config", {}), state["step"], resume_from)
-            changed = [f"{k} {getattr(cfg, k)}, was {state['config'][k]}" for k in ("block_size", "batch_size")
-                       if k in state.get("config", {}) and state["config"][k] != getattr(cfg, k)]
+            saved_cfg, n_ctx = state.get("config", {}), model.config.n_ctx
+            now = {"block_size": cfg.block_size or n_ctx, "batch_size": cfg.batch_size}  # (block 0: the context)
+            then = {k: (saved_cfg[k] or n_ctx) if k == "block_size" else saved_cfg[k] for k in now if k in saved_cfg}
+            changed = [f"{k} {now[k]}, was {then[k]}" for k in then if then[k] != now[k]]
             if changed:  # (a continued run may mean it: say that it is no longer the uninterrupted one)
                 log.warning("%s: resumed with other batches (%s): from step %d on, the run differs from one that "
                             "was never stopped", resume_from, "; ".join(changed), state["step"])
@@ -1281,6 +1291,10 @@ def _train(cfg: TrainConfig) -> dict:
     else:
         state = None
         model, tokenizer = _build_model(cfg, meta)
+        preset = _model_config(dataclasses.replace(cfg, block_size=0), meta["tokenizer"]["n_vocab"]).n_ctx
+        if dist_.main and not cfg.init_from and model.config.n_ctx > preset:  # a typo (100000): minutes a step, unsaid
+            log.warning("block_size %d is longer than %s's context (%d): the model is built with n_ctx %d, and "
+                        "attention's cost grows with its square", cfg.block_size, cfg.model, preset, model.config.n_ctx)
         if dist_.enabled and cfg.init_from:  # (every rank or none: whether init_from is set is compared)
             _check_same_weights(model, cfg.init_from, dist_)
     mc = model.config
@@ -1369,6 +1383,11 @@ def _train(cfg: TrainConfig) -> dict:
         return float(_all_mean(total / len(parts), dist_))
 
     def save(step: int, val_loss: float | None) -> Path | None:
+        # the losses are checked only where they are logged, and before the step's update: the
+        # weights themselves are, before any of them is written
+        if not _all_finite(loss_mod.parameters(), dist_, device):
+            raise TrainError(f"step {step}: the weights are NaN or infinite: the run diverged (lr {cfg.lr:g} too "
+                             f"high?); not saved; the last checkpoint is {ckpts.latest() or 'none'}")
         model_sd, optim_sd = _gather_states(loss_mod, optimizer, cfg.fsdp and dist_.enabled)
         rngs = _gather_rng(device, dist_)
         path = None

@@ -741,7 +741,7 @@ def check_device(device: torch.device | str | None) -> torch.device | None:
     except (RuntimeError, TypeError):
         raise WeightsError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):  # meta, mps, xpu, ...: devices gpt2kit does not run on
-        raise WeightsError(f"device {device!r}: expected cpu, cuda or cuda:N")
+        raise WeightsError(f"device {str(device)!r}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         if t not in known:
             raise TaskError(f"--tasks: unknown task {t!r}; known tasks: {', '.join(known)}")
 
-    from ..eval.evaluator import make_task
+    from ..eval.evaluator import check_data_dir, make_task
 
+    check_data_dir(args.data_dir)
     for t in tasks:  # a missing file (or a bad option) fails before the model loads
         make_task(t, args.data_dir, shots=args.shots, seed=args.seed).path  # noqa: B018
 

@@ -17,7 +17,7 @@ def _links_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("links")
     g.add_argument("--min-score", type=int, default=3, help="minimum karma of a submission (default 3, as the paper)")
     g.add_argument("--cutoff", default="2017-12-01", help="keep links created before this UTC date (default 2017-12-01)")
-    g.add_argument("--shards", type=int, default=16, help="number of shards (links are bucketed by host; default 16)")
+    g.add_argument("--shards", type=int, default=16, help="number of shards (links are bucketed by host; default 16, at most 65536)")
     g.add_argument("--block-subreddit", action="append", default=[], metavar="NAME",
                    help="drop this subreddit, named as news, not r/news (repeatable)")
     g.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",

@@ -34,9 +34,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], data_dir: str | P
         raise TaskError(f"--limit must be at least 1, got {limit}")
     if isinstance(tasks, str):  # one task's name, not its letters
         tasks = [tasks]
-    if not Path(data_dir).is_dir():  # (else: "none of lambada_test.jsonl ... found in" it)
-        raise TaskError(f"{data_dir}: {'not a folder' if Path(data_dir).exists() else 'no such folder'}; expected "
-                        f"the folder of the tasks' data files")
+    check_data_dir(data_dir)
     instances = [make_task(name, data_dir, detokenize=detokenize, **(task_options or {})) for name in tasks]
     for t in instances:
         t.path  # noqa: B018 -- raises MissingDataError naming the file and its source
@@ -102,6 +100,15 @@ def _open_journal(path: str | Path, model: Any, requests: Sequence[Any], scorer:
     if journal.resumed:
         log.info("resuming from %s: %d finished batches", path, journal.resumed)
     return journal
+
+
+def check_data_dir(data_dir: str | Path) -> None:
+    """A data dir that is no folder, said as such (a task would say none of its files is in it)."""
+    from .registry import TaskError
+
+    if not Path(data_dir).is_dir():
+        raise TaskError(f"{data_dir}: {'not a folder' if Path(data_dir).exists() else 'no such folder'}; expected "
+                        f"the folder of the tasks' data files")
 
 
 def make_task(name: str, data_dir: str | Path, **options: Any) -> Any:

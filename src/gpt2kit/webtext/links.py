@@ -60,7 +60,7 @@ TRACKING_PARAMS = frozenset(
 )
 
 
-MAX_SHARDS = 4096  # a part file per shard per task: 10^8 of them ran the file system out of inodes
+MAX_SHARDS = 65536  # a part file per shard per dump: 10^8 of them ran the file system out of inodes
 
 
 @dataclass(frozen=True)
