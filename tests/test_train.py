@@ -927,9 +927,12 @@ def test_a_block_longer_than_the_presets_context_is_said(shards, tmp_path, caplo
     assert "is longer than" not in caplog.text
 
 
-def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path):
+def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path, monkeypatch):
     # lr inf (now refused) ran to the end with exit 0, NaN losses, and a NaN checkpoint as "best"
     import torch
+
+    closed, real_close = [], T.Monitor.close
+    monkeypatch.setattr(T.Monitor, "close", lambda self: (closed.append(self.path), real_close(self)))
 
     out = tmp_path / "run"
     threads = torch.get_num_threads()
@@ -939,6 +942,7 @@ def test_a_run_that_diverges_stops_before_it_saves_nan_weights(shards, tmp_path)
                                            rf"high\?\); nothing more is saved; the last checkpoint is "
                                            rf"{re.escape(str(out / 'checkpoints' / 'step_0000002'))}$"):
         T.train(cfg_for(shards, out, max_steps=6, eval_interval=2, log_interval=1, lr=1e30, resume=True))
+    assert closed == [out / "metrics.jsonl"] * 2  # the run that stopped with the error closed its logs too
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
     assert torch.get_num_threads() == threads
     # a checkpoint on a step whose loss is not logged (or the last step's own update): the weights

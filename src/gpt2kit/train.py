@@ -1539,6 +1539,10 @@ def _train(cfg: TrainConfig) -> dict:
                 saved_at = step
             if stopped:
                 break
+    except BaseException:
+        if dist_.main:  # a run that stops with an error (diverged, a full disk) keeps its TensorBoard events
+            monitor.close()
+        raise
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
