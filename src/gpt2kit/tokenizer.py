@@ -634,11 +634,8 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TokenizerError("encode_batch expects a list of texts, got one str (use encode)")
         texts, allowed = list(texts), self._allowed(allowed_special)
-        if num_threads is not None and not isinstance(num_threads, bool):
-            try:
-                num_threads = operator.index(num_threads)  # numpy's and torch's integers too
-            except TypeError:
-                pass  # refused below
+        if not isinstance(num_threads, bool) and hasattr(num_threads, "__index__"):
+            num_threads = operator.index(num_threads)  # numpy's and torch's integers too
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 0):
             raise TokenizerError(f"num_threads: expected an integer >= 1 (or 0 or None: one per CPU), got "
