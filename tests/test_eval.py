@@ -1305,13 +1305,18 @@ def test_journal_fingerprint_tells_inference_forms_apart_by_their_block_weights(
     from gpt2kit.eval.journal import fingerprint
     from gpt2kit.generate import optimize_for_cpu
 
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        other.transformer.h[0].attn.c_attn.weight.mul_(2.0)
-    a, b = optimize_for_cpu(model), optimize_for_cpu(other)
-    assert set(a.state_dict()) == set(b.state_dict()) and not any(".attn.c_attn" in k for k in a.state_dict())
-    assert fingerprint(a, [], {}) != fingerprint(b, [], {})
-    assert fingerprint(a, [], {}) == fingerprint(optimize_for_cpu(copy.deepcopy(model)), [], {})
+    outside = []
+    for dtype in (torch.float32, torch.bfloat16):  # (fp32 without the kernels: input-major Parameters)
+        one = copy.deepcopy(model).to(dtype)
+        other = copy.deepcopy(one)
+        with torch.no_grad():
+            other.transformer.h[0].attn.c_attn.weight.mul_(2.0)
+        a, b = optimize_for_cpu(one), optimize_for_cpu(other)
+        assert set(a.state_dict()) == set(b.state_dict())
+        outside.append(not any(".attn.c_attn" in k for k in a.state_dict()))
+        assert fingerprint(a, [], {}) != fingerprint(b, [], {})
+        assert fingerprint(a, [], {}) == fingerprint(optimize_for_cpu(copy.deepcopy(one)), [], {})
+    assert outside[1]  # bf16 layers are always _CPULinear's (matvec, packed or widened)
 
 
 def test_cli_end_to_end_under_torchrun(model_dir, data_dir, tmp_path):

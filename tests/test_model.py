@@ -340,6 +340,101 @@ def test_dropout_only_in_training():
         torch.testing.assert_close(steps, model(ids), rtol=0, atol=1e-5)
 
 
+@pytest.fixture
+def gemm_choice(monkeypatch):
+    """Lets a test set GPT2KIT_GEMM and the CPU's maker; the real choice is back afterwards."""
+    from gpt2kit import kernels
+
+    kernels.onednn_gemm.cache_clear()
+    yield kernels
+    monkeypatch.undo()
+    kernels.onednn_gemm.cache_clear()
+
+
+@pytest.mark.parametrize("env,vendor,want", [
+    (None, "GenuineIntel", False), (None, "AuthenticAMD", True), (None, "HygonGenuine", True), (None, "", False),
+    ("auto", "AuthenticAMD", True), ("mkl", "AuthenticAMD", False), ("onednn", "GenuineIntel", True),
+    (" OneDNN ", "", True), ("", "AuthenticAMD", True), ("blas", "AuthenticAMD", True), ("blas", "GenuineIntel", False)])
+def test_the_gemm_for_fp32_prompts_is_chosen_by_the_cpus_maker_or_gpt2kit_gemm(gemm_choice, monkeypatch, caplog,
+                                                                               env, vendor, want):
+    # MKL runs its fast kernels on Intel CPUs only: elsewhere oneDNN's GEMM multiplies prompts
+    if env is None:
+        monkeypatch.delenv("GPT2KIT_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("GPT2KIT_GEMM", env)
+    monkeypatch.setattr(gemm_choice, "_cpu_vendor", lambda: vendor)
+    with caplog.at_level("WARNING", logger="gpt2kit.kernels"):
+        assert gemm_choice.onednn_gemm() is want
+    assert ("GPT2KIT_GEMM=blas: expected one of auto, mkl, onednn; using auto" in caplog.text) == (env == "blas")
+
+
+def test_the_cpus_maker_is_read_from_cpuinfo(tmp_path):
+    from gpt2kit import kernels
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\n\nprocessor\t: 1\n"
+                    "vendor_id\t: AuthenticAMD\n")
+    assert kernels._cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nmodel name\t: some ARM core\n")
+    assert kernels._cpu_vendor(str(info)) == ""
+    assert kernels._cpu_vendor(str(tmp_path / "missing")) == ""
+
+
+def test_onednn_products_equal_f_linear_and_apply_to_fp32_prompts_only(gemm_choice, monkeypatch):
+    kernels = gemm_choice
+    monkeypatch.setenv("GPT2KIT_GEMM", "onednn")
+    assert kernels.onednn_gemm()
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    x = torch.randn(3, 20, 48, generator=g)
+    for inp in (x, x[:, ::2], x[1], x.transpose(0, 1)):  # 3-D, strided, 2-D, non-contiguous
+        for bias in (b, None):
+            torch.testing.assert_close(kernels.linear(inp, w, bias), torch.nn.functional.linear(inp, w, bias),
+                                       atol=1e-5, rtol=1e-5)
+    assert len(calls) == 8
+    small = torch.randn(kernels.MAX_ROWS, 48, generator=g)  # decoding's rows: not a prompt
+    cases = {"few rows": (small, w, b), "bf16": (x.bfloat16(), w.bfloat16(), b.bfloat16()),
+             "a strided weight": (x, torch.randn(48, 40).t(), b), "float64": (x.double(), w.double(), b.double()),
+             "a 2-D bias": (x, w, b[None]), "a gradient": (x.requires_grad_(), w, b)}
+    for what, (xi, wi, bi) in cases.items():
+        assert not kernels.onednn_linear_applies(xi, wi, bi), what
+        assert torch.equal(kernels.linear(xi, wi, bi), torch.nn.functional.linear(xi, wi, bi)), what
+    x.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.onednn_linear_applies(x, w, b)
+    assert kernels.onednn_linear_applies(x, w, b) and len(calls) == 8
+    with torch.no_grad():  # a Parameter needs a gradient only where autograd records
+        assert kernels.onednn_linear_applies(x, torch.nn.Parameter(w), b)
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
+def test_the_model_and_its_inference_form_give_transformers_logits_with_either_gemm(gemm_choice, monkeypatch, gemm):
+    from gpt2kit.generate import optimize_for_cpu
+
+    monkeypatch.setenv("GPT2KIT_GEMM", gemm)
+    model = randomize_(GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=1, n_ctx=1024, vocab_size=50257,
+                                       padded_vocab_multiple=64)).eval())
+    hf = hf_twin(model)
+    fast = optimize_for_cpu(model)
+    head = fast.lm_head
+    if gemm_choice.available(torch.float32):  # (without the kernels: stored input-major, MKL's products)
+        assert (head.mkl is None) == (gemm == "onednn" or not gemm_choice.mkl_packing_works())
+        assert (head.packed is not None) == (gemm == "onednn")  # oneDNN's packed copy of the output layer
+    else:
+        assert type(head).__name__ == "_InputMajorHead"
+    ids = torch.randint(0, 50257, (2, 300))
+    with torch.no_grad():
+        want = hf(ids).logits
+        for ours in (model(ids), fast(ids), model(ids[:, :5]), fast(ids[:1, :1])):
+            torch.testing.assert_close(ours, want[: ours.shape[0], : ours.shape[1]], atol=1e-4, rtol=0)
+    model.train()
+    model(ids[:, :40]).logsumexp(-1).mean().backward()  # training: F.linear, differentiable
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_a_prompt_output_layer_by_blocks_matches_transformers(monkeypatch, padded):
     # fp32 CPU inference on 512-3072 rows: the 50257-wide output layer is multiplied block by block
@@ -349,6 +444,7 @@ def test_a_prompt_output_layer_by_blocks_matches_transformers(monkeypatch, padde
     calls = []
     blocks = kernels.logits_by_blocks
     monkeypatch.setattr(kernels, "logits_by_blocks", lambda *a: calls.append(a[0].shape) or blocks(*a))
+    monkeypatch.setattr(kernels, "onednn_gemm", lambda: False)  # MKL's products, as on an Intel CPU
     config = GPT2Config(n_layer=1, n_embd=32, n_head=1, n_ctx=1024, vocab_size=50257,
                         padded_vocab_multiple=64 if padded else 1)
     model = randomize_(GPT2(config).eval())

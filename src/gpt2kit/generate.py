@@ -579,10 +579,11 @@ class _CPULinear(torch.nn.Module):
     speed (`matvec`); more rows (a prompt) through PyTorch's GEMM, optionally on a copy of the
     weight pre-packed into the GEMM's blocked layout (`packed`): oneDNN's for bf16, where
     `F.linear` re-packs a bf16 weight on every call (~12% of a 1000-row product on an AMD EPYC);
-    MKL's for fp32 (`kernels.MKLPackedLinear`), bit for bit `F.linear`'s product: on a Xeon the
-    50257-wide output layer's 1024-row product alone ran ~8% faster than `F.linear`'s, within
-    the noise inside a whole prompt, where oneDNN's packed fp32 GEMM was 12% slower at 4096 rows
-    (it ran 1.75x faster than `F.linear`'s on an AMD EPYC).
+    for fp32, MKL's on Intel CPUs (`kernels.MKLPackedLinear`), bit for bit `F.linear`'s product: on
+    a Xeon the 50257-wide output layer's 1024-row product alone ran ~8% faster than `F.linear`'s,
+    within the noise inside a whole prompt, where oneDNN's packed fp32 GEMM was 12% slower at
+    4096 rows; oneDNN's on other CPUs, where it runs 1.4-1.75x faster than `F.linear`'s (AMD
+    EPYC; see `kernels.onednn_gemm`), as do unpacked fp32 layers' prompts (`kernels.linear`).
 
     On a CPU without bf16 arithmetic (`kernels.native_bf16` false), PyTorch's bf16 GEMM emulates
     it several times slower than fp32: there a bf16 layer (`widen`) multiplies many rows in fp32,
@@ -604,9 +605,11 @@ class _CPULinear(torch.nn.Module):
         if matvec:  # checked once here; forward checks what varies (see kernels.matvec_unchecked)
             kernels.matvec(torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype), self.weight, self.bias)
         self.widen = widen and self.weight.dtype == torch.bfloat16
-        # fp32: MKL's own packed copy (oneDNN's fp32 GEMM was 12% slower than F.linear's at 4096 rows here)
+        # fp32: MKL's own packed copy on Intel CPUs (oneDNN's fp32 GEMM was 12% slower than F.linear's at
+        # 4096 rows on a Xeon); oneDNN's packed copy where its GEMM is the faster (see kernels.onednn_gemm)
         self.mkl = (kernels.MKLPackedLinear(self.weight, self.bias)
-                    if packed and self.weight.dtype == torch.float32 and kernels.mkl_packing_works() else None)
+                    if packed and self.weight.dtype == torch.float32 and kernels.mkl_packing_works()
+                    and not kernels.onednn_gemm() else None)
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)  # opaque
                        if packed and not self.widen and self.mkl is None else None)
         self.gelu = gelu  # followed by the tanh GELU (for the packed GEMM, fused into it: one pass less)
@@ -642,16 +645,16 @@ class _CPULinear(torch.nn.Module):
         elif self.packed is not None:  # a prompt; the GEMM applies the GELU as it writes
             post_op = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, *post_op)
-        elif self.widen:
+        elif self.widen and flat.dtype == self.weight.dtype:  # (another dtype: F.linear's error below)
             y = self._widened(flat)
         elif self.gelu and kernels.bias_folds(flat, self.bias):  # the bias added in the GELU's pass
-            y = F.linear(flat, self.weight)
+            y = kernels.linear(flat, self.weight)
             if torch.is_grad_enabled() and y.requires_grad:
                 y = kernels.bias_gelu(y, self.bias)
             else:  # over the fresh product itself, as the model's MLP does: one (N, 4C) tensor, not two
                 y = kernels.bias_gelu_(y, self.bias)
         else:
-            y = F.linear(flat, self.weight, self.bias)
+            y = kernels.linear(flat, self.weight, self.bias)  # oneDNN's GEMM for a prompt where it is faster
             y = kernels.gelu(y) if self.gelu else y
         return y.view(*x.shape[:-1], out)  # (..., out)
 

@@ -186,7 +186,7 @@ class Linear(nn.Linear):
         if (torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and kernels.bf16_on_fp32_units(torch.get_autocast_dtype("cpu"), x.device.type)):
             return kernels.bf16_linear_widened(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)  # F.linear's product (see kernels.onednn_gemm)
 
 
 def _intercepted(*modules: nn.Module) -> bool:
@@ -245,7 +245,7 @@ class CausalSelfAttention(nn.Module):
             # a prompt in fp32 CPU inference: c_attn's bias is added inside the attention kernel as
             # it packs q, k and v (no pass broadcasting it into the (B, T, 3C) product)
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                       for t in F.linear(x, fc.weight).split(C, dim=2))  # 3 x (B, nh, T, hs)
+                       for t in kernels.linear(x, fc.weight).split(C, dim=2))  # 3 x (B, nh, T, hs)
             return kernels.causal_attention(q, k, v, bias=fc.bias)
         qkv = self.c_attn(x)  # (B, T, 3C)
         if training_kernel:
@@ -302,7 +302,7 @@ class MLP(nn.Module):
                 and kernels.bias_folds(x, fc.bias)):
             # fp32 on CPU: c_fc's bias is added, and its gradient summed, inside the GELU kernel
             # (one pass over the (B, T, 4C) activations instead of three)
-            product = F.linear(x, fc.weight)  # (B, T, 4C)
+            product = kernels.linear(x, fc.weight)  # (B, T, 4C)
             if torch.is_grad_enabled() and (product.requires_grad or fc.bias.requires_grad):
                 return kernels.bias_gelu(product, fc.bias)
             return kernels.bias_gelu_(product, fc.bias)  # no autograd: over the fresh product itself
@@ -372,6 +372,8 @@ class TiedLMHead(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if kernels.onednn_linear_applies(h, self.weight, None):  # a prompt in fp32 CPU inference, oneDNN's GEMM
+            return kernels.linear(h, self.weight[: self.vocab_size])  # (B, T, V): rows of wte, contiguous
         if kernels.logits_by_blocks_applies(h, self.weight):  # a prompt in fp32 CPU inference
             return kernels.logits_by_blocks(h, self.weight, self.vocab_size)  # (B, T, V), faster there
         logits = F.linear(h, self.weight)  # (B, T, Vp)
