@@ -16,12 +16,12 @@ from gpt2kit.generate import _CPULinear, _InputMajorLinear, _packing_works, opti
 from gpt2kit.model import GPT2, GPT2Config
 
 CAN_BUILD = (shutil.which("g++") is not None
-             and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"))
+             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX"))
 
 
 def test_kernels_build_wherever_they_can():
-    # CI and the development machine have g++ and AVX-512: a broken build must fail here, not
-    # silently fall back to the slow path.
+    # CI and the development machines have g++ and AVX-512 or AVX2: a broken build must fail here,
+    # not silently fall back to the slow path.
     assert kernels.available(torch.float32) == CAN_BUILD
     assert kernels.available(torch.bfloat16) == CAN_BUILD  # widened to fp32 where the CPU has no bf16 unit
     assert not kernels.available(torch.float16)

@@ -19,9 +19,12 @@ PyTorch's fp32 SDPA runs a 1024-token prompt's attention at under half the matmu
 The kernels are compiled on first use with the system C++ compiler into gpt2kit's cache folder (~3 s,
 once) and reused after. bf16 weights go through the bf16 dot-product instruction where the CPU
 has it (AVX512-BF16, `native_bf16`) and are widened to fp32 where it does not: decoding is
-memory-bound, so both stream at the same speed. Without a compiler, on a CPU without AVX-512,
-when the build or the load fails, or with GPT2KIT_KERNELS=0 in the environment, `available` is
-false and callers use PyTorch (`gelu` falls back to `F.gelu` itself).
+memory-bound, so both stream at the same speed. The kernels are written with AVX-512 intrinsics;
+where PyTorch runs its AVX2 code (a CPU with AVX2 and FMA but no AVX-512, e.g. AMD Zen 2) they are
+built for AVX2 instead, each 512-bit operation done on two 256-bit halves (`csrc/avx512_on_avx2.h`).
+Without a compiler, on a CPU without either, when the build or the load fails, or with
+GPT2KIT_KERNELS=0 in the environment, `available` is false and callers use PyTorch (`gelu` falls
+back to `F.gelu` itself).
 """
 from __future__ import annotations
 
@@ -46,17 +49,34 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 16  # beyond this a product is compute-bound and oneDNN's blocked GEMM wins
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("matvec.cpp", "gelu.cpp", "attention.cpp",
                                                                            "xent.cpp", "adamw.cpp", "layernorm.cpp")]
+_HEADERS = [_SOURCES[0].with_name(name) for name in ("vecmath.h", "avx512_on_avx2.h")]
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp",
           "-shared", "-fPIC"]
+# The same sources on AVX2 + FMA (avx512_on_avx2.h supplies the AVX-512 intrinsics). Without
+# contraction, both builds round the same operations: the AVX-512 build contracts only 0 - x*y
+# (into an FNMADD of the same value), while here the multiplies inside the emulated intrinsics
+# (VSCALEFPS's) would otherwise fuse with the kernels' next add.
+_AVX2_FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cpu_has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
+def _isa_flags() -> list[str] | None:
+    """The compiler flags of the kernels for the instructions PyTorch uses on this CPU (which
+    follows ATEN_CPU_CAPABILITY where set), or None where they cannot run (no AVX2)."""
+    if _cpu_has_avx512():
+        return _FLAGS
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return _AVX2_FLAGS
+    return None
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("GPT2KIT_KERNELS", "1") == "0" or not _cpu_has_avx512():
+    flags = _isa_flags()
+    if os.environ.get("GPT2KIT_KERNELS", "1") == "0" or flags is None:
         return None
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
@@ -64,17 +84,17 @@ def _library() -> ctypes.CDLL | None:
         return None
     from .corpus import cache_dir
 
-    source = b"".join(path.read_bytes() for path in [*_SOURCES, _SOURCES[0].with_name("vecmath.h")])
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]  # one file per ISA
     target = cache_dir() / "kernels" / f"gpt2kit-{key}.so"
     if target.exists() and target.stat().st_uid != os.getuid():
         log.warning("%s belongs to another user: not loading it; decoding uses PyTorch's matrix kernels", target)
         return None
     if target.exists() and not _elf_complete(target):
         log.warning("%s is incomplete (a copy cut short?): building it again", target)
-        if not _build(compiler, target):
+        if not _build(compiler, target, flags):
             return None
-    if not target.exists() and not _build(compiler, target):
+    if not target.exists() and not _build(compiler, target, flags):
         return None
     try:
         lib = ctypes.CDLL(str(target))
@@ -121,13 +141,13 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _build(compiler: str, target: Path) -> bool:
+def _build(compiler: str, target: Path, flags: Sequence[str]) -> bool:
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

@@ -60,7 +60,7 @@ void adamw_range(float* p, float* m, float* v, const float* g, int64_t n, const 
     __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
     if (scaled) gv = _mm512_div_ps(gv, scale);
     __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + i), decay);
-    asm("" : "+v"(pv));  // keeps the compiler from contracting this product and the last sum into an FMA
+    gpt2kit::opaque(pv);  // keeps the compiler from contracting this product and the last sum into an FMA
     const __m512 m_old = _mm512_maskz_loadu_ps(k, m + i);
     const __m512 mv = _mm512_fmadd_ps(lerp_w, _mm512_sub_ps(gv, m_old), from_m ? m_old : gv);
     const __m512 vv = _mm512_fmadd_ps(_mm512_mul_ps(w2, gv), gv, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + i), beta2));

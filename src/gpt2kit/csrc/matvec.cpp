@@ -4,19 +4,22 @@
 // Decoding reads every weight once per token, so what counts is how fast the weights stream from
 // memory. Each thread takes a contiguous range of output rows and walks it 4 rows at a time over
 // the whole K: the weights are read once, sequentially, and every x row is reused from L1 for
-// those 4 weight rows. Accumulation is in fp32 (AVX-512 FMA; for bf16, the VDPBF16PS pair
+// those 4 weight rows. Accumulation is in fp32 (FMA; for bf16, the VDPBF16PS pair
 // products, which treat denormals as zero, or, on CPUs without AVX512-BF16, bf16 widened to fp32
 // and FMA), a bias is added in fp32, and bf16 outputs are rounded once, to nearest even, as
 // PyTorch rounds (a NaN becomes the canonical quiet NaN). Only `gpt2kit_matvec_bf16` executes
 // AVX512-BF16 instructions; the caller checks the CPU before calling it.
 //
 // Built by gpt2kit/kernels.py with the system C++ compiler (-O3 -std=c++17 -mavx512f -mavx512bw
-// -mavx512vl -mavx512bf16 -fopenmp); OpenMP resolves to the libgomp that PyTorch has already
-// loaded, and the caller passes torch's thread count.
+// -mavx512vl -mavx512bf16 -fopenmp, or on CPUs with AVX2 but no AVX-512, -mavx2 -mfma -mf16c with
+// avx512_on_avx2.h); OpenMP resolves to the libgomp that PyTorch has already loaded, and the
+// caller passes torch's thread count.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "avx512_on_avx2.h"  // last
 
 namespace {
 
@@ -77,6 +80,7 @@ struct F32 {
   static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
 };
 
+#ifdef __AVX512BF16__
 struct Bf16Pairs {  // bf16 on CPUs with AVX512-BF16: VDPBF16PS adds adjacent pair products into fp32 lanes
   using T = uint16_t;
   using Vec = __m512bh;
@@ -87,8 +91,9 @@ struct Bf16Pairs {  // bf16 on CPUs with AVX512-BF16: VDPBF16PS adds adjacent pa
   }
   static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
 };
+#endif
 
-struct Bf16Widened {  // bf16 on any AVX-512 CPU: a bf16 is the top half of an fp32, so widen and FMA
+struct Bf16Widened {  // bf16 on any CPU: a bf16 is the top half of an fp32, so widen and FMA
   using T = uint16_t;
   using Vec = __m512;
   static constexpr int64_t kCount = 16;
@@ -180,7 +185,11 @@ extern "C" {
 
 void gpt2kit_matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias,
                          uint16_t* y, int64_t N, int threads) {
+#ifdef __AVX512BF16__
   matvec<Bf16Pairs>(x, M, K, w, bias, y, N, threads);
+#else  // the AVX2 build, loaded where torch runs its AVX2 code (ATEN_CPU_CAPABILITY=avx2 on a CPU with bf16 units)
+  matvec<Bf16Widened>(x, M, K, w, bias, y, N, threads);
+#endif
 }
 
 void gpt2kit_matvec_bf16_widened(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,

@@ -1,9 +1,11 @@
-// Vector math shared by gpt2kit's CPU kernels (AVX-512F).
+// Vector math shared by gpt2kit's CPU kernels (AVX-512F, or AVX2 + FMA through avx512_on_avx2.h).
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
 
 #include <cmath>
+
+#include "avx512_on_avx2.h"  // last: it redefines the AVX-512 names where the target has no AVX-512
 
 namespace gpt2kit {
 
@@ -77,6 +79,16 @@ inline float softmax_row(float* row, int64_t n, int64_t n_pad, float* max_out = 
   for (; j + 16 <= n_pad; j += 16) _mm512_storeu_ps(row + j, _mm512_setzero_ps());
   if (j < n_pad) _mm512_mask_storeu_ps(row + j, static_cast<__mmask16>((1u << (n_pad - j)) - 1), _mm512_setzero_ps());
   return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// Keeps the compiler from seeing how v was computed, so that it cannot contract the product that
+// produced it with a later sum into an FMA.
+inline void opaque(__m512& v) {
+#ifdef __AVX512F__
+  asm("" : "+v"(v));
+#else
+  asm("" : "+v"(v.lo), "+v"(v.hi));  // the two halves of avx512_on_avx2.h's __m512
+#endif
 }
 
 }  // namespace gpt2kit
