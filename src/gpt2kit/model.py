@@ -142,7 +142,7 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
 
 
-# Where gpt2kit's training attention kernel does not run (no compiler or AVX-512; dropout), fp32
+# Where gpt2kit's training attention kernel does not run (no compiler, no AVX-512 or AVX2; dropout), fp32
 # training on CPU attends through `causal_attention` up to this many tokens: forward + backward
 # 1.2x (T = 128) faster than SDPA's flash kernel there; as fast at 256, 1.6x slower at 512.
 EXPLICIT_ATTENTION_MAX_T = 128
