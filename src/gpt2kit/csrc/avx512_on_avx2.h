@@ -6,12 +6,15 @@
 // shuffles and unpacks work per 128-bit lane in both), the same operation order where it changes
 // a rounding (the reductions follow GCC's own _mm512_reduce_*_ps), and the same memory behaviour
 // (masked loads and stores touch no element outside their mask). Built with -ffp-contract=off,
-// the two builds then round the same operations in the same order: the AVX-512 build contracts
-// nothing but 0 - x*y into an FNMADD there, which gives the same value. The one exception is
-// _mm512_scalef_ps (see there).
+// the two builds then round the same operations in the same order, so their results are meant
+// to be the same bit for bit: each function here was checked against the instruction's
+// definition on random and edge inputs (not on AVX-512 hardware), and the AVX-512 build
+// contracts nothing but 0 - x*y into an FNMADD, which gives the same value. _mm512_scalef_ps
+// rounds as VSCALEFPS under a condition exp512 meets (see there). attention.cpp picks smaller
+// register tiles for this build, which does not change its sums.
 //
-// How the kernels reach these: __m512 in GCC is a vector of 16 floats that it can only spill to
-// memory and reload lane by lane without AVX-512 (10x slower code), so the types are redefined as
+// How the kernels reach these: __m512 in GCC is a vector of 16 floats that, without AVX-512, it
+// keeps in memory and moves lane by lane (many times slower code), so the types are redefined as
 // structs of two __m256 (which GCC keeps in two ymm registers), and each intrinsic name used by
 // the kernels is a macro for the function of the same name here. The kernels call intrinsics from
 // anonymous namespaces and from extern "C" functions at global scope, where overloads in a
@@ -33,7 +36,10 @@
 #error "gpt2kit's kernels need AVX-512 or AVX2 with FMA"
 #endif
 
-#define GPT2KIT_INLINE inline __attribute__((__always_inline__))  // immediates must reach the builtins
+// Immediate operands (shuffle controls, shift counts, predicates) reach the builtins through these
+// always-inlined functions' parameters, which takes optimization: kernels.py builds with -O3
+// (at -O0 GCC rejects these calls).
+#define GPT2KIT_INLINE inline __attribute__((__always_inline__))
 
 namespace gpt2kit {
 namespace avx2 {
