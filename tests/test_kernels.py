@@ -164,7 +164,9 @@ def test_mkl_packed_linear_equals_f_linear():
     model = GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=1, n_ctx=80, vocab_size=300)).eval()
     fast = optimize_for_cpu(model)
     if kernels.available(torch.float32):  # else the output layer is stored input-major for decoding
-        assert fast.lm_head.mkl is not None and fast.lm_head.packed is None
+        # (where oneDNN's GEMM is the faster, kernels.onednn_gemm, oneDNN's packed copy instead)
+        onednn = kernels.onednn_gemm()
+        assert (fast.lm_head.mkl is None) == onednn and (fast.lm_head.packed is not None) == onednn
     ids = torch.randint(0, 300, (1, 70))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
@@ -888,9 +890,13 @@ def test_training_attention_kernel_matches_sdpa_and_its_gradients(B, nh, T):
     ours = kernels.training_attention(ours_in, nh)
     ours.backward(dout)
     assert ours.shape == (B, T, nh * 64) and ours_in.grad.shape == qkv.shape
-    # as exact as PyTorch's fp32 attention, values and gradients
-    assert (ours.double() - exact).abs().max() <= 2 * (fp32.double() - exact).abs().max() + 1e-6
-    assert (ours_in.grad.double() - exact_in.grad).abs().max() <= 2 * (fp32_in.grad.double() - exact_in.grad).abs().max() + 1e-6
+    # as exact as PyTorch's fp32 attention, values and gradients: on average, and at worst within
+    # 3x of its worst error (a worst case over a few hundred numbers is luck: at T = 5 PyTorch's
+    # own fp32 error moves 20% with the ISA its kernels run, AVX2 or AVX-512)
+    for got, want, theirs in ((ours, exact, fp32), (ours_in.grad, exact_in.grad, fp32_in.grad)):
+        err, their_err = (got.double() - want).abs(), (theirs.double() - want).abs()
+        assert err.mean() <= 1.5 * their_err.mean() + 1e-9
+        assert err.max() <= 3 * their_err.max() + 1e-6
 
 
 @pytest.mark.parametrize("B,nh,T", [(2, 3, 1), (2, 2, 65), (1, 3, 130), (3, 1, 33)])
