@@ -25,6 +25,10 @@ built for AVX2 instead, each 512-bit operation done on two 256-bit halves (`csrc
 Without a compiler, on a CPU without either, when the build or the load fails, or with
 GPT2KIT_KERNELS=0 in the environment, `available` is false and callers use PyTorch (`gelu` falls
 back to `F.gelu` itself).
+
+Not a kernel of ours, but the same question: which GEMM multiplies an fp32 prompt. MKL's, as
+`F.linear` does, on Intel CPUs; oneDNN's elsewhere, where MKL runs a generic code path
+(`onednn_gemm`, `linear`; GPT2KIT_GEMM=mkl or =onednn chooses).
 """
 from __future__ import annotations
 
