@@ -1,6 +1,7 @@
 """The model against its oracle, transformers.GPT2LMHeadModel, with the same random weights."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 
@@ -345,27 +346,111 @@ def gemm_choice(monkeypatch):
     """Lets a test set GPT2KIT_GEMM and the CPU's maker; the real choice is back afterwards."""
     from gpt2kit import kernels
 
-    kernels.onednn_gemm.cache_clear()
+    kernels.gemm.cache_clear()
     yield kernels
     monkeypatch.undo()
-    kernels.onednn_gemm.cache_clear()
+    kernels.gemm.cache_clear()
 
 
-@pytest.mark.parametrize("env,vendor,want", [
-    (None, "GenuineIntel", False), (None, "AuthenticAMD", True), (None, "HygonGenuine", True), (None, "", False),
-    ("auto", "AuthenticAMD", True), ("mkl", "AuthenticAMD", False), ("onednn", "GenuineIntel", True),
-    (" OneDNN ", "", True), ("", "AuthenticAMD", True), ("blas", "AuthenticAMD", True), ("blas", "GenuineIntel", False)])
+@pytest.mark.parametrize("env,vendor,openblas,want", [
+    (None, "GenuineIntel", True, "mkl"), (None, "AuthenticAMD", True, "openblas"),
+    (None, "AuthenticAMD", False, "onednn"), (None, "HygonGenuine", True, "openblas"), (None, "", True, "mkl"),
+    ("auto", "AuthenticAMD", True, "openblas"), ("mkl", "AuthenticAMD", True, "mkl"),
+    ("onednn", "GenuineIntel", True, "onednn"), (" OneDNN ", "", True, "onednn"),
+    ("openblas", "GenuineIntel", True, "openblas"), ("openblas", "GenuineIntel", False, "onednn"),
+    ("", "AuthenticAMD", True, "openblas"), ("blas", "AuthenticAMD", True, "openblas"),
+    ("blas", "GenuineIntel", True, "mkl")])
 def test_the_gemm_for_fp32_prompts_is_chosen_by_the_cpus_maker_or_gpt2kit_gemm(gemm_choice, monkeypatch, caplog,
-                                                                               env, vendor, want):
-    # MKL runs its fast kernels on Intel CPUs only: elsewhere oneDNN's GEMM multiplies prompts
+                                                                               env, vendor, openblas, want):
+    # MKL runs its fast kernels on Intel CPUs only: elsewhere OpenBLAS's GEMM (or oneDNN's) multiplies prompts
     if env is None:
         monkeypatch.delenv("GPT2KIT_GEMM", raising=False)
     else:
         monkeypatch.setenv("GPT2KIT_GEMM", env)
     monkeypatch.setattr(gemm_choice, "_cpu_vendor", lambda: vendor)
-    with caplog.at_level("WARNING", logger="gpt2kit.kernels"):
-        assert gemm_choice.onednn_gemm() is want
-    assert ("GPT2KIT_GEMM=blas: expected one of auto, mkl, onednn; using auto" in caplog.text) == (env == "blas")
+    if not openblas:
+        monkeypatch.setattr(gemm_choice, "_loaded_openblas", lambda: [])
+        gemm_choice._openblas.cache_clear()
+    elif want == "openblas" and not (gemm_choice.available(torch.float32) and gemm_choice._openblas()):
+        want = "onednn"  # (where the kernels don't build or numpy has another BLAS: oneDNN's, as asked for below)
+    try:
+        with caplog.at_level("WARNING", logger="gpt2kit.kernels"):
+            assert gemm_choice.gemm() == want
+    finally:
+        gemm_choice._openblas.cache_clear()
+    assert ("GPT2KIT_GEMM=blas: expected one of auto, mkl, onednn, openblas; using auto" in caplog.text) == (
+        env == "blas")
+    assert ("GPT2KIT_GEMM=openblas: " in caplog.text) == (env == "openblas" and want == "onednn")
+
+
+def test_numpys_openblas_is_found_and_its_threads_are_given_back(gemm_choice):
+    import numpy
+
+    kernels = gemm_choice
+    config = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    if "openblas" not in config["name"].lower():  # a numpy on another BLAS (MKL, Accelerate): none to find
+        assert kernels._openblas() is None or kernels._loaded_openblas()
+        return
+    assert kernels._loaded_openblas() and kernels._openblas() is not None
+    if not kernels.available(torch.float32):
+        return
+    _, set_threads, get_threads, _ = kernels._openblas()
+    getter, setter = ctypes.CFUNCTYPE(ctypes.c_int)(get_threads), ctypes.CFUNCTYPE(None, ctypes.c_int)(set_threads)
+    before = getter()
+    try:
+        setter(3)
+        x, w = torch.randn(300, 40), torch.randn(50, 40)
+        out = torch.zeros(300, 50)
+        kernels._openblas_product(x, w, out, 0.0)  # set to 1 for the call, put back after
+        torch.testing.assert_close(out, x @ w.t(), atol=1e-5, rtol=1e-5)
+        assert getter() == 3
+    finally:
+        setter(before)
+
+
+def test_each_openblas_build_numpy_and_scipy_load_multiplies_right(gemm_choice, monkeypatch):
+    """numpy's OpenBLAS takes 64-bit sizes, scipy's 32-bit ones: both through `csrc/gemm.cpp`,
+    rows split (300 rows) and columns split (20 rows, 70 columns: not a multiple of 16)."""
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS)
+
+    kernels = gemm_choice
+    if not kernels.available(torch.float32):
+        pytest.skip("the kernels are not built here")
+    libraries = kernels._loaded_openblas()
+    found = []
+    for path in libraries:
+        monkeypatch.setattr(kernels, "_loaded_openblas", lambda path=path: [path])
+        kernels._openblas.cache_clear()
+        if kernels._openblas() is None:
+            continue
+        found.append(kernels._openblas()[3])
+        g = torch.Generator().manual_seed(len(found))
+        for rows, cols in ((300, 50), (20, 70)):
+            x = torch.randn(rows, 43, generator=g)[:, 3:]  # rows 43 floats apart
+            w, out = torch.randn(cols, 40, generator=g), torch.randn(rows, cols + 5, generator=g)[:, :cols]
+            want = out + x @ w.t()
+            kernels._openblas_product(x, w, out, 1.0)
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    kernels._openblas.cache_clear()
+    import numpy
+
+    if "openblas" in numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"].lower():
+        assert True in found  # numpy >= 2's wheel: ILP64
+    scipy_blas = [p for p in libraries if "scipy.libs" in p]
+    assert not scipy_blas or False in found  # scipy's wheel: LP64
+
+
+def test_the_openblas_library_is_read_from_the_process_maps(tmp_path, monkeypatch):
+    from gpt2kit import kernels
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/libc.so.6\n"
+                    "7f02-7f03 r-xp 00000000 08:01 13 /x/numpy.libs/libscipy_openblas64_-32a4b2a6.so\n"
+                    "7f03-7f04 r--p 00001000 08:01 13 /x/numpy.libs/libscipy_openblas64_-32a4b2a6.so\n"
+                    "7f05-7f06 rw-p 00000000 00:00 0 \n7f07-7f08 r-xp 00000000 08:01 14 /a b/libopenblasp-r0.so.0\n")
+    assert kernels._loaded_openblas(str(maps)) == ["/x/numpy.libs/libscipy_openblas64_-32a4b2a6.so",
+                                                   "/a b/libopenblasp-r0.so.0"]
+    assert kernels._loaded_openblas(str(tmp_path / "missing")) == []
 
 
 def test_the_cpus_maker_is_read_from_cpuinfo(tmp_path):
@@ -380,56 +465,78 @@ def test_the_cpus_maker_is_read_from_cpuinfo(tmp_path):
     assert kernels._cpu_vendor(str(tmp_path / "missing")) == ""
 
 
-def test_onednn_products_equal_f_linear_and_apply_to_fp32_prompts_only(gemm_choice, monkeypatch):
+@pytest.mark.parametrize("gemm", ["onednn", "openblas"])
+def test_prompt_gemm_products_equal_f_linear_and_apply_to_fp32_prompts_only(gemm_choice, monkeypatch, gemm):
     kernels = gemm_choice
-    monkeypatch.setenv("GPT2KIT_GEMM", "onednn")
-    assert kernels.onednn_gemm()
+    monkeypatch.setenv("GPT2KIT_GEMM", gemm)
+    if gemm == "openblas" and not (kernels.available(torch.float32) and kernels._openblas()):
+        gemm = "onednn"  # its fallback, checked as such
+    assert kernels.gemm() == gemm
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
+    if gemm == "onednn":
+        real = torch.ops.mkldnn._linear_pointwise
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
+    else:
+        real = kernels._openblas_product
+        monkeypatch.setattr(kernels, "_openblas_product", lambda *a: calls.append(a[0].shape) or real(*a))
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
-    x = torch.randn(3, 20, 48, generator=g)
-    for inp in (x, x[:, ::2], x[1], x.transpose(0, 1)):  # 3-D, strided, 2-D, non-contiguous
+    x = torch.randn(3, 70, 48, generator=g)  # 210 rows: split by rows (OpenBLAS); 35 rows below: by columns
+    for inp in (x, x[:, ::2], x[1], x.transpose(0, 1), x[0, :35]):  # 3-D, strided, 2-D, non-contiguous, short
         for bias in (b, None):
             torch.testing.assert_close(kernels.linear(inp, w, bias), torch.nn.functional.linear(inp, w, bias),
                                        atol=1e-5, rtol=1e-5)
-    assert len(calls) == 8
+    assert len(calls) == 10
+    out = torch.randn(210, 40, generator=g)
+    torch.testing.assert_close(kernels.linear_add_(out.clone(), x.reshape(210, 48), w),
+                               out.addmm(x.reshape(210, 48), w.t()), atol=1e-5, rtol=1e-5)
+    assert len(calls) == (11 if gemm == "openblas" else 10)  # (oneDNN has no in-place sum: addmm_)
     small = torch.randn(kernels.MAX_ROWS, 48, generator=g)  # decoding's rows: not a prompt
     cases = {"few rows": (small, w, b), "bf16": (x.bfloat16(), w.bfloat16(), b.bfloat16()),
              "a strided weight": (x, torch.randn(48, 40).t(), b), "float64": (x.double(), w.double(), b.double()),
              "a 2-D bias": (x, w, b[None]), "a gradient": (x.requires_grad_(), w, b)}
     for what, (xi, wi, bi) in cases.items():
-        assert not kernels.onednn_linear_applies(xi, wi, bi), what
+        assert not kernels.prompt_gemm_applies(xi, wi, bi), what
         assert torch.equal(kernels.linear(xi, wi, bi), torch.nn.functional.linear(xi, wi, bi)), what
     x.requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels.onednn_linear_applies(x, w, b)
-    assert kernels.onednn_linear_applies(x, w, b) and len(calls) == 8
+        assert not kernels.prompt_gemm_applies(x, w, b)
+    assert kernels.prompt_gemm_applies(x, w, b) and len(calls) == (11 if gemm == "openblas" else 10)
     with torch.no_grad():  # a Parameter needs a gradient only where autograd records
-        assert kernels.onednn_linear_applies(x, torch.nn.Parameter(w), b)
+        assert kernels.prompt_gemm_applies(x, torch.nn.Parameter(w), b)
+    monkeypatch.setenv("GPT2KIT_GEMM", "mkl")
+    kernels.gemm.cache_clear()
+    assert not kernels.prompt_gemm_applies(x, w, b)
 
 
-@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
-def test_the_model_and_its_inference_form_give_transformers_logits_with_either_gemm(gemm_choice, monkeypatch, gemm):
+@pytest.mark.parametrize("gemm", ["onednn", "mkl", "openblas"])
+def test_the_model_and_its_inference_form_give_transformers_logits_with_any_gemm(gemm_choice, monkeypatch, gemm):
     from gpt2kit.generate import optimize_for_cpu
 
     monkeypatch.setenv("GPT2KIT_GEMM", gemm)
     model = randomize_(GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=1, n_ctx=1024, vocab_size=50257,
                                        padded_vocab_multiple=64)).eval())
     hf = hf_twin(model)
+    chosen = gemm_choice.gemm()  # (openblas: oneDNN's where the kernels don't build or numpy has no OpenBLAS)
+    assert chosen == gemm or (gemm == "openblas" and chosen == "onednn")
     fast = optimize_for_cpu(model)
     head = fast.lm_head
     if gemm_choice.available(torch.float32):  # (without the kernels: stored input-major, MKL's products)
-        assert (head.mkl is None) == (gemm == "onednn" or not gemm_choice.mkl_packing_works())
-        assert (head.packed is not None) == (gemm == "onednn")  # oneDNN's packed copy of the output layer
+        assert (head.mkl is None) == (chosen != "mkl" or not gemm_choice.mkl_packing_works())
+        assert (head.packed is not None) == (chosen == "onednn")  # oneDNN's packed copy of the output layer
     else:
         assert type(head).__name__ == "_InputMajorHead"
+    products = []
+    real = gemm_choice._openblas_product
+    monkeypatch.setattr(gemm_choice, "_openblas_product", lambda *a: products.append(a[0].shape) or real(*a))
     ids = torch.randint(0, 50257, (2, 300))
     with torch.no_grad():
         want = hf(ids).logits
         for ours in (model(ids), fast(ids), model(ids[:, :5]), fast(ids[:1, :1])):
             torch.testing.assert_close(ours, want[: ours.shape[0], : ours.shape[1]], atol=1e-4, rtol=0)
+    # OpenBLAS: every product of the 600-row prompt (4 a layer, in place or not, and the output layer's)
+    # in both forms, none of the 10-row or 1-row ones (decoding's matvec or F.linear)
+    assert len(products) == (2 * (4 * 2 + 1) if chosen == "openblas" else 0)
     model.train()
     model(ids[:, :40]).logsumexp(-1).mean().backward()  # training: F.linear, differentiable
     assert all(p.grad is not None for p in model.parameters())
@@ -444,7 +551,7 @@ def test_a_prompt_output_layer_by_blocks_matches_transformers(monkeypatch, padde
     calls = []
     blocks = kernels.logits_by_blocks
     monkeypatch.setattr(kernels, "logits_by_blocks", lambda *a: calls.append(a[0].shape) or blocks(*a))
-    monkeypatch.setattr(kernels, "onednn_gemm", lambda: False)  # MKL's products, as on an Intel CPU
+    monkeypatch.setattr(kernels, "gemm", lambda: "mkl")  # MKL's products, as on an Intel CPU
     config = GPT2Config(n_layer=1, n_embd=32, n_head=1, n_ctx=1024, vocab_size=50257,
                         padded_vocab_multiple=64 if padded else 1)
     model = randomize_(GPT2(config).eval())

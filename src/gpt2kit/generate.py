@@ -582,8 +582,9 @@ class _CPULinear(torch.nn.Module):
     for fp32, MKL's on Intel CPUs (`kernels.MKLPackedLinear`), bit for bit `F.linear`'s product: on
     a Xeon the 50257-wide output layer's 1024-row product alone ran ~8% faster than `F.linear`'s,
     within the noise inside a whole prompt, where oneDNN's packed fp32 GEMM was 12% slower at
-    4096 rows; oneDNN's on other CPUs, where it runs 1.4-1.75x faster than `F.linear`'s (AMD
-    EPYC; see `kernels.onednn_gemm`), as do unpacked fp32 layers' prompts (`kernels.linear`).
+    4096 rows; on other CPUs, no packed copy where OpenBLAS's GEMM multiplies prompts (the plain
+    weight, `kernels.linear`, 1.2-1.6x faster than `F.linear`'s on an AMD EPYC), else oneDNN's
+    (1.4-1.75x faster there); see `kernels.gemm`.
 
     On a CPU without bf16 arithmetic (`kernels.native_bf16` false), PyTorch's bf16 GEMM emulates
     it several times slower than fp32: there a bf16 layer (`widen`) multiplies many rows in fp32,
@@ -606,12 +607,14 @@ class _CPULinear(torch.nn.Module):
             kernels.matvec(torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype), self.weight, self.bias)
         self.widen = widen and self.weight.dtype == torch.bfloat16
         # fp32: MKL's own packed copy on Intel CPUs (oneDNN's fp32 GEMM was 12% slower than F.linear's at
-        # 4096 rows on a Xeon); oneDNN's packed copy where its GEMM is the faster (see kernels.onednn_gemm)
+        # 4096 rows on a Xeon); oneDNN's packed copy where its GEMM is the faster; none where OpenBLAS's
+        # is (it multiplies the plain weight, `kernels.linear`); see kernels.gemm
+        fp32 = self.weight.dtype == torch.float32
         self.mkl = (kernels.MKLPackedLinear(self.weight, self.bias)
-                    if packed and self.weight.dtype == torch.float32 and kernels.mkl_packing_works()
-                    and not kernels.onednn_gemm() else None)
+                    if packed and fp32 and kernels.mkl_packing_works() and kernels.gemm() == "mkl" else None)
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)  # opaque
-                       if packed and not self.widen and self.mkl is None else None)
+                       if packed and not self.widen and self.mkl is None
+                       and not (fp32 and kernels.gemm() == "openblas") else None)
         self.gelu = gelu  # followed by the tanh GELU (for the packed GEMM, fused into it: one pass less)
 
     @property
@@ -654,7 +657,7 @@ class _CPULinear(torch.nn.Module):
             else:  # over the fresh product itself, as the model's MLP does: one (N, 4C) tensor, not two
                 y = kernels.bias_gelu_(y, self.bias)
         else:
-            y = kernels.linear(flat, self.weight, self.bias)  # oneDNN's GEMM for a prompt where it is faster
+            y = kernels.linear(flat, self.weight, self.bias)  # not MKL's GEMM for a prompt where another is faster
             y = kernels.gelu(y) if self.gelu else y
         return y.view(*x.shape[:-1], out)  # (..., out)
 

@@ -26,9 +26,10 @@ Without a compiler, on a CPU without either, when the build or the load fails, o
 GPT2KIT_KERNELS=0 in the environment, `available` is false and callers use PyTorch (`gelu` falls
 back to `F.gelu` itself).
 
-Not a kernel of ours, but the same question: which GEMM multiplies an fp32 prompt. MKL's, as
-`F.linear` does, on Intel CPUs; oneDNN's elsewhere, where MKL runs a generic code path
-(`onednn_gemm`, `linear`; GPT2KIT_GEMM=mkl or =onednn chooses).
+The same question for the GEMMs: which one multiplies an fp32 prompt. MKL's, as `F.linear` does,
+on Intel CPUs; elsewhere, where MKL runs a generic code path, OpenBLAS's (numpy's copy) on
+torch's threads (`csrc/gemm.cpp`), or oneDNN's (`gemm`, `linear`, `linear_add_`;
+GPT2KIT_GEMM=mkl, =onednn or =openblas chooses).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this a product is compute-bound and oneDNN's blocked GEMM wins
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("matvec.cpp", "gelu.cpp", "attention.cpp",
-                                                                           "xent.cpp", "adamw.cpp", "layernorm.cpp")]
+                                                                           "xent.cpp", "adamw.cpp", "layernorm.cpp",
+                                                                           "gemm.cpp")]
 _HEADERS = [_SOURCES[0].with_name(name) for name in ("vecmath.h", "avx512_on_avx2.h")]
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp",
           "-shared", "-fPIC"]
@@ -111,6 +113,7 @@ def _library() -> ctypes.CDLL | None:
         xent, squares = lib.gpt2kit_softmax_xent_f32, lib.gpt2kit_sum_squares_f32
         adamw = lib.gpt2kit_adamw_f32
         layer_norm_add = lib.gpt2kit_layer_norm_add_f32
+        sgemm = lib.gpt2kit_sgemm_f32
     except (OSError, AttributeError) as e:  # e.g. a cache folder shared with a machine of another kind
         log.warning("could not load %s (%s): decoding uses PyTorch's matrix kernels", target, e)
         return None
@@ -142,6 +145,10 @@ def _library() -> ctypes.CDLL | None:
     layer_norm_add.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_float, ctypes.c_int]
     layer_norm_add.restype = None
+    sgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3,
+                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int]
+    sgemm.restype = None
     return lib
 
 
@@ -826,14 +833,24 @@ def mkl_packing_works() -> bool:
         return False
 
 
-# oneDNN's fp32 GEMM. MKL, which `F.linear` calls on x86, runs its fastest kernels on Intel CPUs
-# only. On an AMD EPYC (Zen 2, 2 threads) oneDNN's GEMM, which PyTorch links too, ran a 1024-token
-# prompt's products 1.0-1.4x faster than `F.linear` (the 50257-wide output layer 1.38x, c_fc
-# 1.15x) without packing its weight first (packed: the same speed); on a Zen 4 its packed GEMM
-# ran 1.75x faster; on a Xeon it was 12% slower. So on x86 CPUs of other makers, fp32 inference
-# products of a prompt go through oneDNN (`linear`). GPT2KIT_GEMM=mkl or =onednn chooses
-# either on any CPU.
-GEMM_CHOICES = ("auto", "mkl", "onednn")
+# Which GEMM multiplies an fp32 prompt. MKL, which `F.linear` calls on x86, runs its fastest
+# kernels on Intel CPUs only. On an AMD EPYC (Zen 2, 2 threads), at the four layer shapes of gpt2
+# and gpt2-medium and the output layer's: MKL 114-146 GFLOP/s, oneDNN's GEMM (which PyTorch links
+# too) 119-156, OpenBLAS's (numpy's own copy) 180-195, ~88% of the FMA peak; on a Zen 4, oneDNN's
+# packed GEMM ran 1.75x faster than MKL's; on a Xeon oneDNN's was 12% slower. So on x86 CPUs of
+# other makers, fp32 inference products of a prompt go through OpenBLAS (`csrc/gemm.cpp`, on
+# torch's threads), or oneDNN where numpy brings no OpenBLAS or the kernels are not built.
+# GPT2KIT_GEMM=mkl, =onednn or =openblas chooses on any CPU.
+GEMM_CHOICES = ("auto", "mkl", "onednn", "openblas")
+# OpenBLAS's names for its C interface: numpy >= 2's build (scipy-openblas, 64-bit integers),
+# scipy's (32-bit), numpy 1's (64-bit), a plain build (32-bit). Each: sgemm, set / get thread
+# count, ILP64.
+_OPENBLAS_SYMBOLS = (
+    ("scipy_cblas_sgemm64_", "scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", True),
+    ("scipy_cblas_sgemm", "scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads", False),
+    ("cblas_sgemm64_", "openblas_set_num_threads64_", "openblas_get_num_threads64_", True),
+    ("cblas_sgemm", "openblas_set_num_threads", "openblas_get_num_threads", False),
+)
 
 
 def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -848,32 +865,92 @@ def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     return ""
 
 
+def _loaded_openblas(maps: str = "/proc/self/maps") -> list[str]:
+    """Paths of the OpenBLAS libraries loaded in this process (numpy loads its own on import)."""
+    try:
+        import numpy  # noqa: F401  (loads numpy's BLAS)
+
+        with open(maps) as f:
+            paths = [line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6]
+    except (ImportError, OSError):
+        return []
+    return list(dict.fromkeys(p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p))
+
+
 @functools.cache
-def onednn_gemm() -> bool:
-    """Whether `linear` multiplies fp32 prompts through oneDNN on this machine (see above):
-    GPT2KIT_GEMM=onednn, or =auto (the default) on an x86 CPU not made by Intel; and oneDNN's
-    product checked once against `F.linear`'s."""
+def _openblas() -> tuple[int, int, int, bool] | None:
+    """(sgemm, set threads, get threads) addresses and ILP64 of a loaded OpenBLAS, or None."""
+    for path in _loaded_openblas():
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same copy, not a second one
+        except OSError:
+            continue
+        for sgemm, set_threads, get_threads, ilp64 in _OPENBLAS_SYMBOLS:
+            try:
+                fns = [getattr(lib, name) for name in (sgemm, set_threads, get_threads)]
+            except AttributeError:
+                continue
+            return (*(ctypes.cast(fn, ctypes.c_void_p).value for fn in fns), ilp64)
+    return None
+
+
+def _openblas_product(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, beta: float) -> None:
+    """out = x weight^T + beta out, through OpenBLAS on torch's threads (`csrc/gemm.cpp`): x (m, k)
+    and out (m, n) with unit column strides, weight (n, k) contiguous, all fp32 CPU. (A 32-bit
+    OpenBLAS takes sizes below 2^31: 2^31 rows of a prompt would be terabytes.)"""
+    sgemm, set_threads, get_threads, ilp64 = _openblas()
+    (m, k), n = x.shape, weight.shape[0]
+    _library().gpt2kit_sgemm_f32(sgemm, ilp64, set_threads, get_threads, m, n, k, x.data_ptr(), x.stride(0),
+                                 weight.data_ptr(), beta, out.data_ptr(), out.stride(0), torch.get_num_threads())
+
+
+def _gemms_work(choice: str) -> bool:
+    """Whether the GEMM `choice` is there and right on this build (checked once, on a small
+    product against `F.linear`, rows split and not)."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    try:
+        for rows in (70, 300):
+            x = torch.randn(rows, 24, generator=g)
+            if choice == "onednn":
+                got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            else:
+                got = b.expand(rows, 40).contiguous()
+                _openblas_product(x, w, got, 1.0)
+            if not torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5):
+                return False
+    except (RuntimeError, AttributeError, OSError):  # a build without the op or the library
+        return False
+    return True
+
+
+@functools.cache
+def gemm() -> str:
+    """The GEMM of fp32 prompts on this machine (see above): "mkl" (`F.linear`'s), "onednn" or
+    "openblas". GPT2KIT_GEMM chooses; auto (the default) is MKL on Intel CPUs and on CPUs of
+    unknown make, else OpenBLAS where numpy loaded one and the kernels are built, else oneDNN.
+    A choice that is not there falls back the same way (with a warning if it was asked for)."""
     choice = os.environ.get("GPT2KIT_GEMM", "auto").strip().lower() or "auto"
     if choice not in GEMM_CHOICES:
         log.warning("GPT2KIT_GEMM=%s: expected one of %s; using auto", choice, ", ".join(GEMM_CHOICES))
         choice = "auto"
-    if choice == "mkl" or not torch.backends.mkldnn.is_available():
-        return False
-    if choice == "auto" and _cpu_vendor() in ("", "GenuineIntel"):
-        return False
-    g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(40, 24, generator=g), torch.randn(40, generator=g), torch.randn(70, 24, generator=g)
-    try:
-        got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    except (RuntimeError, AttributeError):  # a build without the op
-        return False
-    return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+    if choice == "mkl" or (choice == "auto" and _cpu_vendor() in ("", "GenuineIntel")):
+        return "mkl"
+    if choice in ("auto", "openblas"):
+        if _library() is not None and _openblas() is not None and _gemms_work("openblas"):
+            return "openblas"
+        if choice == "openblas":
+            log.warning("GPT2KIT_GEMM=openblas: %s; using oneDNN's GEMM",
+                        "the kernels are not built" if _library() is None else "numpy loaded no OpenBLAS")
+    if torch.backends.mkldnn.is_available() and _gemms_work("onednn"):
+        return "onednn"
+    return "mkl"
 
 
-def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `linear` runs oneDNN's product: `onednn_gemm()`, fp32 CPU tensors that need no
-    gradient (oneDNN's op has no backward), a 2-D contiguous weight, more than `MAX_ROWS` rows,
-    no autocast, forward-mode AD or torch.compile tracing."""
+def prompt_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear` multiplies through `gemm()` other than MKL's: fp32 CPU tensors that need
+    no gradient (neither oneDNN's op nor OpenBLAS has a backward), a 2-D contiguous weight, more
+    than `MAX_ROWS` rows, no autocast, forward-mode AD or torch.compile tracing."""
     return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
             and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.shape[-1] == weight.shape[1]
             and x.numel() > MAX_ROWS * x.shape[-1]
@@ -881,13 +958,33 @@ def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
             and not torch.is_autocast_enabled("cpu") and not forward_ad_active() and not torch.compiler.is_compiling()
-            and onednn_gemm())
+            and gemm() != "mkl")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through oneDNN's GEMM where `onednn_linear_applies` (the same
-    result up to float rounding), else `F.linear` itself."""
-    if onednn_linear_applies(x, weight, bias):
+    """`F.linear(x, weight, bias)`, through `gemm()` where `prompt_gemm_applies` (the same result up
+    to float rounding), else `F.linear` itself."""
+    if not prompt_gemm_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if gemm() == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(),
                                                   "none", [], "")
-    return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    n = weight.shape[0]
+    if bias is None:
+        y, beta = torch.empty(rows.shape[0], n), 0.0
+    else:  # as addmm does: the bias first, the product added to it
+        y, beta = bias.expand(rows.shape[0], n).contiguous(), 1.0
+    _openblas_product(rows, weight, y, beta)
+    return y.view(*x.shape[:-1], n)
+
+
+def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out += x @ weight^T in place, for 2-D out and x (`addmm_`), through OpenBLAS where `gemm()`
+    chooses it and `prompt_gemm_applies` (oneDNN has no in-place sum: `addmm_` was as fast)."""
+    if (gemm() == "openblas" and out.dtype == torch.float32 and out.stride(-1) == 1 and x.stride(-1) == 1
+            and not (torch.is_grad_enabled() and out.requires_grad) and prompt_gemm_applies(x, weight, None)):
+        _openblas_product(x, weight, out, 1.0)
+        return out
+    return out.addmm_(x, weight.t())

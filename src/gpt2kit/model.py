@@ -186,7 +186,7 @@ class Linear(nn.Linear):
         if (torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and kernels.bf16_on_fp32_units(torch.get_autocast_dtype("cpu"), x.device.type)):
             return kernels.bf16_linear_widened(x, self.weight, self.bias)
-        return kernels.linear(x, self.weight, self.bias)  # F.linear's product (see kernels.onednn_gemm)
+        return kernels.linear(x, self.weight, self.bias)  # F.linear's product (see kernels.gemm)
 
 
 def _intercepted(*modules: nn.Module) -> bool:
@@ -333,10 +333,10 @@ class Block(nn.Module):
         rows = x.view(-1, x.shape[-1])  # (B*T, C)
         h = kernels.layer_norm_add_(x, self.ln_1, self.attn.c_proj.bias)  # ln_1(x); then x += c_proj's bias
         heads = self.attn.heads(h, mask, is_causal, kv_cache, layer)  # (B, T, C)
-        rows.addmm_(heads.reshape(rows.shape), self.attn.c_proj.weight.t())
+        kernels.linear_add_(rows, heads.reshape(rows.shape), self.attn.c_proj.weight)
         h = kernels.layer_norm_add_(x, self.ln_2, self.mlp.c_proj.bias)
         hidden = self.mlp.hidden(h)  # (B, T, 4C)
-        rows.addmm_(hidden.reshape(-1, hidden.shape[-1]), self.mlp.c_proj.weight.t())
+        kernels.linear_add_(rows, hidden.reshape(-1, hidden.shape[-1]), self.mlp.c_proj.weight)
         return x
 
     def in_place_applies(self, x: torch.Tensor) -> bool:
@@ -372,7 +372,7 @@ class TiedLMHead(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if kernels.onednn_linear_applies(h, self.weight, None):  # a prompt in fp32 CPU inference, oneDNN's GEMM
+        if kernels.prompt_gemm_applies(h, self.weight, None):  # a prompt in fp32 CPU inference, not MKL's GEMM
             return kernels.linear(h, self.weight[: self.vocab_size])  # (B, T, V): rows of wte, contiguous
         if kernels.logits_by_blocks_applies(h, self.weight):  # a prompt in fp32 CPU inference
             return kernels.logits_by_blocks(h, self.weight, self.vocab_size)  # (B, T, V), faster there

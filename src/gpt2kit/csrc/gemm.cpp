@@ -1,0 +1,66 @@
+// An fp32 product C = A W^T + beta C on torch's OpenMP threads, each thread running a
+// single-threaded OpenBLAS sgemm on its share of the rows (or, for few rows, of the columns).
+//
+// Why not OpenBLAS's own threads: after every parallel region of PyTorch, its OpenMP workers spin
+// for a while before they sleep (libgomp's GOMP_SPINCOUNT, read once at start-up); an OpenBLAS
+// call right after a LayerNorm or an attention then shares the cores with spinning threads and
+// ran ~20% slower than alone (AMD EPYC Zen 2, 2 threads). Here the spinning workers are the ones
+// that do the work. OpenBLAS's thread count is process-wide state (its "_local" setter is too, in
+// the builds checked), so it is set to 1 for the call and put back after.
+//
+// The library is whatever OpenBLAS the process has loaded (numpy's, in practice): the caller
+// passes its sgemm and thread-count functions, and whether its integers are 64-bit (ILP64).
+#include <omp.h>
+#include <stdint.h>
+
+namespace {
+
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
+
+using Sgemm32 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const float*, int32_t, const float*,
+                         int32_t, float, float*, int32_t);
+using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                         int64_t, float, float*, int64_t);
+using SetThreads = void (*)(int);
+using GetThreads = int (*)();
+
+// C[m, n] = A[m, k] W[n, k]^T + beta C; row strides lda, ldc; W contiguous
+inline void sgemm(void* fn, int ilp64, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
+                  float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (ilp64)
+    reinterpret_cast<Sgemm64>(fn)(kRowMajor, kNoTrans, kTrans, m, n, k, 1.0f, a, lda, w, k, beta, c, ldc);
+  else
+    reinterpret_cast<Sgemm32>(fn)(kRowMajor, kNoTrans, kTrans, static_cast<int32_t>(m), static_cast<int32_t>(n),
+                                  static_cast<int32_t>(k), 1.0f, a, static_cast<int32_t>(lda), w,
+                                  static_cast<int32_t>(k), beta, c, static_cast<int32_t>(ldc));
+}
+
+}  // namespace
+
+extern "C" {
+
+// a (m, k), rows lda floats apart; w (n, k) contiguous; c (m, n), rows ldc floats apart. An LP64
+// library (ilp64 = 0) needs every size below 2^31: the caller checks.
+void gpt2kit_sgemm_f32(void* fn, int ilp64, void* set_threads, void* get_threads, int64_t m, int64_t n, int64_t k,
+                       const float* a, int64_t lda, const float* w, float beta, float* c, int64_t ldc, int threads) {
+  const int saved = reinterpret_cast<GetThreads>(get_threads)();
+  reinterpret_cast<SetThreads>(set_threads)(1);
+  // rows when each thread gets a tall block (the weight is then read once per thread, from the
+  // shared cache); columns for short prompts, where a thread's rows would be too few to block
+  const bool by_rows = m >= 64 * static_cast<int64_t>(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (by_rows) {
+      const int64_t r0 = m * t / nt, r1 = m * (t + 1) / nt;
+      sgemm(fn, ilp64, r1 - r0, n, k, a + r0 * lda, lda, w, beta, c + r0 * ldc, ldc);
+    } else {
+      const int64_t c0 = (n * t / nt) / 16 * 16, c1 = t + 1 == nt ? n : (n * (t + 1) / nt) / 16 * 16;
+      sgemm(fn, ilp64, m, c1 - c0, k, a, lda, w + c0 * k, beta, c + c0, ldc);
+    }
+  }
+  reinterpret_cast<SetThreads>(set_threads)(saved);
+}
+
+}  // extern "C"
