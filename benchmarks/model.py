@@ -7,7 +7,8 @@ forward pass adds on top of the weights. transformers runs its default (sdpa) at
 thread count, interleaved (order alternating), and each number is the median of `--repeats` runs.
 "ours" is the model as built (`GPT2`, trainable); "ours, inference" is it after
 `gpt2kit.generate.optimize_for_cpu` (on CPU), as `gpt2kit generate` / `serve` load a checkpoint:
-packed weights for the output layer (MKL's in fp32; oneDNN's, for every layer, in bf16).
+packed weights for the output layer (MKL's in fp32 on Intel CPUs; oneDNN's, for every layer, in
+bf16). fp32 prompts multiply through `kernels.gemm()`'s GEMM (printed; GPT2KIT_GEMM chooses).
 `--compile` adds a column for `torch.compile(model)` of ours.
 
 Peak memory: on CUDA, torch's allocator statistics; on CPU, the resident-set high-water mark
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 import transformers
 
+from gpt2kit import kernels
 from gpt2kit.generate import optimize_for_cpu
 from gpt2kit.model import GPT2, PRESETS
 from gpt2kit.weights import hf_config_dict, to_hf_state_dict
@@ -134,7 +136,8 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# prefill of {args.seq}-token sequences on {device.type} ({where}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+          + (f"; ours' fp32 prompt GEMM: {kernels.gemm()}" if device.type == "cpu" else ""))
     cols = ["shape", "dtype", "batch", "ours tok/s", "ours, inference tok/s", "transformers tok/s", "ratio",
             "ratio, inference"]
     if args.compile:

@@ -10,7 +10,8 @@ copies. So on a given machine the ratio ours / transformers of `benchmarks/model
 however cheap the rest of our pass gets, unless our products beat the BLAS. For the gpt2 and
 gpt2-medium shapes (random weights, the same in both libraries, 1024-token sequences, fp32, no
 autograd), this prints each library's pass time and, from the same passes, its GEMM time (self
-time of aten::mm / addmm / addmm_ / bmm under torch.profiler, which costs little at a few dozen
+time of aten::mm / addmm / addmm_ / bmm, oneDNN's linear and gpt2kit's OpenBLAS product (where
+`kernels.gemm()` chooses them) under torch.profiler, which costs little at a few dozen
 ops per pass), medians of `--repeats` interleaved passes; the GEMMs' FLOP rate; and the CPU's FMA
 peak for the same thread count (a loop of independent FMAs, compiled here with the system C
 compiler; "n/a" without one).
@@ -32,12 +33,25 @@ from typing import Callable
 
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
+from gpt2kit import kernels
 from gpt2kit.model import GPT2, PRESETS
 from gpt2kit.weights import hf_config_dict, to_hf_state_dict
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise", "gpt2kit::sgemm")
+
+
+def _profiled_openblas() -> None:
+    """Makes ours' OpenBLAS products (`kernels.gemm()` "openblas", called through ctypes, which the
+    profiler cannot see) show up as gpt2kit::sgemm ops."""
+    real = kernels._openblas_product
+
+    def product(*args):
+        with record_function("gpt2kit::sgemm"):
+            return real(*args)
+
+    kernels._openblas_product = product
 
 # Twelve independent accumulators per thread (more than FMA latency x ports), so the loop runs
 # at the FMA units' throughput; the registers are named in the asm so the compiler cannot fold
@@ -146,10 +160,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    _profiled_openblas()
     peak = fma_peak_gflops(threads)
     print(f"# fp32 prefill of {args.seq}-token sequences on {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, median of "
-          f"{args.repeats}; FMA peak {'n/a' if peak is None else f'{peak:.0f} GFLOP/s'}")
+          f"{args.repeats}; FMA peak {'n/a' if peak is None else f'{peak:.0f} GFLOP/s'}; ours' GEMM: {kernels.gemm()}")
     cols = ["shape", "batch", "ours ms", "ours GEMM ms", "transformers ms", "transformers GEMM ms", "ratio",
             "ceiling", "GEMM GFLOP/s (ours / transformers)", "of FMA peak"]
     print("| " + " | ".join(cols) + " |")
