@@ -408,6 +408,73 @@ def test_numpys_openblas_is_found_and_its_threads_are_given_back(gemm_choice):
         setter(before)
 
 
+def test_training_products_through_openblas_equal_f_linears_and_their_gradients(gemm_choice, monkeypatch):
+    """With gemm() OpenBLAS, `linear` under autograd runs `_BLASLinear`: its output and its three
+    gradients (x, weight, bias) equal F.linear's up to rounding, for strided, expanded and 3-D
+    inputs, with and without a bias, and under create_graph (differentiable backward)."""
+    kernels = gemm_choice
+    monkeypatch.setenv("GPT2KIT_GEMM", "openblas")
+    if not (kernels.available(torch.float32) and kernels._openblas()):
+        pytest.skip("no OpenBLAS or no kernels here")
+    assert kernels.gemm() == "openblas"
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(1)
+    w0, b0 = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    x0 = torch.randn(3, 70, 48, generator=g)
+    for inp in (x0, x0[:, ::2], x0.transpose(0, 1), x0[0, :1].expand(30, 48)):
+        for with_bias in (True, False):
+            for needs in ((True, True, True), (False, True, True), (True, False, False)):
+                x, w, b = inp.clone().requires_grad_(needs[0]), w0.clone().requires_grad_(needs[1]), b0.clone()
+                b = b.requires_grad_(needs[2]) if with_bias else None
+                assert kernels.training_gemm_applies(x, w, b)
+                y, want = kernels.linear(x, w, b), F.linear(x, w, b)
+                assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_BLASLinearBackward"
+                torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+                gy = torch.randn(y.shape, generator=g)
+                inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+                for got, ref in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(want, inputs, gy)):
+                    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    # gradient of a sum: an expanded (stride 0) output gradient
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = torch.autograd.grad(kernels.linear(x, w, b0).sum(), [x, w])
+    for a, ref in zip(got, torch.autograd.grad(F.linear(x, w, b0).sum(), [x, w])):
+        torch.testing.assert_close(a, ref, atol=1e-4, rtol=1e-5)
+    # second derivatives through the differentiable backward
+    x, w = x0[0, :20].clone().requires_grad_(), w0.clone().requires_grad_()
+    second = []
+    for fn in (kernels.linear, F.linear):
+        (gx,) = torch.autograd.grad((fn(x, w) ** 2).sum(), [x], create_graph=True)
+        second.append(torch.autograd.grad(gx.square().sum(), [w])[0])
+    torch.testing.assert_close(second[0], second[1], rtol=1e-4, atol=1e-6 * float(second[1].abs().max()))  # ~2e5
+    # not for: few rows, autocast, a choice other than OpenBLAS
+    assert not kernels.training_gemm_applies(x0[0, :kernels.MAX_ROWS].requires_grad_(), w0, b0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.training_gemm_applies(x0.requires_grad_(), w0, b0)
+    assert not kernels.training_gemm_applies(x0.detach(), w0, b0)  # nothing needs a gradient
+    monkeypatch.setenv("GPT2KIT_GEMM", "mkl")
+    kernels.gemm.cache_clear()
+    assert not kernels.training_gemm_applies(x0.detach().requires_grad_(), w0, b0)
+
+
+def test_addmm_equals_torchs_with_any_gemm(gemm_choice, monkeypatch):
+    kernels = gemm_choice
+    g = torch.Generator().manual_seed(2)
+    for choice in ("openblas", "mkl"):
+        monkeypatch.setenv("GPT2KIT_GEMM", choice)
+        kernels.gemm.cache_clear()
+        for ta, tb in ((False, False), (True, False), (False, True), (True, True)):
+            a = torch.randn(*((50, 200) if ta else (200, 50)), generator=g)
+            b = torch.randn(*((30, 50) if tb else (50, 30)), generator=g)
+            out = torch.randn(200, 34, generator=g)[:, 2:32]  # rows 34 floats apart
+            for alpha, beta in ((1.0, 0.0), (0.5, 1.0), (2.0, 0.25)):
+                want = beta * out + alpha * ((a.t() if ta else a) @ (b.t() if tb else b))
+                if beta == 0:
+                    out.fill_(float("nan"))  # beta 0 ignores out, NaNs included
+                got = kernels.addmm_(out, a, b, trans_a=ta, trans_b=tb, alpha=alpha, beta=beta)
+                assert got.data_ptr() == out.data_ptr()
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_each_openblas_build_numpy_and_scipy_load_multiplies_right(gemm_choice, monkeypatch):
     """numpy's OpenBLAS takes 64-bit sizes, scipy's 32-bit ones: both through `csrc/gemm.cpp`,
     rows split (300 rows) and columns split (20 rows, 70 columns: not a multiple of 16)."""
@@ -494,10 +561,11 @@ def test_prompt_gemm_products_equal_f_linear_and_apply_to_fp32_prompts_only(gemm
     small = torch.randn(kernels.MAX_ROWS, 48, generator=g)  # decoding's rows: not a prompt
     cases = {"few rows": (small, w, b), "bf16": (x.bfloat16(), w.bfloat16(), b.bfloat16()),
              "a strided weight": (x, torch.randn(48, 40).t(), b), "float64": (x.double(), w.double(), b.double()),
-             "a 2-D bias": (x, w, b[None]), "a gradient": (x.requires_grad_(), w, b)}
+             "a 2-D bias": (x, w, b[None])}
     for what, (xi, wi, bi) in cases.items():
         assert not kernels.prompt_gemm_applies(xi, wi, bi), what
         assert torch.equal(kernels.linear(xi, wi, bi), torch.nn.functional.linear(xi, wi, bi)), what
+    assert not kernels.prompt_gemm_applies(x.requires_grad_(), w, b)  # training: see the next test
     x.requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.prompt_gemm_applies(x, w, b)

@@ -145,9 +145,9 @@ def _library() -> ctypes.CDLL | None:
     layer_norm_add.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_float, ctypes.c_int]
     layer_norm_add.restype = None
-    sgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3,
-                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
-                      ctypes.c_int]
+    sgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                      *[ctypes.c_int64] * 3, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                      ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     sgemm.restype = None
     return lib
 
@@ -894,14 +894,24 @@ def _openblas() -> tuple[int, int, int, bool] | None:
     return None
 
 
-def _openblas_product(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, beta: float) -> None:
-    """out = x weight^T + beta out, through OpenBLAS on torch's threads (`csrc/gemm.cpp`): x (m, k)
-    and out (m, n) with unit column strides, weight (n, k) contiguous, all fp32 CPU. (A 32-bit
-    OpenBLAS takes sizes below 2^31: 2^31 rows of a prompt would be terabytes.)"""
+def _openblas_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
+                 trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """out = alpha op(a) op(b) + beta out, through OpenBLAS on torch's threads (`csrc/gemm.cpp`),
+    op(t) = t.T with trans_*: fp32 CPU 2-D tensors with unit column strides (a and b as stored:
+    (k, m) for a transposed a). beta 0 ignores out's values. (A 32-bit OpenBLAS takes sizes below
+    2^31: 2^31 rows of a prompt would be terabytes.)"""
     sgemm, set_threads, get_threads, ilp64 = _openblas()
-    (m, k), n = x.shape, weight.shape[0]
-    _library().gpt2kit_sgemm_f32(sgemm, ilp64, set_threads, get_threads, m, n, k, x.data_ptr(), x.stride(0),
-                                 weight.data_ptr(), beta, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    m, k = a.shape[::-1] if trans_a else a.shape
+    n = b.shape[0] if trans_b else b.shape[1]
+    _library().gpt2kit_sgemm_f32(sgemm, ilp64, set_threads, get_threads, trans_a, trans_b, m, n, k, alpha,
+                                 a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), beta, out.data_ptr(),
+                                 out.stride(0), torch.get_num_threads())
+    return out
+
+
+def _openblas_product(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, beta: float) -> None:
+    """out = x weight^T + beta out (`_openblas_mm`): x (m, k), weight (n, k), out (m, n)."""
+    _openblas_mm(x, weight, out, trans_b=True, beta=beta)
 
 
 def _gemms_work(choice: str) -> bool:
@@ -961,17 +971,84 @@ def prompt_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             and gemm() != "mkl")
 
 
+def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """t as a (rows, cols) matrix that BLAS can read in place: unit column stride, rows at least
+    `cols` apart (an expanded tensor's rows, 0 apart, are copied)."""
+    r = t.reshape(-1, cols)
+    return r if r.stride(-1) == 1 and r.stride(0) >= cols else r.contiguous()
+
+
+def training_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear` runs forward and backward through OpenBLAS (`_BLASLinear`): `gemm()` is
+    OpenBLAS, fp32 CPU tensors of which one needs a gradient, more than `MAX_ROWS` rows, a 2-D
+    contiguous weight, no autocast, forward-mode AD or torch.compile tracing."""
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.shape[-1] == weight.shape[1]
+            and x.numel() > MAX_ROWS * x.shape[-1]
+            and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"
+                                  and bias.shape == (weight.shape[0],)))
+            and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+            and not torch.is_autocast_enabled("cpu") and not forward_ad_active() and not torch.compiler.is_compiling()
+            and gemm() == "openblas")
+
+
+class _BLASLinear(torch.autograd.Function):
+    """`F.linear` with its three products (y = x W^T + b, dx = dy W, dW = dy^T x) in OpenBLAS."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows, n = _rows(x, x.shape[-1]), weight.shape[0]
+        if bias is None:
+            y, beta = torch.empty(rows.shape[0], n), 0.0
+        else:  # as addmm does: the bias first, the product added to it
+            y, beta = bias.detach().expand(rows.shape[0], n).contiguous(), 1.0
+        _openblas_product(rows, weight.detach(), y, beta)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        n, k = weight.shape
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiable ops (see above)
+            g2 = gy.reshape(-1, n)
+            return (gy @ weight if need_x else None, g2.t() @ x.reshape(-1, k) if need_w else None,
+                    g2.sum(0) if need_b and ctx.has_bias else None)
+        g = _rows(gy, n)
+        gx = _openblas_mm(g, weight, torch.empty(g.shape[0], k)).view(x.shape) if need_x else None
+        gw = _openblas_mm(g, _rows(x, k), torch.empty(n, k), trans_a=True) if need_w else None
+        gb = g.sum(0) if need_b and ctx.has_bias else None
+        return gx, gw, gb
+
+
+def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, trans_a: bool = False, trans_b: bool = False,
+           alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """out = beta out + alpha op(a) op(b) in place (op(t) = t.T with trans_*; beta 0 ignores out's
+    values, NaNs included), for 2-D tensors and no autograd: through OpenBLAS where `gemm()` chooses
+    it and all are fp32 CPU matrices BLAS reads in place, else `torch.addmm`."""
+    operands = (out, a, b)
+    if (gemm() == "openblas" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2
+                                     and t.stride(-1) == 1 and t.stride(0) >= t.shape[1] for t in operands)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
+            and out.numel() > MAX_ROWS * out.shape[1]):
+        return _openblas_mm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+    return torch.addmm(out, a.t() if trans_a else a, b.t() if trans_b else b, beta=beta, alpha=alpha, out=out)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through `gemm()` where `prompt_gemm_applies` (the same result up
-    to float rounding), else `F.linear` itself."""
+    """`F.linear(x, weight, bias)`, through `gemm()` where `prompt_gemm_applies` or (OpenBLAS, with
+    autograd) `training_gemm_applies` (the same result up to float rounding), else `F.linear`."""
+    if training_gemm_applies(x, weight, bias):
+        return _BLASLinear.apply(x, weight, bias)
     if not prompt_gemm_applies(x, weight, bias):
         return F.linear(x, weight, bias)
     if gemm() == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(),
                                                   "none", [], "")
-    rows = x.reshape(-1, x.shape[-1])
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    n = weight.shape[0]
+    rows, n = _rows(x, x.shape[-1]), weight.shape[0]
     if bias is None:
         y, beta = torch.empty(rows.shape[0], n), 0.0
     else:  # as addmm does: the bias first, the product added to it
@@ -984,6 +1061,7 @@ def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tor
     """out += x @ weight^T in place, for 2-D out and x (`addmm_`), through OpenBLAS where `gemm()`
     chooses it and `prompt_gemm_applies` (oneDNN has no in-place sum: `addmm_` was as fast)."""
     if (gemm() == "openblas" and out.dtype == torch.float32 and out.stride(-1) == 1 and x.stride(-1) == 1
+            and out.stride(0) >= out.shape[1] and x.stride(0) >= x.shape[1]
             and not (torch.is_grad_enabled() and out.requires_grad) and prompt_gemm_applies(x, weight, None)):
         _openblas_product(x, weight, out, 1.0)
         return out

@@ -238,7 +238,7 @@ class CausalSelfAttention(nn.Module):
                 and kernels.training_attention_folds_bias(x, fc.bias, self.n_head)):
             # fp32: c_attn's bias is added (and its gradient summed) inside the attention kernel,
             # as it packs q, k and v (two passes over the (B, T, 3C) activations fewer)
-            return kernels.training_attention(F.linear(x, fc.weight), self.n_head, fc.bias)
+            return kernels.training_attention(kernels.linear(x, fc.weight), self.n_head, fc.bias)
         if (not self.training and mask is None and is_causal and kv_cache is None and plain_product(fc)
                 and self.compute_dtype in (None, torch.float32)
                 and kernels.prompt_attention_folds_bias(x, fc.weight, fc.bias, self.n_head)):
@@ -376,7 +376,7 @@ class TiedLMHead(nn.Module):
             return kernels.linear(h, self.weight[: self.vocab_size])  # (B, T, V): rows of wte, contiguous
         if kernels.logits_by_blocks_applies(h, self.weight):  # a prompt in fp32 CPU inference
             return kernels.logits_by_blocks(h, self.weight, self.vocab_size)  # (B, T, V), faster there
-        logits = F.linear(h, self.weight)  # (B, T, Vp)
+        logits = kernels.linear(h, self.weight)  # (B, T, Vp)
         if logits.shape[-1] != self.vocab_size:
             logits = logits[..., : self.vocab_size].contiguous()  # (B, T, V)
         return logits

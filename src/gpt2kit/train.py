@@ -385,7 +385,8 @@ class _LinearCrossEntropy:
                         hcd, wcd = h.to(cd).to(md), weight.to(cd).to(md)
                         for s in range(0, N, chunk):
                             hc, tc = hcd[s:s + chunk], targets[s:s + chunk]
-                            logits = hc @ wcd.t()  # (n, V)
+                            logits = kernels.addmm_(hc.new_empty(hc.shape[0], wcd.shape[0]), hc, wcd,
+                                                    trans_b=True, beta=0)  # (n, V)
                             if fused:  # one pass per row: the losses, and logits -> N * dloss/dlogits
                                 total += kernels.softmax_xent_(logits, tc.long()).sum()
                                 p = logits
@@ -408,13 +409,11 @@ class _LinearCrossEntropy:
                                 continue
                             if cd == torch.float32:  # the mean's 1/N: the matmuls' alpha
                                 # (beta=0: the output's old contents are neither read nor copied)
-                                torch.addmm(grad_h[s:s + chunk], p, wcd, beta=0, alpha=1.0 / N,
-                                            out=grad_h[s:s + chunk])  # (n, C)
+                                kernels.addmm_(grad_h[s:s + chunk], p, wcd, alpha=1.0 / N, beta=0)  # (n, C)
                                 if grad_w is None:
                                     grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
-                                    torch.addmm(grad_w, p.t(), hc, beta=0, alpha=1.0 / N, out=grad_w)  # (V, C)
-                                else:
-                                    grad_w.addmm_(p.t(), hc, alpha=1.0 / N)
+                                kernels.addmm_(grad_w, p, hc, trans_a=True, alpha=1.0 / N,
+                                               beta=0 if s == 0 else 1)  # (V, C)
                                 continue
                             # the mean's 1/N, fused into the cast
                             p = torch.mul(p, 1.0 / N, out=torch.empty(p.shape, dtype=cd, device=p.device)).to(md)
@@ -671,12 +670,15 @@ def _time_matmul(device: str, dtype: str) -> float:
     g = torch.Generator(device=device).manual_seed(0)  # leaves the run's random streams alone
     a = torch.randn(n, n, device=device, generator=g).to(dt)
     b = torch.randn(n, n, device=device, generator=g).to(dt)
+    out = torch.empty_like(a)
+    from . import kernels
+
     best = 0.0
     for _ in range(5):
         if device != "cpu":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        a @ b
+        kernels.addmm_(out, a, b, beta=0)  # the GEMM training's fp32 products run on (kernels.gemm)
         if device != "cpu":
             torch.cuda.synchronize()
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
