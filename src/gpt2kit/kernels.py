@@ -650,8 +650,12 @@ class _Bf16LinearWidened(torch.autograd.Function):
         bf16 = torch.bfloat16
         with torch.autocast("cpu", enabled=False):
             xb, wb = x.to(bf16), weight.to(bf16)  # (..., in), (out, in)
-            y = F.linear(xb.reshape(-1, x.shape[-1]).float(), wb.float(),
-                         None if bias is None else bias.to(bf16).float())  # (N, out)
+            xf = xb.reshape(-1, x.shape[-1]).float()
+            if bias is None:
+                y, beta = xf.new_empty(xf.shape[0], wb.shape[0]), 0.0
+            else:
+                y, beta = bias.to(bf16).float().expand(xf.shape[0], wb.shape[0]).contiguous(), 1.0
+            addmm_(y, xf, wb.float(), trans_b=True, beta=beta)  # (N, out), through gemm()'s GEMM
         ctx.save_for_backward(xb, wb)
         ctx.dtypes = x.dtype, weight.dtype, None if bias is None else bias.dtype
         return y.to(bf16).view(*x.shape[:-1], -1)  # (..., out)
@@ -664,8 +668,10 @@ class _Bf16LinearWidened(torch.autograd.Function):
         bf16 = torch.bfloat16
         with torch.autocast("cpu", enabled=False):
             g = gy.reshape(-1, gy.shape[-1]).to(bf16).float()  # (N, out)
-            gx = (g @ wb.float()).to(bf16).view(xb.shape).to(x_dtype)  # (..., in)
-            gw = (g.t() @ xb.reshape(-1, xb.shape[-1]).float()).to(bf16).to(w_dtype)  # (out, in)
+            xf, wf = xb.reshape(-1, xb.shape[-1]).float(), wb.float()
+            gx = addmm_(g.new_empty(g.shape[0], wf.shape[1]), g, wf, beta=0)
+            gx = gx.to(bf16).view(xb.shape).to(x_dtype)  # (..., in)
+            gw = addmm_(g.new_empty(wf.shape), g, xf, trans_a=True, beta=0).to(bf16).to(w_dtype)  # (out, in)
             gb = None if b_dtype is None else g.sum(0).to(bf16).to(b_dtype)
         return gx, gw, gb
 
