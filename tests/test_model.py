@@ -456,6 +456,85 @@ def test_training_products_through_openblas_equal_f_linears_and_their_gradients(
     assert not kernels.training_gemm_applies(x0.detach().requires_grad_(), w0, b0)
 
 
+def test_openblas_products_survive_odd_inputs_threads_and_in_place_use(gemm_choice, monkeypatch):
+    """The edges of the OpenBLAS path: a one-row weight whose row stride PyTorch leaves at 1, a
+    float64 default dtype, an output changed in place before backward (as after F.linear),
+    mismatched shapes (torch's error, nothing written), the version counter of an in-place sum,
+    and OpenBLAS's process-wide thread count put back after calls from several Python threads."""
+    import threading
+
+    kernels = gemm_choice
+    monkeypatch.setenv("GPT2KIT_GEMM", "openblas")
+    if not (kernels.available(torch.float32) and kernels._openblas()):
+        pytest.skip("no OpenBLAS or no kernels here")
+    assert kernels.gemm() == "openblas"
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(100, 64, generator=g)
+    w1 = torch.randn(64, 1, generator=g).t()  # (1, 64), strides (1, 1): "contiguous" to PyTorch
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear(x, w1), F.linear(x, w1), atol=1e-5, rtol=1e-5)
+    xg = x.clone().requires_grad_()
+    y = kernels.linear(xg, w1)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), xg)[0], w1.expand(100, 64))
+
+    w, b = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        xg = x.clone().requires_grad_()
+        y = kernels.linear(xg, w, b)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        y.sum().backward()
+        torch.testing.assert_close(xg.grad, w.sum(0).expand(100, 64), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_default_dtype(before)
+
+    wg = w.clone().requires_grad_()
+    y = kernels.linear(x.view(4, 25, 64), wg, b)
+    assert y.grad_fn is not None and not y._is_view()
+    y.mul_(2)  # allowed after F.linear too
+    y.sum().backward()
+    torch.testing.assert_close(wg.grad, 2 * x.sum(0).expand(32, 64), atol=1e-4, rtol=1e-5)
+
+    buf = torch.zeros(40, 32)
+    with pytest.raises(ValueError, match=r"addmm_: op\(a\) \(40, 64\) times op\(b\) \(64, 32\) does not fit out \(20, 32\)"):
+        kernels.addmm_(buf[:20], torch.randn(40, 64), w, trans_b=True)
+    with pytest.raises(RuntimeError):
+        kernels.linear_add_(buf[:20], torch.randn(40, 64), w)
+    assert not buf.any()  # nothing written past the view
+    out = torch.zeros(40, 32)
+    version = out._version
+    kernels.linear_add_(out, torch.randn(40, 64), w)
+    kernels.addmm_(out, torch.randn(40, 64), w, trans_b=True)
+    assert out._version == version + 2
+
+    _, set_threads, get_threads, _ = kernels._openblas()
+    getter, setter = ctypes.CFUNCTYPE(ctypes.c_int)(get_threads), ctypes.CFUNCTYPE(None, ctypes.c_int)(set_threads)
+    saved = getter()
+    setter(3)
+    try:
+        a, bm, errors = torch.randn(300, 64), torch.randn(64, 48), []
+
+        def work():
+            try:
+                for _ in range(20):
+                    got = kernels.addmm_(torch.empty(300, 48), a, bm, beta=0)
+                    torch.testing.assert_close(got, a @ bm, atol=1e-4, rtol=1e-5)
+            except AssertionError as e:  # (reported from the main thread)
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and getter() == 3
+    finally:
+        setter(saved)
+
+
 def test_addmm_equals_torchs_with_any_gemm(gemm_choice, monkeypatch):
     kernels = gemm_choice
     g = torch.Generator().manual_seed(2)

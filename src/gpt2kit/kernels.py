@@ -908,11 +908,31 @@ def _openblas_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a
     2^31: 2^31 rows of a prompt would be terabytes.)"""
     sgemm, set_threads, get_threads, ilp64 = _openblas()
     m, k = a.shape[::-1] if trans_a else a.shape
-    n = b.shape[0] if trans_b else b.shape[1]
+    n, k_b = (b.shape[0], b.shape[1]) if trans_b else (b.shape[1], b.shape[0])
+    if k != k_b or out.shape != (m, n):
+        raise ValueError(f"_openblas_mm: op(a) {(m, k)} times op(b) {(k_b, n)} into out {tuple(out.shape)}")
     _library().gpt2kit_sgemm_f32(sgemm, ilp64, set_threads, get_threads, trans_a, trans_b, m, n, k, alpha,
-                                 a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), beta, out.data_ptr(),
-                                 out.stride(0), torch.get_num_threads())
+                                 a.data_ptr(), _ld(a), b.data_ptr(), _ld(b), beta, out.data_ptr(), _ld(out),
+                                 torch.get_num_threads())
     return out
+
+
+def _ld(t: torch.Tensor) -> int:
+    """A row-major matrix's leading dimension for BLAS: its row stride, or, for one row (whose
+    stride PyTorch leaves arbitrary, e.g. 1 in a transposed column), its width."""
+    return t.stride(0) if t.shape[0] > 1 else max(1, t.shape[1])
+
+
+def _blas_reads(*ts: torch.Tensor) -> bool:
+    """Whether BLAS can read these 2-D fp32 CPU matrices in place: unit column strides, rows at
+    least a row's width apart (or one row)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.stride(-1) == 1
+               and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) for t in ts)
+
+
+def _overlap(out: torch.Tensor, *ts: torch.Tensor) -> bool:
+    """Whether out shares memory with any of ts (BLAS's output may not alias its inputs)."""
+    return any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
 
 
 def _openblas_product(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, beta: float) -> None:
@@ -968,8 +988,8 @@ def prompt_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     no gradient (neither oneDNN's op nor OpenBLAS has a backward), a 2-D contiguous weight, more
     than `MAX_ROWS` rows, no autocast, forward-mode AD or torch.compile tracing."""
     return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-            and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.shape[-1] == weight.shape[1]
-            and x.numel() > MAX_ROWS * x.shape[-1]
+            and weight.dim() == 2 and weight.is_contiguous() and _blas_reads(weight) and x.dim() >= 2
+            and x.shape[-1] == weight.shape[1] and x.numel() > MAX_ROWS * x.shape[-1]
             and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.device.type == "cpu"))
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
@@ -989,8 +1009,8 @@ def training_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     OpenBLAS, fp32 CPU tensors of which one needs a gradient, more than `MAX_ROWS` rows, a 2-D
     contiguous weight, no autocast, forward-mode AD or torch.compile tracing."""
     return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-            and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.shape[-1] == weight.shape[1]
-            and x.numel() > MAX_ROWS * x.shape[-1]
+            and weight.dim() == 2 and weight.is_contiguous() and _blas_reads(weight) and x.dim() >= 2
+            and x.shape[-1] == weight.shape[1] and x.numel() > MAX_ROWS * x.shape[-1]
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"
                                   and bias.shape == (weight.shape[0],)))
             and torch.is_grad_enabled()
@@ -1004,15 +1024,11 @@ class _BLASLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows, n = _rows(x, x.shape[-1]), weight.shape[0]
-        if bias is None:
-            y, beta = torch.empty(rows.shape[0], n), 0.0
-        else:  # as addmm does: the bias first, the product added to it
-            y, beta = bias.detach().expand(rows.shape[0], n).contiguous(), 1.0
-        _openblas_product(rows, weight.detach(), y, beta)
+        y, beta = _output(x, weight, bias)
+        _openblas_product(_rows(x, x.shape[-1]), weight.detach(), y.view(-1, weight.shape[0]), beta)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], n)
+        return y  # (not a view: a caller may change it in place, as F.linear's)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
@@ -1024,8 +1040,8 @@ class _BLASLinear(torch.autograd.Function):
             return (gy @ weight if need_x else None, g2.t() @ x.reshape(-1, k) if need_w else None,
                     g2.sum(0) if need_b and ctx.has_bias else None)
         g = _rows(gy, n)
-        gx = _openblas_mm(g, weight, torch.empty(g.shape[0], k)).view(x.shape) if need_x else None
-        gw = _openblas_mm(g, _rows(x, k), torch.empty(n, k), trans_a=True) if need_w else None
+        gx = _openblas_mm(g, weight, g.new_empty(g.shape[0], k)).view(x.shape) if need_x else None
+        gw = _openblas_mm(g, _rows(x, k), g.new_empty(n, k), trans_a=True) if need_w else None
         gb = g.sum(0) if need_b and ctx.has_bias else None
         return gx, gw, gb
 
@@ -1036,11 +1052,17 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, trans_a: bool
     values, NaNs included), for 2-D tensors and no autograd: through OpenBLAS where `gemm()` chooses
     it and all are fp32 CPU matrices BLAS reads in place, else `torch.addmm`."""
     operands = (out, a, b)
-    if (gemm() == "openblas" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2
-                                     and t.stride(-1) == 1 and t.stride(0) >= t.shape[1] for t in operands)
+    if any(t.dim() != 2 for t in operands):
+        raise ValueError(f"addmm_: expected 2-D tensors, got {[tuple(t.shape) for t in operands]}")
+    op_a, op_b = (a.shape[::-1] if trans_a else a.shape), (b.shape[::-1] if trans_b else b.shape)
+    if op_a[1] != op_b[0] or out.shape != (op_a[0], op_b[1]):
+        raise ValueError(f"addmm_: op(a) {tuple(op_a)} times op(b) {tuple(op_b)} does not fit out {tuple(out.shape)}")
+    if (gemm() == "openblas" and _blas_reads(*operands) and not _overlap(out, a, b)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
             and out.numel() > MAX_ROWS * out.shape[1]):
-        return _openblas_mm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+        _openblas_mm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+        torch.autograd.graph.increment_version(out)  # as an in-place op does: a graph that saved out fails
+        return out
     return torch.addmm(out, a.t() if trans_a else a, b.t() if trans_b else b, beta=beta, alpha=alpha, out=out)
 
 
@@ -1054,21 +1076,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if gemm() == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(),
                                                   "none", [], "")
-    rows, n = _rows(x, x.shape[-1]), weight.shape[0]
+    y, beta = _output(x, weight, bias)
+    _openblas_product(_rows(x, x.shape[-1]), weight, y.view(-1, weight.shape[0]), beta)
+    return y
+
+
+def _output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """The (..., n) fp32 output of x weight^T + bias, and the beta that adds the product to it: as
+    addmm does, the bias first (beta 1), else an empty tensor (beta 0)."""
+    shape = (*x.shape[:-1], weight.shape[0])
     if bias is None:
-        y, beta = torch.empty(rows.shape[0], n), 0.0
-    else:  # as addmm does: the bias first, the product added to it
-        y, beta = bias.expand(rows.shape[0], n).contiguous(), 1.0
-    _openblas_product(rows, weight, y, beta)
-    return y.view(*x.shape[:-1], n)
+        return torch.empty(shape, dtype=torch.float32), 0.0
+    return bias.detach().expand(shape).contiguous(), 1.0
 
 
 def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out += x @ weight^T in place, for 2-D out and x (`addmm_`), through OpenBLAS where `gemm()`
     chooses it and `prompt_gemm_applies` (oneDNN has no in-place sum: `addmm_` was as fast)."""
-    if (gemm() == "openblas" and out.dtype == torch.float32 and out.stride(-1) == 1 and x.stride(-1) == 1
-            and out.stride(0) >= out.shape[1] and x.stride(0) >= x.shape[1]
-            and not (torch.is_grad_enabled() and out.requires_grad) and prompt_gemm_applies(x, weight, None)):
+    if (gemm() == "openblas" and _blas_reads(out, x) and out.shape == (x.shape[0], weight.shape[0])
+            and not _overlap(out, x, weight) and not (torch.is_grad_enabled() and out.requires_grad)
+            and prompt_gemm_applies(x, weight, None)):
         _openblas_product(x, weight, out, 1.0)
+        torch.autograd.graph.increment_version(out)
         return out
     return out.addmm_(x, weight.t())

@@ -6,12 +6,16 @@
 // call right after a LayerNorm or an attention then shares the cores with spinning threads and
 // ran ~20% slower than alone (AMD EPYC Zen 2, 2 threads). Here the spinning workers are the ones
 // that do the work. OpenBLAS's thread count is process-wide state (its "_local" setter is too, in
-// the builds checked), so it is set to 1 for the call and put back after.
+// the builds checked), so it is set to 1 for the call and put back after, one call at a time (two
+// Python threads interleaving their set and restore would leave it at 1, or let one call run
+// OpenBLAS's own threads inside ours).
 //
 // The library is whatever OpenBLAS the process has loaded (numpy's, in practice): the caller
 // passes its sgemm and thread-count functions, and whether its integers are 64-bit (ILP64).
 #include <omp.h>
 #include <stdint.h>
+
+#include <mutex>
 
 namespace {
 
@@ -53,6 +57,8 @@ void gpt2kit_sgemm_f32(void* fn, int ilp64, void* set_threads, void* get_threads
                        int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
                        int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
   const Call call{fn, ilp64, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, alpha, beta, k, lda, ldb, ldc};
+  static std::mutex one_at_a_time;
+  const std::lock_guard<std::mutex> lock(one_at_a_time);
   const int saved = reinterpret_cast<GetThreads>(get_threads)();
   reinterpret_cast<SetThreads>(set_threads)(1);
   // rows when each thread gets a tall block (B is then read once per thread, from the shared
