@@ -408,15 +408,21 @@ def test_numpys_openblas_is_found_and_its_threads_are_given_back(gemm_choice):
         setter(before)
 
 
-def test_training_products_through_openblas_equal_f_linears_and_their_gradients(gemm_choice, monkeypatch):
+@pytest.fixture
+def openblas_gemm(gemm_choice, monkeypatch):
+    """kernels, with GPT2KIT_GEMM=openblas in force (a machine without it cannot run these tests)."""
+    monkeypatch.setenv("GPT2KIT_GEMM", "openblas")
+    if not (gemm_choice.available(torch.float32) and gemm_choice._openblas()):
+        pytest.skip("no OpenBLAS or no kernels here")
+    assert gemm_choice.gemm() == "openblas"
+    return gemm_choice
+
+
+def test_training_products_through_openblas_equal_f_linears_and_their_gradients(openblas_gemm, monkeypatch):
     """With gemm() OpenBLAS, `linear` under autograd runs `_BLASLinear`: its output and its three
     gradients (x, weight, bias) equal F.linear's up to rounding, for strided, expanded and 3-D
     inputs, with and without a bias, and under create_graph (differentiable backward)."""
-    kernels = gemm_choice
-    monkeypatch.setenv("GPT2KIT_GEMM", "openblas")
-    if not (kernels.available(torch.float32) and kernels._openblas()):
-        pytest.skip("no OpenBLAS or no kernels here")
-    assert kernels.gemm() == "openblas"
+    kernels = openblas_gemm
     F = torch.nn.functional
     g = torch.Generator().manual_seed(1)
     w0, b0 = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
@@ -456,18 +462,14 @@ def test_training_products_through_openblas_equal_f_linears_and_their_gradients(
     assert not kernels.training_gemm_applies(x0.detach().requires_grad_(), w0, b0)
 
 
-def test_openblas_products_survive_odd_inputs_threads_and_in_place_use(gemm_choice, monkeypatch):
+def test_openblas_products_survive_odd_inputs_threads_and_in_place_use(openblas_gemm):
     """The edges of the OpenBLAS path: a one-row weight whose row stride PyTorch leaves at 1, a
     float64 default dtype, an output changed in place before backward (as after F.linear),
     mismatched shapes (torch's error, nothing written), the version counter of an in-place sum,
     and OpenBLAS's process-wide thread count put back after calls from several Python threads."""
     import threading
 
-    kernels = gemm_choice
-    monkeypatch.setenv("GPT2KIT_GEMM", "openblas")
-    if not (kernels.available(torch.float32) and kernels._openblas()):
-        pytest.skip("no OpenBLAS or no kernels here")
-    assert kernels.gemm() == "openblas"
+    kernels = openblas_gemm
     F = torch.nn.functional
     g = torch.Generator().manual_seed(3)
     x = torch.randn(100, 64, generator=g)
