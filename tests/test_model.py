@@ -462,6 +462,34 @@ def test_training_products_through_openblas_equal_f_linears_and_their_gradients(
     assert not kernels.training_gemm_applies(x0.detach().requires_grad_(), w0, b0)
 
 
+def test_a_32_bit_openblas_never_gets_sizes_past_its_integers(openblas_gemm, monkeypatch):
+    """A size or leading dimension over 2^31 - 1 would wrap around in a 32-bit (LP64) OpenBLAS:
+    such products go to torch.addmm (shown with the limit lowered; the real one needs 8 GiB)."""
+    kernels = openblas_gemm
+    sgemm, set_threads, get_threads, _ = kernels._openblas()
+    monkeypatch.setattr(kernels, "_openblas", lambda: (sgemm, set_threads, get_threads, False))
+    monkeypatch.setattr(kernels, "_LP64_MAX", 63)
+
+    class NoBLAS:
+        def gpt2kit_sgemm_f32(self, *args):
+            raise AssertionError("OpenBLAS called with a size past its integers")
+
+    real = kernels._library()
+    monkeypatch.setattr(kernels, "_library", lambda: NoBLAS())
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(70, 64, generator=g), torch.randn(48, 64, generator=g)
+    out = torch.full((70, 48), float("nan"))
+    kernels._openblas_mm(a, b, out, trans_b=True, beta=0.0)  # k = 64 > 63
+    torch.testing.assert_close(out, a @ b.t(), atol=1e-5, rtol=1e-5)
+    acc = torch.ones(40, 48)
+    kernels._openblas_mm(a[:, :40], a[:, :48], acc, trans_a=True, alpha=2.0, beta=1.0)  # sizes <= 63, ld 64
+    torch.testing.assert_close(acc, 1 + 2 * a[:, :40].t() @ a[:, :48], atol=1e-4, rtol=1e-5)
+    monkeypatch.setattr(kernels, "_library", lambda: real)  # under the limit: OpenBLAS, same result
+    small = torch.empty(20, 30)
+    kernels._openblas_mm(a[:20, :50], b[:30, :50].t().contiguous(), small)
+    torch.testing.assert_close(small, a[:20, :50] @ b[:30, :50].t(), atol=1e-5, rtol=1e-5)
+
+
 def test_openblas_products_survive_odd_inputs_threads_and_in_place_use(openblas_gemm):
     """The edges of the OpenBLAS path: a one-row weight whose row stride PyTorch leaves at 1, a
     float64 default dtype, an output changed in place before backward (as after F.linear),

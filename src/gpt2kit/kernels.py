@@ -900,17 +900,22 @@ def _openblas() -> tuple[int, int, int, bool] | None:
     return None
 
 
+_LP64_MAX = 2**31 - 1  # the largest size or leading dimension a 32-bit-integer BLAS takes
+
+
 def _openblas_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
                  trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
     """out = alpha op(a) op(b) + beta out, through OpenBLAS on torch's threads (`csrc/gemm.cpp`),
     op(t) = t.T with trans_*: fp32 CPU 2-D tensors with unit column strides (a and b as stored:
-    (k, m) for a transposed a). beta 0 ignores out's values. (A 32-bit OpenBLAS takes sizes below
-    2^31: 2^31 rows of a prompt would be terabytes.)"""
+    (k, m) for a transposed a). beta 0 ignores out's values. Sizes a 32-bit OpenBLAS cannot take
+    (`_LP64_MAX`) go to `torch.addmm`."""
     sgemm, set_threads, get_threads, ilp64 = _openblas()
     m, k = a.shape[::-1] if trans_a else a.shape
     n, k_b = (b.shape[0], b.shape[1]) if trans_b else (b.shape[1], b.shape[0])
     if k != k_b or out.shape != (m, n):
         raise ValueError(f"_openblas_mm: op(a) {(m, k)} times op(b) {(k_b, n)} into out {tuple(out.shape)}")
+    if not ilp64 and max(m, n, k, _ld(a), _ld(b), _ld(out)) > _LP64_MAX:  # would wrap around in 32 bits
+        return torch.addmm(out, a.t() if trans_a else a, b.t() if trans_b else b, beta=beta, alpha=alpha, out=out)
     _library().gpt2kit_sgemm_f32(sgemm, ilp64, set_threads, get_threads, trans_a, trans_b, m, n, k, alpha,
                                  a.data_ptr(), _ld(a), b.data_ptr(), _ld(b), beta, out.data_ptr(), _ld(out),
                                  torch.get_num_threads())
@@ -1057,7 +1062,7 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, trans_a: bool
     op_a, op_b = (a.shape[::-1] if trans_a else a.shape), (b.shape[::-1] if trans_b else b.shape)
     if op_a[1] != op_b[0] or out.shape != (op_a[0], op_b[1]):
         raise ValueError(f"addmm_: op(a) {tuple(op_a)} times op(b) {tuple(op_b)} does not fit out {tuple(out.shape)}")
-    if (gemm() == "openblas" and _blas_reads(*operands) and not _overlap(out, a, b)
+    if (_blas_reads(*operands) and gemm() == "openblas" and not _overlap(out, a, b)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
             and out.numel() > MAX_ROWS * out.shape[1]):
         _openblas_mm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
@@ -1093,7 +1098,7 @@ def _output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out += x @ weight^T in place, for 2-D out and x (`addmm_`), through OpenBLAS where `gemm()`
     chooses it and `prompt_gemm_applies` (oneDNN has no in-place sum: `addmm_` was as fast)."""
-    if (gemm() == "openblas" and _blas_reads(out, x) and out.shape == (x.shape[0], weight.shape[0])
+    if (_blas_reads(out, x) and gemm() == "openblas" and out.shape == (x.shape[0], weight.shape[0])
             and not _overlap(out, x, weight) and not (torch.is_grad_enabled() and out.requires_grad)
             and prompt_gemm_applies(x, weight, None)):
         _openblas_product(x, weight, out, 1.0)
