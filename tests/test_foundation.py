@@ -177,3 +177,34 @@ def test_spawn_workers_from_an_unguarded_script_are_refused(tmp_path, monkeypatc
             check_spawn_guard("prepare(workers=2)")
     else:
         check_spawn_guard("prepare(workers=2)")
+
+
+def test_the_wheel_ships_every_module_the_kernel_sources_and_the_bundled_configs(tmp_path):
+    """What `pip install gpt2kit` gets from a wheel: every module, the C++ sources the kernels
+    build from on first use, the bundled run configs (`gpt2kit train demo`), py.typed and the
+    `gpt2kit` command. Built from a copy of the checkout, without network or build isolation."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "dist").glob("gpt2kit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = repo / "src" / "gpt2kit"
+    wanted = {f"gpt2kit/{p.relative_to(package).as_posix()}" for p in package.rglob("*")
+              if p.is_file() and p.suffix in (".py", ".cpp", ".h", ".toml") and "__pycache__" not in p.parts}
+    assert {"gpt2kit/configs/demo.toml", "gpt2kit/configs/gpt2-124m.toml", "gpt2kit/csrc/gemm.cpp"} <= wanted
+    assert wanted - names == set()
+    assert "gpt2kit/py.typed" in names
+    entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "gpt2kit = gpt2kit.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -155,13 +155,38 @@ def test_a_bool_flag_before_an_existing_config_without_toml_suffix(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[1] / "configs"  # the checkout's link to the package's
     found = sorted(root.glob("*.toml"))
     assert {p.name for p in found} >= {"demo.toml", "gpt2-124m.toml"}
+    assert [p.stem for p in found] == T.bundled_configs()
     for p in found:
         T.load_config(p)
     paper = T.load_config(root / "gpt2-124m.toml")
     assert paper.batch_size * paper.block_size == 512 * 1024  # the paper's batch (§2.3)
+
+
+def test_bundled_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cli):
+    """`gpt2kit train demo` works outside a checkout (a wheel install): a bare name that is no
+    file here is a bundled config; a file of that name here wins; a path is never redirected."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "demo.toml", "gpt2-124m"):
+        stem = name.removesuffix(".toml")
+        assert T.load_config(name) == T.load_config(root / f"{stem}.toml")
+    assert T.load_config("demo", {"max_steps": 7}).max_steps == 7
+    (tmp_path / "demo.toml").write_text('model = "tiny"\nmax_steps = 3\n')
+    assert T.load_config("demo.toml").max_steps == 3  # the local file
+    assert T.load_config("demo").max_steps == T.load_config(root / "demo.toml").max_steps  # no "demo" file here
+    with pytest.raises(ConfigError, match=r"^sub/demo\.toml: no such config file \(bundled configs, by name: "
+                                          r"demo, finetune-gpt2, gpt2-124m\)$"):
+        T.load_config("sub/demo.toml")
+    with pytest.raises(ConfigError, match=r"^nosuch: no such config file"):
+        T.load_config("nosuch")
+    r = cli("train", "nosuch", "--max_steps", "1")
+    assert r.returncode == 2 and r.stderr.strip().endswith("bundled configs, by name: demo, finetune-gpt2, gpt2-124m)")
+    r = cli("train", "demo", "--data", str(tmp_path / "none"), "--max_steps", "1")
+    assert r.returncode == 2 and "none" in r.stderr and "no such config" not in r.stderr  # the config loaded
+    assert "demo, finetune-gpt2, gpt2-124m" in cli("train", "--help").stdout
 
 
 def test_lr_at_warmup_cosine_floor():

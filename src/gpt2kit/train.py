@@ -1,6 +1,6 @@
 """Training: a typed run config, a schedule, a loop, checkpoints that resume bit for bit.
 
-    cfg = load_config("configs/demo.toml", ["--max_steps", "200"])
+    cfg = load_config("demo", ["--max_steps", "200"])  # a bundled config, or a TOML file's path
     summary = train(cfg)
 
 The pieces are small functions: `lr_at` (warm-up then cosine), `linear_cross_entropy` (the loss
@@ -243,19 +243,39 @@ def parse_overrides(args: Iterable[str]) -> dict[str, str]:
     return out
 
 
+BUNDLED_CONFIGS = Path(__file__).with_name("configs")  # shipped in the package: usable by name from any folder
+
+
+def bundled_configs() -> list[str]:
+    """Names of the run configs shipped with gpt2kit ("demo", "gpt2-124m", ...)."""
+    return sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.toml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """`path` itself where it exists; else a bundled config's file where `path` is its bare name,
+    with or without ".toml" (`gpt2kit train demo` works outside a checkout, from a wheel)."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    bundled = BUNDLED_CONFIGS / (p.name if p.suffix == ".toml" else p.name + ".toml")
+    return bundled if bundled.is_file() else p
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> TrainConfig:
-    """A TOML file's values (a flat table of TrainConfig keys), then command-line overrides."""
+    """A TOML file's values (a flat table of TrainConfig keys), then command-line overrides. A
+    bare name that is no file here ("demo", "gpt2-124m.toml") is one of `bundled_configs()`."""
     cfg = TrainConfig()
     if path is not None:
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib  # type: ignore[no-redef]
-        p = Path(path)
+        p = resolve_config_path(path)
         try:
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
+            raise ConfigError(f"{p}: no such config file (bundled configs, by name: "
+                              f"{', '.join(bundled_configs())})") from None
         except IsADirectoryError:
             raise ConfigError(f"{p}: a folder; expected a TOML config file") from None
         except UnicodeDecodeError as e:

@@ -28,10 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
-    from ..train import FIELD_HELP, TrainConfig, config_fields
+    from ..train import FIELD_HELP, TrainConfig, bundled_configs, config_fields
 
     t = sub.add_parser("train", help="train or fine-tune a GPT-2 on prepared shards", allow_abbrev=False,
-                       description="Train from a TOML run config (see configs/); every key can be overridden "
+                       description="Train from a TOML run config (a file, or one shipped with gpt2kit by name: "
+                                   f"{', '.join(bundled_configs())}); every key can be overridden "
                                    "on the command line as --key value. Under torchrun the same command runs "
                                    "data-parallel.",
                        epilog="Exit status: 0 when the run reaches max_steps or ends at its max_minutes budget "
@@ -39,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "(SIGINT) and 143 after SIGTERM, each once the checkpoint is saved, with a last "
                               "line naming the step, the checkpoint and the command that resumes; 2 for a bad "
                               "config, data or checkpoint.")
-    t.add_argument("config", nargs="?", help="a TOML run config")
+    t.add_argument("config", nargs="?",
+                   help=f"a TOML run config's path, or a bundled config's name ({', '.join(bundled_configs())})")
     defaults = TrainConfig()
     for name, typ in config_fields().items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
