@@ -274,8 +274,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         try:
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file (bundled configs, by name: "
-                              f"{', '.join(bundled_configs())})") from None
+            hint = f" (bundled configs, by name: {', '.join(bundled_configs())})" if p.parent == Path(".") else ""
+            raise ConfigError(f"{p}: no such config file{hint}") from None
         except IsADirectoryError:
             raise ConfigError(f"{p}: a folder; expected a TOML config file") from None
         except UnicodeDecodeError as e:
