@@ -482,12 +482,21 @@ def test_a_32_bit_openblas_never_gets_sizes_past_its_integers(openblas_gemm, mon
     kernels._openblas_mm(a, b, out, trans_b=True, beta=0.0)  # k = 64 > 63
     torch.testing.assert_close(out, a @ b.t(), atol=1e-5, rtol=1e-5)
     acc = torch.ones(40, 48)
-    kernels._openblas_mm(a[:, :40], a[:, :48], acc, trans_a=True, alpha=2.0, beta=1.0)  # sizes <= 63, ld 64
-    torch.testing.assert_close(acc, 1 + 2 * a[:, :40].t() @ a[:, :48], atol=1e-4, rtol=1e-5)
-    monkeypatch.setattr(kernels, "_library", lambda: real)  # under the limit: OpenBLAS, same result
-    small = torch.empty(20, 30)
-    kernels._openblas_mm(a[:20, :50], b[:30, :50].t().contiguous(), small)
-    torch.testing.assert_close(small, a[:20, :50] @ b[:30, :50].t(), atol=1e-5, rtol=1e-5)
+    kernels._openblas_mm(a[:60, :40], a[:60, :48], acc, trans_a=True, alpha=2.0, beta=1.0)  # sizes <= 63, ld 64
+    torch.testing.assert_close(acc, 1 + 2 * a[:60, :40].t() @ a[:60, :48], atol=1e-4, rtol=1e-5)
+
+    calls = []
+
+    class Spy:
+        def gpt2kit_sgemm_f32(self, *args):
+            calls.append(args)
+            return real.gpt2kit_sgemm_f32(*args)
+
+    monkeypatch.setattr(kernels, "_library", lambda: Spy())  # every size and ld <= 63: OpenBLAS, same result
+    small, x, w = torch.empty(20, 30), a[:20, :50].contiguous(), b[:30, :50].t().contiguous()
+    kernels._openblas_mm(x, w, small)
+    assert len(calls) == 1
+    torch.testing.assert_close(small, x @ w, atol=1e-5, rtol=1e-5)
 
 
 def test_openblas_products_survive_odd_inputs_threads_and_in_place_use(openblas_gemm):

@@ -155,7 +155,7 @@ def test_a_bool_flag_before_an_existing_config_without_toml_suffix(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    root = Path(__file__).resolve().parents[1] / "configs"  # the checkout's link to the package's
+    root = T.BUNDLED_CONFIGS  # (the checkout's configs/ links to it)
     found = sorted(root.glob("*.toml"))
     assert {p.name for p in found} >= {"demo.toml", "gpt2-124m.toml"}
     assert [p.stem for p in found] == T.bundled_configs()
@@ -168,7 +168,7 @@ def test_shipped_configs_are_valid():
 def test_bundled_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cli):
     """`gpt2kit train demo` works outside a checkout (a wheel install): a bare name that is no
     file here is a bundled config; a file of that name here wins; a path is never redirected."""
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = T.BUNDLED_CONFIGS
     monkeypatch.chdir(tmp_path)
     for name in ("demo", "demo.toml", "gpt2-124m"):
         stem = name.removesuffix(".toml")
@@ -177,8 +177,11 @@ def test_bundled_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cli
     (tmp_path / "demo.toml").write_text('model = "tiny"\nmax_steps = 3\n')
     assert T.load_config("demo.toml").max_steps == 3  # the local file
     assert T.load_config("demo").max_steps == T.load_config(root / "demo.toml").max_steps  # no "demo" file here
-    with pytest.raises(ConfigError, match=r"^sub/demo\.toml: no such config file$"):  # a path: no other file
-        T.load_config("sub/demo.toml")
+    for path in ("sub/demo.toml", "./gpt2-124m", "gpt2-124m/"):  # a path: no other file
+        with pytest.raises(ConfigError, match=r"^[^ ]+: no such config file$"):
+            T.load_config(path)
+    (tmp_path / "gpt2-124m").mkdir()  # a folder of that name is no config: the bundled one loads
+    assert T.load_config("gpt2-124m") == T.load_config(root / "gpt2-124m.toml")
     with pytest.raises(ConfigError, match=r"^nosuch: no such config file \(bundled configs, by name: "
                                           r"demo, finetune-gpt2, gpt2-124m\)$"):
         T.load_config("nosuch")
@@ -187,6 +190,10 @@ def test_bundled_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cli
     r = cli("train", "demo", "--data", str(tmp_path / "none"), "--max_steps", "1")
     assert r.returncode == 2 and "none" in r.stderr and "no such config" not in r.stderr  # the config loaded
     assert "demo, finetune-gpt2, gpt2-124m" in cli("train", "--help").stdout
+    from gpt2kit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--resume", "demo"])  # a bool flag before a bundled name
+    assert args.config == "demo" and vars(args)["cfg.resume"] == "true" and not args.unknown_overrides
 
 
 def test_lr_at_warmup_cosine_floor():

@@ -251,11 +251,19 @@ def bundled_configs() -> list[str]:
     return sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.toml"))
 
 
+def _bare_name(path: str | os.PathLike) -> bool:
+    """Whether `path` is a bare name as typed ("demo", not "./demo", "demo/" or "sub/demo")."""
+    text = os.fspath(path)
+    return (isinstance(text, str) and text not in ("", ".", "..")
+            and not any(sep and sep in text for sep in (os.sep, os.altsep, "/")))
+
+
 def resolve_config_path(path: str | os.PathLike) -> Path:
-    """`path` itself where it exists; else a bundled config's file where `path` is its bare name,
-    with or without ".toml" (`gpt2kit train demo` works outside a checkout, from a wheel)."""
+    """A bundled config's file where `path` is a bare name, with or without ".toml", of one of
+    `bundled_configs()` and no such file is here (`gpt2kit train demo` works outside a checkout,
+    from a wheel); else `path` itself (a local file of that name wins; a path is never redirected)."""
     p = Path(path)
-    if p.exists() or p.parent != Path("."):
+    if p.is_file() or not _bare_name(path):
         return p
     bundled = BUNDLED_CONFIGS / (p.name if p.suffix == ".toml" else p.name + ".toml")
     return bundled if bundled.is_file() else p
@@ -274,7 +282,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         try:
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            hint = f" (bundled configs, by name: {', '.join(bundled_configs())})" if p.parent == Path(".") else ""
+            hint = f" (bundled configs, by name: {', '.join(bundled_configs())})" if _bare_name(path) else ""
             raise ConfigError(f"{p}: no such config file{hint}") from None
         except IsADirectoryError:
             raise ConfigError(f"{p}: a folder; expected a TOML config file") from None

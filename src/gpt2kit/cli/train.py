@@ -74,14 +74,15 @@ def _collect_unknown(parser: argparse.ArgumentParser, bool_flags: list[str]) -> 
     """Keep unknown `--key` arguments for the handler, which names the valid keys in its error
     (argparse would only say "unrecognized arguments"). A bare bool flag followed by the config
     file (`--resume run.toml`) leaves the file alone. Only a word that names a config (a .toml
-    name or an existing file) counts as one: any other word stays the flag's value, so that
+    name, an existing file or a bundled config's name) counts as one: any other word stays the flag's value, so that
     `--progress off` is refused as a bad bool value, not as an unknown key 'off'."""
-    from ..train import BOOL_WORDS
+    from ..train import BOOL_WORDS, bundled_configs
 
     parse = parser.parse_known_args
 
     def is_config(word: str) -> bool:  # (a file named `yes` in the working folder is still a value)
-        return word.lower() not in BOOL_WORDS and (word.lower().endswith(".toml") or os.path.isfile(word))
+        return word.lower() not in BOOL_WORDS and (word.lower().endswith(".toml") or os.path.isfile(word)
+                                                   or word in bundled_configs())
 
     def parse_known_args(args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
